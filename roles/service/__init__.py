@@ -1,0 +1,115 @@
+"""Service role: unprivileged user, API key file, systemd unit, (re)start on change."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import files, server, systemd
+
+from llamadeploy.config import HostConfig
+from llamadeploy.facts import CpuTopology
+from llamadeploy.operations import check_flags
+from llamadeploy.tuning import server_args, systemd_quote, unit_limits
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+
+def manifest(cfg: HostConfig, args: list[str], model_sha256: str) -> dict:
+    """What was deployed, readable by the shipped testinfra suite and fleet tools.
+
+    Holds no secret: only the path of the key file, never the key.
+    """
+    return {
+        "unit": cfg.service.name,
+        "mode": cfg.mode,
+        "port": cfg.server.port,
+        "host": cfg.server.host,
+        "alias": cfg.model.served_alias,
+        "model_path": cfg.model_path,
+        "model_sha256": model_sha256,
+        "release": cfg.build.release_key(),
+        "binary": f"{cfg.current_link}/bin/llama-server",
+        "api_key_file": cfg.api_key_path if cfg.server.api_key else None,
+        "args": args,
+    }
+
+
+@deploy("llama-server service")
+def service(cfg: HostConfig, model_sha256: str, restart_on: list[OperationMeta]) -> OperationMeta:
+    """Render the unit and keep the service running; restart it when an input changed.
+
+    ``restart_on`` are operations (binary link, model) whose change means the
+    running process is stale. Returns the operation that (re)started the
+    service, for the health gate.
+    """
+    svc = cfg.service
+    server.group(name="Service group", group=svc.user, system=True)
+    server.user(
+        name="Service user",
+        user=svc.user,
+        group=svc.user,
+        system=True,
+        home=svc.data_dir,
+        create_home=False,
+        shell="/usr/sbin/nologin",
+    )
+    files.directory(name="Config directory", path=svc.config_dir, user="root", group=svc.user, mode="750")
+
+    if cfg.server.api_key is not None:
+        key = files.put(
+            name="API key file (0600)",
+            src=StringIO(cfg.server.api_key.get_secret_value() + "\n"),
+            dest=cfg.api_key_path,
+            user=svc.user,
+            group=svc.user,
+            mode="600",
+        )
+    else:
+        key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
+
+    cpu = host.get_fact(CpuTopology)
+    args = server_args(cfg, cpu)
+    binary = f"{cfg.current_link}/bin/llama-server"
+    check_flags(name="Flags known to the installed llama-server", binary=binary, args=args)
+
+    files.put(
+        name="Deploy manifest",
+        src=StringIO(json.dumps(manifest(cfg, args, model_sha256), indent=2) + "\n"),
+        dest=f"{svc.config_dir}/deploy.json",
+        mode="644",
+    )
+    unit = files.template(
+        name="systemd unit",
+        src=str(TEMPLATES / "llama-server.service.j2"),
+        dest=f"/etc/systemd/system/{svc.name}.service",
+        mode="644",
+        unit_name=svc.name,
+        service_user=svc.user,
+        data_dir=svc.data_dir,
+        alias=cfg.model.served_alias,
+        release_key=cfg.build.release_key(),
+        model_file=cfg.model.filename,
+        model_sha256=model_sha256,
+        exec_start=" ".join(systemd_quote(a) for a in [binary, *args]),
+        limits=unit_limits(cfg),
+        gpu=cfg.server.gpu_layers > 0,
+        port=cfg.server.port,
+        read_only_paths=[svc.prefix, svc.data_dir, svc.config_dir],
+    )
+    systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
+    started = systemd.service(
+        name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
+    )
+    inputs = [unit, key, *restart_on]
+    restarted = systemd.service(
+        name="Restart for changed binary, model, key or unit",
+        service=f"{svc.name}.service",
+        restarted=True,
+        _if=lambda: any(op.did_change() for op in inputs) and not started.did_change(),
+    )
+    return started, restarted

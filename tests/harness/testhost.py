@@ -1,0 +1,288 @@
+"""Boot real systemd Debian hosts on this machine and reach them over SSH.
+
+Why this exists: every end-to-end claim of the project is checked against a
+real host (systemd as PID 1, sshd, apt), not a mock. ``systemd-nspawn -b``
+gives us such a host in about ten seconds from a cached debootstrap tree.
+
+Layout on disk (``LLAMACTL_CACHE``, default ``/var/cache/llamactl-ci``):
+
+* ``rootfs-bookworm/``   the debootstrap tree, built once and reused
+* ``hosts/<name>/``      a per-host copy of that tree, deleted on teardown
+* ``ccache/``, ``apt-archives/``  bind-mounted into every host so that a second
+  host (or a second test run on the same machine) reuses compiled objects and
+  downloaded ``.deb`` files instead of paying for them again
+* ``ssh/id_ed25519``     the test key pair
+* ``running.json``       hosts that are up, so a crashed run can be reaped
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE = Path(os.environ.get("LLAMACTL_CACHE", "/var/cache/llamactl-ci"))
+ROOTFS = CACHE / "rootfs-bookworm"
+HOSTS_DIR = CACHE / "hosts"
+SSH_KEY = CACHE / "ssh" / "id_ed25519"
+STATE = CACHE / "running.json"
+#: private range used only for these hosts: host N gets 10.231.N.0/30
+NET_PREFIX = "10.231"
+BASE_PACKAGES = (
+    "systemd,systemd-sysv,dbus,openssh-server,iproute2,curl,ca-certificates,sudo,procps,python3"
+)
+
+
+def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)
+
+
+def _debian_mirror() -> str:
+    """The Debian mirror this machine uses (CI can reach only that one)."""
+    src = Path("/etc/apt/sources.list.d/debian.sources")
+    if src.exists():
+        for line in src.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    return "http://deb.debian.org/debian"
+
+
+def ensure_rootfs() -> Path:
+    """Build the cached base tree once (about a minute); later calls are free."""
+    done = ROOTFS / ".llamactl-complete"
+    if done.exists():
+        return ROOTFS
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".rootfs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return ROOTFS
+        shutil.rmtree(ROOTFS, ignore_errors=True)
+        tmp = CACHE / "rootfs-bookworm.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run(
+            "debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}",
+            "bookworm", str(tmp), _debian_mirror(),
+        )
+        _run("chroot", str(tmp), "systemctl", "enable", "ssh", "systemd-networkd")
+        # apt inside the host keeps downloaded .debs so the shared archive fills up
+        (tmp / "etc/apt/apt.conf.d/99keep-debs").write_text('Binary::apt::APT::Keep-Downloaded-Packages "true";\n')
+        (tmp / ".llamactl-complete").touch()
+        tmp.rename(ROOTFS)
+    return ROOTFS
+
+
+def ensure_ssh_key() -> Path:
+    if not SSH_KEY.exists():
+        SSH_KEY.parent.mkdir(parents=True, exist_ok=True)
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(SSH_KEY))
+    return SSH_KEY
+
+
+def _load_state() -> dict:
+    try:
+        return json.loads(STATE.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _save_state(state: dict) -> None:
+    STATE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = STATE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(STATE)
+
+
+@dataclass
+class TestHost:
+    """One booted host. ``index`` picks its /30 network and must be unique."""
+
+    name: str
+    index: int
+    docker: bool = False
+    pid: int | None = None
+    binds: dict[str, str] = field(default_factory=dict)
+
+    __test__ = False  # not a pytest test class
+
+    @property
+    def address(self) -> str:
+        return f"{NET_PREFIX}.{self.index}.2"
+
+    @property
+    def gateway(self) -> str:
+        return f"{NET_PREFIX}.{self.index}.1"
+
+    @property
+    def network(self) -> str:
+        return f"{NET_PREFIX}.{self.index}.0/30"
+
+    @property
+    def veth(self) -> str:
+        return f"ve-{self.name}"[:15]
+
+    @property
+    def root(self) -> Path:
+        return HOSTS_DIR / self.name
+
+    # -- lifecycle -----------------------------------------------------
+    def boot(self, timeout: float = 60) -> "TestHost":
+        ensure_rootfs()
+        key = ensure_ssh_key()
+        reap(self.name)
+        HOSTS_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        _run("cp", "-a", "--reflink=auto", str(ROOTFS), str(self.root))
+        self._configure_tree(key)
+        cmd = [
+            "systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "-b",
+            "--register=no", "--keep-unit", f"--network-veth",
+        ]
+        for src, dst in self.binds.items():
+            Path(src).mkdir(parents=True, exist_ok=True)
+            cmd.append(f"--bind={src}:{dst}")
+        if self.docker:
+            cmd += [
+                "--capability=all", "--system-call-filter=@keyring bpf",
+                "--property=DeviceAllow=char-* rwm", "--bind=/sys/fs/cgroup",
+            ]
+        log = open(CACHE / f"{self.name}.console.log", "w")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.pid = proc.pid
+        state = _load_state()
+        state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network}
+        _save_state(state)
+        try:
+            self._wire_network(proc, timeout)
+            self._wait_ssh(timeout)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def _configure_tree(self, key: Path) -> None:
+        r = self.root
+        (r / "etc/hostname").write_text(self.name + "\n")
+        ssh = r / "root/.ssh"
+        ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (ssh / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+        os.chmod(ssh / "authorized_keys", 0o600)
+        (r / "etc/systemd/network/10-host0.network").write_text(
+            "[Match]\nName=host0\n\n[Network]\n"
+            f"Address={self.address}/30\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
+        )
+        resolv = r / "etc/resolv.conf"
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        shutil.copy("/etc/resolv.conf", resolv)
+
+    def _wire_network(self, proc: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not Path(f"/sys/class/net/{self.veth}").exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: systemd-nspawn exited early, see {CACHE}/{self.name}.console.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: {self.veth} never appeared")
+            time.sleep(0.2)
+        _run("ip", "addr", "add", f"{self.gateway}/30", "dev", self.veth)
+        _run("ip", "link", "set", self.veth, "up")
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        for rule in self._nat_rules():
+            _run("iptables", *rule[0], "-A", *rule[1:])
+
+    def _nat_rules(self) -> list[tuple[list[str], ...]]:
+        return [
+            (["-t", "nat"], "POSTROUTING", "-s", self.network, "!", "-o", self.veth, "-j", "MASQUERADE"),
+            ([], "FORWARD", "-i", self.veth, "-j", "ACCEPT"),
+            ([], "FORWARD", "-o", self.veth, "-m", "state", "--state", "RELATED,ESTABLISHED", "-j", "ACCEPT"),
+        ]
+
+    def _wait_ssh(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.address, 22), timeout=1):
+                    pass
+                if self.ssh("true", check=False).returncode == 0:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name}: no SSH on {self.address} after {timeout}s")
+
+    def stop(self) -> None:
+        """Stop the host and undo everything boot() did. Safe to call twice."""
+        _stop(self.name, self.pid, self.veth, self.network)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- access --------------------------------------------------------
+    def ssh_args(self) -> list[str]:
+        return [
+            "ssh", "-i", str(SSH_KEY), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=5", f"root@{self.address}",
+        ]
+
+    def ssh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command on the host; used by tests as a second channel, outside pyinfra."""
+        return _run(*self.ssh_args(), command, check=check)
+
+    def inventory_entry(self) -> tuple[str, dict]:
+        return (
+            self.address,
+            {
+                "ssh_user": "root",
+                "ssh_key": str(SSH_KEY),
+                "ssh_known_hosts_file": "/dev/null",
+                "ssh_strict_host_key_checking": "off",
+            },
+        )
+
+    def testinfra_url(self) -> str:
+        return f"ssh://root@{self.address}?ssh_identity_file={SSH_KEY}"
+
+    def __enter__(self) -> "TestHost":
+        return self.boot()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _stop(name: str, pid: int | None, veth: str, network: str) -> None:
+    if pid:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(150):
+                os.kill(pid, 0)
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _run("ip", "link", "del", veth, check=False)
+    host = TestHost(name=name, index=int(network.split(".")[2]))
+    for rule in host._nat_rules():
+        while _run("iptables", *rule[0], "-D", *rule[1:], check=False).returncode == 0:
+            pass
+    state = _load_state()
+    state.pop(name, None)
+    _save_state(state)
+
+
+def reap(name: str | None = None) -> None:
+    """Stop hosts left behind by an earlier, crashed run (all, or one by name)."""
+    for n, info in list(_load_state().items()):
+        if name is None or n == name:
+            _stop(n, info.get("pid"), info["veth"], info["network"])
+            shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)
