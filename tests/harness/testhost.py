@@ -286,3 +286,14 @@ def reap(name: str | None = None) -> None:
         if name is None or n == name:
             _stop(n, info.get("pid"), info["veth"], info["network"])
             shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)
+
+
+def ssh_config() -> Path:
+    """An ssh_config for the test network, for tools that speak plain OpenSSH (testinfra)."""
+    key = ensure_ssh_key()
+    path = key.parent / "config"
+    path.write_text(
+        f"Host {NET_PREFIX}.*\n  User root\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+    )
+    return path

@@ -1,0 +1,76 @@
+"""Shared fixtures: real test hosts, booted once per session, always torn down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+
+
+@dataclass
+class DeployResult:
+    rc: int
+    report: dict | None
+    stdout: str
+    stderr: str
+
+    @property
+    def changed(self) -> int:
+        """Operation/host pairs that ran commands (pyinfra's own 'success' count)."""
+        assert self.report is not None, self.stderr[-3000:]
+        return self.report["results"]["totals"]["success"]
+
+
+def run_deploy(inventory: Path, *extra: str) -> DeployResult:
+    """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it."""
+    proc = subprocess.run(
+        [PYINFRA, "-y", "--json", str(inventory), "deploy.py", *extra],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    report = None
+    if proc.returncode == 0:
+        report = json.loads(proc.stdout)
+    return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def testhosts():
+    """Factory for booted hosts; every host is stopped at session end, pass or fail."""
+    if os.geteuid() != 0:
+        pytest.skip("test hosts need root (systemd-nspawn, veth, iptables)")
+    from tests.harness.testhost import TestHost, reap
+
+    reap()  # hosts left behind by a crashed earlier run
+    booted: list[TestHost] = []
+
+    def boot(name: str, index: int, **kw) -> TestHost:
+        from tests.harness.inventory import SHARED_BINDS
+
+        host = TestHost(name, index, binds=dict(SHARED_BINDS), **kw)
+        booted.append(host)
+        return host.boot()
+
+    try:
+        yield boot
+    finally:
+        for host in booted:
+            host.stop()
+
+
+def run_testinfra(address: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run the shipped testinfra suite against a host, in its own pytest process."""
+    from tests.harness.testhost import ssh_config
+
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/testinfra",
+         f"--hosts=ssh://root@{address}", f"--ssh-config={ssh_config()}", *extra],
+        cwd=REPO, capture_output=True, text=True,
+    )

@@ -1,0 +1,180 @@
+"""End to end, for real: build llama.cpp on a booted systemd host, serve Gemma 3 270M.
+
+Checks go through a second channel (ssh, HTTP, the testinfra suite), never
+through the deploy code itself. The host is booted once for the module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import run_deploy, run_testinfra
+from tests.harness.assets import MODEL_SHA256
+from tests.harness.inventory import default_data, write_inventory
+
+pytestmark = pytest.mark.e2e
+
+API_KEY = "sk-e2e-" + "7f3a9c" * 5
+STATE_CMD = (
+    "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic -p NRestarts llama-server; "
+    "readlink /opt/llama.cpp/current; "
+    "stat -c '%n %i %Y %s' /opt/llama.cpp/current/bin/llama-server /var/lib/llama-server/models/*.gguf "
+    "/etc/systemd/system/llama-server.service /etc/llama-server/deploy.json; "
+    "ls /opt/llama.cpp/releases /var/cache/llama.cpp/src; ls -a /etc/llama-server"
+)
+
+
+@pytest.fixture(scope="module")
+def host(testhosts):
+    return testhosts("lt1", 1)
+
+
+@pytest.fixture(scope="module")
+def inventory(host, tmp_path_factory) -> Path:
+    return write_inventory(tmp_path_factory.mktemp("inv") / "native.py", [host], default_data())
+
+
+def state(host) -> str:
+    return host.ssh(STATE_CMD).stdout
+
+
+def with_data(host, tmp_path: Path, name: str, **sections) -> Path:
+    data = copy.deepcopy(default_data())
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return write_inventory(tmp_path / f"{name}.py", [host], data)
+
+
+def test_first_deploy_builds_and_serves(host, inventory):
+    result = run_deploy(inventory)
+    assert result.rc == 0, result.stderr[-4000:]
+    assert result.changed > 0
+    version = host.ssh("/opt/llama.cpp/current/bin/llama-server --version 2>&1").stdout
+    assert "build 11434" in version, version
+    assert host.ssh("systemd-analyze verify /etc/systemd/system/llama-server.service").returncode == 0
+    assert host.ssh(f"sha256sum /var/lib/llama-server/models/*.gguf").stdout.split()[0] == MODEL_SHA256
+
+
+def test_testinfra_suite_passes(host):
+    proc = run_testinfra(host.address)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
+
+
+def test_second_deploy_changes_nothing(host, inventory):
+    before = state(host)
+    result = run_deploy(inventory)
+    assert result.rc == 0, result.stderr[-4000:]
+    assert result.changed == 0, json.dumps(result.report["results"], indent=1)[:4000]
+    assert result.report["results"]["totals"]["no_change"] > 0
+    # second channel: same process, same binary, same model inode, same unit
+    assert state(host) == before
+
+
+BAD_CONFIGS = {
+    "unknown_section": ({"llama_sever": {"port": 1}}, "llama_sever: unknown setting"),
+    "unknown_key": ({"llama_server": {"prot": 8080}}, "llama_server.prot: unknown setting"),
+    "port_range": ({"llama_server": {"port": 70000}}, "llama_server.port = 70000"),
+    "port_type": ({"llama_server": {"port": "8080"}}, "llama_server.port = '8080'"),
+    "negative_threads": ({"llama_server": {"threads": -2}}, "llama_server.threads = -2"),
+    "unknown_mode": ({"llama_mode": "kubernetes"}, "llama_mode = 'kubernetes'"),
+    "tiny_context": ({"llama_server": {"ctx_size": 10}}, "llama_server.ctx_size = 10"),
+    "bad_bind": ({"llama_server": {"host": "localhost"}}, "llama_server.host = 'localhost'"),
+    "short_key": ({"llama_server": {"api_key": "abc"}}, "llama_server.api_key = <hidden>"),
+    "memory_size": ({"llama_limits": {"memory": "8 GB"}}, "llama_limits.memory = '8 GB'"),
+    "load_mode": ({"llama_server": {"load_mode": "mlockk"}}, "llama_server.load_mode = 'mlockk'"),
+    "sha_mismatch": ({"llama_model": {"sha256": "0" * 64}}, "llama_model.sha256 = '000"),
+    "missing_model": ({"llama_model": {"path": "/nonexistent/m.gguf"}}, "llama_model.path = '/nonexistent/m.gguf': no such file"),
+    "bad_version": ({"llama_build": {"version": "latest"}}, "llama_build.version = 'latest'"),
+}
+
+
+def test_bad_config_changes_nothing(host, tmp_path):
+    """Every malformed input stops the run with a clear message; the host stays as it was."""
+    before = state(host)
+    for case, (sections, message) in BAD_CONFIGS.items():
+        inv = with_data(host, tmp_path, case, **sections)
+        result = run_deploy(inv)
+        assert result.rc != 0, case
+        assert f"host {host.address}: {message}" in result.stderr, (case, result.stderr[-2000:])
+        assert "nothing was changed on any host" in result.stderr
+    assert state(host) == before
+
+
+def test_one_bad_host_stops_all_hosts(host, tmp_path):
+    """Two inventory entries on the same machine: a good change and a bad one; neither runs."""
+    before = state(host)
+    good = copy.deepcopy(default_data())
+    good["llama_server"] = {"port": 8081}
+    bad = copy.deepcopy(default_data())
+    bad["llama_server"] = {"threads": 0}
+    name, conn = host.inventory_entry()
+    inv = tmp_path / "two.py"
+    inv.write_text(
+        "hosts = " + repr([
+            ("good", {**conn, "ssh_hostname": name, **good}),
+            ("bad", {**conn, "ssh_hostname": name, **bad}),
+        ]) + "\n"
+    )
+    result = run_deploy(inv)
+    assert result.rc != 0
+    assert "host bad: llama_server.threads = 0" in result.stderr
+    assert state(host) == before
+
+
+def test_unknown_flag_refused_before_restart(host, tmp_path):
+    """A flag the installed binary does not know fails the deploy; the old unit keeps serving."""
+    before = state(host)
+    inv = with_data(host, tmp_path, "flag", llama_server={"extra_args": ["--mlock"]})
+    result = run_deploy(inv)
+    assert result.rc != 0
+    assert "does not accept --mlock" in result.stdout + result.stderr
+    assert state(host).splitlines()[:2] == before.splitlines()[:2]  # same MainPID, same start
+    assert "--mlock" not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
+    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+
+
+def test_api_key(host, tmp_path, inventory):
+    """A key is enforced, lives in a 0600 file, and never shows in output, process list, unit or logs."""
+    inv = with_data(host, tmp_path, "key", llama_server={"api_key": API_KEY})
+    result = run_deploy(inv, "-vvv")
+    assert result.rc == 0, result.stderr[-4000:]
+    assert result.changed > 0
+    assert API_KEY not in result.stdout + result.stderr
+    proc = run_testinfra(host.address)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=10).status_code == 401
+    ok = httpx.get(f"http://{host.address}:8080/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+    assert ok.status_code == 200
+    assert host.ssh("stat -c '%a %U' /etc/llama-server/api-key").stdout.split() == ["600", "llama"]
+    # back to no key: the file goes away and /v1 is open again
+    result = run_deploy(inventory)
+    assert result.rc == 0, result.stderr[-4000:]
+    assert host.ssh("test -e /etc/llama-server/api-key", check=False).returncode == 1
+    assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=10).status_code == 200
+
+
+def test_health_gate_fails_with_journal(host, tmp_path, inventory):
+    """A server that cannot start fails the host within the timeout and shows why."""
+    inv = with_data(
+        host, tmp_path, "broken",
+        llama_server={"extra_args": ["--model", "/nonexistent.gguf"]},
+        llama_health={"timeout": 15},
+    )
+    result = run_deploy(inv)
+    assert result.rc != 0
+    out = result.stdout + result.stderr
+    assert "not 200, within 15s" in out
+    assert "last journal lines" in out
+    # the good config brings it back
+    result = run_deploy(inventory)
+    assert result.rc == 0, result.stderr[-4000:]
+    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200

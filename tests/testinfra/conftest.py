@@ -1,0 +1,60 @@
+"""Options of the shipped testinfra suite (runs against any deployed host).
+
+    pytest tests/testinfra --hosts=ssh://root@HOST [--ssh-config=FILE] [--llama-url=URL]
+
+Expectations (unit, port, alias, key file) are read from the deploy manifest
+that the deploy writes to ``/etc/llama-server/deploy.json``; nothing about the
+host has to be repeated on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+MANIFEST = "/etc/llama-server/deploy.json"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--llama-url", default=None, help="base URL of the API (default: http://<host>:<port>)")
+    parser.addoption("--llama-manifest", default=MANIFEST, help="deploy manifest path on the host")
+
+
+@pytest.fixture(scope="module")
+def manifest(host, request) -> dict:
+    with host.sudo():
+        return json.loads(host.file(request.config.getoption("--llama-manifest")).content_string)
+
+
+@pytest.fixture(scope="module")
+def api_key(host, manifest) -> str | None:
+    if not manifest.get("api_key_file"):
+        return None
+    with host.sudo():
+        return host.file(manifest["api_key_file"]).content_string.strip()
+
+
+@pytest.fixture(scope="module")
+def base_url(host, manifest, request) -> str:
+    url = request.config.getoption("--llama-url")
+    if url:
+        return url.rstrip("/")
+    addr = manifest["host"] if manifest["host"] not in ("0.0.0.0", "::") else host.backend.hostname
+    return f"http://{addr}:{manifest['port']}"
+
+
+@pytest.fixture
+def api(base_url, api_key):
+    """A client that sends the key when one is configured.
+
+    One connection per request: llama-server sometimes closes a kept-alive
+    connection right after a stream (see README, "Known behaviour"); this suite
+    checks API behaviour, the benchmark counts that effect separately.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(
+        base_url=base_url, headers=headers, timeout=120, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as client:
+        yield client

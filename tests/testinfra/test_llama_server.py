@@ -1,0 +1,109 @@
+"""The shipped acceptance suite: is this host really serving the OpenAI chat API?
+
+Runs against any inventory host (see conftest.py for options). Each test looks
+at the host through testinfra (systemd, sockets, files) or through real HTTP;
+none of it goes through the deploy code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+
+CHAT = {"messages": [{"role": "user", "content": "Name one colour."}], "max_tokens": 12, "temperature": 0}
+
+
+def test_service_active_and_enabled(host, manifest):
+    svc = host.service(manifest["unit"])
+    assert svc.is_running
+    assert svc.is_enabled
+
+
+def test_runs_as_unprivileged_user(host, manifest):
+    procs = host.process.filter(comm="llama-server")
+    assert procs, "no llama-server process"
+    assert all(p.user != "root" for p in procs)
+
+
+def test_port_listening(host, manifest):
+    assert host.socket(f"tcp://{manifest['host']}:{manifest['port']}").is_listening
+
+
+def test_health(base_url):
+    r = httpx.get(f"{base_url}/health", timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json().get("status") == "ok"
+
+
+def test_models_lists_alias(api, manifest):
+    r = api.get("/v1/models")
+    assert r.status_code == 200, r.text
+    ids = [m["id"] for m in r.json()["data"]]
+    assert manifest["alias"] in ids
+
+
+def test_chat_completion_non_streaming(api, manifest):
+    r = api.post("/v1/chat/completions", json={**CHAT, "model": manifest["alias"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_completion_streaming(api, manifest):
+    events = []
+    with api.stream("POST", "/v1/chat/completions", json={**CHAT, "model": manifest["alias"], "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text, "stream carried no content"
+
+
+def _predicted_total(api) -> float:
+    r = api.get("/metrics")
+    assert r.status_code == 200, r.text
+    m = re.search(r"^llamacpp:tokens_predicted_total\s+([0-9.e+]+)$", r.text, re.M)
+    assert m, "no llamacpp:tokens_predicted_total in /metrics"
+    return float(m.group(1))
+
+
+def test_metrics_count_completions(api, manifest):
+    before = _predicted_total(api)
+    r = api.post("/v1/chat/completions", json={**CHAT, "model": manifest["alias"]})
+    assert r.status_code == 200
+    after = _predicted_total(api)
+    assert after >= before + r.json()["usage"]["completion_tokens"]
+
+
+def test_api_key_enforced(base_url, api_key, manifest):
+    if api_key is None:
+        r = httpx.get(f"{base_url}/v1/models", timeout=10)
+        assert r.status_code == 200, "no key configured, yet /v1/models refused"
+        return
+    assert httpx.get(f"{base_url}/v1/models", timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key-000000"}
+    assert httpx.post(f"{base_url}/v1/chat/completions", json=CHAT, headers=wrong, timeout=10).status_code == 401
+
+
+def test_api_key_never_exposed(host, manifest, api_key):
+    if api_key is None:
+        return
+    key_file = host.file(manifest["api_key_file"])
+    assert key_file.mode == 0o600
+    assert key_file.user != "root"
+    with host.sudo():
+        assert api_key not in host.check_output("ps -eo args")
+        assert api_key not in host.file(f"/etc/systemd/system/{manifest['unit']}.service").content_string
+        assert api_key not in host.check_output(f"journalctl -u {manifest['unit']} --no-pager -o cat")
