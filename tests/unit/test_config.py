@@ -1,0 +1,120 @@
+"""Config model: defaults, deep merge of data layers, and one clear message per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamadeploy.config import ConfigError, HostConfig, parse_config, raw_settings, validate_inventory
+
+MODEL = {"llama_model": {"path": "/models/m.gguf"}}
+
+
+def problems(**data) -> list[str]:
+    cfg, errs = parse_config("h1", [{**MODEL, **data}])
+    return errs
+
+
+def test_defaults():
+    cfg, errs = parse_config("h1", [MODEL])
+    assert errs == []
+    assert cfg.mode == "native"
+    assert cfg.server.port == 8080 and cfg.server.gpu_layers == 0 and cfg.server.threads is None
+    assert cfg.model.served_alias == "m"
+    assert cfg.model_path == "/var/lib/llama-server/models/m.gguf"
+    assert cfg.current_link == "/opt/llama.cpp/current"
+
+
+def test_layers_deep_merge_most_specific_wins():
+    group = {"llama_server": {"port": 9000, "ctx_size": 4096}, "other": 1}
+    host = {"llama_server": {"port": 9001}}
+    merged = raw_settings([MODEL, group, host])
+    assert merged["server"] == {"port": 9001, "ctx_size": 4096}
+    assert "other" not in merged
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"llama_sever": {}}, "host h1: llama_sever: unknown setting (allowed: llama_mode, llama_build"),
+        ({"llama_server": {"prot": 1}}, "host h1: llama_server.prot: unknown setting (allowed in llama_server: host, port"),
+        ({"llama_server": {"port": 0}}, "host h1: llama_server.port = 0: Input should be greater than or equal to 1"),
+        ({"llama_server": {"port": 65536}}, "host h1: llama_server.port = 65536: Input should be less than or equal to 65535"),
+        ({"llama_server": {"port": "80"}}, "host h1: llama_server.port = '80': Input should be a valid integer"),
+        ({"llama_server": {"threads": -1}}, "host h1: llama_server.threads = -1: Input should be greater than or equal to 1"),
+        ({"llama_mode": "k8s"}, "host h1: llama_mode = 'k8s': Input should be 'native'"),
+        ({"llama_server": {"host": "example.org"}}, "host h1: llama_server.host = 'example.org': Value error, must be an IP address"),
+        ({"llama_server": {"load_mode": "lock"}}, "host h1: llama_server.load_mode = 'lock': Input should be 'auto', 'none', 'mmap', 'mlock' or 'mmap+mlock'"),
+        ({"llama_server": {"api_key": "short"}}, "host h1: llama_server.api_key = <hidden>: Value error, must be 16-512"),
+        ({"llama_limits": {"memory": "8GB"}}, "host h1: llama_limits.memory = '8GB': String should match pattern"),
+        ({"llama_limits": {"cpus": 0}}, "host h1: llama_limits.cpus = 0: Input should be greater than 0"),
+        ({"llama_build": {"source": "tarball"}}, "host h1: llama_build = "),
+        ({"llama_build": {"cmake_args": {"ggml_avx": "ON"}}}, "host h1: llama_build.cmake_args = {'ggml_avx': 'ON'}: Value error, cmake option 'ggml_avx'"),
+        ({"llama_model": {"path": "/m.bin"}}, "host h1: llama_model.path = '/m.bin': Value error, must be a .gguf file"),
+        ({"llama_model": {"path": "/m.gguf", "sha256": "ABC"}}, "host h1: llama_model.sha256 = 'ABC': String should match pattern"),
+        ({"llama_service": {"prefix": "relative/path"}}, "host h1: llama_service.prefix = 'relative/path'"),
+        ({"llama_service": {"user": "Root User"}}, "host h1: llama_service.user = 'Root User'"),
+        ({"llama_health": {"timeout": 0}}, "host h1: llama_health.timeout = 0"),
+    ],
+)
+def test_bad_value_named_with_host_field_value_and_rule(data, expected):
+    errs = problems(**data)
+    assert len(errs) == 1, errs
+    assert errs[0].startswith(expected), errs[0]
+
+
+def test_secret_value_never_in_message():
+    errs = problems(llama_server={"api_key": "has a space in it!!"})
+    assert errs and "has a space" not in errs[0]
+
+
+def test_every_problem_reported_at_once():
+    errs = problems(llama_server={"port": -1, "threads": 0, "bogus": 1})
+    assert len(errs) == 3
+
+
+def test_model_required():
+    cfg, errs = parse_config("h1", [{}])
+    assert errs == ["host h1: llama_model = {}: Field required"]
+
+
+def test_release_key_changes_with_flags_only():
+    a = HostConfig.model_validate({"model": {"path": "/m.gguf"}})
+    b = HostConfig.model_validate({"model": {"path": "/x.gguf"}, "server": {"port": 1}})
+    c = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "build": {"native": False}})
+    d = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "build": {"version": "b11435"}})
+    assert a.build.release_key() == b.build.release_key()
+    assert len({a.build.release_key(), c.build.release_key(), d.build.release_key()}) == 3
+    assert a.build.release_key().startswith("b11434-")
+    assert a.build.cmake_options()["LLAMA_BUILD_NUMBER"] == "11434"
+
+
+class FakeHost:
+    """Just enough of a pyinfra Host for validate_inventory: a name and data layers."""
+
+    def __init__(self, name, data):
+        self.name = name
+        self.data = type("D", (), {"datas": (data,)})()
+
+
+def test_validate_inventory_collects_all_hosts(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    good = FakeHost("a", {"llama_model": {"path": str(model)}})
+    bad1 = FakeHost("b", {"llama_model": {"path": str(model)}, "llama_server": {"port": 0}})
+    bad2 = FakeHost("c", {"llama_model": {"path": str(tmp_path / "missing.gguf")}})
+    with pytest.raises(ConfigError) as exc:
+        validate_inventory([good, bad1, bad2])
+    text = str(exc.value)
+    assert "nothing was changed on any host" in text
+    assert "host b: llama_server.port = 0" in text
+    assert "host c: llama_model.path" in text and "no such file on the controller" in text
+    assert "host a" not in text
+    assert set(validate_inventory([good])) == {"a"}
+
+
+def test_pinned_sha256_checked_against_controller_file(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    host = FakeHost("a", {"llama_model": {"path": str(model), "sha256": "0" * 64}})
+    with pytest.raises(ConfigError, match="has sha256 "):
+        validate_inventory([host])

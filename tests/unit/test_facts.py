@@ -1,0 +1,55 @@
+"""Fact parsing from recorded command output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llamadeploy.facts import CpuTopology, parse_help_flags
+from llamadeploy.tuning import server_args
+from llamadeploy.config import HostConfig
+
+DATA = Path(__file__).parent / "data"
+
+# lscpu -p=CPU,CORE,SOCKET,NODE on a 2-socket, 2-core-per-socket host with SMT
+LSCPU_SMT = """# The following is the parsable format
+# CPU,Core,Socket,Node
+0,0,0,0
+1,1,0,0
+2,2,1,1
+3,3,1,1
+4,0,0,0
+5,1,0,0
+6,2,1,1
+7,3,1,1
+flags\t\t: fpu vme avx2 avx512f
+""".splitlines()
+
+
+def test_cpu_topology_counts_smt_siblings_once():
+    info = CpuTopology().process(LSCPU_SMT)
+    assert (info.logical, info.physical, info.sockets, info.numa_nodes) == (8, 4, 2, 2)
+    assert {"avx2", "avx512f"} <= info.flags
+
+
+def test_cpu_topology_container_without_node_column():
+    info = CpuTopology().process(["# CPU,Core,Socket,Node", "0,0,0,", "1,1,0,"])
+    assert (info.logical, info.physical, info.numa_nodes) == (2, 2, 1)
+
+
+def test_help_flags_of_b11434():
+    flags = parse_help_flags((DATA / "llama-server-b11434-help.txt").read_text().splitlines())
+    for f in ("--kv-unified", "--no-kv-unified", "-kvu", "--load-mode", "--api-key-file",
+              "--n-gpu-layers", "--metrics", "--threads-batch", "--no-cont-batching", "--alias"):
+        assert f in flags, f
+    # removed in favour of --load-mode: must be rejected before a restart
+    assert "--mlock" not in flags and "--no-mmap" not in flags
+
+
+def test_every_rendered_flag_exists_in_b11434():
+    flags = parse_help_flags((DATA / "llama-server-b11434-help.txt").read_text().splitlines())
+    c = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {
+        "api_key": "x" * 16, "load_mode": "mlock", "cont_batching": False, "kv_unified": False}})
+    from llamadeploy.facts import CpuInfo
+
+    args = server_args(c, CpuInfo(2, 2, 1, 1))
+    assert [a for a in args if a.startswith("--") and a not in flags] == []

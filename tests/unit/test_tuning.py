@@ -1,0 +1,72 @@
+"""Tuning: pure functions from config and CPU facts to flags and unit directives."""
+
+from __future__ import annotations
+
+from llamadeploy.config import HostConfig
+from llamadeploy.facts import CpuInfo
+from llamadeploy.tuning import server_args, systemd_quote, threads, threads_batch, unit_limits, unknown_flags
+
+SMT_16 = CpuInfo(logical=32, physical=16, sockets=1, numa_nodes=1)
+SMALL = CpuInfo(logical=2, physical=2, sockets=1, numa_nodes=1)
+
+
+def cfg(**sections) -> HostConfig:
+    return HostConfig.model_validate({"model": {"path": "/m/gemma.gguf", "alias": "g"}, **sections})
+
+
+def test_threads_default_to_physical_cores_batch_to_logical():
+    assert threads(cfg(), SMT_16) == 16
+    assert threads_batch(cfg(), SMT_16) == 32
+
+
+def test_cpu_limit_caps_threads():
+    c = cfg(limits={"cpus": 4.0})
+    assert threads(c, SMT_16) == 4 and threads_batch(c, SMT_16) == 4
+
+
+def test_user_setting_wins():
+    c = cfg(server={"threads": 3, "threads_batch": 5}, limits={"cpus": 2.0})
+    assert threads(c, SMT_16) == 3 and threads_batch(c, SMT_16) == 5
+
+
+def test_args_default():
+    args = server_args(cfg(), SMALL)
+    assert args == [
+        "--host", "0.0.0.0", "--port", "8080",
+        "--model", "/var/lib/llama-server/models/gemma.gguf", "--alias", "g",
+        "--threads", "2", "--threads-batch", "2", "--ctx-size", "8192", "--parallel", "4",
+        "--n-gpu-layers", "0", "--kv-unified", "--metrics",
+    ]
+
+
+def test_args_options_and_key_as_file_only():
+    c = cfg(server={"api_key": "k" * 20, "cont_batching": False, "load_mode": "mlock", "metrics": False,
+                    "kv_unified": False, "extra_args": ["--no-webui"]})
+    args = server_args(c, SMALL)
+    assert "k" * 20 not in " ".join(args)
+    assert args[args.index("--api-key-file") + 1] == "/etc/llama-server/api-key"
+    assert args[args.index("--load-mode") + 1] == "mlock"
+    assert "--no-cont-batching" in args and "--no-kv-unified" in args and "--metrics" not in args
+    assert args[-1] == "--no-webui"
+
+
+def test_unknown_flags():
+    known = frozenset({"--port", "--threads"})
+    assert unknown_flags(["--port", "8080", "--mlock", "--threads", "-1"], known) == ["--mlock"]
+
+
+def test_systemd_quote():
+    assert systemd_quote("/opt/x/bin/llama-server") == "/opt/x/bin/llama-server"
+    assert systemd_quote("a b") == '"a b"'
+    assert systemd_quote("100%") == '"100%%"'
+    assert systemd_quote("$HOME") == '"$$HOME"'
+    assert systemd_quote('say "hi"') == '"say \\"hi\\""'
+
+
+def test_unit_limits_user_example():
+    c = cfg(limits={"cpus": 4.0, "memory": "8G", "memory_reserved": "4G"})
+    assert unit_limits(c) == {
+        "TasksMax": "4096", "LimitMEMLOCK": "infinity", "CPUQuota": "400%",
+        "MemoryMax": "8G", "MemorySwapMax": "0", "MemoryLow": "4G",
+    }
+    assert unit_limits(cfg()) == {"TasksMax": "4096", "LimitMEMLOCK": "infinity"}

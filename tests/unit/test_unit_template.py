@@ -1,0 +1,49 @@
+"""The systemd unit renders the flags, limits and hardening we promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+from llamadeploy.config import HostConfig
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "llama-server.service.j2"
+
+
+def render(**over) -> str:
+    vars = dict(
+        unit_name="llama-server", service_user="llama", data_dir="/var/lib/llama-server", alias="g",
+        release_key="b1-abc", model_file="m.gguf", model_sha256="a" * 64,
+        exec_start="/opt/llama.cpp/current/bin/llama-server --port 8080",
+        limits={"CPUQuota": "400%", "MemoryMax": "8G"}, gpu=False, port=8080,
+        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"],
+    )
+    vars.update(over)
+    return jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined).render(**vars)
+
+
+def directives(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def test_unit_directives():
+    d = directives(render())
+    assert d["User"] == ["llama"] and d["Restart"] == ["on-failure"]
+    assert d["CPUQuota"] == ["400%"] and d["MemoryMax"] == ["8G"]
+    for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices"):
+        assert key in d, key
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["CapabilityBoundingSet"] == [""]
+    assert d["StandardOutput"] == ["journal"]
+
+
+def test_low_port_gets_only_bind_capability_and_gpu_keeps_devices():
+    d = directives(render(port=80, gpu=True))
+    assert d["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert "PrivateDevices" not in d
