@@ -118,3 +118,14 @@ def test_pinned_sha256_checked_against_controller_file(tmp_path):
     host = FakeHost("a", {"llama_model": {"path": str(model), "sha256": "0" * 64}})
     with pytest.raises(ConfigError, match="has sha256 "):
         validate_inventory([host])
+
+
+def test_readme_documents_every_setting():
+    """The README's reference table names every field of the model, with its section."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for section, field in HostConfig.model_fields.items():
+        model = field.annotation
+        for name in getattr(model, "model_fields", {}):
+            assert f"| `llama_{section}` | `{name}` |" in readme, f"llama_{section}.{name}"

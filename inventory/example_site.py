@@ -1,0 +1,35 @@
+"""Example site inventory: copy to ``inventory/<site>.py`` and edit.
+
+    pyinfra inventory/example_site.py deploy.py
+
+Groups carry their data inline here; ``inventory/group_data/<group>.py`` adds
+more (pyinfra loads that folder for every inventory file in this directory).
+Section dicts (``llama_server``, ``llama_limits``, ...) are deep-merged:
+all → group → host, most specific wins per key.
+"""
+
+_model = {
+    "path": "models/gemma-2-2b-it-Q4_K_M.gguf",  # a file on this controller
+    "alias": "gemma-2-2b-it",
+}
+
+# Small CPU nodes: the user's example limits (4 CPUs / 8 GB, 2 CPUs / 4 GB reserved)
+cpu_nodes = (
+    [
+        "llm-01.example.internal",
+        ("llm-02.example.internal", {"llama_server": {"port": 8081}}),
+    ],
+    {
+        "llama_model": _model,
+        "llama_limits": {"cpus": 4.0, "memory": "8G", "memory_reserved": "4G"},
+    },
+)
+
+# A bigger box: more slots and context, model pinned in RAM
+big_nodes = (
+    ["llm-10.example.internal"],
+    {
+        "llama_model": _model,
+        "llama_server": {"parallel": 8, "ctx_size": 32768, "load_mode": "mlock"},
+    },
+)
