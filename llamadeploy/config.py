@@ -144,10 +144,10 @@ class ServerConfig(Section):
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     #: prompt-processing threads; default: logical CPUs of the host
     threads_batch: Annotated[int, Field(ge=1, le=1024)] | None = None
-    #: total context (tokens) shared by all slots
-    ctx_size: Annotated[int, Field(ge=256, le=1048576)] = 8192
-    #: parallel request slots; llama-server's own default is "auto" (4)
-    parallel: Annotated[int, Field(ge=1, le=256)] = 4
+    #: total context (tokens) shared by all slots; default: sized to the memory limit
+    ctx_size: Annotated[int, Field(ge=256, le=1048576)] | None = None
+    #: parallel request slots; default 8, fewer if memory is short (llama-server's auto is 4)
+    parallel: Annotated[int, Field(ge=1, le=256)] | None = None
     #: share one KV cache between slots (``--kv-unified``)
     kv_unified: bool = True
     #: layers offloaded to a GPU; 0 = CPU only

@@ -7,8 +7,12 @@ Every explicit user setting wins over a computed value.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuInfo
+from llamadeploy.gguf_meta import ModelMeta
 
 
 def threads(cfg: HostConfig, cpu: CpuInfo) -> int:
@@ -37,10 +41,11 @@ def threads_batch(cfg: HostConfig, cpu: CpuInfo) -> int:
     return max(1, n)
 
 
-def server_args(cfg: HostConfig, cpu: CpuInfo) -> list[str]:
+def server_args(cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan") -> list[str]:
     """The full argument vector of llama-server (without the binary).
 
-    The API key never appears here: it is passed as a path to a 0600 file.
+    ``plan`` carries context size and slots (see :func:`plan_memory`). The API key
+    never appears here: it is passed as a path to a 0600 file.
     """
     s = cfg.server
     args = [
@@ -50,8 +55,8 @@ def server_args(cfg: HostConfig, cpu: CpuInfo) -> list[str]:
         "--alias", cfg.model.served_alias,
         "--threads", str(threads(cfg, cpu)),
         "--threads-batch", str(threads_batch(cfg, cpu)),
-        "--ctx-size", str(s.ctx_size),
-        "--parallel", str(s.parallel),
+        "--ctx-size", str(plan.ctx_size),
+        "--parallel", str(plan.parallel),
         "--n-gpu-layers", str(s.gpu_layers),
     ]
     # explicit either way: llama-server enables it only when -np is "auto"
@@ -92,3 +97,121 @@ def unit_limits(cfg: HostConfig) -> dict[str, str]:
     if lim.memory_reserved:
         out["MemoryLow"] = lim.memory_reserved
     return out
+
+
+# --- memory: slots and context that fit -------------------------------------
+
+MIB = 1 << 20
+#: bytes per element of the KV cache types we size for (llama.cpp default: f16)
+KV_TYPE_BYTES = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+DEFAULT_PARALLEL = 8
+MIN_SLOT_CTX = 512
+MAX_SLOT_CTX = 8192
+
+
+class PreflightError(Exception):
+    """The host cannot hold the model plus a minimal KV cache; the message has the numbers."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    ctx_size: int
+    parallel: int
+    limit: int
+    model_bytes: int
+    kv_bytes_per_token: int
+    overhead: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.ctx_size * self.kv_bytes_per_token
+
+    @property
+    def total(self) -> int:
+        return self.model_bytes + self.kv_bytes + self.overhead
+
+
+def parse_size(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def kv_bytes_per_token(meta: ModelMeta, cache_type: str = "f16") -> int:
+    """K and V for every layer and KV head, one token (sliding-window savings ignored: a safe upper bound)."""
+    return math.ceil(meta.n_layers * meta.n_head_kv * (meta.key_length + meta.value_length) * KV_TYPE_BYTES[cache_type])
+
+
+def overhead_bytes(meta: ModelMeta) -> int:
+    """Compute buffers, the HTTP server and allocator slack: 384 MiB plus 10% of the weights."""
+    return 384 * MIB + meta.file_size // 10
+
+
+def memory_limit(cfg: HostConfig, host_memory_bytes: int) -> int:
+    """What the service may use: the unit's MemoryMax when set, never more than the host has."""
+    if cfg.limits.memory:
+        return min(parse_size(cfg.limits.memory), host_memory_bytes)
+    return host_memory_bytes
+
+
+def default_parallel(cpu: CpuInfo) -> int:
+    """Slots: 8 (llama-server's "auto" gives 4 and 8 concurrent clients then queue),
+    more on big hosts: one per two physical cores, at most 64."""
+    return max(DEFAULT_PARALLEL, min(64, cpu.physical // 2))
+
+
+def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: CpuInfo) -> MemoryPlan:
+    """Slots and total context so that weights + KV cache + overhead fit the memory limit.
+
+    Start from :func:`default_parallel` slots of min(training context, 8192)
+    tokens each in one unified KV cache; while that does not fit, halve the
+    per-slot context (down to 512), then halve the slots. A user's ``ctx_size``
+    and ``parallel`` are kept as given but must fit. Raises
+    :class:`PreflightError` with the numbers and a setting that would fit.
+    """
+    limit = memory_limit(cfg, host_memory_bytes)
+    per_token = kv_bytes_per_token(meta)
+    overhead = overhead_bytes(meta)
+    budget = limit - meta.file_size - overhead
+    s = cfg.server
+
+    if "mlock" in s.load_mode and cfg.limits.memlock != "infinity":
+        if parse_size(cfg.limits.memlock) < meta.file_size:
+            raise PreflightError(
+                f"load_mode {s.load_mode!r} locks {_mib(meta.file_size)} of weights but "
+                f"llama_limits.memlock is {cfg.limits.memlock}; would fit: memlock 'infinity' "
+                f"or >= {math.ceil(meta.file_size / MIB)}M"
+            )
+
+    parallels = [s.parallel] if s.parallel else []
+    if not parallels:
+        p = default_parallel(cpu)
+        while p >= 1:
+            parallels.append(p)
+            p //= 2
+    candidates: list[tuple[int, int]] = []
+    for parallel in parallels:
+        if s.ctx_size is not None:
+            candidates.append((s.ctx_size, parallel))
+            continue
+        slot = min(meta.n_ctx_train, MAX_SLOT_CTX)
+        while slot >= MIN_SLOT_CTX:
+            candidates.append((slot * parallel, parallel))
+            slot //= 2
+    for ctx, parallel in candidates:
+        if ctx * per_token <= budget:
+            return MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead)
+
+    ctx, parallel = candidates[-1]
+    need = meta.file_size + overhead + ctx * per_token
+    fits = max(0, budget) // per_token
+    raise PreflightError(
+        f"model {_mib(meta.file_size)} + overhead {_mib(overhead)} + KV cache "
+        f"{_mib(ctx * per_token)} ({per_token} bytes/token x ctx {ctx}, {parallel} slot(s)) "
+        f"= {_mib(need)} does not fit the memory limit of {_mib(limit)}; would fit: "
+        + (f"llama_server.ctx_size <= {fits}, or " if fits >= MIN_SLOT_CTX else "")
+        + f"llama_limits.memory >= {math.ceil(need / MIB)}M"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.0f} MiB"

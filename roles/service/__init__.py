@@ -14,12 +14,12 @@ from pyinfra.operations import files, server, systemd
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
 from llamadeploy.operations import check_flags
-from llamadeploy.tuning import server_args, systemd_quote, unit_limits
+from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
-def manifest(cfg: HostConfig, args: list[str], model_sha256: str) -> dict:
+def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], model_sha256: str) -> dict:
     """What was deployed, readable by the shipped testinfra suite and fleet tools.
 
     Holds no secret: only the path of the key file, never the key.
@@ -36,11 +36,16 @@ def manifest(cfg: HostConfig, args: list[str], model_sha256: str) -> dict:
         "binary": f"{cfg.current_link}/bin/llama-server",
         "api_key_file": cfg.api_key_path if cfg.server.api_key else None,
         "args": args,
+        "memory_plan": {"limit": plan.limit, "model_bytes": plan.model_bytes,
+                        "kv_bytes_per_token": plan.kv_bytes_per_token, "ctx_size": plan.ctx_size,
+                        "parallel": plan.parallel},
     }
 
 
 @deploy("llama-server service")
-def service(cfg: HostConfig, model_sha256: str, restart_on: list[OperationMeta]) -> OperationMeta:
+def service(
+    cfg: HostConfig, plan: MemoryPlan, model_sha256: str, restart_on: list[OperationMeta]
+) -> tuple[OperationMeta, OperationMeta]:
     """Render the unit and keep the service running; restart it when an input changed.
 
     ``restart_on`` are operations (binary link, model) whose change means the
@@ -73,13 +78,13 @@ def service(cfg: HostConfig, model_sha256: str, restart_on: list[OperationMeta])
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
     cpu = host.get_fact(CpuTopology)
-    args = server_args(cfg, cpu)
+    args = server_args(cfg, cpu, plan)
     binary = f"{cfg.current_link}/bin/llama-server"
     check_flags(name="Flags known to the installed llama-server", binary=binary, args=args)
 
     files.put(
         name="Deploy manifest",
-        src=StringIO(json.dumps(manifest(cfg, args, model_sha256), indent=2) + "\n"),
+        src=StringIO(json.dumps(manifest(cfg, plan, args, model_sha256), indent=2) + "\n"),
         dest=f"{svc.config_dir}/deploy.json",
         mode="644",
     )

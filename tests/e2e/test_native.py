@@ -69,6 +69,32 @@ def test_testinfra_suite_passes(host):
     assert " passed" in proc.stdout
 
 
+def test_tuned_flags_and_bench(host):
+    """The unit runs with the memory plan's slots/context; the bench drives it over real HTTP."""
+    import subprocess
+    import sys
+
+    manifest = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)
+    args = manifest["args"]
+    plan = manifest["memory_plan"]
+    assert args[args.index("--parallel") + 1] == str(plan["parallel"]) == "8"
+    assert args[args.index("--ctx-size") + 1] == str(plan["ctx_size"])
+    assert "--kv-unified" in args
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamadeploy.bench", "--url", f"http://{host.address}:8080",
+         "--clients", "1,2", "--requests-per-client", "2", "--max-tokens", "8", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads(proc.stdout)[0]
+    assert report["model"] == "gemma-3-270m"
+    for level in report["levels"]:
+        assert level["requests"] == 2 * level["clients"]
+        # errors (e.g. a dropped kept-alive connection) are counted, not hidden
+        assert level["ok"] + sum(level["errors"].values()) == level["requests"]
+        assert level["tokens"] == 8 * level["ok"]
+        assert level["ttft_p50"] is not None
+
+
 def test_second_deploy_changes_nothing(host, inventory):
     before = state(host)
     result = run_deploy(inventory)
@@ -106,6 +132,16 @@ def test_bad_config_changes_nothing(host, tmp_path):
         assert result.rc != 0, case
         assert f"host {host.address}: {message}" in result.stderr, (case, result.stderr[-2000:])
         assert "nothing was changed on any host" in result.stderr
+    assert state(host) == before
+
+
+def test_preflight_refuses_too_little_memory(host, tmp_path):
+    """A memory limit that cannot hold model + minimal KV cache is refused before any change."""
+    before = state(host)
+    result = run_deploy(with_data(host, tmp_path, "small", llama_limits={"memory": "300M"}))
+    assert result.rc != 0
+    assert f"preflight refused host {host.address}: model 241 MiB" in result.stderr
+    assert "does not fit the memory limit of 300 MiB; would fit: llama_limits.memory >= " in result.stderr
     assert state(host) == before
 
 

@@ -51,5 +51,7 @@ def test_every_rendered_flag_exists_in_b11434():
         "api_key": "x" * 16, "load_mode": "mlock", "cont_batching": False, "kv_unified": False}})
     from llamadeploy.facts import CpuInfo
 
-    args = server_args(c, CpuInfo(2, 2, 1, 1))
+    from llamadeploy.tuning import MemoryPlan
+
+    args = server_args(c, CpuInfo(2, 2, 1, 1), MemoryPlan(8192, 8, 1 << 33, 1, 1, 1))
     assert [a for a in args if a.startswith("--") and a not in flags] == []

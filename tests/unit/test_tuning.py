@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuInfo
-from llamadeploy.tuning import server_args, systemd_quote, threads, threads_batch, unit_limits, unknown_flags
+from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, threads, threads_batch, unit_limits, unknown_flags
 
 SMT_16 = CpuInfo(logical=32, physical=16, sockets=1, numa_nodes=1)
 SMALL = CpuInfo(logical=2, physical=2, sockets=1, numa_nodes=1)
+PLAN = MemoryPlan(ctx_size=65536, parallel=8, limit=1 << 34, model_bytes=1, kv_bytes_per_token=1, overhead=1)
 
 
 def cfg(**sections) -> HostConfig:
@@ -30,11 +31,11 @@ def test_user_setting_wins():
 
 
 def test_args_default():
-    args = server_args(cfg(), SMALL)
+    args = server_args(cfg(), SMALL, PLAN)
     assert args == [
         "--host", "0.0.0.0", "--port", "8080",
         "--model", "/var/lib/llama-server/models/gemma.gguf", "--alias", "g",
-        "--threads", "2", "--threads-batch", "2", "--ctx-size", "8192", "--parallel", "4",
+        "--threads", "2", "--threads-batch", "2", "--ctx-size", "65536", "--parallel", "8",
         "--n-gpu-layers", "0", "--kv-unified", "--metrics",
     ]
 
@@ -42,7 +43,7 @@ def test_args_default():
 def test_args_options_and_key_as_file_only():
     c = cfg(server={"api_key": "k" * 20, "cont_batching": False, "load_mode": "mlock", "metrics": False,
                     "kv_unified": False, "extra_args": ["--no-webui"]})
-    args = server_args(c, SMALL)
+    args = server_args(c, SMALL, PLAN)
     assert "k" * 20 not in " ".join(args)
     assert args[args.index("--api-key-file") + 1] == "/etc/llama-server/api-key"
     assert args[args.index("--load-mode") + 1] == "mlock"

@@ -1,0 +1,189 @@
+"""``python -m llamadeploy.bench``: drive a deployed host with concurrent streaming chat clients.
+
+Reports, per concurrency level: aggregate completion tok/s, TTFT p50/p95 and
+errors by kind. Every request asks for exactly ``max_tokens`` tokens
+(``ignore_eos``) so that two servers are compared on equal work.
+
+Errors are counted, never retried: a server that drops a kept-alive connection
+(``RemoteProtocolError``) shows up here.
+
+    python -m llamadeploy.bench --url http://HOST:8080 --clients 1,4,8 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+PROMPT = (
+    "You are a helpful assistant for an operations team. Explain, step by step and in plain "
+    "words, how a load balancer decides which backend receives the next request, what a health "
+    "check is, and why connection draining matters during a rolling deploy. Request {n}."
+)
+
+
+@dataclass
+class Sample:
+    ttft: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class LevelResult:
+    clients: int
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    wall_s: float
+    tokens: int
+    tok_per_s: float
+    ttft_p50: float | None
+    ttft_p95: float | None
+
+
+@dataclass
+class Report:
+    url: str
+    model: str
+    max_tokens: int
+    levels: list[LevelResult] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+async def _one(client: httpx.AsyncClient, model: str, n: int, max_tokens: int) -> Sample:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT.format(n=n)}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.7,
+        "stream_options": {"include_usage": True},
+    }
+    sample = Sample()
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                sample.error = f"HTTP {r.status_code}"
+                return sample
+            chunks = 0
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    sample.tokens = data["usage"]["completion_tokens"]
+                for choice in data.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        chunks += 1
+                        if sample.ttft is None:
+                            sample.ttft = time.perf_counter() - start
+            sample.tokens = sample.tokens or chunks
+    except httpx.HTTPError as exc:
+        sample.error = type(exc).__name__
+    return sample
+
+
+async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int,
+                    headers: dict[str, str]) -> LevelResult:
+    """``clients`` concurrent clients, each sending ``per_client`` requests back to back
+    over its own kept-alive connection (as an SDK client does)."""
+    samples: list[Sample] = []
+
+    async def client_loop(c: int) -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+            for i in range(per_client):
+                samples.append(await _one(client, model, c * 1000 + i, max_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop(c) for c in range(clients)))
+    wall = time.perf_counter() - start
+    ok = [s for s in samples if s.error is None]
+    ttfts = [s.ttft for s in ok if s.ttft is not None]
+    tokens = sum(s.tokens for s in ok)
+    return LevelResult(
+        clients=clients, requests=len(samples), ok=len(ok),
+        errors=dict(Counter(s.error for s in samples if s.error)),
+        wall_s=round(wall, 3), tokens=tokens, tok_per_s=round(tokens / wall, 2),
+        ttft_p50=percentile(ttfts, 50), ttft_p95=percentile(ttfts, 95),
+    )
+
+
+def bench(url: str, levels: list[int], per_client: int, max_tokens: int, api_key: str | None = None,
+          model: str | None = None) -> Report:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if model is None:
+        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    report = Report(url=url, model=model, max_tokens=max_tokens)
+    # warm-up: one short request so model pages and caches are hot for every server alike
+    asyncio.run(run_level(url, model, 1, 1, 8, headers))
+    for clients in levels:
+        report.levels.append(asyncio.run(run_level(url, model, clients, per_client, max_tokens, headers)))
+    return report
+
+
+def format_report(report: Report) -> str:
+    lines = [f"{report.url}  model={report.model}  max_tokens={report.max_tokens}",
+             f"{'clients':>7} {'reqs':>5} {'ok':>4} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9}  errors"]
+    for lv in report.levels:
+        f = lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9}"  # noqa: E731
+        errs = ", ".join(f"{k}: {v}" for k, v in lv.errors.items()) or "0"
+        lines.append(f"{lv.clients:>7} {lv.requests:>5} {lv.ok:>4} {lv.tok_per_s:>8.1f} {f(lv.ttft_p50)} {f(lv.ttft_p95)}  {errs}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llamadeploy.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", action="append", required=True, help="base URL; repeat for several hosts")
+    p.add_argument("--clients", default="1,4,8", help="comma-separated concurrency levels")
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--api-key-file", help="file holding the bearer key")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    key = open(a.api_key_file).read().strip() if a.api_key_file else None
+    levels = [int(x) for x in a.clients.split(",")]
+    reports = [bench(u.rstrip("/"), levels, a.requests_per_client, a.max_tokens, key) for u in a.url]
+    if a.json:
+        print(json.dumps([asdict(r) for r in reports], indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0 if all(lv.ok for r in reports for lv in r.levels) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+#: Single-threaded read-bandwidth probe run on the host (only python3 needed):
+#: ``bytes.find`` of an absent byte scans the whole (really written, 512 MiB) buffer with
+#: memchr, so bytes/s ≈ single-core read bandwidth.
+BANDWIDTH_PROBE = (
+    "python3 -c \"import time;b=b'\\x02'*(1<<29);b.find(1);t=time.perf_counter();n=8\n"
+    "for _ in range(n): b.find(1)\n"
+    "print(int(n*len(b)/(time.perf_counter()-t)))\""
+)
+
+
+def roofline_ratio(tok_per_s: float, model_bytes: int, read_bytes_per_s: float) -> float:
+    """Share of the memory-bandwidth bound reached at decode: each token reads all weights once."""
+    return tok_per_s * model_bytes / read_bytes_per_s

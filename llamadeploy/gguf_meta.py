@@ -1,0 +1,53 @@
+"""GGUF metadata the tuning needs, read on the controller with the ``gguf`` package.
+
+Only the header is parsed (``GGUFReader`` memory-maps the file); nothing is
+loaded. The numbers decide how much KV cache a token costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What sizes the KV cache: per layer, per KV head, per token."""
+
+    architecture: str
+    n_layers: int
+    n_ctx_train: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    file_size: int
+    #: sliding-window size when the model interleaves local-attention layers (Gemma 2/3)
+    sliding_window: int | None = None
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r")
+
+    def get(key: str, default=None):
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else default
+
+    arch = get("general.architecture")
+    n_head = get(f"{arch}.attention.head_count")
+    n_embd = get(f"{arch}.embedding_length")
+    head_dim = n_embd // n_head if n_head else 0
+    n_head_kv = get(f"{arch}.attention.head_count_kv", n_head)
+    if isinstance(n_head_kv, list):  # per-layer counts (some architectures)
+        n_head_kv = max(n_head_kv)
+    return ModelMeta(
+        architecture=arch,
+        n_layers=int(get(f"{arch}.block_count")),
+        n_ctx_train=int(get(f"{arch}.context_length")),
+        n_head_kv=int(n_head_kv),
+        key_length=int(get(f"{arch}.attention.key_length", head_dim)),
+        value_length=int(get(f"{arch}.attention.value_length", head_dim)),
+        file_size=Path(path).stat().st_size,
+        sliding_window=get(f"{arch}.attention.sliding_window"),
+    )
