@@ -110,29 +110,75 @@ class BuildConfig(Section):
 
 
 class ModelConfig(Section):
-    """The GGUF file served. First cut: a file on the controller, pushed once."""
+    """The GGUF file served: from the catalog, a Hugging Face repo, or a controller file.
 
-    #: controller path of the .gguf file
-    path: str
-    #: expected sha256; when unset it is computed from the controller file
+    Exactly one of ``catalog``, ``repo_id`` and ``path``; none means the catalog's
+    tiny default. Hub models are pinned: ``revision`` is resolved to a commit
+    hash, and every file is checked against the repo's LFS sha256 (or ``sha256``).
+    """
+
+    #: short name from llamadeploy/catalog.py (see README "Models")
+    catalog: str | None = None
+    #: Hugging Face repo, e.g. "Qwen/Qwen2.5-3B-Instruct-GGUF"
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
+    #: file in the repo; a split GGUF is named by its first part (*-00001-of-0000N.gguf)
+    filename: str | None = None
+    #: instead of filename: a quantization such as "Q4_K_M", matched against the repo's .gguf files
+    quant: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] | None = None
+    #: branch, tag or commit; recorded as the commit hash it resolves to
+    revision: Annotated[str, Field(pattern=r"^[\w./-]{1,100}$")] = "main"
+    #: controller path of a .gguf file (no Hub involved)
+    path: str | None = None
+    #: expected sha256 of the (single) file; default: the Hub's LFS sha256 / the controller file's
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     #: name shown by /v1/models and accepted as "model" in requests
     alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")] | None = None
+    #: controller: download once on the controller, push to hosts; host: each host downloads
+    distribution: Literal["controller", "host"] = "controller"
+    #: Hub endpoint (an on-prem mirror); default: the controller's HF_ENDPOINT or huggingface.co
+    hf_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    #: controller file holding a Hub token (gated repos); default: HF_TOKEN / huggingface_hub's login
+    hf_token_file: str | None = None
 
     @field_validator("path")
     @classmethod
-    def _gguf(cls, v: str) -> str:
-        if not v.endswith(".gguf"):
+    def _gguf(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".gguf"):
             raise ValueError("must be a .gguf file")
         return v
 
-    @property
-    def filename(self) -> str:
-        return Path(self.path).name
+    @field_validator("catalog")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        from llamadeploy.catalog import CATALOG
+
+        if v is not None and v not in CATALOG:
+            raise ValueError(f"unknown catalog model (known: {', '.join(CATALOG)})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        sources = [k for k in ("catalog", "repo_id", "path") if getattr(self, k) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"give one of catalog, repo_id, path (got {', '.join(sources)})")
+        if self.repo_id is not None and (self.filename is None) == (self.quant is None):
+            raise ValueError("with repo_id give exactly one of filename, quant")
+        if self.path is not None and self.distribution == "host":
+            raise ValueError("distribution 'host' needs a Hub model (catalog or repo_id), not a controller path")
+        return self
 
     @property
-    def served_alias(self) -> str:
-        return self.alias or Path(self.path).stem
+    def source(self) -> str:
+        return "path" if self.path else "hub"
+
+    def hub_target(self) -> tuple[str, str | None, str | None]:
+        """(repo_id, filename, quant) for a Hub model, the catalog's default included."""
+        from llamadeploy.catalog import CATALOG, DEFAULT_MODEL
+
+        if self.repo_id:
+            return self.repo_id, self.filename, self.quant
+        entry = CATALOG[self.catalog or DEFAULT_MODEL]
+        return entry.repo_id, entry.filename, None
 
 
 class ServerConfig(Section):
@@ -217,7 +263,7 @@ class HostConfig(Section):
 
     mode: Literal["native"] = "native"
     build: BuildConfig = BuildConfig()
-    model: ModelConfig
+    model: ModelConfig = ModelConfig()
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
@@ -226,10 +272,6 @@ class HostConfig(Section):
     @property
     def model_dir(self) -> str:
         return f"{self.service.data_dir}/models"
-
-    @property
-    def model_path(self) -> str:
-        return f"{self.model_dir}/{self.model.filename}"
 
     @property
     def api_key_path(self) -> str:
@@ -345,7 +387,9 @@ def validate_inventory(inventory: Any) -> dict[str, HostConfig]:
         problems += errs
         if cfg is not None:
             configs[host.name] = cfg
-            if not Path(cfg.model.path).is_file():
+            if cfg.model.path is None:
+                pass
+            elif not Path(cfg.model.path).is_file():
                 problems.append(f"host {host.name}: {PREFIX}model.path = {cfg.model.path!r}: no such file on the controller")
             elif cfg.model.sha256 and file_sha256(cfg.model.path) != cfg.model.sha256:
                 problems.append(

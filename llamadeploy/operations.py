@@ -166,3 +166,41 @@ def check_flags(binary: str, args: list[str]):
         raise OperationError(f"{binary} does not accept {', '.join(bad)} (see its --help)")
     host.noop(f"all {sum(a.startswith('-') for a in args)} flags are known to {binary}")
     yield from ()  # an operation is a generator even when it has no command
+
+
+@operation()
+def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: str, endpoint: str,
+                 python: str, work_dir: str, token_file: str | None = None):
+    """
+    Download one Hub file on the host with huggingface_hub, verify it, move it into place.
+
+    + repo_id, repo_path, commit: what to fetch, pinned to a commit
+    + sha256: expected hash (the repo's LFS sha256); checked after the download
+    + dest: final path; the service reads only this one
+    + endpoint: Hub or on-prem mirror (``HF_ENDPOINT``)
+    + python: interpreter of the host's isolated huggingface_hub environment
+    + work_dir: download directory on the same disk as ``dest``
+    + token_file: host path of a 0600 token file; passed as ``HF_TOKEN_PATH``, never on a command line
+
+    A present file with the right hash means nothing to do. A killed earlier
+    download's ``*.incomplete`` leftovers are removed first.
+    """
+    if host.get_fact(Sha256File, path=dest) == sha256:
+        host.noop(f"{dest} already has sha256 {sha256[:12]}…")
+        return
+    q = shlex.quote
+    env = f"HF_ENDPOINT={q(endpoint)} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 HF_HOME={q(work_dir)}/home"
+    env += f" HF_TOKEN_PATH={q(token_file)}" if token_file else " HF_HUB_DISABLE_IMPLICIT_TOKEN=1"
+    script = (
+        "import sys; from huggingface_hub import hf_hub_download as d; "
+        "print(d(sys.argv[1], sys.argv[2], revision=sys.argv[3], local_dir=sys.argv[4]))"
+    )
+    got = f"{work_dir}/{repo_path}"
+    tmp = f"{dest}.partial"
+    yield f"mkdir -p {q(work_dir)} && find {q(work_dir)} -name '*.incomplete' -delete"
+    yield f"env {env} {q(python)} -c {q(script)} {q(repo_id)} {q(repo_path)} {q(commit)} {q(work_dir)} >/dev/null"
+    yield (
+        f"actual=$(sha256sum {q(got)} | cut -d' ' -f1); "
+        f"if [ \"$actual\" = {q(sha256)} ]; then mv -f {q(got)} {q(tmp)} && chmod 0644 {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
+        f"else rm -f {q(got)}; echo \"sha256 mismatch for {repo_id}/{repo_path}: expected {sha256}, got $actual\" >&2; exit 1; fi"
+    )

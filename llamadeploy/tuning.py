@@ -41,7 +41,7 @@ def threads_batch(cfg: HostConfig, cpu: CpuInfo) -> int:
     return max(1, n)
 
 
-def server_args(cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan") -> list[str]:
+def server_args(cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan", model_path: str, alias: str) -> list[str]:
     """The full argument vector of llama-server (without the binary).
 
     ``plan`` carries context size and slots (see :func:`plan_memory`). The API key
@@ -51,8 +51,8 @@ def server_args(cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan") -> list[str]:
     args = [
         "--host", s.host,
         "--port", str(s.port),
-        "--model", cfg.model_path,
-        "--alias", cfg.model.served_alias,
+        "--model", model_path,
+        "--alias", alias,
         "--threads", str(threads(cfg, cpu)),
         "--threads-batch", str(threads_batch(cfg, cpu)),
         "--ctx-size", str(plan.ctx_size),

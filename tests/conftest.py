@@ -29,11 +29,11 @@ class DeployResult:
         return self.report["results"]["totals"]["success"]
 
 
-def run_deploy(inventory: Path, *extra: str) -> DeployResult:
+def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) -> DeployResult:
     """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it."""
     proc = subprocess.run(
         [PYINFRA, "-y", "--json", str(inventory), "deploy.py", *extra],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
     )
     report = None
     if proc.returncode == 0:
@@ -85,3 +85,43 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
         if not config.getoption("hosts", default=None):
             return True
     return None
+
+
+HUB_TOKEN = "hf_llamactl_test_token_5c1e"
+HUB_PORT = 18090
+TINY = "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """The local Hugging Face-compatible server with real GGUF files, for the whole session."""
+    from tests.harness import assets
+    from tests.harness.hfserver import HubServer, Repo
+
+    model = assets.gemma_model()
+    parts = assets.split_gguf(model, assets.CACHE / "models" / "split")
+    repos = {
+        "llamactl-test/gemma-3-270m-GGUF": Repo({TINY: model, "README.md": Path(__file__)}),
+        "llamactl-test/gemma-3-270m-gated": Repo({p.name: p for p in parts}, gated=True),
+        "llamactl-test/corrupt": Repo({TINY: model}, faults={TINY: "corrupt"}),
+        "llamactl-test/flaky": Repo({TINY: model}, faults={TINY: "drop_once"}),
+        "llamactl-test/other-name": Repo({"gemma-other.gguf": model}),
+    }
+    server = HubServer(repos, token=HUB_TOKEN, port=HUB_PORT).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """A fresh controller Hugging Face cache and the hub endpoint, for one test."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    token = tmp_path / "hf-token"
+    token.write_text(HUB_TOKEN + "\n")
+    token.chmod(0o600)
+    return {"endpoint": f"http://127.0.0.1:{HUB_PORT}", "token_file": str(token), "cache": tmp_path / "hf-cache"}

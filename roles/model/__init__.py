@@ -1,34 +1,111 @@
-"""Model role: the GGUF file on the host, verified by sha256 before it is used.
+"""Model role: the GGUF file(s) on the host, verified by sha256 before they are used.
 
-First cut: the file comes from the controller. Fetching from Hugging Face (or a
-mirror) plugs in here as another source that yields a controller path or a
-host-side download; the verify-then-rename step stays the same.
+Where the bytes come from is decided on the controller (``llamadeploy.models``):
+
+* ``distribution: controller`` (and controller files): pushed from the controller,
+  which downloaded the Hub file once for all hosts;
+* ``distribution: host``: each host downloads with its own isolated
+  huggingface_hub, the token in a 0600 file.
+
+Either way a file lands under a temporary name, is verified, and is renamed into
+place; a file already there with the right hash is neither fetched nor sent.
 """
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
+import importlib.metadata
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import DeployError, deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files
+from pyinfra.facts.files import Sha256File
+from pyinfra.operations import apt, files, pip
 
-from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
-from llamadeploy.operations import verified_file
+from llamadeploy.facts import DiskFree
+from llamadeploy.models import ModelArtifact, ModelError, download, margin, resolve, token_for
+from llamadeploy.operations import hub_download, verified_file
+
+_PREPARED: dict[tuple, ModelArtifact] = {}
 
 
-def expected_sha256(cfg: HostConfig) -> str:
-    """The pinned hash, or the controller file's (already checked equal at validation)."""
-    return cfg.model.sha256 or file_sha256(cfg.model.path)
+def prepare(cfg: HostConfig) -> ModelArtifact:
+    """Resolve (and in controller mode download + verify) the model, once per run for all hosts.
+
+    Raises DeployError naming the host; runs before any operation executes.
+    """
+    spec = cfg.model
+    key = (spec.model_dump_json(),)
+    try:
+        if key not in _PREPARED:
+            art = resolve(spec)
+            if spec.distribution == "controller":
+                art = download(art, spec)
+            _PREPARED[key] = art
+        art = _PREPARED[key]
+    except ModelError as exc:
+        raise DeployError(f"model for host {host.name}: {exc}") from None
+    check_host_disk(cfg, art)
+    return art
+
+
+def model_path(cfg: HostConfig, art: ModelArtifact) -> str:
+    """What ``--model`` gets: the first (or only) file."""
+    return f"{cfg.model_dir}/{art.first.name}"
+
+
+def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> None:
+    """Refuse before any transfer when the host's model disk is too small for what is missing."""
+    missing = [f for f in art.files if host.get_fact(Sha256File, path=f"{cfg.model_dir}/{f.name}") != f.sha256]
+    if not missing:
+        return
+    need = sum(f.size for f in missing)
+    # host mode downloads into the cache dir first, then renames: count it once more there
+    free = host.get_fact(DiskFree, path=cfg.model_dir)
+    if free is not None and free < need + margin(need):
+        raise DeployError(
+            f"not enough disk on host {host.name}: {cfg.model_dir} has {free >> 20} MiB free, "
+            f"needs {(need + margin(need)) >> 20} MiB (model files plus margin)"
+        )
 
 
 @deploy("Model")
-def model_file(cfg: HostConfig) -> OperationMeta:
-    """Put the model in place; returns the operation that changes when the model does."""
+def model_files(cfg: HostConfig, art: ModelArtifact) -> list[OperationMeta]:
+    """Put every model file in place; returns the operations that change when the model does."""
     files.directory(name="Data directory", path=cfg.service.data_dir, mode="755")
     files.directory(name="Model directory", path=cfg.model_dir, mode="755")
-    return verified_file(
-        name=f"Model {cfg.model.filename}",
-        src=cfg.model.path,
-        dest=cfg.model_path,
-        sha256=expected_sha256(cfg),
-    )
+    if cfg.model.distribution == "host":
+        return _host_download(cfg, art)
+    return [
+        verified_file(name=f"Model {f.name}", src=f.local, dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256)
+        for f in art.files
+    ]
+
+
+def _host_download(cfg: HostConfig, art: ModelArtifact) -> list[OperationMeta]:
+    svc = cfg.service
+    venv = f"{svc.prefix}/hf-venv"
+    version = importlib.metadata.version("huggingface_hub")
+    apt.packages(name="Python venv for huggingface_hub", packages=["python3-venv"], update=True,
+                 cache_time=24 * 3600, no_recommends=True)
+    pip.venv(name="Isolated huggingface_hub environment", path=venv, python="python3")
+    pip.packages(name=f"huggingface_hub {version}", packages=[f"huggingface_hub=={version}"],
+                 pip=f"{venv}/bin/pip")
+    token = token_for(cfg.model)
+    token_file = f"{svc.cache_dir}/hf-token"
+    files.directory(name="Cache directory", path=svc.cache_dir, mode="755")
+    if token:
+        files.put(name="Hub token file (0600)", src=StringIO(token + "\n"), dest=token_file,
+                  user="root", group="root", mode="600")
+    else:
+        files.file(name="No Hub token file", path=token_file, present=False)
+    return [
+        hub_download(
+            name=f"Download {art.repo_id}/{f.repo_path}@{(art.commit or '')[:12]} on the host",
+            repo_id=art.repo_id, repo_path=f.repo_path, commit=art.commit, sha256=f.sha256,
+            dest=f"{cfg.model_dir}/{f.name}", endpoint=art.endpoint, python=f"{venv}/bin/python",
+            work_dir=f"{svc.data_dir}/.download", token_file=token_file if token else None,
+        )
+        for f in art.files
+    ]

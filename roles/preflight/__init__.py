@@ -12,9 +12,13 @@ from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.facts.hardware import Memory
 
+import dataclasses
+
+from llamadeploy.catalog import CATALOG
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
+from llamadeploy.models import ModelArtifact
 from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
 
 
@@ -24,10 +28,30 @@ def model_meta(path: str) -> ModelMeta:
     return read_meta(path)
 
 
-def memory_plan(cfg: HostConfig) -> MemoryPlan:
+def meta_for(cfg: HostConfig, art: ModelArtifact) -> ModelMeta:
+    """GGUF header values: from the controller's copy, else from the catalog.
+
+    A split model keeps its metadata in the first part; its size is all parts.
+    """
+    if art.first.local:
+        return dataclasses.replace(model_meta(art.first.local), file_size=art.size)
+    for entry in CATALOG.values():
+        if (entry.repo_id, entry.filename) == (art.repo_id, art.first.repo_path):
+            return dataclasses.replace(entry.meta, file_size=art.size)
+    s = cfg.server
+    if s.ctx_size is None or s.parallel is None:
+        raise DeployError(
+            f"preflight for host {host.name}: {art.repo_id}/{art.first.repo_path} is downloaded by the host "
+            "and is not in the catalog, so the controller cannot read its GGUF header to size the KV "
+            "cache; set llama_server.ctx_size and llama_server.parallel (or use distribution 'controller')"
+        )
+    return ModelMeta("unknown", 0, s.ctx_size, 0, 0, 0, art.size)
+
+
+def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
     """Context size and slots for this host, or a DeployError with the numbers."""
     host_bytes = int(host.get_fact(Memory)) * (1 << 20)  # the fact is in MiB
     try:
-        return plan_memory(cfg, model_meta(cfg.model.path), host_bytes, host.get_fact(CpuTopology))
+        return plan_memory(cfg, meta_for(cfg, art), host_bytes, host.get_fact(CpuTopology))
     except PreflightError as exc:
         raise DeployError(f"preflight refused host {host.name}: {exc}") from None

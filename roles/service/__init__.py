@@ -14,12 +14,13 @@ from pyinfra.operations import files, server, systemd
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
 from llamadeploy.operations import check_flags
+from llamadeploy.models import ModelArtifact
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
-def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], model_sha256: str) -> dict:
+def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtifact, model_path: str) -> dict:
     """What was deployed, readable by the shipped testinfra suite and fleet tools.
 
     Holds no secret: only the path of the key file, never the key.
@@ -29,9 +30,11 @@ def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], model_sha256: s
         "mode": cfg.mode,
         "port": cfg.server.port,
         "host": cfg.server.host,
-        "alias": cfg.model.served_alias,
-        "model_path": cfg.model_path,
-        "model_sha256": model_sha256,
+        "alias": art.alias,
+        "model_path": model_path,
+        "model_files": {f.name: f.sha256 for f in art.files},
+        "model_repo": art.repo_id,
+        "model_commit": art.commit,
         "release": cfg.build.release_key(),
         "binary": f"{cfg.current_link}/bin/llama-server",
         "api_key_file": cfg.api_key_path if cfg.server.api_key else None,
@@ -44,7 +47,7 @@ def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], model_sha256: s
 
 @deploy("llama-server service")
 def service(
-    cfg: HostConfig, plan: MemoryPlan, model_sha256: str, restart_on: list[OperationMeta]
+    cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, model_path: str, restart_on: list[OperationMeta]
 ) -> tuple[OperationMeta, OperationMeta]:
     """Render the unit and keep the service running; restart it when an input changed.
 
@@ -78,13 +81,13 @@ def service(
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
     cpu = host.get_fact(CpuTopology)
-    args = server_args(cfg, cpu, plan)
+    args = server_args(cfg, cpu, plan, model_path, art.alias)
     binary = f"{cfg.current_link}/bin/llama-server"
     check_flags(name="Flags known to the installed llama-server", binary=binary, args=args)
 
     files.put(
         name="Deploy manifest",
-        src=StringIO(json.dumps(manifest(cfg, plan, args, model_sha256), indent=2) + "\n"),
+        src=StringIO(json.dumps(manifest(cfg, plan, args, art, model_path), indent=2) + "\n"),
         dest=f"{svc.config_dir}/deploy.json",
         mode="644",
     )
@@ -96,10 +99,10 @@ def service(
         unit_name=svc.name,
         service_user=svc.user,
         data_dir=svc.data_dir,
-        alias=cfg.model.served_alias,
+        alias=art.alias,
         release_key=cfg.build.release_key(),
-        model_file=cfg.model.filename,
-        model_sha256=model_sha256,
+        model_file=art.first.name,
+        model_sha256=art.first.sha256,
         exec_start=" ".join(systemd_quote(a) for a in [binary, *args]),
         limits=unit_limits(cfg),
         gpu=cfg.server.gpu_layers > 0,

@@ -76,3 +76,35 @@ def gemma_model() -> Path:
         raise RuntimeError(f"assembled {MODEL_FILE} has sha256 {actual}, expected {MODEL_SHA256}")
     tmp.rename(out)
     return out
+
+
+def split_gguf(src: Path, out_dir: Path, parts: int = 2) -> list[Path]:
+    """Re-write a GGUF as a split GGUF (``-0000N-of-0000M.gguf``) with the ``gguf`` package.
+
+    Metadata and tensors are copied unchanged; llama.cpp loads the result by its
+    first part. Cached next to ``out_dir``'s other files.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(src), "r")
+    stem = src.name.removesuffix(".gguf")
+    names = [out_dir / f"{stem}-{i:05d}-of-{parts:05d}.gguf" for i in range(1, parts + 1)]
+    if all(n.exists() for n in names):
+        return names
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    per_shard = -(-len(reader.tensors) // parts)
+    writer = gguf.GGUFWriter(str(out_dir / f"{stem}.gguf"), arch=arch, split_max_tensors=per_shard)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return names

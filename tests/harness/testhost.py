@@ -179,6 +179,13 @@ class TestHost:
             "[Match]\nName=host0\n\n[Network]\n"
             f"Address={self.address}/30\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
         )
+        # trust what this machine trusts (CI may reach PyPI through a TLS-inspecting proxy),
+        # as a company host trusts its internal CA
+        local_ca = Path("/usr/local/share/ca-certificates")
+        if local_ca.is_dir():
+            for crt in local_ca.glob("*.crt"):
+                shutil.copy(crt, r / "usr/local/share/ca-certificates" / crt.name)
+            shutil.copy("/etc/ssl/certs/ca-certificates.crt", r / "etc/ssl/certs/ca-certificates.crt")
         resolv = r / "etc/resolv.conf"
         if resolv.is_symlink() or resolv.exists():
             resolv.unlink()

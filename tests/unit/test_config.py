@@ -19,8 +19,7 @@ def test_defaults():
     assert errs == []
     assert cfg.mode == "native"
     assert cfg.server.port == 8080 and cfg.server.gpu_layers == 0 and cfg.server.threads is None
-    assert cfg.model.served_alias == "m"
-    assert cfg.model_path == "/var/lib/llama-server/models/m.gguf"
+    assert cfg.model.source == "path" and cfg.model_dir == "/var/lib/llama-server/models"
     assert cfg.current_link == "/opt/llama.cpp/current"
 
 
@@ -72,9 +71,29 @@ def test_every_problem_reported_at_once():
     assert len(errs) == 3
 
 
-def test_model_required():
+def test_model_defaults_to_catalog_tiny_model():
     cfg, errs = parse_config("h1", [{}])
-    assert errs == ["host h1: llama_model = {}: Field required"]
+    assert errs == []
+    assert cfg.model.hub_target() == ("unsloth/gemma-3-270m-it-GGUF", "gemma-3-270m-it-Q4_K_M.gguf", None)
+    assert cfg.model.distribution == "controller" and cfg.model.revision == "main"
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"catalog": "llama-9"}, "llama_model.catalog = 'llama-9': Value error, unknown catalog model (known: gemma-3-270m, gemma-2-2b-it, phi-3-mini, qwen2.5-3b)"),
+        ({"path": "/m.gguf", "repo_id": "a/b", "filename": "x.gguf"}, "llama_model = "),
+        ({"repo_id": "a/b"}, "with repo_id give exactly one of filename, quant"),
+        ({"repo_id": "a/b", "filename": "x.gguf", "quant": "Q4_K_M"}, "with repo_id give exactly one of filename, quant"),
+        ({"repo_id": "not a repo", "quant": "Q4_K_M"}, "llama_model.repo_id = 'not a repo'"),
+        ({"path": "/m.gguf", "distribution": "host"}, "distribution 'host' needs a Hub model"),
+        ({"catalog": "qwen2.5-3b", "distribution": "peer"}, "llama_model.distribution = 'peer'"),
+        ({"catalog": "qwen2.5-3b", "hf_endpoint": "ftp://mirror"}, "llama_model.hf_endpoint = 'ftp://mirror'"),
+    ],
+)
+def test_bad_model_spec(model, expected):
+    cfg, errs = parse_config("h1", [{"llama_model": model}])
+    assert len(errs) == 1 and expected in errs[0], errs
 
 
 def test_release_key_changes_with_flags_only():

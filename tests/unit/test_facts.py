@@ -53,5 +53,14 @@ def test_every_rendered_flag_exists_in_b11434():
 
     from llamadeploy.tuning import MemoryPlan
 
-    args = server_args(c, CpuInfo(2, 2, 1, 1), MemoryPlan(8192, 8, 1 << 33, 1, 1, 1))
+    args = server_args(c, CpuInfo(2, 2, 1, 1), MemoryPlan(8192, 8, 1 << 33, 1, 1, 1), "/m.gguf", "m")
     assert [a for a in args if a.startswith("--") and a not in flags] == []
+
+
+def test_disk_free_from_df():
+    from llamadeploy.facts import DiskFree
+
+    out = ["Filesystem        1-blocks       Used   Available Capacity Mounted on",
+           "/dev/vda      270475862016 23622320128 233019981824      10% /"]
+    assert DiskFree().process(out) == 233_019_981_824
+    assert DiskFree().process([]) is None

@@ -31,7 +31,7 @@ def test_user_setting_wins():
 
 
 def test_args_default():
-    args = server_args(cfg(), SMALL, PLAN)
+    args = server_args(cfg(), SMALL, PLAN, "/var/lib/llama-server/models/gemma.gguf", "g")
     assert args == [
         "--host", "0.0.0.0", "--port", "8080",
         "--model", "/var/lib/llama-server/models/gemma.gguf", "--alias", "g",
@@ -43,7 +43,7 @@ def test_args_default():
 def test_args_options_and_key_as_file_only():
     c = cfg(server={"api_key": "k" * 20, "cont_batching": False, "load_mode": "mlock", "metrics": False,
                     "kv_unified": False, "extra_args": ["--no-webui"]})
-    args = server_args(c, SMALL, PLAN)
+    args = server_args(c, SMALL, PLAN, "/m.gguf", "g")
     assert "k" * 20 not in " ".join(args)
     assert args[args.index("--api-key-file") + 1] == "/etc/llama-server/api-key"
     assert args[args.index("--load-mode") + 1] == "mlock"

@@ -1,0 +1,160 @@
+"""End to end with Hugging Face fetching: a real host, a real local Hub-compatible server.
+
+The deploy resolves and fetches through huggingface_hub from ``HF_ENDPOINT``
+(tests/harness/hfserver.py serving the real Gemma 3 270M GGUF and a split copy
+of it), in both distribution modes. Checks go through ssh, HTTP and the hub
+server's own request log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import HUB_PORT, HUB_TOKEN, PYINFRA, REPO, TINY, run_deploy, run_testinfra
+from tests.harness.assets import MODEL_SHA256
+from tests.harness.inventory import default_data, write_inventory
+
+pytestmark = pytest.mark.e2e
+TINY_REPO = "llamactl-test/gemma-3-270m-GGUF"
+SPLIT_REPO = "llamactl-test/gemma-3-270m-gated"
+STATE_CMD = (
+    "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic llama-server; "
+    "ls -li /var/lib/llama-server/models; cat /etc/llama-server/deploy.json"
+)
+
+
+@pytest.fixture(scope="module")
+def host(testhosts):
+    return testhosts("lt2", 2)
+
+
+@pytest.fixture(scope="module")
+def controller_env(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("hf")
+    token = d / "token"
+    token.write_text(HUB_TOKEN + "\n")
+    token.chmod(0o600)
+    return {"HF_HUB_CACHE": str(d / "cache"), "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+            "TOKEN_FILE": str(token)}
+
+
+def inventory(host, tmp_path: Path, name: str, model: dict, **sections) -> Path:
+    data = copy.deepcopy(default_data())
+    data["llama_model"] = {"hf_endpoint": f"http://{host.gateway}:{HUB_PORT}", **model}
+    data.update(sections)
+    return write_inventory(tmp_path / f"{name}.py", [host], data)
+
+
+def state(host) -> str:
+    return host.ssh(STATE_CMD).stdout
+
+
+def hub_gets(hub, repo: str) -> int:
+    return sum(1 for path, _ in hub.gets if path.startswith(repo + "/"))
+
+
+def test_controller_mode_fetches_once_and_serves(host, hub, controller_env, tmp_path):
+    inv = inventory(host, tmp_path, "ctl", {"repo_id": TINY_REPO, "quant": "Q4_K_M", "alias": "tiny"})
+    result = run_deploy(inv, env=controller_env)
+    assert result.rc == 0, result.stderr[-4000:]
+    assert hub_gets(hub, TINY_REPO) == 1
+    manifest = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)
+    assert manifest["model_repo"] == TINY_REPO and manifest["model_commit"] == hub.repos[TINY_REPO].commit
+    assert manifest["model_files"] == {TINY: MODEL_SHA256}
+    proc = run_testinfra(host.address)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    # unchanged re-run: zero changes, zero bytes from the hub, zero bytes to the host
+    before = state(host)
+    again = run_deploy(inv, env=controller_env)
+    assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
+    assert hub_gets(hub, TINY_REPO) == 1
+    assert state(host) == before
+
+
+def test_wrong_hash_never_reaches_the_host(host, hub, controller_env, tmp_path):
+    before = state(host)
+    result = run_deploy(inventory(host, tmp_path, "bad", {"repo_id": "llamactl-test/corrupt", "filename": TINY}),
+                        env=controller_env)
+    assert result.rc != 0
+    assert f"sha256 mismatch for llamactl-test/corrupt/{TINY}: expected {MODEL_SHA256}, got " in result.stderr
+    assert state(host) == before
+    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+
+
+def test_host_disk_too_small_refused(host, hub, controller_env, tmp_path):
+    host.ssh("mkdir -p /srv/small && mount -t tmpfs -o size=100m tmpfs /srv/small")
+    try:
+        before = state(host)
+        inv = inventory(host, tmp_path, "disk", {"repo_id": TINY_REPO, "quant": "Q4_K_M"},
+                        llama_service={"data_dir": "/srv/small"})
+        result = run_deploy(inv, env=controller_env)
+        assert result.rc != 0
+        assert f"not enough disk on host {host.address}: /srv/small/models has 100 MiB free, needs " in result.stderr
+        assert state(host) == before
+        assert host.ssh("ls -A /srv/small").stdout == ""
+    finally:
+        host.ssh("umount /srv/small", check=False)
+
+
+def test_interrupted_transfer_completes_next_run(host, hub, controller_env, tmp_path):
+    """Kill the deploy mid-upload (link throttled): the old model keeps serving; the next run completes."""
+    inv = inventory(host, tmp_path, "other", {"repo_id": "llamactl-test/other-name", "filename": "gemma-other.gguf"})
+    before_pid = host.ssh("systemctl show -p MainPID llama-server").stdout
+    subprocess.run(["tc", "qdisc", "add", "dev", host.veth, "root", "tbf", "rate", "80mbit",
+                    "burst", "64kb", "latency", "400ms"], check=True)
+    try:
+        proc = subprocess.Popen([PYINFRA, "-y", str(inv), "deploy.py"], cwd=REPO, env={**__import__("os").environ, **controller_env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial = "/var/lib/llama-server/models/gemma-other.gguf.partial"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            out = host.ssh(f"stat -c %s {partial} 2>/dev/null || echo 0").stdout.strip()
+            if int(out or 0) > 20_000_000:
+                break
+            time.sleep(0.3)
+        proc.kill()
+        proc.wait()
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", host.veth, "root"], check=False)
+    assert int(out) > 20_000_000, "upload never started"
+    assert host.ssh("test -e /var/lib/llama-server/models/gemma-other.gguf", check=False).returncode == 1
+    assert host.ssh("systemctl show -p MainPID llama-server").stdout == before_pid
+    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+
+    result = run_deploy(inv, env=controller_env)
+    assert result.rc == 0, result.stderr[-3000:]
+    assert host.ssh("sha256sum /var/lib/llama-server/models/gemma-other.gguf").stdout.split()[0] == MODEL_SHA256
+    assert host.ssh("ls /var/lib/llama-server/models/").stdout.count(".partial") == 0
+
+
+def test_host_mode_gated_split_model_with_token(host, hub, controller_env, tmp_path):
+    """Each host downloads itself (isolated huggingface_hub), with the token in a 0600 file only."""
+    inv = inventory(host, tmp_path, "hostmode",
+                    {"repo_id": SPLIT_REPO, "quant": "Q4_K_M", "distribution": "host",
+                     "hf_token_file": controller_env["TOKEN_FILE"], "alias": "split"},
+                    llama_server={"ctx_size": 8192, "parallel": 4})
+    before = hub_gets(hub, SPLIT_REPO)
+    result = run_deploy(inv, "-vvv", env=controller_env)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    assert HUB_TOKEN not in result.stdout + result.stderr
+    assert hub_gets(hub, SPLIT_REPO) == before + 2  # both parts, fetched by the host
+    args = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)["args"]
+    assert args[args.index("--model") + 1].endswith("gemma-3-270m-q4_k_m-00001-of-00002.gguf")
+    assert host.ssh("stat -c '%a %U' /var/cache/llama.cpp/hf-token").stdout.split() == ["600", "root"]
+    assert HUB_TOKEN not in host.ssh("ps -eo args; journalctl --no-pager -o cat | tail -n 2000").stdout
+    r = httpx.get(f"http://{host.address}:8080/v1/models", timeout=10)
+    assert "split" in [m["id"] for m in r.json()["data"]]
+    proc = run_testinfra(host.address)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    again = run_deploy(inv, env=controller_env)
+    assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
+    assert hub_gets(hub, SPLIT_REPO) == before + 2
