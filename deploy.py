@@ -9,6 +9,7 @@ small stops everything before any host changes. Each step is a role in
 from pyinfra import host, inventory
 
 from llamadeploy.config import validate_inventory
+from roles import docker
 from roles import model as model_role
 from roles.build import native_build
 from roles.health import health_gate
@@ -25,14 +26,25 @@ art = model_role.prepare(cfg)
 # 3. Preflight: weights + KV cache must fit the memory limit (sizes context and slots).
 plan = memory_plan(cfg, art)
 
-# 4. The binary: build the pinned llama.cpp release (native mode).
-binary = native_build(cfg)
+if cfg.mode == "native":
+    # 4. The binary: build the pinned llama.cpp release.
+    runtime = [native_build(cfg)]
+else:
+    # 4. The engine and the image (pushed tarball for air-gapped hosts, or a pinned pull).
+    docker.engine(cfg)
+    runtime = docker.image(cfg)
 
 # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place.
 model = model_role.model_files(cfg, art)
 
-# 6. The service: user, key file, unit; restarted only when an input changed.
-started, restarted = service(cfg, plan, art, model_role.model_path(cfg, art), restart_on=[binary, *model])
+# 6. The service, restarted only when an input changed; the other mode's server is
+#    stopped first so the port is never held twice.
+if cfg.mode == "native":
+    docker.stop_compose(cfg)
+    started, restarted = service(cfg, plan, art, model_role.model_path(cfg, art), restart_on=[*runtime, *model])
+else:
+    docker.stop_native(cfg)
+    started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model])
 
 # 7. The gate: /health must answer 200 after any (re)start.
 health_gate(cfg, after=[started, restarted])

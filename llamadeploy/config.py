@@ -234,8 +234,10 @@ class LimitsConfig(Section):
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
     #: hard memory limit (MemoryMax), e.g. "8G"; None = unlimited
     memory: Size | None = None
-    #: memory the kernel should protect for the service (MemoryLow), e.g. "4G"
+    #: memory the kernel should protect for the service (MemoryLow / compose reservation), e.g. "4G"
     memory_reserved: Size | None = None
+    #: CPUs reserved (compose reservation; systemd has no equivalent, native mode ignores it)
+    cpus_reserved: Annotated[float, Field(gt=0, le=1024)] | None = None
     #: LimitMEMLOCK: "infinity" or a size; needed for load_mode "mlock"
     memlock: Size | Literal["infinity"] = "infinity"
     tasks: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
@@ -252,6 +254,25 @@ class ServiceConfig(Section):
     cache_dir: AbsPath = "/var/cache/llama.cpp"
 
 
+class DockerConfig(Section):
+    """Docker mode: the same server, flags and model, run by Docker Compose."""
+
+    #: where the engine comes from: Debian/Ubuntu packages (docker.io + docker-compose v1)
+    #: or Docker's own apt repository (docker-ce + the compose v2 plugin)
+    engine: Literal["distro", "docker-ce"] = "distro"
+    #: image reference, pinned by tag (upstream: server for CPU, server-cuda for NVIDIA)
+    image: Annotated[str, Field(pattern=r"^[a-z0-9][\w./:-]*$")] = "ghcr.io/ggml-org/llama.cpp:server-b11434"
+    #: optional digest ("sha256:..."): the image is pulled as image@digest
+    image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
+    #: controller path of a ``docker save`` tarball: pushed once, checksummed, loaded (air-gapped)
+    image_tarball: str | None = None
+    #: where the compose file lives on the host
+    project_dir: AbsPath = "/opt/llama-server-compose"
+    #: json-file log rotation
+    log_max_size: Size = "50M"
+    log_max_files: Annotated[int, Field(ge=1, le=100)] = 3
+
+
 class HealthConfig(Section):
     """The gate after a (re)start: /health must answer 200 within the timeout."""
 
@@ -261,8 +282,9 @@ class HealthConfig(Section):
 class HostConfig(Section):
     """Everything about one host. Build with :func:`config_for`."""
 
-    mode: Literal["native"] = "native"
+    mode: Literal["native", "docker"] = "native"
     build: BuildConfig = BuildConfig()
+    docker: DockerConfig = DockerConfig()
     model: ModelConfig = ModelConfig()
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -396,7 +418,11 @@ def validate_inventory(inventory: Any) -> dict[str, HostConfig]:
                     f"host {host.name}: {PREFIX}model.sha256 = {cfg.model.sha256!r}: "
                     f"the controller file {cfg.model.path} has sha256 {file_sha256(cfg.model.path)}"
                 )
-            if cfg.build.source == "tarball" and not Path(str(cfg.build.tarball)).is_file():
+            if cfg.mode == "docker" and cfg.docker.image_tarball and not Path(cfg.docker.image_tarball).is_file():
+                problems.append(
+                    f"host {host.name}: {PREFIX}docker.image_tarball = {cfg.docker.image_tarball!r}: no such file on the controller"
+                )
+            if cfg.mode == "native" and cfg.build.source == "tarball" and not Path(str(cfg.build.tarball)).is_file():
                 problems.append(
                     f"host {host.name}: {PREFIX}build.tarball = {cfg.build.tarball!r}: no such file on the controller"
                 )

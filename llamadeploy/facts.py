@@ -104,3 +104,28 @@ class DiskFree(FactBase[int | None]):
     def process(self, output: list[str]) -> int | None:
         fields = output[-1].split() if output else []
         return int(fields[3]) if len(fields) >= 4 and fields[3].isdigit() else None
+
+
+class ImageServerHelp(FactBase[frozenset[str]]):
+    """The long options ``llama-server`` in a local Docker image accepts (its ``--help``)."""
+
+    def command(self, image: str) -> str:
+        import shlex
+
+        return f"docker run --rm --network none {shlex.quote(image)} --help 2>&1 || true"
+
+    def process(self, output: list[str]) -> frozenset[str]:
+        return parse_help_flags(output)
+
+
+class DockerImageId(FactBase[str | None]):
+    """The local image ID of a reference, or None when the image is not on the host."""
+
+    def command(self, ref: str) -> str:
+        import shlex
+
+        return f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(ref)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        value = "".join(output).strip()
+        return value if value.startswith("sha256:") else None

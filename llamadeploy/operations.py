@@ -144,7 +144,7 @@ def wait_healthy(url: str, timeout: int, unit: str):
 
 
 @operation()
-def check_flags(binary: str, args: list[str]):
+def check_flags(binary: str, args: list[str], image: str | None = None):
     """
     Fail before the unit changes if ``args`` holds a flag the installed binary does not know.
 
@@ -158,7 +158,13 @@ def check_flags(binary: str, args: list[str]):
     from llamadeploy.facts import ServerHelp
     from llamadeploy.tuning import unknown_flags
 
-    accepted = host.get_fact(ServerHelp, binary=binary)
+    if image:
+        from llamadeploy.facts import ImageServerHelp
+
+        accepted = host.get_fact(ImageServerHelp, image=image)
+        binary = f"llama-server in {image}"
+    else:
+        accepted = host.get_fact(ServerHelp, binary=binary)
     if not accepted:
         raise OperationError(f"{binary} is missing or printed no --help")
     bad = unknown_flags(args, accepted)
@@ -204,3 +210,83 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
         f"if [ \"$actual\" = {q(sha256)} ]; then mv -f {q(got)} {q(tmp)} && chmod 0644 {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
         f"else rm -f {q(got)}; echo \"sha256 mismatch for {repo_id}/{repo_path}: expected {sha256}, got $actual\" >&2; exit 1; fi"
     )
+
+
+@operation()
+def image_loaded(ref: str, tarball: str, sha256: str):
+    """
+    ``docker load`` a pushed image tarball unless ``ref`` is already there from this tarball.
+
+    + ref: the image reference the tarball holds (``repo:tag``)
+    + tarball: host path of the verified tarball
+    + sha256: its hash, recorded as a label file next to it so a changed tarball reloads
+    """
+    from llamadeploy.facts import DockerImageId
+
+    q = shlex.quote
+    marker = f"{tarball}.loaded"
+    if host.get_fact(DockerImageId, ref=ref) and host.get_fact(File, path=marker):
+        if host.get_fact(Sha256File, path=tarball) == sha256 and _read(marker) == sha256:
+            host.noop(f"{ref} is loaded from {tarball}")
+            return
+    yield f"docker load -q -i {q(tarball)} && echo {q(sha256)} > {q(marker)}"
+
+
+def _read(path: str) -> str:
+    from pyinfra.facts.server import Command
+
+    return (host.get_fact(Command, command=f"cat {shlex.quote(path)} 2>/dev/null || true") or "").strip()
+
+
+@operation()
+def image_pulled(ref: str):
+    """
+    ``docker pull`` an image reference (tag or tag@digest) unless it is already on the host.
+
+    + ref: what to pull; pin it with a digest so "already there" means "the same image"
+    """
+    from llamadeploy.facts import DockerImageId
+
+    if host.get_fact(DockerImageId, ref=ref):
+        host.noop(f"{ref} is present")
+        return
+    yield f"docker pull -q {shlex.quote(ref)}"
+
+
+@operation()
+def compose_down(project_dir: str, compose: str):
+    """
+    Stop and remove the compose project (switching to native mode); nothing if there is none.
+
+    + project_dir: where the compose file lives
+    + compose: the compose command (``docker-compose`` or ``docker compose``)
+    """
+    path = f"{project_dir}/docker-compose.yml"
+    if not host.get_fact(File, path=path):
+        host.noop(f"no compose project in {project_dir}")
+        return
+    q = shlex.quote
+    yield f"cd {q(project_dir)} && {compose} down --remove-orphans && rm -f docker-compose.yml"
+
+
+@operation()
+def compose_running(project_dir: str, compose: str):
+    """
+    Start the compose project if its container is not running (after a manual stop, a reboot
+    without restart policy, ...); nothing when it runs.
+
+    + project_dir: where the compose file lives
+    + compose: the compose command
+    """
+    from pyinfra.facts.server import Command
+
+    q = shlex.quote
+    state = host.get_fact(
+        Command,
+        command=f"cd {q(project_dir)} && docker inspect --format '{{{{.State.Running}}}}' "
+        f"$({compose} ps -q) 2>/dev/null || true",
+    )
+    if (state or "").strip() == "true":
+        host.noop("the container is running")
+        return
+    yield f"cd {q(project_dir)} && {compose} up -d --remove-orphans"

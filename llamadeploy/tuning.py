@@ -41,16 +41,20 @@ def threads_batch(cfg: HostConfig, cpu: CpuInfo) -> int:
     return max(1, n)
 
 
-def server_args(cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan", model_path: str, alias: str) -> list[str]:
+def server_args(
+    cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan", model_path: str, alias: str,
+    bind: tuple[str, int] | None = None, key_path: str | None = None,
+) -> list[str]:
     """The full argument vector of llama-server (without the binary).
 
     ``plan`` carries context size and slots (see :func:`plan_memory`). The API key
     never appears here: it is passed as a path to a 0600 file.
     """
     s = cfg.server
+    host, port = bind or (s.host, s.port)
     args = [
-        "--host", s.host,
-        "--port", str(s.port),
+        "--host", host,
+        "--port", str(port),
         "--model", model_path,
         "--alias", alias,
         "--threads", str(threads(cfg, cpu)),
@@ -68,7 +72,7 @@ def server_args(cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan", model_path: s
     if s.metrics:
         args.append("--metrics")
     if s.api_key is not None:
-        args += ["--api-key-file", cfg.api_key_path]
+        args += ["--api-key-file", key_path or cfg.api_key_path]
     return args + list(s.extra_args)
 
 
@@ -215,3 +219,19 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
 
 def _mib(n: int) -> str:
     return f"{n / MIB:.0f} MiB"
+
+
+def compose_resources(cfg: HostConfig) -> dict[str, dict[str, str]]:
+    """``deploy.resources`` for the compose file, from the same ``llama_limits`` as the unit."""
+    lim = cfg.limits
+    limits: dict[str, str] = {}
+    reservations: dict[str, str] = {}
+    if lim.cpus:
+        limits["cpus"] = f"{lim.cpus:g}"
+    if lim.memory:
+        limits["memory"] = lim.memory
+    if lim.cpus_reserved:
+        reservations["cpus"] = f"{lim.cpus_reserved:g}"
+    if lim.memory_reserved:
+        reservations["memory"] = lim.memory_reserved
+    return {k: v for k, v in (("limits", limits), ("reservations", reservations)) if v}

@@ -16,6 +16,14 @@ CHAT = {"messages": [{"role": "user", "content": "Name one colour."}], "max_toke
 
 
 def test_service_active_and_enabled(host, manifest):
+    if manifest["mode"] == "docker":
+        with host.sudo():
+            status = host.check_output(
+                "docker ps --filter label=com.docker.compose.service=llama-server --format '{{.Status}}'"
+            )
+        assert status.startswith("Up"), status
+        assert host.service("docker").is_enabled
+        return
     svc = host.service(manifest["unit"])
     assert svc.is_running
     assert svc.is_enabled
@@ -101,9 +109,16 @@ def test_api_key_never_exposed(host, manifest, api_key):
     if api_key is None:
         return
     key_file = host.file(manifest["api_key_file"])
-    assert key_file.mode == 0o600
+    assert key_file.mode & 0o077 == 0, oct(key_file.mode)
     assert key_file.user != "root"
     with host.sudo():
         assert api_key not in host.check_output("ps -eo args")
-        assert api_key not in host.file(f"/etc/systemd/system/{manifest['unit']}.service").content_string
-        assert api_key not in host.check_output(f"journalctl -u {manifest['unit']} --no-pager -o cat")
+        if manifest["mode"] == "docker":
+            project = manifest["compose_project"]
+            assert api_key not in host.file(f"{project}/docker-compose.yml").content_string
+            assert api_key not in host.check_output(
+                "docker logs $(docker ps -q --filter label=com.docker.compose.service=llama-server) 2>&1"
+            )
+        else:
+            assert api_key not in host.file(f"/etc/systemd/system/{manifest['unit']}.service").content_string
+            assert api_key not in host.check_output(f"journalctl -u {manifest['unit']} --no-pager -o cat")
