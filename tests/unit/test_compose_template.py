@@ -1,0 +1,68 @@
+"""The compose file renders to valid Compose (checked against the compose specification schema).
+
+``data/compose_spec-docker-compose-1.29.2.json`` is the schema docker-compose 1.29.2
+(Debian bookworm's) validates with, copied from its PyPI wheel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+import jsonschema
+import yaml
+
+from llamadeploy.config import HostConfig
+from llamadeploy.tuning import compose_resources
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads((Path(__file__).parent / "data/compose_spec-docker-compose-1.29.2.json").read_text())
+
+
+def render(cfg: HostConfig, **over) -> dict:
+    vars = dict(
+        image="ghcr.io/ggml-org/llama.cpp:server-b11434", args=["--host", "0.0.0.0", "--port", "8080", "--alias", "a b"],
+        bind_host=cfg.server.host, port=cfg.server.port, model_dir="/var/lib/llama-server/models",
+        api_key_file="/etc/llama-server/docker-api-key", resources=compose_resources(cfg), gpu=False,
+        log_max_size=cfg.docker.log_max_size, log_max_files=cfg.docker.log_max_files,
+        model_file="m.gguf", model_sha256="a" * 64,
+    )
+    vars.update(over)
+    text = jinja2.Template((ROOT / "templates/docker-compose.yml.j2").read_text(), undefined=jinja2.StrictUndefined).render(**vars)
+    return yaml.safe_load(text)
+
+
+def cfg(**sections) -> HostConfig:
+    return HostConfig.model_validate({"model": {"path": "/m.gguf"}, **sections})
+
+
+def test_user_example_limits_and_schema():
+    doc = render(cfg(limits={"cpus": 4.0, "memory": "8G", "cpus_reserved": 2.0, "memory_reserved": "4G"}))
+    jsonschema.validate(doc, SCHEMA)
+    svc = doc["services"]["llama-server"]
+    assert svc["deploy"]["resources"] == {"limits": {"cpus": "4", "memory": "8G"},
+                                          "reservations": {"cpus": "2", "memory": "4G"}}
+    assert svc["command"][-1] == "a b"
+    assert svc["ports"] == ["0.0.0.0:8080:8080"]
+    assert svc["volumes"] == ["/var/lib/llama-server/models:/models:ro"]
+    assert svc["secrets"] == ["api_key"] and doc["secrets"]["api_key"]["file"] == "/etc/llama-server/docker-api-key"
+    assert svc["healthcheck"]["test"][:3] == ["CMD", "curl", "-fsS"]
+    assert svc["logging"]["options"] == {"max-size": "50m", "max-file": "3"}
+    assert svc["user"] == "65534:65534" and svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
+
+
+def test_no_key_no_limits_still_valid():
+    doc = render(cfg(), api_key_file=None)
+    jsonschema.validate(doc, SCHEMA)
+    assert "secrets" not in doc and "deploy" not in doc["services"]["llama-server"]
+
+
+def test_schema_rejects_what_compose_would():
+    doc = render(cfg(limits={"cpus": 4.0}))
+    doc["services"]["llama-server"]["deploy"]["resources"]["limits"]["gpus"] = 1
+    try:
+        jsonschema.validate(doc, SCHEMA)
+    except jsonschema.ValidationError:
+        return
+    raise AssertionError("schema accepted an unknown key")
