@@ -260,8 +260,9 @@ class DockerConfig(Section):
     #: where the engine comes from: Debian/Ubuntu packages (docker.io + docker-compose v1)
     #: or Docker's own apt repository (docker-ce + the compose v2 plugin)
     engine: Literal["distro", "docker-ce"] = "distro"
-    #: image reference, pinned by tag (upstream: server for CPU, server-cuda for NVIDIA)
-    image: Annotated[str, Field(pattern=r"^[a-z0-9][\w./:-]*$")] = "ghcr.io/ggml-org/llama.cpp:server-b11434"
+    #: image reference pinned by tag; default upstream's ``server-<version>`` (CPU) or
+    #: ``server-cuda-<version>`` when ``gpu_layers > 0``, for ``llama_build.version``
+    image: Annotated[str, Field(pattern=r"^[a-z0-9][\w./:-]*$")] | None = None
     #: optional digest ("sha256:..."): the image is pulled as image@digest
     image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
     #: controller path of a ``docker save`` tarball: pushed once, checksummed, loaded (air-gapped)
@@ -290,6 +291,13 @@ class HostConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
     health: HealthConfig = HealthConfig()
+
+    @property
+    def docker_image(self) -> str:
+        if self.docker.image:
+            return self.docker.image
+        variant = "server-cuda" if self.server.gpu_layers > 0 else "server"
+        return f"ghcr.io/ggml-org/llama.cpp:{variant}-{self.build.version}"
 
     @property
     def model_dir(self) -> str:

@@ -111,8 +111,10 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644"):
         raise OperationError(f"verified_file needs a sha256, got {sha256!r}")
     q = shlex.quote
     tmp = f"{dest}.partial"
+    from llamadeploy.artifacts import ProgressReader
+
     yield f"rm -f {q(tmp)}"
-    yield FileUploadCommand(src, tmp)
+    yield FileUploadCommand(ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}"), tmp)
     yield (
         f"actual=$(sha256sum {q(tmp)} | cut -d' ' -f1); "
         f"if [ \"$actual\" = {q(sha256)} ]; then chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "

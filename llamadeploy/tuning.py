@@ -221,11 +221,14 @@ def _mib(n: int) -> str:
     return f"{n / MIB:.0f} MiB"
 
 
-def compose_resources(cfg: HostConfig) -> dict[str, dict[str, str]]:
-    """``deploy.resources`` for the compose file, from the same ``llama_limits`` as the unit."""
+def compose_resources(cfg: HostConfig) -> dict[str, dict]:
+    """``deploy.resources`` for the compose file, from the same ``llama_limits`` as the unit.
+
+    GPU layers reserve the host's NVIDIA GPUs (needs the NVIDIA container toolkit).
+    """
     lim = cfg.limits
     limits: dict[str, str] = {}
-    reservations: dict[str, str] = {}
+    reservations: dict[str, object] = {}
     if lim.cpus:
         limits["cpus"] = f"{lim.cpus:g}"
     if lim.memory:
@@ -234,4 +237,6 @@ def compose_resources(cfg: HostConfig) -> dict[str, dict[str, str]]:
         reservations["cpus"] = f"{lim.cpus_reserved:g}"
     if lim.memory_reserved:
         reservations["memory"] = lim.memory_reserved
+    if cfg.server.gpu_layers > 0:
+        reservations["devices"] = [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     return {k: v for k, v in (("limits", limits), ("reservations", reservations)) if v}

@@ -33,7 +33,7 @@ def compose_command(cfg: HostConfig) -> str:
 
 def image_ref(cfg: HostConfig) -> str:
     d = cfg.docker
-    return f"{d.image}@{d.image_digest}" if d.image_digest and not d.image_tarball else d.image
+    return f"{cfg.docker_image}@{d.image_digest}" if d.image_digest and not d.image_tarball else cfg.docker_image
 
 
 @deploy("Docker engine")
@@ -73,7 +73,7 @@ def image(cfg: HostConfig) -> list[OperationMeta]:
 
         pushed = verified_file(name=f"Image tarball {Path(d.image_tarball).name}", src=d.image_tarball,
                                dest=dest, sha256=sha, mode="0600")
-        loaded = image_loaded(name=f"docker load {d.image}", ref=d.image, tarball=dest, sha256=sha)
+        loaded = image_loaded(name=f"docker load {cfg.docker_image}", ref=cfg.docker_image, tarball=dest, sha256=sha)
         return [pushed, loaded]
     return [image_pulled(name=f"docker pull {image_ref(cfg)}", ref=image_ref(cfg))]
 

@@ -18,6 +18,7 @@ from llamadeploy.tuning import compose_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((Path(__file__).parent / "data/compose_spec-docker-compose-1.29.2.json").read_text())
+VALIDATOR = jsonschema.Draft201909Validator(SCHEMA)
 
 
 def render(cfg: HostConfig, **over) -> dict:
@@ -39,7 +40,7 @@ def cfg(**sections) -> HostConfig:
 
 def test_user_example_limits_and_schema():
     doc = render(cfg(limits={"cpus": 4.0, "memory": "8G", "cpus_reserved": 2.0, "memory_reserved": "4G"}))
-    jsonschema.validate(doc, SCHEMA)
+    VALIDATOR.validate(doc)
     svc = doc["services"]["llama-server"]
     assert svc["deploy"]["resources"] == {"limits": {"cpus": "4", "memory": "8G"},
                                           "reservations": {"cpus": "2", "memory": "4G"}}
@@ -54,7 +55,7 @@ def test_user_example_limits_and_schema():
 
 def test_no_key_no_limits_still_valid():
     doc = render(cfg(), api_key_file=None)
-    jsonschema.validate(doc, SCHEMA)
+    VALIDATOR.validate(doc)
     assert "secrets" not in doc and "deploy" not in doc["services"]["llama-server"]
 
 
@@ -62,7 +63,17 @@ def test_schema_rejects_what_compose_would():
     doc = render(cfg(limits={"cpus": 4.0}))
     doc["services"]["llama-server"]["deploy"]["resources"]["limits"]["gpus"] = 1
     try:
-        jsonschema.validate(doc, SCHEMA)
+        VALIDATOR.validate(doc)
     except jsonschema.ValidationError:
         return
     raise AssertionError("schema accepted an unknown key")
+
+
+def test_gpu_reserves_nvidia_devices_and_cuda_image():
+    c = cfg(server={"gpu_layers": 99})
+    doc = render(c)
+    VALIDATOR.validate(doc)
+    devices = doc["services"]["llama-server"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert c.docker_image == "ghcr.io/ggml-org/llama.cpp:server-cuda-b11434"
+    assert cfg().docker_image == "ghcr.io/ggml-org/llama.cpp:server-b11434"
