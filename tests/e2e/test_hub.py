@@ -26,7 +26,7 @@ TINY_REPO = "llamactl-test/gemma-3-270m-GGUF"
 SPLIT_REPO = "llamactl-test/gemma-3-270m-gated"
 STATE_CMD = (
     "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic llama-server; "
-    "ls -li /var/lib/llama-server/models; cat /etc/llama-server/deploy.json"
+    "stat -c '%n %i %Y %s' /var/lib/llama-server/models/*; cat /etc/llama-server/deploy.json"
 )
 
 
