@@ -202,6 +202,8 @@ class ServerConfig(Section):
     cont_batching: bool = True
     #: ``--load-mode`` (replaced --mlock/--no-mmap): auto = mmap unless a device can't
     load_mode: Literal["auto", "none", "mmap", "mlock", "mmap+mlock"] = "auto"
+    #: NUMA policy: auto = "distribute" on hosts with several NUMA nodes, nothing otherwise
+    numa: Literal["auto", "off", "distribute", "isolate", "numactl"] = "auto"
     metrics: bool = True
     #: bearer key for /v1/*; stored 0600 on the host, never on a command line
     api_key: SecretStr | None = None

@@ -129,3 +129,34 @@ class DockerImageId(FactBase[str | None]):
     def process(self, output: list[str]) -> str | None:
         value = "".join(output).strip()
         return value if value.startswith("sha256:") else None
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    total: int  #: MemTotal, bytes
+    available: int  #: MemAvailable, bytes
+    cgroup_limit: int | None  #: memory.max of the host's own cgroup (a container's limit), bytes
+
+    @property
+    def usable(self) -> int:
+        """What a service here can ever get: the RAM, capped by a cgroup limit around the host."""
+        return min(self.total, self.cgroup_limit) if self.cgroup_limit else self.total
+
+
+class HostMemory(FactBase[MemInfo]):
+    """Total and available memory, and the cgroup v2 limit the whole host (container) runs under."""
+
+    def command(self) -> str:
+        return "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo; echo cgroup $(cat /sys/fs/cgroup/memory.max 2>/dev/null)"
+
+    def process(self, output: list[str]) -> MemInfo:
+        values: dict[str, int] = {}
+        limit = None
+        for line in output:
+            parts = line.replace(":", " ").split()
+            if len(parts) >= 2 and parts[0] in ("MemTotal", "MemAvailable"):
+                values[parts[0]] = int(parts[1]) * 1024
+            elif parts and parts[0] == "cgroup" and len(parts) > 1 and parts[1].isdigit():
+                limit = int(parts[1])
+        total = values.get("MemTotal", 0)
+        return MemInfo(total=total, available=values.get("MemAvailable", total), cgroup_limit=limit)

@@ -69,11 +69,23 @@ def server_args(
         args.append("--no-cont-batching")
     if s.load_mode != "auto":
         args += ["--load-mode", s.load_mode]
+    policy = numa_policy(cfg, cpu)
+    if policy:
+        args += ["--numa", policy]
     if s.metrics:
         args.append("--metrics")
     if s.api_key is not None:
         args += ["--api-key-file", key_path or cfg.api_key_path]
     return args + list(s.extra_args)
+
+
+def numa_policy(cfg: HostConfig, cpu: CpuInfo) -> str | None:
+    """Spread threads and memory over all nodes on multi-socket/NUMA hosts (llama.cpp's advice);
+    single-node hosts get no flag."""
+    mode = cfg.server.numa
+    if mode == "auto":
+        return "distribute" if cpu.numa_nodes > 1 else None
+    return None if mode == "off" else mode
 
 
 def unknown_flags(args: list[str], accepted: frozenset[str]) -> list[str]:

@@ -10,13 +10,12 @@ from functools import lru_cache
 
 from pyinfra import host
 from pyinfra.api import DeployError
-from pyinfra.facts.hardware import Memory
 
 import dataclasses
 
 from llamadeploy.catalog import CATALOG
 from llamadeploy.config import HostConfig
-from llamadeploy.facts import CpuTopology
+from llamadeploy.facts import CpuTopology, HostMemory
 from llamadeploy.gguf_meta import ModelMeta, read_meta
 from llamadeploy.models import ModelArtifact
 from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
@@ -50,7 +49,7 @@ def meta_for(cfg: HostConfig, art: ModelArtifact) -> ModelMeta:
 
 def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
     """Context size and slots for this host, or a DeployError with the numbers."""
-    host_bytes = int(host.get_fact(Memory)) * (1 << 20)  # the fact is in MiB
+    host_bytes = host.get_fact(HostMemory).usable
     try:
         return plan_memory(cfg, meta_for(cfg, art), host_bytes, host.get_fact(CpuTopology))
     except PreflightError as exc:

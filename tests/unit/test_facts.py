@@ -48,7 +48,8 @@ def test_help_flags_of_b11434():
 def test_every_rendered_flag_exists_in_b11434():
     flags = parse_help_flags((DATA / "llama-server-b11434-help.txt").read_text().splitlines())
     c = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {
-        "api_key": "x" * 16, "load_mode": "mlock", "cont_batching": False, "kv_unified": False}})
+        "api_key": "x" * 16, "load_mode": "mlock", "cont_batching": False, "kv_unified": False,
+        "numa": "distribute"}})
     from llamadeploy.facts import CpuInfo
 
     from llamadeploy.tuning import MemoryPlan
@@ -64,3 +65,14 @@ def test_disk_free_from_df():
            "/dev/vda      270475862016 23622320128 233019981824      10% /"]
     assert DiskFree().process(out) == 233_019_981_824
     assert DiskFree().process([]) is None
+
+
+def test_host_memory_with_and_without_cgroup_limit():
+    from llamadeploy.facts import HostMemory
+
+    out = ["MemTotal:       24683964 kB", "MemAvailable:   21794052 kB", "cgroup 8589934592"]
+    mem = HostMemory().process(out)
+    assert (mem.total, mem.available, mem.cgroup_limit) == (24683964 * 1024, 21794052 * 1024, 8 << 30)
+    assert mem.usable == 8 << 30
+    unlimited = HostMemory().process(out[:2] + ["cgroup max"])
+    assert unlimited.cgroup_limit is None and unlimited.usable == 24683964 * 1024

@@ -71,3 +71,15 @@ def test_unit_limits_user_example():
         "MemoryMax": "8G", "MemorySwapMax": "0", "MemoryLow": "4G",
     }
     assert unit_limits(cfg()) == {"TasksMax": "4096", "LimitMEMLOCK": "infinity"}
+
+
+def test_numa_policy():
+    from llamadeploy.tuning import numa_policy
+
+    two_nodes = CpuInfo(logical=64, physical=32, sockets=2, numa_nodes=2)
+    assert numa_policy(cfg(), two_nodes) == "distribute"
+    assert numa_policy(cfg(), SMALL) is None
+    assert numa_policy(cfg(server={"numa": "off"}), two_nodes) is None
+    assert numa_policy(cfg(server={"numa": "isolate"}), SMALL) == "isolate"
+    args = server_args(cfg(), two_nodes, PLAN, "/m.gguf", "g")
+    assert args[args.index("--numa") + 1] == "distribute"
