@@ -8,6 +8,11 @@ Errors are counted, never retried: a server that drops a kept-alive connection
 (``RemoteProtocolError``) shows up here.
 
     python -m llamadeploy.bench --url http://HOST:8080 --clients 1,4,8 [--json]
+    python -m llamadeploy.bench --inventory inventory/site.py     # every deployed host
+
+With ``--inventory``, each host's URL and key come from its deploy manifest over
+SSH (pyinfra), and a memory-bandwidth probe on the host gives the decode
+roofline ratio: tok/s at 1 client x model bytes / read bandwidth.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class Report:
     model: str
     max_tokens: int
     levels: list[LevelResult] = field(default_factory=list)
+    host: str | None = None
+    read_bandwidth: int | None = None
+    roofline_1_client: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -142,36 +150,16 @@ def bench(url: str, levels: list[int], per_client: int, max_tokens: int, api_key
 
 
 def format_report(report: Report) -> str:
-    lines = [f"{report.url}  model={report.model}  max_tokens={report.max_tokens}",
+    head = f"{report.url}  model={report.model}  max_tokens={report.max_tokens}"
+    if report.read_bandwidth:
+        head += f"  read bandwidth {report.read_bandwidth / 1e9:.1f} GB/s  roofline(1 client) {report.roofline_1_client:.2f}"
+    lines = [head,
              f"{'clients':>7} {'reqs':>5} {'ok':>4} {'tok/s':>8} {'ttft p50':>9} {'ttft p95':>9}  errors"]
     for lv in report.levels:
         f = lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9}"  # noqa: E731
         errs = ", ".join(f"{k}: {v}" for k, v in lv.errors.items()) or "0"
         lines.append(f"{lv.clients:>7} {lv.requests:>5} {lv.ok:>4} {lv.tok_per_s:>8.1f} {f(lv.ttft_p50)} {f(lv.ttft_p95)}  {errs}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llamadeploy.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", action="append", required=True, help="base URL; repeat for several hosts")
-    p.add_argument("--clients", default="1,4,8", help="comma-separated concurrency levels")
-    p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--api-key-file", help="file holding the bearer key")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    a = p.parse_args(argv)
-    key = open(a.api_key_file).read().strip() if a.api_key_file else None
-    levels = [int(x) for x in a.clients.split(",")]
-    reports = [bench(u.rstrip("/"), levels, a.requests_per_client, a.max_tokens, key) for u in a.url]
-    if a.json:
-        print(json.dumps([asdict(r) for r in reports], indent=2))
-    else:
-        print("\n\n".join(format_report(r) for r in reports))
-    return 0 if all(lv.ok for r in reports for lv in r.levels) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 #: Single-threaded read-bandwidth probe run on the host (only python3 needed):
@@ -187,3 +175,40 @@ BANDWIDTH_PROBE = (
 def roofline_ratio(tok_per_s: float, model_bytes: int, read_bytes_per_s: float) -> float:
     """Share of the memory-bandwidth bound reached at decode: each token reads all weights once."""
     return tok_per_s * model_bytes / read_bytes_per_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llamadeploy.bench", description=__doc__.split("\n\n")[0])
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", action="append", help="base URL; repeat for several hosts")
+    target.add_argument("--inventory", help="pyinfra inventory file: bench every deployed host of it")
+    p.add_argument("--clients", default="1,4,8", help="comma-separated concurrency levels")
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--api-key-file", help="file holding the bearer key")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    key = open(a.api_key_file).read().strip() if a.api_key_file else None
+    levels = [int(x) for x in a.clients.split(",")]
+    if a.inventory:
+        from llamadeploy.fleet import inventory_targets
+
+        reports = []
+        for t in inventory_targets(a.inventory, BANDWIDTH_PROBE):
+            r = bench(t.url, levels, a.requests_per_client, a.max_tokens, t.api_key)
+            r.host, r.read_bandwidth = t.host, t.read_bandwidth
+            if t.read_bandwidth and r.levels and r.levels[0].clients == 1:
+                r.roofline_1_client = round(roofline_ratio(r.levels[0].tok_per_s, t.model_bytes, t.read_bandwidth), 3)
+            reports.append(r)
+    else:
+        reports = [bench(u.rstrip("/"), levels, a.requests_per_client, a.max_tokens, key) for u in a.url]
+    if a.json:
+        print(json.dumps([asdict(r) for r in reports], indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0 if all(lv.ok for r in reports for lv in r.levels) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

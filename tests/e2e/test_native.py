@@ -69,7 +69,7 @@ def test_testinfra_suite_passes(host):
     assert " passed" in proc.stdout
 
 
-def test_tuned_flags_and_bench(host):
+def test_tuned_flags_and_bench(host, inventory):
     """The unit runs with the memory plan's slots/context; the bench drives it over real HTTP."""
     import subprocess
     import sys
@@ -81,12 +81,15 @@ def test_tuned_flags_and_bench(host):
     assert args[args.index("--ctx-size") + 1] == str(plan["ctx_size"])
     assert "--kv-unified" in args
     proc = subprocess.run(
-        [sys.executable, "-m", "llamadeploy.bench", "--url", f"http://{host.address}:8080",
+        [sys.executable, "-m", "llamadeploy.bench", "--inventory", str(inventory),
          "--clients", "1,2", "--requests-per-client", "2", "--max-tokens", "8", "--json"],
         capture_output=True, text=True, timeout=300,
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)[0]
     assert report["model"] == "gemma-3-270m"
+    assert report["url"] == f"http://{host.address}:8080" and report["host"] == host.address
+    assert report["read_bandwidth"] > 1e8 and report["roofline_1_client"] > 0
     for level in report["levels"]:
         assert level["requests"] == 2 * level["clients"]
         # errors (e.g. a dropped kept-alive connection) are counted, not hidden
