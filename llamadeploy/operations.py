@@ -115,10 +115,22 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644"):
 
     yield f"rm -f {q(tmp)}"
     yield FileUploadCommand(ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}"), tmp)
-    yield (
-        f"actual=$(sha256sum {q(tmp)} | cut -d' ' -f1); "
-        f"if [ \"$actual\" = {q(sha256)} ]; then chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
-        f"else rm -f {q(tmp)}; echo \"sha256 mismatch for {dest}: expected {sha256}, got $actual\" >&2; exit 1; fi"
+    yield install_if_hash_matches(tmp, dest, sha256, mode, what=dest)
+
+
+def install_if_hash_matches(staged: str, dest: str, sha256: str, mode: str, what: str) -> str:
+    """Shell: rename ``staged`` onto ``dest`` (via ``dest.partial``) only when its sha256 matches.
+
+    Otherwise the staged bytes are deleted and the command fails naming ``what``
+    and both hashes; ``dest`` (what the service reads) is never touched.
+    """
+    q = shlex.quote
+    tmp = f"{dest}.partial"
+    stage = "" if staged == tmp else f"mv -f {q(staged)} {q(tmp)} && "
+    return (
+        f"actual=$(sha256sum {q(staged)} | cut -d' ' -f1); "
+        f"if [ \"$actual\" = {q(sha256)} ]; then {stage}chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
+        f"else rm -f {q(staged)}; echo \"sha256 mismatch for {what}: expected {sha256}, got $actual\" >&2; exit 1; fi"
     )
 
 
@@ -203,15 +215,9 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
         "import sys; from huggingface_hub import hf_hub_download as d; "
         "print(d(sys.argv[1], sys.argv[2], revision=sys.argv[3], local_dir=sys.argv[4]))"
     )
-    got = f"{work_dir}/{repo_path}"
-    tmp = f"{dest}.partial"
     yield f"mkdir -p {q(work_dir)} && find {q(work_dir)} -name '*.incomplete' -delete"
     yield f"env {env} {q(python)} -c {q(script)} {q(repo_id)} {q(repo_path)} {q(commit)} {q(work_dir)} >/dev/null"
-    yield (
-        f"actual=$(sha256sum {q(got)} | cut -d' ' -f1); "
-        f"if [ \"$actual\" = {q(sha256)} ]; then mv -f {q(got)} {q(tmp)} && chmod 0644 {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
-        f"else rm -f {q(got)}; echo \"sha256 mismatch for {repo_id}/{repo_path}: expected {sha256}, got $actual\" >&2; exit 1; fi"
-    )
+    yield install_if_hash_matches(f"{work_dir}/{repo_path}", dest, sha256, "0644", what=f"{repo_id}/{repo_path}")
 
 
 @operation()

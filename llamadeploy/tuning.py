@@ -23,21 +23,18 @@ def threads(cfg: HostConfig, cpu: CpuInfo) -> int:
     A CPU limit (``limits.cpus``) caps it: more threads than granted CPU time
     makes threads wait on each other at every barrier.
     """
-    if cfg.server.threads:
-        return cfg.server.threads
-    n = cpu.physical
-    if cfg.limits.cpus:
-        n = min(n, max(1, int(cfg.limits.cpus)))
-    return max(1, n)
+    return cfg.server.threads or _capped(cpu.physical, cfg)
 
 
 def threads_batch(cfg: HostConfig, cpu: CpuInfo) -> int:
     """Prompt-processing threads: all logical CPUs (compute bound, SMT helps a little)."""
-    if cfg.server.threads_batch:
-        return cfg.server.threads_batch
-    n = cpu.logical
+    return cfg.server.threads_batch or _capped(cpu.logical, cfg)
+
+
+def _capped(n: int, cfg: HostConfig) -> int:
+    """At most the CPUs the limit grants (at least one)."""
     if cfg.limits.cpus:
-        n = min(n, max(1, int(cfg.limits.cpus)))
+        n = min(n, int(cfg.limits.cpus))
     return max(1, n)
 
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.harness.assets import sha256
+
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -54,7 +56,7 @@ class HubServer:
         for repo_id, repo in repos.items():
             repo.commit = repo.commit or hashlib.sha1(repo_id.encode()).hexdigest()
             for name, path in repo.files.items():
-                repo.sha256[name] = _sha256(path)
+                repo.sha256[name] = sha256(path)
         app = Starlette(routes=[
             Route("/api/models/{repo:path}/revision/{rev}", self.info),
             Route("/api/models/{repo:path}", self.info),
@@ -151,9 +153,3 @@ class HubServer:
         return FileResponse(path, headers=headers)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -20,17 +20,13 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from tests.harness.assets import sha256
+
 from tests.harness.testhost import CACHE, ROOTFS
 
 IMAGE_REF = "llamactl/llama-server:b11434-test"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_image_tarball(host_root: Path, out: Path | None = None) -> Path:
@@ -51,7 +47,7 @@ def build_image_tarball(host_root: Path, out: Path | None = None) -> Path:
 
     layer = work / "layer.tar"
     subprocess.run(["tar", "-C", str(tree), "-cf", str(layer), "."], check=True)
-    diff_id = _sha256(layer)
+    diff_id = sha256(layer)
     config = json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Entrypoint": ["/app/llama-server"], "WorkingDir": "/app",
