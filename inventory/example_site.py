@@ -8,10 +8,8 @@ Section dicts (``llama_server``, ``llama_limits``, ...) are deep-merged:
 all → group → host, most specific wins per key.
 """
 
-_model = {
-    "path": "models/gemma-2-2b-it-Q4_K_M.gguf",  # a file on this controller
-    "alias": "gemma-2-2b-it",
-}
+# from the catalog (Hugging Face, downloaded once by the controller, pushed to every host)
+_model = {"catalog": "gemma-2-2b-it", "alias": "gemma-2-2b-it"}
 
 # Small CPU nodes: the user's example limits (4 CPUs / 8 GB, 2 CPUs / 4 GB reserved)
 cpu_nodes = (
@@ -29,7 +27,7 @@ cpu_nodes = (
 big_nodes = (
     ["llm-10.example.internal"],
     {
-        "llama_model": _model,
-        "llama_server": {"parallel": 8, "ctx_size": 32768, "load_mode": "mlock"},
+        "llama_model": {"catalog": "qwen2.5-3b", "alias": "qwen2.5-3b"},
+        "llama_server": {"parallel": 16, "ctx_size": 131072, "load_mode": "mlock"},
     },
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llamadeploy.config import ConfigError, HostConfig, parse_config, raw_settings, validate_inventory
@@ -148,3 +150,32 @@ def test_readme_documents_every_setting():
         model = field.annotation
         for name in getattr(model, "model_fields", {}):
             assert f"| `llama_{section}` | `{name}` |" in readme, f"llama_{section}.{name}"
+
+
+def test_example_site_inventory_is_valid():
+    """The shipped example inventory loads with pyinfra's own loader and passes validation.
+
+    In a subprocess: pyinfra's CLI package monkey-patches the process with gevent.
+    """
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = """
+import json, sys
+from pyinfra.api import Config, State
+from pyinfra.context import ctx_state
+from pyinfra_cli.inventory import make_inventory
+from llamadeploy.config import validate_inventory
+state = State(); ctx_state.set(state)
+inv = make_inventory("inventory/example_site.py", cwd=".")
+state.init(inv, Config())
+print(json.dumps({k: v.model_dump(mode="json") for k, v in validate_inventory(inv).items()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    configs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(configs) == {"llm-01.example.internal", "llm-02.example.internal", "llm-10.example.internal"}
+    assert configs["llm-02.example.internal"]["server"]["port"] == 8081
+    assert configs["llm-01.example.internal"]["limits"]["memory"] == "8G"
+    assert configs["llm-10.example.internal"]["model"]["catalog"] == "qwen2.5-3b"
