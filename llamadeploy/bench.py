@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import math
-import statistics
 import sys
 import time
 from collections import Counter

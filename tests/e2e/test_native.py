@@ -60,7 +60,7 @@ def test_first_deploy_builds_and_serves(host, inventory):
     version = host.ssh("/opt/llama.cpp/current/bin/llama-server --version 2>&1").stdout
     assert "build 11434" in version, version
     assert host.ssh("systemd-analyze verify /etc/systemd/system/llama-server.service").returncode == 0
-    assert host.ssh(f"sha256sum /var/lib/llama-server/models/*.gguf").stdout.split()[0] == MODEL_SHA256
+    assert host.ssh("sha256sum /var/lib/llama-server/models/*.gguf").stdout.split()[0] == MODEL_SHA256
 
 
 def test_testinfra_suite_passes(host):

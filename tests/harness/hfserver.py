@@ -75,9 +75,6 @@ class HubServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
-    def bytes_served(self) -> int:
-        return sum(1 for _ in self.gets)
-
     # -- helpers -------------------------------------------------------
     def _error(self, status: int, code: str, message: str, commit: str | None = None) -> Response:
         headers = {"X-Error-Code": code, "X-Error-Message": message}

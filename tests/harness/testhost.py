@@ -143,7 +143,7 @@ class TestHost:
         self._configure_tree(key)
         cmd = [
             "systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "-b",
-            "--register=no", "--keep-unit", f"--network-veth",
+            "--register=no", "--keep-unit", "--network-veth",
         ]
         for src, dst in self.binds.items():
             Path(src).mkdir(parents=True, exist_ok=True)

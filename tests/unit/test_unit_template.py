@@ -6,7 +6,6 @@ from pathlib import Path
 
 import jinja2
 
-from llamadeploy.config import HostConfig
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "llama-server.service.j2"
 
