@@ -43,9 +43,7 @@ def inventory_targets(path: str, probe_command: str) -> list[Target]:
 
         manifest = json.loads(run("cat /etc/llama-server/deploy.json"))
         key = run(f"cat {manifest['api_key_file']}").strip() if manifest.get("api_key_file") else None
-        model_dir = manifest.get("model_path", "/var/lib/llama-server/models/x").rsplit("/", 1)[0]
-        if manifest.get("mode") == "docker":
-            model_dir = "/var/lib/llama-server/models"
+        model_dir = manifest["model_path"].rsplit("/", 1)[0]  # on the host, in both modes
         sizes = run("stat -c %s " + " ".join(f"{model_dir}/{name}" for name in manifest["model_files"]))
         probe = run(probe_command).strip()
         address = host.data.get("ssh_hostname") or host.name

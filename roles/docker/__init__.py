@@ -22,6 +22,7 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.models import ModelArtifact
 from llamadeploy.operations import check_flags, compose_down, compose_running, image_loaded, image_pulled
 from llamadeploy.tuning import MemoryPlan, compose_resources, server_args
+from roles.service import manifest
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 KEY_IN_CONTAINER = "/run/secrets/api_key"
@@ -109,15 +110,15 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
                        bind=("0.0.0.0", 8080), key_path=KEY_IN_CONTAINER)
     ref = image_ref(cfg)
     check_flags(name="Flags known to llama-server in the image", binary="", args=args, image=ref)
+    # the same manifest as native mode, with what differs in docker mode
+    info = manifest(cfg, plan, args, art, f"{cfg.model_dir}/{art.first.name}")
+    for native_only in ("release", "binary"):
+        info.pop(native_only)
+    info.update(unit=None, compose_project=d.project_dir, image=ref,
+                api_key_file=key_file if cfg.server.api_key else None)
     files.put(
         name="Deploy manifest",
-        src=StringIO(json.dumps({
-            "unit": None, "mode": "docker", "compose_project": d.project_dir, "port": cfg.server.port,
-            "host": cfg.server.host, "alias": art.alias, "model_files": {f.name: f.sha256 for f in art.files},
-            "model_repo": art.repo_id, "model_commit": art.commit, "image": ref,
-            "api_key_file": key_file if cfg.server.api_key else None, "args": args,
-            "memory_plan": {"ctx_size": plan.ctx_size, "parallel": plan.parallel, "limit": plan.limit},
-        }, indent=2) + "\n"),
+        src=StringIO(json.dumps(info, indent=2) + "\n"),
         dest=f"{svc.config_dir}/deploy.json", mode="644",
     )
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
