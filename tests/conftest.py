@@ -41,6 +41,23 @@ def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) 
     return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)
 
 
+#: what "nothing changed on the host" means in the e2e tests, read over ssh (not via pyinfra):
+#: same process and start, same release link, same inode/mtime/size of binary, models
+#: (any file, .partial included), unit and manifest, same manifest content
+HOST_STATE_CMD = (
+    "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic -p NRestarts llama-server; "
+    "readlink /opt/llama.cpp/current; "
+    "stat -c '%n %i %Y %s' /opt/llama.cpp/current/bin/llama-server /var/lib/llama-server/models/* "
+    "/etc/systemd/system/llama-server.service /etc/llama-server/deploy.json; "
+    "ls /opt/llama.cpp/releases /var/cache/llama.cpp/src; ls -a /etc/llama-server; "
+    "cat /etc/llama-server/deploy.json"
+)
+
+
+def host_state(host) -> str:
+    return host.ssh(HOST_STATE_CMD).stdout
+
+
 @pytest.fixture(scope="session")
 def testhosts():
     """Factory for booted hosts; every host is stopped at session end, pass or fail."""

@@ -17,17 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import HUB_PORT, HUB_TOKEN, PYINFRA, REPO, TINY, run_deploy, run_testinfra
+from tests.conftest import host_state, HUB_PORT, HUB_TOKEN, PYINFRA, REPO, TINY, run_deploy, run_testinfra
 from tests.harness.assets import MODEL_SHA256
 from tests.harness.inventory import default_data, write_inventory
 
 pytestmark = pytest.mark.e2e
 TINY_REPO = "llamactl-test/gemma-3-270m-GGUF"
 SPLIT_REPO = "llamactl-test/gemma-3-270m-gated"
-STATE_CMD = (
-    "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic llama-server; "
-    "stat -c '%n %i %Y %s' /var/lib/llama-server/models/*; cat /etc/llama-server/deploy.json"
-)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +48,6 @@ def inventory(host, tmp_path: Path, name: str, model: dict, **sections) -> Path:
     return write_inventory(tmp_path / f"{name}.py", [host], data)
 
 
-def state(host) -> str:
-    return host.ssh(STATE_CMD).stdout
-
-
 def hub_gets(hub, repo: str) -> int:
     return sum(1 for path, _ in hub.gets if path.startswith(repo + "/"))
 
@@ -72,33 +64,33 @@ def test_controller_mode_fetches_once_and_serves(host, hub, controller_env, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     # unchanged re-run: zero changes, zero bytes from the hub, zero bytes to the host
-    before = state(host)
+    before = host_state(host)
     again = run_deploy(inv, env=controller_env)
     assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
     assert hub_gets(hub, TINY_REPO) == 1
-    assert state(host) == before
+    assert host_state(host) == before
 
 
 def test_wrong_hash_never_reaches_the_host(host, hub, controller_env, tmp_path):
-    before = state(host)
+    before = host_state(host)
     result = run_deploy(inventory(host, tmp_path, "bad", {"repo_id": "llamactl-test/corrupt", "filename": TINY}),
                         env=controller_env)
     assert result.rc != 0
     assert f"sha256 mismatch for llamactl-test/corrupt/{TINY}: expected {MODEL_SHA256}, got " in result.stderr
-    assert state(host) == before
+    assert host_state(host) == before
     assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
 
 
 def test_host_disk_too_small_refused(host, hub, controller_env, tmp_path):
     host.ssh("mkdir -p /srv/small && mount -t tmpfs -o size=100m tmpfs /srv/small")
     try:
-        before = state(host)
+        before = host_state(host)
         inv = inventory(host, tmp_path, "disk", {"repo_id": TINY_REPO, "quant": "Q4_K_M"},
                         llama_service={"data_dir": "/srv/small"})
         result = run_deploy(inv, env=controller_env)
         assert result.rc != 0
         assert f"not enough disk on host {host.address}: /srv/small/models has 100 MiB free, needs " in result.stderr
-        assert state(host) == before
+        assert host_state(host) == before
         assert host.ssh("ls -A /srv/small").stdout == ""
     finally:
         host.ssh("umount /srv/small", check=False)

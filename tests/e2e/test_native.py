@@ -13,20 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import run_deploy, run_testinfra
+from tests.conftest import host_state, run_deploy, run_testinfra
 from tests.harness.assets import MODEL_SHA256
 from tests.harness.inventory import default_data, write_inventory
 
 pytestmark = pytest.mark.e2e
 
 API_KEY = "sk-e2e-" + "7f3a9c" * 5
-STATE_CMD = (
-    "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic -p NRestarts llama-server; "
-    "readlink /opt/llama.cpp/current; "
-    "stat -c '%n %i %Y %s' /opt/llama.cpp/current/bin/llama-server /var/lib/llama-server/models/*.gguf "
-    "/etc/systemd/system/llama-server.service /etc/llama-server/deploy.json; "
-    "ls /opt/llama.cpp/releases /var/cache/llama.cpp/src; ls -a /etc/llama-server"
-)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +30,6 @@ def host(testhosts):
 @pytest.fixture(scope="module")
 def inventory(host, tmp_path_factory) -> Path:
     return write_inventory(tmp_path_factory.mktemp("inv") / "native.py", [host], default_data())
-
-
-def state(host) -> str:
-    return host.ssh(STATE_CMD).stdout
 
 
 def with_data(host, tmp_path: Path, name: str, **sections) -> Path:
@@ -99,13 +88,13 @@ def test_tuned_flags_and_bench(host, inventory):
 
 
 def test_second_deploy_changes_nothing(host, inventory):
-    before = state(host)
+    before = host_state(host)
     result = run_deploy(inventory)
     assert result.rc == 0, result.stderr[-4000:]
     assert result.changed == 0, json.dumps(result.report["results"], indent=1)[:4000]
     assert result.report["results"]["totals"]["no_change"] > 0
     # second channel: same process, same binary, same model inode, same unit
-    assert state(host) == before
+    assert host_state(host) == before
 
 
 BAD_CONFIGS = {
@@ -128,29 +117,29 @@ BAD_CONFIGS = {
 
 def test_bad_config_changes_nothing(host, tmp_path):
     """Every malformed input stops the run with a clear message; the host stays as it was."""
-    before = state(host)
+    before = host_state(host)
     for case, (sections, message) in BAD_CONFIGS.items():
         inv = with_data(host, tmp_path, case, **sections)
         result = run_deploy(inv)
         assert result.rc != 0, case
         assert f"host {host.address}: {message}" in result.stderr, (case, result.stderr[-2000:])
         assert "nothing was changed on any host" in result.stderr
-    assert state(host) == before
+    assert host_state(host) == before
 
 
 def test_preflight_refuses_too_little_memory(host, tmp_path):
     """A memory limit that cannot hold model + minimal KV cache is refused before any change."""
-    before = state(host)
+    before = host_state(host)
     result = run_deploy(with_data(host, tmp_path, "small", llama_limits={"memory": "300M"}))
     assert result.rc != 0
     assert f"preflight refused host {host.address}: model 241 MiB" in result.stderr
     assert "does not fit the memory limit of 300 MiB; would fit: llama_limits.memory >= " in result.stderr
-    assert state(host) == before
+    assert host_state(host) == before
 
 
 def test_one_bad_host_stops_all_hosts(host, tmp_path):
     """Two inventory entries on the same machine: a good change and a bad one; neither runs."""
-    before = state(host)
+    before = host_state(host)
     good = copy.deepcopy(default_data())
     good["llama_server"] = {"port": 8081}
     bad = copy.deepcopy(default_data())
@@ -166,17 +155,17 @@ def test_one_bad_host_stops_all_hosts(host, tmp_path):
     result = run_deploy(inv)
     assert result.rc != 0
     assert "host bad: llama_server.threads = 0" in result.stderr
-    assert state(host) == before
+    assert host_state(host) == before
 
 
 def test_unknown_flag_refused_before_restart(host, tmp_path):
     """A flag the installed binary does not know fails the deploy; the old unit keeps serving."""
-    before = state(host)
+    before = host_state(host)
     inv = with_data(host, tmp_path, "flag", llama_server={"extra_args": ["--mlock"]})
     result = run_deploy(inv)
     assert result.rc != 0
     assert "does not accept --mlock" in result.stdout + result.stderr
-    assert state(host).splitlines()[:2] == before.splitlines()[:2]  # same MainPID, same start
+    assert host_state(host).splitlines()[:2] == before.splitlines()[:2]  # same MainPID, same start
     assert "--mlock" not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
     assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
 
