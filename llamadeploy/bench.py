@@ -33,6 +33,9 @@ PROMPT = (
     "words, how a load balancer decides which backend receives the next request, what a health "
     "check is, and why connection draining matters during a rolling deploy. Request {n}."
 )
+#: a one-line question (~20 tokens with a chat template): the kind of load where TTFT is
+#: not dominated by evaluating the prompt
+SHORT_PROMPT = "Tell me a story about a cat. Request {n}."
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Report:
     host: str | None = None
     read_bandwidth: int | None = None
     roofline_1_client: float | None = None
+    prompt: str = PROMPT
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -75,10 +79,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
-async def _one(client: httpx.AsyncClient, model: str, n: int, max_tokens: int) -> Sample:
+async def _one(client: httpx.AsyncClient, model: str, n: int, max_tokens: int, prompt: str) -> Sample:
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT.format(n=n)}],
+        "messages": [{"role": "user", "content": prompt.format(n=n)}],
         "max_tokens": max_tokens,
         "stream": True,
         "ignore_eos": True,
@@ -111,7 +115,7 @@ async def _one(client: httpx.AsyncClient, model: str, n: int, max_tokens: int) -
 
 
 async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int,
-                    headers: dict[str, str]) -> LevelResult:
+                    headers: dict[str, str], prompt: str = PROMPT) -> LevelResult:
     """``clients`` concurrent clients, each sending ``per_client`` requests back to back
     over its own kept-alive connection (as an SDK client does)."""
     samples: list[Sample] = []
@@ -119,7 +123,7 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
     async def client_loop(c: int) -> None:
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
             for i in range(per_client):
-                samples.append(await _one(client, model, c * 1000 + i, max_tokens))
+                samples.append(await _one(client, model, c * 1000 + i, max_tokens, prompt))
 
     start = time.perf_counter()
     await asyncio.gather(*(client_loop(c) for c in range(clients)))
@@ -136,15 +140,20 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
 
 
 def bench(url: str, levels: list[int], per_client: int, max_tokens: int, api_key: str | None = None,
-          model: str | None = None) -> Report:
+          model: str | None = None, prompt: str = PROMPT) -> Report:
+    """Warm up, then run each concurrency level in turn.
+
+    ``prompt`` is formatted with ``n`` (client x 1000 + request) so that prompts differ
+    in their tail, as real requests do, while sharing a prefix a server may cache.
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if model is None:
         model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-    report = Report(url=url, model=model, max_tokens=max_tokens)
+    report = Report(url=url, model=model, max_tokens=max_tokens, prompt=prompt)
     # warm-up: one short request so model pages and caches are hot for every server alike
-    asyncio.run(run_level(url, model, 1, 1, 8, headers))
+    asyncio.run(run_level(url, model, 1, 1, 8, headers, prompt))
     for clients in levels:
-        report.levels.append(asyncio.run(run_level(url, model, clients, per_client, max_tokens, headers)))
+        report.levels.append(asyncio.run(run_level(url, model, clients, per_client, max_tokens, headers, prompt)))
     return report
 
 
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,4,8", help="comma-separated concurrency levels")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt", default=PROMPT,
+                   help="user message; {n} becomes the request number (default: a ~60-word ops question)")
     p.add_argument("--api-key-file", help="file holding the bearer key")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
@@ -194,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
         reports = []
         for t in inventory_targets(a.inventory, BANDWIDTH_PROBE):
-            r = bench(t.url, levels, a.requests_per_client, a.max_tokens, t.api_key)
+            r = bench(t.url, levels, a.requests_per_client, a.max_tokens, t.api_key, prompt=a.prompt)
             r.host, r.read_bandwidth = t.host, t.read_bandwidth
             if t.read_bandwidth and r.levels and r.levels[0].clients == 1:
                 r.roofline_1_client = round(roofline_ratio(r.levels[0].tok_per_s, t.model_bytes, t.read_bandwidth), 3)
             reports.append(r)
     else:
-        reports = [bench(u.rstrip("/"), levels, a.requests_per_client, a.max_tokens, key) for u in a.url]
+        reports = [bench(u.rstrip("/"), levels, a.requests_per_client, a.max_tokens, key, prompt=a.prompt)
+                   for u in a.url]
     if a.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
     else:

@@ -198,6 +198,12 @@ class ServerConfig(Section):
     kv_unified: bool = True
     #: layers offloaded to a GPU; 0 = CPU only
     gpu_layers: Annotated[int, Field(ge=0, le=999)] = 0
+    #: full-size KV cache for sliding-window layers (``--swa-full``); default: on for models
+    #: with a sliding window (Gemma 2/3). Without it llama-server cannot roll such a cache
+    #: back to a shared prefix and re-evaluates every prompt from its first token, so a chat
+    #: that resends its history pays for all of it on every turn. The memory plan already
+    #: sizes every layer's cache at full length, so turning it on never breaks the plan.
+    swa_full: bool | None = None
     #: continuous batching (on in llama-server by default)
     cont_batching: bool = True
     #: ``--load-mode`` (replaced --mlock/--no-mmap): auto = mmap unless a device can't

@@ -12,6 +12,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files
 
+from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.operations import build_release
 
@@ -60,7 +61,7 @@ def native_build(cfg: HostConfig) -> OperationMeta:
         cache_dir=svc.cache_dir,
     )
     # The old release stays on disk; switching back is a link change.
-    return files.link(
+    return atomic.link(
         name="Point current at the release",
         path=cfg.current_link,
         target=cfg.release_dir,

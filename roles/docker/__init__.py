@@ -16,6 +16,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 
+from llamadeploy import atomic
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
@@ -100,7 +101,7 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
     key_file = f"{svc.config_dir}/docker-api-key"
     if cfg.server.api_key is not None:
-        key = files.put(name="API key file for the container (0400, container uid)",
+        key = atomic.put(name="API key file for the container (0400, container uid)",
                         src=StringIO(cfg.server.api_key.get_secret_value() + "\n"), dest=key_file,
                         user="nobody", group="nogroup", mode="400")
     else:
@@ -116,13 +117,13 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
         info.pop(native_only)
     info.update(unit=None, compose_project=d.project_dir, image=ref,
                 api_key_file=key_file if cfg.server.api_key else None)
-    files.put(
+    atomic.put(
         name="Deploy manifest",
         src=StringIO(json.dumps(info, indent=2) + "\n"),
         dest=f"{svc.config_dir}/deploy.json", mode="644",
     )
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
-    compose_file = files.template(
+    compose_file = atomic.template(
         name="Compose file",
         src=str(TEMPLATES / "docker-compose.yml.j2"),
         dest=f"{d.project_dir}/docker-compose.yml",

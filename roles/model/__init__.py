@@ -22,6 +22,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 from pyinfra.operations import apt, files, pip
 
+from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import DiskFree
 from llamadeploy.models import ModelArtifact, ModelError, download, margin, resolve, token_for
@@ -96,7 +97,7 @@ def _host_download(cfg: HostConfig, art: ModelArtifact) -> list[OperationMeta]:
     token_file = f"{svc.cache_dir}/hf-token"
     files.directory(name="Cache directory", path=svc.cache_dir, mode="755")
     if token:
-        files.put(name="Hub token file (0600)", src=StringIO(token + "\n"), dest=token_file,
+        atomic.put(name="Hub token file (0600)", src=StringIO(token + "\n"), dest=token_file,
                   user="root", group="root", mode="600")
     else:
         files.file(name="No Hub token file", path=token_file, present=False)

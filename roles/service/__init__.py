@@ -11,6 +11,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, server, systemd
 
+from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
 from llamadeploy.operations import check_flags
@@ -41,7 +42,7 @@ def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtif
         "args": args,
         "memory_plan": {"limit": plan.limit, "model_bytes": plan.model_bytes,
                         "kv_bytes_per_token": plan.kv_bytes_per_token, "ctx_size": plan.ctx_size,
-                        "parallel": plan.parallel},
+                        "parallel": plan.parallel, "swa_full": plan.swa_full},
     }
 
 
@@ -69,7 +70,7 @@ def service(
     files.directory(name="Config directory", path=svc.config_dir, user="root", group=svc.user, mode="750")
 
     if cfg.server.api_key is not None:
-        key = files.put(
+        key = atomic.put(
             name="API key file (0600)",
             src=StringIO(cfg.server.api_key.get_secret_value() + "\n"),
             dest=cfg.api_key_path,
@@ -85,13 +86,13 @@ def service(
     binary = f"{cfg.current_link}/bin/llama-server"
     check_flags(name="Flags known to the installed llama-server", binary=binary, args=args)
 
-    files.put(
+    atomic.put(
         name="Deploy manifest",
         src=StringIO(json.dumps(manifest(cfg, plan, args, art, model_path), indent=2) + "\n"),
         dest=f"{svc.config_dir}/deploy.json",
         mode="644",
     )
-    unit = files.template(
+    unit = atomic.template(
         name="systemd unit",
         src=str(TEMPLATES / "llama-server.service.j2"),
         dest=f"/etc/systemd/system/{svc.name}.service",

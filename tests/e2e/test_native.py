@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamadeploy.bench import PROMPT
 from tests.conftest import host_state, run_deploy, run_testinfra
 from tests.harness.assets import MODEL_SHA256
 from tests.harness.inventory import default_data, write_inventory
@@ -69,6 +70,16 @@ def test_tuned_flags_and_bench(host, inventory):
     assert args[args.index("--parallel") + 1] == str(plan["parallel"]) == "8"
     assert args[args.index("--ctx-size") + 1] == str(plan["ctx_size"])
     assert "--kv-unified" in args
+    # Gemma 3 has sliding-window layers: --swa-full lets a resent prefix come from the cache
+    assert "--swa-full" in args and plan["swa_full"] is True
+    url = f"http://{host.address}:8080/v1/chat/completions"
+    timings = [
+        httpx.post(url, json={"messages": [{"role": "user", "content": PROMPT.format(n=n)}], "max_tokens": 4},
+                   timeout=60).json()["timings"]
+        for n in (1, 2)
+    ]
+    # same ~60-word question, only "Request N." differs: all but the tail is reused (1 without --swa-full)
+    assert timings[1]["cache_n"] >= 40, timings
     proc = subprocess.run(
         [sys.executable, "-m", "llamadeploy.bench", "--inventory", str(inventory),
          "--clients", "1,2", "--requests-per-client", "2", "--max-tokens", "8", "--json"],
@@ -172,10 +183,18 @@ def test_unknown_flag_refused_before_restart(host, tmp_path):
 
 def test_api_key(host, tmp_path, inventory):
     """A key is enforced, lives in a 0600 file, and never shows in output, process list, unit or logs."""
+    replaced = ["/etc/systemd/system/llama-server.service", "/etc/llama-server/deploy.json"]
+    inodes_before = host.ssh(f"stat -c %i {' '.join(replaced)}").stdout.split()
     inv = with_data(host, tmp_path, "key", llama_server={"api_key": API_KEY})
     result = run_deploy(inv, "-vvv")
     assert result.rc == 0, result.stderr[-4000:]
     assert result.changed > 0
+    # unit and manifest were replaced by rename (new inode), not rewritten in place where a
+    # restart could read them half-written; no staging file is left behind
+    inodes_after = host.ssh(f"stat -c %i {' '.join(replaced)}").stdout.split()
+    assert all(a != b for a, b in zip(inodes_before, inodes_after)), (inodes_before, inodes_after)
+    leftovers = host.ssh("find /etc/llama-server /etc/systemd/system /opt/llama.cpp -maxdepth 1 -name '.*-stage'")
+    assert leftovers.stdout == ""
     assert API_KEY not in result.stdout + result.stderr
     proc = run_testinfra(host.address)
     assert proc.returncode == 0, proc.stdout[-4000:]

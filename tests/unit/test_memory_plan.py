@@ -101,3 +101,21 @@ def test_mlock_needs_memlock_room():
     with pytest.raises(PreflightError, match="memlock"):
         plan_memory(cfg(server={"load_mode": "mlock"}, limits={"memlock": "64M"}), QWEN25_3B, 8 * GIB, cores(2))
     plan_memory(cfg(server={"load_mode": "mlock"}), QWEN25_3B, 8 * GIB, cores(2))
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [(GEMMA3_270M, True), (GEMMA2_2B, True), (PHI3_MINI, False), (QWEN25_3B, False)],
+)
+def test_swa_full_for_sliding_window_models(meta, expected):
+    """Gemma 2/3 carry attention.sliding_window: their cache must be full-size for prefix reuse."""
+    plan = plan_memory(cfg(), meta, 64 * GIB, cores(16))
+    assert plan.swa_full is expected
+    # and it costs nothing the plan did not already reserve: same context, same slots either way
+    off = plan_memory(cfg(server={"swa_full": False}), meta, 64 * GIB, cores(16))
+    assert (off.ctx_size, off.parallel, off.swa_full) == (plan.ctx_size, plan.parallel, False)
+
+
+def test_swa_full_user_setting_wins():
+    assert plan_memory(cfg(server={"swa_full": True}), PHI3_MINI, 64 * GIB, cores(16)).swa_full is True
+    assert plan_memory(cfg(server={"swa_full": False}), GEMMA3_270M, 64 * GIB, cores(16)).swa_full is False

@@ -51,6 +51,13 @@ def test_args_options_and_key_as_file_only():
     assert args[-1] == "--no-webui"
 
 
+def test_swa_full_flag_follows_the_plan():
+    from dataclasses import replace
+
+    assert "--swa-full" not in server_args(cfg(), SMALL, PLAN, "/m.gguf", "g")
+    assert "--swa-full" in server_args(cfg(), SMALL, replace(PLAN, swa_full=True), "/m.gguf", "g")
+
+
 def test_unknown_flags():
     known = frozenset({"--port", "--threads"})
     assert unknown_flags(["--port", "8080", "--mlock", "--threads", "-1"], known) == ["--mlock"]
