@@ -206,8 +206,9 @@ class ServerConfig(Section):
     swa_full: bool | None = None
     #: continuous batching (on in llama-server by default)
     cont_batching: bool = True
-    #: ``--load-mode`` (replaced --mlock/--no-mmap): auto = mmap unless a device can't
-    load_mode: Literal["auto", "none", "mmap", "mlock", "mmap+mlock"] = "auto"
+    #: ``--load-mode`` (replaced --mlock/--no-mmap); default: computed, "mmap+mlock" where the
+    #: plan leaves the host half its RAM and LimitMEMLOCK allows it, else llama-server's auto
+    load_mode: Literal["auto", "none", "mmap", "mlock", "mmap+mlock"] | None = None
     #: NUMA policy: auto = "distribute" on hosts with several NUMA nodes, nothing otherwise
     numa: Literal["auto", "off", "distribute", "isolate", "numactl"] = "auto"
     metrics: bool = True

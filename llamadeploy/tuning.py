@@ -66,8 +66,9 @@ def server_args(
         args.append("--swa-full")
     if not s.cont_batching:
         args.append("--no-cont-batching")
-    if s.load_mode != "auto":
-        args += ["--load-mode", s.load_mode]
+    mode = s.load_mode or plan.load_mode
+    if mode:
+        args += ["--load-mode", mode]
     policy = numa_policy(cfg, cpu)
     if policy:
         args += ["--numa", policy]
@@ -138,6 +139,8 @@ class MemoryPlan:
     overhead: int
     #: ``--swa-full``: the model has sliding-window layers and prefix reuse needs them full-size
     swa_full: bool = False
+    #: ``--load-mode`` value, None = leave it to llama-server (see :func:`load_mode`)
+    load_mode: str | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -176,7 +179,8 @@ def default_parallel(cpu: CpuInfo) -> int:
     return max(DEFAULT_PARALLEL, min(64, cpu.physical // 2))
 
 
-def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: CpuInfo) -> MemoryPlan:
+def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: CpuInfo,
+                memlock_ceiling: int | None = None) -> MemoryPlan:
     """Slots and total context so that weights + KV cache + overhead fit the memory limit.
 
     Start from :func:`default_parallel` slots of min(training context, 8192)
@@ -184,6 +188,8 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
     per-slot context (down to 512), then halve the slots. A user's ``ctx_size``
     and ``parallel`` are kept as given but must fit. Raises
     :class:`PreflightError` with the numbers and a setting that would fit.
+    ``memlock_ceiling`` is the most the host's systemd can let a service lock
+    (see ``facts.HostMemory``); None = no ceiling.
     """
     limit = memory_limit(cfg, host_memory_bytes)
     per_token = kv_bytes_per_token(meta)
@@ -191,12 +197,18 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
     budget = limit - meta.file_size - overhead
     s = cfg.server
 
-    if "mlock" in s.load_mode and cfg.limits.memlock != "infinity":
-        if parse_size(cfg.limits.memlock) < meta.file_size:
+    if s.load_mode and "mlock" in s.load_mode:
+        if cfg.limits.memlock != "infinity" and parse_size(cfg.limits.memlock) < meta.file_size:
             raise PreflightError(
                 f"load_mode {s.load_mode!r} locks {_mib(meta.file_size)} of weights but "
                 f"llama_limits.memlock is {cfg.limits.memlock}; would fit: memlock 'infinity' "
                 f"or >= {math.ceil(meta.file_size / MIB)}M"
+            )
+        if cfg.mode == "native" and memlock_ceiling is not None and memlock_ceiling < meta.file_size:
+            raise PreflightError(
+                f"load_mode {s.load_mode!r} locks {_mib(meta.file_size)} of weights but this host's "
+                f"systemd can grant a service at most {_mib(memlock_ceiling)} of locked memory (PID 1 "
+                f"lacks CAP_SYS_RESOURCE, e.g. inside a container); would fit: llama_server.load_mode 'mmap'"
             )
 
     parallels = [s.parallel] if s.parallel else []
@@ -216,7 +228,9 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
             slot //= 2
     for ctx, parallel in candidates:
         if ctx * per_token <= budget:
-            return MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead, swa_full(cfg, meta))
+            total = meta.file_size + overhead + ctx * per_token
+            return MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead, swa_full(cfg, meta),
+                              load_mode(cfg, meta, total, host_memory_bytes, memlock_ceiling))
 
     ctx, parallel = candidates[-1]
     need = meta.file_size + overhead + ctx * per_token
@@ -242,6 +256,35 @@ def swa_full(cfg: HostConfig, meta: ModelMeta) -> bool:
     if cfg.server.swa_full is not None:
         return cfg.server.swa_full
     return bool(meta.sliding_window)
+
+
+#: locked pages cannot be reclaimed: lock only when the whole plan needs at most this share of RAM
+MLOCK_MAX_SHARE = 0.5
+
+
+def load_mode(cfg: HostConfig, meta: ModelMeta, plan_total: int, host_memory_bytes: int,
+              memlock_ceiling: int | None = None) -> str | None:
+    """``mmap+mlock`` where locking is safe, else None (llama-server's auto: mmap).
+
+    mmap'd weights are page cache: under memory pressure the kernel drops them even
+    without swap, and every token then reads the model from disk again. Locking them
+    avoids that, but locked memory is taken from everything else on the host, so it is
+    chosen only when the unit's ``LimitMEMLOCK`` (and what the host's systemd can
+    grant, ``memlock_ceiling``) admits the weights and the plan
+    (weights + KV cache + overhead) needs at most half of the host's RAM. Not in docker
+    mode (the container has no CAP_IPC_LOCK and Docker's memlock rlimit is tiny) and not
+    when layers live on a GPU. A user's ``load_mode`` always wins.
+    """
+    if cfg.server.load_mode is not None:
+        return cfg.server.load_mode
+    if cfg.mode == "docker" or cfg.server.gpu_layers > 0:
+        return None
+    memlock = cfg.limits.memlock
+    if memlock != "infinity" and parse_size(memlock) < meta.file_size:
+        return None
+    if memlock_ceiling is not None and memlock_ceiling < meta.file_size:
+        return None
+    return "mmap+mlock" if plan_total <= host_memory_bytes * MLOCK_MAX_SHARE else None
 
 
 def _mib(n: int) -> str:

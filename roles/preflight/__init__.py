@@ -49,8 +49,8 @@ def meta_for(cfg: HostConfig, art: ModelArtifact) -> ModelMeta:
 
 def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
     """Context size and slots for this host, or a DeployError with the numbers."""
-    host_bytes = host.get_fact(HostMemory).usable
+    mem = host.get_fact(HostMemory)
     try:
-        return plan_memory(cfg, meta_for(cfg, art), host_bytes, host.get_fact(CpuTopology))
+        return plan_memory(cfg, meta_for(cfg, art), mem.usable, host.get_fact(CpuTopology), mem.memlock_ceiling)
     except PreflightError as exc:
         raise DeployError(f"preflight refused host {host.name}: {exc}") from None

@@ -42,7 +42,8 @@ def manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtif
         "args": args,
         "memory_plan": {"limit": plan.limit, "model_bytes": plan.model_bytes,
                         "kv_bytes_per_token": plan.kv_bytes_per_token, "ctx_size": plan.ctx_size,
-                        "parallel": plan.parallel, "swa_full": plan.swa_full},
+                        "parallel": plan.parallel, "swa_full": plan.swa_full,
+                        "load_mode": plan.load_mode},
     }
 
 

@@ -11,6 +11,7 @@ import json
 import re
 
 import httpx
+import pytest
 
 CHAT = {"messages": [{"role": "user", "content": "Name one colour."}], "max_tokens": 12, "temperature": 0}
 
@@ -33,6 +34,23 @@ def test_runs_as_unprivileged_user(host, manifest):
     procs = host.process.filter(comm="llama-server")
     assert procs, "no llama-server process"
     assert all(p.user != "root" for p in procs)
+
+
+def test_weights_locked_when_planned(host, manifest):
+    """With ``--load-mode ...mlock`` every weight page is resident and locked.
+
+    llama.cpp only warns when mlock fails (e.g. a too small LimitMEMLOCK), so a
+    host can serve while silently unlocked; this is where that shows.
+    """
+    mode = manifest["memory_plan"].get("load_mode") or ""
+    if "mlock" not in mode:
+        pytest.skip(f"load mode {mode or 'llama-server auto'}: nothing locked")
+    pid = int(host.check_output(f"systemctl show -p MainPID --value {manifest['unit']}"))
+    with host.sudo():
+        status = host.file(f"/proc/{pid}/status").content_string
+    locked_kib = int(re.search(r"^VmLck:\s+(\d+) kB", status, re.M).group(1))
+    model_bytes = manifest["memory_plan"]["model_bytes"]
+    assert locked_kib * 1024 >= model_bytes, f"VmLck {locked_kib} kB < model {model_bytes} bytes"
 
 
 def test_port_listening(host, manifest):

@@ -76,3 +76,25 @@ def test_host_memory_with_and_without_cgroup_limit():
     assert mem.usable == 8 << 30
     unlimited = HostMemory().process(out[:2] + ["cgroup max"])
     assert unlimited.cgroup_limit is None and unlimited.usable == 24683964 * 1024
+
+
+def test_memlock_ceiling_from_pid1():
+    """Recorded from a systemd-nspawn host (no CAP_SYS_RESOURCE) and from a normal host."""
+    from llamadeploy.facts import HostMemory
+
+    mem = ["MemTotal:       24683964 kB", "MemAvailable:   21794052 kB", "cgroup max"]
+    nspawn = HostMemory().process(mem + [
+        "CapEff:\t00000000fcecbfff",
+        "Max locked memory         8388608              8388608              bytes     ",
+    ])
+    assert nspawn.memlock_ceiling == 8 << 20
+    full = HostMemory().process(mem + [
+        "CapEff:\t000001ffffffffff",
+        "Max locked memory         8388608              8388608              bytes     ",
+    ])
+    assert full.memlock_ceiling is None  # PID 1 may raise LimitMEMLOCK= for its services
+    unlimited = HostMemory().process(mem + [
+        "CapEff:\t00000000fcecbfff",
+        "Max locked memory         unlimited            unlimited            bytes     ",
+    ])
+    assert unlimited.memlock_ceiling is None

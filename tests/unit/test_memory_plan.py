@@ -119,3 +119,34 @@ def test_swa_full_for_sliding_window_models(meta, expected):
 def test_swa_full_user_setting_wins():
     assert plan_memory(cfg(server={"swa_full": True}), PHI3_MINI, 64 * GIB, cores(16)).swa_full is True
     assert plan_memory(cfg(server={"swa_full": False}), GEMMA3_270M, 64 * GIB, cores(16)).swa_full is False
+
+
+@pytest.mark.parametrize(
+    ("meta", "mem_gib", "sections", "expected"),
+    [
+        # Gemma 3 270M on the 24 GiB test VM: 241 MiB + 408 MiB + 65536 x 18,432 B = 1.85e9 <= 12 GiB
+        (GEMMA3_270M, 24, {}, "mmap+mlock"),
+        # Qwen2.5-3B on 64 GiB: 8 x 8192 tok x 36,864 B = 2.4e9 + 2.1e9 + 0.6e9 = 5.1e9 <= 32 GiB
+        (QWEN25_3B, 64, {}, "mmap+mlock"),
+        # Gemma-2-2B on 8 GiB: plan (32768 tok) = 3.49e9 + 1.71e9 + 0.57e9 = 5.77e9 > 4 GiB: no lock
+        (GEMMA2_2B, 8, {}, None),
+        # memlock below the weights: locking would fail, so it is not asked for
+        (QWEN25_3B, 64, {"limits": {"memlock": "64M"}}, None),
+        (QWEN25_3B, 64, {"mode": "docker"}, None),
+        (QWEN25_3B, 64, {"server": {"gpu_layers": 99}}, None),
+        # the user's choice wins either way
+        (GEMMA2_2B, 8, {"server": {"load_mode": "mlock"}}, "mlock"),
+        (GEMMA3_270M, 24, {"server": {"load_mode": "none"}}, "none"),
+    ],
+)
+def test_load_mode(meta, mem_gib, sections, expected):
+    assert plan_memory(cfg(**sections), meta, mem_gib * GIB, cores(16)).load_mode == expected
+
+
+def test_no_lock_where_systemd_cannot_grant_it():
+    """Inside systemd-nspawn PID 1 has no CAP_SYS_RESOURCE: services get at most 8 MiB locked."""
+    plan = plan_memory(cfg(), GEMMA3_270M, 24 * GIB, cores(2), memlock_ceiling=8 << 20)
+    assert plan.load_mode is None
+    assert plan_memory(cfg(), GEMMA3_270M, 24 * GIB, cores(2), memlock_ceiling=1 << 30).load_mode == "mmap+mlock"
+    with pytest.raises(PreflightError, match=r"can grant a service at most 8 MiB of locked memory"):
+        plan_memory(cfg(server={"load_mode": "mlock"}), GEMMA3_270M, 24 * GIB, cores(2), memlock_ceiling=8 << 20)
