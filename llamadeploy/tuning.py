@@ -16,19 +16,28 @@ from llamadeploy.gguf_meta import ModelMeta
 
 
 def threads(cfg: HostConfig, cpu: CpuInfo) -> int:
-    """Generation threads: one per physical core.
+    """Generation threads: one per physical core (of one NUMA node when pinned to it).
 
     Token generation is memory-bandwidth bound; SMT siblings share a core's load
     units and only add contention, so physical cores is the right default.
+    With ``numa: isolate``/``numactl`` the process runs on one node, and threads
+    beyond that node's cores would only time-share them.
     A CPU limit (``limits.cpus``) caps it: more threads than granted CPU time
     makes threads wait on each other at every barrier.
     """
-    return cfg.server.threads or _capped(cpu.physical, cfg)
+    return cfg.server.threads or _capped(_per_node(cpu.physical, cfg, cpu), cfg)
 
 
 def threads_batch(cfg: HostConfig, cpu: CpuInfo) -> int:
-    """Prompt-processing threads: all logical CPUs (compute bound, SMT helps a little)."""
-    return cfg.server.threads_batch or _capped(cpu.logical, cfg)
+    """Prompt-processing threads: all logical CPUs (compute bound, SMT helps a little),
+    of one NUMA node when pinned to it."""
+    return cfg.server.threads_batch or _capped(_per_node(cpu.logical, cfg, cpu), cfg)
+
+
+def _per_node(n: int, cfg: HostConfig, cpu: CpuInfo) -> int:
+    """``n`` CPUs of the whole host, or of one node when the NUMA policy pins to one."""
+    pinned = numa_policy(cfg, cpu) in ("isolate", "numactl")
+    return n // max(1, cpu.numa_nodes) if pinned else n
 
 
 def _capped(n: int, cfg: HostConfig) -> int:

@@ -80,6 +80,16 @@ def test_unit_limits_user_example():
     assert unit_limits(cfg()) == {"TasksMax": "4096", "LimitMEMLOCK": "infinity"}
 
 
+def test_threads_of_one_node_when_pinned():
+    """2 sockets x 16 cores x 2 SMT: distribute uses all 32 cores, isolate one node's 16."""
+    two_nodes = CpuInfo(logical=64, physical=32, sockets=2, numa_nodes=2)
+    assert (threads(cfg(), two_nodes), threads_batch(cfg(), two_nodes)) == (32, 64)
+    pinned = cfg(server={"numa": "isolate"})
+    assert (threads(pinned, two_nodes), threads_batch(pinned, two_nodes)) == (16, 32)
+    assert threads(cfg(server={"numa": "numactl"}), two_nodes) == 16
+    assert threads(cfg(server={"numa": "isolate", "threads": 24}), two_nodes) == 24
+
+
 def test_numa_policy():
     from llamadeploy.tuning import numa_policy
 
