@@ -8,7 +8,7 @@ Every explicit user setting wins over a computed value.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuInfo
@@ -75,9 +75,8 @@ def server_args(
         args.append("--swa-full")
     if not s.cont_batching:
         args.append("--no-cont-batching")
-    mode = s.load_mode or plan.load_mode
-    if mode:
-        args += ["--load-mode", mode]
+    if plan.load_mode:
+        args += ["--load-mode", plan.load_mode]
     policy = numa_policy(cfg, cpu)
     if policy:
         args += ["--numa", policy]
@@ -207,18 +206,9 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
     s = cfg.server
 
     if s.load_mode and "mlock" in s.load_mode:
-        if cfg.limits.memlock != "infinity" and parse_size(cfg.limits.memlock) < meta.file_size:
-            raise PreflightError(
-                f"load_mode {s.load_mode!r} locks {_mib(meta.file_size)} of weights but "
-                f"llama_limits.memlock is {cfg.limits.memlock}; would fit: memlock 'infinity' "
-                f"or >= {math.ceil(meta.file_size / MIB)}M"
-            )
-        if cfg.mode == "native" and memlock_ceiling is not None and memlock_ceiling < meta.file_size:
-            raise PreflightError(
-                f"load_mode {s.load_mode!r} locks {_mib(meta.file_size)} of weights but this host's "
-                f"systemd can grant a service at most {_mib(memlock_ceiling)} of locked memory (PID 1 "
-                f"lacks CAP_SYS_RESOURCE, e.g. inside a container); would fit: llama_server.load_mode 'mmap'"
-            )
+        why = _cannot_lock(cfg, meta, memlock_ceiling)
+        if why:
+            raise PreflightError(f"load_mode {s.load_mode!r} locks {_mib(meta.file_size)} of weights but {why}")
 
     parallels = [s.parallel] if s.parallel else []
     if not parallels:
@@ -237,9 +227,8 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
             slot //= 2
     for ctx, parallel in candidates:
         if ctx * per_token <= budget:
-            total = meta.file_size + overhead + ctx * per_token
-            return MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead, swa_full(cfg, meta),
-                              load_mode(cfg, meta, total, host_memory_bytes, memlock_ceiling))
+            plan = MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead, swa_full(cfg, meta))
+            return replace(plan, load_mode=load_mode(cfg, meta, plan.total, host_memory_bytes, memlock_ceiling))
 
     ctx, parallel = candidates[-1]
     need = meta.file_size + overhead + ctx * per_token
@@ -288,12 +277,20 @@ def load_mode(cfg: HostConfig, meta: ModelMeta, plan_total: int, host_memory_byt
         return cfg.server.load_mode
     if cfg.mode == "docker" or cfg.server.gpu_layers > 0:
         return None
-    memlock = cfg.limits.memlock
-    if memlock != "infinity" and parse_size(memlock) < meta.file_size:
-        return None
-    if memlock_ceiling is not None and memlock_ceiling < meta.file_size:
+    if _cannot_lock(cfg, meta, memlock_ceiling):
         return None
     return "mmap+mlock" if plan_total <= host_memory_bytes * MLOCK_MAX_SHARE else None
+
+
+def _cannot_lock(cfg: HostConfig, meta: ModelMeta, memlock_ceiling: int | None) -> str | None:
+    """Why the service could not lock the weights on this host (with a setting that works), or None."""
+    if cfg.limits.memlock != "infinity" and parse_size(cfg.limits.memlock) < meta.file_size:
+        return (f"llama_limits.memlock is {cfg.limits.memlock}; would fit: memlock 'infinity' "
+                f"or >= {math.ceil(meta.file_size / MIB)}M")
+    if cfg.mode == "native" and memlock_ceiling is not None and memlock_ceiling < meta.file_size:
+        return (f"this host's systemd can grant a service at most {_mib(memlock_ceiling)} of locked memory "
+                f"(PID 1 lacks CAP_SYS_RESOURCE, e.g. inside a container); would fit: llama_server.load_mode 'mmap'")
+    return None
 
 
 def _mib(n: int) -> str:

@@ -54,7 +54,10 @@ def test_every_rendered_flag_exists_in_b11434():
 
     from llamadeploy.tuning import MemoryPlan
 
-    args = server_args(c, CpuInfo(2, 2, 1, 1), MemoryPlan(8192, 8, 1 << 33, 1, 1, 1), "/m.gguf", "m")
+    # every optional flag rendered: --swa-full and --load-mode come from the plan
+    plan = MemoryPlan(8192, 8, 1 << 33, 1, 1, 1, swa_full=True, load_mode="mlock")
+    args = server_args(c, CpuInfo(2, 2, 1, 1), plan, "/m.gguf", "m")
+    assert "--swa-full" in args and "--load-mode" in args
     assert [a for a in args if a.startswith("--") and a not in flags] == []
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuInfo
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, threads, threads_batch, unit_limits, unknown_flags
@@ -43,7 +45,8 @@ def test_args_default():
 def test_args_options_and_key_as_file_only():
     c = cfg(server={"api_key": "k" * 20, "cont_batching": False, "load_mode": "mlock", "metrics": False,
                     "kv_unified": False, "extra_args": ["--no-webui"]})
-    args = server_args(c, SMALL, PLAN, "/m.gguf", "g")
+    # the plan carries the load mode (the user's, when set: see test_memory_plan.test_load_mode)
+    args = server_args(c, SMALL, replace(PLAN, load_mode="mlock"), "/m.gguf", "g")
     assert "k" * 20 not in " ".join(args)
     assert args[args.index("--api-key-file") + 1] == "/etc/llama-server/api-key"
     assert args[args.index("--load-mode") + 1] == "mlock"
@@ -52,8 +55,6 @@ def test_args_options_and_key_as_file_only():
 
 
 def test_swa_full_flag_follows_the_plan():
-    from dataclasses import replace
-
     assert "--swa-full" not in server_args(cfg(), SMALL, PLAN, "/m.gguf", "g")
     assert "--swa-full" in server_args(cfg(), SMALL, replace(PLAN, swa_full=True), "/m.gguf", "g")
 
