@@ -426,22 +426,20 @@ def validate_inventory(inventory: Any) -> dict[str, HostConfig]:
         problems += errs
         if cfg is not None:
             configs[host.name] = cfg
-            if cfg.model.path is None:
-                pass
-            elif not Path(cfg.model.path).is_file():
-                problems.append(f"host {host.name}: {PREFIX}model.path = {cfg.model.path!r}: no such file on the controller")
-            elif cfg.model.sha256 and file_sha256(cfg.model.path) != cfg.model.sha256:
+            # files the deploy pushes from the controller must exist there
+            controller_files = {
+                "model.path": cfg.model.path,
+                "docker.image_tarball": cfg.docker.image_tarball if cfg.mode == "docker" else None,
+                "build.tarball": cfg.build.tarball if cfg.mode == "native" and cfg.build.source == "tarball" else None,
+            }
+            for field, path in controller_files.items():
+                if path is not None and not Path(path).is_file():
+                    problems.append(f"host {host.name}: {PREFIX}{field} = {path!r}: no such file on the controller")
+            model_file = cfg.model.path
+            if model_file and Path(model_file).is_file() and cfg.model.sha256 and file_sha256(model_file) != cfg.model.sha256:
                 problems.append(
                     f"host {host.name}: {PREFIX}model.sha256 = {cfg.model.sha256!r}: "
-                    f"the controller file {cfg.model.path} has sha256 {file_sha256(cfg.model.path)}"
-                )
-            if cfg.mode == "docker" and cfg.docker.image_tarball and not Path(cfg.docker.image_tarball).is_file():
-                problems.append(
-                    f"host {host.name}: {PREFIX}docker.image_tarball = {cfg.docker.image_tarball!r}: no such file on the controller"
-                )
-            if cfg.mode == "native" and cfg.build.source == "tarball" and not Path(str(cfg.build.tarball)).is_file():
-                problems.append(
-                    f"host {host.name}: {PREFIX}build.tarball = {cfg.build.tarball!r}: no such file on the controller"
+                    f"the controller file {model_file} has sha256 {file_sha256(model_file)}"
                 )
     if problems:
         raise ConfigError(problems)
