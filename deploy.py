@@ -21,7 +21,7 @@ cfg = validate_inventory(inventory)[host.name]
 
 # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
 #    and verifies it once here; the host's free disk is checked.
-art = model_role.prepare(cfg)
+art, on_host = model_role.prepare(cfg)
 
 # 3. Preflight: weights + KV cache must fit the memory limit (sizes context and slots).
 plan = memory_plan(cfg, art)
@@ -35,7 +35,7 @@ else:
     runtime = docker.image(cfg)
 
 # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place.
-model = model_role.model_files(cfg, art)
+model = model_role.model_files(cfg, art, on_host)
 
 # 6. The service, restarted only when an input changed; the other mode's server is
 #    stopped first so the port is never held twice.

@@ -83,7 +83,7 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str):
 
 
 @operation()
-def verified_file(src: str, dest: str, sha256: str, mode: str = "0644"):
+def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present: bool = False):
     """
     Upload a large file (a model) once, verify its sha256 on the host, then move it into place.
 
@@ -91,6 +91,8 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644"):
     + dest: final path on the host; the service reads only this one
     + sha256: expected hash of the content
     + mode: file mode of the installed file
+    + present: the caller already found ``dest`` with this sha256 in this run (hashing a
+      multi-GB model twice per run is the cost this saves)
 
     The upload goes to ``dest.partial``; only a file whose hash matches is renamed
     onto ``dest``. A mismatch deletes the partial file and fails the host with
@@ -104,7 +106,7 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644"):
         verified_file(name="Model", src="models/m.gguf",
                       dest="/var/lib/llama-server/models/m.gguf", sha256="a5fd...")
     """
-    if host.get_fact(Sha256File, path=dest) == sha256:
+    if present or host.get_fact(Sha256File, path=dest) == sha256:
         host.noop(f"{dest} already has sha256 {sha256[:12]}…")
         return
     if not sha256 or len(sha256) != 64:
@@ -190,7 +192,7 @@ def check_flags(binary: str, args: list[str], image: str | None = None):
 
 @operation()
 def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: str, endpoint: str,
-                 python: str, work_dir: str, token_file: str | None = None):
+                 python: str, work_dir: str, token_file: str | None = None, present: bool = False):
     """
     Download one Hub file on the host with huggingface_hub, verify it, move it into place.
 
@@ -201,11 +203,12 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
     + python: interpreter of the host's isolated huggingface_hub environment
     + work_dir: download directory on the same disk as ``dest``
     + token_file: host path of a 0600 token file; passed as ``HF_TOKEN_PATH``, never on a command line
+    + present: the caller already found ``dest`` with this sha256 in this run
 
     A present file with the right hash means nothing to do. A killed earlier
     download's ``*.incomplete`` leftovers are removed first.
     """
-    if host.get_fact(Sha256File, path=dest) == sha256:
+    if present or host.get_fact(Sha256File, path=dest) == sha256:
         host.noop(f"{dest} already has sha256 {sha256[:12]}…")
         return
     q = shlex.quote

@@ -31,10 +31,12 @@ from llamadeploy.operations import hub_download, verified_file
 _PREPARED: dict[tuple, ModelArtifact] = {}
 
 
-def prepare(cfg: HostConfig) -> ModelArtifact:
+def prepare(cfg: HostConfig) -> tuple[ModelArtifact, frozenset[str]]:
     """Resolve (and in controller mode download + verify) the model, once per run for all hosts.
 
-    Raises DeployError naming the host; runs before any operation executes.
+    Returns the artifact and the names of its files this host already holds with
+    the right sha256 (hashed once here, for the disk check, and not again by the
+    operations). Raises DeployError naming the host; runs before any operation executes.
     """
     spec = cfg.model
     key = (spec.model_dump_json(),)
@@ -47,8 +49,7 @@ def prepare(cfg: HostConfig) -> ModelArtifact:
         art = _PREPARED[key]
     except ModelError as exc:
         raise DeployError(f"model for host {host.name}: {exc}") from None
-    check_host_disk(cfg, art)
-    return art
+    return art, check_host_disk(cfg, art)
 
 
 def model_path(cfg: HostConfig, art: ModelArtifact) -> str:
@@ -56,11 +57,17 @@ def model_path(cfg: HostConfig, art: ModelArtifact) -> str:
     return f"{cfg.model_dir}/{art.first.name}"
 
 
-def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> None:
-    """Refuse before any transfer when the host's model disk is too small for what is missing."""
-    missing = [f for f in art.files if host.get_fact(Sha256File, path=f"{cfg.model_dir}/{f.name}") != f.sha256]
+def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> frozenset[str]:
+    """Refuse before any transfer when the host's model disk is too small for what is missing.
+
+    Returns the names of the files already in place with the right sha256.
+    """
+    on_host = frozenset(
+        f.name for f in art.files if host.get_fact(Sha256File, path=f"{cfg.model_dir}/{f.name}") == f.sha256
+    )
+    missing = [f for f in art.files if f.name not in on_host]
     if not missing:
-        return
+        return on_host
     need = sum(f.size for f in missing)
     # host mode downloads into the cache dir first, then renames: count it once more there
     free = host.get_fact(DiskFree, path=cfg.model_dir)
@@ -69,22 +76,27 @@ def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> None:
             f"not enough disk on host {host.name}: {cfg.model_dir} has {free >> 20} MiB free, "
             f"needs {(need + margin(need)) >> 20} MiB (model files plus margin)"
         )
+    return on_host
 
 
 @deploy("Model")
-def model_files(cfg: HostConfig, art: ModelArtifact) -> list[OperationMeta]:
-    """Put every model file in place; returns the operations that change when the model does."""
+def model_files(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) -> list[OperationMeta]:
+    """Put every model file in place; returns the operations that change when the model does.
+
+    ``on_host``: files :func:`prepare` found in place with the right hash this run.
+    """
     files.directory(name="Data directory", path=cfg.service.data_dir, mode="755")
     files.directory(name="Model directory", path=cfg.model_dir, mode="755")
     if cfg.model.distribution == "host":
-        return _host_download(cfg, art)
+        return _host_download(cfg, art, on_host)
     return [
-        verified_file(name=f"Model {f.name}", src=f.local, dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256)
+        verified_file(name=f"Model {f.name}", src=f.local, dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256,
+                      present=f.name in on_host)
         for f in art.files
     ]
 
 
-def _host_download(cfg: HostConfig, art: ModelArtifact) -> list[OperationMeta]:
+def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) -> list[OperationMeta]:
     svc = cfg.service
     venv = f"{svc.prefix}/hf-venv"
     version = importlib.metadata.version("huggingface_hub")
@@ -107,6 +119,7 @@ def _host_download(cfg: HostConfig, art: ModelArtifact) -> list[OperationMeta]:
             repo_id=art.repo_id, repo_path=f.repo_path, commit=art.commit, sha256=f.sha256,
             dest=f"{cfg.model_dir}/{f.name}", endpoint=art.endpoint, python=f"{venv}/bin/python",
             work_dir=f"{svc.data_dir}/.download", token_file=token_file if token else None,
+            present=f.name in on_host,
         )
         for f in art.files
     ]
