@@ -26,9 +26,10 @@ from pathlib import Path
 import httpx
 
 from llamadeploy.bench import BANDWIDTH_PROBE, PROMPT, SHORT_PROMPT, LevelResult, Report, bench, roofline_ratio
-from tests.harness.assets import MODEL_FILE, MODEL_SIZE
-from tests.harness.inventory import SHARED_BINDS, default_data, write_inventory
-from tests.harness.testhost import TestHost
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from llamadeploy.sandbox.assets import MODEL_FILE, MODEL_SIZE
+from llamadeploy.sandbox.host import SandboxHost
+from llamadeploy.sandbox.inventory import SHARED_BINDS, default_data, write_inventory
 
 OUT = Path(__file__).resolve().parent
 REPO = OUT.parent
@@ -54,14 +55,14 @@ def wait_health(url: str, timeout: float = 120) -> None:
 
 
 def main(per_client: int = 4, max_tokens: int = 128) -> int:
-    host = TestHost("bench", 77, binds=dict(SHARED_BINDS))
+    host = SandboxHost("bench", 77, binds=dict(SHARED_BINDS))
     try:
         host.boot()
         inv = write_inventory(Path("/tmp/llamactl-bench-inventory.py"), [host], default_data())
         subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"],
                        cwd=REPO, check=True, capture_output=True)
         url = f"http://{host.address}:8080"
-        tuned_args = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)["args"]
+        tuned_args = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).args
         version = host.ssh("/opt/llama.cpp/current/bin/llama-server --version 2>&1 | head -1").stdout.strip()
         bandwidth = int(host.ssh(BANDWIDTH_PROBE).stdout.strip())
 
@@ -110,7 +111,7 @@ def table(stock: list[Report], tuned: list[Report]) -> str:
         s = [r.levels[i] for r in stock]
         t = [r.levels[i] for r in tuned]
         s_tps, t_tps = _median([x.tok_per_s for x in s]), _median([x.tok_per_s for x in t])
-        per_round = " ".join(f"{b.tok_per_s / a.tok_per_s:.2f}" for a, b in zip(s, t))
+        per_round = " ".join(f"{b.tok_per_s / a.tok_per_s:.2f}" for a, b in zip(s, t, strict=True))
         rows.append(
             f"| {clients} | {s_tps:.1f} | {t_tps:.1f} | **{t_tps / s_tps:.2f}x** | {per_round} "
             f"| {fmt(_median([x.ttft_p50 for x in s]))} / {fmt(_median([x.ttft_p95 for x in s]))} "

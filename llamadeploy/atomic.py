@@ -13,20 +13,28 @@ The staging file is created empty with mode 0600 before the upload, so a
 secret is never readable by others, not even for the length of the transfer.
 
 Each one compares first and calls ``host.noop`` when nothing differs.
+
+Large files (models, image tarballs, built releases) go through
+:func:`verified_file`: uploaded to ``dest.partial``, hashed on the host, and only
+renamed onto ``dest`` when the sha256 matches.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
-from io import StringIO
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, operation
-from pyinfra.api.util import get_file_sha1, get_template
-from pyinfra.facts.files import File, Link, Sha1File
+from pyinfra.api import FileUploadCommand, OperationError, operation
+from pyinfra.api.util import get_file_sha1
+from pyinfra.facts.files import File, Link, Sha1File, Sha256File
 from pyinfra.operations.util.files import chmod, chown, ensure_mode_int
+
+from llamadeploy.artifacts import ProgressReader
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 #: suffix of staging files; never read by the service, removed on the next run
 STAGE_SUFFIX = ".llamadeploy-stage"
@@ -55,6 +63,7 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
                    user="llama", group="llama", mode="600")
     """
     want_mode = ensure_mode_int(mode)
+    assert want_mode is not None, "a mode is always given"
     remote = host.get_fact(File, path=dest)
     q = shlex.quote
     if remote and host.get_fact(Sha1File, path=dest) == get_file_sha1(src):
@@ -78,20 +87,6 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
 
 
 @operation()
-def template(src: str, dest: str, user: str = "root", group: str = "root", mode: str = "644", **data: Any):
-    """
-    Render a jinja2 template (pyinfra's loader) and install it with :func:`put`.
-
-    + src: local template path
-    + dest: remote path the service reads
-    + user, group, mode: final owner and permissions
-    + data: template variables
-    """
-    rendered = get_template(src).render(data)
-    yield from put._inner(StringIO(rendered), dest, user=user, group=group, mode=mode)
-
-
-@operation()
 def link(path: str, target: str):
     """
     Point the symlink ``path`` at ``target`` by renaming a new link over it.
@@ -109,3 +104,57 @@ def link(path: str, target: str):
     q = shlex.quote
     stage = staging_path(path)
     yield f"rm -f {q(stage)} && ln -s {q(target)} {q(stage)} && mv -Tf {q(stage)} {q(path)}"
+
+
+@operation()
+def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present: bool = False):
+    """
+    Upload a large file (a model) once, verify its sha256 on the host, then move it into place.
+
+    + src: controller path
+    + dest: final path on the host; the service reads only this one
+    + sha256: expected hash of the content
+    + mode: file mode of the installed file
+    + present: the caller already found ``dest`` with this sha256 in this run (hashing a
+      multi-GB model twice per run is the cost this saves)
+
+    The upload goes to ``dest.partial``; only a file whose hash matches is renamed
+    onto ``dest``. A mismatch deletes the partial file and fails the host with
+    expected and actual hash, leaving the previous file (and the running service)
+    untouched. A present file with the right hash is not uploaded again.
+
+    **Example:**
+
+    .. code:: python
+
+        verified_file(name="Model", src="models/m.gguf",
+                      dest="/var/lib/llama-server/models/m.gguf", sha256="a5fd...")
+    """
+    if not SHA256_RE.fullmatch(sha256 or ""):
+        raise OperationError(f"verified_file needs a sha256, got {sha256!r}")
+    if present or host.get_fact(Sha256File, path=dest) == sha256:
+        host.noop(f"{dest} already has sha256 {sha256[:12]}…")
+        return
+    q = shlex.quote
+    tmp = f"{dest}.partial"
+    yield f"rm -f {q(tmp)}"
+    # ProgressReader is a binary file object (RawIOBase), the IO pyinfra reads uploads from
+    yield FileUploadCommand(cast(IO[Any], ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}")), tmp)
+    yield install_if_hash_matches(tmp, dest, sha256, mode, what=dest)
+
+
+def install_if_hash_matches(staged: str, dest: str, sha256: str, mode: str, what: str) -> str:
+    """Shell: rename ``staged`` onto ``dest`` (via ``dest.partial``) only when its sha256 matches.
+
+    Otherwise the staged bytes are deleted and the command fails naming ``what``
+    and both hashes; ``dest`` (what the service reads) is never touched.
+    """
+    q = shlex.quote
+    tmp = f"{dest}.partial"
+    stage = "" if staged == tmp else f"mv -f {q(staged)} {q(tmp)} && "
+    mismatch = q(f"sha256 mismatch for {what}: expected {sha256}, got")
+    return (
+        f"actual=$(sha256sum {q(staged)} | cut -d' ' -f1); "
+        f"if [ \"$actual\" = {q(sha256)} ]; then {stage}chmod {q(mode)} {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
+        f"else rm -f {q(staged)}; echo {mismatch} \"$actual\" >&2; exit 1; fi"
+    )

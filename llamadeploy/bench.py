@@ -186,7 +186,7 @@ def roofline_ratio(tok_per_s: float, model_bytes: int, read_bytes_per_s: float) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llamadeploy.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="llamadeploy bench", description=__doc__.split("\n\n")[0])
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", action="append", help="base URL; repeat for several hosts")
     target.add_argument("--inventory", help="pyinfra inventory file: bench every deployed host of it")
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     key = open(a.api_key_file).read().strip() if a.api_key_file else None
     levels = [int(x) for x in a.clients.split(",")]
     if a.inventory:
-        from llamadeploy.fleet import inventory_targets
+        from llamadeploy.status import inventory_targets
 
         reports = []
         for t in inventory_targets(a.inventory, BANDWIDTH_PROBE):

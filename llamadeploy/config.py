@@ -1,16 +1,11 @@
 """The single source of every setting a host can have.
 
-Settings come from pyinfra inventory data under keys named ``llama_<section>``
-(``llama_mode``, ``llama_build``, ``llama_model``, ``llama_server``,
-``llama_limits``, ``llama_service``, ``llama_health``). Section dicts are
-deep-merged from the least to the most specific layer (all → groups → host), so
-a host can override ``llama_server["port"]`` without repeating the rest of its
-group's ``llama_server``.
-
-Why validate everything up front: a fleet deploy that changes three hosts and
-then dies on the fourth because of a typo leaves the fleet in a mixed state.
-:func:`validate_inventory` checks every host before any operation runs and
-reports every problem at once, naming host, field, value and what is allowed.
+This module is the schema only. Settings come from pyinfra inventory data under
+keys named ``llama_<section>`` (``llama_mode``, ``llama_build``, ``llama_model``,
+``llama_server``, ``llama_limits``, ``llama_service``, ``llama_docker``,
+``llama_health``); :mod:`llamadeploy.hostdata` reads and deep-merges those
+layers and validates every host of an inventory against :class:`HostConfig`
+before any operation runs.
 """
 
 from __future__ import annotations
@@ -18,16 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from llamadeploy.artifacts import file_sha256
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -69,7 +61,7 @@ class BuildConfig(Section):
     jobs: Annotated[int, Field(ge=1, le=1024)] | None = None
 
     @model_validator(mode="after")
-    def _tarball_needs_path(self) -> "BuildConfig":
+    def _tarball_needs_path(self) -> BuildConfig:
         if self.source == "tarball" and not self.tarball:
             raise ValueError("source 'tarball' needs llama_build.tarball (a controller path)")
         return self
@@ -157,7 +149,7 @@ class ModelConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self) -> ModelConfig:
         sources = [k for k in ("catalog", "repo_id", "path") if getattr(self, k) is not None]
         if len(sources) > 1:
             raise ValueError(f"give one of catalog, repo_id, path (got {', '.join(sources)})")
@@ -209,9 +201,17 @@ class ServerConfig(Section):
     #: ``--load-mode`` (replaced --mlock/--no-mmap); default: computed, "mmap+mlock" where the
     #: plan leaves the host half its RAM and LimitMEMLOCK allows it, else llama-server's auto
     load_mode: Literal["auto", "none", "mmap", "mlock", "mmap+mlock"] | None = None
+    #: weight repacking into CPU-specific layouts, AMX included (``--repack``/``--no-repack``);
+    #: default: on, except on CPUs with AMX, where b11434's AMX kernels crashed the server
+    #: (SIGSEGV in ggml_backend_amx_mul_mat on the first batch, seen on this project's CI VMs)
+    repack: bool | None = None
     #: NUMA policy: auto = "distribute" on hosts with several NUMA nodes, nothing otherwise
     numa: Literal["auto", "off", "distribute", "isolate", "numactl"] = "auto"
     metrics: bool = True
+    #: llama-server built-in chat template (``--no-jinja --chat-template NAME``); default: the
+    #: GGUF's own template, or, when the GGUF has none, the built-in for its architecture
+    #: (without one llama-server falls back to ChatML, whose markers a Gemma vocabulary lacks)
+    chat_template: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")] | None = None
     #: bearer key for /v1/*; stored 0600 on the host, never on a command line
     api_key: SecretStr | None = None
     #: extra arguments appended verbatim (escape hatch)
@@ -326,122 +326,3 @@ class HostConfig(Section):
 
 
 SECTIONS = tuple(HostConfig.model_fields)
-
-
-class ConfigError(Exception):
-    """All problems of all hosts; its message is what the operator reads."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__(
-            "invalid llama configuration, nothing was changed on any host:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def raw_settings(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge data layers (least specific first) into the dict the model parses."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if not key.startswith(PREFIX):
-                continue
-            section = key[len(PREFIX):]
-            if isinstance(value, dict) and isinstance(merged.get(section), dict):
-                merged[section] = _deep_merge(merged[section], value)
-            else:
-                merged[section] = value
-    return merged
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    field = f"{PREFIX}{loc}" if loc else "llama_*"
-    if err["type"] == "extra_forbidden":
-        section = str(err["loc"][0])
-        if len(err["loc"]) == 1:
-            return f"{field}: unknown setting (allowed: {', '.join(PREFIX + s for s in SECTIONS)})"
-        model = HostConfig.model_fields[section].annotation
-        allowed = ", ".join(getattr(model, "model_fields", {})) or "none"
-        return f"{field}: unknown setting (allowed in {PREFIX}{section}: {allowed})"
-    value = err.get("input")
-    if isinstance(value, SecretStr) or "api_key" in loc:
-        shown = "<hidden>"
-    else:
-        shown = repr(value)
-    return f"{field} = {shown}: {err['msg']}"
-
-
-def parse_config(host_name: str, layers: list[dict[str, Any]]) -> tuple[HostConfig | None, list[str]]:
-    """Validate one host's data; returns the config or the list of problems."""
-    try:
-        return HostConfig.model_validate(raw_settings(layers)), []
-    except ValidationError as exc:
-        return None, [f"host {host_name}: {_describe(e)}" for e in exc.errors()]
-
-
-def host_layers(host: Any) -> list[dict[str, Any]]:
-    """The data layers of a pyinfra host, least specific first.
-
-    pyinfra's ``HostData`` keeps its layers in ``datas`` (override, host, groups,
-    all). We read them to deep-merge our section dicts; pyinfra itself only
-    merges shallowly.
-    """
-    datas = getattr(host.data, "datas", None)
-    if datas is None:  # pragma: no cover - older pyinfra
-        return [host.data.dict()]
-    layers = []
-    for data in reversed(datas):
-        data = data() if callable(data) else data
-        layers.append(dict(data))
-    return layers
-
-
-_VALIDATED: dict[int, dict[str, HostConfig]] = {}
-
-
-def validate_inventory(inventory: Any) -> dict[str, HostConfig]:
-    """Validate every host of the inventory; raise one :class:`ConfigError` listing all problems.
-
-    pyinfra runs ``deploy.py`` once per host; the first call validates all hosts
-    (so the first host cannot be changed before the last one is checked) and
-    later calls reuse the result.
-    """
-    if id(inventory) in _VALIDATED:
-        return _VALIDATED[id(inventory)]
-    configs: dict[str, HostConfig] = {}
-    problems: list[str] = []
-    for host in inventory:
-        cfg, errs = parse_config(host.name, host_layers(host))
-        problems += errs
-        if cfg is not None:
-            configs[host.name] = cfg
-            # files the deploy pushes from the controller must exist there
-            controller_files = {
-                "model.path": cfg.model.path,
-                "docker.image_tarball": cfg.docker.image_tarball if cfg.mode == "docker" else None,
-                "build.tarball": cfg.build.tarball if cfg.mode == "native" and cfg.build.source == "tarball" else None,
-            }
-            for field, path in controller_files.items():
-                if path is not None and not Path(path).is_file():
-                    problems.append(f"host {host.name}: {PREFIX}{field} = {path!r}: no such file on the controller")
-            model_file = cfg.model.path
-            if model_file and Path(model_file).is_file() and cfg.model.sha256 and file_sha256(model_file) != cfg.model.sha256:
-                problems.append(
-                    f"host {host.name}: {PREFIX}model.sha256 = {cfg.model.sha256!r}: "
-                    f"the controller file {model_file} has sha256 {file_sha256(model_file)}"
-                )
-    if problems:
-        raise ConfigError(problems)
-    _VALIDATED[id(inventory)] = configs
-    return configs

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from llamadeploy.chat_template import TEMPLATE_MARKERS
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,15 @@ class ModelMeta:
     file_size: int
     #: sliding-window size when the model interleaves local-attention layers (Gemma 2/3)
     sliding_window: int | None = None
+    #: the GGUF carries ``tokenizer.chat_template`` (unknown counts as yes: never override it)
+    has_chat_template: bool = True
+    #: which of the built-in templates' marker tokens its vocabulary has (see chat_template);
+    #: None = the vocabulary was not read (catalog values)
+    marker_tokens: frozenset[str] | None = None
+
+
+#: every marker token a built-in template writes: all we keep of the vocabulary
+MARKERS = frozenset(m for marks in TEMPLATE_MARKERS.values() for m in marks)
 
 
 def read_meta(path: str | Path) -> ModelMeta:
@@ -30,7 +42,7 @@ def read_meta(path: str | Path) -> ModelMeta:
 
     reader = GGUFReader(str(path), "r")
 
-    def get(key: str, default=None):
+    def get(key: str, default: Any = None) -> Any:
         field = reader.fields.get(key)
         return field.contents() if field is not None else default
 
@@ -50,4 +62,6 @@ def read_meta(path: str | Path) -> ModelMeta:
         value_length=int(get(f"{arch}.attention.value_length", head_dim)),
         file_size=Path(path).stat().st_size,
         sliding_window=get(f"{arch}.attention.sliding_window"),
+        has_chat_template=reader.fields.get("tokenizer.chat_template") is not None,
+        marker_tokens=frozenset(get("tokenizer.ggml.tokens", [])) & MARKERS,
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from llamadeploy.chat_template import builtin_template_for
+from llamadeploy.chat_template import server_args as template_args
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuInfo
 from llamadeploy.gguf_meta import ModelMeta
@@ -48,7 +50,7 @@ def _capped(n: int, cfg: HostConfig) -> int:
 
 
 def server_args(
-    cfg: HostConfig, cpu: CpuInfo, plan: "MemoryPlan", model_path: str, alias: str,
+    cfg: HostConfig, cpu: CpuInfo, plan: MemoryPlan, model_path: str, alias: str,
     bind: tuple[str, int] | None = None, key_path: str | None = None,
 ) -> list[str]:
     """The full argument vector of llama-server (without the binary).
@@ -77,14 +79,36 @@ def server_args(
         args.append("--no-cont-batching")
     if plan.load_mode:
         args += ["--load-mode", plan.load_mode]
+    if not repack(cfg, cpu):
+        args.append("--no-repack")
     policy = numa_policy(cfg, cpu)
     if policy:
         args += ["--numa", policy]
+    args += template_args(plan.chat_template)
     if s.metrics:
         args.append("--metrics")
     if s.api_key is not None:
         args += ["--api-key-file", key_path or cfg.api_key_path]
     return args + list(s.extra_args)
+
+
+#: /proc/cpuinfo flag of the AMX int8 unit that ggml's AMX backend (an extra buffer type) uses
+AMX_FLAG = "amx_int8"
+
+
+def repack(cfg: HostConfig, cpu: CpuInfo) -> bool:
+    """Let llama-server repack weights into CPU-specific layouts, unless the CPU has AMX.
+
+    A ``GGML_NATIVE`` build on an AMX CPU (Sapphire Rapids and later) compiles ggml's AMX
+    kernels in, and with repacking on (llama-server's default) the weights go to the AMX
+    buffer type. On b11434 that crashed the server with SIGSEGV in
+    ``ggml_backend_amx_mul_mat`` at the first batch on this project's CI machines
+    (Xeon with amx_int8/amx_tile, under a VM); ``--no-repack`` turns off every extra
+    buffer type, AMX included, and the same binary serves. The user's ``repack`` wins.
+    """
+    if cfg.server.repack is not None:
+        return cfg.server.repack
+    return AMX_FLAG not in cpu.flags
 
 
 def numa_policy(cfg: HostConfig, cpu: CpuInfo) -> str | None:
@@ -96,9 +120,14 @@ def numa_policy(cfg: HostConfig, cpu: CpuInfo) -> str | None:
     return None if mode == "off" else mode
 
 
+def flag_names(args: list[str]) -> list[str]:
+    """The options in an argument vector (``-1`` is a value, ``--x=1`` is ``--x``)."""
+    return [a.split("=")[0] for a in args if a.startswith("-") and not a.lstrip("-").isdigit()]
+
+
 def unknown_flags(args: list[str], accepted: frozenset[str]) -> list[str]:
     """Flags in ``args`` that the installed binary's ``--help`` does not list."""
-    return [a for a in args if a.startswith("-") and not a.lstrip("-").isdigit() and a.split("=")[0] not in accepted]
+    return [f for f in flag_names(args) if f not in accepted]
 
 
 def systemd_quote(arg: str) -> str:
@@ -149,6 +178,8 @@ class MemoryPlan:
     swa_full: bool = False
     #: ``--load-mode`` value, None = leave it to llama-server (see :func:`load_mode`)
     load_mode: str | None = None
+    #: built-in ``--chat-template`` (with ``--no-jinja``), None = the model's own (see :func:`chat_template`)
+    chat_template: str | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -227,7 +258,8 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
             slot //= 2
     for ctx, parallel in candidates:
         if ctx * per_token <= budget:
-            plan = MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead, swa_full(cfg, meta))
+            plan = MemoryPlan(ctx, parallel, limit, meta.file_size, per_token, overhead, swa_full(cfg, meta),
+                              chat_template=chat_template(cfg, meta))
             return replace(plan, load_mode=load_mode(cfg, meta, plan.total, host_memory_bytes, memlock_ceiling))
 
     ctx, parallel = candidates[-1]
@@ -240,6 +272,20 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
         + (f"llama_server.ctx_size <= {fits}, or " if fits >= MIN_SLOT_CTX else "")
         + f"llama_limits.memory >= {math.ceil(need / MIB)}M"
     )
+
+
+def chat_template(cfg: HostConfig, meta: ModelMeta) -> str | None:
+    """The built-in chat template to force, or None to keep the model's own.
+
+    A GGUF without ``tokenizer.chat_template`` (base models, like the 270M test model)
+    makes llama-server fall back to ChatML; on a Gemma vocabulary the ChatML markers are
+    plain text, so replies run on into ``<|im_end|>\n<|im_start|>user ...``. The name is
+    checked against the installed binary's ``--help`` list before the unit changes
+    (``chat_template.template_problem``). The user's ``chat_template`` wins.
+    """
+    if cfg.server.chat_template is not None:
+        return cfg.server.chat_template
+    return builtin_template_for(meta.architecture, meta.has_chat_template, None, meta.marker_tokens)
 
 
 def swa_full(cfg: HostConfig, meta: ModelMeta) -> bool:

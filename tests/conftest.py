@@ -63,15 +63,15 @@ def testhosts():
     """Factory for booted hosts; every host is stopped at session end, pass or fail."""
     if os.geteuid() != 0:
         pytest.skip("test hosts need root (systemd-nspawn, veth, iptables)")
-    from tests.harness.testhost import TestHost, reap
+    from llamadeploy.sandbox.host import SandboxHost, reap
 
     reap()  # hosts left behind by a crashed earlier run
-    booted: list[TestHost] = []
+    booted: list[SandboxHost] = []
 
-    def boot(name: str, index: int, **kw) -> TestHost:
-        from tests.harness.inventory import SHARED_BINDS
+    def boot(name: str, index: int, **kw) -> SandboxHost:
+        from llamadeploy.sandbox.inventory import SHARED_BINDS
 
-        host = TestHost(name, index, binds=dict(SHARED_BINDS), **kw)
+        host = SandboxHost(name, index, binds=dict(SHARED_BINDS), **kw)
         booted.append(host)
         return host.boot()
 
@@ -84,7 +84,7 @@ def testhosts():
 
 def run_testinfra(address: str, *extra: str) -> subprocess.CompletedProcess:
     """Run the shipped testinfra suite against a host, in its own pytest process."""
-    from tests.harness.testhost import ssh_config
+    from llamadeploy.sandbox.host import ssh_config
 
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/testinfra",
@@ -112,7 +112,7 @@ TINY = "gemma-3-270m-q4_k_m.gguf"
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
     """The local Hugging Face-compatible server with real GGUF files, for the whole session."""
-    from tests.harness import assets
+    from llamadeploy.sandbox import assets
     from tests.harness.hfserver import HubServer, Repo
 
     model = assets.gemma_model()

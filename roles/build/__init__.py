@@ -7,14 +7,15 @@ clear message rather than half-installing.
 from __future__ import annotations
 
 from pyinfra import host
-from pyinfra.api import DeployError, deploy
+from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files
 
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
-from llamadeploy.operations import build_release
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.build.operations import build_release
 
 SUPPORTED = ("Debian", "Ubuntu")
 
@@ -31,7 +32,7 @@ def build_packages(cfg: HostConfig) -> list[str]:
     return pkgs
 
 
-@deploy("Build llama.cpp (native)")
+@role("Build llama.cpp (native)")
 def native_build(cfg: HostConfig) -> OperationMeta:
     """Install build dependencies, build the release, point ``current`` at it.
 

@@ -1,32 +1,48 @@
-"""Docker mode: engine, image (pulled or pushed as a tarball), compose file, ``up -d`` on change.
+"""Docker role: engine, image (pulled or pushed as a tarball), compose file, ``up -d`` on change.
 
-Shares the config model, model files, tuning and health gate with native mode;
-only how the server process is run differs.
+Shares the config model, model files, tuning, manifest and health gate with
+native mode; only how the server process runs differs. Its template is
+``templates/docker/docker-compose.yml.j2``; its operations and facts sit next to
+this file.
 """
 
 from __future__ import annotations
 
-import json
+import shlex
 from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from llamadeploy import atomic
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.models import ModelArtifact
-from llamadeploy.operations import check_flags, compose_down, compose_running, image_loaded, image_pulled
+from llamadeploy.manifest import manifest_path
+from llamadeploy.render import render
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.docker.operations import (
+    check_image_flags,
+    compose_down,
+    compose_running,
+    image_loaded,
+    image_pulled,
+)
+from llamadeploy.roles.model.source import ModelArtifact
+from llamadeploy.roles.service import build_manifest
 from llamadeploy.tuning import MemoryPlan, compose_resources, server_args
-from roles.service import manifest
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATE = "docker/docker-compose.yml.j2"
+#: where llama-server listens inside the container (published on llama_server.host:port)
+CONTAINER_PORT = 8080
+#: where compose mounts the key file (a compose secret)
 KEY_IN_CONTAINER = "/run/secrets/api_key"
+#: where compose mounts the host's model directory, read-only
+MODELS_IN_CONTAINER = "/models"
 
 
 def compose_command(cfg: HostConfig) -> str:
@@ -38,7 +54,7 @@ def image_ref(cfg: HostConfig) -> str:
     return f"{cfg.docker_image}@{d.image_digest}" if d.image_digest and not d.image_tarball else cfg.docker_image
 
 
-@deploy("Docker engine")
+@role("Docker engine")
 def engine(cfg: HostConfig) -> None:
     """Docker Engine and Compose from the distribution, or from Docker's apt repository."""
     if cfg.docker.engine == "distro":
@@ -63,7 +79,7 @@ def _codename() -> str:
     return host.get_fact(LinuxDistribution)["release_meta"].get("VERSION_CODENAME", "bookworm")
 
 
-@deploy("Docker image")
+@role("Docker image")
 def image(cfg: HostConfig) -> list[OperationMeta]:
     """Make the image present: ``docker load`` of a pushed tarball (air-gapped), or a pull."""
     d = cfg.docker
@@ -71,29 +87,39 @@ def image(cfg: HostConfig) -> list[OperationMeta]:
         sha = file_sha256(d.image_tarball)
         dest = f"{cfg.service.cache_dir}/images/{Path(d.image_tarball).name}"
         files.directory(name="Image cache", path=f"{cfg.service.cache_dir}/images", mode="700")
-        from llamadeploy.operations import verified_file
-
-        pushed = verified_file(name=f"Image tarball {Path(d.image_tarball).name}", src=d.image_tarball,
+        pushed = atomic.verified_file(name=f"Image tarball {Path(d.image_tarball).name}", src=d.image_tarball,
                                dest=dest, sha256=sha, mode="0600")
         loaded = image_loaded(name=f"docker load {cfg.docker_image}", ref=cfg.docker_image, tarball=dest, sha256=sha)
         return [pushed, loaded]
     return [image_pulled(name=f"docker pull {image_ref(cfg)}", ref=image_ref(cfg))]
 
 
-@deploy("Stop native service")
+@role("Stop native service")
 def stop_native(cfg: HostConfig) -> None:
     """Switching to docker: the systemd unit must not hold the port."""
     systemd.service(name="Native llama-server stopped and disabled", service=f"{cfg.service.name}.service",
                     running=False, enabled=False)
 
 
-@deploy("Stop docker service")
+@role("Stop docker service")
 def stop_compose(cfg: HostConfig) -> None:
     """Switching to native: the compose project must not hold the port."""
     compose_down(name="Compose project down", project_dir=cfg.docker.project_dir, compose=compose_command(cfg))
 
 
-@deploy("llama-server in Docker")
+def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str], key_file: str | None) -> str:
+    """The rendered compose file (pure: config, model, image and argument vector in, text out)."""
+    d = cfg.docker
+    return render(
+        TEMPLATE,
+        image=image, args=args, bind_host=cfg.server.host, port=cfg.server.port, container_port=CONTAINER_PORT,
+        model_dir=cfg.model_dir, models_in_container=MODELS_IN_CONTAINER, api_key_file=key_file,
+        resources=compose_resources(cfg), log_max_size=d.log_max_size, log_max_files=d.log_max_files,
+        model_file=art.first.name, model_sha256=art.first.sha256,
+    )
+
+
+@role("llama-server in Docker")
 def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
                     restart_on: list[OperationMeta]) -> tuple[OperationMeta, OperationMeta]:
     """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed."""
@@ -102,42 +128,29 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     key_file = f"{svc.config_dir}/docker-api-key"
     if cfg.server.api_key is not None:
         key = atomic.put(name="API key file for the container (0400, container uid)",
-                        src=StringIO(cfg.server.api_key.get_secret_value() + "\n"), dest=key_file,
-                        user="nobody", group="nogroup", mode="400")
+                         src=StringIO(cfg.server.api_key.get_secret_value() + "\n"), dest=key_file,
+                         user="nobody", group="nogroup", mode="400")
     else:
         key = files.file(name="No API key file", path=key_file, present=False)
 
-    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"/models/{art.first.name}", art.alias,
-                       bind=("0.0.0.0", 8080), key_path=KEY_IN_CONTAINER)
+    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
+                       bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
     ref = image_ref(cfg)
-    check_flags(name="Flags known to llama-server in the image", binary="", args=args, image=ref)
-    # the same manifest as native mode, with what differs in docker mode
-    info = manifest(cfg, plan, args, art, f"{cfg.model_dir}/{art.first.name}")
-    for native_only in ("release", "binary"):
-        info.pop(native_only)
-    info.update(unit=None, compose_project=d.project_dir, image=ref,
-                api_key_file=key_file if cfg.server.api_key else None)
-    atomic.put(
-        name="Deploy manifest",
-        src=StringIO(json.dumps(info, indent=2) + "\n"),
-        dest=f"{svc.config_dir}/deploy.json", mode="644",
-    )
+    check_image_flags(name="Flags known to llama-server in the image", image=ref, args=args)
+    info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, image=ref,
+                          api_key_file=key_file if cfg.server.api_key else None)
+    atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
-    compose_file = atomic.template(
+    compose = atomic.put(
         name="Compose file",
-        src=str(TEMPLATES / "docker-compose.yml.j2"),
+        src=StringIO(compose_file(cfg, art, ref, args, key_file if cfg.server.api_key else None)),
         dest=f"{d.project_dir}/docker-compose.yml",
         mode="644",
-        image=ref, args=args, bind_host=cfg.server.host, port=cfg.server.port, model_dir=cfg.model_dir,
-        api_key_file=key_file if cfg.server.api_key else None, resources=compose_resources(cfg),
-        gpu=cfg.server.gpu_layers > 0, log_max_size=d.log_max_size, log_max_files=d.log_max_files,
-        model_file=art.first.name, model_sha256=art.first.sha256,
     )
-    inputs = [compose_file, key, *restart_on]
     up = server.shell(
         name="docker compose up -d (changed file, image, key or model)",
-        commands=[f"cd {d.project_dir} && {compose_command(cfg)} up -d --force-recreate --remove-orphans"],
-        _if=lambda: any(op.did_change() for op in inputs),
+        commands=[f"cd {shlex.quote(d.project_dir)} && {compose_command(cfg)} up -d --force-recreate --remove-orphans"],
+        _if=any_changed(compose, key, *restart_on),
     )
     running = compose_running(name="Container running", project_dir=d.project_dir, compose=compose_command(cfg))
     return up, running

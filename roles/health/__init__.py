@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
+from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
-from llamadeploy.operations import wait_healthy
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.health.operations import wait_healthy
 
 
 def health_url(cfg: HostConfig) -> str:
@@ -19,7 +20,7 @@ def health_url(cfg: HostConfig) -> str:
     return f"http://{addr}:{cfg.server.port}/health"
 
 
-@deploy("Health gate")
+@role("Health gate")
 def health_gate(cfg: HostConfig, after: list[OperationMeta]) -> None:
     """Wait for /health only when one of ``after`` (start/restart) changed something."""
     wait_healthy(
@@ -27,5 +28,5 @@ def health_gate(cfg: HostConfig, after: list[OperationMeta]) -> None:
         url=health_url(cfg),
         timeout=cfg.health.timeout,
         unit=cfg.service.name,
-        _if=lambda: any(op.did_change() for op in after),
+        _if=any_changed(*after),
     )

@@ -1,6 +1,6 @@
 """Model role: the GGUF file(s) on the host, verified by sha256 before they are used.
 
-Where the bytes come from is decided on the controller (``llamadeploy.models``):
+Where the bytes come from is decided on the controller (:mod:`.source`):
 
 * ``distribution: controller`` (and controller files): pushed from the controller,
   which downloaded the Hub file once for all hosts;
@@ -17,16 +17,17 @@ import importlib.metadata
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import DeployError, deploy
+from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 from pyinfra.operations import apt, files, pip
 
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
-from llamadeploy.facts import DiskFree
-from llamadeploy.models import ModelArtifact, ModelError, download, margin, resolve, token_for
-from llamadeploy.operations import hub_download, verified_file
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.model.facts import DiskFree
+from llamadeploy.roles.model.operations import hub_download
+from llamadeploy.roles.model.source import ModelArtifact, ModelError, download, margin, resolve, token_for
 
 _PREPARED: dict[tuple, ModelArtifact] = {}
 
@@ -79,7 +80,7 @@ def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> frozenset[str]:
     return on_host
 
 
-@deploy("Model")
+@role("Model")
 def model_files(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) -> list[OperationMeta]:
     """Put every model file in place; returns the operations that change when the model does.
 
@@ -90,14 +91,16 @@ def model_files(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) ->
     if cfg.model.distribution == "host":
         return _host_download(cfg, art, on_host)
     return [
-        verified_file(name=f"Model {f.name}", src=f.local, dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256,
-                      present=f.name in on_host)
+        atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
+                             sha256=f.sha256, present=f.name in on_host)
         for f in art.files
     ]
 
 
 def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) -> list[OperationMeta]:
     svc = cfg.service
+    assert art.repo_id and art.commit and art.endpoint, "host downloads are of resolved Hub models"
+    repo_id, commit, endpoint = art.repo_id, art.commit, art.endpoint
     venv = f"{svc.prefix}/hf-venv"
     version = importlib.metadata.version("huggingface_hub")
     apt.packages(name="Python venv for huggingface_hub", packages=["python3-venv"], update=True,
@@ -110,14 +113,14 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str])
     files.directory(name="Cache directory", path=svc.cache_dir, mode="755")
     if token:
         atomic.put(name="Hub token file (0600)", src=StringIO(token + "\n"), dest=token_file,
-                  user="root", group="root", mode="600")
+                   user="root", group="root", mode="600")
     else:
         files.file(name="No Hub token file", path=token_file, present=False)
     return [
         hub_download(
-            name=f"Download {art.repo_id}/{f.repo_path}@{(art.commit or '')[:12]} on the host",
-            repo_id=art.repo_id, repo_path=f.repo_path, commit=art.commit, sha256=f.sha256,
-            dest=f"{cfg.model_dir}/{f.name}", endpoint=art.endpoint, python=f"{venv}/bin/python",
+            name=f"Download {repo_id}/{f.repo_path}@{commit[:12]} on the host",
+            repo_id=repo_id, repo_path=f.repo_path, commit=commit, sha256=f.sha256,
+            dest=f"{cfg.model_dir}/{f.name}", endpoint=endpoint, python=f"{venv}/bin/python",
             work_dir=f"{svc.data_dir}/.download", token_file=token_file if token else None,
             present=f.name in on_host,
         )

@@ -6,18 +6,18 @@ executes, so a refused host leaves every host untouched.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 from pyinfra import host
 from pyinfra.api import DeployError
 
-import dataclasses
-
 from llamadeploy.catalog import CATALOG
 from llamadeploy.config import HostConfig
-from llamadeploy.facts import CpuTopology, HostMemory
+from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
-from llamadeploy.models import ModelArtifact
+from llamadeploy.roles.model.source import ModelArtifact
+from llamadeploy.roles.preflight.facts import HostMemory
 from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
 
 

@@ -14,9 +14,9 @@ import time
 import httpx
 import pytest
 
+from llamadeploy.sandbox.inventory import default_data, write_inventory
 from tests.conftest import run_deploy, run_testinfra
 from tests.harness.images import IMAGE_REF, build_image_tarball
-from tests.harness.inventory import default_data, write_inventory
 
 pytestmark = pytest.mark.e2e
 API_KEY = "sk-docker-" + "4b2e" * 6

@@ -9,7 +9,6 @@ server's own request log.
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -17,9 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import host_state, HUB_PORT, HUB_TOKEN, PYINFRA, REPO, TINY, run_deploy, run_testinfra
-from tests.harness.assets import MODEL_SHA256
-from tests.harness.inventory import default_data, write_inventory
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from llamadeploy.sandbox.assets import MODEL_SHA256
+from llamadeploy.sandbox.inventory import default_data, write_inventory
+from tests.conftest import HUB_PORT, HUB_TOKEN, PYINFRA, REPO, TINY, host_state, run_deploy, run_testinfra
 
 pytestmark = pytest.mark.e2e
 TINY_REPO = "llamactl-test/gemma-3-270m-GGUF"
@@ -57,9 +57,9 @@ def test_controller_mode_fetches_once_and_serves(host, hub, controller_env, tmp_
     result = run_deploy(inv, env=controller_env)
     assert result.rc == 0, result.stderr[-4000:]
     assert hub_gets(hub, TINY_REPO) == 1
-    manifest = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)
-    assert manifest["model_repo"] == TINY_REPO and manifest["model_commit"] == hub.repos[TINY_REPO].commit
-    assert manifest["model_files"] == {TINY: MODEL_SHA256}
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    assert manifest.model_repo == TINY_REPO and manifest.model_commit == hub.repos[TINY_REPO].commit
+    assert manifest.model_files == {TINY: MODEL_SHA256}
     proc = run_testinfra(host.address)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
@@ -138,7 +138,7 @@ def test_host_mode_gated_split_model_with_token(host, hub, controller_env, tmp_p
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     assert HUB_TOKEN not in result.stdout + result.stderr
     assert hub_gets(hub, SPLIT_REPO) == before + 2  # both parts, fetched by the host
-    args = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)["args"]
+    args = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).args
     assert args[args.index("--model") + 1].endswith("gemma-3-270m-q4_k_m-00001-of-00002.gguf")
     assert host.ssh("stat -c '%a %U' /var/cache/llama.cpp/hf-token").stdout.split() == ["600", "root"]
     assert HUB_TOKEN not in host.ssh("ps -eo args; journalctl --no-pager -o cat | tail -n 2000").stdout

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from llamadeploy.bench import PROMPT
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
+from llamadeploy.sandbox.inventory import default_data, write_inventory
 from tests.conftest import host_state, run_deploy, run_testinfra
-from tests.harness.assets import MODEL_SHA256, MODEL_SIZE
-from tests.harness.inventory import default_data, write_inventory
 
 pytestmark = pytest.mark.e2e
 
@@ -61,17 +64,18 @@ def test_testinfra_suite_passes(host):
 
 def test_tuned_flags_and_bench(host, inventory):
     """The unit runs with the memory plan's slots/context; the bench drives it over real HTTP."""
-    import subprocess
-    import sys
-
-    manifest = json.loads(host.ssh("cat /etc/llama-server/deploy.json").stdout)
-    args = manifest["args"]
-    plan = manifest["memory_plan"]
-    assert args[args.index("--parallel") + 1] == str(plan["parallel"]) == "8"
-    assert args[args.index("--ctx-size") + 1] == str(plan["ctx_size"])
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    args = manifest.args
+    plan = manifest.memory_plan
+    assert args[args.index("--parallel") + 1] == str(plan.parallel) == "8"
+    assert args[args.index("--ctx-size") + 1] == str(plan.ctx_size)
     assert "--kv-unified" in args
     # Gemma 3 has sliding-window layers: --swa-full lets a resent prefix come from the cache
-    assert "--swa-full" in args and plan["swa_full"] is True
+    assert "--swa-full" in args and plan.swa_full is True
+    # the test GGUF has no chat template: the Gemma built-in, checked against this binary's list
+    assert manifest.chat_template == "gemma"
+    assert args[args.index("--chat-template") - 1:args.index("--chat-template") + 2] == [
+        "--no-jinja", "--chat-template", "gemma"]
     # the plan leaves most of the 24 GiB free, so mlock is wanted exactly when systemd could
     # grant the unit's LimitMEMLOCK=infinity: read what the running service really got. Under
     # nspawn on a VM whose root lacks CAP_SYS_RESOURCE that is 8 MiB, and no mlock is asked for
@@ -79,9 +83,9 @@ def test_tuned_flags_and_bench(host, inventory):
     pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
     granted = host.ssh(f"grep '^Max locked memory' /proc/{pid}/limits").stdout.split()[3]
     if granted == "unlimited" or int(granted) >= MODEL_SIZE:
-        assert args[args.index("--load-mode") + 1] == "mmap+mlock" == plan["load_mode"]
+        assert args[args.index("--load-mode") + 1] == "mmap+mlock" == plan.load_mode
     else:
-        assert plan["load_mode"] is None and "--load-mode" not in args
+        assert plan.load_mode is None and "--load-mode" not in args
     url = f"http://{host.address}:8080/v1/chat/completions"
     timings = [
         httpx.post(url, json={"messages": [{"role": "user", "content": PROMPT.format(n=n)}], "max_tokens": 4},
@@ -106,6 +110,32 @@ def test_tuned_flags_and_bench(host, inventory):
         assert level["ok"] + sum(level["errors"].values()) == level["requests"]
         assert level["tokens"] == 8 * level["ok"]
         assert level["ttft_p50"] is not None
+
+
+def llamadeploy_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("llamadeploy")), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_status_shows_release_health_and_drift(host, inventory, tmp_path):
+    """``llamadeploy status``: what runs (read over SSH through pyinfra) and how it differs."""
+    proc = llamadeploy_cli("status", str(inventory), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    assert row["host"] == host.address and row["mode"] == "native"
+    assert row["release"] == manifest.release == host.ssh("readlink /opt/llama.cpp/current").stdout.split("/")[-1].strip()
+    assert row["model_sha256"] == MODEL_SHA256[:12] and row["flags_digest"] == manifest.flags_digest()
+    assert (row["service"], row["health"], row["drift"]) == ("active", "ok", [])
+    # an inventory asking for a key and another port: both show as drift, nothing changes on the host
+    changed = with_data(host, tmp_path, "drift", llama_server={"api_key": API_KEY, "port": 8081})
+    proc = llamadeploy_cli("status", str(changed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "api key none -> set" in proc.stdout and "bind 0.0.0.0:8080 -> 0.0.0.0:8081" in proc.stdout
+    assert API_KEY not in proc.stdout + proc.stderr
+    # a bad value gets the deploy's one-line message naming host, field and value
+    bad = llamadeploy_cli("status", str(with_data(host, tmp_path, "bad", llama_server={"port": 70000})))
+    assert bad.returncode == 2 and f"host {host.address}: llama_server.port = 70000" in bad.stderr
 
 
 def test_second_deploy_changes_nothing(host, inventory):
@@ -202,7 +232,7 @@ def test_api_key(host, tmp_path, inventory):
     # unit and manifest were replaced by rename (new inode), not rewritten in place where a
     # restart could read them half-written; no staging file is left behind
     inodes_after = host.ssh(f"stat -c %i {' '.join(replaced)}").stdout.split()
-    assert all(a != b for a, b in zip(inodes_before, inodes_after)), (inodes_before, inodes_after)
+    assert all(a != b for a, b in zip(inodes_before, inodes_after, strict=True)), (inodes_before, inodes_after)
     leftovers = host.ssh("find /etc/llama-server /etc/systemd/system /opt/llama.cpp -maxdepth 1 -name '.*-stage'")
     assert leftovers.stdout == ""
     assert API_KEY not in result.stdout + result.stderr

@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.assets import sha256
-
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from llamadeploy.artifacts import file_sha256
 
 
 @dataclass
@@ -56,7 +56,7 @@ class HubServer:
         for repo_id, repo in repos.items():
             repo.commit = repo.commit or hashlib.sha1(repo_id.encode()).hexdigest()
             for name, path in repo.files.items():
-                repo.sha256[name] = sha256(path)
+                repo.sha256[name] = file_sha256(str(path))
         app = Starlette(routes=[
             Route("/api/models/{repo:path}/revision/{rev}", self.info),
             Route("/api/models/{repo:path}", self.info),
@@ -65,7 +65,7 @@ class HubServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.05)

@@ -20,9 +20,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from tests.harness.assets import sha256
-
-from tests.harness.testhost import CACHE, ROOTFS
+from llamadeploy.artifacts import file_sha256
+from llamadeploy.sandbox.host import CACHE, ROOTFS
 
 IMAGE_REF = "llamactl/llama-server:b11434-test"
 
@@ -47,7 +46,7 @@ def build_image_tarball(host_root: Path, out: Path | None = None) -> Path:
 
     layer = work / "layer.tar"
     subprocess.run(["tar", "-C", str(tree), "-cf", str(layer), "."], check=True)
-    diff_id = sha256(layer)
+    diff_id = file_sha256(str(layer))
     config = json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Entrypoint": ["/app/llama-server"], "WorkingDir": "/app",

@@ -13,9 +13,9 @@ import subprocess
 import pytest
 
 from llamadeploy.config import ModelConfig
-from llamadeploy.models import ModelError, download, resolve
+from llamadeploy.roles.model.source import ModelError, download, resolve
+from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
 from tests.conftest import TINY
-from tests.harness.assets import MODEL_SHA256, MODEL_SIZE
 
 
 def spec(env, **kw) -> ModelConfig:

@@ -3,37 +3,37 @@
     pytest tests/testinfra --hosts=ssh://root@HOST [--ssh-config=FILE] [--llama-url=URL]
 
 Expectations (unit, port, alias, key file) are read from the deploy manifest
-that the deploy writes to ``/etc/llama-server/deploy.json``; nothing about the
-host has to be repeated on the command line.
+the deploy writes to ``<llama_service.config_dir>/deploy.json`` (default
+``/etc/llama-server/deploy.json``; ``--llama-manifest`` for another config_dir),
+through the same typed reader the deploy writes with; nothing about the host has
+to be repeated on the command line.
 """
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 
-MANIFEST = "/etc/llama-server/deploy.json"
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--llama-url", default=None, help="base URL of the API (default: http://<host>:<port>)")
-    parser.addoption("--llama-manifest", default=MANIFEST, help="deploy manifest path on the host")
+    parser.addoption("--llama-manifest", default=DEFAULT_PATH, help="deploy manifest path on the host")
 
 
 @pytest.fixture(scope="module")
-def manifest(host, request) -> dict:
+def manifest(host, request) -> Manifest:
     with host.sudo():
-        return json.loads(host.file(request.config.getoption("--llama-manifest")).content_string)
+        return Manifest.parse(host.file(request.config.getoption("--llama-manifest")).content_string)
 
 
 @pytest.fixture(scope="module")
 def api_key(host, manifest) -> str | None:
-    if not manifest.get("api_key_file"):
+    if not manifest.api_key_file:
         return None
     with host.sudo():
-        return host.file(manifest["api_key_file"]).content_string.strip()
+        return host.file(manifest.api_key_file).content_string.strip()
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def base_url(host, manifest, request) -> str:
     url = request.config.getoption("--llama-url")
     if url:
         return url.rstrip("/")
-    addr = manifest["host"] if manifest["host"] not in ("0.0.0.0", "::") else host.backend.hostname
-    return f"http://{addr}:{manifest['port']}"
+    addr = manifest.host if manifest.host not in ("0.0.0.0", "::") else host.backend.hostname
+    return f"http://{addr}:{manifest.port}"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ CHAT = {"messages": [{"role": "user", "content": "Name one colour."}], "max_toke
 
 
 def test_service_active_and_enabled(host, manifest):
-    if manifest["mode"] == "docker":
+    if manifest.mode == "docker":
         with host.sudo():
             status = host.check_output(
                 "docker ps --filter label=com.docker.compose.service=llama-server --format '{{.Status}}'"
@@ -25,7 +25,7 @@ def test_service_active_and_enabled(host, manifest):
         assert status.startswith("Up"), status
         assert host.service("docker").is_enabled
         return
-    svc = host.service(manifest["unit"])
+    svc = host.service(manifest.unit)
     assert svc.is_running
     assert svc.is_enabled
 
@@ -42,19 +42,19 @@ def test_weights_locked_when_planned(host, manifest):
     llama.cpp only warns when mlock fails (e.g. a too small LimitMEMLOCK), so a
     host can serve while silently unlocked; this is where that shows.
     """
-    mode = manifest["memory_plan"].get("load_mode") or ""
+    mode = manifest.memory_plan.load_mode or ""
     if "mlock" not in mode:
         pytest.skip(f"load mode {mode or 'llama-server auto'}: nothing locked")
-    pid = int(host.check_output(f"systemctl show -p MainPID --value {manifest['unit']}"))
+    pid = int(host.check_output(f"systemctl show -p MainPID --value {manifest.unit}"))
     with host.sudo():
         status = host.file(f"/proc/{pid}/status").content_string
     locked_kib = int(re.search(r"^VmLck:\s+(\d+) kB", status, re.M).group(1))
-    model_bytes = manifest["memory_plan"]["model_bytes"]
+    model_bytes = manifest.memory_plan.model_bytes
     assert locked_kib * 1024 >= model_bytes, f"VmLck {locked_kib} kB < model {model_bytes} bytes"
 
 
 def test_port_listening(host, manifest):
-    assert host.socket(f"tcp://{manifest['host']}:{manifest['port']}").is_listening
+    assert host.socket(f"tcp://{manifest.host}:{manifest.port}").is_listening
 
 
 def test_health(base_url):
@@ -67,11 +67,11 @@ def test_models_lists_alias(api, manifest):
     r = api.get("/v1/models")
     assert r.status_code == 200, r.text
     ids = [m["id"] for m in r.json()["data"]]
-    assert manifest["alias"] in ids
+    assert manifest.alias in ids
 
 
 def test_chat_completion_non_streaming(api, manifest):
-    r = api.post("/v1/chat/completions", json={**CHAT, "model": manifest["alias"]})
+    r = api.post("/v1/chat/completions", json={**CHAT, "model": manifest.alias})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
@@ -84,7 +84,7 @@ def test_chat_completion_non_streaming(api, manifest):
 
 def test_chat_completion_streaming(api, manifest):
     events = []
-    with api.stream("POST", "/v1/chat/completions", json={**CHAT, "model": manifest["alias"], "stream": True}) as r:
+    with api.stream("POST", "/v1/chat/completions", json={**CHAT, "model": manifest.alias, "stream": True}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -107,7 +107,7 @@ def _predicted_total(api) -> float:
 
 def test_metrics_count_completions(api, manifest):
     before = _predicted_total(api)
-    r = api.post("/v1/chat/completions", json={**CHAT, "model": manifest["alias"]})
+    r = api.post("/v1/chat/completions", json={**CHAT, "model": manifest.alias})
     assert r.status_code == 200
     after = _predicted_total(api)
     assert after >= before + r.json()["usage"]["completion_tokens"]
@@ -126,17 +126,37 @@ def test_api_key_enforced(base_url, api_key, manifest):
 def test_api_key_never_exposed(host, manifest, api_key):
     if api_key is None:
         return
-    key_file = host.file(manifest["api_key_file"])
+    key_file = host.file(manifest.api_key_file)
     assert key_file.mode & 0o077 == 0, oct(key_file.mode)
     assert key_file.user != "root"
     with host.sudo():
         assert api_key not in host.check_output("ps -eo args")
-        if manifest["mode"] == "docker":
-            project = manifest["compose_project"]
+        if manifest.mode == "docker":
+            project = manifest.compose_project
             assert api_key not in host.file(f"{project}/docker-compose.yml").content_string
             assert api_key not in host.check_output(
                 "docker logs $(docker ps -q --filter label=com.docker.compose.service=llama-server) 2>&1"
             )
         else:
-            assert api_key not in host.file(f"/etc/systemd/system/{manifest['unit']}.service").content_string
-            assert api_key not in host.check_output(f"journalctl -u {manifest['unit']} --no-pager -o cat")
+            assert api_key not in host.file(f"/etc/systemd/system/{manifest.unit}.service").content_string
+            assert api_key not in host.check_output(f"journalctl -u {manifest.unit} --no-pager -o cat")
+
+
+#: control tokens of the common chat-template families; a reply carrying one as text was
+#: rendered with a template whose markers the model's vocabulary does not have (a Gemma base
+#: model under llama-server's ChatML fallback answers "...<|im_end|>\n<|im_start|>user ...")
+CONTROL_TOKENS = (
+    "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>",
+    "<|eot_id|>", "<|user|>", "<|assistant|>", "<|end|>", "[INST]", "[/INST]", "<|endoftext|>",
+)
+
+
+def test_reply_carries_no_foreign_control_tokens(api, manifest):
+    """Replies are plain text under the chat template the deploy chose (manifest: chat_template)."""
+    question = {"messages": [{"role": "user", "content": "Write two short sentences about the sea."}],
+                "max_tokens": 96, "temperature": 0}
+    r = api.post("/v1/chat/completions", json={**question, "model": manifest.alias})
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["message"]["content"]
+    leaked = [t for t in CONTROL_TOKENS if t in text]
+    assert not leaked, f"reply carries {leaked} (chat template {manifest.chat_template or 'the model own'}): {text!r}"

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jinja2
 import jsonschema
 import yaml
 
 from llamadeploy.config import HostConfig
+from llamadeploy.render import render as render_template
 from llamadeploy.tuning import compose_resources
 
-ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((Path(__file__).parent / "data/compose_spec-docker-compose-1.29.2.json").read_text())
 VALIDATOR = jsonschema.Draft201909Validator(SCHEMA)
 
@@ -25,12 +24,13 @@ def render(cfg: HostConfig, **over) -> dict:
     vars = dict(
         image="ghcr.io/ggml-org/llama.cpp:server-b11434", args=["--host", "0.0.0.0", "--port", "8080", "--alias", "a b"],
         bind_host=cfg.server.host, port=cfg.server.port, model_dir="/var/lib/llama-server/models",
-        api_key_file="/etc/llama-server/docker-api-key", resources=compose_resources(cfg), gpu=False,
+        api_key_file="/etc/llama-server/docker-api-key", resources=compose_resources(cfg),
+        container_port=8080, models_in_container="/models",
         log_max_size=cfg.docker.log_max_size, log_max_files=cfg.docker.log_max_files,
         model_file="m.gguf", model_sha256="a" * 64,
     )
     vars.update(over)
-    text = jinja2.Template((ROOT / "templates/docker-compose.yml.j2").read_text(), undefined=jinja2.StrictUndefined).render(**vars)
+    text = render_template("docker/docker-compose.yml.j2", **vars)
     return yaml.safe_load(text)
 
 

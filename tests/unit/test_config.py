@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llamadeploy.config import ConfigError, HostConfig, parse_config, raw_settings, validate_inventory
+from llamadeploy.config import HostConfig
+from llamadeploy.hostdata import ConfigError, parse_config, raw_settings, validate_inventory
 
 MODEL = {"llama_model": {"path": "/models/m.gguf"}}
 
@@ -167,7 +168,7 @@ import json, sys
 from pyinfra.api import Config, State
 from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
-from llamadeploy.config import validate_inventory
+from llamadeploy.hostdata import validate_inventory
 state = State(); ctx_state.set(state)
 inv = make_inventory("inventory/example_site.py", cwd=".")
 state.init(inv, Config())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology, parse_help_flags
 from llamadeploy.tuning import server_args
-from llamadeploy.config import HostConfig
 
 DATA = Path(__file__).parent / "data"
 
@@ -51,7 +51,6 @@ def test_every_rendered_flag_exists_in_b11434():
         "api_key": "x" * 16, "load_mode": "mlock", "cont_batching": False, "kv_unified": False,
         "numa": "distribute"}})
     from llamadeploy.facts import CpuInfo
-
     from llamadeploy.tuning import MemoryPlan
 
     # every optional flag rendered: --swa-full and --load-mode come from the plan
@@ -62,7 +61,7 @@ def test_every_rendered_flag_exists_in_b11434():
 
 
 def test_disk_free_from_df():
-    from llamadeploy.facts import DiskFree
+    from llamadeploy.roles.model.facts import DiskFree
 
     out = ["Filesystem        1-blocks       Used   Available Capacity Mounted on",
            "/dev/vda      270475862016 23622320128 233019981824      10% /"]
@@ -71,7 +70,7 @@ def test_disk_free_from_df():
 
 
 def test_host_memory_with_and_without_cgroup_limit():
-    from llamadeploy.facts import HostMemory
+    from llamadeploy.roles.preflight.facts import HostMemory
 
     out = ["MemTotal:       24683964 kB", "MemAvailable:   21794052 kB", "cgroup 8589934592"]
     mem = HostMemory().process(out)
@@ -83,7 +82,7 @@ def test_host_memory_with_and_without_cgroup_limit():
 
 def test_memlock_ceiling_from_pid1():
     """Recorded from a systemd-nspawn host (no CAP_SYS_RESOURCE) and from a normal host."""
-    from llamadeploy.facts import HostMemory
+    from llamadeploy.roles.preflight.facts import HostMemory
 
     mem = ["MemTotal:       24683964 kB", "MemAvailable:   21794052 kB", "cgroup max"]
     nspawn = HostMemory().process(mem + [

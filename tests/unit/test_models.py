@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamadeploy.models import ModelError, default_alias, pick_files
+from llamadeploy.roles.model.source import ModelError, default_alias, pick_files
 
 REPO = [
     "README.md",

@@ -6,7 +6,15 @@ from dataclasses import replace
 
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuInfo
-from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, threads, threads_batch, unit_limits, unknown_flags
+from llamadeploy.tuning import (
+    MemoryPlan,
+    server_args,
+    systemd_quote,
+    threads,
+    threads_batch,
+    unit_limits,
+    unknown_flags,
+)
 
 SMT_16 = CpuInfo(logical=32, physical=16, sockets=1, numa_nodes=1)
 SMALL = CpuInfo(logical=2, physical=2, sockets=1, numa_nodes=1)
@@ -101,3 +109,17 @@ def test_numa_policy():
     assert numa_policy(cfg(server={"numa": "isolate"}), SMALL) == "isolate"
     args = server_args(cfg(), two_nodes, PLAN, "/m.gguf", "g")
     assert args[args.index("--numa") + 1] == "distribute"
+
+
+def test_no_repack_on_amx_cpus_unless_asked():
+    """AMX CPUs get --no-repack (b11434's AMX kernels crashed the server); others keep the default."""
+    from llamadeploy.tuning import MemoryPlan, server_args
+
+    plan = MemoryPlan(4096, 4, 1 << 30, 1, 1, 1)
+    amx = CpuInfo(8, 4, 1, 1, frozenset({"avx512f", "amx_int8", "amx_tile"}))
+    plain = CpuInfo(8, 4, 1, 1, frozenset({"avx2"}))
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}})
+    assert "--no-repack" in server_args(cfg, amx, plan, "/m.gguf", "m")
+    assert "--no-repack" not in server_args(cfg, plain, plan, "/m.gguf", "m")
+    forced = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"repack": True}})
+    assert "--no-repack" not in server_args(forced, amx, plan, "/m.gguf", "m")

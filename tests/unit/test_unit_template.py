@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import jinja2
-
-
-TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "llama-server.service.j2"
+from llamadeploy.render import render as render_template
 
 
 def render(**over) -> str:
@@ -19,7 +14,7 @@ def render(**over) -> str:
         read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"],
     )
     vars.update(over)
-    return jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined).render(**vars)
+    return render_template("service/llama-server.service.j2", **vars)
 
 
 def directives(text: str) -> dict[str, list[str]]:

@@ -1,8 +1,9 @@
 """Boot real systemd Debian hosts on this machine and reach them over SSH.
 
-Why this exists: every end-to-end claim of the project is checked against a
-real host (systemd as PID 1, sshd, apt), not a mock. ``systemd-nspawn -b``
-gives us such a host in about ten seconds from a cached debootstrap tree.
+Why this exists: a new user wants to see the deploy work before pointing it at
+a server, and every end-to-end claim of the project is checked against a real
+host (systemd as PID 1, sshd, apt), not a mock. ``systemd-nspawn -b`` gives such
+a host in about ten seconds from a cached debootstrap tree. Needs root.
 
 Layout on disk (``LLAMACTL_CACHE``, default ``/var/cache/llamactl-ci``):
 
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CACHE = Path(os.environ.get("LLAMACTL_CACHE", "/var/cache/llamactl-ci"))
+#: ssh_config for the sandbox network, for tools that speak plain OpenSSH (testinfra, ssh)
+SSH_CONFIG = CACHE / "ssh" / "config"
 ROOTFS = CACHE / "rootfs-bookworm"
 HOSTS_DIR = CACHE / "hosts"
 SSH_KEY = CACHE / "ssh" / "id_ed25519"
@@ -101,7 +104,7 @@ def _save_state(state: dict) -> None:
 
 
 @dataclass
-class TestHost:
+class SandboxHost:
     """One booted host. ``index`` picks its /30 network and must be unique."""
 
     name: str
@@ -109,8 +112,6 @@ class TestHost:
     docker: bool = False
     pid: int | None = None
     binds: dict[str, str] = field(default_factory=dict)
-
-    __test__ = False  # not a pytest test class
 
     @property
     def address(self) -> str:
@@ -133,7 +134,7 @@ class TestHost:
         return HOSTS_DIR / self.name
 
     # -- lifecycle -----------------------------------------------------
-    def boot(self, timeout: float = 60) -> "TestHost":
+    def boot(self, timeout: float = 60) -> SandboxHost:
         ensure_rootfs()
         key = ensure_ssh_key()
         reap(self.name)
@@ -202,10 +203,11 @@ class TestHost:
         _run("ip", "addr", "add", f"{self.gateway}/30", "dev", self.veth)
         _run("ip", "link", "set", self.veth, "up")
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        for rule in self._nat_rules():
-            _run("iptables", *rule[0], "-A", *rule[1:])
+        for table, chain, *match in self._nat_rules():
+            _run("iptables", *table, "-A", chain, *match)
 
-    def _nat_rules(self) -> list[tuple[list[str], ...]]:
+    def _nat_rules(self) -> list[tuple[list[str], str, *tuple[str, ...]]]:
+        """(table option, chain, match...) of each rule boot adds and stop removes."""
         return [
             (["-t", "nat"], "POSTROUTING", "-s", self.network, "!", "-o", self.veth, "-j", "MASQUERADE"),
             ([], "FORWARD", "-i", self.veth, "-j", "ACCEPT"),
@@ -256,7 +258,7 @@ class TestHost:
     def testinfra_url(self) -> str:
         return f"ssh://root@{self.address}?ssh_identity_file={SSH_KEY}"
 
-    def __enter__(self) -> "TestHost":
+    def __enter__(self) -> SandboxHost:
         return self.boot()
 
     def __exit__(self, *exc) -> None:
@@ -278,9 +280,9 @@ def _stop(name: str, pid: int | None, veth: str, network: str) -> None:
         except ProcessLookupError:
             pass
     _run("ip", "link", "del", veth, check=False)
-    host = TestHost(name=name, index=int(network.split(".")[2]))
-    for rule in host._nat_rules():
-        while _run("iptables", *rule[0], "-D", *rule[1:], check=False).returncode == 0:
+    host = SandboxHost(name=name, index=int(network.split(".")[2]))
+    for table, chain, *match in host._nat_rules():
+        while _run("iptables", *table, "-D", chain, *match, check=False).returncode == 0:
             pass
     state = _load_state()
     state.pop(name, None)
@@ -296,11 +298,17 @@ def reap(name: str | None = None) -> None:
 
 
 def ssh_config() -> Path:
-    """An ssh_config for the test network, for tools that speak plain OpenSSH (testinfra)."""
+    """Write (if needed) and return an ssh_config for the sandbox network (testinfra, plain ssh)."""
     key = ensure_ssh_key()
-    path = key.parent / "config"
-    path.write_text(
+    text = (
         f"Host {NET_PREFIX}.*\n  User root\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
         "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
     )
-    return path
+    if not SSH_CONFIG.exists() or SSH_CONFIG.read_text() != text:
+        SSH_CONFIG.write_text(text)
+    return SSH_CONFIG
+
+
+def running() -> dict[str, dict]:
+    """Sandbox hosts that are up: name -> pid, veth, network."""
+    return _load_state()

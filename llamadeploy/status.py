@@ -1,0 +1,195 @@
+"""What runs on each host of an inventory, and how it differs from what the inventory asks for.
+
+pyinfra does the connecting (SSH, sudo, host data); we read what the deploy
+left on each host (the manifest, found through the host's own
+``llama_service.config_dir``), ask systemd or Docker and ``/health``, and
+compare with the host's validated settings. Used by ``llamadeploy status`` and
+``llamadeploy bench --inventory``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llamadeploy.config import HostConfig
+from llamadeploy.manifest import Manifest, manifest_path
+
+
+class HostUnreachable(Exception):
+    """A command on a host failed; the message names the host and the command."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployed host, as ``bench --inventory`` drives it."""
+
+    host: str
+    url: str
+    api_key: str | None
+    model_bytes: int
+    read_bandwidth: int | None  #: bytes/s, single core
+
+
+@dataclass
+class HostStatus:
+    host: str
+    mode: str | None = None
+    release: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    flags_digest: str | None = None
+    service: str | None = None
+    health: str | None = None
+    drift: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def connected(path: str, log: Any = None) -> Iterator[tuple[Any, dict[str, HostConfig]]]:
+    """Load and validate the inventory, connect every host; yields (active hosts, configs by host)."""
+    from pyinfra.api import Config, State
+    from pyinfra.api.connect import connect_all
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    from llamadeploy.hostdata import validate_inventory
+
+    # the same sequence as pyinfra's CLI: a state in context, the inventory, connect
+    state = State()
+    ctx_state.set(state)
+    inventory = make_inventory(path, cwd=os.getcwd())
+    configs = validate_inventory(inventory)
+    state.init(inventory, Config())
+    if log:
+        log(f"==> connecting to {len(configs)} host(s)")
+    connect_all(state)
+    hosts = list(inventory.get_active_hosts())
+    try:
+        yield hosts, configs
+    finally:
+        for host in hosts:
+            host.disconnect()
+
+
+def _run(host: Any, command: str) -> str:
+    ok, out = host.run_shell_command(command, _sudo=host.data.get("_sudo", False))
+    if not ok:
+        raise HostUnreachable(f"{host.name}: `{command.split()[0]}` failed: {out.stderr.strip()[:300]}")
+    return str(out.stdout)
+
+
+def read_manifest(host: Any, cfg: HostConfig) -> Manifest | None:
+    """The host's manifest, or None when nothing was deployed there."""
+    path = manifest_path(cfg.service.config_dir)
+    text = _run(host, f"cat {shlex.quote(path)} 2>/dev/null || true")
+    return Manifest.parse(text) if text.strip() else None
+
+
+def address(host: Any) -> str:
+    return str(host.data.get("ssh_hostname") or host.name)
+
+
+def inventory_targets(path: str, probe_command: str) -> list[Target]:
+    """One target per deployed host of the inventory file: URL, key, model size, measured bandwidth."""
+    targets = []
+    with connected(path) as (hosts, configs):
+        for host in hosts:
+            m = read_manifest(host, configs[host.name])
+            if m is None:
+                raise HostUnreachable(f"{host.name}: nothing deployed ({manifest_path(configs[host.name].service.config_dir)} is missing)")
+            key = _run(host, f"cat {shlex.quote(m.api_key_file)}").strip() if m.api_key_file else None
+            model_dir = m.model_path.rsplit("/", 1)[0]  # on the host, in both modes
+            sizes = _run(host, "stat -c %s " + " ".join(shlex.quote(f"{model_dir}/{n}") for n in m.model_files))
+            probe = _run(host, probe_command).strip()
+            targets.append(Target(host.name, f"http://{address(host)}:{m.port}", key,
+                                  sum(int(x) for x in sizes.split()), int(probe) if probe.isdigit() else None))
+    return targets
+
+
+def expected_model_sha256(cfg: HostConfig) -> str | None:
+    """The first model file's sha256 the inventory asks for, without downloading anything."""
+    if cfg.model.sha256:
+        return cfg.model.sha256
+    if cfg.model.path:
+        from llamadeploy.artifacts import file_sha256
+
+        return file_sha256(cfg.model.path)
+    from llamadeploy.roles.model.source import resolve
+
+    return resolve(cfg.model).first.sha256
+
+
+def drift(cfg: HostConfig, m: Manifest, expected_sha: str | None) -> list[str]:
+    """Where the deployed host differs from its inventory settings (pure)."""
+    out = []
+    if m.mode != cfg.mode:
+        out.append(f"mode {m.mode} -> {cfg.mode}")
+    if cfg.mode == "native" and m.release != cfg.build.release_key():
+        out.append(f"release {m.release} -> {cfg.build.release_key()}")
+    if expected_sha and m.model_sha256 != expected_sha:
+        out.append(f"model sha256 {m.model_sha256[:12]} -> {expected_sha[:12]}")
+    if (m.host, m.port) != (cfg.server.host, cfg.server.port):
+        out.append(f"bind {m.host}:{m.port} -> {cfg.server.host}:{cfg.server.port}")
+    if bool(m.api_key_file) != (cfg.server.api_key is not None):
+        out.append("api key " + ("set -> none" if m.api_key_file else "none -> set"))
+    if cfg.model.alias and m.alias != cfg.model.alias:
+        out.append(f"alias {m.alias} -> {cfg.model.alias}")
+    return out
+
+
+def host_status(host: Any, cfg: HostConfig) -> HostStatus:
+    """One host's row: what runs, whether it is healthy, and its drift."""
+    from llamadeploy.roles.health import health_url
+
+    st = HostStatus(host.name)
+    try:
+        m = read_manifest(host, cfg)
+        if m is None:
+            st.error = "nothing deployed"
+            st.drift = ["not deployed"]
+            return st
+        st.mode, st.release = m.mode, m.release or m.image
+        st.model, st.model_sha256 = m.alias, m.model_sha256[:12]
+        st.flags_digest = m.flags_digest()
+        if m.mode == "native":
+            st.service = _run(host, f"systemctl is-active {shlex.quote(m.unit or '')} || true").strip()
+        else:
+            st.service = _run(host, "docker ps --filter label=com.docker.compose.service=llama-server "
+                                    "--format '{{.Status}}' || true").strip() or "not running"
+        code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(health_url(cfg))} || true")
+        st.health = "ok" if code.strip() == "200" else f"HTTP {code.strip() or 'no answer'}"
+        st.drift = drift(cfg, m, expected_model_sha256(cfg))
+    except HostUnreachable as exc:
+        st.error = str(exc)
+    return st
+
+
+def fleet_status(path: str, log: Any = None) -> list[HostStatus]:
+    with connected(path, log) as (hosts, configs):
+        return [host_status(h, configs[h.name]) for h in hosts]
+
+
+COLUMNS = ("host", "mode", "release", "model", "model_sha256", "flags_digest", "service", "health", "drift")
+
+
+def format_table(rows: list[HostStatus]) -> str:
+    """A fixed-width table, one host per line; drift ``-`` means the host matches its inventory."""
+    cells = [list(COLUMNS)]
+    for r in rows:
+        d = r.as_dict()
+        d["drift"] = "; ".join(r.drift) or "-"
+        if r.error:
+            d["health"] = r.error
+        cells.append([str(d[c]) if d[c] is not None else "-" for c in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in cells
+    )

@@ -1,0 +1,107 @@
+"""The docker role's operations: images, the compose project, the image's flags."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Generator
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import OperationError, operation
+from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.server import Command
+
+from llamadeploy.chat_template import template_problem
+from llamadeploy.roles.docker.facts import DockerImageId, ImageServerHelp, ImageServerTemplates
+from llamadeploy.tuning import flag_names, unknown_flags
+
+
+@operation()
+def check_image_flags(image: str, args: list[str]) -> Generator[Any, None, None]:
+    """
+    Fail before the compose file changes if ``args`` holds a flag ``llama-server`` in ``image`` does not know.
+
+    + image: the local image reference the compose file will run
+    + args: the rendered argument vector (the container's command)
+    """
+    accepted = host.get_fact(ImageServerHelp, image=image)
+    if not accepted:
+        raise OperationError(f"llama-server in {image} is missing or printed no --help")
+    bad = unknown_flags(args, accepted)
+    if bad:
+        raise OperationError(f"llama-server in {image} does not accept {', '.join(bad)} (see its --help)")
+    problem = template_problem(args, host.get_fact(ImageServerTemplates, image=image), f"llama-server in {image}")
+    if problem:
+        raise OperationError(problem)
+    host.noop(f"all {len(flag_names(args))} flags are known to llama-server in {image}")
+    yield from ()
+
+
+@operation()
+def image_loaded(ref: str, tarball: str, sha256: str):
+    """
+    ``docker load`` a pushed image tarball unless ``ref`` is already there from this tarball.
+
+    + ref: the image reference the tarball holds (``repo:tag``)
+    + tarball: host path of the tarball, already verified by ``verified_file``
+    + sha256: its hash, recorded in ``<tarball>.loaded`` so a changed tarball reloads
+    """
+    # the tarball's content is guaranteed by the verified_file op right before; the
+    # marker says which content was loaded, so no second hash of a large file here
+    marker = host.get_fact(FileContents, path=f"{tarball}.loaded") or []
+    if host.get_fact(DockerImageId, ref=ref) and [line.strip() for line in marker] == [sha256]:
+        host.noop(f"{ref} is loaded from {tarball}")
+        return
+    q = shlex.quote
+    yield f"docker load -q -i {q(tarball)} && echo {q(sha256)} > {q(tarball + '.loaded')}"
+
+
+@operation()
+def image_pulled(ref: str):
+    """
+    ``docker pull`` an image reference (tag or tag@digest) unless it is already on the host.
+
+    + ref: what to pull; pin it with a digest so "already there" means "the same image"
+    """
+    if host.get_fact(DockerImageId, ref=ref):
+        host.noop(f"{ref} is present")
+        return
+    yield f"docker pull -q {shlex.quote(ref)}"
+
+
+@operation()
+def compose_down(project_dir: str, compose: str):
+    """
+    Stop and remove the compose project (switching to native mode); nothing if there is none.
+
+    + project_dir: where the compose file lives
+    + compose: the compose command (``docker-compose`` or ``docker compose``)
+    """
+    path = f"{project_dir}/docker-compose.yml"
+    if not host.get_fact(File, path=path):
+        host.noop(f"no compose project in {project_dir}")
+        return
+    q = shlex.quote
+    yield f"cd {q(project_dir)} && {compose} down --remove-orphans && rm -f docker-compose.yml"
+
+
+@operation()
+def compose_running(project_dir: str, compose: str):
+    """
+    Start the compose project if its container is not running (after a manual stop, a reboot
+    without restart policy, ...); nothing when it runs.
+
+    + project_dir: where the compose file lives
+    + compose: the compose command
+    """
+    q = shlex.quote
+    state = host.get_fact(
+        Command,
+        command=f"cd {q(project_dir)} && docker inspect --format '{{{{.State.Running}}}}' "
+        f"$({compose} ps -q) 2>/dev/null || true",
+    )
+    if (state or "").strip() == "true":
+        host.noop("the container is running")
+        return
+    yield f"cd {q(project_dir)} && {compose} up -d --remove-orphans"
+

@@ -1,0 +1,46 @@
+"""The service role's operation: refuse flags the installed binary does not know."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import OperationError, operation
+
+from llamadeploy.chat_template import template_problem
+from llamadeploy.facts import ServerHelp, ServerTemplates
+from llamadeploy.tuning import flag_names, unknown_flags
+
+
+@operation()
+def check_flags(binary: str, args: list[str]) -> Generator[Any, None, None]:
+    """
+    Fail before the unit changes if ``args`` holds a flag the installed binary does not know.
+
+    + binary: path of the ``llama-server`` that the unit will run
+    + args: the rendered argument vector
+
+    Reads the binary's ``--help`` at execution time (after the build), so a
+    renamed flag in a new llama.cpp release stops the deploy instead of
+    crash-looping the service. A built-in ``--chat-template`` name must be in the
+    binary's list too (llama-server would start and render the name as text).
+
+    **Example:**
+
+    .. code:: python
+
+        check_flags(name="Flags known", binary="/opt/llama.cpp/current/bin/llama-server",
+                    args=["--port", "8080"])
+    """
+    accepted = host.get_fact(ServerHelp, binary=binary)
+    if not accepted:
+        raise OperationError(f"{binary} is missing or printed no --help")
+    bad = unknown_flags(args, accepted)
+    if bad:
+        raise OperationError(f"{binary} does not accept {', '.join(bad)} (see its --help)")
+    problem = template_problem(args, host.get_fact(ServerTemplates, binary=binary), binary)
+    if problem:
+        raise OperationError(problem)
+    host.noop(f"all {len(flag_names(args))} flags are known to {binary}")
+    yield from ()  # an operation is a generator even when it has no command
