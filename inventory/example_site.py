@@ -11,6 +11,10 @@ all → group → host, most specific wins per key.
 # from the catalog (Hugging Face, downloaded once by the controller, pushed to every host)
 _model = {"catalog": "gemma-2-2b-it", "alias": "gemma-2-2b-it"}
 
+# one bearer key for the site, in a 0600 file on the controller (never in this file):
+#   llamadeploy key new secrets/example-site-api-key            (rotate: add --rotate, deploy)
+_server = {"api_key_file": "secrets/example-site-api-key"}
+
 # Small CPU nodes: the user's example limits (4 CPUs / 8 GB, 2 CPUs / 4 GB reserved)
 cpu_nodes = (
     [
@@ -19,6 +23,7 @@ cpu_nodes = (
     ],
     {
         "llama_model": _model,
+        "llama_server": _server,
         "llama_limits": {"cpus": 4.0, "memory": "8G", "memory_reserved": "4G"},
     },
 )
@@ -28,6 +33,6 @@ big_nodes = (
     ["llm-10.example.internal"],
     {
         "llama_model": {"catalog": "qwen2.5-3b", "alias": "qwen2.5-3b"},
-        "llama_server": {"parallel": 16, "ctx_size": 131072, "load_mode": "mlock"},
+        "llama_server": {**_server, "parallel": 16, "ctx_size": 131072, "load_mode": "mlock"},
     },
 )

@@ -1,9 +1,10 @@
 """llamadeploy: put llama.cpp's llama-server on your own hosts with pyinfra.
 
-The package is the reusable core that ``deploy.py`` and ``roles/`` build on:
-
-* :mod:`llamadeploy.config`  the one pydantic model holding every setting
-* :mod:`llamadeploy.facts`   what we read from a host (``FactBase`` subclasses)
-* :mod:`llamadeploy.tuning`  pure functions from config + facts to server flags
-* :mod:`llamadeploy.operations` the few operations pyinfra has no stock op for
+* :mod:`llamadeploy.deploy`   the whole deploy as one importable ``@deploy``
+* :mod:`llamadeploy.roles`    one folder per feature (the top-level ``roles/``)
+* :mod:`llamadeploy.config`   the one pydantic model holding every setting
+* :mod:`llamadeploy.hostdata` pyinfra host data into that model, every host at once
+* :mod:`llamadeploy.tuning`   pure functions from config + facts to server flags
+* :mod:`llamadeploy.manifest` what a host was given, written and read in one place
+* :mod:`llamadeploy.cli`      the ``llamadeploy`` command (sandbox, status, bench, key)
 """

@@ -12,7 +12,9 @@ it over the old one: a reader sees the old file or the new one, never a mix.
 The staging file is created empty with mode 0600 before the upload, so a
 secret is never readable by others, not even for the length of the transfer.
 
-Each one compares first and calls ``host.noop`` when nothing differs.
+Each one compares first and calls ``host.noop`` when nothing differs. Every
+rename is made durable: the staged file is fsynced before it, its directory after
+(:func:`durable_rename`).
 
 Large files (models, image tarballs, built releases) go through
 :func:`verified_file`: uploaded to ``dest.partial``, hashed on the host, and only
@@ -44,6 +46,17 @@ def staging_path(dest: str) -> str:
     """Hidden sibling of ``dest``: same directory, so the final ``mv`` is a rename(2)."""
     head, tail = posixpath.split(dest)
     return posixpath.join(head, f".{tail}{STAGE_SUFFIX}")
+
+
+def durable_rename(staged: str, dest: str) -> str:
+    """Shell: fsync ``staged``, rename it onto ``dest``, fsync the directory.
+
+    A rename is atomic but not durable: after a power cut the new name can point at a
+    file whose data never reached the disk (an empty unit or key under its final name).
+    ``sync FILE`` (coreutils) fsyncs the data first; ``sync DIR`` makes the rename stick.
+    """
+    q = shlex.quote
+    return f"sync -- {q(staged)} && mv -f {q(staged)} {q(dest)} && sync -- {q(posixpath.dirname(dest) or '/')}"
 
 
 @operation()
@@ -83,7 +96,7 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
     yield FileUploadCommand(src, stage)
     yield chown(stage, user, group)
     yield chmod(stage, want_mode)
-    yield f"mv -f {q(stage)} {q(dest)}"
+    yield durable_rename(stage, dest)
 
 
 @operation()
@@ -103,7 +116,7 @@ def link(path: str, target: str):
         return
     q = shlex.quote
     stage = staging_path(path)
-    yield f"rm -f {q(stage)} && ln -s {q(target)} {q(stage)} && mv -Tf {q(stage)} {q(path)}"
+    yield f"rm -f {q(stage)} && ln -s {q(target)} {q(stage)} && mv -Tf {q(stage)} {q(path)} && sync -- {q(posixpath.dirname(path))}"
 
 
 @operation()
@@ -155,6 +168,6 @@ def install_if_hash_matches(staged: str, dest: str, sha256: str, mode: str, what
     mismatch = q(f"sha256 mismatch for {what}: expected {sha256}, got")
     return (
         f"actual=$(sha256sum {q(staged)} | cut -d' ' -f1); "
-        f"if [ \"$actual\" = {q(sha256)} ]; then {stage}chmod {q(mode)} {q(tmp)} && mv -f {q(tmp)} {q(dest)}; "
+        f"if [ \"$actual\" = {q(sha256)} ]; then {stage}chmod {q(mode)} {q(tmp)} && {durable_rename(tmp, dest)}; "
         f"else rm -f {q(staged)}; echo {mismatch} \"$actual\" >&2; exit 1; fi"
     )

@@ -5,6 +5,7 @@
     llamadeploy sandbox ssh-config                                  ssh_config for them
     llamadeploy status INVENTORY [--json]                           what runs where, drift
     llamadeploy bench --url URL | --inventory INVENTORY ...         load a deployed host
+    llamadeploy key new FILE [--rotate]                             a site's API key (0600)
 
 Deploying stays ``pyinfra INVENTORY deploy.py`` (or, from an installed wheel,
 ``pyinfra INVENTORY llamadeploy.deploy.llama_server``). Errors are one line
@@ -91,6 +92,28 @@ def _status(a: argparse.Namespace) -> int:
     return 1 if any(r.error or r.health != "ok" for r in rows) else 0
 
 
+def _key(a: argparse.Namespace) -> int:
+    """Write a new random API key to a 0600 controller file; refuse to replace one unless rotating."""
+    import secrets
+
+    path = Path(a.file)
+    if path.exists() and not a.rotate:
+        print(f"{path} exists; deploys reuse it. Replace it with: llamadeploy key new {path} --rotate",
+              file=sys.stderr)
+        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"sk-{secrets.token_urlsafe(32)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    print(f"{'rotated' if a.rotate else 'wrote'} {path} (0600); with llama_server.api_key_file = {str(path)!r} "
+          "the next deploy puts it on the hosts and restarts them")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # bench owns its options
@@ -110,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("inventory")
     st.add_argument("--json", action="store_true")
     sub.add_parser("bench", help="load a deployed host (see llamadeploy bench --help)")
+    kp = sub.add_parser("key", help="a site's API key on the controller")
+    kp.add_argument("action", choices=["new"])
+    kp.add_argument("file", help="controller file for the key (written 0600)")
+    kp.add_argument("--rotate", action="store_true", help="replace an existing key; deploy afterwards")
     a = p.parse_args(argv)
-    return {"sandbox": _sandbox, "status": _status}[a.command](a)
+    return {"sandbox": _sandbox, "status": _status, "key": _key}[a.command](a)
 
 
 if __name__ == "__main__":

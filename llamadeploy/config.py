@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,14 +25,70 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 #: Data keys on a pyinfra host that belong to us.
 PREFIX = "llama_"
 
 SIZE_RE = re.compile(r"^[0-9]+[KMGT]?$")
 Size = Annotated[str, Field(pattern=SIZE_RE.pattern, description="bytes, or a number with K/M/G/T")]
-AbsPath = Annotated[str, Field(pattern=r"^/[^\s]*$", description="an absolute path without spaces")]
+#: places a host path may not be: what the unit hides or protects (PrivateTmp, ProtectHome,
+#: ProtectKernel*, PrivateDevices), the kernel's own trees, and root's home
+FORBIDDEN_ROOTS = ("/tmp", "/var/tmp", "/home", "/root", "/proc", "/sys", "/dev", "/run", "/boot")
+#: characters a host path or file name may hold: nothing a shell or systemd reads specially
+PATH_CHARS = r"[A-Za-z0-9._+@/-]"
+
+
+def _host_path(value: str) -> str:
+    """An absolute, normalized host path of plain characters, outside the hidden or protected trees."""
+    if not re.fullmatch(rf"/{PATH_CHARS}*", value):
+        raise ValueError("must be an absolute path of letters, digits and ._+@/- only")
+    if posixpath.normpath(value) != value:
+        raise ValueError(f"must be normalized (no '..', '.', '//' or trailing '/'; e.g. {posixpath.normpath(value)!r})")
+    if value == "/":
+        raise ValueError("must not be / itself")
+    for root in FORBIDDEN_ROOTS:
+        if value == root or value.startswith(root + "/"):
+            raise ValueError(
+                f"must not be under {root} (hidden or protected for the service; allowed e.g. /opt, /srv, /var/lib, /etc)"
+            )
+    return value
+
+
+def _relative_path(value: str) -> str:
+    """A relative path inside a tree (tarball subdir, Hub file name): no '..', no leading '/' or '-'."""
+    if not re.fullmatch(rf"{PATH_CHARS}+", value) or value.startswith(("/", "-")):
+        raise ValueError("must be a relative path of letters, digits and ._+@/- not starting with / or -")
+    parts = value.split("/")
+    if ".." in parts or "" in parts:
+        raise ValueError("must stay inside its tree (no '..' or empty parts)")
+    return value
+
+
+AbsPath = Annotated[str, AfterValidator(_host_path)]
+RelPath = Annotated[str, AfterValidator(_relative_path)]
 Name = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
+#: a git ref or commit: what git and CMake get, never an option
+Ref = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")]
+#: a CMake -D value: no quotes, spaces, $, backticks; ';' only as CMake's list separator
+CMakeValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9._+:/=,;@-]{0,256}$")]
+#: a git remote: https://, ssh:// or git@host:path, never something git reads as an option
+GitUrl = Annotated[str, Field(pattern=r"^(https://|ssh://|git@)[A-Za-z0-9._~:/@+-]+$")]
+
+
+def parse_size(size: str) -> int:
+    """Bytes of a :data:`Size` (``"8G"`` is 8 GiB)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def problem(field: str, value: object, message: str) -> PydanticCustomError:
+    """A cross-field error that still names one field and its value (``section.field``).
+
+    pydantic reports a model validator's error at the model's location; this keeps the
+    operator's message as specific as a field error: host, field, value, what is allowed.
+    """
+    return PydanticCustomError("field_problem", message, {"field": field, "value": value})
 
 
 class Section(BaseModel):
@@ -44,18 +102,18 @@ class BuildConfig(Section):
 
     version: Annotated[str, Field(pattern=r"^b[0-9]+$")] = "b11434"
     #: commit hash or name recorded in ``llama-server --version``; defaults to the version
-    commit: str | None = None
+    commit: Ref | None = None
     source: Literal["git", "tarball"] = "git"
-    git_url: str = "https://github.com/ggml-org/llama.cpp.git"
+    git_url: GitUrl = "https://github.com/ggml-org/llama.cpp.git"
     #: controller path of a source tarball (air-gapped hosts, CI)
     tarball: str | None = None
     #: directory inside the tarball that holds llama.cpp's top CMakeLists.txt
-    tarball_subdir: str = "."
+    tarball_subdir: RelPath = "."
     #: GGML_NATIVE: tune for the build host's CPU; turn off for portable builds
     native: bool = True
     blas: Literal["none", "openblas"] = "none"
     #: extra ``-D`` options, e.g. ``{"GGML_AVX512": "OFF"}``
-    cmake_args: dict[str, str] = {}
+    cmake_args: dict[str, CMakeValue] = {}
     ccache: bool = True
     #: parallel compile jobs; ``None`` means all CPUs of the host
     jobs: Annotated[int, Field(ge=1, le=1024)] | None = None
@@ -114,21 +172,21 @@ class ModelConfig(Section):
     #: Hugging Face repo, e.g. "Qwen/Qwen2.5-3B-Instruct-GGUF"
     repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")] | None = None
     #: file in the repo; a split GGUF is named by its first part (*-00001-of-0000N.gguf)
-    filename: str | None = None
+    filename: RelPath | None = None
     #: instead of filename: a quantization such as "Q4_K_M", matched against the repo's .gguf files
     quant: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] | None = None
     #: branch, tag or commit; recorded as the commit hash it resolves to
-    revision: Annotated[str, Field(pattern=r"^[\w./-]{1,100}$")] = "main"
+    revision: Ref = "main"
     #: controller path of a .gguf file (no Hub involved)
     path: str | None = None
     #: expected sha256 of the (single) file; default: the Hub's LFS sha256 / the controller file's
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     #: name shown by /v1/models and accepted as "model" in requests
-    alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")] | None = None
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")] | None = None
     #: controller: download once on the controller, push to hosts; host: each host downloads
     distribution: Literal["controller", "host"] = "controller"
     #: Hub endpoint (an on-prem mirror); default: the controller's HF_ENDPOINT or huggingface.co
-    hf_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    hf_endpoint: Annotated[str, Field(pattern=r"^https?://[A-Za-z0-9._~:/@%+-]+$")] | None = None
     #: controller file holding a Hub token (gated repos); default: HF_TOKEN / huggingface_hub's login
     hf_token_file: str | None = None
 
@@ -212,8 +270,13 @@ class ServerConfig(Section):
     #: GGUF's own template, or, when the GGUF has none, the built-in for its architecture
     #: (without one llama-server falls back to ChatML, whose markers a Gemma vocabulary lacks)
     chat_template: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")] | None = None
-    #: bearer key for /v1/*; stored 0600 on the host, never on a command line
+    #: bearer key for /v1/* and /metrics; stored 0600 on the host, never on a command line
     api_key: SecretStr | None = None
+    #: controller file holding the key (mode 0600; ``llamadeploy key new FILE`` writes one);
+    #: read at validation, so every host that names the file gets its key
+    api_key_file: str | None = None
+    #: serve /v1 and /metrics on a non-loopback address without a key (refused unless true)
+    allow_unauthenticated: bool = False
     #: extra arguments appended verbatim (escape hatch)
     extra_args: list[str] = []
 
@@ -251,16 +314,34 @@ class LimitsConfig(Section):
     memlock: Size | Literal["infinity"] = "infinity"
     tasks: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
 
+    @model_validator(mode="after")
+    def _reservation_within_limit(self) -> LimitsConfig:
+        if self.memory and self.memory_reserved and parse_size(self.memory_reserved) > parse_size(self.memory):
+            raise problem("memory_reserved", self.memory_reserved,
+                          f"a reservation cannot exceed its limit (memory = {self.memory!r})")
+        if self.cpus and self.cpus_reserved and self.cpus_reserved > self.cpus:
+            raise problem("cpus_reserved", self.cpus_reserved,
+                          f"a reservation cannot exceed its limit (cpus = {self.cpus})")
+        return self
+
 
 class ServiceConfig(Section):
     """Names and paths on the host."""
 
     name: Name = "llama-server"
+    #: a system account of the service's own; never root (an existing login account is refused at preflight)
     user: Name = "llama"
     prefix: AbsPath = "/opt/llama.cpp"
     data_dir: AbsPath = "/var/lib/llama-server"
     config_dir: AbsPath = "/etc/llama-server"
     cache_dir: AbsPath = "/var/cache/llama.cpp"
+
+    @field_validator("user")
+    @classmethod
+    def _own_account(cls, v: str) -> str:
+        if v in ("root", "nobody", "daemon", "bin", "sys", "www-data"):
+            raise ValueError("must be an unprivileged account of the service's own, not root or a shared system account")
+        return v
 
 
 class DockerConfig(Section):
@@ -300,6 +381,29 @@ class HostConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
     health: HealthConfig = HealthConfig()
+
+    @model_validator(mode="after")
+    def _not_open_by_default(self) -> HostConfig:
+        """An API on the network without a key is how many Ollama servers ended up open to everyone."""
+        import ipaddress
+
+        s = self.server
+        if s.api_key is None and not s.allow_unauthenticated and not ipaddress.ip_address(s.host).is_loopback:
+            raise problem(
+                "server.host", s.host,
+                "binding a non-loopback address without llama_server.api_key serves /v1 and /metrics to "
+                "anyone who can reach it; set llama_server.api_key_file (create one: llamadeploy key new FILE), "
+                "bind 127.0.0.1, or set llama_server.allow_unauthenticated = True",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> HostConfig:
+        if self.mode == "docker" and self.server.load_mode and "mlock" in self.server.load_mode:
+            raise problem("server.load_mode", self.server.load_mode,
+                          "docker mode cannot lock memory (the container has no CAP_IPC_LOCK); "
+                          "use 'mmap', 'none' or 'auto', or llama_mode 'native'")
+        return self
 
     @property
     def docker_image(self) -> str:

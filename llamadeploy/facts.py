@@ -1,8 +1,8 @@
 """Facts we read from hosts, as pyinfra ``FactBase`` subclasses.
 
-Only facts that several roles read live here (CPU topology: preflight, service
-and docker; the installed binary's ``--help``: service and rollouts). A fact one
-role needs sits in that role's ``facts.py``. Each fact is one command and a pure
+Only what several roles read lives here (CPU topology: preflight, service and
+docker; the ``--help`` parser: service and docker). A fact one role needs sits
+in that role's ``facts.py``. Each fact is one command and a pure
 ``process`` so it can be unit-tested from a recorded output
 (``tests/unit/test_facts.py``).
 """
@@ -10,12 +10,9 @@ role needs sits in that role's ``facts.py``. Each fact is one command and a pure
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 
 from pyinfra.api import FactBase
-
-from llamadeploy.chat_template import parse_builtin_templates
 
 
 @dataclass(frozen=True)
@@ -64,32 +61,6 @@ class CpuTopology(FactBase[CpuInfo]):
             numa_nodes=len(nodes) or 1,
             flags=flags,
         )
-
-
-class ServerHelp(FactBase[frozenset[str]]):
-    """The long options the installed ``llama-server`` accepts, read from its ``--help``.
-
-    Flags change between llama.cpp releases (``--mlock``/``--no-mmap`` became
-    ``--load-mode``); we check what we render against the binary, not memory.
-    """
-
-    def command(self, binary: str) -> str:
-        q = shlex.quote(binary)
-        return f"test -x {q} && {q} --help 2>&1 || true"
-
-    def process(self, output: list[str]) -> frozenset[str]:
-        return parse_help_flags(output)
-
-
-class ServerTemplates(FactBase[frozenset[str]]):
-    """The built-in chat template names the installed ``llama-server`` lists in its ``--help``."""
-
-    def command(self, binary: str) -> str:
-        q = shlex.quote(binary)
-        return f"test -x {q} && {q} --help 2>&1 || true"
-
-    def process(self, output: list[str]) -> frozenset[str]:
-        return parse_builtin_templates(output)
 
 
 def parse_help_flags(lines: list[str]) -> frozenset[str]:

@@ -14,6 +14,7 @@ naming host, field, value and what is allowed.
 
 from __future__ import annotations
 
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ def raw_settings(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _describe(err: ErrorDetails) -> str:
+    if err["type"] == "field_problem":  # a cross-field check naming one field (config.problem)
+        ctx = err.get("ctx") or {}
+        err = {**err, "loc": (*err["loc"], *str(ctx["field"]).split(".")), "input": ctx["value"]}
     loc = ".".join(str(p) for p in err["loc"])
     field = f"{PREFIX}{loc}" if loc else "llama_*"
     if err["type"] == "extra_forbidden":
@@ -74,6 +78,8 @@ def _describe(err: ErrorDetails) -> str:
     value = err.get("input")
     if isinstance(value, SecretStr) or "api_key" in loc:
         shown = "<hidden>"
+    elif isinstance(value, dict) and any("key" in str(k) or "token" in str(k) for k in value):
+        shown = "{...}"
     else:
         shown = repr(value)
     return f"{field} = {shown}: {err['msg']}"
@@ -81,10 +87,40 @@ def _describe(err: ErrorDetails) -> str:
 
 def parse_config(host_name: str, layers: list[dict[str, Any]]) -> tuple[HostConfig | None, list[str]]:
     """Validate one host's data; returns the config or the list of problems."""
+    settings = raw_settings(layers)
+    key_problem = _load_key_file(settings)
+    if key_problem:
+        return None, [f"host {host_name}: {key_problem}"]
     try:
-        return HostConfig.model_validate(raw_settings(layers)), []
+        return HostConfig.model_validate(settings), []
     except ValidationError as exc:
         return None, [f"host {host_name}: {_describe(e)}" for e in exc.errors()]
+
+
+def _load_key_file(settings: dict[str, Any]) -> str | None:
+    """Put the key of ``llama_server.api_key_file`` (a controller file) into ``api_key``.
+
+    The file must be the operator's alone (no group or other access), as
+    ``llamadeploy key new`` writes it; the key itself never appears in a message.
+    """
+    server = settings.get("server")
+    if not isinstance(server, dict) or server.get("api_key_file") is None:
+        return None
+    path = server["api_key_file"]
+    field = f"{PREFIX}server.api_key_file = {path!r}"
+    if server.get("api_key") is not None:
+        return f"{field}: give api_key or api_key_file, not both"
+    if not isinstance(path, str):
+        return f"{field}: must be a controller file path"
+    try:
+        st = os.stat(path)
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        return f"{field}: {exc.strerror} on the controller (create it: llamadeploy key new {path})"
+    if st.st_mode & 0o077:
+        return f"{field}: mode {oct(st.st_mode & 0o777)[2:]} lets others read the key; chmod 600 {path}"
+    settings["server"] = {**server, "api_key": key}
+    return None
 
 
 def host_layers(host: Any) -> list[dict[str, Any]]:

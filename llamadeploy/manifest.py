@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from llamadeploy.config import HostConfig
+    from llamadeploy.roles.model.source import ModelArtifact
+    from llamadeploy.tuning import MemoryPlan
 
 #: file name inside ``llama_service.config_dir``
 FILE_NAME = "deploy.json"
@@ -63,8 +68,9 @@ class Manifest(BaseModel):
     #: native: release key and the binary the unit runs
     release: str | None = None
     binary: str | None = None
-    #: docker: compose project directory and image reference
+    #: docker: compose project directory, its service (container) name and image reference
     compose_project: str | None = None
+    compose_service: str | None = None
     image: str | None = None
     #: host path of the API key file, None when no key is set
     api_key_file: str | None = None
@@ -92,3 +98,23 @@ class Manifest(BaseModel):
         import hashlib
 
         return hashlib.sha256(json.dumps(self.args).encode()).hexdigest()[:12]
+
+
+def build_manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtifact, **mode_fields: Any) -> Manifest:
+    """The manifest both modes write; ``mode_fields`` are what differs (unit, release, image, ...)."""
+    return Manifest(
+        mode=cfg.mode,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        alias=art.alias,
+        model_path=f"{cfg.model_dir}/{art.first.name}",
+        model_files={f.name: f.sha256 for f in art.files},
+        model_repo=art.repo_id,
+        model_commit=art.commit,
+        chat_template=plan.chat_template,
+        args=args,
+        memory_plan=PlanRecord(limit=plan.limit, model_bytes=plan.model_bytes,
+                               kv_bytes_per_token=plan.kv_bytes_per_token, ctx_size=plan.ctx_size,
+                               parallel=plan.parallel, swa_full=plan.swa_full, load_mode=plan.load_mode),
+        **mode_fields,
+    )

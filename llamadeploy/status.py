@@ -53,10 +53,17 @@ class HostStatus:
 
 
 @contextmanager
-def connected(path: str, log: Any = None) -> Iterator[tuple[Any, dict[str, HostConfig]]]:
-    """Load and validate the inventory, connect every host; yields (active hosts, configs by host)."""
+def connected(path: str, log: Any = None, state_unreachable: list[str] | None = None,
+              ) -> Iterator[tuple[Any, dict[str, HostConfig]]]:
+    """Load and validate the inventory, connect every host; yields (connected hosts, configs by host).
+
+    ``state_unreachable`` (optional) receives the names of hosts that could not be connected.
+    """
+    if state_unreachable is None:
+        state_unreachable = []
     from pyinfra.api import Config, State
     from pyinfra.api.connect import connect_all
+    from pyinfra.api.exceptions import PyinfraError
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
@@ -70,8 +77,13 @@ def connected(path: str, log: Any = None) -> Iterator[tuple[Any, dict[str, HostC
     state.init(inventory, Config())
     if log:
         log(f"==> connecting to {len(configs)} host(s)")
-    connect_all(state)
+    try:
+        connect_all(state)
+    except PyinfraError:  # "No hosts remaining!": every host failed to connect
+        pass
     hosts = list(inventory.get_active_hosts())
+    # pyinfra drops hosts it could not connect to from the active set: report them, not hide them
+    state_unreachable[:] = [h.name for h in inventory if h not in hosts]
     try:
         yield hosts, configs
     finally:
@@ -162,19 +174,27 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
         if m.mode == "native":
             st.service = _run(host, f"systemctl is-active {shlex.quote(m.unit or '')} || true").strip()
         else:
-            st.service = _run(host, "docker ps --filter label=com.docker.compose.service=llama-server "
-                                    "--format '{{.Status}}' || true").strip() or "not running"
-        code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(health_url(cfg))} || true")
+            label = shlex.quote(f"label=com.docker.compose.service={m.compose_service}")
+            st.service = _run(host, f"docker ps --filter {label} --format '{{{{.Status}}}}' || true").strip() or "not running"
+        url = health_url(m.host, m.port)  # where it runs now, not where the inventory would move it
+        code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(url)} || true")
         st.health = "ok" if code.strip() == "200" else f"HTTP {code.strip() or 'no answer'}"
         st.drift = drift(cfg, m, expected_model_sha256(cfg))
-    except HostUnreachable as exc:
-        st.error = str(exc)
+    except (HostUnreachable, ValueError, RuntimeError) as exc:  # ValueError: a manifest it cannot parse
+        st.error = str(exc).splitlines()[0]
+    except Exception as exc:  # noqa: BLE001 - one bad host (a Hub error resolving its model) is one row
+        st.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return st
 
 
 def fleet_status(path: str, log: Any = None) -> list[HostStatus]:
-    with connected(path, log) as (hosts, configs):
-        return [host_status(h, configs[h.name]) for h in hosts]
+    """One row per inventory host, in inventory order; an unreachable host is a row with its error."""
+    unreachable: list[str] = []
+    with connected(path, log, unreachable) as (hosts, configs):
+        rows = {h.name: host_status(h, configs[h.name]) for h in hosts}
+    rows |= {name: HostStatus(name, error="unreachable over SSH (see pyinfra's connect error above)")
+             for name in unreachable}
+    return [rows[name] for name in configs if name in rows]
 
 
 COLUMNS = ("host", "mode", "release", "model", "model_sha256", "flags_digest", "service", "health", "drift")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from llamadeploy.chat_template import builtin_template_for
 from llamadeploy.chat_template import server_args as template_args
-from llamadeploy.config import HostConfig
+from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuInfo
 from llamadeploy.gguf_meta import ModelMeta
 
@@ -188,11 +188,6 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.model_bytes + self.kv_bytes + self.overhead
-
-
-def parse_size(size: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
 
 
 def kv_bytes_per_token(meta: ModelMeta, cache_type: str = "f16") -> int:

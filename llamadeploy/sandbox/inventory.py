@@ -29,6 +29,9 @@ def default_data() -> dict[str, Any]:
             "sha256": assets.MODEL_SHA256,
             "alias": "gemma-3-270m",
         },
+        # a throwaway host on a private veth network of this machine: open on purpose, so the
+        # quickstart's curl works as printed (a real site is refused without a key)
+        "llama_server": {"allow_unauthenticated": True},
     }
 
 

@@ -12,7 +12,6 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files
 
-from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.build.operations import build_release
@@ -34,10 +33,11 @@ def build_packages(cfg: HostConfig) -> list[str]:
 
 @role("Build llama.cpp (native)")
 def native_build(cfg: HostConfig) -> OperationMeta:
-    """Install build dependencies, build the release, point ``current`` at it.
+    """Install build dependencies and build the release into its own directory.
 
-    Returns the ``current`` link operation: it changes exactly when the binary the
-    service runs changes, which is when the service must restart.
+    ``current`` does not move here: the service role checks the new binary (its
+    ``--version`` and ``--help`` against the flags the unit will use) first, and only
+    then switches the link, so a release that would not start never becomes current.
     """
     distro = host.get_fact(LinuxDistribution)
     if distro.get("name") not in SUPPORTED:
@@ -55,15 +55,9 @@ def native_build(cfg: HostConfig) -> OperationMeta:
     svc = cfg.service
     files.directory(name="Release directory", path=f"{svc.prefix}/releases", mode="755")
     files.directory(name="Build cache", path=svc.cache_dir, mode="755")
-    build_release(
+    return build_release(
         name=f"Build llama-server {cfg.build.release_key()}",
         build=cfg.build,
         release_dir=cfg.release_dir,
         cache_dir=svc.cache_dir,
-    )
-    # The old release stays on disk; switching back is a link change.
-    return atomic.link(
-        name="Point current at the release",
-        path=cfg.current_link,
-        target=cfg.release_dir,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from collections.abc import Generator
 from typing import Any
@@ -74,7 +75,9 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str) -> Gener
             f"mkdir -p {q(tmp)}/bin",
             f"install -m 0755 {q(work)}/bin/llama-server {q(tmp)}/bin/llama-server",
             f"printf '%s\\n' {info} > {q(tmp)}/BUILD-INFO",
+            f"sync -f {q(tmp)}/bin/llama-server",  # syncfs: the whole release is on disk before it is named
             f"mv -T {q(tmp)} {q(release_dir)}",
+            f"sync -- {q(posixpath.dirname(release_dir))}",
             f"rm -rf {q(work)} {q(src)}",
         ]
     )

@@ -22,7 +22,7 @@ from llamadeploy import atomic
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.manifest import manifest_path
+from llamadeploy.manifest import build_manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.docker.operations import (
@@ -33,12 +33,13 @@ from llamadeploy.roles.docker.operations import (
     image_pulled,
 )
 from llamadeploy.roles.model.source import ModelArtifact
-from llamadeploy.roles.service import build_manifest
 from llamadeploy.tuning import MemoryPlan, compose_resources, server_args
 
 TEMPLATE = "docker/docker-compose.yml.j2"
 #: where llama-server listens inside the container (published on llama_server.host:port)
 CONTAINER_PORT = 8080
+#: the compose service, hence the container's ``com.docker.compose.service`` label
+COMPOSE_SERVICE = "llama-server"
 #: where compose mounts the key file (a compose secret)
 KEY_IN_CONTAINER = "/run/secrets/api_key"
 #: where compose mounts the host's model directory, read-only
@@ -112,7 +113,7 @@ def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str
     d = cfg.docker
     return render(
         TEMPLATE,
-        image=image, args=args, bind_host=cfg.server.host, port=cfg.server.port, container_port=CONTAINER_PORT,
+        service=COMPOSE_SERVICE, image=image, args=args, bind_host=cfg.server.host, port=cfg.server.port, container_port=CONTAINER_PORT,
         model_dir=cfg.model_dir, models_in_container=MODELS_IN_CONTAINER, api_key_file=key_file,
         resources=compose_resources(cfg), log_max_size=d.log_max_size, log_max_files=d.log_max_files,
         model_file=art.first.name, model_sha256=art.first.sha256,
@@ -137,7 +138,7 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
                        bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
     ref = image_ref(cfg)
     check_image_flags(name="Flags known to llama-server in the image", image=ref, args=args)
-    info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, image=ref,
+    info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, compose_service=COMPOSE_SERVICE, image=ref,
                           api_key_file=key_file if cfg.server.api_key else None)
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")

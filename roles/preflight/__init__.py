@@ -11,9 +11,10 @@ from functools import lru_cache
 
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.facts.server import Users
 
 from llamadeploy.catalog import CATALOG
-from llamadeploy.config import HostConfig
+from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
 from llamadeploy.roles.model.source import ModelArtifact
@@ -50,7 +51,39 @@ def meta_for(cfg: HostConfig, art: ModelArtifact) -> ModelMeta:
 def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
     """Context size and slots for this host, or a DeployError with the numbers."""
     mem = host.get_fact(HostMemory)
+    cpu = host.get_fact(CpuTopology)
     try:
-        return plan_memory(cfg, meta_for(cfg, art), mem.usable, host.get_fact(CpuTopology), mem.memlock_ceiling)
+        problem = host_limit_problem(cfg, cpu.logical, mem.total) or account_problem(cfg, host.get_fact(Users))
+        if problem:
+            raise PreflightError(problem)
+        return plan_memory(cfg, meta_for(cfg, art), mem.usable, cpu, mem.memlock_ceiling)
     except PreflightError as exc:
         raise DeployError(f"preflight refused host {host.name}: {exc}") from None
+
+
+def host_limit_problem(cfg: HostConfig, cpus: int, memory: int) -> str | None:
+    """A limit above what the host has is a typo or the wrong host, never a plan (pure)."""
+    lim = cfg.limits
+    if lim.cpus and lim.cpus > cpus:
+        return f"llama_limits.cpus = {lim.cpus:g} but this host has {cpus} CPUs; allowed: at most {cpus}"
+    if lim.memory and parse_size(lim.memory) > memory:
+        return (f"llama_limits.memory = {lim.memory!r} but this host has {memory >> 20} MiB of RAM; "
+                f"allowed: at most {memory >> 20}M")
+    return None
+
+
+#: the first uid of login accounts on Debian/Ubuntu (adduser's FIRST_UID)
+FIRST_LOGIN_UID = 1000
+
+
+def account_problem(cfg: HostConfig, users: dict[str, dict]) -> str | None:
+    """The service user is created as a system account; an existing login account is not taken over
+    (its home would move to the data directory and its shell become nologin)."""
+    user = users.get(cfg.service.user)
+    if user is None:
+        return None
+    uid = int(user.get("uid") or 0)
+    if uid == 0 or uid >= FIRST_LOGIN_UID:
+        return (f"llama_service.user = {cfg.service.user!r} is an existing {'root' if uid == 0 else 'login'} "
+                f"account (uid {uid}) on this host; allowed: a new or system account of the service's own")
+    return None

@@ -8,7 +8,6 @@ installed binary does not know before the unit changes.
 from __future__ import annotations
 
 from io import StringIO
-from typing import Any
 
 from pyinfra import host
 from pyinfra.api.operation import OperationMeta
@@ -18,7 +17,7 @@ from pyinfra.operations.util import any_changed
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.manifest import Manifest, PlanRecord, manifest_path
+from llamadeploy.manifest import build_manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.model.source import ModelArtifact
@@ -26,26 +25,6 @@ from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
 TEMPLATE = "service/llama-server.service.j2"
-
-
-def build_manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtifact, **mode_fields: Any) -> Manifest:
-    """The manifest both modes write; ``mode_fields`` are what differs (unit, release, image, ...)."""
-    return Manifest(
-        mode=cfg.mode,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        alias=art.alias,
-        model_path=f"{cfg.model_dir}/{art.first.name}",
-        model_files={f.name: f.sha256 for f in art.files},
-        model_repo=art.repo_id,
-        model_commit=art.commit,
-        chat_template=plan.chat_template,
-        args=args,
-        memory_plan=PlanRecord(limit=plan.limit, model_bytes=plan.model_bytes,
-                               kv_bytes_per_token=plan.kv_bytes_per_token, ctx_size=plan.ctx_size,
-                               parallel=plan.parallel, swa_full=plan.swa_full, load_mode=plan.load_mode),
-        **mode_fields,
-    )
 
 
 def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str]) -> str:
@@ -65,6 +44,7 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str])
         gpu=cfg.server.gpu_layers > 0,
         port=cfg.server.port,
         read_only_paths=[svc.prefix, svc.data_dir, svc.config_dir],
+        numa="--numa" in args,
     )
 
 
@@ -105,7 +85,12 @@ def service(
 
     args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{cfg.model_dir}/{art.first.name}", art.alias)
     binary = f"{cfg.current_link}/bin/llama-server"
-    check_flags(name="Flags known to the installed llama-server", binary=binary, args=args)
+    # the new release must start and know every flag before it becomes current: a failed
+    # check stops here, with current and the unit still on the release that serves now
+    check_flags(name="New release starts and knows every flag", binary=f"{cfg.release_dir}/bin/llama-server",
+                args=args)
+    # the old release stays on disk; switching back is a link change
+    switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
 
     info = build_manifest(cfg, plan, args, art, unit=svc.name, release=cfg.build.release_key(), binary=binary,
                           api_key_file=cfg.api_key_path if cfg.server.api_key else None)
@@ -124,6 +109,6 @@ def service(
         name="Restart for changed binary, model, key or unit",
         service=f"{svc.name}.service",
         restarted=True,
-        _if=[any_changed(unit, key, *restart_on), lambda: not started.did_change()],
+        _if=[any_changed(unit, key, switched, *restart_on), lambda: not started.did_change()],
     )
     return started, restarted

@@ -9,16 +9,16 @@ from pyinfra import host
 from pyinfra.api import OperationError, operation
 
 from llamadeploy.chat_template import template_problem
-from llamadeploy.facts import ServerHelp, ServerTemplates
+from llamadeploy.roles.service.facts import ServerHelp, ServerTemplates, ServerVersion
 from llamadeploy.tuning import flag_names, unknown_flags
 
 
 @operation()
 def check_flags(binary: str, args: list[str]) -> Generator[Any, None, None]:
     """
-    Fail before the unit changes if ``args`` holds a flag the installed binary does not know.
+    Fail before ``current`` and the unit change if ``binary`` does not run or does not know ``args``.
 
-    + binary: path of the ``llama-server`` that the unit will run
+    + binary: path of the ``llama-server`` in the release the unit will run
     + args: the rendered argument vector
 
     Reads the binary's ``--help`` at execution time (after the build), so a
@@ -33,6 +33,9 @@ def check_flags(binary: str, args: list[str]) -> Generator[Any, None, None]:
         check_flags(name="Flags known", binary="/opt/llama.cpp/current/bin/llama-server",
                     args=["--port", "8080"])
     """
+    version = host.get_fact(ServerVersion, binary=binary)
+    if not version.startswith("version:") and "\nversion:" not in version:
+        raise OperationError(f"{binary} does not run here: --version printed {version[:300]!r}")
     accepted = host.get_fact(ServerHelp, binary=binary)
     if not accepted:
         raise OperationError(f"{binary} is missing or printed no --help")

@@ -25,7 +25,8 @@ RENDER = textwrap.dedent('''
     assert "site-packages" in llamadeploy.__file__, llamadeploy.__file__
     assert "site-packages" in service.__file__, service.__file__
     import llamadeploy.deploy  # the top-level @deploy imports every role
-    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "limits": {"cpus": 4.0, "memory": "8G"}})
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "limits": {"cpus": 4.0, "memory": "8G"},
+                                    "server": {"api_key": "sk-" + "k" * 20}})
     art = ModelArtifact((ModelFile("m.gguf", "", 1, "a" * 64),), "m")
     print(service.unit_file(cfg, art, "/opt/llama.cpp/current/bin/llama-server", ["--port", "8080"]))
     print("=====")

@@ -20,7 +20,7 @@ def test_service_active_and_enabled(host, manifest):
     if manifest.mode == "docker":
         with host.sudo():
             status = host.check_output(
-                "docker ps --filter label=com.docker.compose.service=llama-server --format '{{.Status}}'"
+                f"docker ps --filter label=com.docker.compose.service={manifest.compose_service} --format '{{{{.Status}}}}'"
             )
         assert status.startswith("Up"), status
         assert host.service("docker").is_enabled
@@ -135,7 +135,7 @@ def test_api_key_never_exposed(host, manifest, api_key):
             project = manifest.compose_project
             assert api_key not in host.file(f"{project}/docker-compose.yml").content_string
             assert api_key not in host.check_output(
-                "docker logs $(docker ps -q --filter label=com.docker.compose.service=llama-server) 2>&1"
+                f"docker logs $(docker ps -q --filter label=com.docker.compose.service={manifest.compose_service}) 2>&1"
             )
         else:
             assert api_key not in host.file(f"/etc/systemd/system/{manifest.unit}.service").content_string

@@ -22,7 +22,7 @@ VALIDATOR = jsonschema.Draft201909Validator(SCHEMA)
 
 def render(cfg: HostConfig, **over) -> dict:
     vars = dict(
-        image="ghcr.io/ggml-org/llama.cpp:server-b11434", args=["--host", "0.0.0.0", "--port", "8080", "--alias", "a b"],
+        service="llama-server", image="ghcr.io/ggml-org/llama.cpp:server-b11434", args=["--host", "0.0.0.0", "--port", "8080", "--alias", "a b"],
         bind_host=cfg.server.host, port=cfg.server.port, model_dir="/var/lib/llama-server/models",
         api_key_file="/etc/llama-server/docker-api-key", resources=compose_resources(cfg),
         container_port=8080, models_in_container="/models",
@@ -35,6 +35,7 @@ def render(cfg: HostConfig, **over) -> dict:
 
 
 def cfg(**sections) -> HostConfig:
+    sections["server"] = {"allow_unauthenticated": True, **sections.get("server", {})}  # tests of the open case
     return HostConfig.model_validate({"model": {"path": "/m.gguf"}, **sections})
 
 

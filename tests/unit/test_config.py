@@ -10,15 +10,17 @@ from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import ConfigError, parse_config, raw_settings, validate_inventory
 
 MODEL = {"llama_model": {"path": "/models/m.gguf"}}
+#: these tests are about other fields: the open-without-key refusal has its own tests
+OPEN = {"llama_server": {"allow_unauthenticated": True}}
 
 
 def problems(**data) -> list[str]:
-    cfg, errs = parse_config("h1", [{**MODEL, **data}])
+    cfg, errs = parse_config("h1", [MODEL, OPEN, data])
     return errs
 
 
 def test_defaults():
-    cfg, errs = parse_config("h1", [MODEL])
+    cfg, errs = parse_config("h1", [MODEL, OPEN])
     assert errs == []
     assert cfg.mode == "native"
     assert cfg.server.port == 8080 and cfg.server.gpu_layers == 0 and cfg.server.threads is None
@@ -75,7 +77,7 @@ def test_every_problem_reported_at_once():
 
 
 def test_model_defaults_to_catalog_tiny_model():
-    cfg, errs = parse_config("h1", [{}])
+    cfg, errs = parse_config("h1", [OPEN])
     assert errs == []
     assert cfg.model.hub_target() == ("unsloth/gemma-3-270m-it-GGUF", "gemma-3-270m-it-Q4_K_M.gguf", None)
     assert cfg.model.distribution == "controller" and cfg.model.revision == "main"
@@ -100,10 +102,11 @@ def test_bad_model_spec(model, expected):
 
 
 def test_release_key_changes_with_flags_only():
-    a = HostConfig.model_validate({"model": {"path": "/m.gguf"}})
-    b = HostConfig.model_validate({"model": {"path": "/x.gguf"}, "server": {"port": 1}})
-    c = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "build": {"native": False}})
-    d = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "build": {"version": "b11435"}})
+    local = {"host": "127.0.0.1"}
+    a = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": local})
+    b = HostConfig.model_validate({"model": {"path": "/x.gguf"}, "server": {**local, "port": 1}})
+    c = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": local, "build": {"native": False}})
+    d = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": local, "build": {"version": "b11435"}})
     assert a.build.release_key() == b.build.release_key()
     assert len({a.build.release_key(), c.build.release_key(), d.build.release_key()}) == 3
     assert a.build.release_key().startswith("b11434-")
@@ -115,7 +118,7 @@ class FakeHost:
 
     def __init__(self, name, data):
         self.name = name
-        self.data = type("D", (), {"datas": (data,)})()
+        self.data = type("D", (), {"datas": (data, OPEN)})()  # host layer first, as pyinfra orders them
 
 
 def test_validate_inventory_collects_all_hosts(tmp_path):
@@ -174,9 +177,85 @@ inv = make_inventory("inventory/example_site.py", cwd=".")
 state.init(inv, Config())
 print(json.dumps({k: v.model_dump(mode="json") for k, v in validate_inventory(inv).items()}))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    key = root / "secrets" / "example-site-api-key"
+    made = not key.exists()
+    try:
+        if made:  # the site's key, as the example's comment says to make it
+            subprocess.run([sys.executable, "-m", "llamadeploy.cli", "key", "new", str(key)], check=True,
+                           capture_output=True)
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    finally:
+        if made:
+            key.unlink(missing_ok=True)
     configs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(c["server"]["api_key"] == "**********" for c in configs.values())  # read from the file, hidden
     assert set(configs) == {"llm-01.example.internal", "llm-02.example.internal", "llm-10.example.internal"}
     assert configs["llm-02.example.internal"]["server"]["port"] == 8081
     assert configs["llm-01.example.internal"]["limits"]["memory"] == "8G"
     assert configs["llm-10.example.internal"]["model"]["catalog"] == "qwen2.5-3b"
+
+
+def test_open_without_key_is_refused_with_the_fix():
+    """The exposure that left many Ollama servers open: 0.0.0.0 and no key is refused by default."""
+    (msg,) = parse_config("h1", [MODEL])[1]
+    assert msg.startswith("host h1: llama_server.host = '0.0.0.0': binding a non-loopback address without")
+    assert "llamadeploy key new FILE" in msg and "allow_unauthenticated" in msg
+    assert parse_config("h1", [MODEL, {"llama_server": {"host": "127.0.0.1"}}])[1] == []
+    assert parse_config("h1", [MODEL, {"llama_server": {"api_key": "k" * 20}}])[1] == []
+
+
+HOSTILE = ["x'; touch /tmp/pwned; echo '", "$(touch /tmp/pwned)", "`id`", "a;b", "a\nb", "-rf", "--upload-pack=x", "../x"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize(
+    "section,field",
+    [("llama_build", "commit"), ("llama_build", "git_url"), ("llama_build", "tarball_subdir"),
+     ("llama_model", "revision"), ("llama_model", "alias"), ("llama_service", "data_dir"),
+     ("llama_service", "prefix"), ("llama_service", "user"), ("llama_service", "name"),
+     ("llama_docker", "project_dir"), ("llama_server", "chat_template")],
+)
+def test_hostile_strings_refused(section, field, value):
+    """Quotes, $(), backticks, ;, newlines, a leading - and .. never pass a field that names something."""
+    errs = problems(**{section: {field: value}})
+    assert len(errs) == 1 and errs[0].startswith(f"host h1: {section}.{field} = "), errs
+
+
+@pytest.mark.parametrize("value", ["ON;rm -rf /", "$(id)", "a b", "x'y"])
+def test_hostile_cmake_values_refused(value):
+    errs = problems(llama_build={"cmake_args": {"GGML_X": value}})
+    assert len(errs) == 1 and "llama_build.cmake_args.GGML_X = " in errs[0], errs
+
+
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        ({"llama_service": {"data_dir": "/tmp/llama"}}, "llama_service.data_dir = '/tmp/llama': Value error, must not be under /tmp"),
+        ({"llama_service": {"config_dir": "/home/ops/llama"}}, "must not be under /home"),
+        ({"llama_service": {"prefix": "/opt//llama"}}, "must be normalized"),
+        ({"llama_service": {"user": "root"}}, "llama_service.user = 'root': Value error, must be an unprivileged account"),
+        ({"llama_limits": {"memory": "4G", "memory_reserved": "8G"}},
+         "llama_limits.memory_reserved = '8G': a reservation cannot exceed its limit (memory = '4G')"),
+        ({"llama_limits": {"cpus": 2.0, "cpus_reserved": 4.0}}, "llama_limits.cpus_reserved = 4.0: a reservation cannot exceed"),
+        ({"llama_mode": "docker", "llama_server": {"load_mode": "mmap+mlock"}},
+         "llama_server.load_mode = 'mmap+mlock': docker mode cannot lock memory"),
+        ({"llama_model": {"repo_id": "a/b", "filename": "../../etc/passwd"}}, "llama_model.filename = '../../etc/passwd'"),
+    ],
+)
+def test_unsafe_paths_accounts_limits_and_modes(data, expected):
+    errs = problems(**data)
+    assert len(errs) == 1 and expected in errs[0], errs
+
+
+def test_key_file_must_be_private(tmp_path):
+    key = tmp_path / "k"
+    key.write_text("sk-" + "a" * 30 + "\n")
+    key.chmod(0o644)
+    (msg,) = problems(llama_server={"api_key_file": str(key)})
+    assert msg == f"host h1: llama_server.api_key_file = {str(key)!r}: mode 644 lets others read the key; chmod 600 {key}"
+    assert "a" * 30 not in msg
+    key.chmod(0o600)
+    cfg, errs = parse_config("h1", [MODEL, {"llama_server": {"api_key_file": str(key)}}])
+    assert errs == [] and cfg.server.api_key.get_secret_value() == "sk-" + "a" * 30
+    (missing,) = problems(llama_server={"api_key_file": str(tmp_path / "nope")})
+    assert "No such file or directory on the controller (create it: llamadeploy key new" in missing

@@ -27,6 +27,7 @@ def cores(n: int) -> CpuInfo:
 
 
 def cfg(**sections) -> HostConfig:
+    sections["server"] = {"allow_unauthenticated": True, **sections.get("server", {})}  # tests of the open case
     return HostConfig.model_validate({"model": {"path": "/m.gguf"}, **sections})
 
 
@@ -150,3 +151,17 @@ def test_no_lock_where_systemd_cannot_grant_it():
     assert plan_memory(cfg(), GEMMA3_270M, 24 * GIB, cores(2), memlock_ceiling=1 << 30).load_mode == "mmap+mlock"
     with pytest.raises(PreflightError, match=r"can grant a service at most 8 MiB of locked memory"):
         plan_memory(cfg(server={"load_mode": "mlock"}), GEMMA3_270M, 24 * GIB, cores(2), memlock_ceiling=8 << 20)
+
+
+def test_limits_above_the_host_and_login_accounts_are_refused():
+    from llamadeploy.roles.preflight import account_problem, host_limit_problem
+
+    assert host_limit_problem(cfg(limits={"cpus": 1000.0}), 2, 8 << 30) == (
+        "llama_limits.cpus = 1000 but this host has 2 CPUs; allowed: at most 2")
+    assert host_limit_problem(cfg(limits={"memory": "64G"}), 2, 8 << 30) == (
+        "llama_limits.memory = '64G' but this host has 8192 MiB of RAM; allowed: at most 8192M")
+    assert host_limit_problem(cfg(limits={"cpus": 2.0, "memory": "8G"}), 2, 8 << 30) is None
+    ops = cfg(service={"user": "ops"})
+    assert "existing login account (uid 1000)" in account_problem(ops, {"ops": {"uid": 1000}})
+    assert account_problem(ops, {"ops": {"uid": 998}}) is None  # a system account: ours from an earlier deploy
+    assert account_problem(ops, {}) is None

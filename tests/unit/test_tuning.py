@@ -22,6 +22,7 @@ PLAN = MemoryPlan(ctx_size=65536, parallel=8, limit=1 << 34, model_bytes=1, kv_b
 
 
 def cfg(**sections) -> HostConfig:
+    sections["server"] = {"allow_unauthenticated": True, **sections.get("server", {})}  # tests of the open case
     return HostConfig.model_validate({"model": {"path": "/m/gemma.gguf", "alias": "g"}, **sections})
 
 
@@ -118,8 +119,9 @@ def test_no_repack_on_amx_cpus_unless_asked():
     plan = MemoryPlan(4096, 4, 1 << 30, 1, 1, 1)
     amx = CpuInfo(8, 4, 1, 1, frozenset({"avx512f", "amx_int8", "amx_tile"}))
     plain = CpuInfo(8, 4, 1, 1, frozenset({"avx2"}))
-    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}})
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
     assert "--no-repack" in server_args(cfg, amx, plan, "/m.gguf", "m")
     assert "--no-repack" not in server_args(cfg, plain, plan, "/m.gguf", "m")
-    forced = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"repack": True}})
+    forced = HostConfig.model_validate({"model": {"path": "/m.gguf"},
+                                        "server": {"repack": True, "allow_unauthenticated": True}})
     assert "--no-repack" not in server_args(forced, amx, plan, "/m.gguf", "m")

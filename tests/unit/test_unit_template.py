@@ -11,7 +11,7 @@ def render(**over) -> str:
         release_key="b1-abc", model_file="m.gguf", model_sha256="a" * 64,
         exec_start="/opt/llama.cpp/current/bin/llama-server --port 8080",
         limits={"CPUQuota": "400%", "MemoryMax": "8G"}, gpu=False, port=8080,
-        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"],
+        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False,
     )
     vars.update(over)
     return render_template("service/llama-server.service.j2", **vars)
@@ -41,3 +41,13 @@ def test_low_port_gets_only_bind_capability_and_gpu_keeps_devices():
     d = directives(render(port=80, gpu=True))
     assert d["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     assert "PrivateDevices" not in d
+
+
+def test_filtered_calls_fail_with_eperm_and_numa_gets_its_calls_back():
+    """SIGSYS would kill the server for one pinned thread; --numa needs affinity and mempolicy calls."""
+    plain = directives(render())
+    assert plain["SystemCallErrorNumber"] == ["EPERM"]
+    assert plain["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    numa = directives(render(numa=True))
+    assert "sched_setaffinity" in numa["SystemCallFilter"][-1] and "set_mempolicy" in numa["SystemCallFilter"][-1]
+    assert "mbind" in numa["SystemCallFilter"][-1]

@@ -1,0 +1,55 @@
+"""status: drift between a host's manifest and its inventory settings, the table, the manifest format."""
+
+from __future__ import annotations
+
+from llamadeploy.config import HostConfig
+from llamadeploy.manifest import Manifest, PlanRecord, manifest_path
+from llamadeploy.status import HostStatus, drift, format_table
+
+SHA = "a" * 64
+
+
+def manifest(**over) -> Manifest:
+    fields = dict(mode="native", unit="llama-server", host="0.0.0.0", port=8080, alias="g",
+                  model_path="/var/lib/llama-server/models/m.gguf", model_files={"m.gguf": SHA},
+                  release=HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"host": "127.0.0.1"}})
+                  .build.release_key(), args=["--port", "8080"],
+                  memory_plan=PlanRecord(limit=1, model_bytes=1, kv_bytes_per_token=1, ctx_size=512, parallel=1))
+    return Manifest(**{**fields, **over})
+
+
+def cfg(**server) -> HostConfig:
+    return HostConfig.model_validate({"model": {"path": "/m.gguf", "alias": "g"},
+                                      "server": {"allow_unauthenticated": True, **server}})
+
+
+def test_no_drift_when_the_host_matches():
+    assert drift(cfg(), manifest(), SHA) == []
+
+
+def test_each_difference_is_named():
+    m = manifest(api_key_file="/etc/llama-server/api-key", mode="docker", release=None)
+    out = drift(cfg(port=9000), m, "b" * 64)
+    assert out == ["mode docker -> native", f"release None -> {cfg().build.release_key()}",
+                   "model sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb", "bind 0.0.0.0:8080 -> 0.0.0.0:9000",
+                   "api key set -> none"]
+
+
+def test_manifest_round_trip_is_byte_stable():
+    m = manifest(chat_template="gemma")
+    text = m.render()
+    assert Manifest.parse(text) == m and Manifest.parse(text).render() == text
+    assert m.model_sha256 == SHA and len(m.flags_digest()) == 12
+    assert manifest_path("/srv/llama/etc") == "/srv/llama/etc/deploy.json"
+    # a newer writer's extra field does not break an older reader
+    assert Manifest.parse(text.replace('"mode"', '"future": 1,\n  "mode"', 1)) == m
+
+
+def test_table_shows_errors_and_drift():
+    rows = [HostStatus("a", "native", "b1-x", "g", SHA[:12], "0123456789ab", "active", "ok", []),
+            HostStatus("b", error="unreachable over SSH"),
+            HostStatus("c", "native", "b1-x", "g", SHA[:12], "0123456789ab", "failed", "HTTP 000", ["api key none -> set"])]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["host", "mode", "release", "model", "model_sha256", "flags_digest", "service",
+                                "health", "drift"]
+    assert lines[1].split()[-1] == "-" and "unreachable over SSH" in lines[2] and lines[3].endswith("api key none -> set")
