@@ -10,6 +10,7 @@ hosts.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,6 +30,9 @@ def host(name: str = "demo", index: int | None = None, docker: bool = False) -> 
     """A sandbox host description; ``index`` (1-250) picks its network 10.231.<index>.0/30."""
     if name == DEMO.name and index in (None, DEMO.index):
         return SandboxHost(DEMO.name, DEMO.index, docker=docker, binds=dict(SHARED_BINDS))
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,11}", name):
+        # systemd-nspawn names the outer veth ve-<name> only while that fits IFNAMSIZ (15)
+        raise ValueError(f"sandbox host name {name!r}: 1-12 characters a-z, 0-9, - (its veth is ve-<name>)")
     if index is None or not 1 <= index <= 250:
         raise ValueError(f"sandbox host {name!r} needs --index between 1 and 250 (its network 10.231.<index>.0/30)")
     return SandboxHost(name, index, docker=docker, binds=dict(SHARED_BINDS))

@@ -44,7 +44,8 @@ def controller_env(tmp_path_factory) -> dict[str, str]:
 def inventory(host, tmp_path: Path, name: str, model: dict, **sections) -> Path:
     data = copy.deepcopy(default_data())
     data["llama_model"] = {"hf_endpoint": f"http://{host.gateway}:{HUB_PORT}", **model}
-    data.update(sections)
+    for key, value in sections.items():  # deep-merge a section, as pyinfra's data layers do
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return write_inventory(tmp_path / f"{name}.py", [host], data)
 
 
@@ -132,7 +133,9 @@ def test_host_mode_gated_split_model_with_token(host, hub, controller_env, tmp_p
     inv = inventory(host, tmp_path, "hostmode",
                     {"repo_id": SPLIT_REPO, "quant": "Q4_K_M", "distribution": "host",
                      "hf_token_file": controller_env["TOKEN_FILE"], "alias": "split"},
-                    llama_server={"ctx_size": 8192, "parallel": 4})
+                    # host-downloaded and not in the catalog: the controller never sees the GGUF, so
+                    # sizing and the chat template are the operator's to give (README, "Models")
+                    llama_server={"ctx_size": 8192, "parallel": 4, "chat_template": "gemma"})
     before = hub_gets(hub, SPLIT_REPO)
     result = run_deploy(inv, "-vvv", env=controller_env)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]

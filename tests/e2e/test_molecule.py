@@ -36,4 +36,4 @@ def test_molecule_scenario(testhosts):
     assert proc.returncode == 0, out[-6000:]
     # the steps really ran: a first converge that changed, an idempotent second, a passing verify
     assert "Run pyinfra" in out and "idempotence" in out and "passed" in out, out[-4000:]
-    assert "llama-sandbox" not in running()
+    assert "molecule" not in running()

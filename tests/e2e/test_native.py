@@ -192,9 +192,9 @@ def test_one_bad_host_stops_all_hosts(host, tmp_path):
     """Two inventory entries on the same machine: a good change and a bad one; neither runs."""
     before = host_state(host)
     good = copy.deepcopy(default_data())
-    good["llama_server"] = {"port": 8081}
+    good["llama_server"] = {**good["llama_server"], "port": 8081}
     bad = copy.deepcopy(default_data())
-    bad["llama_server"] = {"threads": 0}
+    bad["llama_server"] = {**bad["llama_server"], "threads": 0}
     name, conn = host.inventory_entry()
     inv = tmp_path / "two.py"
     inv.write_text(
