@@ -23,13 +23,15 @@ renamed onto ``dest`` when the sha256 matches.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 import shlex
 from typing import IO, Any, cast
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, OperationError, operation
+from pyinfra.api import FactBase, FileUploadCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.api.hiddenvalue import HiddenValue
 from pyinfra.api.util import get_file_sha1
 from pyinfra.facts.files import File, Link, Sha1File, Sha256File
 from pyinfra.operations.util.files import chmod, chown, ensure_mode_int
@@ -59,14 +61,40 @@ def durable_rename(staged: str, dest: str) -> str:
     return f"sync -- {q(staged)} && mv -f {q(staged)} {q(dest)} && sync -- {q(posixpath.dirname(dest) or '/')}"
 
 
+class SameContent(FactBase[bool]):
+    """Whether ``path`` holds content with a given sha256, without the hash in any output.
+
+    For secrets: pyinfra prints fact commands and their output at ``-vvv``, so comparing
+    ``Sha1File`` of a key file would show a hash of the key. Here the expected hash is a
+    ``HiddenValue`` (masked wherever pyinfra prints the command) and the output is a word.
+    """
+
+    def command(self, path: str, sha256: HiddenValue) -> StringCommand:
+        return StringCommand(
+            "test", "-f", QuoteString(path), "&&", "[", StringCommand(f'"$(sha256sum < {shlex.quote(path)} | cut -c1-64)"'),
+            "=", sha256, "]", "&&", "echo", "same", "||", "echo", "different",
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return output == ["same"]
+
+
+def _content_sha256(src: IO[Any]) -> str:
+    data = src.read()
+    src.seek(0)
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
 @operation()
-def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: str = "644"):
+def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: str = "644",
+        secret: bool = False):
     """
     Replace ``dest`` with the content of ``src`` by rename; fix owner/mode in place otherwise.
 
     + src: file-like object with the content
     + dest: remote path the service reads
     + user, group, mode: final owner and permissions
+    + secret: compare without any hash of the content in pyinfra's output (:class:`SameContent`)
 
     **Example:**
 
@@ -79,7 +107,11 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
     assert want_mode is not None, "a mode is always given"
     remote = host.get_fact(File, path=dest)
     q = shlex.quote
-    if remote and host.get_fact(Sha1File, path=dest) == get_file_sha1(src):
+    if secret:
+        same = bool(remote) and host.get_fact(SameContent, path=dest, sha256=HiddenValue(_content_sha256(src)))
+    else:
+        same = bool(remote) and host.get_fact(Sha1File, path=dest) == get_file_sha1(src)
+    if remote and same:
         changed = False
         if (remote["user"], remote["group"]) != (user, group):
             yield chown(dest, user, group)

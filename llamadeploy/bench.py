@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -137,6 +138,77 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
         wall_s=round(wall, 3), tokens=tokens, tok_per_s=round(tokens / wall, 2),
         ttft_p50=percentile(ttfts, 50), ttft_p95=percentile(ttfts, 95),
     )
+
+
+#: what httpx raises when llama-server closed a kept-alive connection after a stream (the request
+#: never reached it): a keep-alive drop, counted apart from failed requests and never retried
+KEEPALIVE_DROP = "RemoteProtocolError"
+
+
+@dataclass
+class SoakResult:
+    url: str
+    clients: int
+    seconds: float
+    requests: int
+    ok: int
+    keepalive_drops: int
+    #: every other error, by kind (HTTP status, timeouts, ...): a soak passes with none
+    failures: dict[str, int]
+    tokens: int
+    tok_per_s: float
+    ttft_p50: float | None
+    ttft_p95: float | None
+    #: (seconds since start, server RSS in KiB), sampled while the load runs
+    rss_kib: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def rss_growth(self) -> float | None:
+        """Last RSS over the RSS once warm (the first sample after a tenth of the run), minus 1."""
+        warm = [kib for t, kib in self.rss_kib if t >= self.seconds / 10]
+        return warm[-1] / warm[0] - 1 if len(warm) >= 2 and warm[0] else None
+
+
+async def _soak(url: str, model: str, clients: int, seconds: float, max_tokens: int, headers: dict[str, str],
+                prompt: str, sample_rss: Callable[[], int] | None, interval: float) -> SoakResult:
+    samples: list[Sample] = []
+    rss: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def client_loop(c: int) -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+            i = 0
+            while time.perf_counter() < deadline:
+                samples.append(await _one(client, model, c * 100_000 + i, max_tokens, prompt))
+                i += 1
+
+    async def sampler() -> None:
+        while sample_rss is not None and time.perf_counter() < deadline:
+            rss.append((round(time.perf_counter() - start, 1), await asyncio.to_thread(sample_rss)))
+            await asyncio.sleep(interval)
+
+    await asyncio.gather(sampler(), *(client_loop(c) for c in range(clients)))
+    wall = time.perf_counter() - start
+    ok = [x for x in samples if x.error is None]
+    errors = Counter(x.error for x in samples if x.error)
+    drops = errors.pop(KEEPALIVE_DROP, 0)
+    ttfts = [x.ttft for x in ok if x.ttft is not None]
+    tokens = sum(x.tokens for x in ok)
+    return SoakResult(url, clients, round(wall, 1), len(samples), len(ok), drops, dict(errors), tokens,
+                      round(tokens / wall, 2), percentile(ttfts, 50), percentile(ttfts, 95), rss)
+
+
+def soak(url: str, clients: int, seconds: float, max_tokens: int = 64, api_key: str | None = None,
+         sample_rss: Callable[[], int] | None = None, interval: float = 10.0, prompt: str = PROMPT) -> SoakResult:
+    """``clients`` streaming chat clients back to back for ``seconds``, each on its own kept-alive
+    connection; ``sample_rss`` (the server's RSS in KiB, e.g. read over SSH) every ``interval`` s.
+
+    Keep-alive drops are counted in ``keepalive_drops``, every other error in ``failures``.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    return asyncio.run(_soak(url, model, clients, seconds, max_tokens, headers, prompt, sample_rss, interval))
 
 
 def bench(url: str, levels: list[int], per_client: int, max_tokens: int, api_key: str | None = None,

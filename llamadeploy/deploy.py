@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, model, service
+from llamadeploy.roles import docker, model, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.preflight import memory_plan
@@ -60,3 +60,16 @@ def llama_server(cfg: HostConfig | None = None) -> None:
 
     # 7. The gate: /health must answer 200 after any (re)start.
     health_gate(cfg, after=[started, restarted])
+
+
+@deploy("llama-server removed")
+def llama_server_removed(cfg: HostConfig | None = None, keep_models: bool = False) -> None:
+    """Remove what :func:`llama_server` installed on this host, in both modes.
+
+    + cfg: the host's settings (where things are); default: validated from the inventory
+    + keep_models: keep ``<data_dir>/models`` (a later deploy then transfers nothing)
+
+    ``pyinfra INVENTORY llamadeploy.deploy.llama_server_removed keep_models=true``
+    """
+    cfg = cfg or validate_inventory(host.inventory)[host.name]
+    uninstall.removed(cfg, keep_models=keep_models)

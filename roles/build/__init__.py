@@ -10,8 +10,9 @@ from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import LinuxDistribution
-from pyinfra.operations import apt, files
+from pyinfra.operations import files
 
+from llamadeploy import packages
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.build.operations import build_release
@@ -45,13 +46,8 @@ def native_build(cfg: HostConfig) -> OperationMeta:
             f"{host.name}: native mode supports {', '.join(SUPPORTED)} (apt); "
             f"this host runs {distro.get('name')!r}"
         )
-    apt.packages(
-        name="Install build dependencies",
-        packages=build_packages(cfg),
-        update=True,
-        cache_time=24 * 3600,
-        no_recommends=True,
-    )
+    packages.installed(cfg, "build", name="Install build dependencies", packages=build_packages(cfg),
+                       update=True, cache_time=24 * 3600, no_recommends=True)
     svc = cfg.service
     files.directory(name="Release directory", path=f"{svc.prefix}/releases", mode="755")
     files.directory(name="Build cache", path=svc.cache_dir, mode="755")

@@ -18,7 +18,7 @@ from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from llamadeploy import atomic
+from llamadeploy import atomic, packages
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
@@ -59,9 +59,9 @@ def image_ref(cfg: HostConfig) -> str:
 def engine(cfg: HostConfig) -> None:
     """Docker Engine and Compose from the distribution, or from Docker's apt repository."""
     if cfg.docker.engine == "distro":
-        apt.packages(name="Docker engine from distro packages (docker.io, docker-compose v1)",
-                     packages=["docker.io", "docker-compose", "curl"], update=True, cache_time=24 * 3600,
-                     no_recommends=True)
+        packages.installed(cfg, "docker", name="Docker engine from distro packages (docker.io, docker-compose v1)",
+                           packages=["docker.io", "docker-compose", "curl"], update=True, cache_time=24 * 3600,
+                           no_recommends=True)
     else:
         apt.packages(name="Prerequisites for Docker's apt repository", packages=["ca-certificates", "curl"],
                      update=True, cache_time=24 * 3600)
@@ -71,8 +71,9 @@ def engine(cfg: HostConfig) -> None:
                  src="deb [signed-by=/etc/apt/keyrings/docker.asc] https://download.docker.com/linux/debian "
                      f"{_codename()} stable",
                  filename="docker")
-        apt.packages(name="Docker engine from Docker's repository (docker-ce, compose plugin)",
-                     packages=["docker-ce", "docker-ce-cli", "containerd.io", "docker-compose-plugin"], update=True)
+        packages.installed(cfg, "docker", name="Docker engine from Docker's repository (docker-ce, compose plugin)",
+                           packages=["docker-ce", "docker-ce-cli", "containerd.io", "docker-compose-plugin"],
+                           update=True)
     systemd.service(name="Docker engine enabled and running", service="docker.service", running=True, enabled=True)
 
 
@@ -130,7 +131,7 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     if cfg.server.api_key is not None:
         key = atomic.put(name="API key file for the container (0400, container uid)",
                          src=StringIO(cfg.server.api_key.get_secret_value() + "\n"), dest=key_file,
-                         user="nobody", group="nogroup", mode="400")
+                         user="nobody", group="nogroup", mode="400", secret=True)
     else:
         key = files.file(name="No API key file", path=key_file, present=False)
 

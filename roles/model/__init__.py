@@ -20,9 +20,9 @@ from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
-from pyinfra.operations import apt, files, pip
+from pyinfra.operations import files, pip
 
-from llamadeploy import atomic
+from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.model.facts import DiskFree
@@ -103,8 +103,8 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str])
     repo_id, commit, endpoint = art.repo_id, art.commit, art.endpoint
     venv = f"{svc.prefix}/hf-venv"
     version = importlib.metadata.version("huggingface_hub")
-    apt.packages(name="Python venv for huggingface_hub", packages=["python3-venv"], update=True,
-                 cache_time=24 * 3600, no_recommends=True)
+    packages.installed(cfg, "model", name="Python venv for huggingface_hub", packages=["python3-venv"],
+                       update=True, cache_time=24 * 3600, no_recommends=True)
     pip.venv(name="Isolated huggingface_hub environment", path=venv, python="python3")
     pip.packages(name=f"huggingface_hub {version}", packages=[f"huggingface_hub=={version}"],
                  pip=f"{venv}/bin/pip")
@@ -113,7 +113,7 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str])
     files.directory(name="Cache directory", path=svc.cache_dir, mode="755")
     if token:
         atomic.put(name="Hub token file (0600)", src=StringIO(token + "\n"), dest=token_file,
-                   user="root", group="root", mode="600")
+                   user="root", group="root", mode="600", secret=True)
     else:
         files.file(name="No Hub token file", path=token_file, present=False)
     return [

@@ -79,6 +79,7 @@ def service(
             user=svc.user,
             group=svc.user,
             mode="600",
+            secret=True,
         )
     else:
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)

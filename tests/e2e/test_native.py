@@ -7,6 +7,7 @@ through the deploy code itself. The host is booted once for the module.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import subprocess
 import sys
@@ -236,6 +237,10 @@ def test_api_key(host, tmp_path, inventory):
     leftovers = host.ssh("find /etc/llama-server /etc/systemd/system /opt/llama.cpp -maxdepth 1 -name '.*-stage'")
     assert leftovers.stdout == ""
     assert API_KEY not in result.stdout + result.stderr
+    # nor any hash of it: pyinfra prints fact commands and outputs at -vvv (a Sha1File of the key did)
+    for digest in (hashlib.sha1, hashlib.sha256, hashlib.md5):
+        for content in (API_KEY, API_KEY + "\n"):
+            assert digest(content.encode()).hexdigest() not in result.stdout + result.stderr, digest
     proc = run_testinfra(host.address)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=10).status_code == 401

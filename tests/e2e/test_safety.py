@@ -226,3 +226,26 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         assert f"preflight refused host {host.address}: {expected}" in result.stderr, (name, result.stderr[-2000:])
     assert host_state(host) == before
     assert host.ssh("getent passwd ops").stdout.split(":")[5:7] == ["/home/ops", "/bin/sh\n"]
+
+
+def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
+    """CI's short soak (benchmarks/soak.py runs the 10-minute one): 8 streaming clients for 60 s.
+
+    Zero failed requests; keep-alive drops are counted apart (and reported), never retried; the
+    server's RSS once warm grows by less than 10 %.
+    """
+    from llamadeploy.bench import soak
+
+    run_deploy(inventory)  # the base unit, whatever the tests before changed
+
+    def rss() -> int:
+        pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
+        return int(host.ssh(f"ps -o rss= -p {pid}").stdout.strip())
+
+    result = soak(f"http://{host.address}:8080", clients=8, seconds=60, max_tokens=32, sample_rss=rss, interval=5)
+    print(f"soak 60 s: {result.requests} requests, {result.keepalive_drops} keep-alive drops, "
+          f"{result.tok_per_s} tok/s, rss {result.rss_kib}")
+    assert result.failures == {}, result
+    assert result.ok + result.keepalive_drops == result.requests
+    assert result.ok >= 8 and result.tokens > 0
+    assert len(result.rss_kib) >= 5 and result.rss_growth is not None and result.rss_growth < 0.10, result.rss_kib

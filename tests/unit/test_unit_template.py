@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llamadeploy.render import render as render_template
 
 
@@ -51,3 +53,19 @@ def test_filtered_calls_fail_with_eperm_and_numa_gets_its_calls_back():
     numa = directives(render(numa=True))
     assert "sched_setaffinity" in numa["SystemCallFilter"][-1] and "set_mempolicy" in numa["SystemCallFilter"][-1]
     assert "mbind" in numa["SystemCallFilter"][-1]
+
+
+@pytest.mark.parametrize("numa", [False, True])
+def test_exposure_at_most_2(tmp_path, numa):
+    """systemd's own score of the rendered unit (offline): at most 2.0, with and without --numa."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze not installed")
+    unit = tmp_path / "llama-server.service"
+    unit.write_text(render(numa=numa))
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                         capture_output=True, text=True).stdout
+    score = float(out.split("exposure level for llama-server.service:")[1].split()[0])
+    assert score <= 2.0, out[-3000:]

@@ -1,0 +1,50 @@
+"""System packages the deploy installs, recorded per role so that uninstall removes exactly those.
+
+A package that was on the host before the first deploy is never recorded, so
+uninstalling never takes away something the host had before (curl, ca-certificates
+on most images). One record file per role (``<cache_dir>/installed-packages.<role>``):
+each role reads its own record at prepare time and adds what it is about to install.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import FileContents
+from pyinfra.operations import apt, files
+
+from llamadeploy import atomic
+from llamadeploy.config import HostConfig
+
+RECORD_PREFIX = "installed-packages."
+#: the roles that install packages (each keeps its own record)
+RECORDING_ROLES = ("build", "docker", "model")
+
+
+def record_path(cfg: HostConfig, role: str) -> str:
+    return f"{cfg.service.cache_dir}/{RECORD_PREFIX}{role}"
+
+
+def recorded(lines: list[str] | None) -> list[str]:
+    """Package names in a record file's content (pure)."""
+    return sorted({line.strip() for line in lines or [] if line.strip()})
+
+
+def installed(cfg: HostConfig, role: str, name: str, packages: list[str], **apt_kwargs: Any) -> OperationMeta:
+    """``apt.packages`` that remembers which of ``packages`` were missing before it ran."""
+    have = host.get_fact(DebPackages) or {}
+    missing = [p for p in packages if p not in have]
+    assert role in RECORDING_ROLES, role
+    path = record_path(cfg, role)
+    before = recorded(host.get_fact(FileContents, path=path))
+    op = apt.packages(name=name, packages=packages, **apt_kwargs)
+    after = sorted(set(before) | set(missing))
+    if after != before:
+        files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
+        atomic.put(name=f"Record packages installed for {role}", src=StringIO("\n".join(after) + "\n"),
+                   dest=path, mode="644")
+    return op

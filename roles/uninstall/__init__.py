@@ -1,0 +1,55 @@
+"""Uninstall role: remove what the deploy put on a host, in both modes, optionally keeping models.
+
+What goes: the service (unit stopped, disabled, removed) or the compose project and its
+image, the releases, config, cache and data directories (models kept with
+``keep_models``), the service user and group, and the system packages the deploy
+recorded as installed by it (``llamadeploy.packages``), with their unused dependencies.
+What stays: anything that was on the host before the first deploy, and mount points.
+
+    pyinfra INVENTORY llamadeploy.deploy.llama_server_removed [keep_models=true]
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Command
+from pyinfra.operations import files, server, systemd
+
+from llamadeploy.config import HostConfig
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.docker import compose_command
+from llamadeploy.roles.docker.facts import DockerImageId
+from llamadeploy.roles.docker.operations import compose_down
+from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
+
+
+@role("Remove llama-server")
+def removed(cfg: HostConfig, keep_models: bool = False) -> None:
+    """Everything the deploy installed goes, in the reverse order of the deploy."""
+    svc, d = cfg.service, cfg.docker
+    unit = f"/etc/systemd/system/{svc.name}.service"
+    if host.get_fact(File, path=unit):
+        server.shell(name="Native service stopped and disabled", commands=[f"systemctl disable --now {svc.name}.service"])
+    gone = files.file(name="systemd unit removed", path=unit, present=False)
+    systemd.daemon_reload(name="Reload systemd", _if=gone.did_change)
+
+    has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
+    if has_docker:
+        compose_down(name="Compose project down", project_dir=d.project_dir, compose=compose_command(cfg))
+        if host.get_fact(DockerImageId, ref=cfg.docker_image):
+            server.shell(name=f"Image {cfg.docker_image} removed", commands=[f"docker image rm -f {cfg.docker_image}"])
+    tree_removed(name="Compose project directory removed", path=d.project_dir)
+
+    tree_removed(name="Releases removed", path=svc.prefix)
+    tree_removed(name="Config directory removed", path=svc.config_dir)
+    if keep_models:
+        tree_removed(name="Data directory removed, models kept", path=svc.data_dir, keep=cfg.model_dir)
+    else:
+        tree_removed(name="Data directory removed", path=svc.data_dir)
+
+    server.user(name="Service user removed", user=svc.user, present=False)
+    server.group(name="Service group removed", group=svc.user, present=False)
+    # the records of what to purge live in the cache directory: purge first, then remove it
+    packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir)
+    tree_removed(name="Cache directory removed", path=svc.cache_dir)

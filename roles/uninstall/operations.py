@@ -1,0 +1,53 @@
+"""The uninstall role's operations: remove trees and recorded packages, nothing else."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Generator
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.facts.files import Directory, FileContents
+
+from llamadeploy.packages import RECORD_PREFIX, RECORDING_ROLES, recorded
+
+
+@operation()
+def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, None]:
+    """
+    Remove ``path`` and everything under it on its own filesystem, optionally keeping one child.
+
+    + path: the directory to remove
+    + keep: a child of ``path`` to keep (the models, with ``keep_models``)
+
+    ``--one-file-system`` never follows a mount point into another filesystem (a bind-mounted
+    cache, an NFS model share): those stay, with the directories that hold them.
+    """
+    if not host.get_fact(Directory, path=path):
+        host.noop(f"{path} is not there")
+        return
+    q = shlex.quote
+    if keep:
+        yield f"find {q(path)} -mindepth 1 -maxdepth 1 ! -path {q(keep)} -exec rm -rf --one-file-system {{}} +"
+        return
+    # rm fails when it had to leave a mount point behind: that is success here, anything else is not
+    yield (f"rm -rf --one-file-system {q(path)} 2>/dev/null || "
+           f"{{ test -e {q(path)} && grep -qF -- {q(' ' + path + '/')} /proc/self/mountinfo; }}")
+
+
+@operation()
+def packages_purged(cache_dir: str) -> Generator[Any, None, None]:
+    """
+    Purge the packages the deploy recorded as installed by it, then their unused dependencies.
+
+    + cache_dir: where the ``installed-packages.<role>`` records are
+    """
+    names: set[str] = set()
+    for role in RECORDING_ROLES:
+        names |= set(recorded(host.get_fact(FileContents, path=f"{cache_dir}/{RECORD_PREFIX}{role}")))
+    if not names:
+        host.noop("no packages were installed by the deploy")
+        return
+    pkgs = " ".join(shlex.quote(n) for n in sorted(names))
+    yield f"DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq {pkgs} && DEBIAN_FRONTEND=noninteractive apt-get autoremove --purge -y -qq"
