@@ -95,9 +95,13 @@ class Manifest(BaseModel):
 
     def flags_digest(self) -> str:
         """Short digest of the argument vector: equal digests, equal command lines."""
+        return self.digest(self.args)
+
+    @staticmethod
+    def digest(args: list[str]) -> str:
         import hashlib
 
-        return hashlib.sha256(json.dumps(self.args).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(args).encode()).hexdigest()[:12]
 
 
 def build_manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtifact, **mode_fields: Any) -> Manifest:

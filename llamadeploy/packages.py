@@ -4,6 +4,10 @@ A package that was on the host before the first deploy is never recorded, so
 uninstalling never takes away something the host had before (curl, ca-certificates
 on most images). One record file per role (``<cache_dir>/installed-packages.<role>``):
 each role reads its own record at prepare time and adds what it is about to install.
+The first deploy also keeps the list of every package the host had
+(``<cache_dir>/packages-before-deploy``): the dependencies apt pulled in with ours are
+removed at uninstall only when nothing needs them any more *and* they were not there
+before, because apt's own autoremove keeps anything another package merely suggests.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 
 RECORD_PREFIX = "installed-packages."
+BEFORE = "packages-before-deploy"
 #: the roles that install packages (each keeps its own record)
 RECORDING_ROLES = ("build", "docker", "model")
 
@@ -41,6 +46,11 @@ def installed(cfg: HostConfig, role: str, name: str, packages: list[str], **apt_
     assert role in RECORDING_ROLES, role
     path = record_path(cfg, role)
     before = recorded(host.get_fact(FileContents, path=path))
+    before_path = f"{cfg.service.cache_dir}/{BEFORE}"
+    if host.get_fact(FileContents, path=before_path) is None:
+        files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
+        atomic.put(name="Record the packages the host had before the first deploy",
+                   src=StringIO("\n".join(sorted(have)) + "\n"), dest=before_path, mode="644")
     op = apt.packages(name=name, packages=packages, **apt_kwargs)
     after = sorted(set(before) | set(missing))
     if after != before:

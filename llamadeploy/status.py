@@ -10,6 +10,7 @@ compare with the host's validated settings. Used by ``llamadeploy status`` and
 from __future__ import annotations
 
 import os
+import posixpath
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest, manifest_path
+from llamadeploy.tuning import flag_names
 
 
 class HostUnreachable(Exception):
@@ -139,8 +141,42 @@ def expected_model_sha256(cfg: HostConfig) -> str | None:
     return resolve(cfg.model).first.sha256
 
 
-def drift(cfg: HostConfig, m: Manifest, expected_sha: str | None) -> list[str]:
-    """Where the deployed host differs from its inventory settings (pure)."""
+def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
+    """The argument vector a deploy would render for this host now, or None when that needs the
+    model's GGUF header and only a download could give it (a Hub model outside the catalog)."""
+    from pyinfra.context import ctx_host
+
+    from llamadeploy.facts import CpuTopology
+    from llamadeploy.roles.docker import CONTAINER_PORT, KEY_IN_CONTAINER, MODELS_IN_CONTAINER
+    from llamadeploy.roles.model.source import ModelArtifact, ModelFile, default_alias
+    from llamadeploy.roles.preflight import meta_for
+    from llamadeploy.roles.preflight.facts import HostMemory
+    from llamadeploy.tuning import plan_memory, server_args
+
+    if cfg.model.path:
+        name = posixpath.basename(cfg.model.path)
+        art = ModelArtifact((ModelFile(name, "", os.path.getsize(cfg.model.path), "", local=cfg.model.path),),
+                            cfg.model.alias or default_alias(name))
+    else:
+        from llamadeploy.roles.model.source import resolve
+
+        art = resolve(cfg.model)
+    with ctx_host.use(host):
+        try:
+            meta = meta_for(cfg, art)
+        except Exception:  # noqa: BLE001 - the header is not on the controller: no flags drift, not an error
+            return None
+        cpu, mem = host.get_fact(CpuTopology), host.get_fact(HostMemory)
+    plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling)
+    if cfg.mode == "docker":
+        return server_args(cfg, cpu, plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
+                           bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
+    return server_args(cfg, cpu, plan, f"{cfg.model_dir}/{art.first.name}", art.alias)
+
+
+def drift(cfg: HostConfig, m: Manifest, expected_sha: str | None, args: list[str] | None = None) -> list[str]:
+    """Where the deployed host differs from its inventory settings (pure); ``args``: the flags a
+    deploy would render now (None: not known without a download)."""
     out = []
     if m.mode != cfg.mode:
         out.append(f"mode {m.mode} -> {cfg.mode}")
@@ -154,6 +190,9 @@ def drift(cfg: HostConfig, m: Manifest, expected_sha: str | None) -> list[str]:
         out.append("api key " + ("set -> none" if m.api_key_file else "none -> set"))
     if cfg.model.alias and m.alias != cfg.model.alias:
         out.append(f"alias {m.alias} -> {cfg.model.alias}")
+    if args is not None and args != m.args:
+        changed = sorted(set(flag_names(args)) ^ set(flag_names(m.args))) or ["values"]
+        out.append(f"flags {m.flags_digest()} -> {Manifest.digest(args)} ({', '.join(changed)})")
     return out
 
 
@@ -179,7 +218,7 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
         url = health_url(m.host, m.port)  # where it runs now, not where the inventory would move it
         code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(url)} || true")
         st.health = "ok" if code.strip() == "200" else f"HTTP {code.strip() or 'no answer'}"
-        st.drift = drift(cfg, m, expected_model_sha256(cfg))
+        st.drift = drift(cfg, m, expected_model_sha256(cfg), expected_args(host, cfg))
     except (HostUnreachable, ValueError, RuntimeError) as exc:  # ValueError: a manifest it cannot parse
         st.error = str(exc).splitlines()[0]
     except Exception as exc:  # noqa: BLE001 - one bad host (a Hub error resolving its model) is one row

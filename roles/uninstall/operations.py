@@ -10,7 +10,7 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.facts.files import Directory, FileContents
 
-from llamadeploy.packages import RECORD_PREFIX, RECORDING_ROLES, recorded
+from llamadeploy.packages import BEFORE, RECORD_PREFIX, RECORDING_ROLES, recorded
 
 
 @operation()
@@ -50,4 +50,14 @@ def packages_purged(cache_dir: str) -> Generator[Any, None, None]:
         host.noop("no packages were installed by the deploy")
         return
     pkgs = " ".join(shlex.quote(n) for n in sorted(names))
-    yield f"DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq {pkgs} && DEBIAN_FRONTEND=noninteractive apt-get autoremove --purge -y -qq"
+    before = shlex.quote(f"{cache_dir}/{BEFORE}")
+    apt = "DEBIAN_FRONTEND=noninteractive apt-get -y -qq"
+    yield f"{apt} purge {pkgs}"
+    # what apt pulled in with them: unneeded now (even if something suggests or recommends it)
+    # and not on the host before the first deploy
+    yield (
+        "extra=$(apt-get -s -o APT::AutoRemove::RecommendsImportant=false "
+        "-o APT::AutoRemove::SuggestsImportant=false autoremove | awk '/^Remv /{print $2}' | "
+        f"grep -vxF -f {before} || true); "
+        f'if [ -n "$extra" ]; then {apt} purge $extra; fi'
+    )

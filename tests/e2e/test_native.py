@@ -134,6 +134,10 @@ def test_status_shows_release_health_and_drift(host, inventory, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "api key none -> set" in proc.stdout and "bind 0.0.0.0:8080 -> 0.0.0.0:8081" in proc.stdout
     assert API_KEY not in proc.stdout + proc.stderr
+    # a tuning change shows as flags drift: what a deploy would render now differs from what runs
+    tuned = llamadeploy_cli("status", str(with_data(host, tmp_path, "ctx", llama_server={"ctx_size": 4096})), "--json")
+    (row,) = json.loads(tuned.stdout)
+    assert len(row["drift"]) == 1 and row["drift"][0].startswith(f"flags {manifest.flags_digest()} -> "), row
     # a bad value gets the deploy's one-line message naming host, field and value
     bad = llamadeploy_cli("status", str(with_data(host, tmp_path, "bad", llama_server={"port": 70000})))
     assert bad.returncode == 2 and f"host {host.address}: llama_server.port = 70000" in bad.stderr

@@ -53,3 +53,12 @@ def test_table_shows_errors_and_drift():
     assert lines[0].split() == ["host", "mode", "release", "model", "model_sha256", "flags_digest", "service",
                                 "health", "drift"]
     assert lines[1].split()[-1] == "-" and "unreachable over SSH" in lines[2] and lines[3].endswith("api key none -> set")
+
+
+def test_flag_changes_are_drift_with_the_flags_named():
+    m = manifest()
+    assert drift(cfg(), m, SHA, ["--port", "8080"]) == []
+    (line,) = drift(cfg(), m, SHA, ["--port", "8080", "--ctx-size", "4096"])
+    assert line == f"flags {m.flags_digest()} -> {Manifest.digest(['--port', '8080', '--ctx-size', '4096'])} (--ctx-size)"
+    (line,) = drift(cfg(), m, SHA, ["--port", "9090"])
+    assert line.endswith("(values)")
