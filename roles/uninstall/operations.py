@@ -7,10 +7,36 @@ from collections.abc import Generator
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import FactBase, operation
 from pyinfra.facts.files import Directory, FileContents
 
 from llamadeploy.packages import BEFORE, RECORD_PREFIX, RECORDING_ROLES, recorded
+
+
+class LeftToRemove(FactBase[tuple[bool, str | None]]):
+    """For a directory: whether a mount point lies below it, and the first entry under it that is
+    ours to remove (on its filesystem, neither a mount point nor a directory holding one).
+
+    After a removal that had to stop at a bind-mounted cache this is ``(True, None)``: nothing
+    left to do, so a second uninstall reports no change.
+    """
+
+    def command(self, path: str, keep: str | None = None) -> str:
+        q = shlex.quote
+        kept = f'case "$f" in {q(keep)}|{q(keep)}/*) continue;; esac; ' if keep else ""
+        # mount points below path (mountinfo field 5); find would walk into a bind mount of the same
+        # filesystem, so entries in or above a mount point are skipped by name
+        return (
+            f"mps=$(awk '{{print $5}}' /proc/self/mountinfo | grep -F -- {q(path + '/')}); "
+            '[ -n "$mps" ] && echo mounted; '
+            f"find {q(path)} -mindepth 1 2>/dev/null | while IFS= read -r f; do {kept}keep=; "
+            'for m in $mps; do case "$f" in "$m"|"$m"/*) keep=1;; esac; case "$m" in "$f"/*) keep=1;; esac; done; '
+            '[ -n "$keep" ] || { echo "left $f"; break; }; done'
+        )
+
+    def process(self, output: list[str]) -> tuple[bool, str | None]:
+        left = next((line[5:] for line in output if line.startswith("left ")), None)
+        return "mounted" in output, left
 
 
 @operation()
@@ -26,6 +52,13 @@ def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, Non
     """
     if not host.get_fact(Directory, path=path):
         host.noop(f"{path} is not there")
+        return
+    mounted, left = host.get_fact(LeftToRemove, path=path, keep=keep)
+    if keep and left is None:
+        host.noop(f"only {keep} is left under {path}")
+        return
+    if mounted and left is None:
+        host.noop(f"only mount points are left under {path}")
         return
     q = shlex.quote
     if keep:
