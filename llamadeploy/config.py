@@ -34,7 +34,15 @@ SIZE_RE = re.compile(r"^[0-9]+[KMGT]?$")
 Size = Annotated[str, Field(pattern=SIZE_RE.pattern, description="bytes, or a number with K/M/G/T")]
 #: places a host path may not be: what the unit hides or protects (PrivateTmp, ProtectHome,
 #: ProtectKernel*, PrivateDevices), the kernel's own trees, and root's home
-FORBIDDEN_ROOTS = ("/tmp", "/var/tmp", "/home", "/root", "/proc", "/sys", "/dev", "/run", "/boot")
+FORBIDDEN_ROOTS = ("/tmp", "/var/tmp", "/home", "/root", "/proc", "/sys", "/dev", "/run", "/var/run", "/boot")
+#: directories a service path may be inside but never be: uninstall removes the service's paths
+SYSTEM_DIRS = frozenset({
+    "/bin", "/sbin", "/lib", "/lib64", "/usr", "/etc", "/opt", "/srv", "/var", "/mnt", "/media",
+    "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/share", "/usr/include",
+    "/usr/src", "/usr/local", "/usr/local/bin", "/usr/local/lib", "/usr/local/share", "/var/lib",
+    "/var/cache", "/var/log", "/var/spool", "/var/opt", "/var/mail", "/var/backups", "/var/local",
+    "/etc/systemd", "/etc/default", "/etc/apt",
+})
 #: characters a host path or file name may hold: nothing a shell or systemd reads specially
 PATH_CHARS = r"[A-Za-z0-9._+@/-]"
 
@@ -45,8 +53,8 @@ def _host_path(value: str) -> str:
         raise ValueError("must be an absolute path of letters, digits and ._+@/- only")
     if posixpath.normpath(value) != value:
         raise ValueError(f"must be normalized (no '..', '.', '//' or trailing '/'; e.g. {posixpath.normpath(value)!r})")
-    if value == "/":
-        raise ValueError("must not be / itself")
+    if value == "/" or value in SYSTEM_DIRS:
+        raise ValueError(f"must be a directory of the service's own, not {value} itself (e.g. {value}/llama)")
     for root in FORBIDDEN_ROOTS:
         if value == root or value.startswith(root + "/"):
             raise ValueError(
@@ -71,9 +79,9 @@ Name = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
 #: a git ref or commit: what git and CMake get, never an option
 Ref = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")]
 #: a CMake -D value: no quotes, spaces, $, backticks; ';' only as CMake's list separator
-CMakeValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9._+:/=,;@-]{0,256}$")]
+CMakeValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9._+:/=,;@ -]{0,256}$")]
 #: a git remote: https://, ssh:// or git@host:path, never something git reads as an option
-GitUrl = Annotated[str, Field(pattern=r"^(https://|ssh://|git@)[A-Za-z0-9._~:/@+-]+$")]
+GitUrl = Annotated[str, Field(pattern=r"^(https?://|ssh://|file:///|git@)[A-Za-z0-9._~:/@+-]+$")]
 
 
 def parse_size(size: str) -> int:
@@ -277,7 +285,7 @@ class ServerConfig(Section):
     api_key_file: str | None = None
     #: serve /v1 and /metrics on a non-loopback address without a key (refused unless true)
     allow_unauthenticated: bool = False
-    #: extra arguments appended verbatim (escape hatch)
+    #: extra arguments appended verbatim (escape hatch); never a key (use api_key_file)
     extra_args: list[str] = []
 
     @field_validator("host")
@@ -289,6 +297,15 @@ class ServerConfig(Section):
             ipaddress.ip_address(v)
         except ValueError:
             raise ValueError("must be an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1") from None
+        return v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_key_on_the_command_line(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            if arg.split("=")[0] in ("--api-key", "--api-key-file", "--hf-token", "-hft"):
+                raise ValueError(f"{arg.split('=')[0]} would put a secret on the command line; "
+                                 "use llama_server.api_key_file")
         return v
 
     @field_validator("api_key")
@@ -335,6 +352,18 @@ class ServiceConfig(Section):
     data_dir: AbsPath = "/var/lib/llama-server"
     config_dir: AbsPath = "/etc/llama-server"
     cache_dir: AbsPath = "/var/cache/llama.cpp"
+
+    @model_validator(mode="after")
+    def _separate_trees(self) -> ServiceConfig:
+        """Each path is removed as a whole by uninstall: none may hold another."""
+        paths = {"prefix": self.prefix, "data_dir": self.data_dir, "config_dir": self.config_dir,
+                 "cache_dir": self.cache_dir}
+        for a, pa in paths.items():
+            for b, pb in paths.items():
+                if a != b and (pa == pb or pb.startswith(pa + "/")):
+                    raise problem(b, pb, f"must not be inside or equal to llama_service.{a} = {pa!r}: "
+                                         "each is its own tree (uninstall removes them one by one)")
+        return self
 
     @field_validator("user")
     @classmethod
@@ -395,6 +424,16 @@ class HostConfig(Section):
                 "anyone who can reach it; set llama_server.api_key_file (create one: llamadeploy key new FILE), "
                 "bind 127.0.0.1, or set llama_server.allow_unauthenticated = True",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _compose_project_apart(self) -> HostConfig:
+        svc, project = self.service, self.docker.project_dir
+        for name in ("prefix", "data_dir", "config_dir", "cache_dir"):
+            other = getattr(svc, name)
+            if project == other or project.startswith(other + "/") or other.startswith(project + "/"):
+                raise problem("docker.project_dir", project,
+                              f"must be apart from llama_service.{name} = {other!r} (uninstall removes each tree)")
         return self
 
     @model_validator(mode="after")

@@ -78,6 +78,8 @@ def _describe(err: ErrorDetails) -> str:
     value = err.get("input")
     if isinstance(value, SecretStr) or "api_key" in loc:
         shown = "<hidden>"
+    elif len(err["loc"]) == 1 and str(err["loc"][0]) in ("server", "model") and not isinstance(value, dict):
+        shown = f"<a {type(value).__name__}>"  # a whole section given as a value may be a pasted key
     elif isinstance(value, dict) and any("key" in str(k) or "token" in str(k) for k in value):
         shown = "{...}"
     else:

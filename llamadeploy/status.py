@@ -153,14 +153,13 @@ def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
     from llamadeploy.roles.preflight.facts import HostMemory
     from llamadeploy.tuning import plan_memory, server_args
 
-    if cfg.model.path:
-        name = posixpath.basename(cfg.model.path)
-        art = ModelArtifact((ModelFile(name, "", os.path.getsize(cfg.model.path), "", local=cfg.model.path),),
-                            cfg.model.alias or default_alias(name))
-    else:
-        from llamadeploy.roles.model.source import resolve
-
-        art = resolve(cfg.model)
+    if not cfg.model.path:
+        # a Hub model's header is read from the downloaded file at deploy time; the catalog's values
+        # or the operator's ctx_size would be a different input, hence false drift: not compared
+        return None
+    name = posixpath.basename(cfg.model.path)
+    art = ModelArtifact((ModelFile(name, "", os.path.getsize(cfg.model.path), "", local=cfg.model.path),),
+                        cfg.model.alias or default_alias(name))
     with ctx_host.use(host):
         try:
             meta = meta_for(cfg, art)

@@ -128,6 +128,11 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     svc, d = cfg.service, cfg.docker
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
     key_file = f"{svc.config_dir}/docker-api-key"
+    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
+                       bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
+    ref = image_ref(cfg)
+    check_image_flags(name="Flags known to llama-server in the image", image=ref, args=args)
+    # the key changes only after the check: a refused image must not leave a new key unread
     if cfg.server.api_key is not None:
         key = atomic.put(name="API key file for the container (0400, container uid)",
                          src=StringIO(cfg.server.api_key.get_secret_value() + "\n"), dest=key_file,
@@ -135,10 +140,6 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     else:
         key = files.file(name="No API key file", path=key_file, present=False)
 
-    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
-                       bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
-    ref = image_ref(cfg)
-    check_image_flags(name="Flags known to llama-server in the image", image=ref, args=args)
     info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, compose_service=COMPOSE_SERVICE, image=ref,
                           api_key_file=key_file if cfg.server.api_key else None)
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")

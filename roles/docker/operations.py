@@ -25,6 +25,10 @@ def check_image_flags(image: str, args: list[str]) -> Generator[Any, None, None]
     + args: the rendered argument vector (the container's command)
     """
     accepted = host.get_fact(ImageServerHelp, image=image)
+    if not accepted and not host.state.is_executing:
+        # change detection (pyinfra without -y) runs before the image is pulled or loaded
+        host.noop(f"llama-server in {image} is checked once the image is on the host")
+        return
     if not accepted:
         raise OperationError(f"llama-server in {image} is missing or printed no --help")
     bad = unknown_flags(args, accepted)

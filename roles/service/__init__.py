@@ -71,6 +71,13 @@ def service(
     )
     files.directory(name="Config directory", path=svc.config_dir, user="root", group=svc.user, mode="750")
 
+    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{cfg.model_dir}/{art.first.name}", art.alias)
+    binary = f"{cfg.current_link}/bin/llama-server"
+    # the new release must start and know every flag before it becomes current: a failed
+    # check stops here, with current and the unit still on the release that serves now
+    check_flags(name="New release starts and knows every flag", binary=f"{cfg.release_dir}/bin/llama-server",
+                args=args)
+    # the key changes only after the check: a refused release must not leave a new key unread
     if cfg.server.api_key is not None:
         key = atomic.put(
             name="API key file (0600)",
@@ -84,12 +91,6 @@ def service(
     else:
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
-    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{cfg.model_dir}/{art.first.name}", art.alias)
-    binary = f"{cfg.current_link}/bin/llama-server"
-    # the new release must start and know every flag before it becomes current: a failed
-    # check stops here, with current and the unit still on the release that serves now
-    check_flags(name="New release starts and knows every flag", binary=f"{cfg.release_dir}/bin/llama-server",
-                args=args)
     # the old release stays on disk; switching back is a link change
     switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
 

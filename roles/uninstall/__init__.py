@@ -11,9 +11,11 @@ What stays: anything that was on the host before the first deploy, and mount poi
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra import host
 from pyinfra.facts.files import File
-from pyinfra.facts.server import Command
+from pyinfra.facts.server import Command, Users
 from pyinfra.operations import files, server, systemd
 
 from llamadeploy.config import HostConfig
@@ -21,6 +23,7 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles.docker import compose_command
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
+from llamadeploy.roles.preflight import is_ours
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 
 
@@ -38,7 +41,8 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     if has_docker:
         compose_down(name="Compose project down", project_dir=d.project_dir, compose=compose_command(cfg))
         if host.get_fact(DockerImageId, ref=cfg.docker_image):
-            server.shell(name=f"Image {cfg.docker_image} removed", commands=[f"docker image rm -f {cfg.docker_image}"])
+            server.shell(name=f"Image {cfg.docker_image} removed",
+                         commands=[f"docker image rm {shlex.quote(cfg.docker_image)}"])
     tree_removed(name="Compose project directory removed", path=d.project_dir)
 
     tree_removed(name="Releases removed", path=svc.prefix)
@@ -48,8 +52,10 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     else:
         tree_removed(name="Data directory removed", path=svc.data_dir)
 
-    server.user(name="Service user removed", user=svc.user, present=False)
-    server.group(name="Service group removed", group=svc.user, present=False)
+    account = host.get_fact(Users).get(svc.user)
+    if account is not None and is_ours(cfg, account):  # never an account the deploy did not make
+        server.user(name="Service user removed", user=svc.user, present=False)
+        server.group(name="Service group removed", group=svc.user, present=False)
     # the records of what to purge live in the cache directory: purge first, then remove it
     packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir)
     tree_removed(name="Cache directory removed", path=svc.cache_dir)

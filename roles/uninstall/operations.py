@@ -27,7 +27,7 @@ class LeftToRemove(FactBase[tuple[bool, str | None]]):
         # mount points below path (mountinfo field 5); find would walk into a bind mount of the same
         # filesystem, so entries in or above a mount point are skipped by name
         return (
-            f"mps=$(awk '{{print $5}}' /proc/self/mountinfo | grep -F -- {q(path + '/')}); "
+            f"mps=$(awk -v p={q(path)} '$5 == p || index($5, p \"/\") == 1 {{print $5}}' /proc/self/mountinfo); "
             '[ -n "$mps" ] && echo mounted; '
             f"find {q(path)} -mindepth 1 2>/dev/null | while IFS= read -r f; do {kept}keep=; "
             'for m in $mps; do case "$f" in "$m"|"$m"/*) keep=1;; esac; case "$m" in "$f"/*) keep=1;; esac; done; '
@@ -62,11 +62,14 @@ def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, Non
         return
     q = shlex.quote
     if keep:
-        yield f"find {q(path)} -mindepth 1 -maxdepth 1 ! -path {q(keep)} -exec rm -rf --one-file-system {{}} +"
+        yield (f"find {q(path)} -mindepth 1 -maxdepth 1 ! -path {q(keep)} "
+               f"-exec rm -rf --one-file-system --preserve-root=all {{}} +")
         return
     # rm fails when it had to leave a mount point behind: that is success here, anything else is not
-    yield (f"rm -rf --one-file-system {q(path)} 2>/dev/null || "
-           f"{{ test -e {q(path)} && grep -qF -- {q(' ' + path + '/')} /proc/self/mountinfo; }}")
+    # --preserve-root=all: an argument that is itself a mount point is refused, not emptied
+    yield (f"rm -rf --one-file-system --preserve-root=all {q(path)} 2>/dev/null || "
+           f"{{ test -e {q(path)} && awk -v p={q(path)} '$5 == p || index($5, p \"/\") == 1 {{f=1}} END {{exit !f}}' "
+           "/proc/self/mountinfo; }")
 
 
 @operation()
@@ -85,12 +88,20 @@ def packages_purged(cache_dir: str) -> Generator[Any, None, None]:
     pkgs = " ".join(shlex.quote(n) for n in sorted(names))
     before = shlex.quote(f"{cache_dir}/{BEFORE}")
     apt = "DEBIAN_FRONTEND=noninteractive apt-get -y -qq"
-    yield f"{apt} purge {pkgs}"
-    # what apt pulled in with them: unneeded now (even if something suggests or recommends it)
-    # and not on the host before the first deploy
+    # refuse when purging ours would take a package someone installed by hand (one depending on curl)
     yield (
-        "extra=$(apt-get -s -o APT::AutoRemove::RecommendsImportant=false "
-        "-o APT::AutoRemove::SuggestsImportant=false autoremove | awk '/^Remv /{print $2}' | "
-        f"grep -vxF -f {before} || true); "
+        "byhand=$(apt-mark showmanual); "
+        f"manual=$(apt-get -s purge {pkgs} | awk '/^Purg |^Remv /{{print $2}}' | sed 's/:.*//' | "
+        f"grep -vxF -e {' -e '.join(shlex.quote(n) for n in sorted(names))} | "
+        'while read -r p; do printf \'%s\\n\' "$byhand" | grep -qxF -- "$p" && echo "$p"; done; true); '
+        'if [ -n "$manual" ]; then echo "not purging: it would also remove packages installed by hand:" $manual >&2; '
+        "exit 1; fi"
+    )
+    yield f"{apt} purge {pkgs}"
+    # what apt pulled in with them and nothing needs now, not even as a mere suggestion (apt suggests
+    # dpkg-dev, which would keep the whole toolchain), and that was not on the host before
+    yield (
+        "extra=$(apt-get -s -o APT::AutoRemove::SuggestsImportant=false autoremove | "
+        f"awk '/^Remv /{{print $2}}' | grep -vxF -f {before} || true); "
         f'if [ -n "$extra" ]; then {apt} purge $extra; fi'
     )

@@ -51,7 +51,7 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
     ("inject-commit", {"llama_build": {"commit": INJECT}}, "llama_build.commit = "),
     ("subst-commit", {"llama_build": {"commit": SUBST}}, "llama_build.commit = "),
     ("ticks-revision", {"llama_model": {"revision": TICKS}}, "llama_model.revision = "),
-    ("semicolon-cmake", {"llama_build": {"cmake_args": {"GGML_AVX": f"ON;touch {CANARY}"}}},
+    ("ticks-cmake", {"llama_build": {"cmake_args": {"GGML_AVX": f"ON`touch {CANARY}`"}}},
      "llama_build.cmake_args.GGML_AVX = "),
     ("quote-cmake", {"llama_build": {"cmake_args": {"GGML_AVX": INJECT}}}, "llama_build.cmake_args.GGML_AVX = "),
     ("option-url", {"llama_build": {"git_url": f"--upload-pack=touch {CANARY}"}}, "llama_build.git_url = "),

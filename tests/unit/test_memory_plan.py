@@ -163,5 +163,8 @@ def test_limits_above_the_host_and_login_accounts_are_refused():
     assert host_limit_problem(cfg(limits={"cpus": 2.0, "memory": "8G"}), 2, 8 << 30) is None
     ops = cfg(service={"user": "ops"})
     assert "existing login account (uid 1000)" in account_problem(ops, {"ops": {"uid": 1000}})
-    assert account_problem(ops, {"ops": {"uid": 998}}) is None  # a system account: ours from an earlier deploy
+    ours = {"uid": 998, "home": "/var/lib/llama-server"}  # made by an earlier deploy: home is our data dir
+    assert account_problem(ops, {"ops": ours}) is None
+    assert "existing system account (uid 114, home /var/lib/postgresql) of something else" in account_problem(
+        ops, {"ops": {"uid": 114, "home": "/var/lib/postgresql"}})
     assert account_problem(ops, {}) is None

@@ -97,6 +97,8 @@ class FakeHost:
         self._facts = facts
         self.used: set[tuple[str, str | None]] = set()
         self.noop_description: str | None = None
+        #: operations run at execution (pyinfra -y); change detection is a separate stage
+        self.state = type("State", (), {"is_executing": True})()
         self.noop_calls = 0
 
     def noop(self, description: str) -> None:
