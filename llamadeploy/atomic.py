@@ -175,10 +175,7 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
         verified_file(name="Model", src="models/m.gguf",
                       dest="/var/lib/llama-server/models/m.gguf", sha256="a5fd...")
     """
-    if not SHA256_RE.fullmatch(sha256 or ""):
-        raise OperationError(f"verified_file needs a sha256, got {sha256!r}")
-    if present or host.get_fact(Sha256File, path=dest) == sha256:
-        host.noop(f"{dest} already has sha256 {sha256[:12]}…")
+    if already_in_place("verified_file", dest, sha256, present):
         return
     q = shlex.quote
     tmp = f"{dest}.partial"
@@ -186,6 +183,17 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
     # ProgressReader is a binary file object (RawIOBase), the IO pyinfra reads uploads from
     yield FileUploadCommand(cast(IO[Any], ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}")), tmp)
     yield install_if_hash_matches(tmp, dest, sha256, mode, what=dest)
+
+
+def already_in_place(op: str, dest: str, sha256: str, present: bool) -> bool:
+    """For operations that put a verified file at ``dest``: refuse a malformed hash, and say
+    (``host.noop``) when ``dest`` already has it, found by the caller (``present``) or read here."""
+    if not SHA256_RE.fullmatch(sha256 or ""):
+        raise OperationError(f"{op} needs a sha256, got {sha256!r}")
+    if present or host.get_fact(Sha256File, path=dest) == sha256:
+        host.noop(f"{dest} already has sha256 {sha256[:12]}…")
+        return True
+    return False
 
 
 def install_if_hash_matches(staged: str, dest: str, sha256: str, mode: str, what: str) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,16 @@ class DeployResult:
         """Operation/host pairs that ran commands (pyinfra's own 'success' count)."""
         assert self.report is not None, self.stderr[-3000:]
         return self.report["results"]["totals"]["success"]
+
+
+def merged_data(**sections: Any) -> dict:
+    """The sandbox's default host data with ``sections`` deep-merged in, as pyinfra's layers do."""
+    from llamadeploy.sandbox.inventory import default_data
+
+    data = default_data()
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    return data
 
 
 def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) -> DeployResult:

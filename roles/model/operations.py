@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import shlex
 
-from pyinfra import host
-from pyinfra.api import OperationError, operation
-from pyinfra.facts.files import Sha256File
+from pyinfra.api import operation
 
-from llamadeploy.atomic import SHA256_RE, install_if_hash_matches
+from llamadeploy.atomic import already_in_place, install_if_hash_matches
 
 
 @operation()
@@ -29,10 +27,7 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
     A present file with the right hash means nothing to do. A killed earlier
     download's ``*.incomplete`` leftovers are removed first.
     """
-    if not SHA256_RE.fullmatch(sha256 or ""):
-        raise OperationError(f"hub_download needs a sha256, got {sha256!r}")
-    if present or host.get_fact(Sha256File, path=dest) == sha256:
-        host.noop(f"{dest} already has sha256 {sha256[:12]}…")
+    if already_in_place("hub_download", dest, sha256, present):
         return
     q = shlex.quote
     env = f"HF_ENDPOINT={q(endpoint)} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 HF_HOME={q(work_dir)}/home"

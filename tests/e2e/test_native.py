@@ -20,7 +20,7 @@ from llamadeploy.bench import PROMPT
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import host_state, run_deploy, run_testinfra
+from tests.conftest import host_state, merged_data, run_deploy, run_testinfra
 
 pytestmark = pytest.mark.e2e
 
@@ -38,13 +38,7 @@ def inventory(host, tmp_path_factory) -> Path:
 
 
 def with_data(host, tmp_path: Path, name: str, **sections) -> Path:
-    data = copy.deepcopy(default_data())
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return write_inventory(tmp_path / f"{name}.py", [host], data)
+    return write_inventory(tmp_path / f"{name}.py", [host], merged_data(**sections))
 
 
 def test_first_deploy_builds_and_serves(host, inventory):

@@ -7,7 +7,6 @@ verified over a second channel (ssh, HTTP).
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import host_state, run_deploy
+from tests.conftest import host_state, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -91,16 +90,6 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
 ]
 
 
-def merged(sections: dict) -> dict:
-    data = copy.deepcopy(default_data())
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return data
-
-
 @pytest.fixture(scope="module")
 def host(testhosts):
     return testhosts("sf4", 4)
@@ -115,7 +104,7 @@ def inventory(host, tmp_path_factory) -> Path:
 
 
 def with_data(host, tmp_path: Path, name: str, **sections) -> Path:
-    return write_inventory(tmp_path / f"{name}.py", [host], merged(sections))
+    return write_inventory(tmp_path / f"{name}.py", [host], merged_data(**sections))
 
 
 def chat(host) -> str:
@@ -131,7 +120,7 @@ def test_bad_input_matrix_changes_nothing(host, inventory, tmp_path):
     assert len(BAD_INPUT) >= 40
     before = host_state(host) + host.ssh("ls -la /etc/systemd/system /opt /srv /var/lib").stdout
     name, conn = host.inventory_entry()
-    entries = [(case, {**conn, "ssh_hostname": name, **merged(sections)}) for case, sections, _ in BAD_INPUT]
+    entries = [(case, {**conn, "ssh_hostname": name, **merged_data(**sections)}) for case, sections, _ in BAD_INPUT]
     inv = tmp_path / "bad.py"
     inv.write_text(f"hosts = {entries!r}\n")
     result = run_deploy(inv, "--parallel", "4")  # one sshd serves all of them
