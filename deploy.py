@@ -8,8 +8,9 @@ field of ``llamadeploy.config.HostConfig``):
 3. preflight: memory plan, slots, context         ``roles/preflight``
 4. build llama.cpp (native) or engine + image     ``roles/build``, ``roles/docker``
 5. model files on the host, sha256-verified       ``roles/model``
-6. systemd unit or compose file, restart on change ``roles/service``, ``roles/docker``
-7. health gate                                     ``roles/health``
+6. nftables rules for the port (optional)         ``roles/firewall``
+7. systemd unit or compose file, restart on change ``roles/service``, ``roles/docker``
+8. health gate                                     ``roles/health``
 
 Steps 1-3 run while pyinfra prepares the run, so nothing changes on any host
 unless every host passes them. The steps themselves are one importable

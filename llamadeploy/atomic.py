@@ -26,14 +26,16 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+import secrets
 import shlex
+from collections.abc import Iterator
 from typing import IO, Any, cast
 
 from pyinfra import host
 from pyinfra.api import FactBase, FileUploadCommand, OperationError, QuoteString, StringCommand, operation
-from pyinfra.api.hiddenvalue import HiddenValue
 from pyinfra.api.util import get_file_sha1
 from pyinfra.facts.files import File, Link, Sha1File, Sha256File
+from pyinfra.facts.server import Home
 from pyinfra.operations.util.files import chmod, chown, ensure_mode_int
 
 from llamadeploy.artifacts import ProgressReader
@@ -61,28 +63,65 @@ def durable_rename(staged: str, dest: str) -> str:
     return f"sync -- {q(staged)} && mv -f {q(staged)} {q(dest)} && sync -- {q(posixpath.dirname(dest) or '/')}"
 
 
-class SameContent(FactBase[bool]):
-    """Whether ``path`` holds content with a given sha256, without the hash in any output.
+class NonceDigest(FactBase[str | None]):
+    """sha256 of a fresh nonce followed by the file's content; None when there is no file.
 
-    For secrets: pyinfra prints fact commands and their output at ``-vvv``, so comparing
-    ``Sha1File`` of a key file would show a hash of the key. Here the expected hash is a
-    ``HiddenValue`` (masked wherever pyinfra prints the command) and the output is a word.
+    For secrets, a challenge-response instead of a hash: pyinfra prints fact commands at
+    ``-vv`` and their output at ``-vvv``, and the host's process list shows every command
+    line. Comparing ``Sha1File`` of a key file (pyinfra's way) printed a stable hash of the
+    key; passing the expected hash in the command put it in ``ps``. Here the command holds
+    only a random nonce and the path, and the output is a digest that is never the same
+    twice, so nothing printed or listed can be matched with the key or with another run.
     """
 
-    def command(self, path: str, sha256: HiddenValue) -> StringCommand:
+    def command(self, path: str, nonce: str) -> StringCommand:
         return StringCommand(
-            "test", "-f", QuoteString(path), "&&", "[", StringCommand(f'"$(sha256sum < {shlex.quote(path)} | cut -c1-64)"'),
-            "=", sha256, "]", "&&", "echo", "same", "||", "echo", "different",
+            "test", "-f", QuoteString(path), "&&",
+            StringCommand(f"{{ printf %s {shlex.quote(nonce)} && cat {shlex.quote(path)}; }} | sha256sum | cut -c1-64"),
+            "||", "true",
         )
 
-    def process(self, output: list[str]) -> bool:
-        return output == ["same"]
+    def process(self, output: list[str]) -> str | None:
+        return output[0] if output and SHA256_RE.fullmatch(output[0]) else None
 
 
-def _content_sha256(src: IO[Any]) -> str:
+def same_secret(path: str, src: IO[Any]) -> bool:
+    """Whether ``path`` on the host holds exactly ``src``, by :class:`NonceDigest`."""
+    nonce = secrets.token_hex(16)
     data = src.read()
     src.seek(0)
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+    want = hashlib.sha256(nonce.encode() + (data.encode() if isinstance(data, str) else data)).hexdigest()
+    return host.get_fact(NonceDigest, path=path, nonce=nonce) == want
+
+
+#: global arguments with which pyinfra uploads as the SSH user and copies into place as another
+ESCALATIONS = ("_sudo", "_su_user", "_doas", "_dzdo")
+#: the SSH user's private upload directory (in its home) while escalating
+UPLOAD_DIR = ".llamadeploy-upload"
+
+
+def private_upload(src: IO[Any], dest: str) -> Iterator[Any]:
+    """Commands that upload ``src`` onto ``dest`` with nobody else able to read it in transit.
+
+    As root, the SFTP upload writes into ``dest`` itself (created 0600 beforehand by the
+    caller). Through sudo/su/doas, pyinfra uploads as the SSH user to a temp file in
+    ``/tmp`` with the SFTP server's default mode (0644), then ``cp``s it: an API key or Hub
+    token readable by every local user for the length of the transfer. Here the temp file
+    lies in a 0700 directory of the SSH user's own home instead.
+    """
+    args: dict[str, Any] = dict(host.current_op_global_arguments or {})
+    if not any(args.get(k) for k in ESCALATIONS):
+        yield FileUploadCommand(src, dest)
+        return
+    unescalated: dict[str, Any] = {"_sudo": False, "_su_user": None, "_doas": False, "_dzdo": False}
+    home = host.get_fact(Home, **unescalated)
+    if not home or not home.startswith("/"):
+        raise OperationError(f"cannot find the SSH user's home for a private upload (got {home!r})")
+    updir = posixpath.join(home, UPLOAD_DIR)
+    yield StringCommand("umask", "077", "&&", "mkdir", "-p", QuoteString(updir), "&&",
+                        "chmod", "700", QuoteString(updir), **unescalated)
+    yield FileUploadCommand(src, dest, remote_temp_filename=posixpath.join(updir, posixpath.basename(dest)))
+    yield StringCommand("rmdir", "--ignore-fail-on-non-empty", QuoteString(updir), **unescalated)
 
 
 @operation()
@@ -94,7 +133,7 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
     + src: file-like object with the content
     + dest: remote path the service reads
     + user, group, mode: final owner and permissions
-    + secret: compare without any hash of the content in pyinfra's output (:class:`SameContent`)
+    + secret: compare by challenge-response (:class:`NonceDigest`), never by a hash of the content
 
     **Example:**
 
@@ -108,7 +147,7 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
     remote = host.get_fact(File, path=dest)
     q = shlex.quote
     if secret:
-        same = bool(remote) and host.get_fact(SameContent, path=dest, sha256=HiddenValue(_content_sha256(src)))
+        same = bool(remote) and same_secret(dest, src)
     else:
         same = bool(remote) and host.get_fact(Sha1File, path=dest) == get_file_sha1(src)
     if remote and same:
@@ -125,7 +164,7 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
 
     stage = staging_path(dest)
     yield f"mkdir -p {q(posixpath.dirname(dest))} && rm -f {q(stage)} && (umask 077 && : > {q(stage)})"
-    yield FileUploadCommand(src, stage)
+    yield from private_upload(src, stage)
     yield chown(stage, user, group)
     yield chmod(stage, want_mode)
     yield durable_rename(stage, dest)

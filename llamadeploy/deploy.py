@@ -16,6 +16,7 @@ from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.roles import docker, model, service, uninstall
 from llamadeploy.roles.build import native_build
+from llamadeploy.roles.firewall import firewall
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.preflight import memory_plan
 
@@ -51,6 +52,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
 
     # 6. The service, restarted only when an input changed; the other mode's server is
     #    stopped first so the port is never held twice.
+    firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
     if cfg.mode == "native":
         docker.stop_compose(cfg)
         started, restarted = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops])

@@ -20,6 +20,7 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.manifest import build_manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
+from llamadeploy.roles.firewall import rules_path
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
@@ -45,6 +46,7 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str])
         port=cfg.server.port,
         read_only_paths=[svc.prefix, svc.data_dir, svc.config_dir],
         numa="--numa" in args,
+        firewall=rules_path(cfg) if cfg.server.allow_from is not None else None,
     )
 
 

@@ -23,6 +23,8 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles.docker import compose_command
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
+from llamadeploy.roles.firewall import table_name
+from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.preflight import is_ours
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 
@@ -35,6 +37,7 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     if host.get_fact(File, path=unit):
         server.shell(name="Native service stopped and disabled", commands=[f"systemctl disable --now {svc.name}.service"])
     gone = files.file(name="systemd unit removed", path=unit, present=False)
+    table_removed(name="nftables table removed", table=table_name(cfg))
     systemd.daemon_reload(name="Reload systemd", _if=gone.did_change)
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))

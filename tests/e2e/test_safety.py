@@ -7,6 +7,7 @@ verified over a second channel (ssh, HTTP).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -215,6 +216,106 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         assert f"preflight refused host {host.address}: {expected}" in result.stderr, (name, result.stderr[-2000:])
     assert host_state(host) == before
     assert host.ssh("getent passwd ops").stdout.split(":")[5:7] == ["/home/ops", "/bin/sh\n"]
+
+
+def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path):
+    """allow_from: other networks are dropped at the port, listed ones and the host itself pass; the
+    kernel's table is restored by the next deploy and by every service start; without allow_from
+    the table goes."""
+    url = f"http://{host.address}:8080/health"
+    table = "llamadeploy_llama_server"
+    elsewhere = with_data(host, tmp_path, "fw-other", llama_server={"allow_from": ["192.0.2.0/24"]})
+    result = run_deploy(elsewhere)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    with pytest.raises(httpx.ConnectTimeout):  # dropped, not refused: the controller is not listed
+        httpx.get(url, timeout=3)
+    assert host.ssh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200"
+
+    mine = with_data(host, tmp_path, "fw-mine", llama_server={"allow_from": [f"{host.gateway}/32", "fd00::/8"]})
+    result = run_deploy(mine)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    assert httpx.get(url, timeout=10).status_code == 200
+    assert run_deploy(mine).changed == 0
+
+    host.ssh(f"nft delete table inet {table}")  # a ruleset flushed by hand: the next deploy restores it
+    assert httpx.get(url, timeout=10).status_code == 200
+    restored = run_deploy(mine)
+    assert restored.rc == 0 and restored.changed == 1, restored.stderr[-3000:]
+    host.ssh(f"nft delete table inet {table} && systemctl restart llama-server")  # ExecStartPre reloads it
+    assert "comment \"llamadeploy " in host.ssh(f"nft list table inet {table}").stdout
+
+    result = run_deploy(inventory)
+    assert result.rc == 0, result.stderr[-3000:]
+    assert host.ssh(f"nft list table inet {table}", check=False).returncode != 0
+    assert host.ssh("test -e /etc/llama-server/firewall.nft", check=False).returncode == 1
+    assert httpx.get(url, timeout=10).status_code in (200, 503)
+
+
+def test_secrets_through_a_sudo_user_never_readable_or_printed(host, inventory, tmp_path):
+    """Deploy as a non-root SSH user with sudo (inventory/group_data's way) with an API key.
+
+    The key crosses SFTP only into a 0700 directory of the SSH user's home (sshd's sftp-server
+    log lists every file it wrote), lands 0600, and neither it nor a hash of it appears in
+    pyinfra's output at -vvv --debug (which prints every command line pyinfra runs, i.e. what
+    ``ps`` would show), in the journal (sudo logs each command there), the unit or the manifest.
+    A second run through sudo changes nothing.
+    """
+    from llamadeploy.cli import main as cli
+
+    key_file = tmp_path / "site.key"
+    assert cli(["key", "new", str(key_file)]) == 0
+    key = key_file.read_text().strip()
+    updir = "/home/deploy/.llamadeploy-upload"
+    host.ssh(
+        "id deploy >/dev/null 2>&1 || useradd -m -s /bin/bash deploy; "
+        "install -d -m 700 -o deploy -g deploy /home/deploy/.ssh; "
+        "install -m 600 -o deploy -g deploy /root/.ssh/authorized_keys /home/deploy/.ssh/authorized_keys; "
+        "echo 'deploy ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/deploy && chmod 440 /etc/sudoers.d/deploy; "
+        # log every file sftp-server opens (to the journal)
+        "sed -i 's|^Subsystem.*sftp.*|Subsystem sftp /usr/lib/openssh/sftp-server -l INFO|' /etc/ssh/sshd_config; "
+        "systemctl reload ssh; "
+        # a pre-existing, too-open upload dir with a file in it: must end up 0700 and kept
+        f"install -d -m 755 -o deploy -g deploy {updir} && touch {updir}/keep && chown deploy {updir}/keep"
+    )
+    since = host.ssh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    name, conn = host.inventory_entry()
+    data = merged_data(llama_server={"api_key_file": str(key_file), "allow_unauthenticated": False})
+    inv = tmp_path / "sudo.py"
+    inv.write_text(f"hosts = {[(name, {**conn, 'ssh_user': 'deploy', '_sudo': True, **data})]!r}\n")
+    try:
+        result = run_deploy(inv, "-vvv", "--debug")
+        out = result.stdout + result.stderr
+        assert result.rc == 0, out[-4000:]
+        again = run_deploy(inv)
+        assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
+
+        ok = httpx.get(f"http://{host.address}:8080/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert ok.status_code == 200
+        assert host.ssh("stat -c '%a %U' /etc/llama-server/api-key").stdout.split() == ["600", "llama"]
+        assert host.ssh(f"stat -c '%a %U' {updir}").stdout.split() == ["700", "deploy"]
+
+        # every file sftp-server wrote lies in the private dir, the key's stage file among them
+        sftp = host.ssh(f"journalctl --no-pager -o cat --since '{since}' -t sftp-server").stdout
+        written = [ln.split('"')[1] for ln in sftp.splitlines() if ln.startswith("open ") and "WRITE" in ln]
+        assert f"{updir}/.api-key.llamadeploy-stage" in written, sftp[-3000:]
+        assert all(p.startswith(updir + "/") for p in written), written
+
+        # no file on the host that holds the key is readable by group or others
+        holders = host.ssh(f"grep -rlsF -- {key} /etc /tmp /var/tmp /home /root /var/lib /run /opt || true").stdout.split()
+        assert holders == ["/etc/llama-server/api-key"], holders
+
+        journal = host.ssh(f"journalctl --no-pager --since '{since}'").stdout
+        assert "COMMAND=" in journal, "sudo logs its commands: the check below reads them"
+        files = host.ssh(f"cat /etc/systemd/system/llama-server.service {DEFAULT_PATH}").stdout
+        secrets = [key, key + "\n"]
+        for where, text in (("pyinfra -vvv --debug", out), ("journal", journal), ("unit/manifest", files)):
+            for secret in secrets:
+                assert secret.strip() not in text, where
+                for digest in (hashlib.sha1, hashlib.sha256, hashlib.md5):
+                    assert digest(secret.encode()).hexdigest() not in text, (where, digest)
+    finally:
+        host.ssh("sed -i 's|^Subsystem.*sftp.*|Subsystem sftp /usr/lib/openssh/sftp-server|' /etc/ssh/sshd_config; "
+                 f"systemctl reload ssh; rm -rf {updir}", check=False)
 
 
 def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):

@@ -168,3 +168,25 @@ def test_limits_above_the_host_and_login_accounts_are_refused():
     assert "existing system account (uid 114, home /var/lib/postgresql) of something else" in account_problem(
         ops, {"ops": {"uid": 114, "home": "/var/lib/postgresql"}})
     assert account_problem(ops, {}) is None
+
+
+def test_prompt_cache_gets_what_the_limit_leaves_at_most_8_gib():
+    """--cache-ram is RAM on top of the plan: sized to the limit's remainder, capped at the default."""
+    small = plan_memory(cfg(limits={"memory": "4G"}), PHI3_MINI, 64 * GIB, cores(16))
+    left = (small.limit - small.total) // (1 << 20)
+    assert 64 <= small.cache_ram_mib == left < 8192
+    assert small.total + small.cache_ram_mib * (1 << 20) <= small.limit
+    assert plan_memory(cfg(), PHI3_MINI, 512 * GIB, cores(16)).cache_ram_mib == 8192
+
+
+def test_prompt_cache_off_when_nothing_is_left_and_user_value_must_fit():
+    # 2-slot plan that leaves under 64 MiB: the cache is off rather than squeezed
+    tight = plan_memory(cfg(server={"ctx_size": 4096}), GEMMA3_270M, 64 * GIB, cores(2))
+    limit = tight.total + 32 * (1 << 20)
+    assert plan_memory(cfg(server={"ctx_size": 4096}, limits={"memory": str(limit)}), GEMMA3_270M,
+                       64 * GIB, cores(2)).cache_ram_mib == 0
+    assert plan_memory(cfg(server={"cache_ram": 0}), GEMMA3_270M, 64 * GIB, cores(2)).cache_ram_mib == 0
+    assert plan_memory(cfg(server={"cache_ram": 100}, limits={"memory": "8G"}), GEMMA3_270M,
+                       64 * GIB, cores(2)).cache_ram_mib == 100
+    with pytest.raises(PreflightError, match=r"llama_server.cache_ram = 9000 MiB but the memory limit of 4096 MiB leaves \d+ MiB"):
+        plan_memory(cfg(server={"cache_ram": 9000}, limits={"memory": "4G"}), GEMMA3_270M, 64 * GIB, cores(2))

@@ -20,6 +20,9 @@ Case keys (anything else is an error, so a typo cannot silently skip a check):
     from JSON first: ``build_release``'s ``build`` is a dict validated into
     :class:`~llamadeploy.config.BuildConfig`; ``atomic.put``'s ``src`` is a string
     wrapped in ``StringIO``.
+``global_arguments``
+    pyinfra's global arguments of the operation call (``{"_sudo": true}``), as
+    ``host.current_op_global_arguments``; default: none.
 ``facts``
     What ``host.get_fact`` returns, keyed by fact name: the fact class's module with a
     leading ``pyinfra.facts.`` or ``llamadeploy.`` removed, a dot, the class name
@@ -28,7 +31,9 @@ Case keys (anything else is an error, so a typo cannot silently skip a check):
     kwargs string of those arguments to the value (``{"path=/x": null}``, as in
     pyinfra's tests). Arguments must be real arguments of the fact's ``command``.
     Values are handed over as JSON gives them (a list stands in for a ``frozenset``
-    fact such as ``ServerHelp``). A fact the operation asks for but the case lacks
+    fact such as ``ServerHelp``). Facts in :data:`SIMULATED_FACTS` take a random argument
+    (a nonce): their table is keyed without it and holds what the host has, from which
+    the harness computes the fact's answer. A fact the operation asks for but the case lacks
     fails the test, and so does a case entry the operation never asked for (no stale facts).
 ``commands``
     The commands the operation yields, in order, each compared as a string or list:
@@ -37,7 +42,8 @@ Case keys (anything else is an error, so a typo cannot silently skip a check):
       if masked and raw forms differ, ``{"raw": ..., "masked": ...}`` as in pyinfra
     * a ``FileUploadCommand``: ``["upload", src, dest]`` where ``src`` is the path for a
       controller path (``str``), the text for an in-memory ``StringIO``/``BytesIO``, and
-      ``repr(src)`` for any other file object (``ProgressReader``'s repr is its path)
+      ``repr(src)`` for any other file object (``ProgressReader``'s repr is its path),
+      then the remote temp file name when the operation chooses one
     * a command with connector arguments (``_sudo`` ...): ``{"command": <the above>, **args}``
 ``noop_description``
     The argument of ``host.noop(...)``. Without this key the operation must not call
@@ -70,13 +76,27 @@ from pyinfra.context import ctx_host
 from llamadeploy.config import BuildConfig
 
 SPECS = Path(__file__).resolve().parents[1] / "operations"
-CASE_KEYS = {"args", "kwargs", "facts", "commands", "noop_description", "exception", "description"}
+CASE_KEYS = {"args", "kwargs", "global_arguments", "facts", "commands", "noop_description", "exception",
+             "description"}
 
 #: (op path, argument name) -> converter from the JSON value to what the operation takes
 ARG_ADAPTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     # not validated: the op must quote even what validation would have refused (defense in depth)
     ("roles.build.operations.build_release", "build"): lambda v: BuildConfig.model_construct(**v),
     ("atomic.put", "src"): StringIO,
+}
+
+
+def _nonce_digest(call: dict[str, Any], content: str | None) -> str | None:
+    """What ``atomic.NonceDigest`` prints for a host file holding ``content`` (None: no file)."""
+    import hashlib
+
+    return None if content is None else hashlib.sha256((call["nonce"] + content).encode()).hexdigest()
+
+
+#: fact name -> (random arguments left out of the table key, answer from (call, table value))
+SIMULATED_FACTS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any], Any], Any]]] = {
+    "atomic.NonceDigest": (("nonce",), _nonce_digest),
 }
 
 
@@ -91,8 +111,10 @@ def fact_name(fact_cls: type) -> str:
 class FakeHost:
     """The part of ``pyinfra.api.Host`` an operation body uses: facts, ``noop``, ``name``."""
 
-    def __init__(self, facts: dict[str, Any], name: str = "testhost"):
+    def __init__(self, facts: dict[str, Any], name: str = "testhost",
+                 global_arguments: dict[str, Any] | None = None):
         self.name = name
+        self.current_op_global_arguments = global_arguments
         self.data: dict[str, Any] = {}
         self._facts = facts
         self.used: set[tuple[str, str | None]] = set()
@@ -118,12 +140,13 @@ class FakeHost:
         real = getfullargspec(fact_cls.command).args
         for arg in call:
             assert arg in real, f"{arg} is not an argument of {key}.command"
-        sub = get_kwargs_str(call)
+        hidden, simulate = SIMULATED_FACTS.get(key, ((), lambda _call, value: value))
+        sub = get_kwargs_str({k: v for k, v in call.items() if k not in hidden})
         table = self._facts[key]
         if not isinstance(table, dict) or sub not in table:
             raise KeyError(f"missing test fact: {key} -> {sub}")
         self.used.add((key, sub))
-        return table[sub]
+        return simulate(call, table[sub])
 
     def unused_facts(self) -> list[str]:
         """Case entries the operation never read: whole facts, or kwargs strings of a fact table."""
@@ -155,6 +178,8 @@ def command_json(command: Any) -> Any:
         else:
             shown = repr(src)
         out = ["upload", shown, str(command.dest)]
+        if command.remote_temp_filename:  # where an escalating connector stages it
+            out.append(str(command.remote_temp_filename))
     elif isinstance(command, FileDownloadCommand):
         out = ["download", str(command.src), str(command.dest)]
     elif isinstance(command, FunctionCommand):
@@ -190,7 +215,7 @@ def run_case(op_path: str, case: dict[str, Any]) -> None:
             bound.arguments[arg] = adapter(value)
 
     facts = case.get("facts", {})
-    host = FakeHost(facts)
+    host = FakeHost(facts, global_arguments=case.get("global_arguments"))
     commands: list[Any] = []
     raised: Exception | None = None
     with ctx_host.use(host):

@@ -13,7 +13,7 @@ def render(**over) -> str:
         release_key="b1-abc", model_file="m.gguf", model_sha256="a" * 64,
         exec_start="/opt/llama.cpp/current/bin/llama-server --port 8080",
         limits={"CPUQuota": "400%", "MemoryMax": "8G"}, gpu=False, port=8080,
-        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False,
+        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False, firewall=None,
     )
     vars.update(over)
     return render_template("service/llama-server.service.j2", **vars)
@@ -69,3 +69,10 @@ def test_exposure_at_most_2(tmp_path, numa):
                          capture_output=True, text=True).stdout
     score = float(out.split("exposure level for llama-server.service:")[1].split()[0])
     assert score <= 2.0, out[-3000:]
+
+
+def test_firewall_rules_load_before_every_start():
+    """With allow_from the unit loads its nftables table first, as root ("+"), past the hardening."""
+    assert "ExecStartPre" not in directives(render())
+    d = directives(render(firewall="/etc/llama-server/firewall.nft"))
+    assert d["ExecStartPre"] == ["+/usr/sbin/nft -f /etc/llama-server/firewall.nft"]
