@@ -1,7 +1,8 @@
 """Controller-side artifacts (model files, source tarballs): hashing with a cache.
 
 Hashing a multi-GB model on every deploy of every host would dominate a no-op
-run, so the hash is computed once per file per run.
+run, so the hash is computed once per file and kept in the controller's cache
+(:mod:`llamadeploy.ctlcache`) until the file changes.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ import hashlib
 import io
 import os
 import sys
-from functools import lru_cache
-from pathlib import Path
 
 
-@lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(4 << 20):
@@ -24,9 +22,10 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a controller file, cached on (path, size, mtime)."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    """sha256 of a controller file, cached across runs on (path, size, mtime, inode)."""
+    from llamadeploy import ctlcache
+
+    return ctlcache.file_sha256(path, _sha256)
 
 
 class ProgressReader(io.RawIOBase):

@@ -29,12 +29,13 @@ import re
 import secrets
 import shlex
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from pyinfra import host
 from pyinfra.api import FactBase, FileUploadCommand, OperationError, QuoteString, StringCommand, operation
 from pyinfra.api.util import get_file_sha1
-from pyinfra.facts.files import File, Link, Sha1File, Sha256File
+from pyinfra.facts.files import File, Link, Sha1File
 from pyinfra.facts.server import Home
 from pyinfra.operations.util.files import chmod, chown, ensure_mode_int
 
@@ -191,7 +192,7 @@ def link(path: str, target: str):
 
 
 @operation()
-def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present: bool = False):
+def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present: HashState | None = None):
     """
     Upload a large file (a model) once, verify its sha256 on the host, then move it into place.
 
@@ -199,8 +200,8 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
     + dest: final path on the host; the service reads only this one
     + sha256: expected hash of the content
     + mode: file mode of the installed file
-    + present: the caller already found ``dest`` with this sha256 in this run (hashing a
-      multi-GB model twice per run is the cost this saves)
+    + present: what the caller found at ``dest`` this run (:class:`VerifiedSha256`), or None
+      to read it here
 
     The upload goes to ``dest.partial``; only a file whose hash matches is renamed
     onto ``dest``. A mismatch deletes the partial file and fails the host with
@@ -214,7 +215,10 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
         verified_file(name="Model", src="models/m.gguf",
                       dest="/var/lib/llama-server/models/m.gguf", sha256="a5fd...")
     """
-    if already_in_place("verified_file", dest, sha256, present):
+    todo = already_in_place("verified_file", dest, sha256, present)
+    if todo != "install":
+        if todo:
+            yield todo
         return
     q = shlex.quote
     tmp = f"{dest}.partial"
@@ -224,15 +228,73 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
     yield install_if_hash_matches(tmp, dest, sha256, mode, what=dest)
 
 
-def already_in_place(op: str, dest: str, sha256: str, present: bool) -> bool:
-    """For operations that put a verified file at ``dest``: refuse a malformed hash, and say
-    (``host.noop``) when ``dest`` already has it, found by the caller (``present``) or read here."""
+@dataclass(frozen=True)
+class HashState:
+    sha256: str
+    #: the record next to the file vouches for this hash (size, inode, mtime, ctime unchanged)
+    recorded: bool
+
+
+def record_path(path: str) -> str:
+    """Where the verified hash of ``path`` is recorded: a hidden sibling."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.sha256")
+
+
+#: what identifies a file's version without reading it: size, inode, mtime and ctime (ns)
+STAMP = "%s %i %y %z"
+
+
+class VerifiedSha256(FactBase[HashState | None]):
+    """sha256 of a large file, re-hashed only when it may have changed; None when missing.
+
+    Hashing a multi-GB model on every run made no-op deploys slow. When the file was put
+    in place, its size, inode, mtime and ctime were recorded with the verified hash
+    (:func:`record_command`); while they are unchanged the recorded hash is the answer.
+    Anything that rewrites, replaces or touches the file changes one of them (ctime cannot
+    be set back by users). ``full`` hashes anyway (``llama_verify = "full"``).
+    """
+
+    def command(self, path: str, full: bool = False) -> str:
+        q = shlex.quote
+        p, r = q(path), q(record_path(path))
+        hashed = f'sha=$(sha256sum < {p} | cut -c1-64)'
+        current = '[ "$st" = "$(sed -n 1p ' + r + ' 2>/dev/null)" ] && rec=$(sed -n 2p ' + r + ' 2>/dev/null) && [ -n "$rec" ]'
+        if full:
+            body = f'{hashed}; if {current} && [ "$rec" = "$sha" ]; then echo "$sha recorded"; else echo "$sha hashed"; fi'
+        else:
+            body = f'if {current}; then echo "$rec recorded"; else {hashed}; echo "$sha hashed"; fi'
+        return f"if [ -f {p} ]; then st=$(stat -c {q(STAMP)} -- {p}); {body}; fi"
+
+    def process(self, output: list[str]) -> HashState | None:
+        words = output[0].split() if output else []
+        if len(words) == 2 and SHA256_RE.fullmatch(words[0]):
+            return HashState(words[0], words[1] == "recorded")
+        return None
+
+
+def record_command(path: str, sha256: str) -> str:
+    """Shell: record ``path``'s stamp with its verified ``sha256`` (by rename, synced)."""
+    q = shlex.quote
+    rec = record_path(path)
+    tmp = f"{rec}.tmp"
+    return (f"{{ stat -c {q(STAMP)} -- {q(path)} && echo {q(sha256)}; }} > {q(tmp)} && "
+            f"{durable_rename(tmp, rec)}")
+
+
+def already_in_place(op: str, dest: str, sha256: str, present: HashState | None) -> str | None:
+    """For operations that put a verified file at ``dest``: refuse a malformed hash; when ``dest``
+    already has it (found by the caller this run, or read here), say so with ``host.noop`` and
+    return None, or return the command that records the hash for the next runs."""
     if not SHA256_RE.fullmatch(sha256 or ""):
         raise OperationError(f"{op} needs a sha256, got {sha256!r}")
-    if present or host.get_fact(Sha256File, path=dest) == sha256:
+    state = present or host.get_fact(VerifiedSha256, path=dest)
+    if state is None or state.sha256 != sha256:
+        return "install"
+    if state.recorded:
         host.noop(f"{dest} already has sha256 {sha256[:12]}…")
-        return True
-    return False
+        return None
+    return record_command(dest, sha256)
 
 
 def install_if_hash_matches(staged: str, dest: str, sha256: str, mode: str, what: str) -> str:
@@ -247,6 +309,7 @@ def install_if_hash_matches(staged: str, dest: str, sha256: str, mode: str, what
     mismatch = q(f"sha256 mismatch for {what}: expected {sha256}, got")
     return (
         f"actual=$(sha256sum {q(staged)} | cut -d' ' -f1); "
-        f"if [ \"$actual\" = {q(sha256)} ]; then {stage}chmod {q(mode)} {q(tmp)} && {durable_rename(tmp, dest)}; "
+        f"if [ \"$actual\" = {q(sha256)} ]; then {stage}chmod {q(mode)} {q(tmp)} && {durable_rename(tmp, dest)} "
+        f"&& {record_command(dest, sha256)}; "
         f"else rm -f {q(staged)}; echo {mismatch} \"$actual\" >&2; exit 1; fi"
     )

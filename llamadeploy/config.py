@@ -419,6 +419,10 @@ class HostConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
     health: HealthConfig = HealthConfig()
+    #: how a deploy knows the models on a host are intact: "recorded" hashes a file once and then
+    #: trusts its size, inode, mtime and ctime recorded with the hash; "full" hashes every file
+    #: this run (``pyinfra INVENTORY deploy.py --data llama_verify=full``)
+    verify: Literal["recorded", "full"] = "recorded"
 
     @model_validator(mode="after")
     def _not_open_by_default(self) -> HostConfig:

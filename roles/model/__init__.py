@@ -19,10 +19,10 @@ from io import StringIO
 from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import Sha256File
 from pyinfra.operations import files, pip
 
 from llamadeploy import atomic, packages
+from llamadeploy.atomic import HashState, VerifiedSha256
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.model.facts import DiskFree
@@ -32,12 +32,11 @@ from llamadeploy.roles.model.source import ModelArtifact, ModelError, download, 
 _PREPARED: dict[tuple, ModelArtifact] = {}
 
 
-def prepare(cfg: HostConfig) -> tuple[ModelArtifact, frozenset[str]]:
+def prepare(cfg: HostConfig) -> tuple[ModelArtifact, dict[str, HashState]]:
     """Resolve (and in controller mode download + verify) the model, once per run for all hosts.
 
-    Returns the artifact and the names of its files this host already holds with
-    the right sha256 (hashed once here, for the disk check, and not again by the
-    operations). Raises DeployError naming the host; runs before any operation executes.
+    Returns the artifact and the files this host already holds with the right sha256
+    (read once here, for the disk check, and not again by the operations). Raises DeployError naming the host; runs before any operation executes.
     """
     spec = cfg.model
     key = (spec.model_dump_json(),)
@@ -58,14 +57,17 @@ def model_path(cfg: HostConfig, art: ModelArtifact) -> str:
     return f"{cfg.model_dir}/{art.first.name}"
 
 
-def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> frozenset[str]:
+def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> dict[str, HashState]:
     """Refuse before any transfer when the host's model disk is too small for what is missing.
 
-    Returns the names of the files already in place with the right sha256.
+    Returns the files already in place with the right sha256, by name (hashed only where
+    no current record vouches for the hash, or with ``llama_verify = "full"``).
     """
-    on_host = frozenset(
-        f.name for f in art.files if host.get_fact(Sha256File, path=f"{cfg.model_dir}/{f.name}") == f.sha256
-    )
+    on_host = {}
+    for f in art.files:
+        state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{f.name}", full=cfg.verify == "full")
+        if state is not None and state.sha256 == f.sha256:
+            on_host[f.name] = state
     missing = [f for f in art.files if f.name not in on_host]
     if not missing:
         return on_host
@@ -81,7 +83,7 @@ def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> frozenset[str]:
 
 
 @role("Model")
-def model_files(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) -> list[OperationMeta]:
+def model_files(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState]) -> list[OperationMeta]:
     """Put every model file in place; returns the operations that change when the model does.
 
     ``on_host``: files :func:`prepare` found in place with the right hash this run.
@@ -92,12 +94,12 @@ def model_files(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) ->
         return _host_download(cfg, art, on_host)
     return [
         atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
-                             sha256=f.sha256, present=f.name in on_host)
+                             sha256=f.sha256, present=on_host.get(f.name))
         for f in art.files
     ]
 
 
-def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str]) -> list[OperationMeta]:
+def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState]) -> list[OperationMeta]:
     svc = cfg.service
     assert art.repo_id and art.commit and art.endpoint, "host downloads are of resolved Hub models"
     repo_id, commit, endpoint = art.repo_id, art.commit, art.endpoint
@@ -122,7 +124,7 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: frozenset[str])
             repo_id=repo_id, repo_path=f.repo_path, commit=commit, sha256=f.sha256,
             dest=f"{cfg.model_dir}/{f.name}", endpoint=endpoint, python=f"{venv}/bin/python",
             work_dir=f"{svc.data_dir}/.download", token_file=token_file if token else None,
-            present=f.name in on_host,
+            present=on_host.get(f.name),
         )
         for f in art.files
     ]

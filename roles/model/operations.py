@@ -6,12 +6,12 @@ import shlex
 
 from pyinfra.api import operation
 
-from llamadeploy.atomic import already_in_place, install_if_hash_matches
+from llamadeploy.atomic import HashState, already_in_place, install_if_hash_matches
 
 
 @operation()
 def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: str, endpoint: str,
-                 python: str, work_dir: str, token_file: str | None = None, present: bool = False):
+                 python: str, work_dir: str, token_file: str | None = None, present: HashState | None = None):
     """
     Download one Hub file on the host with huggingface_hub, verify it, move it into place.
 
@@ -22,12 +22,15 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
     + python: interpreter of the host's isolated huggingface_hub environment
     + work_dir: download directory on the same disk as ``dest``
     + token_file: host path of a 0600 token file; passed as ``HF_TOKEN_PATH``, never on a command line
-    + present: the caller already found ``dest`` with this sha256 in this run
+    + present: what the caller found at ``dest`` this run (``atomic.VerifiedSha256``), or None
 
     A present file with the right hash means nothing to do. A killed earlier
     download's ``*.incomplete`` leftovers are removed first.
     """
-    if already_in_place("hub_download", dest, sha256, present):
+    todo = already_in_place("hub_download", dest, sha256, present)
+    if todo != "install":
+        if todo:
+            yield todo
         return
     q = shlex.quote
     env = f"HF_ENDPOINT={q(endpoint)} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 HF_HOME={q(work_dir)}/home"

@@ -13,6 +13,7 @@ from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.facts.server import Users
 
+from llamadeploy import ctlcache
 from llamadeploy.catalog import CATALOG
 from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuTopology
@@ -23,9 +24,9 @@ from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
 
 
 @lru_cache(maxsize=16)
-def model_meta(path: str) -> ModelMeta:
-    """GGUF header of a controller file, read once per run for all hosts."""
-    return read_meta(path)
+def model_meta(path: str, sha256: str) -> ModelMeta:
+    """GGUF header of a controller file: from the controller cache under its sha256, else read."""
+    return ctlcache.model_meta(sha256, lambda: read_meta(path))
 
 
 def meta_for(cfg: HostConfig, art: ModelArtifact) -> ModelMeta:
@@ -34,7 +35,7 @@ def meta_for(cfg: HostConfig, art: ModelArtifact) -> ModelMeta:
     A split model keeps its metadata in the first part; its size is all parts.
     """
     if art.first.local:
-        return dataclasses.replace(model_meta(art.first.local), file_size=art.size)
+        return dataclasses.replace(model_meta(art.first.local, art.first.sha256), file_size=art.size)
     for entry in CATALOG.values():
         if (entry.repo_id, entry.filename) == (art.repo_id, art.first.repo_path):
             return dataclasses.replace(entry.meta, file_size=art.size)

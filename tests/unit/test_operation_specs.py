@@ -73,6 +73,7 @@ from pyinfra.api.arguments import all_argument_meta
 from pyinfra.api.util import get_kwargs_str
 from pyinfra.context import ctx_host
 
+from llamadeploy.atomic import HashState
 from llamadeploy.config import BuildConfig
 
 SPECS = Path(__file__).resolve().parents[1] / "operations"
@@ -84,6 +85,8 @@ ARG_ADAPTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     # not validated: the op must quote even what validation would have refused (defense in depth)
     ("roles.build.operations.build_release", "build"): lambda v: BuildConfig.model_construct(**v),
     ("atomic.put", "src"): StringIO,
+    ("atomic.verified_file", "present"): lambda v: None if v is None else HashState(**v),
+    ("roles.model.operations.hub_download", "present"): lambda v: None if v is None else HashState(**v),
 }
 
 
@@ -97,6 +100,8 @@ def _nonce_digest(call: dict[str, Any], content: str | None) -> str | None:
 #: fact name -> (random arguments left out of the table key, answer from (call, table value))
 SIMULATED_FACTS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any], Any], Any]]] = {
     "atomic.NonceDigest": (("nonce",), _nonce_digest),
+    # a dataclass fact: JSON gives its fields ({"sha256": ..., "recorded": true}) or null
+    "atomic.VerifiedSha256": ((), lambda _call, v: None if v is None else HashState(**v)),
 }
 
 
