@@ -10,7 +10,8 @@ field of ``llamadeploy.config.HostConfig``):
 5. model files on the host, sha256-verified       ``roles/model``
 6. nftables rules for the port (optional)         ``roles/firewall``
 7. systemd unit or compose file, restart on change ``roles/service``, ``roles/docker``
-8. health gate                                     ``roles/health``
+8. health gate: /health, one chat completion      ``roles/health``
+9. record the release, prune old ones             ``roles/release``
 
 Steps 1-3 run while pyinfra prepares the run, so nothing changes on any host
 unless every host passes them. The steps themselves are one importable

@@ -6,6 +6,8 @@
     llamadeploy status INVENTORY [--json]                           what runs where, drift
     llamadeploy bench --url URL | --inventory INVENTORY ...         load a deployed host
     llamadeploy key new FILE [--rotate]                             a site's API key (0600)
+    llamadeploy rollout INVENTORY [--batch N|P%] [--max-unavailable N|P%]   canary, batches, gates
+    llamadeploy rollback INVENTORY [--to RELEASE] [--limit HOST]    reinstate a kept release
 
 Deploying stays ``pyinfra INVENTORY deploy.py`` (or, from an installed wheel,
 ``pyinfra INVENTORY llamadeploy.deploy.llama_server``). Errors are one line
@@ -92,6 +94,33 @@ def _status(a: argparse.Namespace) -> int:
     return 1 if any(r.error or r.health != "ok" for r in rows) else 0
 
 
+def _rollout(a: argparse.Namespace) -> int:
+    from llamadeploy.hostdata import ConfigError
+    from llamadeploy.rollout import format_table, rollout
+
+    try:
+        result = rollout(a.inventory, batch=a.batch, max_unavailable=a.max_unavailable,
+                         canary_group=a.canary_group, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ConfigError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(format_table(result.rows))
+    return 0 if result.ok else 1
+
+
+def _rollback(a: argparse.Namespace) -> int:
+    from llamadeploy.hostdata import ConfigError
+    from llamadeploy.rollout import format_table, rollback
+
+    try:
+        result = rollback(a.inventory, to=a.to, limit=a.limit, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(format_table(result.rows))
+    return 0 if result.ok else 1
+
+
 def _key(a: argparse.Namespace) -> int:
     """Write a new random API key to a 0600 controller file; refuse to replace one unless rotating."""
     import secrets
@@ -137,8 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     kp.add_argument("action", choices=["new"])
     kp.add_argument("file", help="controller file for the key (written 0600)")
     kp.add_argument("--rotate", action="store_true", help="replace an existing key; deploy afterwards")
+    ro = sub.add_parser("rollout", help="canary, then batches; each host gated, a failed one rolled back")
+    ro.add_argument("inventory")
+    ro.add_argument("--batch", default="1", help="hosts per batch: a count or a percentage (default 1)")
+    ro.add_argument("--max-unavailable", help="at most this many hosts (count or %%) switching at once")
+    ro.add_argument("--canary-group", default="canary", help="inventory group that goes first (default: canary)")
+    rb = sub.add_parser("rollback", help="reinstate each host's previous release (or --to ID); no transfer, no compile")
+    rb.add_argument("inventory")
+    rb.add_argument("--to", help="a release id (llamadeploy status shows them)")
+    rb.add_argument("--limit", action="append", help="only these hosts (repeatable)")
     a = p.parse_args(argv)
-    return {"sandbox": _sandbox, "status": _status, "key": _key}[a.command](a)
+    return {"sandbox": _sandbox, "status": _status, "key": _key, "rollout": _rollout,
+            "rollback": _rollback}[a.command](a)
 
 
 if __name__ == "__main__":

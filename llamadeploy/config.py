@@ -361,6 +361,9 @@ class ServiceConfig(Section):
     data_dir: AbsPath = "/var/lib/llama-server"
     config_dir: AbsPath = "/etc/llama-server"
     cache_dir: AbsPath = "/var/cache/llama.cpp"
+    #: previous releases kept on the host besides the current one (build, model files, unit);
+    #: ``llamadeploy rollback`` reinstates any of them with no transfer and no compile
+    keep_releases: Annotated[int, Field(ge=1, le=50)] = 2
 
     @model_validator(mode="after")
     def _separate_trees(self) -> ServiceConfig:
@@ -475,6 +478,11 @@ class HostConfig(Section):
     @property
     def api_key_path(self) -> str:
         return f"{self.service.config_dir}/api-key"
+
+    @property
+    def host_key_file(self) -> str:
+        """The host file with the API key in this host's mode (docker mounts its own copy)."""
+        return self.api_key_path if self.mode == "native" else f"{self.service.config_dir}/docker-api-key"
 
     @property
     def release_dir(self) -> str:

@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, model, service, uninstall
+from llamadeploy.roles import docker, model, release, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall
 from llamadeploy.roles.health import health_gate
@@ -55,13 +55,32 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
     if cfg.mode == "native":
         docker.stop_compose(cfg)
-        started, restarted = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops])
+        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops])
     else:
         docker.stop_native(cfg)
         started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops])
+        rid = None
 
-    # 7. The gate: /health must answer 200 after any (re)start.
-    health_gate(cfg, after=[started, restarted])
+    # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start.
+    health_gate(cfg, art.alias, after=[started, restarted])
+
+    # 8. The release that passed the gate is recorded; releases beyond keep_releases are pruned.
+    if rid is not None:
+        release.recorded(cfg, rid)
+
+
+@deploy("llama-server rollback")
+def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) -> None:
+    """Reinstate a release recorded on this host: the previous one, or ``to``.
+
+    + cfg: the host's settings (where things are); default: validated from the inventory
+    + to: a release id (``llamadeploy status`` and the rollout table show them)
+
+    Nothing is transferred or compiled: build, model files, unit and manifest are on the host.
+    ``llamadeploy rollback INVENTORY [--to ID] [--limit HOST]`` runs this per host.
+    """
+    cfg = cfg or validate_inventory(host.inventory)[host.name]
+    release.rolled_back(cfg, to=to)
 
 
 @deploy("llama-server removed")

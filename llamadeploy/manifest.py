@@ -67,6 +67,9 @@ class Manifest(BaseModel):
     model_commit: str | None = None
     #: native: release key and the binary the unit runs
     release: str | None = None
+    #: the deployed release as a whole (build + model + unit): ``<version>-<digest>``, the name of
+    #: its record under ``<config_dir>/releases/``; None before releases were recorded
+    release_id: str | None = None
     binary: str | None = None
     #: docker: compose project directory, its service (container) name and image reference
     compose_project: str | None = None
@@ -102,6 +105,17 @@ class Manifest(BaseModel):
         import hashlib
 
         return hashlib.sha256(json.dumps(args).encode()).hexdigest()[:12]
+
+
+def release_id(version: str, manifest_text: str, unit_text: str) -> str:
+    """A release's name, ``<version>-<digest of manifest and unit>``: equal ids, equal releases (pure).
+
+    ``manifest_text`` is the manifest rendered without its ``release_id``.
+    """
+    import hashlib
+
+    digest = hashlib.sha256((manifest_text + "\0" + unit_text).encode()).hexdigest()[:12]
+    return f"{version}-{digest}"
 
 
 def build_manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtifact, **mode_fields: Any) -> Manifest:

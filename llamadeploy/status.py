@@ -42,6 +42,9 @@ class HostStatus:
     host: str
     mode: str | None = None
     release: str | None = None
+    #: the release as a whole (build + model + unit), the id rollback takes; previous ones newest first
+    release_id: str | None = None
+    previous: list[str] = field(default_factory=list)
     model: str | None = None
     model_sha256: str | None = None
     flags_digest: str | None = None
@@ -206,7 +209,14 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
             st.error = "nothing deployed"
             st.drift = ["not deployed"]
             return st
-        st.mode, st.release = m.mode, m.release or m.image
+        st.mode, st.release, st.release_id = m.mode, m.release or m.image, m.release_id
+        if m.mode == "native":
+            from llamadeploy.roles.release import records_dir
+            from llamadeploy.roles.release.facts import ReleaseRecords
+
+            fact = ReleaseRecords()
+            records = fact.process(_run(host, fact.command(records_dir(cfg))).splitlines())
+            st.previous = [r.id for r in reversed(records) if r.id != m.release_id]
         st.model, st.model_sha256 = m.alias, m.model_sha256[:12]
         st.flags_digest = m.flags_digest()
         if m.mode == "native":
@@ -235,7 +245,8 @@ def fleet_status(path: str, log: Any = None) -> list[HostStatus]:
     return [rows[name] for name in configs if name in rows]
 
 
-COLUMNS = ("host", "mode", "release", "model", "model_sha256", "flags_digest", "service", "health", "drift")
+COLUMNS = ("host", "mode", "release", "release_id", "previous", "model", "model_sha256", "flags_digest", "service",
+           "health", "drift")
 
 
 def format_table(rows: list[HostStatus]) -> str:
@@ -244,6 +255,7 @@ def format_table(rows: list[HostStatus]) -> str:
     for r in rows:
         d = r.as_dict()
         d["drift"] = "; ".join(r.drift) or "-"
+        d["previous"] = ",".join(r.previous) or None
         if r.error:
             d["health"] = r.error
         cells.append([str(d[c]) if d[c] is not None else "-" for c in COLUMNS])

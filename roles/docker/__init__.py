@@ -127,7 +127,7 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed."""
     svc, d = cfg.service, cfg.docker
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
-    key_file = f"{svc.config_dir}/docker-api-key"
+    key_file = cfg.host_key_file
     args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
                        bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
     ref = image_ref(cfg)

@@ -1,4 +1,4 @@
-"""Health gate: after a (re)start, /health must answer 200 within the timeout."""
+"""Health gate: after a (re)start, /health must answer 200 and a chat completion must come back."""
 
 from __future__ import annotations
 
@@ -7,26 +7,36 @@ from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.health.operations import wait_healthy
+from llamadeploy.roles.health.operations import chat_answers, wait_healthy
 
 
-def health_url(host: str, port: int) -> str:
-    """The /health URL the host itself can reach for a server bound to ``host:port``
+def health_url(host: str, port: int, path: str = "/health") -> str:
+    """A URL the host itself can reach for a server bound to ``host:port``
     (loopback when bound to all addresses)."""
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}/health"
+    return f"http://{host}:{port}{path}"
 
 
 @role("Health gate")
-def health_gate(cfg: HostConfig, after: list[OperationMeta]) -> None:
-    """Wait for /health only when one of ``after`` (start/restart) changed something."""
+def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta]) -> None:
+    """After a (re)start (one of ``after`` changed): /health 200, then one real chat completion."""
+    changed = any_changed(*after)
     wait_healthy(
         name=f"Wait for {health_url(cfg.server.host, cfg.server.port)} (200 within {cfg.health.timeout}s)",
         url=health_url(cfg.server.host, cfg.server.port),
         timeout=cfg.health.timeout,
         unit=cfg.service.name,
-        _if=any_changed(*after),
+        _if=changed,
+    )
+    chat_answers(
+        name="One chat completion answered",
+        url=health_url(cfg.server.host, cfg.server.port, "/v1/chat/completions"),
+        alias=alias,
+        timeout=cfg.health.timeout,
+        unit=cfg.service.name,
+        key_file=cfg.host_key_file if cfg.server.api_key is not None else None,
+        _if=changed,
     )

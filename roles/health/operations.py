@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 from pyinfra.api import operation
+
+
+@operation()
+def chat_answers(url: str, alias: str, timeout: int, unit: str, key_file: str | None = None):
+    """
+    One real chat completion must come back (200 with a choice) within ``timeout`` seconds.
+
+    + url: ``/v1/chat/completions`` as seen from the host itself
+    + alias: the model name to ask for
+    + timeout: seconds for the whole request
+    + unit: systemd unit (or compose service) named in the failure message
+    + key_file: host file with the API key, or None
+
+    ``/health`` says the model loaded; this says it answers: a release that loads and
+    then fails on its first batch (a CPU kernel crash, a broken chat template) fails here.
+    The key goes from its file through a pipe into curl's header list (``-H @-``): never
+    on a command line. Gated with ``_if`` like :func:`wait_healthy`.
+    """
+    q = shlex.quote
+    body = json.dumps({"model": alias, "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "Reply with one word: ready?"}]})
+    headers = (f"{{ printf 'Authorization: Bearer '; cat {q(key_file)}; }}" if key_file else "printf ''")
+    yield (
+        f"out=$(mktemp) && code=$({headers} | curl -s -o \"$out\" -w '%{{http_code}}' --max-time {int(timeout)} "
+        f"-H @- -H 'Content-Type: application/json' --data {q(body)} {q(url)} || true); "
+        f"if [ \"$code\" = 200 ] && grep -q '\"choices\"' \"$out\"; then rm -f \"$out\"; exit 0; fi; "
+        f"echo {q(unit + ': a chat completion at ' + url + ' answered')} \"$code\"{q(', not 200 with a choice:')} >&2; "
+        f"head -c 600 \"$out\" >&2; rm -f \"$out\"; exit 1"
+    )
 
 
 @operation()

@@ -17,7 +17,7 @@ from pyinfra.operations.util import any_changed
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.manifest import build_manifest, manifest_path
+from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import rules_path
@@ -53,12 +53,12 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str])
 @role("llama-server service")
 def service(
     cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta]
-) -> tuple[OperationMeta, OperationMeta]:
+) -> tuple[OperationMeta, OperationMeta, str]:
     """Render the unit and keep the service running; restart it when an input changed.
 
     ``restart_on`` are operations (binary link, model) whose change means the
     running process is stale. Returns the operations that start and restart the
-    service, for the health gate.
+    service, for the health gate, and the release id (see ``roles/release``).
     """
     svc = cfg.service
     server.group(name="Service group", group=svc.user, system=True)
@@ -96,12 +96,15 @@ def service(
     # the old release stays on disk; switching back is a link change
     switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
 
+    unit_text = unit_file(cfg, art, binary, args)
     info = build_manifest(cfg, plan, args, art, unit=svc.name, release=cfg.build.release_key(), binary=binary,
                           api_key_file=cfg.api_key_path if cfg.server.api_key else None)
+    rid = release_id(cfg.build.version, info.render(), unit_text)
+    info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
     unit = atomic.put(
         name="systemd unit",
-        src=StringIO(unit_file(cfg, art, binary, args)),
+        src=StringIO(unit_text),
         dest=f"/etc/systemd/system/{svc.name}.service",
         mode="644",
     )
@@ -115,4 +118,4 @@ def service(
         restarted=True,
         _if=[any_changed(unit, key, switched, *restart_on), lambda: not started.did_change()],
     )
-    return started, restarted
+    return started, restarted, rid

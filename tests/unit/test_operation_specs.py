@@ -75,6 +75,8 @@ from pyinfra.context import ctx_host
 
 from llamadeploy.atomic import HashState
 from llamadeploy.config import BuildConfig
+from llamadeploy.manifest import Manifest
+from llamadeploy.roles.release.facts import ReleaseRecord
 
 SPECS = Path(__file__).resolve().parents[1] / "operations"
 CASE_KEYS = {"args", "kwargs", "global_arguments", "facts", "commands", "noop_description", "exception",
@@ -102,6 +104,9 @@ SIMULATED_FACTS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any], Any]
     "atomic.NonceDigest": (("nonce",), _nonce_digest),
     # a dataclass fact: JSON gives its fields ({"sha256": ..., "recorded": true}) or null
     "atomic.VerifiedSha256": ((), lambda _call, v: None if v is None else HashState(**v)),
+    # [{"id", "activated", "manifest": {...}}] -> ReleaseRecord with a parsed Manifest
+    "roles.release.facts.ReleaseRecords": ((), lambda _call, v: [
+        ReleaseRecord(r["id"], r["activated"], Manifest.model_validate(r["manifest"])) for r in v]),
 }
 
 

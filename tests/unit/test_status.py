@@ -46,12 +46,16 @@ def test_manifest_round_trip_is_byte_stable():
 
 
 def test_table_shows_errors_and_drift():
-    rows = [HostStatus("a", "native", "b1-x", "g", SHA[:12], "0123456789ab", "active", "ok", []),
-            HostStatus("b", error="unreachable over SSH"),
-            HostStatus("c", "native", "b1-x", "g", SHA[:12], "0123456789ab", "failed", "HTTP 000", ["api key none -> set"])]
+    def row(name, service, health, drift):
+        return HostStatus(name, "native", "b1-x", "b1-r2", ["b1-r1", "b1-r0"], "g", SHA[:12], "0123456789ab",
+                          service, health, drift)
+
+    rows = [row("a", "active", "ok", []), HostStatus("b", error="unreachable over SSH"),
+            row("c", "failed", "HTTP 000", ["api key none -> set"])]
     lines = format_table(rows).splitlines()
-    assert lines[0].split() == ["host", "mode", "release", "model", "model_sha256", "flags_digest", "service",
-                                "health", "drift"]
+    assert lines[0].split() == ["host", "mode", "release", "release_id", "previous", "model", "model_sha256",
+                                "flags_digest", "service", "health", "drift"]
+    assert lines[1].split()[3:5] == ["b1-r2", "b1-r1,b1-r0"]
     assert lines[1].split()[-1] == "-" and "unreachable over SSH" in lines[2] and lines[3].endswith("api key none -> set")
 
 

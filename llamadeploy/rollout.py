@@ -1,0 +1,229 @@
+"""Fleet rollouts: canary first, then batches, each host gated, a failed host rolled back.
+
+pyinfra gathers facts and prepares operations for every host before it runs any, so
+a gate between batches has to sit between pyinfra runs. Each batch is one pyinfra
+run through its Python API (the same calls its CLI makes: ``make_inventory``,
+``State.init`` with the batch as the limit, ``connect_all``, ``add_deploy``,
+``run_ops``), so pyinfra does all SSH and parallelism and tells us exactly which
+hosts failed (``state.failed_hosts``).
+
+Per host the deploy itself stages (build or artifact, model), checks (the new binary's
+``--version`` and ``--help`` against the flags), switches (``current`` link and unit,
+one rename each, restart) and gates (``/health`` 200 and one real chat completion,
+with the key, within ``llama_health.timeout``); only a release that passed its gate
+is recorded. A host that fails is rolled back to the release it ran before (recorded
+on the host: no transfer, no compile), and the rollout stops before the next batch
+with a table of every host: release before and after, and the outcome.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: inventory group whose hosts go first, one batch of their own
+CANARY_GROUP = "canary"
+
+
+@dataclass
+class HostOutcome:
+    host: str
+    before: str | None = None
+    after: str | None = None
+    outcome: str = "not reached"
+    detail: str = ""
+
+
+@dataclass
+class RolloutResult:
+    rows: list[HostOutcome]
+    ok: bool
+    batches: list[list[str]] = field(default_factory=list)
+
+
+def batch_count(spec: str, total: int) -> int:
+    """``"3"`` -> 3 hosts, ``"25%"`` -> a quarter of ``total`` (rounded up); always at least 1 (pure)."""
+    spec = spec.strip()
+    if spec.endswith("%"):
+        pct = float(spec[:-1])
+        if not 0 < pct <= 100:
+            raise ValueError(f"a percentage must be in (0, 100], got {spec!r}")
+        return max(1, math.ceil(total * pct / 100))
+    n = int(spec)
+    if n < 1:
+        raise ValueError(f"a count must be at least 1, got {spec!r}")
+    return n
+
+
+def plan_batches(hosts: list[str], canaries: list[str], batch: str = "1",
+                 max_unavailable: str | None = None) -> list[list[str]]:
+    """Canaries first (one batch), then the rest in inventory order, ``batch`` at a time, never
+    more than ``max_unavailable`` hosts switching at once (pure)."""
+    size = batch_count(batch, len(hosts))
+    if max_unavailable is not None:
+        size = min(size, batch_count(max_unavailable, len(hosts)))
+    first = [h for h in hosts if h in canaries]
+    rest = [h for h in hosts if h not in canaries]
+    out = [first[i:i + size] for i in range(0, len(first), size)]
+    return out + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+
+def run_deploy(inventory_path: str, limit: list[str], deploy_fn: Callable[..., Any],
+               per_host_kwargs: dict[str, dict[str, Any]] | None = None) -> tuple[set[str], str | None]:
+    """One pyinfra run of ``deploy_fn`` on ``limit`` (the Python API, as pyinfra's CLI does it).
+
+    Returns the hosts that failed and, when the run stopped before executing (a refused
+    validation or preflight: nothing changed), the reason.
+    """
+    from pyinfra.api import Config, State
+    from pyinfra.api.connect import connect_all, disconnect_all
+    from pyinfra.api.deploy import add_deploy
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.operations import run_ops
+    from pyinfra.api.state import StateStage
+    from pyinfra.context import ctx_inventory, ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    state = State()
+    ctx_state.set(state)
+    inventory = make_inventory(inventory_path, cwd=os.getcwd())
+    ctx_inventory.set(inventory)
+    # every host of the batch runs to its end: the rollout judges each one
+    state.init(inventory, Config(FAIL_PERCENT=100), initial_limit=[inventory.get_host(n) for n in limit])
+    error = None
+    try:
+        state.set_stage(StateStage.Connect)
+        connect_all(state)
+        state.set_stage(StateStage.Prepare)
+        for host in inventory.get_active_hosts():
+            add_deploy(state, deploy_fn, host=host, **(per_host_kwargs or {}).get(host.name, {}))
+        state.set_stage(StateStage.Execute)
+        run_ops(state)
+    except PyinfraError as exc:  # "No hosts remaining!" when every host of the batch failed
+        if not state.failed_hosts:
+            error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - a refused validation/preflight: one line, nothing changed
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    finally:
+        state.set_stage(StateStage.Disconnect)
+        disconnect_all(state)
+    failed = {h.name for h in state.failed_hosts}
+    if error:
+        failed |= set(limit)
+    return failed, error
+
+
+def read_releases(inventory_path: str, names: list[str]) -> dict[str, tuple[str | None, str]]:
+    """host -> (release id from its manifest, health) for ``names``, over pyinfra's connections."""
+    from llamadeploy.status import connected, host_status, read_manifest
+
+    out: dict[str, tuple[str | None, str]] = {}
+    unreachable: list[str] = []
+    with connected(inventory_path, state_unreachable=unreachable) as (hosts, configs):
+        for host in hosts:
+            if host.name not in names:
+                continue
+            try:
+                m = read_manifest(host, configs[host.name])
+            except Exception:  # noqa: BLE001 - reported as unknown
+                m = None
+            st = host_status(host, configs[host.name]) if m else None
+            out[host.name] = (m.release_id if m else None, (st.health or "?") if st else "nothing deployed")
+    for name in unreachable:
+        out[name] = (None, "unreachable")
+    return out
+
+
+def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None = None,
+            canary_group: str = CANARY_GROUP, log: Callable[[str], None] = print) -> RolloutResult:
+    """Roll the inventory's settings out host by host (see the module docstring)."""
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    from llamadeploy.deploy import llama_server, llama_server_rollback
+    from llamadeploy.hostdata import validate_inventory
+
+    ctx_state.set(State())
+    inventory = make_inventory(inventory_path, cwd=os.getcwd())
+    validate_inventory(inventory)  # every host's settings, before any host changes
+    names = [h.name for h in inventory]
+    canaries = [h.name for h in inventory.get_group(canary_group, default=[])]
+    batches = plan_batches(names, canaries, batch, max_unavailable)
+    before = read_releases(inventory_path, names)
+    rows = {n: HostOutcome(n, before=before.get(n, (None, ""))[0]) for n in names}
+    log(f"==> rollout of {len(names)} host(s) in {len(batches)} batch(es)"
+        + (f", canary first: {', '.join(canaries)}" if canaries else ""))
+    for i, hosts in enumerate(batches, 1):
+        log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
+        failed, error = run_deploy(inventory_path, hosts, llama_server)
+        after = read_releases(inventory_path, hosts)
+        for name in hosts:
+            row = rows[name]
+            row.after, health = after.get(name, (None, "unreachable"))
+            if name not in failed:
+                row.outcome = "updated" if row.after != row.before else "unchanged"
+            elif error:
+                row.outcome, row.detail = "refused", error
+            elif row.after == row.before and health == "ok":
+                row.outcome, row.detail = "failed", "stopped before the switch; still serving its release"
+            else:
+                row.outcome, row.detail = "failed", f"after the switch: health {health}"
+        to_roll = [n for n in hosts if rows[n].outcome == "failed" and rows[n].after != rows[n].before]
+        if to_roll:
+            log(f"==> rolling back {', '.join(to_roll)}")
+            kwargs = {n: {"to": rows[n].before} for n in to_roll if rows[n].before}
+            no_record = [n for n in to_roll if not rows[n].before]
+            for n in no_record:
+                rows[n].outcome, rows[n].detail = "failed", "no earlier release recorded: not rolled back"
+            targets = [n for n in to_roll if n not in no_record]
+            if targets:
+                rb_failed, rb_error = run_deploy(inventory_path, targets, llama_server_rollback, kwargs)
+                again = read_releases(inventory_path, targets)
+                for n in targets:
+                    rows[n].after = again.get(n, (None, ""))[0]
+                    ok = n not in rb_failed and again.get(n, (None, ""))[1] == "ok"
+                    rows[n].outcome = "rolled back" if ok else "rollback failed"
+                    if rb_error:
+                        rows[n].detail = rb_error
+        if any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
+            log(f"==> stopped after batch {i}: the remaining hosts were not touched")
+            return RolloutResult([rows[n] for n in names], False, batches)
+    return RolloutResult([rows[n] for n in names], True, batches)
+
+
+def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None = None,
+             log: Callable[[str], None] = print) -> RolloutResult:
+    """Reinstate a recorded release on every host (or ``limit``): the previous one, or ``to``."""
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    from llamadeploy.deploy import llama_server_rollback
+
+    ctx_state.set(State())
+    inventory = make_inventory(inventory_path, cwd=os.getcwd())
+    names = [h.name for h in inventory if not limit or h.name in limit]
+    before = read_releases(inventory_path, names)
+    log(f"==> rollback on {', '.join(names)}" + (f" to {to}" if to else " to each host's previous release"))
+    failed, error = run_deploy(inventory_path, names, llama_server_rollback,
+                               {n: {"to": to} for n in names} if to else None)
+    after = read_releases(inventory_path, names)
+    rows = []
+    for n in names:
+        row = HostOutcome(n, before.get(n, (None, ""))[0], after.get(n, (None, ""))[0])
+        row.outcome = "failed" if n in failed else ("rolled back" if row.after != row.before else "unchanged")
+        row.detail = error or ""
+        rows.append(row)
+    return RolloutResult(rows, not failed)
+
+
+def format_table(rows: list[HostOutcome]) -> str:
+    cells = [["host", "before", "after", "outcome", "detail"]]
+    cells += [[r.host, r.before or "-", r.after or "-", r.outcome, r.detail] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+                     for row in cells).rstrip()

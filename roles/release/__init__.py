@@ -1,0 +1,103 @@
+"""Release role (native mode): every release that passed its gate is recorded; old ones are pruned;
+any kept one can be reinstated with no transfer and no compile.
+
+A release is what serves: the llama.cpp build (``<prefix>/releases/<key>``), the model
+files (``<data_dir>/models``) and the rendered unit with its manifest. The record,
+``<config_dir>/releases/<id>/``, holds the unit and manifest as deployed; build and model
+files stay where they are, shared by the releases that use them. Switching is the
+``current`` link (one rename) plus the unit (one rename) and a restart.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from pyinfra import host
+from pyinfra.api import DeployError
+from pyinfra.facts.files import File, FileContents
+from pyinfra.operations import systemd
+
+from llamadeploy import atomic
+from llamadeploy.atomic import VerifiedSha256
+from llamadeploy.config import HostConfig
+from llamadeploy.manifest import Manifest, manifest_path
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.health import health_gate
+from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
+from llamadeploy.roles.release.operations import copied, release_recorded, releases_pruned
+from llamadeploy.roles.service.operations import check_flags
+
+UNIT_FILE = "unit.service"
+MANIFEST_FILE = "deploy.json"
+
+
+def records_dir(cfg: HostConfig) -> str:
+    return f"{cfg.service.config_dir}/releases"
+
+
+def unit_path(cfg: HostConfig) -> str:
+    return f"/etc/systemd/system/{cfg.service.name}.service"
+
+
+@role("Release record")
+def recorded(cfg: HostConfig, current_id: str) -> None:
+    """After the gate: record the release that serves, then prune beyond ``keep_releases``."""
+    release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
+                     sources={UNIT_FILE: unit_path(cfg), MANIFEST_FILE: manifest_path(cfg.service.config_dir)})
+    releases_pruned(name=f"Releases beyond {cfg.service.keep_releases} previous pruned", records_dir=records_dir(cfg),
+                    builds_dir=f"{cfg.service.prefix}/releases", current_link=cfg.current_link,
+                    model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases)
+
+
+def current_release(cfg: HostConfig) -> Manifest | None:
+    lines = host.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
+    try:
+        return Manifest.parse("\n".join(lines)) if lines else None
+    except ValueError:
+        return None
+
+
+def choose(records: list[ReleaseRecord], current_id: str | None, to: str | None) -> ReleaseRecord:
+    """The release to reinstate: ``to``, or the most recently activated one that is not current (pure)."""
+    known = ", ".join(r.id for r in reversed(records)) or "none"
+    if to is not None:
+        for r in records:
+            if r.id == to:
+                return r
+        raise DeployError(f"host {host.name}: no release {to!r} recorded (recorded: {known})")
+    for r in reversed(records):
+        if r.id != current_id:
+            return r
+    raise DeployError(f"host {host.name}: no earlier release recorded to roll back to (recorded: {known})")
+
+
+@role("Rollback")
+def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
+    """Reinstate a recorded release: link, unit and manifest from the host itself, restart, gate."""
+    if cfg.mode != "native":
+        raise DeployError(f"host {host.name}: rollback reinstates native releases; docker mode keeps no records yet")
+    current = current_release(cfg)
+    target = choose(host.get_fact(ReleaseRecords, path=records_dir(cfg)), current.release_id if current else None, to)
+    m = target.manifest
+    build_dir = f"{cfg.service.prefix}/releases/{m.release}"
+    if not host.get_fact(File, path=f"{build_dir}/bin/llama-server"):
+        raise DeployError(f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}")
+    for name, sha in m.model_files.items():
+        state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{name}")
+        if state is None or state.sha256 != sha:
+            raise DeployError(f"host {host.name}: release {target.id} needs model file {name} (sha256 {sha[:12]}…), "
+                              f"which is not intact in {cfg.model_dir}")
+    entry = posixpath.join(records_dir(cfg), target.id)
+    check_flags(name="Reinstated release starts and knows every flag", binary=f"{build_dir}/bin/llama-server",
+                args=list(m.args))
+    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir)
+    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
+    copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
+           dest=manifest_path(cfg.service.config_dir))
+    systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
+    restarted = systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
+                                running=True, restarted=True, enabled=True,
+                                _if=lambda: unit.did_change() or switched.did_change())
+    health_gate(cfg, m.alias, after=[restarted])
+    release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
+                     release_id=target.id, sources={})

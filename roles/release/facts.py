@@ -1,0 +1,53 @@
+"""What the release role reads from a host: its recorded releases, and what lies in a directory."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from pyinfra.api import FactBase
+
+from llamadeploy.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """One recorded release: its id, when it was last activated (a counter), its manifest."""
+
+    id: str
+    activated: int
+    manifest: Manifest
+
+
+class ReleaseRecords(FactBase[list[ReleaseRecord]]):
+    """Every ``<dir>/<id>/`` with a manifest, oldest activation first (unreadable ones skipped)."""
+
+    def command(self, path: str) -> str:
+        d = shlex.quote(path)
+        return (
+            f"[ -d {d} ] || exit 0; for e in {d}/*/; do [ -f \"$e/deploy.json\" ] || continue; "
+            "printf '%s %s ' \"$(cat \"$e/activated\" 2>/dev/null || echo 0)\" \"$(basename \"$e\")\"; "
+            "tr -d '\\n' < \"$e/deploy.json\"; echo; done"
+        )
+
+    def process(self, output: list[str]) -> list[ReleaseRecord]:
+        out = []
+        for line in output:
+            parts = line.split(" ", 2)
+            if len(parts) != 3 or not parts[0].isdigit():
+                continue
+            try:
+                out.append(ReleaseRecord(parts[1], int(parts[0]), Manifest.parse(parts[2])))
+            except ValueError:
+                continue
+        return sorted(out, key=lambda r: (r.activated, r.id))
+
+
+class Entries(FactBase[list[str]]):
+    """Names in a directory (hidden ones included), [] when it does not exist."""
+
+    def command(self, path: str) -> str:
+        return f"ls -1A -- {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return sorted(line for line in output if line)

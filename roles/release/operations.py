@@ -1,0 +1,96 @@
+"""The release role's operations: record a release on the host, prune old ones, copy host files."""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.facts.files import Link, Sha1File
+
+from llamadeploy.atomic import durable_rename, staging_path
+from llamadeploy.roles.release.facts import Entries, ReleaseRecords
+from llamadeploy.roles.release.plan import prune_plan
+
+
+@operation()
+def release_recorded(records_dir: str, release_id: str, sources: dict[str, str]):
+    """
+    Keep ``release_id``'s files under ``records_dir/<id>/`` and mark it the latest activated.
+
+    + records_dir: ``<config_dir>/releases``
+    + release_id: the release now serving
+    + sources: record file name -> host path to copy (the unit, the manifest)
+
+    The record is assembled in a temporary directory and renamed into place, so a
+    record is complete or absent. Activation order is a counter in ``activated``
+    (timestamps of two switches within a second would tie).
+    """
+    q = shlex.quote
+    records = host.get_fact(ReleaseRecords, path=records_dir)
+    latest = max((r.activated for r in records), default=0)
+    mine = next((r for r in records if r.id == release_id), None)
+    entry = posixpath.join(records_dir, release_id)
+    if mine is not None:
+        if mine.activated == latest and sum(r.activated == latest for r in records) == 1:
+            host.noop(f"release {release_id} is recorded and the latest")
+            return
+        yield f"echo {latest + 1} > {q(entry)}/activated.tmp && {durable_rename(f'{entry}/activated.tmp', f'{entry}/activated')}"
+        return
+    tmp = f"{entry}.partial"
+    copies = " && ".join(f"cp -p {q(src)} {q(tmp)}/{q(name)}" for name, src in sorted(sources.items()))
+    yield (
+        f"rm -rf {q(tmp)} && mkdir -p {q(tmp)} && {copies} && echo {latest + 1} > {q(tmp)}/activated && "
+        f"sync -f {q(tmp)}/activated && mv -T {q(tmp)} {q(entry)} && sync -- {q(records_dir)}"
+    )
+
+
+@operation()
+def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_dir: str,
+                    current_id: str, keep: int):
+    """
+    Remove releases beyond the current one and ``keep`` previous ones: their records, and the
+    builds and model files no kept release uses.
+
+    + records_dir: ``<config_dir>/releases``
+    + builds_dir: ``<prefix>/releases`` (one directory per build)
+    + current_link: ``<prefix>/current``; its target is never removed
+    + model_dir: the model directory (only ``*.gguf`` files and their records are candidates)
+    + current_id: the release serving now
+    + keep: how many previous releases stay reinstatable
+
+    Runs after the gate, so a release is only pruned once a newer one serves.
+    """
+    records = host.get_fact(ReleaseRecords, path=records_dir)
+    link = host.get_fact(Link, path=current_link)
+    target = posixpath.basename(str(link.get("link_target") or "").rstrip("/")) if link else ""
+    plan = prune_plan(records, current_id, keep, host.get_fact(Entries, path=builds_dir),
+                      host.get_fact(Entries, path=model_dir), protected_build=target)
+    if plan.empty:
+        host.noop(f"{len(records)} release(s) recorded, nothing beyond {keep} previous to prune")
+        return
+    q = shlex.quote
+    paths = ([posixpath.join(records_dir, r) for r in plan.records]
+             + [posixpath.join(builds_dir, b) for b in plan.builds]
+             + [posixpath.join(model_dir, m) for m in plan.models])
+    yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
+
+
+@operation()
+def copied(src: str, dest: str, mode: str = "644"):
+    """
+    Replace ``dest`` with a copy of the host file ``src`` by rename, when their content differs.
+
+    + src: host path (e.g. a recorded unit)
+    + dest: host path the service reads
+    + mode: file mode of ``dest``
+
+    For reinstating a recorded release: nothing crosses the network.
+    """
+    if host.get_fact(Sha1File, path=dest) == host.get_fact(Sha1File, path=src):
+        host.noop(f"{dest} already equals {src}")
+        return
+    q = shlex.quote
+    stage = staging_path(dest)
+    yield f"cp {q(src)} {q(stage)} && chmod {q(mode)} {q(stage)} && {durable_rename(stage, dest)}"

@@ -1,0 +1,49 @@
+"""Which releases, builds and model files to prune (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamadeploy.roles.release.facts import ReleaseRecord
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    records: list[str]
+    builds: list[str]
+    models: list[str]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.records or self.builds or self.models)
+
+
+def kept_records(records: list[ReleaseRecord], current_id: str, keep: int) -> list[ReleaseRecord]:
+    """The current release and the ``keep`` most recently activated others."""
+    current = [r for r in records if r.id == current_id]
+    others = sorted((r for r in records if r.id != current_id), key=lambda r: (r.activated, r.id), reverse=True)
+    return current + others[:keep]
+
+
+def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds: list[str], models: list[str],
+               protected_build: str = "") -> PrunePlan:
+    """What to remove so that the current release and ``keep`` previous ones stay complete.
+
+    Builds and model files are removed only when no kept release uses them; the build
+    ``current`` points to (``protected_build``) always stays, and so does anything that
+    is not ours to judge: build directories still being written (``*.partial``) and
+    model-directory files that are not GGUF files or their hash records.
+    """
+    kept = kept_records(records, current_id, keep)
+    if not any(r.id == current_id for r in kept):
+        return PrunePlan([], [], [])  # the current release is not recorded yet: judge nothing
+    kept_ids = {r.id for r in kept}
+    used_builds = {r.manifest.release for r in kept if r.manifest.release} | {protected_build}
+    used_models = {name for r in kept for name in r.manifest.model_files}
+    drop_builds = [b for b in builds if b not in used_builds and not b.endswith(".partial")]
+    drop_models = []
+    for name in models:
+        model = name[1:-len(".sha256")] if name.startswith(".") and name.endswith(".sha256") else name
+        if model.endswith(".gguf") and model not in used_models:
+            drop_models.append(name)
+    return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models))

@@ -1,0 +1,43 @@
+"""Rollout batches: canary first, batch by count or percentage, bounded by max-unavailable (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamadeploy.rollout import HostOutcome, batch_count, format_table, plan_batches
+
+HOSTS = [f"h{i}" for i in range(1, 11)]
+
+
+def test_batch_count_by_number_and_percentage():
+    assert batch_count("1", 10) == 1 and batch_count("4", 10) == 4
+    assert batch_count("25%", 10) == 3 and batch_count("10%", 3) == 1 and batch_count("100%", 7) == 7
+    for bad in ("0", "0%", "150%", "-2"):
+        with pytest.raises(ValueError):
+            batch_count(bad, 10)
+
+
+def test_canaries_first_then_batches_in_inventory_order():
+    batches = plan_batches(HOSTS, ["h7"], batch="4")
+    assert batches == [["h7"], ["h1", "h2", "h3", "h4"], ["h5", "h6", "h8", "h9"], ["h10"]]
+
+
+def test_max_unavailable_bounds_the_batch():
+    assert plan_batches(HOSTS, [], batch="50%", max_unavailable="2")[0] == ["h1", "h2"]
+    assert plan_batches(HOSTS, ["h1", "h2", "h3"], batch="2", max_unavailable="20%") == [
+        ["h1", "h2"], ["h3"], ["h4", "h5"], ["h6", "h7"], ["h8", "h9"], ["h10"]]
+
+
+def test_no_canary_group_means_batches_only_and_every_host_once():
+    batches = plan_batches(HOSTS, [], batch="3")
+    assert [h for b in batches for h in b] == HOSTS and all(len(b) <= 3 for b in batches)
+
+
+def test_table_has_before_after_and_outcome():
+    text = format_table([HostOutcome("h1", "b1-aa", "b2-bb", "updated"),
+                         HostOutcome("h2", "b1-aa", "b1-aa", "rolled back", "after the switch: health HTTP 503"),
+                         HostOutcome("h3", "b1-aa")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["host", "before", "after", "outcome", "detail"]
+    assert lines[2].split()[:4] == ["h2", "b1-aa", "b1-aa", "rolled"] and lines[2].endswith("health HTTP 503")
+    assert lines[3].split() == ["h3", "b1-aa", "-", "not", "reached"]
