@@ -124,6 +124,12 @@ class BuildConfig(Section):
     #: extra ``-D`` options, e.g. ``{"GGML_AVX512": "OFF"}``
     cmake_args: dict[str, CMakeValue] = {}
     ccache: bool = True
+    #: build once per kind of host (distribution + version, CPU architecture, and with
+    #: ``native`` the CPU's feature flags): the first host of a kind compiles, the release
+    #: comes back to the controller's cache as a tarball with its sha256, and every other
+    #: host of that kind gets it pushed and verified instead of compiling. False: every
+    #: host compiles for itself
+    build_once: bool = True
     #: parallel compile jobs; ``None`` means all CPUs of the host
     jobs: Annotated[int, Field(ge=1, le=1024)] | None = None
 

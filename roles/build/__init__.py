@@ -1,21 +1,28 @@
-"""Native build role: llama.cpp from a pinned release, compiled on the host.
+"""Native build role: llama.cpp from a pinned release, compiled once per kind of host.
 
 Debian/Ubuntu (apt) only for now; other package managers fail early with a
-clear message rather than half-installing.
+clear message rather than half-installing. Build once, ship many: ``artifact.py``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.server import LinuxDistribution
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import files
 
 from llamadeploy import packages
 from llamadeploy.config import HostConfig
+from llamadeploy.hostdata import validate_inventory
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.build.operations import build_release
+from llamadeploy.roles.build.artifact import artifact_path, artifact_sha256, host_kind
+from llamadeploy.roles.build.facts import CpuFlagsDigest
+from llamadeploy.roles.build.operations import artifact_fetched, artifact_installed, build_release
 
 SUPPORTED = ("Debian", "Ubuntu")
 
@@ -32,13 +39,47 @@ def build_packages(cfg: HostConfig) -> list[str]:
     return pkgs
 
 
+def runtime_packages(cfg: HostConfig) -> list[str]:
+    """What a shipped (not compiled here) release needs to run: OpenMP, and OpenBLAS if linked."""
+    pkgs = ["libgomp1", "curl", "ca-certificates"]
+    if cfg.build.blas == "openblas":
+        pkgs.append("libopenblas0")
+    return pkgs
+
+
+def kind_of(h: Host, cfg: HostConfig) -> str:
+    """The kind of host ``h`` is, for sharing builds (see ``artifact.host_kind``)."""
+    distro: Any = h.get_fact(LinuxDistribution)
+    return host_kind(distro, h.get_fact(Arch), h.get_fact(CpuFlagsDigest), cfg.build.native)
+
+
+def builder_for(cfg: HostConfig, kind: str) -> str:
+    """The host that compiles ``cfg``'s release for ``kind`` in this run: the first active host of
+    the inventory with that kind and release key that does not have the release yet."""
+    configs = validate_inventory(host.inventory)
+    active = set(host.inventory.get_active_hosts())
+    for h in (h for h in host.inventory if h in active):  # inventory order
+        other = configs.get(h.name)
+        if other is None or other.mode != "native" or other.build.release_key() != cfg.build.release_key():
+            continue
+        try:
+            if kind_of(h, other) == kind and not h.get_fact(File, path=f"{other.release_dir}/bin/llama-server"):
+                return h.name
+        except Exception:  # noqa: BLE001 - a host whose facts fail cannot build for the others
+            continue
+    return host.name
+
+
 @role("Build llama.cpp (native)")
 def native_build(cfg: HostConfig) -> OperationMeta:
-    """Install build dependencies and build the release into its own directory.
+    """Compile the release on this host, or install the one another host of its kind built.
 
-    ``current`` does not move here: the service role checks the new binary (its
-    ``--version`` and ``--help`` against the flags the unit will use) first, and only
-    then switches the link, so a release that would not start never becomes current.
+    With ``build_once`` (the default), one host per kind compiles (see :func:`builder_for`)
+    and sends the release to the controller's cache; the others get it from there, pushed
+    and sha256-verified, and need no compiler. ``current`` does not move here: the service
+    role checks the new binary (its ``--version`` and ``--help`` against the flags the unit
+    will use) first, and only then switches the link, so a release that would not start
+    never becomes current.
     """
     distro = host.get_fact(LinuxDistribution)
     if distro.get("name") not in SUPPORTED:
@@ -46,14 +87,29 @@ def native_build(cfg: HostConfig) -> OperationMeta:
             f"{host.name}: native mode supports {', '.join(SUPPORTED)} (apt); "
             f"this host runs {distro.get('name')!r}"
         )
-    packages.installed(cfg, "build", name="Install build dependencies", packages=build_packages(cfg),
-                       update=True, cache_time=24 * 3600, no_recommends=True)
     svc = cfg.service
+    key = cfg.build.release_key()
+    kind = kind_of(host, cfg)
+    cached = artifact_path(key, kind)
+    present = bool(host.get_fact(File, path=f"{cfg.release_dir}/bin/llama-server"))
+    builder = host.name if present or not cfg.build.build_once or artifact_sha256(cached) else builder_for(cfg, kind)
+    compiles = not present and (not cfg.build.build_once or (builder == host.name and not artifact_sha256(cached)))
     files.directory(name="Release directory", path=f"{svc.prefix}/releases", mode="755")
     files.directory(name="Build cache", path=svc.cache_dir, mode="755")
-    return build_release(
-        name=f"Build llama-server {cfg.build.release_key()}",
-        build=cfg.build,
-        release_dir=cfg.release_dir,
-        cache_dir=svc.cache_dir,
-    )
+    if present or compiles:
+        # the builder's operations come first in the file: pyinfra orders operations by where they
+        # are called, so every host runs these before any host runs artifact_installed below
+        if compiles:
+            packages.installed(cfg, "build", name="Install build dependencies", packages=build_packages(cfg),
+                               update=True, cache_time=24 * 3600, no_recommends=True)
+        op = build_release(name=f"Build llama-server {key}", build=cfg.build, release_dir=cfg.release_dir,
+                           cache_dir=svc.cache_dir)
+        if compiles and cfg.build.build_once:
+            artifact_fetched(name=f"Release {key} ({kind}) sent to the controller's cache",
+                             release_dir=cfg.release_dir, cache_dir=svc.cache_dir, controller_path=str(cached))
+        return op
+    packages.installed(cfg, "build", name="Runtime libraries of a shipped release", packages=runtime_packages(cfg),
+                       update=True, cache_time=24 * 3600, no_recommends=True)
+    return artifact_installed(name=f"Release {key} ({kind}) from the controller's cache",
+                              release_dir=cfg.release_dir, cache_dir=svc.cache_dir, controller_path=str(cached),
+                              builder=builder)

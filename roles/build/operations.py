@@ -1,17 +1,21 @@
-"""The build role's operation: compile one llama.cpp release on the host."""
+"""The build role's operations: compile a llama.cpp release on a host, bring it to the controller, ship it."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import shlex
 from collections.abc import Generator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, cast
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, operation
+from pyinfra.api import FileDownloadCommand, FileUploadCommand, FunctionCommand, OperationError, operation
 from pyinfra.facts.files import File
 
+from llamadeploy.artifacts import ProgressReader
 from llamadeploy.config import BuildConfig
+from llamadeploy.roles.build.artifact import artifact_sha256, publish
 
 
 @operation()
@@ -80,4 +84,73 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str) -> Gener
             f"sync -- {q(posixpath.dirname(release_dir))}",
             f"rm -rf {q(work)} {q(src)}",
         ]
+    )
+
+
+@operation()
+def artifact_fetched(release_dir: str, cache_dir: str, controller_path: str):
+    """
+    Pack the release this host built and bring it to the controller's cache, with its sha256.
+
+    + release_dir: the built release on the host
+    + cache_dir: the host's cache directory (where the tarball is packed)
+    + controller_path: ``<controller cache>/releases/<key>/<kind>.tar.gz``
+
+    Nothing happens when the controller already has it. The tarball is packed on the
+    host, hashed there, downloaded next to its final name and only named in the cache
+    once the controller's hash of it equals the builder's (``artifact.publish``).
+    """
+    if artifact_sha256(Path(controller_path)):
+        host.noop(f"the controller has {controller_path}")
+        return
+    q = shlex.quote
+    remote = f"{cache_dir}/artifacts/{posixpath.basename(release_dir)}.tar.gz"
+    yield (f"mkdir -p {q(cache_dir)}/artifacts && tar -C {q(release_dir)} -czf {q(remote)}.partial . && "
+           f"mv -f {q(remote)}.partial {q(remote)} && sha256sum {q(remote)} > {q(remote)}.sha256")
+    yield FunctionCommand(os.makedirs, (str(Path(controller_path).parent),), {"exist_ok": True})
+    partial = f"{controller_path}.{host.name}.partial"
+    yield FileDownloadCommand(remote, partial)
+    yield FileDownloadCommand(f"{remote}.sha256", f"{partial}.sha256")
+    yield FunctionCommand(publish, (partial, f"{partial}.sha256", controller_path), {})
+    yield f"rm -f {q(remote)} {q(remote)}.sha256"
+
+
+@operation()
+def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, builder: str):
+    """
+    Install a release built on another host of this kind: push the tarball, verify, unpack, name it.
+
+    + release_dir: where the release goes on this host
+    + cache_dir: the host's cache directory (upload staging)
+    + controller_path: the artifact in the controller's cache
+    + builder: the host that builds it in this run when the cache lacks it (for the message)
+
+    Read at execution, after the builder's operations: in one pyinfra run every host's
+    operation N runs before any host's operation N+1, so the builder's artifact is in the
+    cache by then. The tarball is verified against the controller's sha256 before it is
+    unpacked into ``release_dir.partial``, which is renamed into place only when complete.
+    """
+    binary = f"{release_dir}/bin/llama-server"
+    if host.get_fact(File, path=binary):
+        host.noop(f"release {posixpath.basename(release_dir)} is already installed")
+        return
+    sha = artifact_sha256(Path(controller_path))
+    if sha is None:
+        if not host.state.is_executing:
+            host.noop(f"{posixpath.basename(release_dir)} is shipped once {builder} has built it")
+            return
+        raise OperationError(f"no built release at {controller_path}: its builder {builder} did not produce one "
+                             "(see its errors above)")
+    q = shlex.quote
+    tmp = f"{cache_dir}/artifacts/{posixpath.basename(release_dir)}.tar.gz.partial"
+    part = f"{release_dir}.partial"
+    yield f"mkdir -p {q(cache_dir)}/artifacts && rm -f {q(tmp)}"
+    yield FileUploadCommand(cast(IO[Any], ProgressReader(controller_path, f"{host.name} release")), tmp)
+    mismatch = q(f"sha256 mismatch for the release tarball {controller_path}: expected {sha}, got")
+    yield (
+        f"actual=$(sha256sum {q(tmp)} | cut -d' ' -f1); if [ \"$actual\" != {q(sha)} ]; then "
+        f"rm -f {q(tmp)}; echo {mismatch} \"$actual\" >&2; exit 1; fi; "
+        f"rm -rf {q(part)} && mkdir -p {q(part)} && tar -C {q(part)} -xzf {q(tmp)} && rm -f {q(tmp)} && "
+        f"test -x {q(part)}/bin/llama-server && sync -f {q(part)}/bin/llama-server && "
+        f"mv -T {q(part)} {q(release_dir)} && sync -- {q(posixpath.dirname(release_dir))}"
     )
