@@ -116,6 +116,15 @@ def run_deploy(inventory_path: str, limit: list[str], deploy_fn: Callable[..., A
     return failed, error
 
 
+def show_pyinfra_output() -> None:
+    """pyinfra's own progress and errors on stderr, as its CLI prints them."""
+    import logging
+
+    from pyinfra_cli.log import setup_logging
+
+    setup_logging(logging.INFO)
+
+
 def read_releases(inventory_path: str, names: list[str]) -> dict[str, tuple[str | None, str]]:
     """host -> (release id from its manifest, health) for ``names``, over pyinfra's connections."""
     from llamadeploy.status import connected, host_status, read_manifest
@@ -147,6 +156,7 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     from llamadeploy.deploy import llama_server, llama_server_rollback
     from llamadeploy.hostdata import validate_inventory
 
+    show_pyinfra_output()
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     validate_inventory(inventory)  # every host's settings, before any host changes
@@ -204,6 +214,7 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
 
     from llamadeploy.deploy import llama_server_rollback
 
+    show_pyinfra_output()
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     names = [h.name for h in inventory if not limit or h.name in limit]

@@ -15,6 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 
+# the controller's cache (built releases, model hashes and headers) for every deploy the tests run:
+# beside the other test caches, keyed by release key and host kind, so a run builds llama.cpp once
+# and ships it to every other host; a test that needs an empty cache passes its own
+os.environ.setdefault("LLAMADEPLOY_CACHE", os.path.join(os.environ.get("LLAMACTL_CACHE", "/var/cache/llamactl-ci"),
+                                                        "controller"))
+
 
 @dataclass
 class DeployResult:

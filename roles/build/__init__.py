@@ -7,10 +7,12 @@ clear message rather than half-installing. Build once, ship many: ``artifact.py`
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.host import Host
+from pyinfra.api.inventory import Inventory
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File
 from pyinfra.facts.server import Arch, LinuxDistribution
@@ -47,15 +49,32 @@ def runtime_packages(cfg: HostConfig) -> list[str]:
     return pkgs
 
 
+#: per pyinfra run (its inventory): host -> kind, and (release key, kind) -> builder; every host's
+#: prepare step asks, so without these a fleet of N hosts would read N x N facts
+_KINDS: WeakKeyDictionary[Inventory, dict[str, str]] = WeakKeyDictionary()
+_BUILDERS: WeakKeyDictionary[Inventory, dict[tuple[str, str], str]] = WeakKeyDictionary()
+
+
 def kind_of(h: Host, cfg: HostConfig) -> str:
     """The kind of host ``h`` is, for sharing builds (see ``artifact.host_kind``)."""
-    distro: Any = h.get_fact(LinuxDistribution)
-    return host_kind(distro, h.get_fact(Arch), h.get_fact(CpuFlagsDigest), cfg.build.native)
+    kinds = _KINDS.setdefault(h.inventory, {})
+    if h.name not in kinds:
+        distro: Any = h.get_fact(LinuxDistribution)
+        kinds[h.name] = host_kind(distro, h.get_fact(Arch), h.get_fact(CpuFlagsDigest), cfg.build.native)
+    return kinds[h.name]
 
 
 def builder_for(cfg: HostConfig, kind: str) -> str:
     """The host that compiles ``cfg``'s release for ``kind`` in this run: the first active host of
     the inventory with that kind and release key that does not have the release yet."""
+    builders = _BUILDERS.setdefault(host.inventory, {})
+    key = (cfg.build.release_key(), kind)
+    if key not in builders:
+        builders[key] = _first_builder(cfg, kind)
+    return builders[key]
+
+
+def _first_builder(cfg: HostConfig, kind: str) -> str:
     configs = validate_inventory(host.inventory)
     active = set(host.inventory.get_active_hosts())
     for h in (h for h in host.inventory if h in active):  # inventory order

@@ -1,0 +1,237 @@
+"""Fleet rollouts on three real hosts: build once, rollout under load, canary fault, rollback.
+
+One module, three hosts booted once (``ro1`` in the inventory's ``canary`` group), one
+baseline deploy that also shows build-once (one compile, two hosts receive the release);
+every later test moves the fleet with the real CLI (``llamadeploy rollout`` /
+``rollback``) and checks it over a second channel (ssh, HTTP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from tests.conftest import REPO, merged_data, run_deploy
+
+pytestmark = pytest.mark.e2e
+
+LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
+
+
+@pytest.fixture(scope="module")
+def fleet(testhosts):
+    return [testhosts("ro1", 61), testhosts("ro2", 62), testhosts("ro3", 63)]
+
+
+def write_fleet(path: Path, fleet, **sections) -> Path:
+    """An inventory as an operator writes it: a ``canary`` group of one, the rest in ``servers``."""
+    data = merged_data(**sections)
+    entries = [(h.inventory_entry()[0], {**h.inventory_entry()[1], **data}) for h in fleet]
+    path.write_text(f"canary = {entries[:1]!r}\nservers = {entries[1:]!r}\n")
+    return path
+
+
+def manifest(host) -> Manifest:
+    return Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+
+
+def chat(host, timeout: float = 60) -> str:
+    r = httpx.post(f"http://{host.address}:8080/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8}, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LLAMADEPLOY, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def baseline(fleet, tmp_path_factory):
+    """All three hosts deployed in one pyinfra run, from an empty controller cache."""
+    tmp = tmp_path_factory.mktemp("ro")
+    inv = write_fleet(tmp / "base.py", fleet)
+    result = run_deploy(inv, env={"LLAMADEPLOY_CACHE": str(tmp / "empty-cache")})
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    return inv, result, tmp
+
+
+def op_hosts(result, prefix: str, contains: str = "") -> list[str]:
+    """Hosts on which an operation whose name starts with ``prefix`` (and contains ``contains``)
+    changed something."""
+    out = []
+    for op in result.report["results"]["operations"]:
+        if any(n.startswith(prefix) and contains in n for n in op["names"]):
+            out += op["success"]
+    return sorted(out)
+
+
+def test_build_once_one_compile_two_receive(fleet, baseline):
+    """Three hosts of one kind, empty controller cache: one compiles, the others get its tarball."""
+    _, result, tmp = baseline
+    compiled = op_hosts(result, "Build llama-server")
+    received = op_hosts(result, "Release ", "from the controller's cache")
+    assert len(compiled) == 1, compiled
+    assert sorted(compiled + received) == sorted(h.address for h in fleet), (compiled, received)
+    assert op_hosts(result, "Install build dependencies") == compiled  # no compiler on the others
+    cached = list((tmp / "empty-cache" / "releases").glob("*/*.tar.gz"))
+    assert len(cached) == 1 and Path(f"{cached[0]}.sha256").is_file()
+    keys = {manifest(h).release for h in fleet}
+    assert len(keys) == 1
+    for h in fleet:
+        assert h.ssh("test -e /var/cache/llama.cpp/src", check=False).returncode != 0 or h.address in compiled
+        assert isinstance(chat(h), str)
+
+
+@dataclass
+class Sample:
+    host: str
+    start: float
+    end: float
+    error: str | None
+
+
+def load(fleet, stop: threading.Event, samples: list[Sample]) -> list[threading.Thread]:
+    """One client per host: streaming chat requests, each on a fresh connection (no keep-alive drops)."""
+
+    def run(h):
+        while not stop.is_set():
+            t0 = time.monotonic()
+            err = None
+            try:
+                with httpx.Client(timeout=30) as c, c.stream(
+                        "POST", f"http://{h.address}:8080/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "Count to five"}], "max_tokens": 16,
+                              "stream": True}) as r:
+                    if r.status_code != 200:
+                        err = f"HTTP {r.status_code}"
+                    else:
+                        body = "".join(r.iter_text())
+                        if "[DONE]" not in body:
+                            err = "stream ended without [DONE]"
+            except httpx.HTTPError as exc:
+                err = type(exc).__name__
+            samples.append(Sample(h.address, t0, time.monotonic(), err))
+            if err:
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=run, args=(h,), daemon=True) for h in fleet]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def rollout_with_timeline(inv: Path, *args: str) -> tuple[int, str, list[tuple[float, str]]]:
+    """``llamadeploy rollout`` as a subprocess; its stderr lines with the time each arrived."""
+    proc = subprocess.Popen([LLAMADEPLOY, "rollout", str(inv), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[tuple[float, str]] = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append((time.monotonic(), line.rstrip()))
+    out = proc.stdout.read() if proc.stdout else ""
+    return proc.wait(), out, lines
+
+
+def batch_windows(lines: list[tuple[float, str]], end: float) -> dict[str, tuple[float, float]]:
+    starts = [(t, ln.split(": ", 1)[1]) for t, ln in lines if ln.startswith("==> batch ")]
+    out = {}
+    for i, (t, hosts) in enumerate(starts):
+        stop = starts[i + 1][0] if i + 1 < len(starts) else end
+        for h in hosts.split(", "):
+            out[h] = (t, stop)
+    return out
+
+
+def test_rollout_under_load_switches_one_host_at_a_time(fleet, baseline, tmp_path):
+    """A new flag set rolls out canary first, then one host per batch, while every host serves
+    streaming chat: requests fail only on the host being switched, during its own batch."""
+    before = {h.address: manifest(h).release_id for h in fleet}
+    inv = write_fleet(tmp_path / "threads.py", fleet, llama_server={"threads": 1})
+    stop, samples = threading.Event(), []
+    threads = load(fleet, stop, samples)
+    time.sleep(3)
+    try:
+        rc, table, lines = rollout_with_timeline(inv, "--batch", "1")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    end = time.monotonic()
+    assert rc == 0, table + "\n".join(ln for _, ln in lines)[-4000:]
+    windows = batch_windows(lines, end)
+    assert list(windows) == [h.address for h in fleet], windows  # the canary first, then inventory order
+    rows = {ln.split()[0]: ln.split() for ln in table.splitlines()[1:]}
+    for h in fleet:
+        after = manifest(h).release_id
+        assert after != before[h.address] and rows[h.address][1:4] == [before[h.address], after, "updated"]
+        assert manifest(h).args[manifest(h).args.index("--threads") + 1] == "1"
+    for s in samples:
+        if s.error:
+            lo, hi = windows[s.host]
+            assert lo <= s.start <= hi, f"{s.host} failed outside its batch: {s}"
+    per_host = {h.address: [s for s in samples if s.host == h.address] for h in fleet}
+    for host, ss in per_host.items():
+        ok = sum(1 for s in ss if not s.error)
+        gap = [s for s in ss if s.error]
+        print(f"{host}: {ok} ok, {len(gap)} failed (all within its own batch), "
+              f"gap {max((s.end for s in gap), default=0) - min((s.start for s in gap), default=0):.1f}s")
+        assert ok > 0
+
+
+def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet, baseline, tmp_path):
+    """A release whose server cannot start: the canary fails its gate, is rolled back and serves;
+    the other hosts are not touched; the command exits non-zero with the table."""
+    before = {h.address: (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout)
+              for h in fleet}
+    inv = write_fleet(tmp_path / "broken.py", fleet, llama_server={"threads": 1, "extra_args": ["--model", "/nonexistent.gguf"]},
+                      llama_health={"timeout": 20})
+    result = cli("rollout", str(inv))
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[1:]}
+    canary, rest = fleet[0], fleet[1:]
+    assert " rolled back " in rows[canary.address], result.stdout
+    assert manifest(canary).release_id == before[canary.address][0]
+    assert isinstance(chat(canary), str)
+    for h in rest:
+        assert "not reached" in rows[h.address]
+        assert (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout) == before[h.address]
+    assert "stopped after batch 1" in result.stderr
+
+
+def veth_bytes(host) -> int:
+    stats = Path(f"/sys/class/net/{host.veth}/statistics")
+    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
+
+
+def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseline, tmp_path):
+    """``llamadeploy rollback --limit``: the previous release (kept on the host) serves again;
+    what crossed the host's network link is SSH chatter, not a model or a build."""
+    inv, _, _ = baseline
+    h = fleet[1]
+    m = manifest(h)
+    status = json.loads(cli("status", str(inv), "--json").stdout)
+    row = next(r for r in status if r["host"] == h.address)
+    assert row["release_id"] == m.release_id and row["previous"], row
+    target = row["previous"][0]
+    sent = veth_bytes(h)
+    result = cli("rollback", str(inv), "--limit", h.address)
+    moved = veth_bytes(h) - sent
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert manifest(h).release_id == target
+    assert isinstance(chat(h), str)
+    print(f"rollback moved {moved} bytes over {h.veth}")
+    assert moved < 2 * 1024 * 1024, moved  # the model alone is 253 MB, the release tarball several MB
+    other = manifest(fleet[2])
+    assert other.release_id != target  # --limit: the other hosts stay where they were
