@@ -4,6 +4,8 @@ The table of contents (each step is a role under ``roles/``; every setting is a
 field of ``llamadeploy.config.HostConfig``):
 
 1. validate every host of the inventory          ``llamadeploy.hostdata``
+   (hosts with llama_role "front" get HAProxy     ``roles/front``,
+   and "monitor" Prometheus, and stop there)      ``roles/monitor``
 2. resolve, fetch and verify the model            ``roles/model``
 3. preflight: memory plan, slots, context         ``roles/preflight``
 4. build llama.cpp (native) or engine + image     ``roles/build``, ``roles/docker``

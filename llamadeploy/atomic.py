@@ -127,7 +127,7 @@ def private_upload(src: IO[Any], dest: str) -> Iterator[Any]:
 
 @operation()
 def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: str = "644",
-        secret: bool = False):
+        secret: bool = False, check: str | None = None):
     """
     Replace ``dest`` with the content of ``src`` by rename; fix owner/mode in place otherwise.
 
@@ -135,6 +135,9 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
     + dest: remote path the service reads
     + user, group, mode: final owner and permissions
     + secret: compare by challenge-response (:class:`NonceDigest`), never by a hash of the content
+    + check: a command that must accept the staged file before it replaces ``dest``, with
+      ``{path}`` for its (quoted) path, e.g. ``haproxy -c -f {path}``; when it fails the staged
+      file is removed and ``dest`` stays as it was
 
     **Example:**
 
@@ -168,6 +171,8 @@ def put(src: IO[Any], dest: str, user: str = "root", group: str = "root", mode: 
     yield from private_upload(src, stage)
     yield chown(stage, user, group)
     yield chmod(stage, want_mode)
+    if check:
+        yield f"{check.format(path=q(stage))} || {{ rc=$?; rm -f {q(stage)}; exit $rc; }}"
     yield durable_rename(stage, dest)
 
 

@@ -417,6 +417,44 @@ class HealthConfig(Section):
     timeout: Annotated[int, Field(ge=1, le=3600)] = 180
 
 
+class FrontConfig(Section):
+    """The front door (hosts with ``llama_role = "front"``): HAProxy over the fleet's servers."""
+
+    #: address and port clients call (plain HTTP; with ``tls_pem`` see ``tls_port``)
+    bind: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    #: inventory group whose hosts are the backends; default: every host with llama_role "server"
+    backends_group: Name | None = None
+    #: "leastconn" (default), or "affinity": a conversation returns to the host whose slots hold
+    #: its prefix (bounded-load consistent hashing on ``affinity_header``, else on the API key)
+    balance: Literal["leastconn", "affinity"] = "leastconn"
+    affinity_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "X-Session-Id"
+    #: bounded load: no server takes more than this % of the average load (HAProxy hash-balance-factor)
+    hash_balance_factor: Annotated[int, Field(ge=101, le=1000)] = 150
+    #: seconds between health checks; a server is out after 2 failures, back after 2 successes
+    check_interval: Annotated[int, Field(ge=1, le=60)] = 2
+    #: a streamed reply is one response: the server timeout must cover queue wait, prompt
+    #: evaluation and the whole generation
+    timeout_server: Annotated[int, Field(ge=10, le=86400)] = 600
+    #: how long a request may wait for a free slot in HAProxy's queue
+    timeout_queue: Annotated[int, Field(ge=1, le=3600)] = 120
+    #: controller path of a PEM with certificate chain and key: TLS is terminated at the front
+    tls_pem: str | None = None
+    tls_port: Annotated[int, Field(ge=1, le=65535)] = 8443
+    #: with TLS: answer plain HTTP on ``port`` with a redirect to HTTPS
+    redirect_http: bool = False
+    #: HAProxy's Prometheus exporter (and nothing else) on this port
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = 8405
+
+
+class MonitorConfig(Section):
+    """The monitor (hosts with ``llama_role = "monitor"``): Prometheus from the distribution."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 9090
+    scrape_interval: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "15s"
+    retention: Annotated[str, Field(pattern=r"^[0-9]+[hdwy]$")] = "15d"
+
+
 class HostConfig(Section):
     """Everything about one host. Build with :func:`config_for`."""
 
@@ -428,6 +466,11 @@ class HostConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
     health: HealthConfig = HealthConfig()
+    front: FrontConfig = FrontConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    #: what this host is: a llama-server ("server"), the HAProxy front door ("front"), or the
+    #: Prometheus monitor ("monitor"); set it per group, e.g. ``front = [("lb1", {"llama_role": "front"})]``
+    role: Literal["server", "front", "monitor"] = "server"
     #: how a deploy knows the models on a host are intact: "recorded" hashes a file once and then
     #: trusts its size, inode, mtime and ctime recorded with the hash; "full" hashes every file
     #: this run (``pyinfra INVENTORY deploy.py --data llama_verify=full``)
@@ -439,6 +482,8 @@ class HostConfig(Section):
         import ipaddress
 
         s = self.server
+        if self.role != "server":
+            return self
         if s.api_key is None and not s.allow_unauthenticated and not ipaddress.ip_address(s.host).is_loopback:
             raise problem(
                 "server.host", s.host,

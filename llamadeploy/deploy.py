@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, model, release, service, uninstall
+from llamadeploy.roles import docker, front, model, monitor, release, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall
 from llamadeploy.roles.health import health_gate
@@ -32,6 +32,14 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     """
     # 1. Validate the whole inventory before any host is touched (raises ConfigError).
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+
+    # The front door and the monitor are hosts of their own (llama_role).
+    if cfg.role == "front":
+        front.front_door(cfg)
+        return
+    if cfg.role == "monitor":
+        monitor.monitor(cfg)
+        return
 
     # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
     #    and verifies it once here; the host's free disk is checked.

@@ -1,0 +1,113 @@
+"""Front role (hosts with ``llama_role = "front"``): HAProxy over the inventory's llama-servers.
+
+Backends come from the inventory (every ``llama_role = "server"`` host, or the hosts of
+``llama_front.backends_group``); each gets ``maxconn`` equal to its slots, read from its
+own manifest (the deploy's plan), so requests queue in HAProxy instead of being deferred
+inside llama-server. The config (``templates/front/haproxy.cfg.j2``) is checked with
+``haproxy -c`` before it replaces the old one, and HAProxy is reloaded, not restarted:
+new workers take new connections while the old ones finish their streams.
+Drain and enable go through HAProxy's runtime API (:func:`server_state`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api.host import Host
+from pyinfra.facts.files import FileContents
+from pyinfra.operations import files, systemd
+
+from llamadeploy import atomic, packages
+from llamadeploy.config import HostConfig
+from llamadeploy.hostdata import validate_inventory
+from llamadeploy.manifest import Manifest, manifest_path
+from llamadeploy.render import render
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.front.operations import server_state
+from llamadeploy.tuning import DEFAULT_PARALLEL
+
+TEMPLATE = "front/haproxy.cfg.j2"
+CONFIG = "/etc/haproxy/haproxy.cfg"
+PEM = "/etc/haproxy/llamadeploy.pem"
+ADMIN_SOCKET = "/run/haproxy/admin.sock"
+BACKEND = "llama_servers"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    address: str
+    port: int
+    slots: int
+
+
+def server_name(h: Host) -> str:
+    """A HAProxy server name for an inventory host (letters, digits, ``._-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", h.name)
+
+
+def address(h: Host) -> str:
+    return str(h.data.get("ssh_hostname") or h.name)
+
+
+def backend_hosts(cfg: HostConfig) -> list[tuple[Host, HostConfig]]:
+    """The servers behind this front, in inventory order."""
+    configs = validate_inventory(host.inventory)
+    group = cfg.front.backends_group
+    members = {h.name for h in host.inventory.get_group(group, default=[])} if group else None
+    return [(h, configs[h.name]) for h in host.inventory
+            if configs[h.name].role == "server" and (members is None or h.name in members)]
+
+
+def slots_of(h: Host, cfg: HostConfig) -> int:
+    """The server's slots from its manifest (what its deploy planned), else its setting, else 8."""
+    try:
+        lines = h.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
+        if lines:
+            return Manifest.parse("\n".join(lines)).memory_plan.parallel
+    except Exception:  # noqa: BLE001 - not deployed yet, or not reachable in this run
+        pass
+    return cfg.server.parallel or DEFAULT_PARALLEL
+
+
+def haproxy_config(cfg: HostConfig, backends: list[Backend]) -> str:
+    """The rendered haproxy.cfg (pure)."""
+    f = cfg.front
+    key = f"hdr({f.affinity_header})" if f.affinity_header else "hdr(Authorization)"
+    return render(
+        TEMPLATE, backends=backends, bind=f.bind, port=f.port, tls=f.tls_pem is not None, tls_port=f.tls_port,
+        pem_path=PEM, redirect_http=f.redirect_http, balance=f.balance, hash_key=key,
+        hash_balance_factor=f.hash_balance_factor, check_interval=f.check_interval,
+        timeout_server=f.timeout_server, timeout_queue=f.timeout_queue, metrics_port=f.metrics_port,
+        admin_socket=ADMIN_SOCKET,
+    )
+
+
+@role("Front door (HAProxy)")
+def front_door(cfg: HostConfig) -> None:
+    """HAProxy installed, its config checked and in place, reloaded on change, running."""
+    backends = [Backend(server_name(h), address(h), c.server.port, slots_of(h, c)) for h, c in backend_hosts(cfg)]
+    packages.installed(cfg, "front", name="HAProxy and socat (runtime API)", packages=["haproxy", "socat"],
+                       update=True, cache_time=24 * 3600, no_recommends=True)
+    if cfg.front.tls_pem is not None:
+        pem = atomic.put(name="TLS certificate and key (0600)", src=StringIO(Path(cfg.front.tls_pem).read_text()),
+                         dest=PEM, mode="600", secret=True)
+    else:
+        pem = files.file(name="No TLS certificate", path=PEM, present=False)
+    conf = atomic.put(name="haproxy.cfg (checked with haproxy -c)", src=StringIO(haproxy_config(cfg, backends)),
+                      dest=CONFIG, mode="644", check="haproxy -c -q -f {path}")
+    started = systemd.service(name="HAProxy enabled and running", service="haproxy.service", running=True,
+                              enabled=True)
+    systemd.service(name="Reload HAProxy (no connection dropped)", service="haproxy.service", reloaded=True,
+                    _if=[lambda: conf.did_change() or pem.did_change(), lambda: not started.did_change()])
+
+
+@role("Front door: server state")
+def servers_set(servers: list[str], state: str) -> None:
+    """Drain (finish what runs, take nothing new) or enable servers through the runtime API."""
+    for name in servers:
+        server_state(name=f"{name}: {state}", backend=BACKEND, server=name, state=state, socket=ADMIN_SOCKET)

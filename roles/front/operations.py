@@ -1,0 +1,36 @@
+"""The front role's operation: a server's state through HAProxy's runtime API."""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.api import OperationError, operation
+from pyinfra.facts.server import Command
+
+
+@operation()
+def server_state(backend: str, server: str, state: str, socket: str):
+    """
+    Set ``backend/server`` to ``ready``, ``drain`` or ``maint`` through the admin socket.
+
+    + backend, server: HAProxy names
+    + state: ``ready`` (enable), ``drain`` (no new requests, running ones finish) or ``maint``
+    + socket: the admin socket (``stats socket ... level admin``)
+
+    Reads the server's administrative state first and does nothing when it already
+    matches. Rollouts drain a host before its switch and enable it after its gate.
+    """
+    if state not in ("ready", "drain", "maint"):
+        raise OperationError(f"state must be ready, drain or maint, not {state!r}")
+    q = shlex.quote
+    ask = f"echo {q('show servers state ' + backend)} | socat stdio {q(socket)}"
+    # columns: ... srv_name(4) ... srv_admin_state(7); admin bits: 0x01 forced maint, 0x08 forced drain
+    current = host.get_fact(Command, command=f"({ask} | awk -v s={q(server)} '$4 == s {{print $7}}') 2>/dev/null || true")
+    admin = int(current or -1) if str(current or "").lstrip("-").isdigit() else -1
+    now = {0: "ready", 8: "drain", 1: "maint"}.get(admin) if admin >= 0 else None
+    if now == state:
+        host.noop(f"{backend}/{server} is already {state}")
+        return
+    cmd = q(f"set server {backend}/{server} state {state}")
+    yield f"out=$(echo {cmd} | socat stdio {q(socket)}); [ -z \"$(printf %s \"$out\" | tr -d '[:space:]')\" ] || {{ echo \"$out\" >&2; exit 1; }}"

@@ -1,0 +1,80 @@
+"""The front's haproxy.cfg and the monitor's Prometheus files, rendered from settings (pure)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from llamadeploy.config import HostConfig
+from llamadeploy.render import render
+from llamadeploy.roles.front import Backend, haproxy_config
+
+BACKENDS = [Backend("be1", "10.0.0.1", 8080, 8), Backend("be2", "10.0.0.2", 8081, 4)]
+
+
+def cfg(**front) -> HostConfig:
+    return HostConfig.model_validate({"role": "front", "front": front})
+
+
+def lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_backends_checked_with_slots_as_maxconn_and_leastconn():
+    c = lines(haproxy_config(cfg(), BACKENDS))
+    assert "balance leastconn" in c
+    assert "option httpchk GET /health" in c and "http-check expect status 200" in c
+    assert "server be1 10.0.0.1:8080 maxconn 8" in c and "server be2 10.0.0.2:8081 maxconn 4" in c
+    assert "default-server check inter 2s fall 2 rise 2 slowstart 10s" in c
+
+
+def test_streams_and_dead_keepalive_connections():
+    c = lines(haproxy_config(cfg(timeout_server=900), BACKENDS))
+    assert "timeout server 900s" in c and "timeout client 900s" in c
+    # never reuse a backend connection llama-server may have closed; retry only failed connects
+    assert "http-reuse never" in c and "retry-on conn-failure" in c
+    assert not any(ln.startswith("retry-on") and "empty-response" in ln for ln in c)
+    assert "option httplog" in c
+
+
+def test_affinity_is_bounded_load_consistent_hashing_on_a_header():
+    c = lines(haproxy_config(cfg(balance="affinity", hash_balance_factor=125), BACKENDS))
+    assert "balance hdr(X-Session-Id)" in c and "hash-type consistent" in c and "hash-balance-factor 125" in c
+    assert "balance leastconn" not in c
+
+
+def test_tls_terminates_at_12_or_later_with_optional_redirect():
+    plain = lines(haproxy_config(cfg(), BACKENDS))
+    assert "bind 0.0.0.0:8080" in plain and not any("ssl" in ln for ln in plain)
+    tls = lines(haproxy_config(cfg(tls_pem="/x.pem", redirect_http=True), BACKENDS))
+    assert "bind 0.0.0.0:8443 ssl crt /etc/haproxy/llamadeploy.pem alpn h2,http/1.1" in tls
+    assert "ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets" in tls
+    assert "http-request redirect scheme https code 301 unless { ssl_fc }" in tls
+
+
+def test_exporter_and_runtime_api():
+    c = lines(haproxy_config(cfg(metrics_port=9101), BACKENDS))
+    assert "bind 0.0.0.0:9101" in c and "http-request use-service prometheus-exporter if { path /metrics }" in c
+    assert "stats socket /run/haproxy/admin.sock mode 660 level admin expose-fd listeners" in c
+
+
+@pytest.mark.parametrize("key_file", [None, "/etc/prometheus/llama-api-key"])
+def test_prometheus_config_scrapes_servers_with_the_key_and_the_front(key_file):
+    conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
+                                 key_file=key_file, servers_file="/s.json", fronts_file="/f.json", port=9090))
+    jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
+    assert jobs["llama-server"]["file_sd_configs"] == [{"files": ["/s.json"]}]
+    assert jobs["haproxy"]["file_sd_configs"] == [{"files": ["/f.json"]}]
+    assert ("authorization" in jobs["llama-server"]) == (key_file is not None)
+    if key_file:
+        assert jobs["llama-server"]["authorization"] == {"type": "Bearer", "credentials_file": key_file}
+    assert conf["rule_files"] == ["/r.yml"]
+
+
+def test_alert_rules_cover_down_queued_deferred_slow_and_backend_down():
+    rules = yaml.safe_load(render("monitor/llamadeploy-rules.yml.j2"))["groups"][0]["rules"]
+    names = {r["alert"]: r for r in rules}
+    assert set(names) == {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaRequestsQueuedAtFront",
+                          "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown"}
+    assert "llamacpp:requests_deferred" in names["LlamaRequestsDeferred"]["expr"]
+    assert "{{ $labels.instance }}" in names["LlamaTargetDown"]["annotations"]["summary"]
