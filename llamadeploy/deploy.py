@@ -91,6 +91,23 @@ def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) 
     release.rolled_back(cfg, to=to)
 
 
+@deploy("llama-server front: server state")
+def llama_front_servers(servers: str, state: str, cfg: HostConfig | None = None) -> None:
+    """On a front host: drain, enable (``ready``) or ``maint`` the named servers (comma-separated
+    inventory names) through HAProxy's runtime API. Rollouts call it around each batch.
+
+    ``pyinfra INVENTORY llamadeploy.deploy.llama_front_servers servers=llm-01,llm-02 state=drain --limit lb1``
+    """
+    from llamadeploy.roles.front import server_name
+
+    cfg = cfg or validate_inventory(host.inventory)[host.name]
+    if cfg.role != "front":
+        host.noop(f"{host.name} is not a front")
+        return
+    names = [server_name(host.inventory.get_host(n)) for n in servers.split(",") if n]
+    front.servers_set(names, state)
+
+
 @deploy("llama-server removed")
 def llama_server_removed(cfg: HostConfig | None = None, keep_models: bool = False) -> None:
     """Remove what :func:`llama_server` installed on this host, in both modes.

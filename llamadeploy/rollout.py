@@ -153,14 +153,26 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
-    from llamadeploy.deploy import llama_server, llama_server_rollback
+    from llamadeploy.deploy import llama_front_servers, llama_server, llama_server_rollback
     from llamadeploy.hostdata import validate_inventory
 
     show_pyinfra_output()
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
-    validate_inventory(inventory)  # every host's settings, before any host changes
-    names = [h.name for h in inventory]
+    configs = validate_inventory(inventory)  # every host's settings, before any host changes
+    names = [h.name for h in inventory if configs[h.name].role == "server"]
+    others = [h.name for h in inventory if configs[h.name].role != "server"]
+    fronts = [h.name for h in inventory if configs[h.name].role == "front"]
+
+    def front_state(hosts: list[str], state: str) -> None:
+        """Drain a batch at every front before its switch, enable it after its gate (the seam)."""
+        if fronts and hosts:
+            failed, error = run_deploy(inventory_path, fronts, llama_front_servers,
+                                       {f: {"servers": ",".join(hosts), "state": state} for f in fronts})
+            if failed:
+                log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
+                    + (f" ({error})" if error else ""))
+
     canaries = [h.name for h in inventory.get_group(canary_group, default=[])]
     batches = plan_batches(names, canaries, batch, max_unavailable)
     before = read_releases(inventory_path, names)
@@ -169,6 +181,7 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         + (f", canary first: {', '.join(canaries)}" if canaries else ""))
     for i, hosts in enumerate(batches, 1):
         log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
+        front_state(hosts, "drain")
         failed, error = run_deploy(inventory_path, hosts, llama_server)
         after = read_releases(inventory_path, hosts)
         for name in hosts:
@@ -199,9 +212,16 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
                     rows[n].outcome = "rolled back" if ok else "rollback failed"
                     if rb_error:
                         rows[n].detail = rb_error
+        front_state([n for n in hosts if rows[n].outcome in ("updated", "unchanged", "rolled back")], "ready")
         if any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
             log(f"==> stopped after batch {i}: the remaining hosts were not touched")
             return RolloutResult([rows[n] for n in names], False, batches)
+    if others:  # fronts and monitors follow the servers they point at
+        log(f"==> fronts and monitors: {', '.join(others)}")
+        failed, error = run_deploy(inventory_path, others, llama_server)
+        for n in others:
+            rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
+        return RolloutResult([rows[n] for n in names + others], not failed, batches)
     return RolloutResult([rows[n] for n in names], True, batches)
 
 

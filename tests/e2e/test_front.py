@@ -1,0 +1,223 @@
+"""The front door and the monitor on real hosts: HAProxy (Debian's) over two llama-servers,
+Prometheus (Debian's) scraping them; failover, keep-alive through the official OpenAI client,
+drain/enable, a reload under a running stream, TLS.
+
+Four hosts booted once for the module (two servers, a front, a monitor), deployed in one
+pyinfra run; every test checks over a second channel (HTTP to the front, HAProxy's exporter,
+Prometheus' API, ssh).
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import merged_data, run_deploy
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def hosts(testhosts):
+    return {"be1": testhosts("be1", 71), "be2": testhosts("be2", 72), "fd": testhosts("fd", 73),
+            "mon": testhosts("mon", 74)}
+
+
+def write(path: Path, hosts, front: dict | None = None) -> Path:
+    def entry(h, **data):
+        name, conn = h.inventory_entry()
+        return (name, {**conn, **merged_data(), **data})
+
+    servers = [entry(hosts["be1"]), entry(hosts["be2"])]
+    fronts = [entry(hosts["fd"], llama_role="front", llama_front={"check_interval": 1, **(front or {})})]
+    monitors = [entry(hosts["mon"], llama_role="monitor", llama_monitor={"scrape_interval": "2s"})]
+    path.write_text(f"servers = {servers!r}\nfront = {fronts!r}\nmonitor = {monitors!r}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fleet(hosts, tmp_path_factory):
+    inv = write(tmp_path_factory.mktemp("front") / "inv.py", hosts)
+    result = run_deploy(inv)
+    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    return inv
+
+
+def front_url(hosts) -> str:
+    return f"http://{hosts['fd'].address}:8080"
+
+
+def served_by(hosts) -> dict[str, int]:
+    """2xx responses per backend server, from HAProxy's own Prometheus exporter."""
+    text = httpx.get(f"http://{hosts['fd'].address}:8405/metrics", timeout=10).text
+    out = {}
+    for m in re.finditer(r'^haproxy_server_http_responses_total\{proxy="llama_servers",server="([^"]+)",code="2xx"\} (\d+)',
+                         text, re.M):
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def server_up(hosts, name: str) -> bool:
+    text = httpx.get(f"http://{hosts['fd'].address}:8405/metrics", timeout=10).text
+    return re.search(rf'^haproxy_server_status\{{proxy="llama_servers",server="{re.escape(name)}",state="UP"\}} 1$',
+                     text, re.M) is not None
+
+
+def wait_for(pred, seconds: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def chat(base: str, **kw) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", timeout=60, **kw,
+                      json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
+
+
+def test_requests_through_the_front_reach_both_backends(hosts, fleet):
+    before = served_by(hosts)
+    for _ in range(12):
+        assert chat(front_url(hosts)).status_code == 200
+    after = served_by(hosts)
+    names = [hosts["be1"].address, hosts["be2"].address]
+    assert all(after.get(n, 0) > before.get(n, 0) for n in names), (before, after)
+
+
+def test_keepalive_openai_client_500_requests_no_errors(hosts, fleet):
+    """The official client, no retries, one client (reused connections), streaming and not."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{front_url(hosts)}/v1", api_key="unused", max_retries=0, timeout=60)
+    errors: list[str] = []
+    done = 0
+    for i in range(500):
+        try:
+            if i % 2:
+                stream = client.chat.completions.create(model="gemma-3-270m", max_tokens=4, stream=True,
+                                                        messages=[{"role": "user", "content": f"Count {i}"}])
+                assert sum(1 for _ in stream) > 0
+            else:
+                r = client.chat.completions.create(model="gemma-3-270m", max_tokens=4,
+                                                   messages=[{"role": "user", "content": f"Count {i}"}])
+                assert r.usage is not None and r.choices
+            done += 1
+        except Exception as exc:  # noqa: BLE001 - every error is counted, none retried
+            errors.append(f"{i}: {type(exc).__name__}: {exc}")
+    print(f"keep-alive through the front: {done} ok, {len(errors)} errors")
+    assert errors == [] and done == 500
+
+
+def test_a_stopped_backend_is_taken_out_and_rejoins(hosts, fleet):
+    be1 = hosts["be1"]
+    be1.ssh("systemctl stop llama-server")
+    try:
+        wait_for(lambda: not server_up(hosts, be1.address), 30, "be1 out of the backend")
+        failed = [r.status_code for r in (chat(front_url(hosts)) for _ in range(30)) if r.status_code != 200]
+        assert failed == []
+    finally:
+        be1.ssh("systemctl start llama-server")
+    wait_for(lambda: server_up(hosts, be1.address), 120, "be1 back in the backend")
+    before = served_by(hosts).get(be1.address, 0)
+    for _ in range(12):
+        assert chat(front_url(hosts)).status_code == 200
+    assert served_by(hosts).get(be1.address, 0) > before
+
+
+def test_drain_and_enable_through_the_runtime_api(hosts, fleet):
+    from tests.conftest import PYINFRA, REPO
+
+    def set_state(state: str) -> None:
+        proc = subprocess.run([PYINFRA, "-y", str(fleet), "llamadeploy.deploy.llama_front_servers",
+                               f"servers={hosts['be1'].address}", f"state={state}", "--limit", hosts["fd"].address],
+                              cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    set_state("drain")
+    try:
+        before = served_by(hosts)
+        for _ in range(10):
+            assert chat(front_url(hosts)).status_code == 200
+        after = served_by(hosts)
+        assert after.get(hosts["be1"].address, 0) == before.get(hosts["be1"].address, 0)
+    finally:
+        set_state("ready")
+    before = served_by(hosts).get(hosts["be1"].address, 0)
+    for _ in range(12):
+        assert chat(front_url(hosts)).status_code == 200
+    assert served_by(hosts).get(hosts["be1"].address, 0) > before
+
+
+def test_reload_keeps_a_running_stream(hosts, fleet, tmp_path):
+    """A config change is checked (haproxy -c) and reloaded; a stream running through it completes."""
+    result: dict[str, object] = {}
+
+    def stream():
+        with httpx.Client(timeout=120) as c, c.stream("POST", f"{front_url(hosts)}/v1/chat/completions",
+                                                      json={"messages": [{"role": "user", "content": "Tell a story"}],
+                                                            "max_tokens": 400, "stream": True}) as r:
+            result["status"] = r.status_code
+            result["body"] = "".join(r.iter_text())
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(1)
+    changed = run_deploy(write(tmp_path / "queue.py", hosts, {"timeout_queue": 90}), "--limit", hosts["fd"].address)
+    t.join(timeout=180)
+    assert changed.rc == 0 and changed.changed >= 2, changed.stderr[-3000:]  # config + reload
+    assert "timeout queue 90s" in hosts["fd"].ssh("cat /etc/haproxy/haproxy.cfg").stdout
+    assert result.get("status") == 200 and "[DONE]" in str(result.get("body")), result
+    affinity = run_deploy(write(tmp_path / "aff.py", hosts, {"balance": "affinity", "hash_balance_factor": 101}),
+                          "--limit", hosts["fd"].address)
+    assert affinity.rc == 0, affinity.stderr[-3000:]  # passes haproxy -c, and serves
+    assert "balance hdr(X-Session-Id)" in hosts["fd"].ssh("cat /etc/haproxy/haproxy.cfg").stdout
+    assert chat(front_url(hosts), headers={"X-Session-Id": "conversation-1"}).status_code == 200
+
+
+def test_prometheus_scrapes_every_server_and_the_front_with_rules(hosts, fleet):
+    api = f"http://{hosts['mon'].address}:9090/api/v1"
+
+    def all_up() -> bool:
+        targets = httpx.get(f"{api}/targets", timeout=10).json()["data"]["activeTargets"]
+        jobs = [(t["labels"]["job"], t["health"]) for t in targets]
+        return (sorted(j for j, h in jobs if h == "up" and j != "prometheus") == ["haproxy", "llama-server", "llama-server"])
+
+    wait_for(all_up, 90, "every target up in Prometheus")
+    rules = httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"]
+    names = {r["name"] for g in rules for r in g["rules"]}
+    assert {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaFrontBackendDown"} <= names
+    q = httpx.get(f"{api}/query", params={"query": 'count(up{job="llama-server"} == 1)'}, timeout=10).json()
+    assert q["data"]["result"][0]["value"][1] == "2"
+
+
+def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
+    pem = tmp_path / "front.pem"
+    key = tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=front",
+                    "-keyout", str(key), "-out", str(pem)], check=True, capture_output=True)
+    pem.write_text(pem.read_text() + key.read_text())
+    pem.chmod(0o600)
+    result = run_deploy(write(tmp_path / "tls.py", hosts, {"tls_pem": str(pem), "redirect_http": True}),
+                        "--limit", hosts["fd"].address)
+    assert result.rc == 0, result.stderr[-3000:]
+    fd = hosts["fd"]
+    assert fd.ssh("stat -c '%a %U' /etc/haproxy/llamadeploy.pem").stdout.split() == ["600", "root"]
+    r = httpx.post(f"https://{fd.address}:8443/v1/chat/completions", verify=False, timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200 and r.http_version in ("HTTP/1.1", "HTTP/2")
+    assert httpx.get(f"http://{fd.address}:8080/health", timeout=10).status_code == 301
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    with pytest.raises((httpx.ConnectError, ssl.SSLError)):
+        httpx.get(f"https://{fd.address}:8443/health", verify=old, timeout=10)
