@@ -24,6 +24,7 @@ renamed onto ``dest`` when the sha256 matches.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import re
 import secrets
@@ -32,9 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, FileUploadCommand, OperationError, QuoteString, StringCommand, operation
-from pyinfra.api.util import get_file_sha1
+from pyinfra.api.util import format_exception, get_file_sha1
 from pyinfra.facts.files import File, Link, Sha1File
 from pyinfra.facts.server import Home
 from pyinfra.operations.util.files import chmod, chown, ensure_mode_int
@@ -62,6 +63,60 @@ def durable_rename(staged: str, dest: str) -> str:
     """
     q = shlex.quote
     return f"sync -- {q(staged)} && mv -f {q(staged)} {q(dest)} && sync -- {q(posixpath.dirname(dest) or '/')}"
+
+
+class StagedUpload(FileUploadCommand):
+    """pyinfra's upload to a staging path that fails only this host, saying why, and leaves no bytes.
+
+    What pyinfra 3.10 does with a transfer that breaks:
+
+    * one that dies with the connection (host unreachable or rebooting mid-transfer) raises
+      ``EOFError`` or ``ConnectError`` out of its operation loop, which catches only ``OSError``
+      and ``SSHException`` there: the whole run stops ("An internal exception occurred") and the
+      other hosts are left half-deployed, whatever ``--fail-percent`` says;
+    * OpenSSH's sftp-server reports ENOSPC as its generic ``SSH_FX_FAILURE``, so a full disk
+      shows as ``OSError('Failure')``, and the partial file stays behind, filling the disk.
+
+    Here any failure of the transfer fails this host like a failed command does. When the host
+    still answers, the partial file is removed and the message compares the filesystem's free
+    space with what was left to send ("no space left on device" when the rest cannot fit).
+    """
+
+    def __init__(self, src: Any, dest: str, local_path: str | None = None, remote_temp_filename: str | None = None,
+                 **connector_arguments: Any):
+        super().__init__(src, dest, remote_temp_filename=remote_temp_filename, **connector_arguments)
+        self.local_path = local_path  #: controller file behind ``src``: its size tells a full disk
+
+    def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
+        try:
+            return bool(super().execute(state, host, connector_arguments))
+        except Exception as exc:  # noqa: BLE001 - a broken transfer fails this host, never the run
+            host.log_styled(self._why(host, connector_arguments, exc), fg="red", log_func=logger.error)
+            return False
+
+    def _why(self, host: Any, connector_arguments: Any, exc: Exception) -> str:
+        q = shlex.quote
+        folder = posixpath.dirname(self.dest) or "/"
+        failed = f"upload to {host.name}:{self.dest} failed ({format_exception(exc)})"
+        probe = (f"stat -c %s {q(self.dest)} 2>/dev/null || echo 0; df -PB1 {q(folder)} | awk 'NR==2{{print $4}}'; "
+                 f"rm -f {q(self.dest)}")
+        try:
+            ok, output = host.run_shell_command(StringCommand(probe), print_output=False, print_input=False,
+                                                **connector_arguments)
+        except Exception:  # noqa: BLE001 - no answer is the answer
+            return f"{failed}; host {host.name} does not answer any more (unreachable or rebooting)"
+        try:
+            sent, free = (int(n) for n in output.stdout_lines[:2])
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"{failed}; checking the partial file and free space failed too: {output.stderr[-300:]!r}"
+        size = os.path.getsize(self.local_path) if self.local_path else None
+        if size is not None and free < size - sent:
+            return (f"no space left on device on host {host.name}: {folder} has {free >> 20} MiB free with "
+                    f"{(size - sent) >> 20} MiB of {posixpath.basename(self.dest)} still to send; {failed}; "
+                    "the partial file is removed")
+        return f"{failed}; {folder} has {free >> 20} MiB free; the partial file is removed"
 
 
 class NonceDigest(FactBase[str | None]):
@@ -112,7 +167,7 @@ def private_upload(src: IO[Any], dest: str) -> Iterator[Any]:
     """
     args: dict[str, Any] = dict(host.current_op_global_arguments or {})
     if not any(args.get(k) for k in ESCALATIONS):
-        yield FileUploadCommand(src, dest)
+        yield StagedUpload(src, dest)
         return
     unescalated: dict[str, Any] = {"_sudo": False, "_su_user": None, "_doas": False, "_dzdo": False}
     home = host.get_fact(Home, **unescalated)
@@ -121,7 +176,7 @@ def private_upload(src: IO[Any], dest: str) -> Iterator[Any]:
     updir = posixpath.join(home, UPLOAD_DIR)
     yield StringCommand("umask", "077", "&&", "mkdir", "-p", QuoteString(updir), "&&",
                         "chmod", "700", QuoteString(updir), **unescalated)
-    yield FileUploadCommand(src, dest, remote_temp_filename=posixpath.join(updir, posixpath.basename(dest)))
+    yield StagedUpload(src, dest, remote_temp_filename=posixpath.join(updir, posixpath.basename(dest)))
     yield StringCommand("rmdir", "--ignore-fail-on-non-empty", QuoteString(updir), **unescalated)
 
 
@@ -229,7 +284,8 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
     tmp = f"{dest}.partial"
     yield f"rm -f {q(tmp)}"
     # ProgressReader is a binary file object (RawIOBase), the IO pyinfra reads uploads from
-    yield FileUploadCommand(cast(IO[Any], ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}")), tmp)
+    yield StagedUpload(cast(IO[Any], ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}")), tmp,
+                       local_path=src)
     yield install_if_hash_matches(tmp, dest, sha256, mode, what=dest)
 
 

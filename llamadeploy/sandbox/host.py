@@ -142,6 +142,37 @@ class SandboxHost:
         shutil.rmtree(self.root, ignore_errors=True)
         _run("cp", "-a", "--reflink=auto", str(ROOTFS), str(self.root))
         self._configure_tree(key)
+        return self._start(timeout, log_mode="w")
+
+    def reboot(self, timeout: float = 60) -> SandboxHost:
+        """``systemctl reboot`` on the host, then bring it up again on the same tree.
+
+        systemd-nspawn exits with status 133 when its container reboots (its
+        ``systemd-nspawn@.service`` restarts it on that status); nothing supervises
+        it here, so this starts it again, as a machine's firmware would. Files on
+        the host survive; ``/run`` (tmpfs) and every process do not.
+        """
+        pid = self.pid
+        assert pid, f"{self.name} is not booted"
+        # a second from now, so this ssh returns before sshd goes down
+        self.ssh("systemd-run -q --on-active=1 --timer-property=AccuracySec=10ms systemctl reboot")
+        deadline = time.monotonic() + timeout
+        status = None
+        while status is None:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(raw)
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: still running {timeout}s after systemctl reboot")
+            else:
+                time.sleep(0.2)
+        if status != 133:
+            raise RuntimeError(f"{self.name}: systemd-nspawn exited {status} on reboot, not 133")
+        _stop(self.name, None, self.veth, self.network)  # its veth, NAT rules, state entry
+        return self._start(timeout, log_mode="a")
+
+    def _start(self, timeout: float, log_mode: str) -> SandboxHost:
+        """Run systemd-nspawn on the prepared tree, wire its network, wait for SSH."""
         cmd = [
             "systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "-b",
             "--register=no", "--keep-unit", "--network-veth",
@@ -154,7 +185,7 @@ class SandboxHost:
                 "--capability=all", "--system-call-filter=@keyring bpf",
                 "--property=DeviceAllow=char-* rwm", "--bind=/sys/fs/cgroup",
             ]
-        log = open(CACHE / f"{self.name}.console.log", "w")
+        log = open(CACHE / f"{self.name}.console.log", log_mode)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.pid = proc.pid

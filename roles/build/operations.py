@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from pyinfra import host
-from pyinfra.api import FileDownloadCommand, FileUploadCommand, FunctionCommand, OperationError, operation
+from pyinfra.api import FileDownloadCommand, FunctionCommand, OperationError, operation
 from pyinfra.facts.files import File
 
 from llamadeploy.artifacts import ProgressReader
+from llamadeploy.atomic import StagedUpload
 from llamadeploy.config import BuildConfig
 from llamadeploy.roles.build.artifact import artifact_sha256, publish
 
@@ -49,7 +50,7 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str) -> Gener
     if build.source == "tarball":
         tarball = f"{cache_dir}/src/{build.version}.tar.gz"
         yield f"mkdir -p {q(cache_dir)}/src"
-        yield FileUploadCommand(str(build.tarball), tarball)
+        yield StagedUpload(str(build.tarball), tarball, local_path=str(build.tarball))
         yield f"rm -rf {q(src)} && mkdir -p {q(src)} && tar -xzf {q(tarball)} -C {q(src)}"
         top = f"{src}/{build.tarball_subdir}"
     else:
@@ -145,7 +146,8 @@ def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, b
     tmp = f"{cache_dir}/artifacts/{posixpath.basename(release_dir)}.tar.gz.partial"
     part = f"{release_dir}.partial"
     yield f"mkdir -p {q(cache_dir)}/artifacts && rm -f {q(tmp)}"
-    yield FileUploadCommand(cast(IO[Any], ProgressReader(controller_path, f"{host.name} release")), tmp)
+    yield StagedUpload(cast(IO[Any], ProgressReader(controller_path, f"{host.name} release")), tmp,
+                       local_path=controller_path)
     mismatch = q(f"sha256 mismatch for the release tarball {controller_path}: expected {sha}, got")
     yield (
         f"actual=$(sha256sum {q(tmp)} | cut -d' ' -f1); if [ \"$actual\" != {q(sha)} ]; then "
