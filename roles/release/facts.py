@@ -30,6 +30,10 @@ class ReleaseRecords(FactBase[list[ReleaseRecord]]):
             "tr -d '\\n' < \"$e/deploy.json\"; echo; done"
         )
 
+    @staticmethod
+    def default() -> list[ReleaseRecord]:
+        return []
+
     def process(self, output: list[str]) -> list[ReleaseRecord]:
         out = []
         for line in output:
@@ -48,6 +52,10 @@ class Entries(FactBase[list[str]]):
 
     def command(self, path: str) -> str:
         return f"ls -1A -- {shlex.quote(path)} 2>/dev/null || true"
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
 
     def process(self, output: list[str]) -> list[str]:
         return sorted(line for line in output if line)
