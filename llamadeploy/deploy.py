@@ -50,7 +50,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
 
     # 4. The runtime: build the pinned llama.cpp release (native), or the engine and image (docker).
     if cfg.mode == "native":
-        runtime = [native_build(cfg)]
+        runtime = native_build(cfg)
     else:
         docker.engine(cfg)
         runtime = docker.image(cfg)

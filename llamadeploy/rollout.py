@@ -1,11 +1,11 @@
 """Fleet rollouts: canary first, then batches, each host gated, a failed host rolled back.
 
 pyinfra gathers facts and prepares operations for every host before it runs any, so
-a gate between batches has to sit between pyinfra runs. Each batch is one pyinfra
-run through its Python API (the same calls its CLI makes: ``make_inventory``,
-``State.init`` with the batch as the limit, ``connect_all``, ``add_deploy``,
-``run_ops``), so pyinfra does all SSH and parallelism and tells us exactly which
-hosts failed (``state.failed_hosts``).
+a gate between batches has to sit between pyinfra runs. Each batch is one run of
+pyinfra's CLI, ``--limit``ed to the batch: pyinfra does all SSH and parallelism, and
+its ``--json`` report says which hosts failed. (Its Python API would do too, but names
+operations by their index per host, so hosts whose operation lists differ would not run
+a shared step together; the CLI names them by where the deploy code calls them.)
 
 Per host the deploy itself stages (build or artifact, model), checks (the new binary's
 ``--version`` and ``--help`` against the flags), switches (``current`` link and unit,
@@ -18,14 +18,20 @@ with a table of every host: release before and after, and the outcome.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 #: inventory group whose hosts go first, one batch of their own
 CANARY_GROUP = "canary"
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+#: the deploy a host is rolled back with (``to=<release id>``)
+ROLLBACK = "llamadeploy.deploy.llama_server_rollback"
 
 
 @dataclass
@@ -71,58 +77,35 @@ def plan_batches(hosts: list[str], canaries: list[str], batch: str = "1",
     return out + [rest[i:i + size] for i in range(0, len(rest), size)]
 
 
-def run_deploy(inventory_path: str, limit: list[str], deploy_fn: Callable[..., Any],
-               per_host_kwargs: dict[str, dict[str, Any]] | None = None) -> tuple[set[str], str | None]:
-    """One pyinfra run of ``deploy_fn`` on ``limit`` (the Python API, as pyinfra's CLI does it).
+def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy.deploy.llama_server",
+               args: list[str] | None = None, log: Callable[[str], None] = print) -> tuple[set[str], str | None]:
+    """One ``pyinfra -y --json INVENTORY TARGET ARGS --limit HOST...`` run; its progress goes to our stderr.
 
-    Returns the hosts that failed and, when the run stopped before executing (a refused
-    validation or preflight: nothing changed), the reason.
+    Returns the hosts that failed and, when pyinfra stopped without a report (a refused
+    validation or preflight, where nothing changed, or every host failed), the reason.
+    pyinfra's ``--json`` report lists, per operation, the hosts where it failed.
     """
-    from pyinfra.api import Config, State
-    from pyinfra.api.connect import connect_all, disconnect_all
-    from pyinfra.api.deploy import add_deploy
-    from pyinfra.api.exceptions import PyinfraError
-    from pyinfra.api.operations import run_ops
-    from pyinfra.api.state import StateStage
-    from pyinfra.context import ctx_inventory, ctx_state
-    from pyinfra_cli.inventory import make_inventory
-
-    state = State()
-    ctx_state.set(state)
-    inventory = make_inventory(inventory_path, cwd=os.getcwd())
-    ctx_inventory.set(inventory)
-    # every host of the batch runs to its end: the rollout judges each one
-    state.init(inventory, Config(FAIL_PERCENT=100), initial_limit=[inventory.get_host(n) for n in limit])
-    error = None
+    cmd = [PYINFRA, "-y", "--json", inventory_path, target, *(args or [])]
+    for name in limit:
+        cmd += ["--limit", name]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+    assert proc.stderr is not None and proc.stdout is not None
+    for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
+        sys.stderr.write(line)
+        tail = (tail + [line.rstrip()])[-40:]
+    out = proc.stdout.read()
+    if proc.wait() == 0:
+        return set(), None
     try:
-        state.set_stage(StateStage.Connect)
-        connect_all(state)
-        state.set_stage(StateStage.Prepare)
-        for host in inventory.get_active_hosts():
-            add_deploy(state, deploy_fn, host=host, **(per_host_kwargs or {}).get(host.name, {}))
-        state.set_stage(StateStage.Execute)
-        run_ops(state)
-    except PyinfraError as exc:  # "No hosts remaining!" when every host of the batch failed
-        if not state.failed_hosts:
-            error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - a refused validation/preflight: one line, nothing changed
-        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    finally:
-        state.set_stage(StateStage.Disconnect)
-        disconnect_all(state)
-    failed = {h.name for h in state.failed_hosts}
-    if error:
-        failed |= set(limit)
-    return failed, error
-
-
-def show_pyinfra_output() -> None:
-    """pyinfra's own progress and errors on stderr, as its CLI prints them."""
-    import logging
-
-    from pyinfra_cli.log import setup_logging
-
-    setup_logging(logging.INFO)
+        report = json.loads(out)
+        failed = {h for op in report["results"]["operations"] for h in op.get("error", [])}
+        if failed:
+            return failed, None
+    except (ValueError, KeyError, TypeError):
+        pass
+    reason = next((ln.strip() for ln in reversed(tail) if ln.strip() and not ln.startswith("    ")), "pyinfra failed")
+    return set(limit), reason.removeprefix("--> ")
 
 
 def read_releases(inventory_path: str, names: list[str]) -> dict[str, tuple[str | None, str]]:
@@ -153,10 +136,8 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
-    from llamadeploy.deploy import llama_front_servers, llama_server, llama_server_rollback
     from llamadeploy.hostdata import validate_inventory
 
-    show_pyinfra_output()
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     configs = validate_inventory(inventory)  # every host's settings, before any host changes
@@ -167,8 +148,8 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     def front_state(hosts: list[str], state: str) -> None:
         """Drain a batch at every front before its switch, enable it after its gate (the seam)."""
         if fronts and hosts:
-            failed, error = run_deploy(inventory_path, fronts, llama_front_servers,
-                                       {f: {"servers": ",".join(hosts), "state": state} for f in fronts})
+            failed, error = run_deploy(inventory_path, fronts, "llamadeploy.deploy.llama_front_servers",
+                                       [f"servers={','.join(hosts)}", f"state={state}"])
             if failed:
                 log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
                     + (f" ({error})" if error else ""))
@@ -182,7 +163,7 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     for i, hosts in enumerate(batches, 1):
         log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
         front_state(hosts, "drain")
-        failed, error = run_deploy(inventory_path, hosts, llama_server)
+        failed, error = run_deploy(inventory_path, hosts)
         after = read_releases(inventory_path, hosts)
         for name in hosts:
             row = rows[name]
@@ -198,13 +179,18 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         to_roll = [n for n in hosts if rows[n].outcome == "failed" and rows[n].after != rows[n].before]
         if to_roll:
             log(f"==> rolling back {', '.join(to_roll)}")
-            kwargs = {n: {"to": rows[n].before} for n in to_roll if rows[n].before}
             no_record = [n for n in to_roll if not rows[n].before]
             for n in no_record:
                 rows[n].outcome, rows[n].detail = "failed", "no earlier release recorded: not rolled back"
             targets = [n for n in to_roll if n not in no_record]
+            rb_failed: set[str] = set()
+            rb_error = None
+            for release in sorted({str(rows[n].before) for n in targets}):  # one run per release to return to
+                group = [n for n in targets if rows[n].before == release]
+                f, e = run_deploy(inventory_path, group, ROLLBACK, [f"to={release}"])
+                rb_failed |= f
+                rb_error = rb_error or e
             if targets:
-                rb_failed, rb_error = run_deploy(inventory_path, targets, llama_server_rollback, kwargs)
                 again = read_releases(inventory_path, targets)
                 for n in targets:
                     rows[n].after = again.get(n, (None, ""))[0]
@@ -218,7 +204,7 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
             return RolloutResult([rows[n] for n in names], False, batches)
     if others:  # fronts and monitors follow the servers they point at
         log(f"==> fronts and monitors: {', '.join(others)}")
-        failed, error = run_deploy(inventory_path, others, llama_server)
+        failed, error = run_deploy(inventory_path, others)
         for n in others:
             rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
         return RolloutResult([rows[n] for n in names + others], not failed, batches)
@@ -232,16 +218,13 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
-    from llamadeploy.deploy import llama_server_rollback
 
-    show_pyinfra_output()
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     names = [h.name for h in inventory if not limit or h.name in limit]
     before = read_releases(inventory_path, names)
     log(f"==> rollback on {', '.join(names)}" + (f" to {to}" if to else " to each host's previous release"))
-    failed, error = run_deploy(inventory_path, names, llama_server_rollback,
-                               {n: {"to": to} for n in names} if to else None)
+    failed, error = run_deploy(inventory_path, names, ROLLBACK, [f"to={to}"] if to else [])
     after = read_releases(inventory_path, names)
     rows = []
     for n in names:

@@ -90,7 +90,7 @@ def _first_builder(cfg: HostConfig, kind: str) -> str:
 
 
 @role("Build llama.cpp (native)")
-def native_build(cfg: HostConfig) -> OperationMeta:
+def native_build(cfg: HostConfig) -> list[OperationMeta]:
     """Compile the release on this host, or install the one another host of its kind built.
 
     With ``build_once`` (the default), one host per kind compiles (see :func:`builder_for`)
@@ -115,20 +115,17 @@ def native_build(cfg: HostConfig) -> OperationMeta:
     compiles = not present and (not cfg.build.build_once or (builder == host.name and not artifact_sha256(cached)))
     files.directory(name="Release directory", path=f"{svc.prefix}/releases", mode="755")
     files.directory(name="Build cache", path=svc.cache_dir, mode="755")
-    if present or compiles:
-        # the builder's operations come first in the file: pyinfra orders operations by where they
-        # are called, so every host runs these before any host runs artifact_installed below
-        if compiles:
-            packages.installed(cfg, "build", name="Install build dependencies", packages=build_packages(cfg),
-                               update=True, cache_time=24 * 3600, no_recommends=True)
-        op = build_release(name=f"Build llama-server {key}", build=cfg.build, release_dir=cfg.release_dir,
-                           cache_dir=svc.cache_dir)
-        if compiles and cfg.build.build_once:
-            artifact_fetched(name=f"Release {key} ({kind}) sent to the controller's cache",
-                             release_dir=cfg.release_dir, cache_dir=svc.cache_dir, controller_path=str(cached))
-        return op
-    packages.installed(cfg, "build", name="Runtime libraries of a shipped release", packages=runtime_packages(cfg),
+    # Every host calls the same operations in the same order (a no-op where they do not apply):
+    # pyinfra runs each operation on every host before the next one, so the builder's
+    # "sent to the controller's cache" finishes before any host's "from the controller's cache".
+    packages.installed(cfg, "build", name="Build dependencies" if compiles else "Runtime libraries of a shipped release",
+                       packages=build_packages(cfg) if compiles else runtime_packages(cfg),
                        update=True, cache_time=24 * 3600, no_recommends=True)
-    return artifact_installed(name=f"Release {key} ({kind}) from the controller's cache",
-                              release_dir=cfg.release_dir, cache_dir=svc.cache_dir, controller_path=str(cached),
-                              builder=builder)
+    built = build_release(name=f"Build llama-server {key}", build=cfg.build, release_dir=cfg.release_dir,
+                          cache_dir=svc.cache_dir, compile=compiles or present)
+    artifact_fetched(name=f"Release {key} ({kind}) sent to the controller's cache", release_dir=cfg.release_dir,
+                     cache_dir=svc.cache_dir, controller_path=str(cached), enabled=compiles and cfg.build.build_once)
+    shipped = artifact_installed(name=f"Release {key} ({kind}) from the controller's cache",
+                                 release_dir=cfg.release_dir, cache_dir=svc.cache_dir, controller_path=str(cached),
+                                 builder=builder, enabled=not present and not compiles)
+    return [built, shipped]

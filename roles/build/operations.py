@@ -20,13 +20,15 @@ from llamadeploy.roles.build.artifact import artifact_sha256, publish
 
 
 @operation()
-def build_release(build: BuildConfig, release_dir: str, cache_dir: str) -> Generator[Any, None, None]:
+def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
+                  compile: bool = True) -> Generator[Any, None, None]:
     """
     Build ``llama-server`` for one release key and install it into ``release_dir``.
 
     + build: the host's build settings (version, source, CMake options)
     + release_dir: ``<prefix>/releases/<version>-<flags hash>``; created atomically
     + cache_dir: where sources, the build tree and ccache live on the host
+    + compile: False on a host that receives the release built on another (build once)
 
     Nothing happens when the release directory already holds a binary: a release
     is immutable, and its name changes whenever version or flags change. The
@@ -41,6 +43,9 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str) -> Gener
                       release_dir=cfg.release_dir, cache_dir="/var/cache/llama.cpp")
     """
     binary = f"{release_dir}/bin/llama-server"
+    if not compile:
+        host.noop(f"llama.cpp release {build.release_key()} is built on another host of this kind")
+        return
     if host.get_fact(File, path=binary):
         host.noop(f"llama.cpp release {build.release_key()} is already built")
         return
@@ -89,18 +94,22 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str) -> Gener
 
 
 @operation()
-def artifact_fetched(release_dir: str, cache_dir: str, controller_path: str):
+def artifact_fetched(release_dir: str, cache_dir: str, controller_path: str, enabled: bool = True):
     """
     Pack the release this host built and bring it to the controller's cache, with its sha256.
 
     + release_dir: the built release on the host
     + cache_dir: the host's cache directory (where the tarball is packed)
     + controller_path: ``<controller cache>/releases/<key>/<kind>.tar.gz``
+    + enabled: False on every host but the builder (each host runs the same operations)
 
     Nothing happens when the controller already has it. The tarball is packed on the
     host, hashed there, downloaded next to its final name and only named in the cache
     once the controller's hash of it equals the builder's (``artifact.publish``).
     """
+    if not enabled:
+        host.noop("not the builder of this release")
+        return
     if artifact_sha256(Path(controller_path)):
         host.noop(f"the controller has {controller_path}")
         return
@@ -117,7 +126,8 @@ def artifact_fetched(release_dir: str, cache_dir: str, controller_path: str):
 
 
 @operation()
-def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, builder: str):
+def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, builder: str,
+                       enabled: bool = True):
     """
     Install a release built on another host of this kind: push the tarball, verify, unpack, name it.
 
@@ -125,6 +135,7 @@ def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, b
     + cache_dir: the host's cache directory (upload staging)
     + controller_path: the artifact in the controller's cache
     + builder: the host that builds it in this run when the cache lacks it (for the message)
+    + enabled: False on the host that compiles it, or has it already
 
     Read at execution, after the builder's operations: in one pyinfra run every host's
     operation N runs before any host's operation N+1, so the builder's artifact is in the
@@ -132,6 +143,9 @@ def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, b
     unpacked into ``release_dir.partial``, which is renamed into place only when complete.
     """
     binary = f"{release_dir}/bin/llama-server"
+    if not enabled:
+        host.noop(f"release {posixpath.basename(release_dir)} is built here")
+        return
     if host.get_fact(File, path=binary):
         host.noop(f"release {posixpath.basename(release_dir)} is already installed")
         return
