@@ -170,10 +170,9 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
             row.after, health = after.get(name, (None, "unreachable"))
             if name not in failed:
                 row.outcome = "updated" if row.after != row.before else "unchanged"
-            elif error:
-                row.outcome, row.detail = "refused", error
             elif row.after == row.before and health == "ok":
-                row.outcome, row.detail = "failed", "stopped before the switch; still serving its release"
+                row.outcome, row.detail = "failed", "stopped before the switch; still serving its release" + (
+                    f" ({error})" if error else "")
             else:
                 row.outcome, row.detail = "failed", f"after the switch: health {health}"
         to_roll = [n for n in hosts if rows[n].outcome == "failed" and rows[n].after != rows[n].before]
