@@ -92,11 +92,12 @@ def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) 
 
 
 @deploy("llama-server front: server state")
-def llama_front_servers(servers: str, state: str, cfg: HostConfig | None = None) -> None:
+def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None) -> None:
     """On a front host: drain, enable (``ready``) or ``maint`` the named servers (comma-separated
     inventory names) through HAProxy's runtime API. Rollouts call it around each batch.
 
-    ``pyinfra INVENTORY llamadeploy.deploy.llama_front_servers servers=llm-01,llm-02 state=drain --limit lb1``
+    ``pyinfra INVENTORY llamadeploy.deploy.llama_front_servers servers=llm-01,llm-02 set_to=drain --limit lb1``
+    (not ``state=``: pyinfra's CLI keeps that name for itself)
     """
     from llamadeploy.roles.front import server_name
 
@@ -105,7 +106,7 @@ def llama_front_servers(servers: str, state: str, cfg: HostConfig | None = None)
         host.noop(f"{host.name} is not a front")
         return
     names = [server_name(host.inventory.get_host(n)) for n in servers.split(",") if n]
-    front.servers_set(names, state)
+    front.servers_set(names, set_to)
 
 
 @deploy("llama-server removed")

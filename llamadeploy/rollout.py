@@ -149,7 +149,7 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         """Drain a batch at every front before its switch, enable it after its gate (the seam)."""
         if fronts and hosts:
             failed, error = run_deploy(inventory_path, fronts, "llamadeploy.deploy.llama_front_servers",
-                                       [f"servers={','.join(hosts)}", f"state={state}"])
+                                       [f"servers={','.join(hosts)}", f"set_to={state}"])
             if failed:
                 log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
                     + (f" ({error})" if error else ""))

@@ -27,7 +27,7 @@ from llamadeploy.hostdata import validate_inventory
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.front.operations import server_state
+from llamadeploy.roles.front.operations import server_state, serving
 from llamadeploy.tuning import DEFAULT_PARALLEL
 
 TEMPLATE = "front/haproxy.cfg.j2"
@@ -102,8 +102,11 @@ def front_door(cfg: HostConfig) -> None:
                       dest=CONFIG, mode="644", check="haproxy -c -q -f {path}")
     started = systemd.service(name="HAProxy enabled and running", service="haproxy.service", running=True,
                               enabled=True)
-    systemd.service(name="Reload HAProxy (no connection dropped)", service="haproxy.service", reloaded=True,
-                    _if=[lambda: conf.did_change() or pem.did_change(), lambda: not started.did_change()])
+    reloaded = systemd.service(name="Reload HAProxy (no connection dropped)", service="haproxy.service",
+                               reloaded=True,
+                               _if=[lambda: conf.did_change() or pem.did_change(), lambda: not started.did_change()])
+    serving(name="A server is up behind the front", backend=BACKEND, socket=ADMIN_SOCKET, timeout=120,
+            _if=lambda: started.did_change() or reloaded.did_change())
 
 
 @role("Front door: server state")

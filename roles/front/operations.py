@@ -10,6 +10,29 @@ from pyinfra.facts.server import Command
 
 
 @operation()
+def serving(backend: str, socket: str, timeout: int):
+    """
+    Wait until HAProxy has at least one server of ``backend`` UP (its health checks passed).
+
+    + backend: HAProxy backend name
+    + socket: the admin socket
+    + timeout: seconds
+
+    A front that just started or reloaded answers 503 until its checks pass; the deploy is
+    done when clients would be served. Gated with ``_if`` on a start or reload.
+    """
+    q = shlex.quote
+    yield (
+        f"deadline=$(( $(date +%s) + {int(timeout)} )); "
+        f"while [ $(date +%s) -lt $deadline ]; do "
+        f"echo 'show stat' | socat stdio {q(socket)} 2>/dev/null | "
+        f"awk -F, -v b={q(backend)} '$1 == b && $2 != \"BACKEND\" && $2 != \"FRONTEND\" && $18 ~ /^UP/ {{up=1}} END {{exit !up}}' "
+        f"&& exit 0; sleep 1; done; echo {q(f'no server of {backend} passed its health check within {int(timeout)}s')} >&2; "
+        f"echo 'show stat' | socat stdio {q(socket)} | cut -d, -f1,2,18,37 >&2; exit 1"
+    )
+
+
+@operation()
 def server_state(backend: str, server: str, state: str, socket: str):
     """
     Set ``backend/server`` to ``ready``, ``drain`` or ``maint`` through the admin socket.
