@@ -22,6 +22,7 @@ from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import rules_path
 from llamadeploy.roles.model.source import ModelArtifact
+from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
@@ -102,20 +103,25 @@ def service(
     rid = release_id(cfg.build.version, info.render(), unit_text)
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
+    unit_path = f"/etc/systemd/system/{svc.name}.service"
     unit = atomic.put(
         name="systemd unit",
         src=StringIO(unit_text),
-        dest=f"/etc/systemd/system/{svc.name}.service",
+        dest=unit_path,
         mode="644",
     )
     systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
     started = systemd.service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
     )
+    # a server older than its files (a deploy that failed between writing and restarting)
+    stale = host.get_fact(StartedBefore, unit=f"{svc.name}.service", paths=[
+        unit_path, f"{cfg.model_dir}/{art.first.name}", binary,
+        *([cfg.api_key_path] if cfg.server.api_key is not None else [])])
     restarted = systemd.service(
         name="Restart for changed binary, model, key or unit",
         service=f"{svc.name}.service",
         restarted=True,
-        _if=[any_changed(unit, key, switched, *restart_on), lambda: not started.did_change()],
+        _if=[lambda: stale or any_changed(unit, key, switched, *restart_on)(), lambda: not started.did_change()],
     )
     return started, restarted, rid

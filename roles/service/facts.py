@@ -46,3 +46,29 @@ class ServerVersion(FactBase[str]):
 
     def process(self, output: list[str]) -> str:
         return "\n".join(output).strip()
+
+
+class StartedBefore(FactBase[bool]):
+    """Whether the unit's running process started before one of ``paths`` was last written.
+
+    A deploy that wrote a new key (or unit, or model) and then failed before its restart
+    leaves a server that still runs with the old one; the next deploy finds every file
+    already in place and would change nothing. The process's start time (boot time plus its
+    start in clock ticks, ``/proc/PID/stat``) against the files' mtimes tells it that the
+    server is older than what it should read.
+    False when the unit does not run (starting it reads everything anyway).
+    """
+
+    def command(self, unit: str, paths: list[str]) -> str:
+        q = shlex.quote
+        files = " ".join(q(p) for p in paths)
+        return (
+            f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null); "
+            "if [ -z \"$pid\" ] || [ \"$pid\" = 0 ] || [ ! -d /proc/$pid ]; then echo no; exit 0; fi; "
+            f"newest=$(stat -L -c %Y {files} 2>/dev/null | sort -n | tail -n 1); "
+            "started=$(( $(awk '/^btime/ {print $2}' /proc/stat) + $(awk '{print $22}' /proc/$pid/stat) / $(getconf CLK_TCK) )); "
+            "[ -n \"$newest\" ] && [ \"$newest\" -gt \"$started\" ] && echo yes || echo no"
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return output == ["yes"]

@@ -318,6 +318,30 @@ def test_secrets_through_a_sudo_user_never_readable_or_printed(host, inventory, 
                  f"systemctl reload ssh; rm -rf {updir}", check=False)
 
 
+def test_key_written_by_a_run_that_died_before_its_restart_is_picked_up(host, inventory, tmp_path):
+    """A rotated key reaches the host, then the run dies before the restart: the next deploy
+    finds the file in place, sees the server is older than it, and restarts it."""
+    from llamadeploy.cli import main as cli
+
+    first, second = tmp_path / "k1", tmp_path / "k2"
+    assert cli(["key", "new", str(first)]) == 0 and cli(["key", "new", str(second)]) == 0
+    key1, key2 = first.read_text().strip(), second.read_text().strip()
+    url = f"http://{host.address}:8080/v1/models"
+    result = run_deploy(with_data(host, tmp_path, "k1", llama_server={"api_key_file": str(first)}))
+    assert result.rc == 0, result.stderr[-3000:]
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key1}"}, timeout=10).status_code == 200
+    time.sleep(1.1)  # mtimes have one-second resolution
+    # what the dead run left: the new key in place (same owner and mode), the server not restarted
+    host.ssh(f"printf '%s\\n' {key2} > /etc/llama-server/.k && chown llama:llama /etc/llama-server/.k && "
+             "chmod 600 /etc/llama-server/.k && mv /etc/llama-server/.k /etc/llama-server/api-key")
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key2}"}, timeout=10).status_code == 401
+    result = run_deploy(with_data(host, tmp_path, "k2", llama_server={"api_key_file": str(second)}))
+    assert result.rc == 0, result.stderr[-3000:]
+    assert result.changed >= 1  # the restart (and its gate), nothing else differs
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key2}"}, timeout=10).status_code == 200
+    assert run_deploy(with_data(host, tmp_path, "k2", llama_server={"api_key_file": str(second)})).changed == 0
+
+
 def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
     """CI's short soak (benchmarks/soak.py runs the 10-minute one): 8 streaming clients for 60 s.
 

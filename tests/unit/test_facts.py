@@ -100,3 +100,13 @@ def test_memlock_ceiling_from_pid1():
         "Max locked memory         unlimited            unlimited            bytes     ",
     ])
     assert unlimited.memlock_ceiling is None
+
+
+def test_started_before_compares_process_start_with_file_mtimes():
+    """The stale-server fact: yes only when a file is newer than the running process."""
+    from llamadeploy.roles.service.facts import StartedBefore
+
+    fact = StartedBefore()
+    assert fact.process(["yes"]) is True and fact.process(["no"]) is False and fact.process([]) is False
+    cmd = fact.command("llama-server.service", ["/etc/llama-server/api-key", "/opt/x y/bin"])
+    assert "'/opt/x y/bin'" in cmd and "/proc/$pid/stat" in cmd and "btime" in cmd
