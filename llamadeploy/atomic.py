@@ -99,7 +99,7 @@ class StagedUpload(FileUploadCommand):
         folder = posixpath.dirname(self.dest) or "/"
         failed = f"upload to {host.name}:{self.dest} failed ({format_exception(exc)})"
         probe = (f"stat -c %s {q(self.dest)} 2>/dev/null || echo 0; df -PB1 {q(folder)} | awk 'NR==2{{print $4}}'; "
-                 f"rm -f {q(self.dest)}")
+                 f"rm -f {q(self.dest)}" + (f" {q(self.remote_temp_filename)}" if self.remote_temp_filename else ""))
         try:
             ok, output = host.run_shell_command(StringCommand(probe), print_output=False, print_input=False,
                                                 **connector_arguments)

@@ -428,7 +428,8 @@ class FrontConfig(Section):
     #: "leastconn" (default), or "affinity": a conversation returns to the host whose slots hold
     #: its prefix (bounded-load consistent hashing on ``affinity_header``, else on the API key)
     balance: Literal["leastconn", "affinity"] = "leastconn"
-    affinity_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = "X-Session-Id"
+    #: None: hash on the ``Authorization`` header, i.e. the API key
+    affinity_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = "X-Session-Id"
     #: bounded load: no server takes more than this % of the average load (HAProxy hash-balance-factor)
     hash_balance_factor: Annotated[int, Field(ge=101, le=1000)] = 150
     #: seconds between health checks; a server is out after 2 failures, back after 2 successes

@@ -5,8 +5,8 @@ its sha256 (seconds per GB) and its GGUF header (``gguf.GGUFReader`` builds ever
 field, the whole vocabulary included: 36 of 40 s of a profiled no-op run on a 253 MB
 model with a 262k-token vocabulary, to read a dozen keys). Both are stored here:
 
-* ``hashes/``: a file's sha256 under its path, with the size, mtime and inode it had
-  when hashed; any of them differing means hash again;
+* ``hashes/``: a file's sha256 under its path, with the size, mtime, ctime and inode it
+  had when hashed; any of them differing means hash again;
 * ``gguf-meta/``: :class:`~llamadeploy.gguf_meta.ModelMeta` under the model's sha256
   (content-addressed, so a copy or a rename of the model still hits).
 
@@ -60,10 +60,10 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def file_sha256(path: str, compute: Callable[[str], str]) -> str:
-    """sha256 of a controller file: from the cache while size, mtime and inode are unchanged."""
+    """sha256 of a controller file: from the cache while size, mtime, ctime and inode are unchanged."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
     entry = cache_dir() / "hashes" / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json"
     cached = _read(entry)
     if cached and cached.get("path") == real and all(cached.get(k) == v for k, v in stamp.items()):

@@ -16,7 +16,7 @@ from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.roles import docker, front, model, monitor, release, service, uninstall
 from llamadeploy.roles.build import native_build
-from llamadeploy.roles.firewall import firewall
+from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.preflight import memory_plan
 
@@ -72,6 +72,8 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start.
     health_gate(cfg, art.alias, after=[started, restarted])
 
+    firewall_off(cfg)  # allow_from removed: the table goes only now, after the unit stopped loading it
+
     # 8. The release that passed the gate is recorded; releases beyond keep_releases are pruned.
     if rid is not None:
         release.recorded(cfg, rid)
@@ -106,7 +108,7 @@ def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None
         host.noop(f"{host.name} is not a front")
         return
     names = [server_name(host.inventory.get_host(n)) for n in servers.split(",") if n]
-    front.servers_set(names, set_to)
+    front.servers_set(cfg, names, set_to)
 
 
 @deploy("llama-server removed")

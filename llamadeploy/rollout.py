@@ -23,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,18 +89,22 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
     cmd = [PYINFRA, "-y", "--json", inventory_path, target, *(args or [])]
     for name in limit:
         cmd += ["--limit", name]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tail: list[str] = []
-    assert proc.stderr is not None and proc.stdout is not None
-    for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
-        sys.stderr.write(line)
-        tail = (tail + [line.rstrip()])[-40:]
-    out = proc.stdout.read()
-    if proc.wait() == 0:
+    with tempfile.TemporaryFile(mode="w+") as report_file:  # a file: a big report never blocks the pipe
+        proc = subprocess.Popen(cmd, stdout=report_file, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
+            sys.stderr.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+        rc = proc.wait()
+        report_file.seek(0)
+        out = report_file.read()
+    if rc == 0:
         return set(), None
     try:
-        report = json.loads(out)
-        failed = {h for op in report["results"]["operations"] for h in op.get("error", [])}
+        results = json.loads(out)["results"]
+        # failed_hosts includes hosts that never connected (they are in no operation's list)
+        failed = set(results.get("failed_hosts", [])) | {h for op in results["operations"] for h in op.get("error", [])}
         if failed:
             return failed, None
     except (ValueError, KeyError, TypeError):
@@ -145,14 +150,17 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     others = [h.name for h in inventory if configs[h.name].role != "server"]
     fronts = [h.name for h in inventory if configs[h.name].role == "front"]
 
-    def front_state(hosts: list[str], state: str) -> None:
-        """Drain a batch at every front before its switch, enable it after its gate (the seam)."""
-        if fronts and hosts:
-            failed, error = run_deploy(inventory_path, fronts, "llamadeploy.deploy.llama_front_servers",
-                                       [f"servers={','.join(hosts)}", f"set_to={state}"])
-            if failed:
-                log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
-                    + (f" ({error})" if error else ""))
+    def front_state(hosts: list[str], state: str) -> bool:
+        """Drain a batch at every front before its switch (waiting for its running requests to
+        finish), enable it after its gate (waiting until the front sees it up): the seam."""
+        if not (fronts and hosts):
+            return True
+        failed, error = run_deploy(inventory_path, fronts, "llamadeploy.deploy.llama_front_servers",
+                                   [f"servers={','.join(hosts)}", f"set_to={state}"])
+        if failed:
+            log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
+                + (f" ({error})" if error else ""))
+        return not failed
 
     canaries = [h.name for h in inventory.get_group(canary_group, default=[])]
     batches = plan_batches(names, canaries, batch, max_unavailable)
@@ -162,13 +170,17 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         + (f", canary first: {', '.join(canaries)}" if canaries else ""))
     for i, hosts in enumerate(batches, 1):
         log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
-        front_state(hosts, "drain")
+        if not front_state(hosts, "drain"):
+            for n in hosts:
+                rows[n].outcome, rows[n].detail = "not switched", "the front could not drain it"
+            front_state(hosts, "ready")
+            return RolloutResult([rows[n] for n in names], False, batches)
         failed, error = run_deploy(inventory_path, hosts)
         after = read_releases(inventory_path, hosts)
         for name in hosts:
             row = rows[name]
             row.after, health = after.get(name, (None, "unreachable"))
-            if name not in failed:
+            if name not in failed and row.after is not None and health == "ok":
                 row.outcome = "updated" if row.after != row.before else "unchanged"
             elif row.after == row.before and health == "ok":
                 row.outcome, row.detail = "failed", "stopped before the switch; still serving its release" + (
@@ -197,8 +209,10 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
                     rows[n].outcome = "rolled back" if ok else "rollback failed"
                     if rb_error:
                         rows[n].detail = rb_error
-        front_state([n for n in hosts if rows[n].outcome in ("updated", "unchanged", "rolled back")], "ready")
-        if any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
+        serving = [n for n in hosts if rows[n].outcome in ("updated", "unchanged", "rolled back")
+                   or rows[n].detail.startswith("stopped before the switch")]
+        enabled = front_state(serving, "ready")
+        if not enabled or any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
             log(f"==> stopped after batch {i}: the remaining hosts were not touched")
             return RolloutResult([rows[n] for n in names], False, batches)
     if others:  # fronts and monitors follow the servers they point at
@@ -217,10 +231,12 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
+    from llamadeploy.hostdata import validate_inventory
 
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
-    names = [h.name for h in inventory if not limit or h.name in limit]
+    configs = validate_inventory(inventory)
+    names = [h.name for h in inventory if configs[h.name].role == "server" and (not limit or h.name in limit)]
     before = read_releases(inventory_path, names)
     log(f"==> rollback on {', '.join(names)}" + (f" to {to}" if to else " to each host's previous release"))
     failed, error = run_deploy(inventory_path, names, ROLLBACK, [f"to={to}"] if to else [])

@@ -13,8 +13,6 @@ import hashlib
 import ipaddress
 from io import StringIO
 
-from pyinfra.operations import files
-
 from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.render import render
@@ -47,14 +45,23 @@ def rules(cfg: HostConfig) -> tuple[str, str]:
 
 @role("Firewall")
 def firewall(cfg: HostConfig) -> None:
-    """Rules in place and loaded when ``allow_from`` is set; our table and file gone otherwise."""
+    """Rules in place and loaded when ``allow_from`` is set (before the unit that loads them)."""
     path = rules_path(cfg)
     if cfg.server.allow_from is None:
-        table_removed(name="No nftables table for the port", table=table_name(cfg))
-        files.file(name="No nftables rules file", path=path, present=False)
         return
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = rules(cfg)
     atomic.put(name="nftables rules for the port", src=StringIO(text), dest=path, mode="600")
     table_loaded(name="nftables rules loaded", path=path, table=table_name(cfg), digest=digest)
+
+
+@role("Firewall removed")
+def firewall_off(cfg: HostConfig) -> None:
+    """Without ``allow_from``: our table goes, once the unit that loaded it has been replaced.
+
+    The rules file stays: a recorded release whose unit loads it (``ExecStartPre``) must still
+    start after a rollback; uninstall removes it with the config directory.
+    """
+    if cfg.server.allow_from is None:
+        table_removed(name="No nftables table for the port", table=table_name(cfg))

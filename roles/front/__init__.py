@@ -110,7 +110,10 @@ def front_door(cfg: HostConfig) -> None:
 
 
 @role("Front door: server state")
-def servers_set(servers: list[str], state: str) -> None:
-    """Drain (finish what runs, take nothing new) or enable servers through the runtime API."""
+def servers_set(cfg: HostConfig, servers: list[str], state: str) -> None:
+    """Drain (finish what runs, take nothing new) or enable servers through the runtime API; a
+    drain waits for running streams (up to ``timeout_server``), an enable until the server is up."""
+    wait = cfg.front.timeout_server if state == "drain" else 60 + 3 * cfg.front.check_interval
     for name in servers:
-        server_state(name=f"{name}: {state}", backend=BACKEND, server=name, state=state, socket=ADMIN_SOCKET)
+        server_state(name=f"{name}: {state}", backend=BACKEND, server=name, state=state, socket=ADMIN_SOCKET,
+                     wait=wait)

@@ -33,13 +33,15 @@ def serving(backend: str, socket: str, timeout: int):
 
 
 @operation()
-def server_state(backend: str, server: str, state: str, socket: str):
+def server_state(backend: str, server: str, state: str, socket: str, wait: int = 0):
     """
     Set ``backend/server`` to ``ready``, ``drain`` or ``maint`` through the admin socket.
 
     + backend, server: HAProxy names
     + state: ``ready`` (enable), ``drain`` (no new requests, running ones finish) or ``maint``
     + socket: the admin socket (``stats socket ... level admin``)
+    + wait: seconds to wait, after a drain, until the server's running requests have finished
+      (its current sessions reach 0), after ``ready``, until the front sees it up; 0 = no wait
 
     Reads the server's administrative state first and does nothing when it already
     matches. Rollouts drain a host before its switch and enable it after its gate.
@@ -57,3 +59,13 @@ def server_state(backend: str, server: str, state: str, socket: str):
         return
     cmd = q(f"set server {backend}/{server} state {state}")
     yield f"out=$(echo {cmd} | socat stdio {q(socket)}); [ -z \"$(printf %s \"$out\" | tr -d '[:space:]')\" ] || {{ echo \"$out\" >&2; exit 1; }}"
+    if wait and state in ("drain", "ready"):
+        # show stat CSV: pxname(1) svname(2) scur(5) status(18)
+        test = "$5 == 0" if state == "drain" else "$18 ~ /^UP/"
+        what = "its running requests to finish" if state == "drain" else "the front to see it up"
+        yield (
+            f"deadline=$(( $(date +%s) + {int(wait)} )); while [ $(date +%s) -lt $deadline ]; do "
+            f"echo 'show stat' | socat stdio {q(socket)} | awk -F, -v b={q(backend)} -v s={q(server)} "
+            f"'$1 == b && $2 == s {{ if ({test}) ok=1 }} END {{exit !ok}}' && exit 0; sleep 1; done; "
+            f"echo {q(f'{backend}/{server}: waited {int(wait)}s for {what}')} >&2; exit 1"
+        )

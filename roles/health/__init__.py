@@ -21,19 +21,23 @@ def health_url(host: str, port: int, path: str = "/health") -> str:
 
 
 @role("Health gate")
-def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta]) -> None:
-    """After a (re)start (one of ``after`` changed): /health 200, then one real chat completion."""
+def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], bind: tuple[str, int] | None = None) -> None:
+    """After a (re)start (one of ``after`` changed): /health 200, then one real chat completion.
+
+    ``bind``: where the server listens when that is not the inventory's host and port (a rollback).
+    """
     changed = any_changed(*after)
+    addr, port = bind or (cfg.server.host, cfg.server.port)
     wait_healthy(
-        name=f"Wait for {health_url(cfg.server.host, cfg.server.port)} (200 within {cfg.health.timeout}s)",
-        url=health_url(cfg.server.host, cfg.server.port),
+        name=f"Wait for {health_url(addr, port)} (200 within {cfg.health.timeout}s)",
+        url=health_url(addr, port),
         timeout=cfg.health.timeout,
         unit=cfg.service.name,
         _if=changed,
     )
     chat_answers(
         name="One chat completion answered",
-        url=health_url(cfg.server.host, cfg.server.port, "/v1/chat/completions"),
+        url=health_url(addr, port, "/v1/chat/completions"),
         alias=alias,
         timeout=cfg.health.timeout,
         unit=cfg.service.name,

@@ -24,7 +24,7 @@ from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
-from llamadeploy.roles.release.operations import copied, release_recorded, releases_pruned
+from llamadeploy.roles.release.operations import copied, refused, release_recorded, releases_pruned
 from llamadeploy.roles.service.operations import check_flags
 
 UNIT_FILE = "unit.service"
@@ -71,33 +71,54 @@ def choose(records: list[ReleaseRecord], current_id: str | None, to: str | None)
     raise DeployError(f"host {host.name}: no earlier release recorded to roll back to (recorded: {known})")
 
 
-@role("Rollback")
-def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
-    """Reinstate a recorded release: link, unit and manifest from the host itself, restart, gate."""
+def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str | None]:
+    """The release to reinstate on this host, or why there is none to reinstate (read at prepare)."""
     if cfg.mode != "native":
-        raise DeployError(f"host {host.name}: rollback reinstates native releases; docker mode keeps no records yet")
+        return None, f"host {host.name}: rollback reinstates native releases; docker mode keeps no records yet"
     current = current_release(cfg)
-    target = choose(host.get_fact(ReleaseRecords, path=records_dir(cfg)), current.release_id if current else None, to)
+    try:
+        target = choose(host.get_fact(ReleaseRecords, path=records_dir(cfg)),
+                        current.release_id if current else None, to)
+    except DeployError as exc:
+        return None, str(exc)
     m = target.manifest
     build_dir = f"{cfg.service.prefix}/releases/{m.release}"
     if not host.get_fact(File, path=f"{build_dir}/bin/llama-server"):
-        raise DeployError(f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}")
+        return None, f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}"
     for name, sha in m.model_files.items():
         state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{name}")
         if state is None or state.sha256 != sha:
-            raise DeployError(f"host {host.name}: release {target.id} needs model file {name} (sha256 {sha[:12]}…), "
-                              f"which is not intact in {cfg.model_dir}")
+            return None, (f"host {host.name}: release {target.id} needs model file {name} (sha256 {sha[:12]}…), "
+                          f"which is not intact in {cfg.model_dir} (a newer model of the same name replaced it)")
+    return target, None
+
+
+@role("Rollback")
+def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
+    """Reinstate a recorded release: link, unit and manifest from the host itself, restart, gate.
+
+    A host that cannot (no earlier release, its build or model gone) fails on its own, at
+    execution, with the reason; the other hosts of the run roll back.
+    """
+    target, why = refusal(cfg, to)
+    if target is None:
+        refused(name="A release to reinstate", reason=str(why))
+        return
+    m = target.manifest
+    build_dir = f"{cfg.service.prefix}/releases/{m.release}"
     entry = posixpath.join(records_dir(cfg), target.id)
     check_flags(name="Reinstated release starts and knows every flag", binary=f"{build_dir}/bin/llama-server",
                 args=list(m.args))
-    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir)
-    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
+    # the manifest first: whatever fails later, it never claims the old release while current moved
     copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
            dest=manifest_path(cfg.service.config_dir))
+    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir)
+    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
     systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
     restarted = systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
                                 running=True, restarted=True, enabled=True,
                                 _if=lambda: unit.did_change() or switched.did_change())
-    health_gate(cfg, m.alias, after=[restarted])
+    # the gate asks the address the reinstated release listens on, which may not be the inventory's
+    health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port))
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
                      release_id=target.id, sources={})

@@ -25,7 +25,8 @@ class ReleaseRecords(FactBase[list[ReleaseRecord]]):
     def command(self, path: str) -> str:
         d = shlex.quote(path)
         return (
-            f"[ -d {d} ] || exit 0; for e in {d}/*/; do [ -f \"$e/deploy.json\" ] || continue; "
+            f"[ -d {d} ] || exit 0; for e in {d}/*/; do case \"$e\" in *.partial/) continue;; esac; "
+            "[ -f \"$e/deploy.json\" ] || continue; "
             "printf '%s %s ' \"$(cat \"$e/activated\" 2>/dev/null || echo 0)\" \"$(basename \"$e\")\"; "
             "tr -d '\\n' < \"$e/deploy.json\"; echo; done"
         )

@@ -6,7 +6,7 @@ import posixpath
 import shlex
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import OperationError, operation
 from pyinfra.facts.files import Link, Sha1File
 
 from llamadeploy.atomic import durable_rename, staging_path
@@ -75,6 +75,21 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
              + [posixpath.join(builds_dir, b) for b in plan.builds]
              + [posixpath.join(model_dir, m) for m in plan.models])
     yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
+
+
+@operation()
+def refused(reason: str):
+    """
+    Fail this host at execution with ``reason`` (and only this host: a refusal raised while
+    pyinfra prepares would stop every host of the run).
+
+    + reason: one line naming the host and what is missing
+    """
+    if not host.state.is_executing:
+        host.noop(reason)
+        return
+    raise OperationError(reason)
+    yield  # an operation is a generator
 
 
 @operation()

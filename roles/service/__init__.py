@@ -94,8 +94,6 @@ def service(
     else:
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
-    # the old release stays on disk; switching back is a link change
-    switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
 
     unit_text = unit_file(cfg, art, binary, args)
     info = build_manifest(cfg, plan, args, art, unit=svc.name, release=cfg.build.release_key(), binary=binary,
@@ -103,6 +101,10 @@ def service(
     rid = release_id(cfg.build.version, info.render(), unit_text)
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
+    # the manifest moves first: a run that fails after it is seen as switched (and rolled back by a
+    # rollout), never as "still on the old release" while current already points at the new one;
+    # the old release stays on disk; switching back is a link change
+    switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
     unit_path = f"/etc/systemd/system/{svc.name}.service"
     unit = atomic.put(
         name="systemd unit",
