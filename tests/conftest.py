@@ -75,9 +75,13 @@ def host_state(host) -> str:
     return host.ssh(HOST_STATE_CMD).stdout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def testhosts():
-    """Factory for booted hosts; every host is stopped at session end, pass or fail."""
+    """Factory for booted hosts; every host is stopped when its test module ends, pass or fail.
+
+    Per module, not per session: a module boots its hosts once and shares them between its
+    tests, and the next module does not find a dozen llama-servers still holding memory.
+    """
     if os.geteuid() != 0:
         pytest.skip("test hosts need root (systemd-nspawn, veth, iptables)")
     from llamadeploy.sandbox.host import SandboxHost, reap
