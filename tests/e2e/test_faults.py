@@ -10,6 +10,7 @@ before still serves, or that the new state is complete. Every fault is undone in
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -127,10 +128,10 @@ def wait_for(host: SandboxHost, test: str, proc: subprocess.Popen, seconds: floa
     raise AssertionError(f"`{test}` never held on {host.name} within {seconds}s")
 
 
-def start_deploy(inventory: Path, *extra: str) -> subprocess.Popen:
+def start_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``pyinfra -y INVENTORY deploy.py`` in the background, human output (what an operator reads)."""
     return subprocess.Popen([PYINFRA, "-y", *extra, str(inventory), "deploy.py"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
 def finish(proc: subprocess.Popen, seconds: float = 300) -> tuple[int, str]:
@@ -345,8 +346,9 @@ def test_reboot_mid_deploy_serves_old_or_new(fleet, tmp_path, change):
         marker = f"test -e /var/cache/llama.cpp/build/{key}.configure.log"
     inv = inventory_for([host], tmp_path, f"reboot-{change}", data)
     host.ssh("touch /run/ft-before-reboot")
+    # an empty controller cache: the release is compiled here, not shipped from an earlier run's build
     with throttled(host):
-        proc = start_deploy(inv)
+        proc = start_deploy(inv, env={"LLAMADEPLOY_CACHE": str(tmp_path / "empty-cache")})
         try:
             wait_for(host, marker, proc)
             host.reboot()
