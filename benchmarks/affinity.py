@@ -1,0 +1,150 @@
+"""Multi-turn chat through the front: leastconn vs affinity. Not a test.
+
+Two llama-server backends and one HAProxy front on sandbox hosts. ``CONVERSATIONS`` chats
+run side by side for ``TURNS`` turns each; every turn resends the whole history plus a new
+question, as chat clients do. With leastconn a turn may land on the backend that has never
+seen the conversation and evaluates the whole history again; with affinity
+(``balance = "affinity"``, consistent hashing on ``X-Session-Id`` with bounded load) it goes
+back to the backend whose slots hold its prefix. Measured per request from llama-server's own
+``timings`` (``prompt_n``: prompt tokens evaluated, ``cache_n``: reused) and the client's time
+to first token (streaming). Same run, same hosts, leastconn first then affinity. Writes
+``benchmarks/AFFINITY.md`` and a JSON file.
+
+    sudo .venv/bin/python -m benchmarks.affinity
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
+from llamadeploy.sandbox.inventory import default_data
+
+OUT = Path(__file__).resolve().parent
+REPO = OUT.parent
+BIN = Path(sys.executable).parent
+CONVERSATIONS = 8
+TURNS = 6
+QUESTIONS = ["Name a planet.", "Why that one?", "How far is it?", "What is it made of?", "Any moons?",
+             "Summarize our chat."]
+
+
+def write(path: Path, servers, front, balance: str) -> Path:
+    def entry(h, **extra):
+        name, conn = h.inventory_entry()
+        return (name, {**conn, **default_data(), **extra})
+
+    path.write_text(f"servers = {[entry(h) for h in servers]!r}\n"
+                    f"front = {[entry(front, llama_role='front', llama_front={'balance': balance})]!r}\n")
+    return path
+
+
+def conversation(base: str, cid: int, session: bool, out: list[dict]) -> None:
+    history: list[dict] = [{"role": "system", "content": f"You are assistant number {cid}. " + "Be brief. " * 40}]
+    headers = {"X-Session-Id": f"conv-{cid}"} if session else {}
+    with httpx.Client(timeout=120) as c:
+        for turn in range(TURNS):
+            history.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+            t0 = time.monotonic()
+            ttft, text, timings = None, "", {}
+            with c.stream("POST", f"{base}/v1/chat/completions", headers=headers,
+                          json={"messages": history, "max_tokens": 24, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+                    if delta and ttft is None:
+                        ttft = time.monotonic() - t0
+                    text += delta or ""
+                    timings = chunk.get("timings", timings)
+            history.append({"role": "assistant", "content": text})
+            out.append({"conv": cid, "turn": turn, "ttft": ttft, "prompt_n": timings.get("prompt_n"),
+                        "cache_n": timings.get("cache_n")})
+
+
+def run_all(base: str, session: bool) -> list[dict]:
+    out: list[dict] = []
+    threads = [threading.Thread(target=conversation, args=(base, i, session, out)) for i in range(CONVERSATIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    later = [r for r in rows if r["turn"] > 0]  # turn 0 has no history to reuse
+    ttfts = sorted(r["ttft"] for r in later if r["ttft"] is not None)
+    return {
+        "requests": len(rows),
+        "prompt_tokens_evaluated": sum(r["prompt_n"] or 0 for r in later),
+        "prompt_tokens_reused": sum(r["cache_n"] or 0 for r in later),
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[max(0, int(round(0.95 * len(ttfts))) - 1)],
+    }
+
+
+def main() -> int:
+    hosts = [SandboxHost(f"aff{i}", 90 + i, binds=dict(SHARED_BINDS)) for i in range(1, 4)]
+    tmp = Path(tempfile.mkdtemp(prefix="llamactl-affinity-"))
+    result: dict[str, dict] = {}
+    try:
+        for h in hosts:
+            h.boot()
+        servers, front = hosts[:2], hosts[2]
+        base = f"http://{front.address}:8080"
+        for balance in ("leastconn", "affinity"):
+            inv = write(tmp / f"{balance}.py", servers, front, balance)
+            subprocess.run([str(BIN / "pyinfra"), "-y", "--parallel", "1", str(inv), "deploy.py"], cwd=REPO,
+                           check=True, capture_output=True)
+            for h in servers:  # a cold prompt cache for both runs
+                h.ssh("systemctl restart llama-server")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            time.sleep(5)  # both backends pass the front's checks again
+            result[balance] = summary(run_all(base, session=(balance == "affinity")))
+    finally:
+        for h in hosts:
+            h.stop()
+    stamp = datetime.date.today().isoformat()
+    (OUT / f"affinity-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    lc, af = result["leastconn"], result["affinity"]
+    text = f"""# Multi-turn chat through the front: leastconn vs affinity ({stamp})
+
+Two backends (Gemma 3 270M Q4_K_M, llama.cpp b11434, the tuned unit), one HAProxy front, sandbox
+hosts on this machine (2 cores). {CONVERSATIONS} conversations side by side, {TURNS} turns each, every
+turn resending the history (a ~90-token system prompt, the questions and answers); turns after
+the first counted. Same run, leastconn first, then affinity (`X-Session-Id` per conversation);
+backends restarted (cold prompt caches) before each.
+
+| | leastconn | affinity | affinity / leastconn |
+|---|---|---|---|
+| prompt tokens evaluated | {lc['prompt_tokens_evaluated']} | {af['prompt_tokens_evaluated']} | {af['prompt_tokens_evaluated'] / max(1, lc['prompt_tokens_evaluated']):.2f} |
+| prompt tokens reused from cache | {lc['prompt_tokens_reused']} | {af['prompt_tokens_reused']} | |
+| TTFT p50 | {lc['ttft_p50']:.3f} s | {af['ttft_p50']:.3f} s | {af['ttft_p50'] / lc['ttft_p50']:.2f} |
+| TTFT p95 | {lc['ttft_p95']:.3f} s | {af['ttft_p95']:.3f} s | {af['ttft_p95'] / lc['ttft_p95']:.2f} |
+"""
+    (OUT / "AFFINITY.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
