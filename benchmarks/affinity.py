@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from llamadeploy.bench import wait_healthy
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
 
@@ -110,14 +111,7 @@ def main() -> int:
                            check=True, capture_output=True)
             for h in servers:  # a cold prompt cache for both runs
                 h.ssh("systemctl restart llama-server")
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
+            wait_healthy(base)
             time.sleep(5)  # both backends pass the front's checks again
             result[balance] = summary(run_all(base, session=(balance == "affinity")))
         # aggregate tok/s at 16 clients through the front: one backend (the other in maintenance) vs two

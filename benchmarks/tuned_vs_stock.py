@@ -19,13 +19,19 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
-from llamadeploy.bench import BANDWIDTH_PROBE, PROMPT, SHORT_PROMPT, LevelResult, Report, bench, roofline_ratio
+from llamadeploy.bench import (
+    BANDWIDTH_PROBE,
+    PROMPT,
+    SHORT_PROMPT,
+    LevelResult,
+    Report,
+    bench,
+    roofline_ratio,
+    wait_healthy,
+)
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_FILE, MODEL_SIZE
 from llamadeploy.sandbox.host import SandboxHost
@@ -40,18 +46,6 @@ ROUNDS = 3
 LOADS = {"~75-token prompt": PROMPT, "~20-token prompt": SHORT_PROMPT}
 MODEL = f"/var/lib/llama-server/models/{MODEL_FILE}"
 STOCK = f"/opt/llama.cpp/current/bin/llama-server -m {MODEL} --host 0.0.0.0 --port 8081 --metrics -a gemma-3-270m"
-
-
-def wait_health(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def main(per_client: int = 4, max_tokens: int = 128) -> int:
@@ -69,7 +63,7 @@ def main(per_client: int = 4, max_tokens: int = 128) -> int:
         host.ssh(f"systemd-run --unit=llama-stock -p User=llama {STOCK}")
         urls = {"tuned": url, "stock": f"http://{host.address}:8081"}
         for u in urls.values():
-            wait_health(u)
+            wait_healthy(u)
         # a cold burst first: 8 new long prompts at once, nothing of theirs cached in any slot yet
         cold = {k: bench(u, [8], 1, max_tokens, prompt=PROMPT).levels[0] for k, u in urls.items()}
         runs: dict[str, dict[str, list[Report]]] = {k: {load: [] for load in LOADS} for k in urls}

@@ -71,6 +71,25 @@ class Report:
     prompt: str = PROMPT
 
 
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    """Until ``<url>/health`` answers 200, else ``TimeoutError`` with the last answer.
+
+    For whoever restarts a server outside a deploy (benchmarks, tests): a deploy's own gate
+    runs on the host itself (``roles/health``).
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(f"{url}/health", timeout=2).status_code
+            if last == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health never answered 200 within {timeout:g}s (last: {last})")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100); None for no values."""
     if not values:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamadeploy import bench
 from llamadeploy.config import BuildConfig
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.roles.model.source import margin
@@ -102,17 +103,7 @@ def chat(host: SandboxHost) -> str:
 
 
 def wait_healthy(host: SandboxHost, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    code = None
-    while time.monotonic() < deadline:
-        try:
-            code = httpx.get(f"http://{host.address}:8080/health", timeout=2).status_code
-            if code == 200:
-                return
-        except httpx.HTTPError as exc:
-            code = repr(exc)
-        time.sleep(0.5)
-    raise AssertionError(f"{host.name}: /health never answered 200 within {seconds}s (last: {code})")
+    bench.wait_healthy(f"http://{host.address}:8080", seconds)
 
 
 def wait_for(host: SandboxHost, test: str, proc: subprocess.Popen, seconds: float = 120) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamadeploy.bench import wait_healthy
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 from tests.conftest import host_state, merged_data, run_deploy
@@ -171,14 +172,7 @@ def test_upgrade_that_rejects_a_flag_keeps_the_old_release(host, inventory, tmp_
     assert new_release, "the new release was built (it is kept, unused)"
     assert host.ssh("readlink /opt/llama.cpp/current; md5sum /etc/systemd/system/llama-server.service").stdout == before
     host.ssh("systemctl restart llama-server")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://{host.address}:8080/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_healthy(f"http://{host.address}:8080", 60)
     assert isinstance(chat(host), str)
 
 
