@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _sandbox(a: argparse.Namespace) -> int:
@@ -94,31 +95,32 @@ def _status(a: argparse.Namespace) -> int:
     return 1 if any(r.error or r.health != "ok" for r in rows) else 0
 
 
-def _rollout(a: argparse.Namespace) -> int:
-    from llamadeploy.hostdata import ConfigError
-    from llamadeploy.rollout import format_table, rollout
+def _fleet_run(run: Any, refused: tuple[type[Exception], ...]) -> int:
+    """A rollout or rollback: progress on stderr, the host table on stdout; 2 when refused up front."""
+    from llamadeploy.rollout import format_table
 
     try:
-        result = rollout(a.inventory, batch=a.batch, max_unavailable=a.max_unavailable,
-                         canary_group=a.canary_group, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConfigError, ValueError) as exc:
+        result = run(lambda m: print(m, file=sys.stderr, flush=True))
+    except refused as exc:
         print(exc, file=sys.stderr)
         return 2
     print(format_table(result.rows))
     return 0 if result.ok else 1
+
+
+def _rollout(a: argparse.Namespace) -> int:
+    from llamadeploy.hostdata import ConfigError
+    from llamadeploy.rollout import rollout
+
+    return _fleet_run(lambda log: rollout(a.inventory, batch=a.batch, max_unavailable=a.max_unavailable,
+                                          canary_group=a.canary_group, log=log), (ConfigError, ValueError))
 
 
 def _rollback(a: argparse.Namespace) -> int:
     from llamadeploy.hostdata import ConfigError
-    from llamadeploy.rollout import format_table, rollback
+    from llamadeploy.rollout import rollback
 
-    try:
-        result = rollback(a.inventory, to=a.to, limit=a.limit, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    print(format_table(result.rows))
-    return 0 if result.ok else 1
+    return _fleet_run(lambda log: rollback(a.inventory, to=a.to, limit=a.limit, log=log), (ConfigError,))
 
 
 def _key(a: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.sandbox.host import CACHE
@@ -70,6 +71,30 @@ def gemma_model() -> Path:
     return out
 
 
+def copy_gguf(reader: Any, writer: Any, name_suffix: str | None = None) -> None:
+    """Copy a GGUF's metadata and tensors unchanged from ``reader`` into ``writer`` and close it.
+
+    ``name_suffix`` appends to ``general.name``: other bytes (another sha256), same model.
+    """
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if name_suffix and field.name == gguf.Keys.General.NAME:
+            value = f"{value}{name_suffix}"
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def split_gguf(src: Path, out_dir: Path, parts: int = 2) -> list[Path]:
     """Re-write a GGUF as a split GGUF (``-0000N-of-0000M.gguf``) with the ``gguf`` package.
 
@@ -86,17 +111,5 @@ def split_gguf(src: Path, out_dir: Path, parts: int = 2) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     per_shard = -(-len(reader.tensors) // parts)
-    writer = gguf.GGUFWriter(str(out_dir / f"{stem}.gguf"), arch=arch, split_max_tensors=per_shard)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    copy_gguf(reader, gguf.GGUFWriter(str(out_dir / f"{stem}.gguf"), arch=arch, split_max_tensors=per_shard))
     return names

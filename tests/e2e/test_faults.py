@@ -26,7 +26,7 @@ from llamadeploy import bench
 from llamadeploy.config import BuildConfig
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.roles.model.source import margin
-from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE, gemma_model
+from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE, copy_gguf, gemma_model
 from llamadeploy.sandbox.host import CACHE, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 from tests.conftest import PYINFRA, REPO, host_state, merged_data, run_deploy
@@ -59,22 +59,7 @@ def variant_model(tag: str) -> tuple[Path, str]:
         tmp = out.with_suffix(".partial")
         reader = gguf.GGUFReader(str(gemma_model()), "r")
         arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-        writer = gguf.GGUFWriter(str(tmp), arch=arch)
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            value = field.contents()
-            if field.name == gguf.Keys.General.NAME:
-                value = f"{value} ({tag})"
-            val_type = field.types[0]
-            sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
-        for t in reader.tensors:
-            writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        copy_gguf(reader, gguf.GGUFWriter(str(tmp), arch=arch), name_suffix=f" ({tag})")
         tmp.rename(out)
     sha = file_sha256(str(out))
     assert sha != MODEL_SHA256
