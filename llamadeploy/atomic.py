@@ -282,7 +282,7 @@ def verified_file(src: str, dest: str, sha256: str, mode: str = "0644", present:
         return
     q = shlex.quote
     tmp = f"{dest}.partial"
-    yield f"rm -f {q(tmp)}"
+    yield f"rm -f {q(tmp)} {q(tmp)}.aria2"  # and a peer pull's leftovers (roles/transfer)
     # ProgressReader is a binary file object (RawIOBase), the IO pyinfra reads uploads from
     yield StagedUpload(cast(IO[Any], ProgressReader(src, f"{host.name} {dest.rsplit('/', 1)[-1]}")), tmp,
                        local_path=src)

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     IPvAnyNetwork,
     SecretStr,
     field_validator,
@@ -456,6 +457,30 @@ class MonitorConfig(Section):
     retention: Annotated[str, Field(pattern=r"^[0-9]+[hdwy]$")] = "15d"
 
 
+class TransferConfig(Section):
+    """How the big files (models, built releases) reach the hosts.
+
+    ``direct`` (the default): the controller sends each file to each host. Nothing extra is
+    installed and nothing listens; right for a handful of hosts, and what a host falls back to.
+    ``fanout``: the controller sends each file once; from then on hosts that hold a verified
+    copy serve it (busybox httpd, fenced by nftables to the run's hosts, only while the run
+    transfers) and the others pull byte ranges from several of them at once with aria2,
+    doubling the holders every round: about log2(N) copy times instead of N over one uplink.
+    """
+
+    mode: Literal["direct", "fanout"] = "direct"
+    #: TCP port peers serve on (bound to ``address`` only, open to the run's hosts only)
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8090
+    #: how many peers one host pulls from at once (ranges of one file from each)
+    sources: Annotated[int, Field(ge=1, le=16)] = 4
+    #: the address other hosts reach this one at; default: its inventory address, resolved on
+    #: the controller (set it when hosts talk over a private network the controller is not on)
+    address: IPvAnyAddress | None = None
+    #: the longest a peer server runs (seconds): it stops by itself after this, even when the
+    #: run that started it was killed
+    timeout: Annotated[int, Field(ge=60, le=86400)] = 3600
+
+
 class HostConfig(Section):
     """Everything about one host. Build with :func:`config_for`."""
 
@@ -469,6 +494,7 @@ class HostConfig(Section):
     health: HealthConfig = HealthConfig()
     front: FrontConfig = FrontConfig()
     monitor: MonitorConfig = MonitorConfig()
+    transfer: TransferConfig = TransferConfig()
     #: what this host is: a llama-server ("server"), the HAProxy front door ("front"), or the
     #: Prometheus monitor ("monitor"); set it per group, e.g. ``front = [("lb1", {"llama_role": "front"})]``
     role: Literal["server", "front", "monitor"] = "server"

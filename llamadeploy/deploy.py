@@ -79,6 +79,24 @@ def llama_server(cfg: HostConfig | None = None) -> None:
         release.recorded(cfg, rid)
 
 
+@deploy("llama-server model staged")
+def llama_model_staged(cfg: HostConfig | None = None) -> None:
+    """Only the model files on the host, verified, as a deploy would put them; nothing restarts.
+
+    + cfg: the host's settings; default: validated from the inventory
+
+    Stage a new model on the fleet ahead of the rollout that switches to it (the rollout
+    then transfers nothing), with ``llama_transfer.mode = "fanout"`` host to host:
+    ``pyinfra INVENTORY llamadeploy.deploy.llama_model_staged``
+    """
+    cfg = cfg or validate_inventory(host.inventory)[host.name]
+    if cfg.role != "server":
+        host.noop(f"{host.name} serves no model (llama_role {cfg.role!r})")
+        return
+    art, on_host = model.prepare(cfg)
+    model.model_files(cfg, art, on_host)
+
+
 @deploy("llama-server rollback")
 def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) -> None:
     """Reinstate a release recorded on this host: the previous one, or ``to``.

@@ -38,6 +38,9 @@ SSH_KEY = CACHE / "ssh" / "id_ed25519"
 STATE = CACHE / "running.json"
 #: private range used only for these hosts: host N gets 10.231.N.0/30
 NET_PREFIX = "10.231"
+#: hosts on a shared LAN (``lan=``) get 10.232.0.N/24 on the bridge ``vz-<lan>``: traffic between
+#: them is bridged, and only what this machine itself sends leaves through the bridge device
+LAN_PREFIX = "10.232.0"
 BASE_PACKAGES = (
     "systemd,systemd-sysv,dbus,openssh-server,iproute2,curl,ca-certificates,sudo,procps,python3"
 )
@@ -112,22 +115,37 @@ class SandboxHost:
     docker: bool = False
     pid: int | None = None
     binds: dict[str, str] = field(default_factory=dict)
+    #: a zone name: the host joins the bridge ``vz-<lan>`` with the other hosts of that LAN, as
+    #: servers in one rack do (systemd-nspawn ``--network-zone``), instead of a link of its own
+    lan: str | None = None
 
     @property
     def address(self) -> str:
-        return f"{NET_PREFIX}.{self.index}.2"
+        return f"{LAN_PREFIX}.{self.index}" if self.lan else f"{NET_PREFIX}.{self.index}.2"
 
     @property
     def gateway(self) -> str:
-        return f"{NET_PREFIX}.{self.index}.1"
+        return f"{LAN_PREFIX}.1" if self.lan else f"{NET_PREFIX}.{self.index}.1"
 
     @property
     def network(self) -> str:
-        return f"{NET_PREFIX}.{self.index}.0/30"
+        """What NAT matches as this host's source (its own address on a LAN)."""
+        return f"{self.address}/32" if self.lan else f"{NET_PREFIX}.{self.index}.0/30"
+
+    @property
+    def prefix_len(self) -> int:
+        return 24 if self.lan else 30
 
     @property
     def veth(self) -> str:
-        return f"ve-{self.name}"[:15]
+        """This machine's end of the host's link (on a LAN: its port on the bridge)."""
+        return f"vb-{self.name}"[:15] if self.lan else f"ve-{self.name}"[:15]
+
+    @property
+    def uplink(self) -> str:
+        """The interface this machine reaches the host through: its veth, or the LAN's bridge.
+        On a LAN, its transmit counter and qdisc are this machine's own traffic to the hosts."""
+        return f"vz-{self.lan}"[:15] if self.lan else self.veth
 
     @property
     def root(self) -> Path:
@@ -168,14 +186,15 @@ class SandboxHost:
                 time.sleep(0.2)
         if status != 133:
             raise RuntimeError(f"{self.name}: systemd-nspawn exited {status} on reboot, not 133")
-        _stop(self.name, None, self.veth, self.network)  # its veth, NAT rules, state entry
+        _stop(self.name, None, self.veth, self.network, self.lan, self.index)  # its veth, NAT rules, state entry
         return self._start(timeout, log_mode="a")
 
     def _start(self, timeout: float, log_mode: str) -> SandboxHost:
         """Run systemd-nspawn on the prepared tree, wire its network, wait for SSH."""
         cmd = [
             "systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "-b",
-            "--register=no", "--keep-unit", "--network-veth",
+            "--register=no", "--keep-unit",
+            f"--network-zone={self.lan}" if self.lan else "--network-veth",
         ]
         for src, dst in self.binds.items():
             Path(src).mkdir(parents=True, exist_ok=True)
@@ -190,7 +209,8 @@ class SandboxHost:
                                 start_new_session=True)
         self.pid = proc.pid
         state = _load_state()
-        state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network}
+        state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network, "index": self.index,
+                            "lan": self.lan}
         _save_state(state)
         try:
             self._wire_network(proc, timeout)
@@ -209,7 +229,7 @@ class SandboxHost:
         os.chmod(ssh / "authorized_keys", 0o600)
         (r / "etc/systemd/network/10-host0.network").write_text(
             "[Match]\nName=host0\n\n[Network]\n"
-            f"Address={self.address}/30\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
+            f"Address={self.address}/{self.prefix_len}\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
         )
         # trust what this machine trusts (CI may reach PyPI through a TLS-inspecting proxy),
         # as a company host trusts its internal CA
@@ -231,8 +251,14 @@ class SandboxHost:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: {self.veth} never appeared")
             time.sleep(0.2)
-        _run("ip", "addr", "add", f"{self.gateway}/30", "dev", self.veth)
-        _run("ip", "link", "set", self.veth, "up")
+        if self.lan:  # the bridge exists once the first host of the zone is up
+            while not Path(f"/sys/class/net/{self.uplink}").exists():
+                time.sleep(0.1)
+            _run("ip", "addr", "replace", f"{self.gateway}/24", "dev", self.uplink)
+            _run("ip", "link", "set", self.uplink, "up")
+        else:
+            _run("ip", "addr", "add", f"{self.gateway}/30", "dev", self.veth)
+            _run("ip", "link", "set", self.veth, "up")
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         for table, chain, *match in self._nat_rules():
             _run("iptables", *table, "-A", chain, *match)
@@ -240,9 +266,10 @@ class SandboxHost:
     def _nat_rules(self) -> list[tuple[list[str], str, *tuple[str, ...]]]:
         """(table option, chain, match...) of each rule boot adds and stop removes."""
         return [
-            (["-t", "nat"], "POSTROUTING", "-s", self.network, "!", "-o", self.veth, "-j", "MASQUERADE"),
-            ([], "FORWARD", "-i", self.veth, "-j", "ACCEPT"),
-            ([], "FORWARD", "-o", self.veth, "-m", "state", "--state", "RELATED,ESTABLISHED", "-j", "ACCEPT"),
+            (["-t", "nat"], "POSTROUTING", "-s", self.network, "!", "-o", self.uplink, "-j", "MASQUERADE"),
+            ([], "FORWARD", "-i", self.uplink, "-s", self.network, "-j", "ACCEPT"),
+            ([], "FORWARD", "-o", self.uplink, "-d", self.network, "-m", "state", "--state", "RELATED,ESTABLISHED",
+             "-j", "ACCEPT"),
         ]
 
     def _wait_ssh(self, timeout: float) -> None:
@@ -260,8 +287,31 @@ class SandboxHost:
 
     def stop(self) -> None:
         """Stop the host and undo everything boot() did. Safe to call twice."""
-        _stop(self.name, self.pid, self.veth, self.network)
+        _stop(self.name, self.pid, self.veth, self.network, self.lan, self.index)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def power_cut(self, timeout: float = 30) -> None:
+        """Kill the host at once, as pulling its power cord does: every process dies mid-write,
+        nothing is shut down or synced by it; its files stay for :meth:`power_on`.
+
+        systemd-nspawn's child is the host's PID 1; killing a PID namespace's init kills
+        every process in it, and nspawn then exits.
+        """
+        pid = self.pid
+        assert pid, f"{self.name} is not booted"
+        for child in _run("ps", "--ppid", str(pid), "-o", "pid=").stdout.split():
+            os.kill(int(child), signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: systemd-nspawn still running {timeout}s after its init was killed")
+            time.sleep(0.1)
+        _stop(self.name, None, self.veth, self.network, self.lan, self.index)
+        self.pid = None
+
+    def power_on(self, timeout: float = 60) -> SandboxHost:
+        """Boot again on the files a :meth:`power_cut` left."""
+        return self._start(timeout, log_mode="a")
 
     # -- access --------------------------------------------------------
     def ssh_args(self) -> list[str]:
@@ -296,7 +346,8 @@ class SandboxHost:
         self.stop()
 
 
-def _stop(name: str, pid: int | None, veth: str, network: str) -> None:
+def _stop(name: str, pid: int | None, veth: str, network: str, lan: str | None = None,
+          index: int | None = None) -> None:
     if pid:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -311,7 +362,7 @@ def _stop(name: str, pid: int | None, veth: str, network: str) -> None:
         except ProcessLookupError:
             pass
     _run("ip", "link", "del", veth, check=False)
-    host = SandboxHost(name=name, index=int(network.split(".")[2]))
+    host = SandboxHost(name=name, index=index if index is not None else int(network.split(".")[2]), lan=lan)
     for table, chain, *match in host._nat_rules():
         while _run("iptables", *table, "-D", chain, *match, check=False).returncode == 0:
             pass
@@ -324,7 +375,7 @@ def reap(name: str | None = None) -> None:
     """Stop hosts left behind by an earlier, crashed run (all, or one by name)."""
     for n, info in list(_load_state().items()):
         if name is None or n == name:
-            _stop(n, info.get("pid"), info["veth"], info["network"])
+            _stop(n, info.get("pid"), info["veth"], info["network"], info.get("lan"), info.get("index"))
             shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)
 
 
@@ -332,7 +383,7 @@ def ssh_config() -> Path:
     """Write (if needed) and return an ssh_config for the sandbox network (testinfra, plain ssh)."""
     key = ensure_ssh_key()
     text = (
-        f"Host {NET_PREFIX}.*\n  User root\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
+        f"Host {NET_PREFIX}.* {LAN_PREFIX}.*\n  User root\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
         "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
     )
     if not SSH_CONFIG.exists() or SSH_CONFIG.read_text() != text:

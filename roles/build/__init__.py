@@ -22,9 +22,10 @@ from llamadeploy import packages
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import transfer
 from llamadeploy.roles.build.artifact import artifact_path, artifact_sha256, host_kind
 from llamadeploy.roles.build.facts import CpuFlagsDigest
-from llamadeploy.roles.build.operations import artifact_fetched, artifact_installed, build_release
+from llamadeploy.roles.build.operations import artifact_fetched, artifact_installed, build_release, fanout_path
 
 SUPPORTED = ("Debian", "Ubuntu")
 
@@ -125,6 +126,10 @@ def native_build(cfg: HostConfig) -> list[OperationMeta]:
                           cache_dir=svc.cache_dir, compile=compiles or present)
     artifact_fetched(name=f"Release {key} ({kind}) sent to the controller's cache", release_dir=cfg.release_dir,
                      cache_dir=svc.cache_dir, controller_path=str(cached), enabled=compiles and cfg.build.build_once)
+    if cfg.transfer.mode == "fanout" and cfg.build.build_once and not present and not compiles:
+        transfer.fanned_out(cfg, transfer.Shipment(f"release:{key}:{kind}", f"release {key}", str(cached),
+                                                   fanout_path(svc.cache_dir, cfg.release_dir), None),
+                            holds=False)
     shipped = artifact_installed(name=f"Release {key} ({kind}) from the controller's cache",
                                  release_dir=cfg.release_dir, cache_dir=svc.cache_dir, controller_path=str(cached),
                                  builder=builder, enabled=not present and not compiles)

@@ -13,8 +13,9 @@ from pyinfra import host
 from pyinfra.api import FileDownloadCommand, FunctionCommand, OperationError, operation
 from pyinfra.facts.files import File
 
+from llamadeploy import atomic
 from llamadeploy.artifacts import ProgressReader
-from llamadeploy.atomic import StagedUpload
+from llamadeploy.atomic import StagedUpload, VerifiedSha256
 from llamadeploy.config import BuildConfig
 from llamadeploy.roles.build.artifact import artifact_sha256, publish
 
@@ -157,16 +158,27 @@ def artifact_installed(release_dir: str, cache_dir: str, controller_path: str, b
         raise OperationError(f"no built release at {controller_path}: its builder {builder} did not produce one "
                              "(see its errors above)")
     q = shlex.quote
-    tmp = f"{cache_dir}/artifacts/{posixpath.basename(release_dir)}.tar.gz.partial"
+    fanned = fanout_path(cache_dir, release_dir)
     part = f"{release_dir}.partial"
-    yield f"mkdir -p {q(cache_dir)}/artifacts && rm -f {q(tmp)}"
-    yield StagedUpload(cast(IO[Any], ProgressReader(controller_path, f"{host.name} release")), tmp,
-                       local_path=controller_path)
+    local = host.get_fact(VerifiedSha256, path=fanned)
+    if local is not None and local.sha256 == sha:  # a fan-out brought it from the peers
+        tmp = fanned
+    else:
+        tmp = f"{cache_dir}/artifacts/{posixpath.basename(release_dir)}.tar.gz.partial"
+        yield f"mkdir -p {q(cache_dir)}/artifacts && rm -f {q(tmp)}"
+        yield StagedUpload(cast(IO[Any], ProgressReader(controller_path, f"{host.name} release")), tmp,
+                           local_path=controller_path)
     mismatch = q(f"sha256 mismatch for the release tarball {controller_path}: expected {sha}, got")
     yield (
         f"actual=$(sha256sum {q(tmp)} | cut -d' ' -f1); if [ \"$actual\" != {q(sha)} ]; then "
         f"rm -f {q(tmp)}; echo {mismatch} \"$actual\" >&2; exit 1; fi; "
         f"rm -rf {q(part)} && mkdir -p {q(part)} && tar -C {q(part)} -xzf {q(tmp)} && rm -f {q(tmp)} && "
         f"test -x {q(part)}/bin/llama-server && sync -f {q(part)}/bin/llama-server && "
-        f"mv -T {q(part)} {q(release_dir)} && sync -- {q(posixpath.dirname(release_dir))}"
+        f"mv -T {q(part)} {q(release_dir)} && sync -- {q(posixpath.dirname(release_dir))} && "
+        f"rm -f {q(fanned)} {q(atomic.record_path(fanned))}"
     )
+
+
+def fanout_path(cache_dir: str, release_dir: str) -> str:
+    """Where a fan-out puts a release tarball on a host (verified; removed once unpacked)."""
+    return f"{cache_dir}/artifacts/{posixpath.basename(release_dir)}.tar.gz"

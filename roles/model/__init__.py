@@ -25,6 +25,7 @@ from llamadeploy import atomic, packages
 from llamadeploy.atomic import HashState, VerifiedSha256
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import transfer
 from llamadeploy.roles.model.facts import DiskFree
 from llamadeploy.roles.model.operations import hub_download
 from llamadeploy.roles.model.source import ModelArtifact, ModelError, download, margin, resolve, token_for
@@ -92,6 +93,11 @@ def model_files(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashStat
     files.directory(name="Model directory", path=cfg.model_dir, mode="755")
     if cfg.model.distribution == "host":
         return _host_download(cfg, art, on_host)
+    if cfg.transfer.mode == "fanout":  # host to host first; the direct push below sends what is left
+        for f in art.files:
+            transfer.fanned_out(cfg, transfer.Shipment(f"model:{f.sha256}", f.name, f.controller_path,
+                                                       f"{cfg.model_dir}/{f.name}", f.sha256),
+                                holds=f.name in on_host)
     return [
         atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
                              sha256=f.sha256, present=on_host.get(f.name))

@@ -52,6 +52,14 @@ Case keys (anything else is an error, so a typo cannot silently skip a check):
     ``{"name": "OperationError", "message": "..."}``: the operation raises that class
     with exactly that message (``str(exc)``); ``commands`` then lists what it yielded
     before raising (default: nothing).
+``executing``
+    ``false``: the operation runs while pyinfra prepares (change detection), not at execution;
+    default ``true``.
+``fleet``
+    For the transfer role's operations: the run's fan-out they read
+    (:class:`~llamadeploy.roles.transfer.fleet.Fleet` fields, ``members`` as a list of
+    :class:`~llamadeploy.roles.transfer.fleet.Member` fields, ``active``: the hosts still in
+    the run, in inventory order); the host the case runs on is ``host`` (default ``testhost``).
 ``description``
     Free text for the reader; ignored.
 """
@@ -80,7 +88,7 @@ from llamadeploy.roles.release.facts import ReleaseRecord
 
 SPECS = Path(__file__).resolve().parents[1] / "operations"
 CASE_KEYS = {"args", "kwargs", "global_arguments", "facts", "commands", "noop_description", "exception",
-             "description"}
+             "description", "executing", "fleet", "host"}
 
 #: (op path, argument name) -> converter from the JSON value to what the operation takes
 ARG_ADAPTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
@@ -122,7 +130,7 @@ class FakeHost:
     """The part of ``pyinfra.api.Host`` an operation body uses: facts, ``noop``, ``name``."""
 
     def __init__(self, facts: dict[str, Any], name: str = "testhost",
-                 global_arguments: dict[str, Any] | None = None):
+                 global_arguments: dict[str, Any] | None = None, executing: bool = True):
         self.name = name
         self.current_op_global_arguments = global_arguments
         self.data: dict[str, Any] = {}
@@ -130,7 +138,8 @@ class FakeHost:
         self.used: set[tuple[str, str | None]] = set()
         self.noop_description: str | None = None
         #: operations run at execution (pyinfra -y); change detection is a separate stage
-        self.state = type("State", (), {"is_executing": True})()
+        self.state = type("State", (), {"is_executing": executing, "active_hosts": set()})()
+        self.inventory = FakeInventory([])
         self.noop_calls = 0
 
     def noop(self, description: str) -> None:
@@ -171,6 +180,30 @@ class FakeHost:
         return out
 
 
+class FakeInventory:
+    """Hosts by name, in inventory order (what ``host.inventory`` iterates); weak-referenceable."""
+
+    def __init__(self, names: list[str]):
+        self.hosts = [type("Host", (), {"name": n})() for n in names]
+
+    def __iter__(self) -> Any:
+        return iter(self.hosts)
+
+
+def register_fleet(host: FakeHost, spec: dict[str, Any]) -> None:
+    """The case's ``fleet``: registered for ``host.inventory`` as the transfer role would."""
+    from llamadeploy.roles.transfer.fleet import Fleet, Member, register
+
+    spec = dict(spec)
+    members = [Member(**m) for m in spec.pop("members")]
+    active = spec.pop("active", [m.host for m in members])
+    host.inventory = FakeInventory([m.host for m in members])
+    host.state.active_hosts = {h for h in host.inventory if h.name in active}
+    fleet = Fleet(**spec)
+    for m in members:
+        register(host.inventory, fleet, m)  # type: ignore[arg-type]
+
+
 def command_json(command: Any) -> Any:
     """One yielded command as a JSON value (see the module docstring)."""
     if isinstance(command, str):  # pyinfra.api.operation does the same
@@ -194,6 +227,8 @@ def command_json(command: Any) -> Any:
         out = ["download", str(command.src), str(command.dest)]
     elif isinstance(command, FunctionCommand):
         out = [command.function.__name__, list(command.args), command.kwargs]
+    elif hasattr(command, "spec_json"):  # our own PyinfraCommand subclasses
+        return command.spec_json()
     else:
         raise TypeError(f"{command!r} is not a pyinfra command")
     if command.connector_arguments:
@@ -225,7 +260,10 @@ def run_case(op_path: str, case: dict[str, Any]) -> None:
             bound.arguments[arg] = adapter(value)
 
     facts = case.get("facts", {})
-    host = FakeHost(facts, global_arguments=case.get("global_arguments"))
+    host = FakeHost(facts, name=case.get("host", "testhost"), global_arguments=case.get("global_arguments"),
+                    executing=case.get("executing", True))
+    if "fleet" in case:
+        register_fleet(host, case["fleet"])
     commands: list[Any] = []
     raised: Exception | None = None
     with ctx_host.use(host):

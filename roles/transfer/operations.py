@@ -1,0 +1,161 @@
+"""The transfer role's operations: seed push, peers serving, peers pulling, peers stopped.
+
+Every participating host runs the same operations in the same order; pyinfra runs each
+on all hosts before the next, so a round's servers are up before its pulls start, and a
+round's pulls are finished (and their hosts counted as holders) before the next round is
+planned. Who does what is decided when the operation *executes* (from the shared
+:class:`~llamadeploy.roles.transfer.fleet.Fleet`), not when it is prepared: a host that
+failed or whose pull did not complete is simply not a source in the next round.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+import time
+from typing import IO, Any, cast
+
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api.command import PyinfraCommand
+from pyinfra.facts.systemd import SystemdStatus
+
+from llamadeploy import atomic
+from llamadeploy.artifacts import ProgressReader
+from llamadeploy.roles.transfer.fleet import UNIT_GLOB, Fleet, fleet_for
+
+
+def _planning(what: str) -> bool:
+    """Operations are also run while pyinfra prepares; the plan exists only once they execute."""
+    if not host.state.is_executing:
+        host.noop(f"{what}: decided when the transfer runs")
+        return True
+    return False
+
+
+@operation()
+def seeded(key: str):
+    """
+    The controller's one push of a fan-out: to the first host that needs the file, when no host
+    of the run holds it yet (sha256-verified on the host before it lands).
+
+    + key: the shipment (``Fleet.key``)
+    """
+    if _planning("seed"):
+        return
+    fleet = fleet_for(host.inventory, key)
+    if fleet.seed() != host.name:
+        host.noop("not the seed of this fan-out")
+        return
+    member = fleet.members[host.name]
+    sha = fleet.sha256()
+    q = shlex.quote
+    tmp = f"{member.dest}.partial"
+    yield FunctionCommand(fleet.push_started, (), {})
+    yield f"mkdir -p {q(posixpath.dirname(member.dest))} && rm -f {q(tmp)} {q(tmp)}.aria2"
+    yield atomic.StagedUpload(cast(IO[Any], ProgressReader(fleet.controller_path, f"{host.name} {fleet.label}")),
+                              tmp, local_path=fleet.controller_path)
+    yield atomic.install_if_hash_matches(tmp, member.dest, sha, member.mode, what=member.dest)
+    yield FunctionCommand(fleet.pushed_to, (host.name,), {})
+
+
+@operation()
+def peers_serving(key: str, round_no: int):
+    """
+    This host serves its verified copy for round ``round_no`` when the round pulls from it.
+
+    + key: the shipment
+    + round_no: 1, 2, ... (the seed push is round 0)
+
+    busybox httpd, bound to the host's fleet address only, run as a transient unit with a
+    dynamic user that stops by itself after ``llama_transfer.timeout``; before it starts,
+    nftables (table ``inet llamadeploy_peer``) drops the port for every address that is not
+    a host of this run, and the table goes when the unit stops. The file is served under its
+    sha256 from a directory of links to verified copies, nothing else.
+    """
+    if _planning(f"round {round_no}: serve"):
+        return
+    fleet = fleet_for(host.inventory, key)
+    if host.name not in fleet.sources(round_no):
+        host.noop(f"round {round_no}: no host pulls from this one")
+        return
+    yield StringCommand(fleet.serve_command(host.name))
+    fleet.served.add(host.name)
+
+
+class PeerPull(PyinfraCommand):
+    """aria2c on the host, pulling ranges from the round's sources; the controller times it.
+
+    A pull that fails (every source gone, a hash mismatch) does not fail the host: it says so,
+    keeps the partial file for the next run to resume, and leaves the file to the direct push
+    from the controller that follows every fan-out. A host that stops answering fails as usual.
+    """
+
+    def __init__(self, fleet: Fleet, round_no: int, sources: list[str]):
+        super().__init__()
+        self.fleet, self.round_no, self.sources = fleet, round_no, sources
+
+    def __repr__(self) -> str:
+        return f"PeerPull({self.fleet.label}, round {self.round_no}, from {', '.join(self.sources)})"
+
+    def spec_json(self) -> list[Any]:
+        """What the operation specs compare: the sources and the shell command the host runs."""
+        from pyinfra import host
+
+        return ["peer_pull", self.sources, self.fleet.pull_command(host.name, self.sources)]
+
+    def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
+        fleet = self.fleet
+        t0 = time.monotonic()
+        ok, output = host.run_shell_command(StringCommand(fleet.pull_command(host.name, self.sources)),
+                                            print_output=False, print_input=False, **connector_arguments)
+        took = time.monotonic() - t0
+        if ok:
+            fleet.received(host.name, fleet.size(), took, ", ".join(self.sources))
+            return True
+        why = " ".join(output.stderr_lines[-3:] or output.stdout_lines[-3:]) or "no output"
+        host.log_styled(f"{fleet.label}: pull from peers {', '.join(self.sources)} failed after {took:.1f}s "
+                        f"({why}); the partial file stays for the next run, the controller pushes it now",
+                        fg="yellow", log_func=logger.warning)
+        return True
+
+
+@operation()
+def peer_pulled(key: str, round_no: int):
+    """
+    This host pulls the file from its round's sources, verifies its sha256, renames it into place.
+
+    + key: the shipment
+    + round_no: 1, 2, ...
+
+    aria2c writes ``dest.partial`` (and its ``.aria2`` control file, so an interrupted pull
+    resumes where it stopped); only a file whose sha256 matches is renamed onto ``dest``.
+    """
+    if _planning(f"round {round_no}: pull"):
+        return
+    fleet = fleet_for(host.inventory, key)
+    sources = fleet.plan(round_no).get(host.name)
+    if not sources:
+        host.noop(f"round {round_no}: nothing to pull")
+        return
+    yield PeerPull(fleet, round_no, sources)
+
+
+@operation()
+def peers_stopped(key: str):
+    """
+    No peer server left on this host: stopped (its nftables table goes with it) once the
+    fan-out is over, including one a killed earlier run left behind.
+
+    + key: the shipment
+    """
+    if _planning("stop serving"):
+        return
+    fleet = fleet_for(host.inventory, key)
+    if host.name == fleet.last_member():
+        fleet.report()
+    running = any((host.get_fact(SystemdStatus, services=UNIT_GLOB) or {}).values())
+    if host.name not in fleet.served and not running:
+        host.noop("no peer server here")
+        return
+    yield StringCommand(fleet.stop_command(host.name))
