@@ -18,6 +18,7 @@ from typing import IO, Any, cast
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, StringCommand, operation
 from pyinfra.api.command import PyinfraCommand
+from pyinfra.api.util import format_exception
 from pyinfra.facts.systemd import SystemdStatus
 
 from llamadeploy import atomic
@@ -107,8 +108,14 @@ class PeerPull(PyinfraCommand):
     def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
         fleet = self.fleet
         t0 = time.monotonic()
-        ok, output = host.run_shell_command(StringCommand(fleet.pull_command(host.name, self.sources)),
-                                            print_output=False, print_input=False, **connector_arguments)
+        try:
+            ok, output = host.run_shell_command(StringCommand(fleet.pull_command(host.name, self.sources)),
+                                                print_output=False, print_input=False, **connector_arguments)
+        except Exception as exc:  # noqa: BLE001 - the connection died with the host: fail it, not the run
+            host.log_styled(f"{fleet.label}: pull on {host.name} stopped: the host does not answer any more "
+                            f"({format_exception(exc)}); a next run resumes its partial file", fg="red",
+                            log_func=logger.error)
+            return False
         took = time.monotonic() - t0
         if ok:
             fleet.received(host.name, fleet.size(), took, ", ".join(self.sources))
