@@ -9,6 +9,8 @@ field of ``llamadeploy.config.HostConfig``):
 2. resolve, fetch and verify the model            ``roles/model``
 3. preflight: memory plan, slots, context         ``roles/preflight``
 4. build llama.cpp (native) or engine + image     ``roles/build``, ``roles/docker``
+   (hosts with llama_role "rpc_worker" then run    ``roles/rpc``
+   ggml-rpc-server for their head, and stop there)
 5. model files on the host, sha256-verified       ``roles/model``
 6. nftables rules for the port (optional)         ``roles/firewall``
 7. systemd unit or compose file, restart on change ``roles/service``, ``roles/docker``

@@ -160,6 +160,9 @@ class BuildConfig(Section):
             "LLAMA_OPENSSL": "OFF",
             "LLAMA_BUILD_NUMBER": self.version[1:],
             "LLAMA_BUILD_COMMIT": self.commit or self.version,
+            # the RPC backend in every release: any server can be an RPC head, and its workers'
+            # ggml-rpc-server comes from the same release (it does nothing unless --rpc is given)
+            "GGML_RPC": "ON",
         }
         if self.blas == "openblas":
             opts |= {"GGML_BLAS": "ON", "GGML_BLAS_VENDOR": "OpenBLAS"}
@@ -481,6 +484,29 @@ class TransferConfig(Section):
     timeout: Annotated[int, Field(ge=60, le=86400)] = 3600
 
 
+class RpcConfig(Section):
+    """llama.cpp's RPC backend: a head's llama-server puts layers on its workers' ggml-rpc-server.
+
+    For models that do not fit one host. The protocol has no authentication and open
+    memory-safety issues: a worker binds its private address, and nftables lets only its
+    head(s) reach the port. Head and workers run the same release.
+    """
+
+    #: on a head: the inventory group whose hosts (``llama_role = "rpc_worker"``) are its workers
+    workers_group: Name | None = None
+    #: on a worker: the port ggml-rpc-server listens on
+    port: Annotated[int, Field(ge=1024, le=65535)] = 50052
+    #: on a worker: the private address it binds and its head connects to; default: its
+    #: inventory address, resolved on the controller
+    address: IPvAnyAddress | None = None
+    #: on a worker: ggml-rpc-server's local tensor cache (``-c``): a restarted head sends the
+    #: weights once, later loads are read from the worker's disk
+    cache: bool = False
+    #: on a head: layers per member, head first (``[6, 6, 6]``), instead of following the
+    #: members' memory limits
+    split: list[Annotated[int, Field(ge=0, le=1024)]] | None = None
+
+
 class HostConfig(Section):
     """Everything about one host. Build with :func:`config_for`."""
 
@@ -495,9 +521,10 @@ class HostConfig(Section):
     front: FrontConfig = FrontConfig()
     monitor: MonitorConfig = MonitorConfig()
     transfer: TransferConfig = TransferConfig()
+    rpc: RpcConfig = RpcConfig()
     #: what this host is: a llama-server ("server"), the HAProxy front door ("front"), or the
     #: Prometheus monitor ("monitor"); set it per group, e.g. ``front = [("lb1", {"llama_role": "front"})]``
-    role: Literal["server", "front", "monitor"] = "server"
+    role: Literal["server", "front", "monitor", "rpc_worker"] = "server"
     #: how a deploy knows the models on a host are intact: "recorded" hashes a file once and then
     #: trusts its size, inode, mtime and ctime recorded with the hash; "full" hashes every file
     #: this run (``pyinfra INVENTORY deploy.py --data llama_verify=full``)
@@ -528,6 +555,39 @@ class HostConfig(Section):
             if project == other or project.startswith(other + "/") or other.startswith(project + "/"):
                 raise problem("docker.project_dir", project,
                               f"must be apart from llama_service.{name} = {other!r} (uninstall removes each tree)")
+        return self
+
+    @model_validator(mode="after")
+    def _rpc_options(self) -> HostConfig:
+        if self.role == "rpc_worker" and self.mode != "native":
+            raise problem("mode", self.mode, "an RPC worker runs ggml-rpc-server from a native build; "
+                          "set llama_mode 'native' for the workers")
+        if self.rpc.workers_group and self.mode != "native":
+            raise problem("rpc.workers_group", self.rpc.workers_group,
+                          "an RPC head needs llama_mode 'native' (its release must match its workers')")
+        if self.rpc.workers_group and self.server.gpu_layers:
+            raise problem("server.gpu_layers", self.server.gpu_layers,
+                          "an RPC head sets the layers it offloads to its workers itself; "
+                          "use llama_rpc.split to choose them")
+        return self
+
+    @model_validator(mode="after")
+    def _transfer_port_apart(self) -> HostConfig:
+        """The fan-out's fence drops its port for everyone but the fleet while peers serve: on the
+        server's (or the front's) port that would cut clients off."""
+        if self.transfer.mode != "fanout":
+            return self
+        taken = {"server.port": self.server.port}
+        if self.role == "front":
+            taken |= {"front.port": self.front.port, "front.tls_port": self.front.tls_port,
+                      "front.metrics_port": self.front.metrics_port}
+        if self.role == "monitor":
+            taken["monitor.port"] = self.monitor.port
+        for name, port in taken.items():
+            if port == self.transfer.port:
+                raise problem("transfer.port", self.transfer.port,
+                              f"is llama_{name} too; peers need a port of their own "
+                              "(the fan-out's fence drops it for every address outside the fleet)")
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, front, model, monitor, release, service, uninstall
+from llamadeploy.roles import docker, front, model, monitor, release, rpc, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
@@ -41,12 +41,14 @@ def llama_server(cfg: HostConfig | None = None) -> None:
         monitor.monitor(cfg)
         return
 
-    # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
-    #    and verifies it once here; the host's free disk is checked.
-    art, on_host = model.prepare(cfg)
+    if cfg.role != "rpc_worker":  # an RPC worker holds no model: its head sends it the layers
+        # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
+        #    and verifies it once here; the host's free disk is checked.
+        art, on_host = model.prepare(cfg)
 
-    # 3. Preflight: weights + KV cache must fit the memory limit (sizes context and slots).
-    plan = memory_plan(cfg, art)
+        # 3. Preflight: weights + KV cache must fit the memory limit (sizes context and slots);
+        #    an RPC head's plan covers its workers, which must be reachable and on its release.
+        plan = memory_plan(cfg, art)
 
     # 4. The runtime: build the pinned llama.cpp release (native), or the engine and image (docker).
     if cfg.mode == "native":
@@ -54,6 +56,11 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     else:
         docker.engine(cfg)
         runtime = docker.image(cfg)
+
+    # RPC workers stop here: ggml-rpc-server, fenced to their head, before any head's switch below.
+    if cfg.role == "rpc_worker":
+        rpc.worker(cfg, runtime)
+        return
 
     # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place.
     model_ops = model.model_files(cfg, art, on_host)
@@ -63,7 +70,8 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
     if cfg.mode == "native":
         docker.stop_compose(cfg)
-        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops])
+        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops],
+                                                  restart_if=rpc.head_must_restart(cfg))
     else:
         docker.stop_native(cfg)
         started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops])

@@ -147,7 +147,8 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     configs = validate_inventory(inventory)  # every host's settings, before any host changes
     names = [h.name for h in inventory if configs[h.name].role == "server"]
-    others = [h.name for h in inventory if configs[h.name].role != "server"]
+    others = [h.name for h in inventory if configs[h.name].role in ("front", "monitor")]
+    workers = [h.name for h in inventory if configs[h.name].role == "rpc_worker"]
     fronts = [h.name for h in inventory if configs[h.name].role == "front"]
 
     def front_state(hosts: list[str], state: str) -> bool:
@@ -168,13 +169,21 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     rows = {n: HostOutcome(n, before=before.get(n, (None, ""))[0]) for n in names}
     log(f"==> rollout of {len(names)} host(s) in {len(batches)} batch(es)"
         + (f", canary first: {', '.join(canaries)}" if canaries else ""))
+    if workers:  # RPC workers before their heads: a head switches only onto workers of its release
+        log(f"==> RPC workers first: {', '.join(workers)}")
+        failed, error = run_deploy(inventory_path, workers)
+        for n in workers:
+            rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
+        if failed:
+            log("==> stopped: an RPC worker failed; no server was touched")
+            return RolloutResult([rows[n] for n in workers + names], False, batches)
     for i, hosts in enumerate(batches, 1):
         log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
         if not front_state(hosts, "drain"):
             for n in hosts:
                 rows[n].outcome, rows[n].detail = "not switched", "the front could not drain it"
             front_state(hosts, "ready")
-            return RolloutResult([rows[n] for n in names], False, batches)
+            return RolloutResult([rows[n] for n in workers + names], False, batches)
         failed, error = run_deploy(inventory_path, hosts)
         after = read_releases(inventory_path, hosts)
         for name in hosts:
@@ -214,14 +223,14 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         enabled = front_state(serving, "ready")
         if not enabled or any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
             log(f"==> stopped after batch {i}: the remaining hosts were not touched")
-            return RolloutResult([rows[n] for n in names], False, batches)
+            return RolloutResult([rows[n] for n in workers + names], False, batches)
     if others:  # fronts and monitors follow the servers they point at
         log(f"==> fronts and monitors: {', '.join(others)}")
         failed, error = run_deploy(inventory_path, others)
         for n in others:
             rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
-        return RolloutResult([rows[n] for n in names + others], not failed, batches)
-    return RolloutResult([rows[n] for n in names], True, batches)
+        return RolloutResult([rows[n] for n in workers + names + others], not failed, batches)
+    return RolloutResult([rows[n] for n in workers + names], True, batches)
 
 
 def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None = None,

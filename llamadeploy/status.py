@@ -51,6 +51,8 @@ class HostStatus:
     service: str | None = None
     health: str | None = None
     drift: list[str] = field(default_factory=list)
+    #: an RPC head: its workers and whether each answers from the head; a worker: its head(s)
+    rpc: str | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -169,7 +171,21 @@ def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
         except Exception:  # noqa: BLE001 - the header is not on the controller: no flags drift, not an error
             return None
         cpu, mem = host.get_fact(CpuTopology), host.get_fact(HostMemory)
-    plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling)
+    if cfg.rpc.workers_group:  # an RPC head: the split its workers' configured memory gives
+        import dataclasses
+
+        from llamadeploy.roles import rpc
+        from llamadeploy.roles.rpc.plan import Member, group_budget, split_layers
+
+        workers = rpc.members_from_config(host.inventory, cfg, host.name)
+        if workers is None:
+            return None
+        plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling, workers_memory=group_budget(workers))
+        split = split_layers(meta.n_layers, Member(host.name, "", plan.limit - group_budget(workers)), workers,
+                             cfg.rpc.split)
+        plan = dataclasses.replace(plan, rpc=split)
+    else:
+        plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling)
     if cfg.mode == "docker":
         return server_args(cfg, cpu, plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
                            bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
@@ -203,6 +219,8 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
     from llamadeploy.roles.health import health_url
 
     st = HostStatus(host.name)
+    if cfg.role == "rpc_worker":
+        return _worker_status(host, cfg, st)
     try:
         m = read_manifest(host, cfg)
         if m is None:
@@ -228,10 +246,43 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
         code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(url)} || true")
         st.health = "ok" if code.strip() == "200" else f"HTTP {code.strip() or 'no answer'}"
         st.drift = drift(cfg, m, expected_model_sha256(cfg), expected_args(host, cfg))
+        if cfg.rpc.workers_group:
+            _head_status(host, cfg, st)
     except (HostUnreachable, ValueError, RuntimeError) as exc:  # ValueError: a manifest it cannot parse
         st.error = str(exc).splitlines()[0]
     except Exception as exc:  # noqa: BLE001 - one bad host (a Hub error resolving its model) is one row
         st.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return st
+
+
+def _head_status(host: Any, cfg: HostConfig, st: HostStatus) -> None:
+    """The head's workers, each checked from the head (the only address their fences admit)."""
+    from llamadeploy.roles import rpc
+    from llamadeploy.roles.rpc.facts import RpcReachable
+
+    eps = [rpc.endpoint(wcfg, w) for w, wcfg in rpc.workers_of(host.inventory, cfg, host.name)]
+    fact = RpcReachable()
+    up = fact.process(_run(host, fact.command(eps)).splitlines())
+    st.rpc = ", ".join(f"{ep} {'up' if up.get(ep) else 'DOWN'}" for ep in eps)
+    down = [ep for ep in eps if not up.get(ep)]
+    if down:
+        st.health = f"{st.health}; RPC worker {', '.join(down)} unreachable from the head"
+
+
+def _worker_status(host: Any, cfg: HostConfig, st: HostStatus) -> HostStatus:
+    from llamadeploy.roles import rpc
+
+    st.mode = "rpc_worker"
+    try:
+        target = _run(host, f"readlink {shlex.quote(cfg.current_link)} || true").strip()
+        st.release = posixpath.basename(target) or None
+        st.service = _run(host, f"systemctl is-active {rpc.UNIT} || true").strip()
+        st.rpc = "worker of " + (", ".join(h.name for h in rpc.heads_of(host.inventory, host.name)) or "no head")
+        if st.release != cfg.build.release_key():
+            st.drift.append(f"release {st.release} (the deploy would run {cfg.build.release_key()})")
+        st.health = "ok" if st.service == "active" else "not running"
+    except (HostUnreachable, RuntimeError) as exc:
+        st.error = str(exc).splitlines()[0]
     return st
 
 
@@ -246,7 +297,7 @@ def fleet_status(path: str, log: Any = None) -> list[HostStatus]:
 
 
 COLUMNS = ("host", "mode", "release", "release_id", "previous", "model", "model_sha256", "flags_digest", "service",
-           "health", "drift")
+           "health", "drift", "rpc")
 
 
 def format_table(rows: list[HostStatus]) -> str:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from llamadeploy.chat_template import builtin_template_for
 from llamadeploy.chat_template import server_args as template_args
 from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuInfo
 from llamadeploy.gguf_meta import ModelMeta
+
+if TYPE_CHECKING:
+    from llamadeploy.roles.rpc.plan import RpcSplit
 
 
 def threads(cfg: HostConfig, cpu: CpuInfo) -> int:
@@ -69,8 +73,8 @@ def server_args(
         "--threads-batch", str(threads_batch(cfg, cpu)),
         "--ctx-size", str(plan.ctx_size),
         "--parallel", str(plan.parallel),
-        "--n-gpu-layers", str(s.gpu_layers),
     ]
+    args += plan.rpc.args() if plan.rpc else ["--n-gpu-layers", str(s.gpu_layers)]
     # explicit either way: llama-server enables it only when -np is "auto"
     args.append("--kv-unified" if s.kv_unified else "--no-kv-unified")
     if plan.swa_full:
@@ -184,6 +188,8 @@ class MemoryPlan:
     chat_template: str | None = None
     #: ``--cache-ram`` in MiB (see :func:`cache_ram_mib`); None = leave llama-server's default
     cache_ram_mib: int | None = None
+    #: an RPC head's split over its workers (``roles/rpc/plan.py``); None = all on this host
+    rpc: RpcSplit | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -218,7 +224,7 @@ def default_parallel(cpu: CpuInfo) -> int:
 
 
 def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: CpuInfo,
-                memlock_ceiling: int | None = None) -> MemoryPlan:
+                memlock_ceiling: int | None = None, workers_memory: int = 0) -> MemoryPlan:
     """Slots and total context so that weights + KV cache + overhead fit the memory limit.
 
     Start from :func:`default_parallel` slots of min(training context, 8192)
@@ -227,9 +233,10 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
     and ``parallel`` are kept as given but must fit. Raises
     :class:`PreflightError` with the numbers and a setting that would fit.
     ``memlock_ceiling`` is the most the host's systemd can let a service lock
-    (see ``facts.HostMemory``); None = no ceiling.
+    (see ``facts.HostMemory``); None = no ceiling. ``workers_memory``: what an RPC head's
+    workers add for weights and KV cache (``roles/rpc/plan.group_budget``).
     """
-    limit = memory_limit(cfg, host_memory_bytes)
+    limit = memory_limit(cfg, host_memory_bytes) + workers_memory
     per_token = kv_bytes_per_token(meta)
     overhead = overhead_bytes(meta)
     budget = limit - meta.file_size - overhead
@@ -268,7 +275,9 @@ def plan_memory(cfg: HostConfig, meta: ModelMeta, host_memory_bytes: int, cpu: C
     raise PreflightError(
         f"model {_mib(meta.file_size)} + overhead {_mib(overhead)} + KV cache "
         f"{_mib(ctx * per_token)} ({per_token} bytes/token x ctx {ctx}, {parallel} slot(s)) "
-        f"= {_mib(need)} does not fit the memory limit of {_mib(limit)}; would fit: "
+        f"= {_mib(need)} does not fit the memory limit of {_mib(limit)}"
+        + (f" (this host's and its RPC workers' {_mib(workers_memory)})" if workers_memory else "")
+        + "; would fit: "
         + (f"llama_server.ctx_size <= {fits}, or " if fits >= MIN_SLOT_CTX else "")
         + f"llama_limits.memory >= {math.ceil(need / MIB)}M"
     )

@@ -19,6 +19,9 @@ from llamadeploy.atomic import StagedUpload, VerifiedSha256
 from llamadeploy.config import BuildConfig
 from llamadeploy.roles.build.artifact import artifact_sha256, publish
 
+#: the binaries of a release: the server, and the RPC worker its heads' layers run on
+TARGETS = ("llama-server", "ggml-rpc-server")
+
 
 @operation()
 def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
@@ -81,10 +84,10 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
             f"rm -rf {q(work)} {q(tmp)} && mkdir -p {q(cache_dir)}/build",
             f"cmake -S {q(top)} -B {q(work)} {defines} > {q(work)}.configure.log 2>&1"
             f" || {{ tail -n 40 {q(work)}.configure.log >&2; exit 1; }}",
-            f"cmake --build {q(work)} --target llama-server -j {jobs} > {q(work)}.build.log 2>&1"
+            f"cmake --build {q(work)} --target {' '.join(TARGETS)} -j {jobs} > {q(work)}.build.log 2>&1"
             f" || {{ tail -n 60 {q(work)}.build.log >&2; exit 1; }}",
             f"mkdir -p {q(tmp)}/bin",
-            f"install -m 0755 {q(work)}/bin/llama-server {q(tmp)}/bin/llama-server",
+            *(f"install -m 0755 {q(work)}/bin/{t} {q(tmp)}/bin/{t}" for t in TARGETS),
             f"printf '%s\\n' {info} > {q(tmp)}/BUILD-INFO",
             f"sync -f {q(tmp)}/bin/llama-server",  # syncfs: the whole release is on disk before it is named
             f"mv -T {q(tmp)} {q(release_dir)}",

@@ -7,6 +7,7 @@ installed binary does not know before the unit changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import StringIO
 
 from pyinfra import host
@@ -53,12 +54,14 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str])
 
 @role("llama-server service")
 def service(
-    cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta]
+    cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
+    restart_if: Callable[[], bool] | None = None,
 ) -> tuple[OperationMeta, OperationMeta, str]:
     """Render the unit and keep the service running; restart it when an input changed.
 
     ``restart_on`` are operations (binary link, model) whose change means the
-    running process is stale. Returns the operations that start and restart the
+    running process is stale; ``restart_if`` another reason, checked when the restart executes
+    (an RPC head whose workers restarted). Returns the operations that start and restart the
     service, for the health gate, and the release id (see ``roles/release``).
     """
     svc = cfg.service
@@ -124,6 +127,7 @@ def service(
         name="Restart for changed binary, model, key or unit",
         service=f"{svc.name}.service",
         restarted=True,
-        _if=[lambda: stale or any_changed(unit, key, switched, *restart_on)(), lambda: not started.did_change()],
+        _if=[lambda: stale or any_changed(unit, key, switched, *restart_on)() or bool(restart_if and restart_if()),
+             lambda: not started.did_change()],
     )
     return started, restarted, rid

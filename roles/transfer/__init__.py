@@ -27,7 +27,7 @@ from llamadeploy.roles.transfer.fleet import Fleet, Member, register
 from llamadeploy.roles.transfer.operations import peer_pulled, peers_serving, peers_stopped, seeded
 from llamadeploy.roles.transfer.plan import rounds_needed
 
-PACKAGES = ["aria2", "busybox", "nftables"]
+PACKAGES = ["aria2", "busybox", "curl", "nftables"]
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from llamadeploy.roles.transfer.plan import plan_round, seed
 #: peer servers are transient units ``llamadeploy-peer-<run>.service``: a name of their own per
 #: run, since systemd may keep a stopped transient unit loaded for a while
 UNIT_GLOB = "llamadeploy-peer-*.service"
-#: nftables table of the fence (identifiers take no '-')
-TABLE = "llamadeploy_peer"
+#: nftables tables of the fences: ``llamadeploy_peer_<run>``, one per unit, so that a stale
+#: unit's ``ExecStopPost`` never removes the fence of the current one (identifiers take no '-')
+TABLE_PREFIX = "llamadeploy_peer"
 MIB = 1 << 20
 
 
@@ -57,6 +58,8 @@ class Fleet:
     served: set[str] = field(default_factory=set)
     #: round -> receiver -> sources; made once per round, when its first operation executes
     rounds: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    #: round -> the sources whose server really answered (a failed serve is no source)
+    serving: dict[int, set[str]] = field(default_factory=dict)
     started_at: float | None = None
     peer_bytes: int = 0
     pushed: int = 0
@@ -108,6 +111,15 @@ class Fleet:
     def sources(self, round_no: int) -> set[str]:
         return {s for srcs in self.plan(round_no).values() for s in srcs}
 
+    def live_sources(self, round_no: int, receiver: str) -> list[str]:
+        """The receiver's planned sources whose server answered this round."""
+        up = self.serving.get(round_no, set())
+        return [s for s in self.plan(round_no).get(receiver, []) if s in up]
+
+    @property
+    def table(self) -> str:
+        return f"{TABLE_PREFIX}_{self.unit.removeprefix('llamadeploy-peer-').removesuffix('.service')}"
+
     def received(self, name: str, size: int, took: float, source: str) -> bool:
         """A host verified its copy: it is a holder from the next round on; print progress."""
         if name in self.needing:
@@ -153,7 +165,9 @@ class Fleet:
         addrs = [ipaddress.ip_address(m.address) for m in self.members.values()]
         v4 = ", ".join(sorted(str(a) for a in addrs if a.version == 4))
         v6 = ", ".join(sorted(str(a) for a in addrs if a.version == 6))
-        lines = [f"table inet {TABLE} {{", "  chain input {",
+        # declare-then-delete: loading the file replaces the table as a whole (nft -f is atomic)
+        lines = [f"table inet {self.table} {{}}", f"delete table inet {self.table}", f"table inet {self.table} {{",
+                 "  chain input {",
                  "    type filter hook input priority -10; policy accept;"]
         if v4:
             lines.append(f"    ip saddr {{ {v4} }} tcp dport {self.port} accept")
@@ -176,7 +190,7 @@ class Fleet:
             f"--property=RuntimeMaxSec={self.timeout}", "--property=NoNewPrivileges=yes",
             "--property=ProtectSystem=strict", "--property=ProtectHome=yes", "--property=PrivateTmp=yes",
             f"--property=ExecStartPre=+/usr/sbin/nft -f {rules}",
-            f"--property=ExecStopPost=-+/usr/sbin/nft delete table inet {TABLE}",
+            f"--property=ExecStopPost=-+/usr/sbin/nft delete table inet {self.table}",
             "/bin/busybox", "httpd", "-f", "-p", f"{_url_host(m.address)}:{self.port}", "-h", f"{m.serve_dir}/files",
         ]
         return (
@@ -185,6 +199,9 @@ class Fleet:
             f"mkdir -p {q(m.serve_dir)}/files && chmod 755 {q(m.serve_dir)} {q(m.serve_dir)}/files && "
             f"ln -sfn {q(m.dest)} {q(link)} && "
             f"printf %s {q(self.fence_rules())} > {q(rules)} && "
+            # a peer server an earlier, killed run left is stopped first (it stops by itself later)
+            f"for u in $(systemctl list-units --plain --no-legend {q(UNIT_GLOB)} | awk '{{print $1}}'); do "
+            f"[ \"$u\" = {q(self.unit)} ] || systemctl stop \"$u\"; done; "
             f"if ! systemctl is-active --quiet {self.unit}; then {' '.join(q(a) for a in run)}; fi && "
             f"for i in $(seq 50); do curl -fsI -o /dev/null {q(url)} && exit 0; sleep 0.1; done; "
             f"echo peer server did not answer at {q(url)} >&2; exit 1"
@@ -198,10 +215,10 @@ class Fleet:
         tmp = f"{m.dest}.partial"
         urls = [f"http://{_url_host(self.members[s].address)}:{self.port}/{sha}" for s in sources]
         aria = [
-            "aria2c", "--quiet=true", f"--dir={posixpath.dirname(m.dest)}", f"--out={posixpath.basename(tmp)}",
+            "aria2c", "--no-conf", "--quiet=true", f"--dir={posixpath.dirname(m.dest)}", f"--out={posixpath.basename(tmp)}",
             "--continue=true", "--allow-overwrite=false", "--auto-file-renaming=false", "--file-allocation=none",
             f"--split={len(urls)}", "--max-connection-per-server=1", "--min-split-size=8M",
-            "--connect-timeout=5", "--timeout=20", "--auto-save-interval=1", "--max-tries=3", "--retry-wait=1", "--lowest-speed-limit=0",
+            "--connect-timeout=5", "--timeout=20", "--auto-save-interval=1", "--max-tries=3", "--retry-wait=1", "--lowest-speed-limit=1M",
             "--max-file-not-found=2", "--uri-selector=inorder", *urls,
         ]
         return (f"mkdir -p {q(posixpath.dirname(m.dest))} && {' '.join(q(a) for a in aria)} && "
@@ -212,7 +229,8 @@ class Fleet:
         q = shlex.quote
         units = q(UNIT_GLOB)
         return (f"systemctl stop {units} 2>/dev/null; systemctl reset-failed {units} 2>/dev/null; "
-                f"nft delete table inet {TABLE} 2>/dev/null; rm -rf {q(self.members[name].serve_dir)}; "
+                f"for t in $(nft list tables 2>/dev/null | awk '$3 ~ /^{TABLE_PREFIX}/ {{print $3}}'); do "
+                f"nft delete table inet \"$t\"; done; rm -rf {q(self.members[name].serve_dir)}; "
                 f"! systemctl is-active --quiet {units}")
 
 

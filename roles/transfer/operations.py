@@ -80,8 +80,42 @@ def peers_serving(key: str, round_no: int):
     if host.name not in fleet.sources(round_no):
         host.noop(f"round {round_no}: no host pulls from this one")
         return
-    yield StringCommand(fleet.serve_command(host.name))
     fleet.served.add(host.name)
+    yield PeerServe(fleet, round_no)
+
+
+class PeerServe(PyinfraCommand):
+    """The serve command; one that fails (port taken, address not on the host) does not fail the
+    host: it is no source this round, and its receivers pull from the others or get the push."""
+
+    def __init__(self, fleet: Fleet, round_no: int):
+        super().__init__()
+        self.fleet, self.round_no = fleet, round_no
+
+    def __repr__(self) -> str:
+        return f"PeerServe({self.fleet.label}, round {self.round_no})"
+
+    def spec_json(self) -> list[Any]:
+        from pyinfra import host
+
+        return ["peer_serve", self.round_no, self.fleet.serve_command(host.name)]
+
+    def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
+        try:
+            ok, output = host.run_shell_command(StringCommand(self.fleet.serve_command(host.name)),
+                                                print_output=False, print_input=False, **connector_arguments)
+        except Exception as exc:  # noqa: BLE001 - the connection died with the host: fail it, not the run
+            host.log_styled(f"{self.fleet.label}: serving on {host.name} failed: the host does not answer "
+                            f"({format_exception(exc)})", fg="red", log_func=logger.error)
+            return False
+        if ok:
+            self.fleet.serving.setdefault(self.round_no, set()).add(host.name)
+        else:
+            why = " ".join(output.stderr_lines[-3:] or output.stdout_lines[-3:]) or "no output"
+            host.log_styled(f"{self.fleet.label}: {host.name} cannot serve in round {self.round_no} ({why}); "
+                            "its receivers use the other peers or the controller's push", fg="yellow",
+                            log_func=logger.warning)
+        return True
 
 
 class PeerPull(PyinfraCommand):
@@ -122,7 +156,7 @@ class PeerPull(PyinfraCommand):
             return True
         why = " ".join(output.stderr_lines[-3:] or output.stdout_lines[-3:]) or "no output"
         host.log_styled(f"{fleet.label}: pull from peers {', '.join(self.sources)} failed after {took:.1f}s "
-                        f"({why}); the partial file stays for the next run, the controller pushes it now",
+                        f"({why}); the controller pushes it now",
                         fg="yellow", log_func=logger.warning)
         return True
 
@@ -141,9 +175,12 @@ def peer_pulled(key: str, round_no: int):
     if _planning(f"round {round_no}: pull"):
         return
     fleet = fleet_for(host.inventory, key)
-    sources = fleet.plan(round_no).get(host.name)
-    if not sources:
+    if not fleet.plan(round_no).get(host.name):
         host.noop(f"round {round_no}: nothing to pull")
+        return
+    sources = fleet.live_sources(round_no, host.name)
+    if not sources:
+        host.noop(f"round {round_no}: none of its peers serves; the controller pushes it")
         return
     yield PeerPull(fleet, round_no, sources)
 

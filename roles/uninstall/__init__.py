@@ -17,6 +17,7 @@ from pyinfra import host
 from pyinfra.facts.files import File
 from pyinfra.facts.server import Command, Users
 from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
@@ -38,7 +39,12 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
         server.shell(name="Native service stopped and disabled", commands=[f"systemctl disable --now {svc.name}.service"])
     gone = files.file(name="systemd unit removed", path=unit, present=False)
     table_removed(name="nftables table removed", table=table_name(cfg))
-    systemd.daemon_reload(name="Reload systemd", _if=gone.did_change)
+    worker_unit = "/etc/systemd/system/ggml-rpc-server.service"  # an RPC worker (roles/rpc)
+    if host.get_fact(File, path=worker_unit):
+        server.shell(name="RPC worker stopped and disabled", commands=["systemctl disable --now ggml-rpc-server.service"])
+    worker_gone = files.file(name="RPC worker unit removed", path=worker_unit, present=False)
+    table_removed(name="RPC fence removed", table="llamadeploy_rpc")
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(gone, worker_gone))
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:

@@ -91,7 +91,10 @@ def test_deploy_sends_model_and_release_once_then_nothing_listens(lan, tmp_path)
     print(f"controller sent {sent / MIB:.0f} MiB for a {SIZE / MIB:.0f} MiB model to 4 hosts "
           f"({sent / SIZE:.2f}x the model)")
     assert SIZE <= sent <= 2 * SIZE, sent
-    # one push per file; the other hosts got it from peers
+    # one push per file; the other hosts got it from peers, none from the fallback push
+    assert "the controller pushes it" not in result.stdout + result.stderr
+    assert changed_hosts(result.report, "Model gemma-3-270m-q4_k_m.gguf") == []
+    assert changed_hosts(result.report, "from the controller's cache") == []  # the release's direct push
     others = sorted(h.address for h in lan[1:])
     assert changed_hosts(result.report, "gguf: the controller's one push") == [lan[0].address]
     assert changed_hosts(result.report, "gguf: round", "pull") == others

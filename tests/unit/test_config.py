@@ -282,3 +282,37 @@ def test_legitimate_values_pass():
                                                  "CMAKE_CXX_FLAGS": "-O3 -march=znver4"}}) == []
     assert problems(llama_build={"git_url": "http://mirror.internal:8080/llama.cpp.git"}) == []
     assert problems(llama_server={"host": "::1"}) == []
+
+
+def test_fanout_port_must_not_be_the_servers():
+    errs = problems(llama_transfer={"mode": "fanout", "port": 8080})
+    assert len(errs) == 1 and "h1" in errs[0] and "transfer.port" in errs[0] and "8080" in errs[0], errs
+    assert "llama_server.port" in errs[0]
+    assert problems(llama_transfer={"mode": "fanout", "port": 8090}) == []
+    assert problems(llama_transfer={"mode": "direct", "port": 8080}) == []  # no fence, no clash
+
+
+def test_fanout_fence_lists_only_the_fleet():
+    """The fence: the run's IPv4 and IPv6 addresses accepted, the port dropped for the rest,
+    declared-then-deleted so that loading it replaces an older table whole."""
+    from llamadeploy.roles.transfer.fleet import Fleet, Member
+
+    f = Fleet("k", "m", "/m", "0" * 64, 8090, 2, 60, unit="llamadeploy-peer-abcd1234.service")
+    for i, addr in enumerate(["10.0.0.2", "fd00::7", "10.0.0.1"]):
+        f.members[f"h{i}"] = Member(f"h{i}", addr, "/d", "/s", False)
+    rules = f.fence_rules()
+    assert rules.splitlines()[:3] == ["table inet llamadeploy_peer_abcd1234 {}",
+                                      "delete table inet llamadeploy_peer_abcd1234",
+                                      "table inet llamadeploy_peer_abcd1234 {"]
+    assert "ip saddr { 10.0.0.1, 10.0.0.2 } tcp dport 8090 accept" in rules
+    assert "ip6 saddr { fd00::7 } tcp dport 8090 accept" in rules
+    assert rules.index("accept") < rules.index("tcp dport 8090 drop")
+
+
+def test_rpc_settings_are_checked_per_field():
+    errs = problems(llama_role="rpc_worker", llama_mode="docker")
+    assert len(errs) == 1 and "'docker'" in errs[0] and "RPC worker" in errs[0], errs
+    errs = problems(llama_rpc={"workers_group": "w"}, llama_server={"gpu_layers": 4, "allow_unauthenticated": True})
+    assert len(errs) == 1 and "server.gpu_layers" in errs[0] and "llama_rpc.split" in errs[0], errs
+    assert problems(llama_rpc={"workers_group": "w", "split": [6, 6, 6]}) == []
+    assert problems(llama_rpc={"port": 80}) != []  # below 1024: refused

@@ -59,7 +59,8 @@ Case keys (anything else is an error, so a typo cannot silently skip a check):
     For the transfer role's operations: the run's fan-out they read
     (:class:`~llamadeploy.roles.transfer.fleet.Fleet` fields, ``members`` as a list of
     :class:`~llamadeploy.roles.transfer.fleet.Member` fields, ``active``: the hosts still in
-    the run, in inventory order); the host the case runs on is ``host`` (default ``testhost``).
+    the run, in inventory order, ``serving``: round -> the hosts whose server answered); the
+    host the case runs on is ``host`` (default ``testhost``).
 ``description``
     Free text for the reader; ignored.
 """
@@ -199,6 +200,7 @@ def register_fleet(host: FakeHost, spec: dict[str, Any]) -> None:
     active = spec.pop("active", [m.host for m in members])
     host.inventory = FakeInventory([m.host for m in members])
     host.state.active_hosts = {h for h in host.inventory if h.name in active}
+    spec["serving"] = {int(r): set(hosts) for r, hosts in spec.get("serving", {}).items()}
     fleet = Fleet(**spec)
     for m in members:
         register(host.inventory, fleet, m)  # type: ignore[arg-type]

@@ -1,0 +1,128 @@
+"""RPC workers on three real hosts: a head that cannot hold the model alone, two fenced workers.
+
+The hosts share one LAN bridge (``vz-rpc``), so the head's packets reach a worker with the
+head's own address, which is what the worker's fence admits. Memory limits: head 640M,
+workers 512M each; the preflight's own arithmetic (weights 241 MiB + 408 MiB overhead) says
+the head alone cannot hold the model, the group can.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, merged_data, run_deploy
+
+pytestmark = pytest.mark.e2e
+
+LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
+MODEL_BYTES = 253_113_024
+
+
+@pytest.fixture(scope="module")
+def group(testhosts):
+    return [testhosts("rh", 161, lan="rpc"), testhosts("rw1", 162, lan="rpc"), testhosts("rw2", 163, lan="rpc")]
+
+
+def write_inventory(path: Path, group, head_memory: str = "640M", **head_sections) -> Path:
+    head, *workers = group
+    base = merged_data()
+    head_data = merged_data(llama_rpc={"workers_group": "rpc_workers"}, llama_limits={"memory": head_memory},
+                            **head_sections)
+    worker_data = {**base, "llama_role": "rpc_worker", "llama_limits": {"memory": "512M"}}
+    heads = [(head.inventory_entry()[0], {**head.inventory_entry()[1], **head_data})]
+    ws = [(w.inventory_entry()[0], {**w.inventory_entry()[1], **worker_data}) for w in workers]
+    path.write_text(f"heads = {heads!r}\nrpc_workers = {ws!r}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(group, tmp_path_factory):
+    inv = write_inventory(tmp_path_factory.mktemp("rpc") / "rpc.py", group)
+    # --parallel 1: the test hosts share one apt archive (a bind mount) and its lock
+    result = run_deploy(inv, "--parallel", "1")
+    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    return inv, result
+
+
+def test_head_alone_is_refused_with_the_numbers(group, tmp_path):
+    """Without workers the same head is refused before anything changes, naming the memory."""
+    head = group[0]
+    data = merged_data(llama_limits={"memory": "640M"})
+    inv = tmp_path / "alone.py"
+    inv.write_text(f"hosts = {[(head.inventory_entry()[0], {**head.inventory_entry()[1], **data})]!r}\n")
+    result = run_deploy(inv)
+    assert result.rc != 0
+    out = result.stdout + result.stderr
+    assert "preflight refused host" in out and "does not fit the memory limit of 640 MiB" in out, out[-3000:]
+
+
+def test_split_serving_chat_and_each_worker_holds_its_share(group, deployed):
+    head, *workers = group
+    unit = head.ssh("cat /etc/systemd/system/llama-server.service").stdout
+    rpc = re.search(r"--rpc (\S+)", unit)
+    assert rpc and rpc.group(1) == ",".join(f"{w.address}:50052" for w in workers), unit
+    layers = [int(n) for n in re.search(r"--tensor-split (\S+)", unit).group(1).split(",")]
+    offloaded = int(re.search(r"--n-gpu-layers (\d+)", unit).group(1))
+    assert offloaded == sum(layers) and all(n > 0 for n in layers), unit
+    log = head.ssh("journalctl -u llama-server --no-pager -o cat | grep -i 'offloaded' | tail -1").stdout
+    assert f"offloaded {offloaded}/" in log, log
+    # the official client a user would use, against the head
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{head.address}:8080/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="gemma-3-270m", max_tokens=16,
+                                           messages=[{"role": "user", "content": "Say hi"}])
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    for w, n in zip(workers, layers, strict=True):
+        rss_kib = int(w.ssh("ps -o rss= -C ggml-rpc-server").stdout.split()[0])
+        share = MODEL_BYTES * n / 18  # Gemma 3 270M: 18 layers; the output layer stays on the head
+        print(f"{w.name}: {n} layers, RSS {rss_kib >> 10} MiB, share of the weights {share / 2**20:.0f} MiB")
+        assert rss_kib * 1024 >= 0.6 * share, (w.name, rss_kib, share)
+
+
+def test_only_the_head_reaches_a_worker(group, deployed):
+    """The fence: the head connects (it serves), the other worker and this machine do not."""
+    head, w1, w2 = group
+    probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{w1.address}/50052' && echo open || echo closed"
+    assert head.ssh(probe).stdout.strip() == "open"
+    assert w2.ssh(probe).stdout.strip() == "closed"
+    local = subprocess.run(["timeout", "3", "bash", "-c", f"exec 3<>/dev/tcp/{w1.address}/50052"],
+                           capture_output=True)
+    assert local.returncode != 0
+    unit = w1.ssh("systemctl show -p User -p DynamicUser -p ExecStart ggml-rpc-server").stdout
+    assert "DynamicUser=yes" in unit and f"--host {w1.address}" in unit, unit
+
+
+def test_redeploy_changes_nothing(deployed):
+    inv, _ = deployed
+    again = run_deploy(inv)
+    assert again.rc == 0, again.stderr[-3000:]
+    assert again.changed == 0, [op["names"] for op in again.report["results"]["operations"] if op["success"]]
+
+
+def test_worker_down_is_reported_by_status(group, deployed):
+    inv, _ = deployed
+    head, _, w2 = group
+    w2.ssh("systemctl stop ggml-rpc-server")
+    try:
+        out = subprocess.run([LLAMADEPLOY, "status", str(inv)], cwd=REPO, capture_output=True, text=True)
+        row = next(ln for ln in out.stdout.splitlines() if ln.startswith(head.address))
+        assert f"{w2.address}:50052 DOWN" in row and "unreachable from the head" in row, out.stdout
+        wrow = next(ln for ln in out.stdout.splitlines() if ln.startswith(w2.address))
+        assert "rpc_worker" in wrow and "not running" in wrow, out.stdout
+    finally:
+        w2.ssh("systemctl start ggml-rpc-server")
+    # and the health gate of a deploy refuses a head whose worker is gone
+    w2.ssh("systemctl stop ggml-rpc-server")
+    result = run_deploy(inv, "--limit", head.address)
+    out = result.stdout + result.stderr
+    assert result.rc != 0 and "is unreachable" in out and w2.address in out, out[-3000:]
+    w2.ssh("systemctl start ggml-rpc-server")
+    r = httpx.get(f"http://{head.address}:8080/health", timeout=10)
+    assert r.status_code == 200
