@@ -263,7 +263,7 @@ def _head_status(host: Any, cfg: HostConfig, st: HostStatus) -> None:
     eps = [rpc.endpoint(wcfg, w) for w, wcfg in rpc.workers_of(host.inventory, cfg, host.name)]
     fact = RpcReachable()
     up = fact.process(_run(host, fact.command(eps)).splitlines())
-    st.rpc = ", ".join(f"{ep} {'up' if up.get(ep) else 'DOWN'}" for ep in eps)
+    st.rpc = ",".join(f"{ep}={'up' if up.get(ep) else 'DOWN'}" for ep in eps)
     down = [ep for ep in eps if not up.get(ep)]
     if down:
         st.health = f"{st.health}; RPC worker {', '.join(down)} unreachable from the head"
@@ -277,7 +277,7 @@ def _worker_status(host: Any, cfg: HostConfig, st: HostStatus) -> HostStatus:
         target = _run(host, f"readlink {shlex.quote(cfg.current_link)} || true").strip()
         st.release = posixpath.basename(target) or None
         st.service = _run(host, f"systemctl is-active {rpc.UNIT} || true").strip()
-        st.rpc = "worker of " + (", ".join(h.name for h in rpc.heads_of(host.inventory, host.name)) or "no head")
+        st.rpc = "worker-of:" + (",".join(h.name for h in rpc.heads_of(host.inventory, host.name)) or "none")
         if st.release != cfg.build.release_key():
             st.drift.append(f"release {st.release} (the deploy would run {cfg.build.release_key()})")
         st.health = "ok" if st.service == "active" else "not running"
@@ -297,7 +297,7 @@ def fleet_status(path: str, log: Any = None) -> list[HostStatus]:
 
 
 COLUMNS = ("host", "mode", "release", "release_id", "previous", "model", "model_sha256", "flags_digest", "service",
-           "health", "drift", "rpc")
+           "health", "rpc", "drift")
 
 
 def format_table(rows: list[HostStatus]) -> str:

@@ -113,7 +113,7 @@ def test_worker_down_is_reported_by_status(group, deployed):
     try:
         out = subprocess.run([LLAMADEPLOY, "status", str(inv)], cwd=REPO, capture_output=True, text=True)
         row = next(ln for ln in out.stdout.splitlines() if ln.startswith(head.address))
-        assert f"{w2.address}:50052 DOWN" in row and "unreachable from the head" in row, out.stdout
+        assert f"{w2.address}:50052=DOWN" in row and "unreachable from the head" in row, out.stdout
         wrow = next(ln for ln in out.stdout.splitlines() if ln.startswith(w2.address))
         assert "rpc_worker" in wrow and "not running" in wrow, out.stdout
     finally:

@@ -54,7 +54,7 @@ def test_table_shows_errors_and_drift():
             row("c", "failed", "HTTP 000", ["api key none -> set"])]
     lines = format_table(rows).splitlines()
     assert lines[0].split() == ["host", "mode", "release", "release_id", "previous", "model", "model_sha256",
-                                "flags_digest", "service", "health", "drift"]
+                                "flags_digest", "service", "health", "rpc", "drift"]
     assert lines[1].split()[3:5] == ["b1-r2", "b1-r1,b1-r0"]
     assert lines[1].split()[-1] == "-" and "unreachable over SSH" in lines[2] and lines[3].endswith("api key none -> set")
 
