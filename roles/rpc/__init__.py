@@ -106,7 +106,7 @@ def group_members(cfg: HostConfig) -> list[Member]:
             raise DeployError(f"host {host.name}: RPC worker {w.name} would run release "
                               f"{wcfg.build.release_key()}, the head {cfg.build.release_key()}; head and workers "
                               "need the same llama_build settings")
-        if w.name in outside and not answers.get(ep):
+        if w.name not in active and not answers.get(ep):
             raise DeployError(f"host {host.name}: RPC worker {w.name} ({ep}) is unreachable: not connected in this "
                               "run, and its port does not answer from the head; nothing was changed")
         if wcfg.limits.memory:

@@ -8,32 +8,53 @@ from pyinfra.api import FactBase
 
 
 class RpcReachable(FactBase[dict[str, bool]]):
-    """``address:port`` -> whether a TCP connection from this host opens within 3 seconds.
+    """``address:port`` -> whether this host (a head) is connected to the worker, or can connect.
 
-    From the head, because the workers' fences admit only their heads: a check from
-    anywhere else would be refused by design.
+    From the head, because the workers' fences admit only their heads. ggml-rpc-server serves
+    one client at a time with a listen backlog of one: while the head's llama-server holds its
+    connection, a probe waits in the accept queue and, once that is full, its SYN is dropped.
+    So an established connection of the head counts first; only without one is a connection
+    tried (3 seconds).
     """
 
     def command(self, endpoints: list[str]) -> str:
         checks = []
         for ep in endpoints:
             addr, port = ep.rsplit(":", 1)
-            probe = f"exec 3<>/dev/tcp/{addr.strip('[]')}/{int(port)}"
-            checks.append(f"if timeout 3 bash -c {shlex.quote(probe)} 2>/dev/null; then echo {shlex.quote(ep)} up; "
-                          f"else echo {shlex.quote(ep)} down; fi")
+            addr, port = addr.strip("[]"), str(int(port))
+            probe = shlex.quote(f"exec 3<>/dev/tcp/{addr}/{port}")
+            checks.append(
+                f"if ss -Htn state established dst {shlex.quote(addr)} dport = :{port} | grep -q . "
+                f"|| timeout 3 bash -c {probe} 2>/dev/null; then echo {shlex.quote(ep)} up; "
+                f"else echo {shlex.quote(ep)} down; fi")
         return "; ".join(checks) or "true"
 
     def process(self, output: list[str]) -> dict[str, bool]:
         out = {}
         for line in output:
             ep, _, state = line.rpartition(" ")
-            if ep:
+            if ep and state in ("up", "down"):
                 out[ep] = state == "up"
         return out
 
     @staticmethod
     def default() -> dict[str, bool]:
         return {}
+
+
+class RpcListening(FactBase[bool]):
+    """Whether ggml-rpc-server listens on ``address:port`` on this host (a worker): read from the
+    socket table, not by connecting (a connection would queue behind the head's, see above)."""
+
+    def command(self, address: str, port: int) -> str:
+        return f"ss -Hltn src {shlex.quote(address)} 'sport = :{int(port)}'"
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip() for line in output)
+
+    @staticmethod
+    def default() -> bool:
+        return False
 
 
 class UnitStartedAt(FactBase[int | None]):

@@ -7,7 +7,7 @@ import shlex
 from pyinfra import host
 from pyinfra.api import operation
 
-from llamadeploy.roles.rpc.facts import RpcReachable
+from llamadeploy.roles.rpc.facts import RpcListening
 
 
 @operation()
@@ -21,10 +21,10 @@ def listening(address: str, port: int, timeout: int = 60):
     Read when it executes: right after a restart it waits; when the port answers, nothing to do.
     """
     ep = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    if host.get_fact(RpcReachable, endpoints=[ep]).get(ep):
+    if host.get_fact(RpcListening, address=address, port=port):
         host.noop(f"ggml-rpc-server listens on {ep}")
         return
-    probe = shlex.quote(f"exec 3<>/dev/tcp/{address}/{int(port)}")
-    yield (f"for i in $(seq {int(timeout) * 2}); do timeout 2 bash -c {probe} 2>/dev/null && exit 0; sleep 0.5; done; "
+    check = f"ss -Hltn src {shlex.quote(address)} 'sport = :{int(port)}' | grep -q ."
+    yield (f"for i in $(seq {int(timeout) * 2}); do {check} && exit 0; sleep 0.5; done; "
            f"echo ggml-rpc-server does not listen on {shlex.quote(ep)} after {int(timeout)}s: >&2; "
            "journalctl -u ggml-rpc-server -n 20 --no-pager >&2; exit 1")
