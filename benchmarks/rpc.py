@@ -81,6 +81,7 @@ def main() -> int:
         f"| {label} | {r['split'] or '-'} | " + " | ".join(
             f"{r['tok_per_s'][c]} ({r['tok_per_s'][c] / base[c]:.2f}x)" for c in LEVELS) + " |"
         for label, r in results.items())
+    errors = "; ".join(f"{label}: {r['errors']}" for label, r in results.items())
     text = f"""# RPC workers: head alone vs head + workers ({stamp})
 
 Gemma 3 270M Q4_K_M (18 layers), llama.cpp b11434, three sandbox hosts on one LAN bridge of
@@ -91,6 +92,8 @@ deploy; tok/s and the ratio to the head alone. Layers on the workers: `--tensor-
 | setup | layers on workers | 1 client tok/s | 4 clients tok/s |
 |---|---|---|---|
 {rows}
+
+Errors (counted by `bench`, never retried): {errors}.
 
 Slower is the expected result here: every host shares the same two cores and every token
 crosses the RPC link once per worker. RPC pays when the model does not fit one host at all
