@@ -86,8 +86,9 @@ def main() -> int:
 
 Gemma 3 270M Q4_K_M (18 layers), llama.cpp b11434, three sandbox hosts on one LAN bridge of
 this 2-core machine; `bench` (64 tokens, 4 requests per client) against the head after each
-deploy; tok/s and the ratio to the head alone. Layers on the workers: `--tensor-split`
-(the head keeps the rest and the output layer).
+deploy; tok/s and the ratio to the head alone. "layers on workers" is the `--tensor-split` the
+head ran with (llama.cpp also puts the output layer on the last worker; the head keeps the
+first blocks).
 
 | setup | layers on workers | 1 client tok/s | 4 clients tok/s |
 |---|---|---|---|

@@ -562,6 +562,9 @@ class HostConfig(Section):
         if self.role == "rpc_worker" and self.mode != "native":
             raise problem("mode", self.mode, "an RPC worker runs ggml-rpc-server from a native build; "
                           "set llama_mode 'native' for the workers")
+        if self.role == "rpc_worker" and self.rpc.address is not None and self.rpc.address.version != 4:
+            raise problem("rpc.address", str(self.rpc.address),
+                          "ggml-rpc-server (b11434) binds IPv4 only; give the worker's private IPv4 address")
         if self.rpc.workers_group and self.mode != "native":
             raise problem("rpc.workers_group", self.rpc.workers_group,
                           "an RPC head needs llama_mode 'native' (its release must match its workers')")

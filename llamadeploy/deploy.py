@@ -67,6 +67,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
 
     # 6. The service, restarted only when an input changed; the other mode's server is
     #    stopped first so the port is never held twice.
+    rpc.workers_ready(cfg)  # an RPC head: its workers in this run came up (their steps ran above)
     firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
     if cfg.mode == "native":
         docker.stop_compose(cfg)

@@ -171,19 +171,14 @@ def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
         except Exception:  # noqa: BLE001 - the header is not on the controller: no flags drift, not an error
             return None
         cpu, mem = host.get_fact(CpuTopology), host.get_fact(HostMemory)
-    if cfg.rpc.workers_group:  # an RPC head: the split its workers' configured memory gives
-        import dataclasses
-
+    if cfg.rpc.workers_group:  # an RPC head: the plan its workers' configured memory gives
         from llamadeploy.roles import rpc
-        from llamadeploy.roles.rpc.plan import Member, group_budget, split_layers
+        from llamadeploy.roles.rpc.plan import plan_group
 
         workers = rpc.members_from_config(host.inventory, cfg, host.name)
         if workers is None:
             return None
-        plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling, workers_memory=group_budget(workers))
-        split = split_layers(meta.n_layers, Member(host.name, "", plan.limit - group_budget(workers)), workers,
-                             cfg.rpc.split)
-        plan = dataclasses.replace(plan, rpc=split)
+        plan = plan_group(cfg, meta, mem.usable, cpu, mem.memlock_ceiling, workers)
     else:
         plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling)
     if cfg.mode == "docker":

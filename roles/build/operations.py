@@ -70,6 +70,8 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
         top = src
 
     key = build.release_key()
+    # the RPC worker only where the RPC backend is built (a user's GGML_RPC=OFF leaves it out)
+    targets = [t for t in TARGETS if t != "ggml-rpc-server" or build.cmake_options().get("GGML_RPC") == "ON"]
     work = f"{cache_dir}/build/{key}"
     tmp = f"{release_dir}.partial"
     defines = " ".join(f"-D{k}={q(v)}" for k, v in build.cmake_options().items())
@@ -84,10 +86,10 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
             f"rm -rf {q(work)} {q(tmp)} && mkdir -p {q(cache_dir)}/build",
             f"cmake -S {q(top)} -B {q(work)} {defines} > {q(work)}.configure.log 2>&1"
             f" || {{ tail -n 40 {q(work)}.configure.log >&2; exit 1; }}",
-            f"cmake --build {q(work)} --target {' '.join(TARGETS)} -j {jobs} > {q(work)}.build.log 2>&1"
+            f"cmake --build {q(work)} --target {' '.join(targets)} -j {jobs} > {q(work)}.build.log 2>&1"
             f" || {{ tail -n 60 {q(work)}.build.log >&2; exit 1; }}",
             f"mkdir -p {q(tmp)}/bin",
-            *(f"install -m 0755 {q(work)}/bin/{t} {q(tmp)}/bin/{t}" for t in TARGETS),
+            *(f"install -m 0755 {q(work)}/bin/{t} {q(tmp)}/bin/{t}" for t in targets),
             f"printf '%s\\n' {info} > {q(tmp)}/BUILD-INFO",
             f"sync -f {q(tmp)}/bin/llama-server",  # syncfs: the whole release is on disk before it is named
             f"mv -T {q(tmp)} {q(release_dir)}",

@@ -20,7 +20,7 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.preflight.facts import HostMemory
-from llamadeploy.tuning import MemoryPlan, PreflightError, cache_ram_mib, plan_memory
+from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
 
 
 @lru_cache(maxsize=16)
@@ -62,20 +62,9 @@ def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
             return plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling)
         # an RPC head: the group's memory holds weights and KV cache, split by the members' limits
         from llamadeploy.roles import rpc
-        from llamadeploy.roles.rpc.plan import Member, group_budget, split_layers
+        from llamadeploy.roles.rpc.plan import plan_group
 
-        workers = rpc.group_members(cfg)
-        plan = plan_memory(cfg, meta, mem.usable, cpu, mem.memlock_ceiling, workers_memory=group_budget(workers))
-        head = Member(host.name, "", plan.limit - group_budget(workers))
-        try:
-            split = split_layers(meta.n_layers, head, workers, cfg.rpc.split)
-        except ValueError as exc:
-            raise PreflightError(str(exc)) from None
-        # the prompt cache lives in the head's RAM: size it from the head's limit and share
-        frac = split.head_layers / max(1, meta.n_layers)
-        own = dataclasses.replace(plan, limit=head.memory, model_bytes=int(plan.model_bytes * frac),
-                                  kv_bytes_per_token=int(plan.kv_bytes_per_token * frac))
-        return dataclasses.replace(plan, rpc=split, cache_ram_mib=cache_ram_mib(cfg, own))
+        return plan_group(cfg, meta, mem.usable, cpu, mem.memlock_ceiling, rpc.group_members(cfg))
     except PreflightError as exc:
         raise DeployError(f"preflight refused host {host.name}: {exc}") from None
 

@@ -36,8 +36,8 @@ from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall.operations import table_loaded
 from llamadeploy.roles.preflight.facts import HostMemory
-from llamadeploy.roles.rpc.facts import RpcReachable, UnitStartedAt
-from llamadeploy.roles.rpc.operations import listening
+from llamadeploy.roles.rpc.facts import RpcConnected, RpcReachable, UnitStartedAt
+from llamadeploy.roles.rpc.operations import listening, workers_checked
 from llamadeploy.roles.rpc.plan import Member
 from llamadeploy.roles.transfer import peer_address
 from llamadeploy.tuning import systemd_quote, threads, unit_limits
@@ -45,6 +45,8 @@ from llamadeploy.tuning import systemd_quote, threads, unit_limits
 UNIT = "ggml-rpc-server"
 #: per run (its inventory): worker -> the operations that (re)start its ggml-rpc-server
 _WORKER_STARTS: WeakKeyDictionary[Inventory, dict[str, list[OperationMeta]]] = WeakKeyDictionary()
+#: per run: worker -> its final "listening" operation
+_WORKER_READY: WeakKeyDictionary[Inventory, dict[str, OperationMeta]] = WeakKeyDictionary()
 TABLE = "llamadeploy_rpc"
 TEMPLATE = "rpc/ggml-rpc-server.service.j2"
 FENCE_TEMPLATE = "firewall/llama-server.nft.j2"
@@ -52,6 +54,12 @@ FENCE_TEMPLATE = "firewall/llama-server.nft.j2"
 
 def worker_address(cfg: HostConfig, h: Host) -> str:
     """The private address a worker binds and its head connects to."""
+    return str(cfg.rpc.address) if cfg.rpc.address is not None else peer_address(cfg, h)
+
+
+def head_address(cfg: HostConfig, h: Host) -> str:
+    """The address a head's connections to its workers come from (what their fences admit):
+    its ``llama_rpc.address`` (its address on the workers' private network), else its fleet address."""
     return str(cfg.rpc.address) if cfg.rpc.address is not None else peer_address(cfg, h)
 
 
@@ -121,23 +129,41 @@ def group_members(cfg: HostConfig) -> list[Member]:
 
 
 def head_must_restart(cfg: HostConfig) -> Callable[[], bool]:
-    """For the head's restart: a worker that (re)starts in this run, or did since the head started,
-    holds none of the head's tensors any more. Checked at prepare (start times, the workers that
-    are in this run) and at execution (the workers' start/restart operations, which ran before)."""
+    """For the head's restart: a worker that restarted holds none of the head's tensors any more.
+
+    Found at prepare without clocks: the head's llama-server runs but has no established
+    connection to one of its workers (a worker that went away closed it); and at execution:
+    a worker of this run whose start or restart operation changed something (it ran before).
+    """
     if not cfg.rpc.workers_group:
         return lambda: False
-    active = {h.name for h in host.state.active_hosts}
-    head_start = host.get_fact(UnitStartedAt, unit=f"{cfg.service.name}.service")
-    workers = [w for w, _ in workers_of(host.inventory, cfg, host.name) if w.name in active]
-    older = head_start is not None and any(
-        (t := w.get_fact(UnitStartedAt, unit=f"{UNIT}.service")) is not None and t >= head_start for w in workers)
+    workers = workers_of(host.inventory, cfg, host.name)
+    eps = [endpoint(wcfg, w) for w, wcfg in workers]
+    running = host.get_fact(UnitStartedAt, unit=f"{cfg.service.name}.service") is not None
+    lost = running and not all(host.get_fact(RpcConnected, endpoints=eps).get(ep) for ep in eps)
     inventory = host.inventory
 
     def check() -> bool:
         starts = _WORKER_STARTS.get(inventory, {})
-        return older or any(op.did_change() for w in workers for op in starts.get(w.name, []))
+        return lost or any(op.is_complete() and op.did_change() for w, _ in workers for op in starts.get(w.name, []))
 
     return check
+
+
+def workers_ready(cfg: HostConfig) -> None:
+    """Before the head changes anything: every worker of this run got through its own steps.
+
+    pyinfra goes on with the other hosts when one fails; a head must not switch onto a worker
+    that did not come up (its ``listening`` check did not succeed in this run).
+    """
+    if not cfg.rpc.workers_group:
+        return
+    active = {h.name for h in host.state.activated_hosts}
+    names = [w.name for w, _ in workers_of(host.inventory, cfg, host.name) if w.name in active]
+    inventory = host.inventory
+    workers_checked(name="RPC workers of this run are up", workers=names,
+                    ready=lambda: {n: (op is not None and op.is_complete() and op.did_succeed(False))
+                                   for n in names for op in [_WORKER_READY.get(inventory, {}).get(n)]})
 
 
 def members_from_config(inventory: Inventory, cfg: HostConfig, head: str) -> list[Member] | None:
@@ -180,7 +206,10 @@ def worker(cfg: HostConfig, runtime: list) -> None:
     ``runtime``: the build role's operations (a new release means a restart).
     """
     heads = heads_of(host.inventory, host.name)
-    head_addresses = [peer_address(validate_inventory(host.inventory)[h.name], h) for h in heads]
+    if len(heads) > 1:  # ggml-rpc-server serves one client at a time: a second head would hang
+        raise DeployError(f"host {host.name}: RPC worker of {len(heads)} heads ({', '.join(h.name for h in heads)}); "
+                          "allowed: one (ggml-rpc-server serves one client at a time)")
+    head_addresses = [head_address(validate_inventory(host.inventory)[h.name], h) for h in heads]
     packages.installed(cfg, "rpc", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     rules = f"{cfg.service.config_dir}/rpc-worker.nft"
@@ -198,4 +227,5 @@ def worker(cfg: HostConfig, runtime: list) -> None:
                                 restarted=True, _if=[any_changed(unit, switched, *runtime),
                                                      lambda: not started.did_change()])
     _WORKER_STARTS.setdefault(host.inventory, {})[host.name] = [started, restarted]
-    listening(name="ggml-rpc-server listens", address=worker_address(cfg, host), port=cfg.rpc.port)
+    ready = listening(name="ggml-rpc-server listens", address=worker_address(cfg, host), port=cfg.rpc.port)
+    _WORKER_READY.setdefault(host.inventory, {})[host.name] = ready

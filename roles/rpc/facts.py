@@ -42,6 +42,30 @@ class RpcReachable(FactBase[dict[str, bool]]):
         return {}
 
 
+class RpcConnected(FactBase[dict[str, bool]]):
+    """``address:port`` -> whether this host (a head) holds an established connection to it.
+
+    The head's llama-server keeps one open to each worker while it runs; a worker that stopped
+    or restarted closed it, and took the tensors the head had sent with it.
+    """
+
+    def command(self, endpoints: list[str]) -> str:
+        checks = []
+        for ep in endpoints:
+            addr, port = ep.rsplit(":", 1)
+            addr, port = addr.strip("[]"), str(int(port))
+            checks.append(f"if ss -Htn state established dst {shlex.quote(addr)} dport = :{port} | grep -q .; "
+                          f"then echo {shlex.quote(ep)} up; else echo {shlex.quote(ep)} down; fi")
+        return "; ".join(checks) or "true"
+
+    def process(self, output: list[str]) -> dict[str, bool]:
+        return RpcReachable().process(output)
+
+    @staticmethod
+    def default() -> dict[str, bool]:
+        return {}
+
+
 class RpcListening(FactBase[bool]):
     """Whether ggml-rpc-server listens on ``address:port`` on this host (a worker): read from the
     socket table, not by connecting (a connection would queue behind the head's, see above)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import OperationError, operation
 
 from llamadeploy.roles.rpc.facts import RpcListening
 
@@ -28,3 +29,25 @@ def listening(address: str, port: int, timeout: int = 60):
     yield (f"for i in $(seq {int(timeout) * 2}); do {check} && exit 0; sleep 0.5; done; "
            f"echo ggml-rpc-server does not listen on {shlex.quote(ep)} after {int(timeout)}s: >&2; "
            "journalctl -u ggml-rpc-server -n 20 --no-pager >&2; exit 1")
+
+
+@operation()
+def workers_checked(workers: list[str], ready: Callable[[], dict[str, bool]]):
+    """
+    Fail the head, before it changes anything, when a worker of this run did not come up.
+
+    + workers: the head's workers that are in this run
+    + ready: worker -> whether its steps succeeded; read when this executes (they ran before)
+    """
+    if not workers:
+        host.noop("no RPC worker in this run (the preflight checked their ports)")
+        return
+    if not host.state.is_executing:
+        host.noop("checked when the workers have run")
+        return
+    down = [w for w, ok in ready().items() if not ok]
+    if down:
+        raise OperationError(f"RPC worker(s) {', '.join(down)} failed in this run: the head is not switched "
+                             "onto them (see their errors above)")
+    host.noop(f"RPC workers {', '.join(workers)} are up")
+    yield from ()  # an operation is a generator, even one that only checks

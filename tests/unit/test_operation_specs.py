@@ -98,6 +98,8 @@ ARG_ADAPTERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("atomic.put", "src"): StringIO,
     ("atomic.verified_file", "present"): lambda v: None if v is None else HashState(**v),
     ("roles.model.operations.hub_download", "present"): lambda v: None if v is None else HashState(**v),
+    # what the workers' own operations said when the check executes: {"worker": true|false}
+    ("roles.rpc.operations.workers_checked", "ready"): lambda v: (lambda: v),
 }
 
 

@@ -15,8 +15,9 @@ def test_layers_follow_memory_and_add_up():
     split = split_layers(18, head, workers)
     assert (split.head_layers, split.worker_layers) == (7, (6, 5))
     assert split.head_layers + split.offloaded == 18
-    assert split.args() == ["--rpc", "10.0.0.2:50052,10.0.0.3:50052", "--n-gpu-layers", "11",
-                            "--tensor-split", "6,5"]
+    # 11 blocks + the output layer offloaded; the head keeps 18 + 1 - 12 = 7 blocks
+    assert split.args() == ["--rpc", "10.0.0.2:50052,10.0.0.3:50052", "--n-gpu-layers", "12",
+                            "--tensor-split", "6,6"]
 
 
 def test_a_bigger_worker_gets_more():
