@@ -57,9 +57,10 @@ def llama_server(cfg: HostConfig | None = None) -> None:
         docker.engine(cfg)
         runtime = docker.image(cfg)
 
-    # RPC workers stop here: ggml-rpc-server, fenced to their head, before any head's switch below.
+    # RPC workers: ggml-rpc-server, fenced to their head; they stop here. Every other host passes
+    # the same last step (a no-op), so that what follows waits for the workers (see rpc.group_step).
+    rpc.group_step(cfg, runtime)
     if cfg.role == "rpc_worker":
-        rpc.worker(cfg, runtime)
         return
 
     # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place.

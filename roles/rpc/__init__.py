@@ -200,11 +200,27 @@ def unit_text(cfg: HostConfig, h: Host, heads: list[str], nthreads: int) -> str:
 
 
 @role("RPC worker")
-def worker(cfg: HostConfig, runtime: list) -> None:
-    """ggml-rpc-server on this host, fenced to its heads, restarted when the release or unit changes.
+def group_step(cfg: HostConfig, runtime: list) -> None:
+    """A worker: ggml-rpc-server, fenced to its head, restarted when the release or unit changes.
+    Every other server: only the last step, a no-op, called from the same place.
 
     ``runtime``: the build role's operations (a new release means a restart).
+
+    pyinfra orders a run as a graph of each host's own sequence of operations, in waves: an
+    operation follows its predecessors on every host that runs it, not the line it is called
+    from. The shared last step (``listening``) is one operation for workers and heads alike, so
+    every step of a head after it waits until each worker's steps are done.
     """
+    worker = cfg.role == "rpc_worker"
+    if worker:
+        _worker(cfg, runtime)
+    ready = listening(name="RPC workers listen (a no-op on other hosts)",
+                      address=worker_address(cfg, host) if worker else None, port=cfg.rpc.port)
+    if worker:
+        _WORKER_READY.setdefault(host.inventory, {})[host.name] = ready
+
+
+def _worker(cfg: HostConfig, runtime: list) -> None:
     heads = heads_of(host.inventory, host.name)
     if len(heads) > 1:  # ggml-rpc-server serves one client at a time: a second head would hang
         raise DeployError(f"host {host.name}: RPC worker of {len(heads)} heads ({', '.join(h.name for h in heads)}); "
@@ -227,5 +243,3 @@ def worker(cfg: HostConfig, runtime: list) -> None:
                                 restarted=True, _if=[any_changed(unit, switched, *runtime),
                                                      lambda: not started.did_change()])
     _WORKER_STARTS.setdefault(host.inventory, {})[host.name] = [started, restarted]
-    ready = listening(name="ggml-rpc-server listens", address=worker_address(cfg, host), port=cfg.rpc.port)
-    _WORKER_READY.setdefault(host.inventory, {})[host.name] = ready

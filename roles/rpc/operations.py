@@ -12,7 +12,7 @@ from llamadeploy.roles.rpc.facts import RpcListening
 
 
 @operation()
-def listening(address: str, port: int, timeout: int = 60):
+def listening(address: str | None, port: int, timeout: int = 60):
     """
     Wait until ggml-rpc-server accepts connections on ``address:port`` (on the worker itself).
 
@@ -20,7 +20,11 @@ def listening(address: str, port: int, timeout: int = 60):
     + timeout: seconds to wait before failing the worker with its journal's tail
 
     Read when it executes: right after a restart it waits; when the port answers, nothing to do.
+    ``address`` None: this host is no worker (the step is shared so that heads wait for it).
     """
+    if address is None:
+        host.noop("not an RPC worker")
+        return
     ep = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     if host.get_fact(RpcListening, address=address, port=port):
         host.noop(f"ggml-rpc-server listens on {ep}")
@@ -47,7 +51,8 @@ def workers_checked(workers: list[str], ready: Callable[[], dict[str, bool]]):
         return
     down = [w for w, ok in ready().items() if not ok]
     if down:
-        raise OperationError(f"RPC worker(s) {', '.join(down)} failed in this run: the head is not switched "
-                             "onto them (see their errors above)")
+        raise OperationError(f"RPC worker(s) {', '.join(down)} did not come up in this run (failed, see their "
+                             "errors above; or not run yet: --serial runs hosts one by one, workers first "
+                             "is required): the head is not switched onto them")
     host.noop(f"RPC workers {', '.join(workers)} are up")
     yield from ()  # an operation is a generator, even one that only checks
