@@ -25,6 +25,7 @@ from pyinfra.api import DeployError
 from pyinfra.api.host import Host
 from pyinfra.api.inventory import Inventory
 from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
 
@@ -36,7 +37,7 @@ from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall.operations import table_loaded
 from llamadeploy.roles.preflight.facts import HostMemory
-from llamadeploy.roles.rpc.facts import RpcConnected, RpcReachable, UnitStartedAt
+from llamadeploy.roles.rpc.facts import RpcConnected, RpcReachable
 from llamadeploy.roles.rpc.operations import listening, workers_checked
 from llamadeploy.roles.rpc.plan import Member
 from llamadeploy.roles.transfer import peer_address
@@ -139,8 +140,10 @@ def head_must_restart(cfg: HostConfig) -> Callable[[], bool]:
         return lambda: False
     workers = workers_of(host.inventory, cfg, host.name)
     eps = [endpoint(wcfg, w) for w, wcfg in workers]
-    running = host.get_fact(UnitStartedAt, unit=f"{cfg.service.name}.service") is not None
-    lost = running and not all(host.get_fact(RpcConnected, endpoints=eps).get(ep) for ep in eps)
+    unit = f"{cfg.service.name}.service"
+    running = bool(host.get_fact(SystemdStatus, services=unit).get(unit))
+    connected = host.get_fact(RpcConnected, endpoints=eps) if running else {}
+    lost = running and not all(connected.get(ep) for ep in eps)
     inventory = host.inventory
 
     def check() -> bool:

@@ -1,10 +1,33 @@
-"""What the RPC role reads from a head: can it reach its workers' ports."""
+"""What the RPC role reads: from a head, its workers' ports; from a worker, its own socket."""
 
 from __future__ import annotations
 
 import shlex
 
 from pyinfra.api import FactBase
+
+
+def _endpoint_checks(endpoints: list[str], probe: bool) -> str:
+    """Shell: ``<endpoint> up|down`` per endpoint; up = this host holds an established connection
+    to it, or (``probe``) a new connection opens within 3 seconds."""
+    checks = []
+    for ep in endpoints:
+        addr, port = ep.rsplit(":", 1)
+        addr, port = addr.strip("[]"), str(int(port))
+        test = f"ss -Htn state established dst {shlex.quote(addr)} dport = :{port} | grep -q ."
+        if probe:
+            test += f" || timeout 3 bash -c {shlex.quote(f'exec 3<>/dev/tcp/{addr}/{port}')} 2>/dev/null"
+        checks.append(f"if {test}; then echo {shlex.quote(ep)} up; else echo {shlex.quote(ep)} down; fi")
+    return "; ".join(checks) or "true"
+
+
+def _endpoint_states(output: list[str]) -> dict[str, bool]:
+    out = {}
+    for line in output:
+        ep, _, state = line.rpartition(" ")
+        if ep and state in ("up", "down"):
+            out[ep] = state == "up"
+    return out
 
 
 class RpcReachable(FactBase[dict[str, bool]]):
@@ -18,24 +41,10 @@ class RpcReachable(FactBase[dict[str, bool]]):
     """
 
     def command(self, endpoints: list[str]) -> str:
-        checks = []
-        for ep in endpoints:
-            addr, port = ep.rsplit(":", 1)
-            addr, port = addr.strip("[]"), str(int(port))
-            probe = shlex.quote(f"exec 3<>/dev/tcp/{addr}/{port}")
-            checks.append(
-                f"if ss -Htn state established dst {shlex.quote(addr)} dport = :{port} | grep -q . "
-                f"|| timeout 3 bash -c {probe} 2>/dev/null; then echo {shlex.quote(ep)} up; "
-                f"else echo {shlex.quote(ep)} down; fi")
-        return "; ".join(checks) or "true"
+        return _endpoint_checks(endpoints, probe=True)
 
     def process(self, output: list[str]) -> dict[str, bool]:
-        out = {}
-        for line in output:
-            ep, _, state = line.rpartition(" ")
-            if ep and state in ("up", "down"):
-                out[ep] = state == "up"
-        return out
+        return _endpoint_states(output)
 
     @staticmethod
     def default() -> dict[str, bool]:
@@ -50,16 +59,10 @@ class RpcConnected(FactBase[dict[str, bool]]):
     """
 
     def command(self, endpoints: list[str]) -> str:
-        checks = []
-        for ep in endpoints:
-            addr, port = ep.rsplit(":", 1)
-            addr, port = addr.strip("[]"), str(int(port))
-            checks.append(f"if ss -Htn state established dst {shlex.quote(addr)} dport = :{port} | grep -q .; "
-                          f"then echo {shlex.quote(ep)} up; else echo {shlex.quote(ep)} down; fi")
-        return "; ".join(checks) or "true"
+        return _endpoint_checks(endpoints, probe=False)
 
     def process(self, output: list[str]) -> dict[str, bool]:
-        return RpcReachable().process(output)
+        return _endpoint_states(output)
 
     @staticmethod
     def default() -> dict[str, bool]:
@@ -79,20 +82,3 @@ class RpcListening(FactBase[bool]):
     @staticmethod
     def default() -> bool:
         return False
-
-
-class UnitStartedAt(FactBase[int | None]):
-    """When ``unit`` last became active, in seconds since the epoch; None when it is not active.
-
-    Wall-clock on purpose: a head compares its own start with its workers' (other hosts, one
-    clock by NTP). A worker restarted after its head took its tensors with it: the head must
-    restart too, or its next request fails.
-    """
-
-    def command(self, unit: str) -> str:
-        u = shlex.quote(unit)
-        return (f"systemctl is-active --quiet {u} && "
-                f"date -d \"$(systemctl show -p ActiveEnterTimestamp --value {u})\" +%s || true")
-
-    def process(self, output: list[str]) -> int | None:
-        return int(output[0]) if output and output[0].strip().isdigit() else None

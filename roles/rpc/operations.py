@@ -29,7 +29,7 @@ def listening(address: str | None, port: int, timeout: int = 60):
     if host.get_fact(RpcListening, address=address, port=port):
         host.noop(f"ggml-rpc-server listens on {ep}")
         return
-    check = f"ss -Hltn src {shlex.quote(address)} 'sport = :{int(port)}' | grep -q ."
+    check = f"{RpcListening().command(address, port)} | grep -q ."
     yield (f"for i in $(seq {int(timeout) * 2}); do {check} && exit 0; sleep 0.5; done; "
            f"echo ggml-rpc-server does not listen on {shlex.quote(ep)} after {int(timeout)}s: >&2; "
            "journalctl -u ggml-rpc-server -n 20 --no-pager >&2; exit 1")

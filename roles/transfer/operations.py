@@ -84,13 +84,46 @@ def peers_serving(key: str, round_no: int):
     yield PeerServe(fleet, round_no)
 
 
-class PeerServe(PyinfraCommand):
-    """The serve command; one that fails (port taken, address not on the host) does not fail the
-    host: it is no source this round, and its receivers pull from the others or get the push."""
+class PeerShell(PyinfraCommand):
+    """A fan-out command whose failure does not fail the host: the direct push that follows every
+    fan-out still delivers. Only a host that stops answering fails, as any failed command does;
+    the controller times the command and the subclass says what success and failure mean."""
 
     def __init__(self, fleet: Fleet, round_no: int):
         super().__init__()
         self.fleet, self.round_no = fleet, round_no
+
+    def shell(self, name: str) -> str:
+        raise NotImplementedError
+
+    def succeeded(self, name: str, took: float) -> None:
+        raise NotImplementedError
+
+    def failed(self, name: str, why: str, took: float) -> str:
+        """The warning for a command that failed on a host that still answers."""
+        raise NotImplementedError
+
+    def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
+        t0 = time.monotonic()
+        try:
+            ok, output = host.run_shell_command(StringCommand(self.shell(host.name)), print_output=False,
+                                                print_input=False, **connector_arguments)
+        except Exception as exc:  # noqa: BLE001 - the connection died with the host: fail it, not the run
+            host.log_styled(f"{self.fleet.label}: {host.name} does not answer any more ({format_exception(exc)}); "
+                            "a next run resumes its partial file", fg="red", log_func=logger.error)
+            return False
+        took = time.monotonic() - t0
+        if ok:
+            self.succeeded(host.name, took)
+        else:
+            why = " ".join(output.stderr_lines[-3:] or output.stdout_lines[-3:]) or "no output"
+            host.log_styled(self.failed(host.name, why, took), fg="yellow", log_func=logger.warning)
+        return True
+
+
+class PeerServe(PeerShell):
+    """The serve command; one that fails (port taken, address not on the host) leaves the host no
+    source this round: its receivers pull from the others or get the push."""
 
     def __repr__(self) -> str:
         return f"PeerServe({self.fleet.label}, round {self.round_no})"
@@ -98,37 +131,26 @@ class PeerServe(PyinfraCommand):
     def spec_json(self) -> list[Any]:
         from pyinfra import host
 
-        return ["peer_serve", self.round_no, self.fleet.serve_command(host.name)]
+        return ["peer_serve", self.round_no, self.shell(host.name)]
 
-    def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
-        try:
-            ok, output = host.run_shell_command(StringCommand(self.fleet.serve_command(host.name)),
-                                                print_output=False, print_input=False, **connector_arguments)
-        except Exception as exc:  # noqa: BLE001 - the connection died with the host: fail it, not the run
-            host.log_styled(f"{self.fleet.label}: serving on {host.name} failed: the host does not answer "
-                            f"({format_exception(exc)})", fg="red", log_func=logger.error)
-            return False
-        if ok:
-            self.fleet.serving.setdefault(self.round_no, set()).add(host.name)
-        else:
-            why = " ".join(output.stderr_lines[-3:] or output.stdout_lines[-3:]) or "no output"
-            host.log_styled(f"{self.fleet.label}: {host.name} cannot serve in round {self.round_no} ({why}); "
-                            "its receivers use the other peers or the controller's push", fg="yellow",
-                            log_func=logger.warning)
-        return True
+    def shell(self, name: str) -> str:
+        return self.fleet.serve_command(name)
+
+    def succeeded(self, name: str, took: float) -> None:
+        self.fleet.serving.setdefault(self.round_no, set()).add(name)
+
+    def failed(self, name: str, why: str, took: float) -> str:
+        return (f"{self.fleet.label}: {name} cannot serve in round {self.round_no} ({why}); "
+                "its receivers use the other peers or the controller's push")
 
 
-class PeerPull(PyinfraCommand):
-    """aria2c on the host, pulling ranges from the round's sources; the controller times it.
-
-    A pull that fails (every source gone, a hash mismatch) does not fail the host: it says so,
-    keeps the partial file for the next run to resume, and leaves the file to the direct push
-    from the controller that follows every fan-out. A host that stops answering fails as usual.
-    """
+class PeerPull(PeerShell):
+    """aria2c on the host, pulling ranges from the round's sources into ``dest.partial``; a pull
+    that fails (every source gone, a hash mismatch) says so, and the direct push delivers."""
 
     def __init__(self, fleet: Fleet, round_no: int, sources: list[str]):
-        super().__init__()
-        self.fleet, self.round_no, self.sources = fleet, round_no, sources
+        super().__init__(fleet, round_no)
+        self.sources = sources
 
     def __repr__(self) -> str:
         return f"PeerPull({self.fleet.label}, round {self.round_no}, from {', '.join(self.sources)})"
@@ -137,28 +159,17 @@ class PeerPull(PyinfraCommand):
         """What the operation specs compare: the sources and the shell command the host runs."""
         from pyinfra import host
 
-        return ["peer_pull", self.sources, self.fleet.pull_command(host.name, self.sources)]
+        return ["peer_pull", self.sources, self.shell(host.name)]
 
-    def execute(self, state: Any, host: Any, connector_arguments: Any) -> bool:
-        fleet = self.fleet
-        t0 = time.monotonic()
-        try:
-            ok, output = host.run_shell_command(StringCommand(fleet.pull_command(host.name, self.sources)),
-                                                print_output=False, print_input=False, **connector_arguments)
-        except Exception as exc:  # noqa: BLE001 - the connection died with the host: fail it, not the run
-            host.log_styled(f"{fleet.label}: pull on {host.name} stopped: the host does not answer any more "
-                            f"({format_exception(exc)}); a next run resumes its partial file", fg="red",
-                            log_func=logger.error)
-            return False
-        took = time.monotonic() - t0
-        if ok:
-            fleet.received(host.name, fleet.size(), took, ", ".join(self.sources))
-            return True
-        why = " ".join(output.stderr_lines[-3:] or output.stdout_lines[-3:]) or "no output"
-        host.log_styled(f"{fleet.label}: pull from peers {', '.join(self.sources)} failed after {took:.1f}s "
-                        f"({why}); the controller pushes it now",
-                        fg="yellow", log_func=logger.warning)
-        return True
+    def shell(self, name: str) -> str:
+        return self.fleet.pull_command(name, self.sources)
+
+    def succeeded(self, name: str, took: float) -> None:
+        self.fleet.received(name, self.fleet.size(), took, ", ".join(self.sources))
+
+    def failed(self, name: str, why: str, took: float) -> str:
+        return (f"{self.fleet.label}: pull from peers {', '.join(self.sources)} failed after {took:.1f}s "
+                f"({why}); the controller pushes it now")
 
 
 @operation()

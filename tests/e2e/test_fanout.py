@@ -19,6 +19,7 @@ import pytest
 
 from llamadeploy.sandbox import assets
 from llamadeploy.sandbox.host import HOSTS_DIR
+from llamadeploy.sandbox.inventory import write_inventory
 from tests.conftest import PYINFRA, REPO, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
@@ -44,10 +45,7 @@ def tx_bytes(dev: str) -> int:
 
 
 def inventory(path: Path, hosts, mode: str = "fanout") -> Path:
-    data = merged_data(llama_transfer={"mode": mode})
-    entries = [(h.inventory_entry()[0], {**h.inventory_entry()[1], **data}) for h in hosts]
-    path.write_text(f"hosts = {entries!r}\n")
-    return path
+    return write_inventory(path, hosts, merged_data(llama_transfer={"mode": mode}))
 
 
 def staged(inv: Path, *extra: str) -> subprocess.CompletedProcess:
