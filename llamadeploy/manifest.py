@@ -81,6 +81,11 @@ class Manifest(BaseModel):
     chat_template: str | None = None
     #: the server's argument vector (without the binary)
     args: list[str]
+    #: NVIDIA GPUs the server was planned for (``name uuid`` each); empty on a CPU host
+    gpus: list[str] = []
+    #: ``--n-gpu-layers`` the unit runs with on a GPU host ("all", a number), as pinned from
+    #: llama-fit-params or set explicitly; None on a CPU host
+    gpu_layers: str | None = None
     memory_plan: PlanRecord
 
     def render(self) -> str:

@@ -11,6 +11,8 @@ to be repeated on the command line.
 
 from __future__ import annotations
 
+import shlex
+
 import httpx
 import pytest
 
@@ -20,6 +22,8 @@ from llamadeploy.manifest import DEFAULT_PATH, Manifest
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--llama-url", default=None, help="base URL of the API (default: http://<host>:<port>)")
     parser.addoption("--llama-manifest", default=DEFAULT_PATH, help="deploy manifest path on the host")
+    parser.addoption("--llama-log", default=None,
+                     help="file on the host holding the server's log, for a server run outside systemd and docker")
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +62,36 @@ def api(base_url, api_key):
         base_url=base_url, headers=headers, timeout=120, limits=httpx.Limits(max_keepalive_connections=0)
     ) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def server_pid(host, manifest) -> int:
+    """The server's process id as the host sees it: the unit's main PID, the container's init
+    process, or (a server run by hand) the process listening on the port."""
+    with host.sudo():
+        if manifest.mode == "docker":
+            cid = host.check_output(f"docker ps -q --filter label=com.docker.compose.service={manifest.compose_service}")
+            return int(host.check_output(f"docker inspect -f '{{{{.State.Pid}}}}' {cid}"))
+        if manifest.unit:
+            return int(host.check_output(f"systemctl show -p MainPID --value {manifest.unit}"))
+        # by the binary the manifest names (/proc, so no ss or pidof is needed)
+        out = host.check_output(
+            f"for p in /proc/[0-9]*; do [ \"$(readlink $p/exe)\" = {shlex.quote(manifest.binary or '')} ] "
+            "&& echo ${p#/proc/}; done; true")
+    pids = out.split()
+    assert pids, f"no process runs {manifest.binary}"
+    return int(pids[0])
+
+
+@pytest.fixture(scope="module")
+def server_log(host, manifest, request) -> str:
+    """What the server logged since its start (journal, container log, or --llama-log)."""
+    with host.sudo():
+        path = request.config.getoption("--llama-log")
+        if path:
+            return host.file(path).content_string
+        if manifest.mode == "docker":
+            return host.check_output(
+                f"docker logs $(docker ps -q --filter label=com.docker.compose.service={manifest.compose_service}) 2>&1")
+        since = host.check_output(f"systemctl show -p ActiveEnterTimestamp --value {manifest.unit}")
+        return host.check_output(f"journalctl -u {manifest.unit} --no-pager -o cat --since {shlex.quote(since)}")

@@ -160,3 +160,30 @@ def test_reply_carries_no_foreign_control_tokens(api, manifest):
     text = r.json()["choices"][0]["message"]["content"]
     leaked = [t for t in CONTROL_TOKENS if t in text]
     assert not leaked, f"reply carries {leaked} (chat template {manifest.chat_template or 'the model own'}): {text!r}"
+
+
+# --- GPU hosts (skipped where the manifest lists no GPU) ---------------------------------------
+
+
+def test_gpu_lists_the_server_process(host, manifest, server_pid):
+    """nvidia-smi lists the server among the GPU's compute processes: a CUDA build that fell
+    back to the CPU (driver too old, devices hidden by the unit) does not appear there."""
+    if not manifest.gpus:
+        pytest.skip("no NVIDIA GPU in the deploy manifest")
+    out = host.check_output("nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits")
+    pids = {int(line.split(",")[0]) for line in out.splitlines() if line.split(",")[0].strip().isdigit()}
+    assert server_pid in pids, f"server pid {server_pid} not among the GPU's processes:\n{out}"
+
+
+def test_gpu_layers_offloaded(manifest, server_log):
+    """The layers the unit pins are the layers llama.cpp offloaded, per its own load log
+    ("load_tensors: offloaded N/M layers to GPU", src/llama-model.cpp)."""
+    if not manifest.gpus:
+        pytest.skip("no NVIDIA GPU in the deploy manifest")
+    found = re.findall(r"offloaded (\d+)/(\d+) layers to GPU", server_log)
+    assert found, "the server's log has no 'offloaded N/M layers to GPU' line since its start"
+    done, total = (int(x) for x in found[-1])
+    if manifest.gpu_layers in ("all", "-1") or (manifest.gpu_layers or "").isdigit() and int(manifest.gpu_layers) >= total:
+        assert done == total, f"{done}/{total} layers offloaded, the unit pins --n-gpu-layers {manifest.gpu_layers}"
+    else:
+        assert done == int(manifest.gpu_layers or 0), f"{done}/{total} offloaded, pinned {manifest.gpu_layers}"

