@@ -133,6 +133,12 @@ class BuildConfig(Section):
     build_once: bool = True
     #: parallel compile jobs; ``None`` means all CPUs of the host
     jobs: Annotated[int, Field(ge=1, le=1024)] | None = None
+    #: "cuda": build with ``GGML_CUDA=ON`` for the host's NVIDIA GPUs (needs a driver and nvcc on
+    #: the builder, see ``llama_gpu``); CPU and CUDA builds are separate releases
+    backend: Literal["cpu", "cuda"] = "cpu"
+    #: ``CMAKE_CUDA_ARCHITECTURES`` ("89", "80;89"); default: the compute capabilities of the GPUs the
+    #: builder reports (8.9 -> 89), never llama.cpp's PTX-heavy default list or ``native``
+    cuda_architectures: Annotated[str, Field(pattern=r"^[0-9]{2,3}(;[0-9]{2,3})*$")] | None = None
 
     @model_validator(mode="after")
     def _tarball_needs_path(self) -> BuildConfig:
@@ -166,6 +172,12 @@ class BuildConfig(Section):
         }
         if self.blas == "openblas":
             opts |= {"GGML_BLAS": "ON", "GGML_BLAS_VENDOR": "OpenBLAS"}
+        if self.backend == "cuda":
+            # the architectures the host's GPUs need join at build time (gpu.cuda_cmake_args) and key
+            # the build-once artifact through the host kind; explicit ones are part of the release key
+            opts["GGML_CUDA"] = "ON"
+            if self.cuda_architectures:
+                opts["CMAKE_CUDA_ARCHITECTURES"] = self.cuda_architectures
         return opts | dict(sorted(self.cmake_args.items()))
 
     def release_key(self) -> str:
@@ -265,7 +277,8 @@ class ServerConfig(Section):
     parallel: Annotated[int, Field(ge=1, le=256)] | None = None
     #: share one KV cache between slots (``--kv-unified``)
     kv_unified: bool = True
-    #: layers offloaded to a GPU; 0 = CPU only
+    #: layers offloaded to a GPU; 0: none on a CPU build, llama.cpp's fit (pinned at deploy) on a
+    #: CUDA build (``llama_build.backend``); a number > 0 is used as given
     gpu_layers: Annotated[int, Field(ge=0, le=999)] = 0
     #: full-size KV cache for sliding-window layers (``--swa-full``); default: on for models
     #: with a sliding window (Gemma 2/3). Without it llama-server cannot roll such a cache
@@ -402,7 +415,7 @@ class DockerConfig(Section):
     #: or Docker's own apt repository (docker-ce + the compose v2 plugin)
     engine: Literal["distro", "docker-ce"] = "distro"
     #: image reference pinned by tag; default upstream's ``server-<version>`` (CPU) or
-    #: ``server-cuda-<version>`` when ``gpu_layers > 0``, for ``llama_build.version``
+    #: ``server-cuda-<version>`` on CUDA hosts (``llama_build.backend``), for ``llama_build.version``
     image: Annotated[str, Field(pattern=r"^[a-z0-9][\w./:-]*$")] | None = None
     #: optional digest ("sha256:..."): the image is pulled as image@digest
     image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
@@ -507,6 +520,28 @@ class RpcConfig(Section):
     split: list[Annotated[int, Field(ge=0, le=1024)]] | None = None
 
 
+class GpuConfig(Section):
+    """NVIDIA GPU hosts (``llama_build.backend = "cuda"``): driver and toolkit, and the offload fit.
+
+    With ``llama_server.gpu_layers`` 0 (the default) a CUDA host runs llama.cpp's own fit
+    (``llama-fit-params``) at deploy time and pins its result (``-ngl``, ``-c``, split) in the
+    unit, so every restart behaves the same; a number > 0 wins over the fit.
+    """
+
+    #: free MiB the fit leaves on each GPU (``--fit-target``; llama.cpp's default 1024)
+    fit_margin_mib: Annotated[int, Field(ge=0, le=1048576)] = 1024
+    #: when the driver or nvcc is missing: "no" refuses the host with a message; "distro" installs
+    #: Debian's non-free ``nvidia-driver`` + ``nvidia-cuda-toolkit``; "nvidia" NVIDIA's own apt
+    #: repository (``cuda-drivers`` + ``cuda-toolkit``, and ``nvidia-container-toolkit`` in docker mode)
+    install: Literal["no", "distro", "nvidia"] = "no"
+    #: NVIDIA's apt repository for this distribution (its ``cuda-keyring`` package comes from there)
+    nvidia_repo: Annotated[str, Field(pattern=r"^https://[A-Za-z0-9./_-]+$")] = (
+        "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64"
+    )
+    #: controller directory of ``.deb`` files installed instead of downloading (air-gapped hosts)
+    packages_dir: str | None = None
+
+
 class HostConfig(Section):
     """Everything about one host. Build with :func:`config_for`."""
 
@@ -522,6 +557,7 @@ class HostConfig(Section):
     monitor: MonitorConfig = MonitorConfig()
     transfer: TransferConfig = TransferConfig()
     rpc: RpcConfig = RpcConfig()
+    gpu: GpuConfig = GpuConfig()
     #: what this host is: a llama-server ("server"), the HAProxy front door ("front"), or the
     #: Prometheus monitor ("monitor"); set it per group, e.g. ``front = [("lb1", {"llama_role": "front"})]``
     role: Literal["server", "front", "monitor", "rpc_worker"] = "server"
@@ -575,6 +611,21 @@ class HostConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _gpu_options(self) -> HostConfig:
+        if self.mode == "native" and self.server.gpu_layers and self.build.backend != "cuda":
+            raise problem("server.gpu_layers", self.server.gpu_layers,
+                          "a CPU build has no GPU to offload to; set llama_build.backend 'cuda' for NVIDIA hosts")
+        if self.build.backend == "cuda" and self.role == "rpc_worker":
+            raise problem("build.backend", self.build.backend,
+                          "an RPC worker runs a CPU release (its memory is what the head borrows); use 'cpu'")
+        return self
+
+    @property
+    def cuda(self) -> bool:
+        """Whether this host serves from NVIDIA GPUs (a CUDA build, or docker's CUDA image)."""
+        return self.build.backend == "cuda" or (self.mode == "docker" and self.server.gpu_layers > 0)
+
+    @model_validator(mode="after")
     def _transfer_port_apart(self) -> HostConfig:
         """The fan-out's fence drops its port for everyone but the fleet while peers serve: on the
         server's (or the front's) port that would cut clients off."""
@@ -609,7 +660,7 @@ class HostConfig(Section):
     def docker_image(self) -> str:
         if self.docker.image:
             return self.docker.image
-        variant = "server-cuda" if self.server.gpu_layers > 0 else "server"
+        variant = "server-cuda" if self.cuda else "server"
         return f"ghcr.io/ggml-org/llama.cpp:{variant}-{self.build.version}"
 
     @property

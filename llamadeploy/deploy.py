@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, front, model, monitor, release, rpc, service, uninstall
+from llamadeploy.roles import docker, front, gpu, model, monitor, release, rpc, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
@@ -50,11 +50,17 @@ def llama_server(cfg: HostConfig | None = None) -> None:
         #    an RPC head's plan covers its workers, which must be reachable and on its release.
         plan = memory_plan(cfg, art)
 
+    # GPU hosts (llama_build.backend "cuda"): driver and toolkit present (or installed by this run,
+    # which then stops here for a reboot), GPUs read and checked against the build.
+    if gpu.installed(cfg):
+        return
+    gpus = gpu.gpu_host(cfg)
     # 4. The runtime: build the pinned llama.cpp release (native), or the engine and image (docker).
     if cfg.mode == "native":
-        runtime = native_build(cfg)
+        runtime = native_build(cfg, gpus)
     else:
         docker.engine(cfg)
+        gpu.container_runtime(cfg, gpus)
         runtime = docker.image(cfg)
 
     # RPC workers: ggml-rpc-server, fenced to their head; they stop here. Every other host passes
@@ -73,7 +79,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     if cfg.mode == "native":
         docker.stop_compose(cfg)
         started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops],
-                                                  restart_if=rpc.head_must_restart(cfg))
+                                                  restart_if=rpc.head_must_restart(cfg), gpus=gpus)
     else:
         docker.stop_native(cfg)
         started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops])

@@ -9,7 +9,7 @@ feeds them here, so every rule is unit-tested on recorded ``nvidia-smi`` output
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -537,3 +537,85 @@ def device_allow(gpus: Sequence[Gpu]) -> list[str]:
     nodes = ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset"]
     nodes += [f"/dev/nvidia{i}" for i in sorted({g.index for g in gpus})]
     return [f"DeviceAllow={n} rw" for n in nodes]
+
+
+# --- pinning at deploy time -----------------------------------------------------------------
+
+
+def fit_inputs_digest(release_key: str, model_sha256: str, fit_command: Sequence[str], gpus: Sequence[Gpu]) -> str:
+    """What a pinned fit depends on: the build, the model, the fit's own command line (the planned
+    context, slots, cache types and margin) and the GPUs (which cards, how much memory each has).
+    Free memory is left out on purpose: it moves with every process, and a re-fit on every run
+    would make a deploy never report zero changes. Equal digests: the pinned result still holds."""
+    import hashlib
+    import json
+
+    cards = sorted((g.uuid, g.name, g.memory_total_mib) for g in gpus)
+    text = json.dumps([release_key, model_sha256, list(fit_command[1:]), cards])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def held_mib(compute_apps: str, pid: int | None) -> int:
+    """MiB that process ``pid`` holds on its busiest GPU, from ``nvidia-smi
+    --query-compute-apps=pid,used_memory --format=csv,noheader,nounits`` (0 when not listed).
+
+    The running server still holds its memory while the next release is fitted; the fit then
+    counts it as taken, so :func:`fit_margin` lowers the margin by it."""
+    held = 0
+    for line in compute_apps.splitlines():
+        cols = [c.strip() for c in line.split(",")]
+        if len(cols) >= 2 and pid is not None and cols[0] == str(pid) and cols[-1].isdigit():
+            held = max(held, int(cols[-1]))
+    return held
+
+
+def fit_margin(margin_mib: int, held: int) -> int:
+    """``--fit-target`` for a fit run while the current server holds ``held`` MiB that its restart
+    frees: the margin minus that, never below 0 (then the fit is conservative by the rest)."""
+    return max(0, margin_mib - held)
+
+
+def fit_dropin(binary: str, pinned: Sequence[str], digest: str, quote: Callable[[str], str]) -> str:
+    """The systemd drop-in that runs the server with the pinned offload (``ExecStart=`` reset, then
+    the whole command line, each argument quoted by ``quote``). Its first line records the inputs'
+    digest, which is how a later deploy knows the pin still holds."""
+    cmd = " ".join(quote(a) for a in [binary, *pinned])
+    return (f"# inputs {digest}\n"
+            "# Managed by llamadeploy: llama.cpp's own fit (llama-fit-params), pinned at deploy time.\n"
+            f"[Service]\nExecStart=\nExecStart={cmd}\n")
+
+
+# --- installing what is missing -------------------------------------------------------------
+
+#: NVIDIA's CUDA apt repository ships its signing key as a package
+CUDA_KEYRING = "cuda-keyring_1.1-1_all.deb"
+
+
+def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, container_toolkit: bool) -> list[str]:
+    """The packages that bring a host what it lacks (``driver``, ``toolkit``, ``container_toolkit``:
+    whether each is missing), from ``source`` "distro" (Debian's contrib/non-free) or "nvidia"
+    (NVIDIA's CUDA repository, which also carries the container toolkit).
+
+    Debian has no NVIDIA container toolkit, so docker mode with "distro" is refused rather than
+    half-installed; a native host needs nvcc (the build) and the CUDA runtime libraries (every
+    host of a CUDA release), so the toolkit comes with it.
+    """
+    pkgs: list[str] = []
+    if source == "distro":
+        if driver:
+            pkgs += ["linux-headers-amd64", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi"]
+        if toolkit and not docker:
+            pkgs += ["nvidia-cuda-toolkit"]
+        if container_toolkit and docker:
+            raise GpuError("Debian has no NVIDIA container toolkit: use llama_gpu.install 'nvidia' "
+                           "or llama_gpu.packages_dir for docker mode")
+    elif source == "nvidia":
+        if driver:
+            pkgs += ["cuda-drivers"]
+        if toolkit and not docker:
+            pkgs += ["cuda-toolkit"]
+        if container_toolkit and docker:
+            pkgs += ["nvidia-container-toolkit"]
+    else:
+        raise GpuError(f"unknown install source {source!r}")
+    return pkgs

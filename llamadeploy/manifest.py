@@ -83,9 +83,11 @@ class Manifest(BaseModel):
     args: list[str]
     #: NVIDIA GPUs the server was planned for (``name uuid`` each); empty on a CPU host
     gpus: list[str] = []
-    #: ``--n-gpu-layers`` the unit runs with on a GPU host ("all", a number), as pinned from
-    #: llama-fit-params or set explicitly; None on a CPU host
+    #: ``--n-gpu-layers`` on a GPU host: a number (set explicitly), "fit" (llama-fit-params' result,
+    #: pinned in ``gpu_pin_file``), or "all"; None on a CPU host
     gpu_layers: str | None = None
+    #: the systemd drop-in holding the pinned fit (native mode, ``gpu_layers`` "fit")
+    gpu_pin_file: str | None = None
     memory_plan: PlanRecord
 
     def render(self) -> str:

@@ -74,7 +74,11 @@ def server_args(
         "--ctx-size", str(plan.ctx_size),
         "--parallel", str(plan.parallel),
     ]
-    args += plan.rpc.args() if plan.rpc else ["--n-gpu-layers", str(s.gpu_layers)]
+    if plan.rpc:
+        args += plan.rpc.args()
+    elif not (cfg.build.backend == "cuda" and cfg.mode == "native" and s.gpu_layers == 0):
+        args += ["--n-gpu-layers", str(s.gpu_layers)]
+    # (a CUDA host with gpu_layers 0: llama-fit-params' result is pinned in the unit's drop-in, roles/gpu)
     # explicit either way: llama-server enables it only when -np is "auto"
     args.append("--kv-unified" if s.kv_unified else "--no-kv-unified")
     if plan.swa_full:
@@ -358,7 +362,7 @@ def load_mode(cfg: HostConfig, meta: ModelMeta, plan_total: int, host_memory_byt
     """
     if cfg.server.load_mode is not None:
         return cfg.server.load_mode
-    if cfg.mode == "docker" or cfg.server.gpu_layers > 0:
+    if cfg.mode == "docker" or cfg.cuda:
         return None
     if _cannot_lock(cfg, meta, memlock_ceiling):
         return None
@@ -396,6 +400,6 @@ def compose_resources(cfg: HostConfig) -> dict[str, dict]:
         reservations["cpus"] = f"{lim.cpus_reserved:g}"
     if lim.memory_reserved:
         reservations["memory"] = lim.memory_reserved
-    if cfg.server.gpu_layers > 0:
+    if cfg.cuda:
         reservations["devices"] = [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     return {k: v for k, v in (("limits", limits), ("reservations", reservations)) if v}

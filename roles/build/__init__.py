@@ -22,7 +22,7 @@ from llamadeploy import packages
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.roledeploy import role
-from llamadeploy.roles import transfer
+from llamadeploy.roles import gpu, transfer
 from llamadeploy.roles.build.artifact import artifact_path, artifact_sha256, host_kind
 from llamadeploy.roles.build.facts import CpuFlagsDigest
 from llamadeploy.roles.build.operations import artifact_fetched, artifact_installed, build_release, fanout_path
@@ -61,7 +61,8 @@ def kind_of(h: Host, cfg: HostConfig) -> str:
     kinds = _KINDS.setdefault(h.inventory, {})
     if h.name not in kinds:
         distro: Any = h.get_fact(LinuxDistribution)
-        kinds[h.name] = host_kind(distro, h.get_fact(Arch), h.get_fact(CpuFlagsDigest), cfg.build.native)
+        kinds[h.name] = (host_kind(distro, h.get_fact(Arch), h.get_fact(CpuFlagsDigest), cfg.build.native)
+                         + gpu.kind_suffix(h, cfg))
     return kinds[h.name]
 
 
@@ -91,7 +92,7 @@ def _first_builder(cfg: HostConfig, kind: str) -> str:
 
 
 @role("Build llama.cpp (native)")
-def native_build(cfg: HostConfig) -> list[OperationMeta]:
+def native_build(cfg: HostConfig, g: gpu.GpuHost | None = None) -> list[OperationMeta]:
     """Compile the release on this host, or install the one another host of its kind built.
 
     With ``build_once`` (the default), one host per kind compiles (see :func:`builder_for`)
@@ -123,7 +124,8 @@ def native_build(cfg: HostConfig) -> list[OperationMeta]:
                        packages=build_packages(cfg) if compiles else runtime_packages(cfg),
                        update=True, cache_time=24 * 3600, no_recommends=True)
     built = build_release(name=f"Build llama-server {key}", build=cfg.build, release_dir=cfg.release_dir,
-                          cache_dir=svc.cache_dir, compile=compiles or present)
+                          cache_dir=svc.cache_dir, compile=compiles or present,
+                          host_defines=g.cmake_defines() if g else None)
     artifact_fetched(name=f"Release {key} ({kind}) sent to the controller's cache", release_dir=cfg.release_dir,
                      cache_dir=svc.cache_dir, controller_path=str(cached), enabled=compiles and cfg.build.build_once)
     if cfg.transfer.mode == "fanout" and cfg.build.build_once and not present and not compiles:

@@ -20,12 +20,12 @@ from llamadeploy.config import BuildConfig
 from llamadeploy.roles.build.artifact import artifact_sha256, publish
 
 #: the binaries of a release: the server, and the RPC worker its heads' layers run on
-TARGETS = ("llama-server", "ggml-rpc-server")
+TARGETS = ("llama-server", "ggml-rpc-server", "llama-fit-params")
 
 
 @operation()
 def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
-                  compile: bool = True) -> Generator[Any, None, None]:
+                  compile: bool = True, host_defines: dict[str, str] | None = None) -> Generator[Any, None, None]:
     """
     Build ``llama-server`` for one release key and install it into ``release_dir``.
 
@@ -33,6 +33,8 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
     + release_dir: ``<prefix>/releases/<version>-<flags hash>``; created atomically
     + cache_dir: where sources, the build tree and ccache live on the host
     + compile: False on a host that receives the release built on another (build once)
+    + host_defines: CMake options this host adds (a CUDA build's architectures, from its GPUs); they
+      are recorded in ``BUILD-INFO`` and carried by the build kind, not the release key
 
     Nothing happens when the release directory already holds a binary: a release
     is immutable, and its name changes whenever version or flags change. The
@@ -70,19 +72,23 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
         top = src
 
     key = build.release_key()
-    # the RPC worker only where the RPC backend is built (a user's GGML_RPC=OFF leaves it out)
-    targets = [t for t in TARGETS if t != "ggml-rpc-server" or build.cmake_options().get("GGML_RPC") == "ON"]
+    # the RPC worker only where the RPC backend is built (a user's GGML_RPC=OFF leaves it out); the
+    # fit tool only in CUDA builds (the GPU role pins its result)
+    opts = build.cmake_options() | (host_defines or {})
+    targets = [t for t in TARGETS if (t != "ggml-rpc-server" or opts.get("GGML_RPC") == "ON")
+               and (t != "llama-fit-params" or opts.get("GGML_CUDA") == "ON")]
     work = f"{cache_dir}/build/{key}"
     tmp = f"{release_dir}.partial"
-    defines = " ".join(f"-D{k}={q(v)}" for k, v in build.cmake_options().items())
+    defines = " ".join(f"-D{k}={q(v)}" for k, v in opts.items())
     if build.ccache:
         defines += " -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
     jobs = str(build.jobs) if build.jobs else "$(nproc)"
-    info = " ".join(q(f"{k}={v}") for k, v in build.cmake_options().items())
+    info = " ".join(q(f"{k}={v}") for k, v in opts.items())
     yield " && ".join(
         [
             "set -e",
             f"export CCACHE_DIR={q(cache_dir)}/ccache CCACHE_COMPILERCHECK=content CCACHE_NOHASHDIR=1",
+            *(["export PATH=\"$PATH:/usr/local/cuda/bin\""] if opts.get("GGML_CUDA") == "ON" else []),
             f"rm -rf {q(work)} {q(tmp)} && mkdir -p {q(cache_dir)}/build",
             f"cmake -S {q(top)} -B {q(work)} {defines} > {q(work)}.configure.log 2>&1"
             f" || {{ tail -n 40 {q(work)}.configure.log >&2; exit 1; }}",

@@ -1,6 +1,191 @@
-"""GPU role: reads a host's NVIDIA GPUs and CUDA toolkit (``facts.py``) and derives from them the
-CUDA build settings and the offload to pin (:mod:`llamadeploy.gpu`).
+"""GPU role: NVIDIA hosts (``llama_build.backend = "cuda"``): driver and toolkit, the build's CUDA
+architectures, the offload pinned from llama.cpp's own fit, and Docker's NVIDIA runtime.
 
-The logic is pure and unit-tested on recorded ``nvidia-smi`` output; this role only gathers
-the facts a deploy needs, so that a CPU host (no ``nvidia-smi``) reports no GPU and changes nothing.
+Facts (``facts.py``) feed pure rules (:mod:`llamadeploy.gpu`, unit-tested on recorded output of real
+GPUs). A CPU host reads no fact and gets no operation from here. Its templates are the service
+unit's ``DeviceAllow=`` lines (``templates/service``) and the compose GPU reservation (``templates/docker``).
 """
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import DeployError
+from pyinfra.api.host import Host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.server import LinuxDistribution
+from pyinfra.operations import apt, files, server
+
+from llamadeploy import gpu
+from llamadeploy.config import HostConfig
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.gpu.facts import CudaToolkit, NvidiaGpus
+from llamadeploy.roles.gpu.operations import docker_runtime, fit_pinned
+
+DAEMON_JSON = "/etc/docker/daemon.json"
+
+
+@dataclass(frozen=True)
+class GpuHost:
+    """What a CUDA host has: its GPUs and (native mode) its CUDA toolkit release."""
+
+    gpus: tuple[gpu.Gpu, ...]
+    cuda: str | None
+    archs: str  #: CMAKE_CUDA_ARCHITECTURES: llama_build.cuda_architectures, or from the GPUs
+
+    @property
+    def kind(self) -> str:
+        """The build-kind suffix (``cuda13.0-sm90``): CUDA builds are shared only between hosts with
+        the same toolkit release and architectures."""
+        return gpu.cuda_release_kind(self.cuda or "0.0", self.archs)
+
+    def cmake_defines(self) -> dict[str, str]:
+        """What joins the release's own CMake options on this host (not part of the release key:
+        the kind carries it). nvcc is found by CMake on PATH; NVIDIA's packages put it in
+        ``/usr/local/cuda/bin``, which the build adds to PATH."""
+        return {"CMAKE_CUDA_ARCHITECTURES": self.archs}
+
+
+def _missing(cfg: HostConfig, gpus: list[gpu.Gpu], cuda: str | None, runtime: bool) -> list[str]:
+    out = []
+    if not gpus:
+        out.append("driver")
+    if cfg.mode == "native" and not cuda:
+        out.append("toolkit")
+    if cfg.mode == "docker" and not runtime:
+        out.append("container_toolkit")
+    return out
+
+
+def _has_docker_runtime() -> bool:
+    daemon = host.get_fact(FileContents, path=DAEMON_JSON) or []
+    return any('"nvidia"' in line for line in daemon)
+
+
+def gpu_host(cfg: HostConfig) -> GpuHost | None:
+    """Read and check a CUDA host while pyinfra prepares: every refusal names the host, the
+    setting and what is allowed, before anything changes. None on a CPU host, and on a host
+    whose driver/toolkit this run installs (:func:`installed` then stops its deploy)."""
+    if not cfg.cuda:
+        return None
+    gpus = host.get_fact(NvidiaGpus)
+    cuda = host.get_fact(CudaToolkit) if cfg.mode == "native" else None
+    has_ctk = cfg.mode != "docker" or bool(host.get_fact(File, path="/usr/bin/nvidia-ctk"))
+    missing = _missing(cfg, gpus, cuda, has_ctk)
+    if missing:
+        what = {"driver": "nvidia-smi reports no NVIDIA GPU (no driver loaded)",
+                "toolkit": "there is no CUDA toolkit (nvcc) for the build",
+                "container_toolkit": "the NVIDIA container toolkit (nvidia-ctk) is not installed"}
+        if cfg.gpu.install == "no" and not cfg.gpu.packages_dir:
+            raise DeployError(
+                f"preflight refused host {host.name}: llama_build.backend = 'cuda' but "
+                f"{'; '.join(what[m] for m in missing)}. "
+                "Allowed: install it, or set llama_gpu.install 'distro' / 'nvidia' (or llama_gpu.packages_dir) "
+                "to have the deploy install it, or llama_build.backend 'cpu'")
+        return None
+    try:
+        archs = cfg.build.cuda_architectures or gpu.cuda_architectures(gpus)
+        for g in gpus:
+            if cuda:
+                gpu.check_driver(g.driver, cuda)
+        if cuda and not cfg.build.cuda_architectures:
+            gpu.cuda_cmake_args(gpus, cuda)  # refuses an architecture this toolkit cannot compile
+    except gpu.GpuError as exc:
+        raise DeployError(f"preflight refused host {host.name}: llama_build.backend = 'cuda': {exc}") from None
+    return GpuHost(tuple(gpus), cuda, archs)
+
+
+@role("NVIDIA driver and CUDA toolkit")
+def installed(cfg: HostConfig) -> bool:
+    """Install what a CUDA host lacks (``llama_gpu.install`` / ``packages_dir``); True when this run
+    installs something. Such a host's deploy stops after the install: a new driver needs a reboot
+    before nvidia-smi sees the GPUs, and the next deploy reads the host afresh."""
+    if not cfg.cuda:
+        return False
+    gpus = host.get_fact(NvidiaGpus)
+    cuda = host.get_fact(CudaToolkit) if cfg.mode == "native" else None
+    has_ctk = cfg.mode != "docker" or bool(host.get_fact(File, path="/usr/bin/nvidia-ctk"))
+    missing = _missing(cfg, gpus, cuda, has_ctk)
+    if not missing or (cfg.gpu.install == "no" and not cfg.gpu.packages_dir):
+        return False  # nothing to install, or nothing allowed to: gpu_host refuses the host
+    if cfg.gpu.packages_dir:
+        debs = sorted(Path(cfg.gpu.packages_dir).glob("*.deb"))
+        if not debs:
+            raise DeployError(f"preflight refused host {host.name}: llama_gpu.packages_dir = "
+                              f"{cfg.gpu.packages_dir!r} holds no .deb file")
+        stage = f"{cfg.service.cache_dir}/gpu-debs"
+        files.directory(name="GPU packages directory", path=stage, mode="755")
+        for deb in debs:
+            files.put(name=f"GPU package {deb.name}", src=str(deb), dest=f"{stage}/{deb.name}", mode="644")
+        paths = " ".join(shlex.quote(f"{stage}/{d.name}") for d in debs)
+        server.shell(name="Install the pushed GPU packages",
+                     commands=[f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {paths}"])
+    else:
+        try:
+            pkgs = gpu.install_packages(cfg.gpu.install, cfg.mode == "docker", "driver" in missing,
+                                        "toolkit" in missing, "container_toolkit" in missing)
+        except gpu.GpuError as exc:
+            raise DeployError(f"preflight refused host {host.name}: llama_gpu.install = {cfg.gpu.install!r}: {exc}") from None
+        if cfg.gpu.install == "distro":
+            codename = (host.get_fact(LinuxDistribution).get("release_meta") or {}).get("VERSION_CODENAME", "bookworm")
+            files.put(name="Debian contrib and non-free (NVIDIA driver, CUDA toolkit)",
+                      src=StringIO(f"deb http://deb.debian.org/debian {codename} contrib non-free non-free-firmware\n"),
+                      dest="/etc/apt/sources.list.d/llamadeploy-nvidia.list", mode="644")
+        else:
+            apt.deb(name="NVIDIA's CUDA repository key (cuda-keyring)",
+                    src=posixpath.join(cfg.gpu.nvidia_repo, gpu.CUDA_KEYRING))
+        apt.packages(name=f"NVIDIA packages: {', '.join(pkgs)}", packages=pkgs, update=True, no_recommends=True)
+    host.noop(f"{host.name}: installed the NVIDIA {', '.join(missing)}; reboot it if the driver was installed, "
+              "then deploy again (this run changes nothing else on it)")
+    return True
+
+
+def container_runtime(cfg: HostConfig, g: GpuHost | None) -> None:
+    """Docker mode on a GPU host: the engine gets the ``nvidia`` runtime (``nvidia-ctk``)."""
+    if g is None or cfg.mode != "docker":
+        return
+    docker_runtime(name="Docker's NVIDIA runtime", configured=_has_docker_runtime())
+
+
+def kind_suffix(h: Host, cfg: HostConfig) -> str:
+    """The build-kind suffix of host ``h`` (any host of the run: build once compares kinds across
+    hosts), "" for a CPU build; read from ``h``'s own facts."""
+    if cfg.build.backend != "cuda":
+        return ""
+    gpus = h.get_fact(NvidiaGpus)
+    cuda = h.get_fact(CudaToolkit)
+    try:
+        archs = cfg.build.cuda_architectures or gpu.cuda_architectures(gpus)
+        return "-" + gpu.cuda_release_kind(cuda or "0.0", archs)
+    except gpu.GpuError:
+        return "-cuda-unknown"  # gpu_host refuses such a host before it builds or receives anything
+
+
+def dropin_path(cfg: HostConfig) -> str:
+    return f"/etc/systemd/system/{cfg.service.name}.service.d/gpu-fit.conf"
+
+
+def pinned(cfg: HostConfig, g: GpuHost | None, planned: list[str], binary: str, model_path: str,
+           model_sha256: str) -> OperationMeta | None:
+    """On a CUDA host whose ``gpu_layers`` is 0: llama.cpp's fit, pinned in the unit's drop-in
+    (see :func:`roles.gpu.operations.fit_pinned`); the explicit layers otherwise (in the unit itself)."""
+    if cfg.mode != "native":
+        return None
+    if g is None or cfg.server.gpu_layers:
+        # a pinned fit left from a CUDA deploy would override the unit's ExecStart
+        if host.get_fact(File, path=dropin_path(cfg)):
+            return files.file(name="No pinned fit (CPU build, or gpu_layers explicit)", path=dropin_path(cfg),
+                              present=False)
+        return None
+    fit_bin = f"{cfg.release_dir}/bin/llama-fit-params"
+    cmd = gpu.fit_params_command(fit_bin, model_path, planned, cfg.gpu.fit_margin_mib)
+    digest = gpu.fit_inputs_digest(cfg.build.release_key(), model_sha256, cmd, g.gpus)
+    return fit_pinned(name="Offload pinned from llama-fit-params", fit_cmd=cmd, margin_mib=cfg.gpu.fit_margin_mib,
+                      unit=f"{cfg.service.name}.service", planned=planned, binary=binary,
+                      dropin=dropin_path(cfg), digest=digest)

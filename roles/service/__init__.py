@@ -18,10 +18,13 @@ from pyinfra.operations.util import any_changed
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
+from llamadeploy.gpu import device_allow
 from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import gpu as gpu_role
 from llamadeploy.roles.firewall import rules_path
+from llamadeploy.roles.gpu import GpuHost
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
@@ -30,7 +33,8 @@ from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limi
 TEMPLATE = "service/llama-server.service.j2"
 
 
-def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str]) -> str:
+def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
+              gpus: GpuHost | None = None) -> str:
     """The rendered systemd unit (pure: config, model and argument vector in, text out)."""
     svc = cfg.service
     return render(
@@ -44,7 +48,8 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str])
         model_sha256=art.first.sha256,
         exec_start=" ".join(systemd_quote(a) for a in [binary, *args]),
         limits=unit_limits(cfg),
-        gpu=cfg.server.gpu_layers > 0,
+        gpu=cfg.cuda,
+        device_allow=device_allow(list(gpus.gpus)) if gpus else [],
         port=cfg.server.port,
         read_only_paths=[svc.prefix, svc.data_dir, svc.config_dir],
         numa="--numa" in args,
@@ -55,13 +60,14 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str])
 @role("llama-server service")
 def service(
     cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
-    restart_if: Callable[[], bool] | None = None,
+    restart_if: Callable[[], bool] | None = None, gpus: GpuHost | None = None,
 ) -> tuple[OperationMeta, OperationMeta, str]:
     """Render the unit and keep the service running; restart it when an input changed.
 
     ``restart_on`` are operations (binary link, model) whose change means the
     running process is stale; ``restart_if`` another reason, checked when the restart executes
-    (an RPC head whose workers restarted). Returns the operations that start and restart the
+    (an RPC head whose workers restarted). On a CUDA host (``gpus``) the unit may use exactly the
+    NVIDIA devices, and llama.cpp's fit is pinned in a drop-in (roles/gpu). Returns the operations that start and restart the
     service, for the health gate, and the release id (see ``roles/release``).
     """
     svc = cfg.service
@@ -83,6 +89,10 @@ def service(
     # check stops here, with current and the unit still on the release that serves now
     check_flags(name="New release starts and knows every flag", binary=f"{cfg.release_dir}/bin/llama-server",
                 args=args)
+    # a CUDA host's offload: llama.cpp's fit with the new release, pinned before anything switches
+    # (a model that cannot be fitted fails the host here, with the old release still serving)
+    fit = gpu_role.pinned(cfg, gpus, args, binary, f"{cfg.model_dir}/{art.first.name}", art.first.sha256)
+    pins = [fit] if fit is not None else []
     # the key changes only after the check: a refused release must not leave a new key unread
     if cfg.server.api_key is not None:
         key = atomic.put(
@@ -98,9 +108,14 @@ def service(
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
 
-    unit_text = unit_file(cfg, art, binary, args)
+    unit_text = unit_file(cfg, art, binary, args, gpus)
+    gpu_fields: dict[str, object] = {}
+    if gpus:
+        gpu_fields = {"gpus": [f"{g.name} {g.uuid}" for g in gpus.gpus],
+                      "gpu_layers": str(cfg.server.gpu_layers) if cfg.server.gpu_layers else "fit",
+                      "gpu_pin_file": None if cfg.server.gpu_layers else gpu_role.dropin_path(cfg)}
     info = build_manifest(cfg, plan, args, art, unit=svc.name, release=cfg.build.release_key(), binary=binary,
-                          api_key_file=cfg.api_key_path if cfg.server.api_key else None)
+                          api_key_file=cfg.api_key_path if cfg.server.api_key else None, **gpu_fields)
     rid = release_id(cfg.build.version, info.render(), unit_text)
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
@@ -115,7 +130,7 @@ def service(
         dest=unit_path,
         mode="644",
     )
-    systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(unit, *pins))
     started = systemd.service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
     )
@@ -127,7 +142,7 @@ def service(
         name="Restart for changed binary, model, key or unit",
         service=f"{svc.name}.service",
         restarted=True,
-        _if=[lambda: stale or any_changed(unit, key, switched, *restart_on)() or bool(restart_if and restart_if()),
+        _if=[lambda: stale or any_changed(unit, key, switched, *pins, *restart_on)() or bool(restart_if and restart_if()),
              lambda: not started.did_change()],
     )
     return started, restarted, rid

@@ -22,6 +22,7 @@ import pytest
 
 from llamadeploy import gpu
 from llamadeploy.config import BuildConfig
+from llamadeploy.roles.gpu import GpuHost
 from llamadeploy.roles.gpu.facts import parse_gpus
 from llamadeploy.sandbox import assets
 from llamadeploy.sandbox.host import CACHE
@@ -53,11 +54,13 @@ def test_cuda_build_for_one_architecture(tmp_path):
     if not NVCC.exists():
         pytest.skip("no nvcc at /usr/local/cuda")
     gpus = parse_gpus((DATA / "h100.csv").read_text().splitlines())
-    cuda = gpu.cuda_cmake_args(gpus, "13.0")
-    assert cuda == {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "90"}
+    assert gpu.cuda_cmake_args(gpus, "13.0") == {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "90"}
+    # what build_release passes on such a host: the release's options (backend cuda) + the GPU role's
+    host_defines = GpuHost(tuple(gpus), "13.0", gpu.cuda_architectures(gpus)).cmake_defines()
     options = BuildConfig.model_validate(
-        {"native": False, "source": "tarball", "tarball": str(assets.llama_cpp_tarball()), "cmake_args": cuda},
-        strict=False).cmake_options()
+        {"native": False, "source": "tarball", "tarball": str(assets.llama_cpp_tarball()), "backend": "cuda"},
+        strict=False).cmake_options() | host_defines
+    assert options["GGML_CUDA"] == "ON" and options["CMAKE_CUDA_ARCHITECTURES"] == "90"
     lib = cublas_dir()
     with tarfile.open(assets.llama_cpp_tarball()) as t:
         t.extractall(tmp_path / "src", filter="data")
@@ -71,7 +74,8 @@ def test_cuda_build_for_one_architecture(tmp_path):
     configure = ["cmake", "-S", str(src), "-B", str(build), *(f"-D{k}={v}" for k, v in {**options, **here}.items())]
     subprocess.run(configure, check=True, capture_output=True, text=True)
     t0 = time.monotonic()
-    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+    proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "llama-fit-params",
+                           "-j", str(os.cpu_count() or 2)],
                           capture_output=True, text=True)
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

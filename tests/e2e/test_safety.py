@@ -89,6 +89,10 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
     ("missing-key-file", {"llama_server": {"api_key_file": "/nonexistent/key"}},
      "llama_server.api_key_file = '/nonexistent/key': No such file or directory on the controller"),
     ("sha-mismatch", {"llama_model": {"sha256": "0" * 64}}, "llama_model.sha256 = '000"),
+    # GPU settings that cannot work
+    ("cpu-gpu-layers", {"llama_server": {"gpu_layers": 20}}, "llama_server.gpu_layers = 20: a CPU build has no GPU"),
+    ("cuda-arch", {"llama_build": {"backend": "cuda", "cuda_architectures": "sm_89"}},
+     "llama_build.cuda_architectures = 'sm_89'"),
 ]
 
 
@@ -195,14 +199,17 @@ def test_killed_server_comes_back(host, inventory):
 
 
 def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
-    """Limits above the host's CPUs or RAM, and a login account as service user: refused with the
-    host's numbers before anything changes."""
+    """Limits above the host's CPUs or RAM, a login account as service user, a CUDA build without a
+    GPU: refused with the host's numbers before anything changes."""
     host.ssh("id ops >/dev/null 2>&1 || useradd -m -u 1500 ops")
     before = host_state(host)
     cases = {
         "cpus": ({"llama_limits": {"cpus": 1000.0}}, "llama_limits.cpus = 1000 but this host has "),
         "memory": ({"llama_limits": {"memory": "64T"}}, "llama_limits.memory = '64T' but this host has "),
         "account": ({"llama_service": {"user": "ops"}}, "llama_service.user = 'ops' is an existing login account (uid 1500)"),
+        # a CUDA build on a host without an NVIDIA driver or nvcc (this one has neither)
+        "gpu": ({"llama_build": {"backend": "cuda"}}, "llama_build.backend = 'cuda' but nvidia-smi reports no NVIDIA "
+                "GPU (no driver loaded); there is no CUDA toolkit (nvcc) for the build. Allowed: "),
     }
     for name, (sections, expected) in cases.items():
         result = run_deploy(with_data(host, tmp_path, name, **sections))

@@ -71,7 +71,8 @@ def test_schema_rejects_what_compose_would():
 
 
 def test_gpu_reserves_nvidia_devices_and_cuda_image():
-    c = cfg(server={"gpu_layers": 99})
+    c = cfg(build={"backend": "cuda"})
+    assert cfg(mode="docker", server={"gpu_layers": 99}).docker_image.endswith("server-cuda-b11434")
     doc = render(c)
     VALIDATOR.validate(doc)
     devices = doc["services"]["llama-server"]["deploy"]["resources"]["reservations"]["devices"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llamadeploy.config import HostConfig
+from llamadeploy.config import BuildConfig, HostConfig
 from llamadeploy.hostdata import ConfigError, parse_config, raw_settings, validate_inventory
 
 MODEL = {"llama_model": {"path": "/models/m.gguf"}}
@@ -316,3 +316,22 @@ def test_rpc_settings_are_checked_per_field():
     assert len(errs) == 1 and "server.gpu_layers" in errs[0] and "llama_rpc.split" in errs[0], errs
     assert problems(llama_rpc={"workers_group": "w", "split": [6, 6, 6]}) == []
     assert problems(llama_rpc={"port": 80}) != []  # below 1024: refused
+
+
+def test_cuda_builds_are_releases_of_their_own():
+    cpu = BuildConfig.model_validate({})
+    cuda = BuildConfig.model_validate({"backend": "cuda"})
+    pinned = BuildConfig.model_validate({"backend": "cuda", "cuda_architectures": "80;89"})
+    assert "GGML_CUDA" not in cpu.cmake_options()
+    assert cuda.cmake_options()["GGML_CUDA"] == "ON" and "CMAKE_CUDA_ARCHITECTURES" not in cuda.cmake_options()
+    assert pinned.cmake_options()["CMAKE_CUDA_ARCHITECTURES"] == "80;89"
+    assert len({cpu.release_key(), cuda.release_key(), pinned.release_key()}) == 3
+
+
+def test_gpu_settings_are_refused_where_they_cannot_work():
+    errs = problems(llama_server={"gpu_layers": 20, "allow_unauthenticated": True})
+    assert len(errs) == 1 and "llama_server.gpu_layers = 20" in errs[0] and "llama_build.backend 'cuda'" in errs[0], errs
+    errs = problems(llama_role="rpc_worker", llama_build={"backend": "cuda"})
+    assert any("llama_build.backend" in e and "CPU release" in e for e in errs), errs
+    errs = problems(llama_build={"backend": "cuda", "cuda_architectures": "sm_89"})
+    assert any("llama_build.cuda_architectures" in e for e in errs), errs

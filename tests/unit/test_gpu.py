@@ -440,3 +440,66 @@ def test_fit_of_a_real_h200_run_pins_every_layer():
     assert fitted == {"-c": "32768", "-ngl": "-1"}
     assert pinned_args(planned, fitted, None) == ["--parallel", "8", "--swa-full", "--metrics", "--ctx-size", "32768",
                                                   "--n-gpu-layers", "all", "--fit", "off"]
+
+
+# --- pinning at deploy time, installing -------------------------------------------------------
+
+
+def test_fit_digest_follows_what_the_fit_depends_on_and_not_free_memory():
+    from dataclasses import replace
+
+    from llamadeploy.gpu import fit_inputs_digest
+
+    (h200,) = gpus("h200-recorded.csv")
+    cmd = ["llama-fit-params", "--model", "/m.gguf", "--ctx-size", "8192", "--fit-target", "1024"]
+    base = fit_inputs_digest("b1-abc", "a" * 64, cmd, [h200])
+    assert base == fit_inputs_digest("b1-abc", "a" * 64, cmd, [replace(h200, memory_free_mib=10)])
+    assert base == fit_inputs_digest("b1-abc", "a" * 64, ["/other/path/llama-fit-params", *cmd[1:]], [h200])
+    for changed in (fit_inputs_digest("b2-abc", "a" * 64, cmd, [h200]),
+                    fit_inputs_digest("b1-abc", "b" * 64, cmd, [h200]),
+                    fit_inputs_digest("b1-abc", "a" * 64, [*cmd[:4], "4096", *cmd[5:]], [h200]),
+                    fit_inputs_digest("b1-abc", "a" * 64, cmd, [replace(h200, uuid="GPU-other")]),
+                    fit_inputs_digest("b1-abc", "a" * 64, cmd, [h200, replace(h200, index=1, uuid="GPU-2")])):
+        assert changed != base
+
+
+def test_margin_is_lowered_by_what_the_running_server_holds():
+    from llamadeploy.gpu import fit_margin, held_mib
+
+    apps = "4980, 1480\n5001, 300\n"  # nvidia-smi --query-compute-apps=pid,used_memory (csv, noheader, nounits)
+    assert held_mib(apps, 4980) == 1480 and held_mib(apps, 77) == 0 and held_mib(apps, None) == 0
+    assert fit_margin(1024, 300) == 724 and fit_margin(1024, 1480) == 0 and fit_margin(1024, 0) == 1024
+
+
+def test_dropin_resets_execstart_and_records_the_digest_first():
+    from llamadeploy.gpu import fit_dropin
+    from llamadeploy.tuning import systemd_quote
+
+    text = fit_dropin("/opt/llama.cpp/current/bin/llama-server",
+                      ["--ctx-size", "4096", "--override-tensor", r"blk\.14\.ffn_up_exps=CPU", "--fit", "off"],
+                      "0123456789abcdef", systemd_quote)
+    lines = text.splitlines()
+    assert lines[0] == "# inputs 0123456789abcdef"
+    assert lines[-2:] == ["ExecStart=", 'ExecStart=/opt/llama.cpp/current/bin/llama-server --ctx-size 4096 '
+                          r'--override-tensor "blk\\.14\\.ffn_up_exps=CPU" --fit off']
+
+
+@pytest.mark.parametrize(("source", "docker", "missing", "expected"), [
+    ("distro", False, ("driver", "toolkit"),
+     ["linux-headers-amd64", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi", "nvidia-cuda-toolkit"]),
+    ("distro", False, ("toolkit",), ["nvidia-cuda-toolkit"]),
+    ("nvidia", False, ("driver", "toolkit"), ["cuda-drivers", "cuda-toolkit"]),
+    ("nvidia", True, ("driver", "container_toolkit"), ["cuda-drivers", "nvidia-container-toolkit"]),
+])
+def test_install_brings_what_is_missing(source, docker, missing, expected):
+    from llamadeploy.gpu import install_packages
+
+    assert install_packages(source, docker, "driver" in missing, "toolkit" in missing,
+                            "container_toolkit" in missing) == expected
+
+
+def test_debian_has_no_container_toolkit():
+    from llamadeploy.gpu import install_packages
+
+    with pytest.raises(GpuError, match="Debian has no NVIDIA container toolkit"):
+        install_packages("distro", True, False, False, True)

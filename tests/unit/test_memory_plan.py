@@ -134,7 +134,8 @@ def test_swa_full_user_setting_wins():
         # memlock below the weights: locking would fail, so it is not asked for
         (QWEN25_3B, 64, {"limits": {"memlock": "64M"}}, None),
         (QWEN25_3B, 64, {"mode": "docker"}, None),
-        (QWEN25_3B, 64, {"server": {"gpu_layers": 99}}, None),
+        (QWEN25_3B, 64, {"server": {"gpu_layers": 99}, "build": {"backend": "cuda"}}, None),
+        (QWEN25_3B, 64, {"build": {"backend": "cuda"}}, None),  # fitted layers live on the GPU too
         # the user's choice wins either way
         (GEMMA2_2B, 8, {"server": {"load_mode": "mlock"}}, "mlock"),
         (GEMMA3_270M, 24, {"server": {"load_mode": "none"}}, "none"),

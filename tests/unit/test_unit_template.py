@@ -13,7 +13,7 @@ def render(**over) -> str:
         release_key="b1-abc", model_file="m.gguf", model_sha256="a" * 64,
         exec_start="/opt/llama.cpp/current/bin/llama-server --port 8080",
         limits={"CPUQuota": "400%", "MemoryMax": "8G"}, gpu=False, port=8080,
-        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False, firewall=None,
+        read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False, firewall=None, device_allow=[],
     )
     vars.update(over)
     return render_template("service/llama-server.service.j2", **vars)
@@ -43,6 +43,20 @@ def test_low_port_gets_only_bind_capability_and_gpu_keeps_devices():
     d = directives(render(port=80, gpu=True))
     assert d["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     assert "PrivateDevices" not in d
+
+
+def test_gpu_unit_allows_exactly_the_nvidia_devices_and_keeps_the_rest_of_the_hardening():
+    from llamadeploy.gpu import device_allow, parse_gpus
+    from tests.unit.test_gpu import DATA
+
+    gpus = parse_gpus((DATA / "multi-a10.csv").read_text().splitlines())
+    d = directives(render(gpu=True, device_allow=device_allow(gpus)))
+    assert d["DevicePolicy"] == ["closed"] and "PrivateDevices" not in d
+    assert d["DeviceAllow"] == ["/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "/dev/nvidia-uvm-tools rw",
+                                "/dev/nvidia-modeset rw", "/dev/nvidia0 rw", "/dev/nvidia1 rw", "/dev/nvidia2 rw"]
+    cpu = directives(render())
+    for key in set(cpu) - {"PrivateDevices"}:  # everything else of the CPU unit's hardening stays
+        assert key in d, key
 
 
 def test_filtered_calls_fail_with_eperm_and_numa_gets_its_calls_back():
