@@ -612,18 +612,22 @@ class HostConfig(Section):
 
     @model_validator(mode="after")
     def _gpu_options(self) -> HostConfig:
-        if self.mode == "native" and self.server.gpu_layers and self.build.backend != "cuda":
+        if self.mode == "native" and self.server.gpu_layers and not self.cuda:
             raise problem("server.gpu_layers", self.server.gpu_layers,
                           "a CPU build has no GPU to offload to; set llama_build.backend 'cuda' for NVIDIA hosts")
         if self.build.backend == "cuda" and self.role == "rpc_worker":
             raise problem("build.backend", self.build.backend,
                           "an RPC worker runs a CPU release (its memory is what the head borrows); use 'cpu'")
+        if self.build.backend == "cuda" and self.rpc.workers_group:
+            raise problem("build.backend", self.build.backend,
+                          "an RPC head runs the CPU release of its workers (llama_rpc.split places the layers)")
         return self
 
     @property
     def cuda(self) -> bool:
         """Whether this host serves from NVIDIA GPUs (a CUDA build, or docker's CUDA image)."""
-        return self.build.backend == "cuda" or (self.mode == "docker" and self.server.gpu_layers > 0)
+        return (self.build.backend == "cuda" or self.build.cmake_args.get("GGML_CUDA") == "ON"
+                or (self.mode == "docker" and self.server.gpu_layers > 0))
 
     @model_validator(mode="after")
     def _transfer_port_apart(self) -> HostConfig:

@@ -82,7 +82,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
                                                   restart_if=rpc.head_must_restart(cfg), gpus=gpus)
     else:
         docker.stop_native(cfg)
-        started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops])
+        started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops], gpus=gpus)
         rid = None
 
     # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start.

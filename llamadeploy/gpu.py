@@ -8,8 +8,10 @@ feeds them here, so every rule is unit-tested on recorded ``nvidia-smi`` output
 
 from __future__ import annotations
 
+import posixpath
 import re
-from collections.abc import Callable, Iterable, Sequence
+import shlex
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -575,14 +577,52 @@ def fit_margin(margin_mib: int, held: int) -> int:
     return max(0, margin_mib - held)
 
 
-def fit_dropin(binary: str, pinned: Sequence[str], digest: str, quote: Callable[[str], str]) -> str:
-    """The systemd drop-in that runs the server with the pinned offload (``ExecStart=`` reset, then
-    the whole command line, each argument quoted by ``quote``). Its first line records the inputs'
-    digest, which is how a later deploy knows the pin still holds."""
-    cmd = " ".join(quote(a) for a in [binary, *pinned])
-    return (f"# inputs {digest}\n"
-            "# Managed by llamadeploy: llama.cpp's own fit (llama-fit-params), pinned at deploy time.\n"
-            f"[Service]\nExecStart=\nExecStart={cmd}\n")
+#: the environment variable the unit appends to llama-server's command line (``$LLAMA_GPU_FIT``:
+#: systemd splits it at whitespace; the fitted values hold none)
+FIT_VAR = "LLAMA_GPU_FIT"
+
+
+def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str, digest: str) -> str:
+    """The shell script that pins llama.cpp's fit on a host (run as root, ``_sudo`` included).
+
+    ``fit_cmd`` ends in ``--fit-target N``; N is replaced by the margin left after the memory
+    the running server holds on its busiest GPU, since its restart frees it. When it holds more
+    than the margin, the fit would count its weights as taken: the server is stopped for the
+    fit and started again right after (with its old arguments; the deploy's restart follows),
+    whatever the fit's outcome, so a failed fit never leaves it stopped. The fitted line
+    (``-c N -ngl N [-ts ..] [-ot "..."]``, see :data:`_FIT_LINE`) becomes ``$LLAMA_GPU_FIT`` with
+    ``-ngl -1`` ("nothing to change": all layers fit) written as ``all``, the ``-ot`` quotes
+    dropped (systemd passes the words as they are) and ``--fit off`` appended; the file is
+    written beside and renamed into place. A fit that fails or prints no line fails the host.
+    """
+    if len(fit_cmd) < 2 or fit_cmd[-2] != "--fit-target":
+        raise GpuError("the fit command must end in --fit-target N")
+    q = shlex.quote
+    run = " ".join(q(a) for a in fit_cmd[:-1]) + ' "$target"'
+    tmp = f"{env_path}.partial"
+    return "\n".join([
+        "set -u",
+        f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null || echo 0)",
+        "held=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null"
+        " | awk -F', *' -v p=\"$pid\" '$1 == p {print $2}' | sort -n | tail -n 1)",
+        'held=${held:-0}; case "$held" in *[!0-9]*) held=0 ;; esac',
+        f"target=$(( {int(margin_mib)} - held )); stopped=",
+        f'if [ "$target" -lt 0 ]; then systemctl stop {q(unit)}; stopped=1; target={int(margin_mib)}; fi',
+        f"out=$({run} 2>&1); rc=$?",
+        f'[ -z "$stopped" ] || systemctl start {q(unit)} || true',
+        "line=$(printf '%s\\n' \"$out\" | grep -E '^-c [0-9]+ -ngl -?[0-9]+' | tail -n 1)",
+        'if [ "$rc" -ne 0 ] || [ -z "$line" ]; then',
+        "  printf '%s\\n' \"$out\" | tail -n 15 >&2",
+        '  echo "llama-fit-params (exit $rc) printed no fitted arguments: the model cannot be fitted" >&2; exit 1',
+        "fi",
+        "line=$(printf '%s' \"$line\" | sed -E -e 's/ -ngl -1( |$)/ -ngl all\\1/' -e 's/ -ot \"([^\"]*)\"/ -ot \\1/')",
+        'case "$line" in *"\'"*) echo "unexpected quote in the fitted arguments: $line" >&2; exit 1 ;; esac',
+        "set -e",
+        f"mkdir -p {q(posixpath.dirname(env_path))}",
+        f"printf '# inputs %s: llama-fit-params for this release, model, flags and GPUs (llamadeploy)\\n"
+        f"{FIT_VAR}=\\047%s --fit off\\047\\n' {q(digest)} \"$line\" > {q(tmp)}",
+        f"sync -f {q(tmp)} && mv -f {q(tmp)} {q(env_path)}",
+    ])
 
 
 # --- installing what is missing -------------------------------------------------------------
@@ -591,10 +631,12 @@ def fit_dropin(binary: str, pinned: Sequence[str], digest: str, quote: Callable[
 CUDA_KEYRING = "cuda-keyring_1.1-1_all.deb"
 
 
-def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, container_toolkit: bool) -> list[str]:
+def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, container_toolkit: bool,
+                     deb_arch: str = "amd64") -> list[str]:
     """The packages that bring a host what it lacks (``driver``, ``toolkit``, ``container_toolkit``:
     whether each is missing), from ``source`` "distro" (Debian's contrib/non-free) or "nvidia"
-    (NVIDIA's CUDA repository, which also carries the container toolkit).
+    (NVIDIA's CUDA repository, which also carries the container toolkit); ``deb_arch`` is the
+    host's Debian architecture (the DKMS module is built against its kernel headers).
 
     Debian has no NVIDIA container toolkit, so docker mode with "distro" is refused rather than
     half-installed; a native host needs nvcc (the build) and the CUDA runtime libraries (every
@@ -603,7 +645,7 @@ def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, con
     pkgs: list[str] = []
     if source == "distro":
         if driver:
-            pkgs += ["linux-headers-amd64", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi"]
+            pkgs += [f"linux-headers-{deb_arch}", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi"]
         if toolkit and not docker:
             pkgs += ["nvidia-cuda-toolkit"]
         if container_toolkit and docker:

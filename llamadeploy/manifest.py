@@ -84,15 +84,19 @@ class Manifest(BaseModel):
     #: NVIDIA GPUs the server was planned for (``name uuid`` each); empty on a CPU host
     gpus: list[str] = []
     #: ``--n-gpu-layers`` on a GPU host: a number (set explicitly), "fit" (llama-fit-params' result,
-    #: pinned in ``gpu_pin_file``), or "all"; None on a CPU host
+    #: pinned in ``gpu_pin_file``), or "auto" (docker: llama-server's own fit at start); None on a CPU host
     gpu_layers: str | None = None
-    #: the systemd drop-in holding the pinned fit (native mode, ``gpu_layers`` "fit")
+    #: the unit's environment file holding the pinned fit (native mode, ``gpu_layers`` "fit")
     gpu_pin_file: str | None = None
     memory_plan: PlanRecord
 
     def render(self) -> str:
         """The file's content: stable, indented JSON (a re-deploy with the same input is byte-equal)."""
-        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+        data = self.model_dump(mode="json")
+        for key in ("gpus", "gpu_layers", "gpu_pin_file"):  # a CPU host's manifest stays as it was
+            if not data.get(key):
+                data.pop(key, None)
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
     def parse(cls, text: str) -> Manifest:

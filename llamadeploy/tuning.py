@@ -76,9 +76,10 @@ def server_args(
     ]
     if plan.rpc:
         args += plan.rpc.args()
-    elif not (cfg.build.backend == "cuda" and cfg.mode == "native" and s.gpu_layers == 0):
+    elif not (cfg.cuda and s.gpu_layers == 0):
         args += ["--n-gpu-layers", str(s.gpu_layers)]
-    # (a CUDA host with gpu_layers 0: llama-fit-params' result is pinned in the unit's drop-in, roles/gpu)
+    # (a CUDA host with gpu_layers 0: native pins llama-fit-params' result from the unit's environment
+    # file, roles/gpu; docker leaves it to llama-server's own fit at every start, -ngl auto -fit on)
     # explicit either way: llama-server enables it only when -np is "auto"
     args.append("--kv-unified" if s.kv_unified else "--no-kv-unified")
     if plan.swa_full:

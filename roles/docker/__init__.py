@@ -25,6 +25,7 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.manifest import build_manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import gpu as gpu_role
 from llamadeploy.roles.docker.operations import (
     check_image_flags,
     compose_down,
@@ -32,6 +33,7 @@ from llamadeploy.roles.docker.operations import (
     image_loaded,
     image_pulled,
 )
+from llamadeploy.roles.gpu import GpuHost
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.tuning import MemoryPlan, compose_resources, server_args
 
@@ -123,7 +125,7 @@ def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str
 
 @role("llama-server in Docker")
 def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
-                    restart_on: list[OperationMeta]) -> tuple[OperationMeta, OperationMeta]:
+                    restart_on: list[OperationMeta], gpus: GpuHost | None = None) -> tuple[OperationMeta, OperationMeta]:
     """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed."""
     svc, d = cfg.service, cfg.docker
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
@@ -141,7 +143,8 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
         key = files.file(name="No API key file", path=key_file, present=False)
 
     info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, compose_service=COMPOSE_SERVICE, image=ref,
-                          api_key_file=key_file if cfg.server.api_key else None)
+                          api_key_file=key_file if cfg.server.api_key else None,
+                          **gpu_role.manifest_fields(cfg, gpus, None))
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
     compose = atomic.put(

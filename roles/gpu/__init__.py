@@ -2,7 +2,7 @@
 architectures, the offload pinned from llama.cpp's own fit, and Docker's NVIDIA runtime.
 
 Facts (``facts.py``) feed pure rules (:mod:`llamadeploy.gpu`, unit-tested on recorded output of real
-GPUs). A CPU host reads no fact and gets no operation from here. Its templates are the service
+GPUs). A CPU host reads no GPU fact and gets no operation from here. Its templates are the service
 unit's ``DeviceAllow=`` lines (``templates/service``) and the compose GPU reservation (``templates/docker``).
 """
 
@@ -19,7 +19,7 @@ from pyinfra.api import DeployError
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
-from pyinfra.facts.server import LinuxDistribution
+from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import apt, files, server
 
 from llamadeploy import gpu
@@ -98,6 +98,16 @@ def gpu_host(cfg: HostConfig) -> GpuHost | None:
             gpu.cuda_cmake_args(gpus, cuda)  # refuses an architecture this toolkit cannot compile
     except gpu.GpuError as exc:
         raise DeployError(f"preflight refused host {host.name}: llama_build.backend = 'cuda': {exc}") from None
+    if cfg.mode == "native":
+        # a release is immutable and named by its key, which does not hold the architectures taken
+        # from the GPUs: a host whose GPUs changed would keep running code built for the old ones
+        info = host.get_fact(FileContents, path=f"{cfg.release_dir}/BUILD-INFO") or []
+        built = next((ln.split("=", 1)[1] for ln in info if ln.startswith("CMAKE_CUDA_ARCHITECTURES=")), archs)
+        if built != archs:
+            raise DeployError(
+                f"preflight refused host {host.name}: its release {cfg.build.release_key()} was built for "
+                f"CMAKE_CUDA_ARCHITECTURES={built}, its GPUs need {archs}: set llama_build.cuda_architectures "
+                f"(a release of its own), or remove {cfg.release_dir} to rebuild it")
     return GpuHost(tuple(gpus), cuda, archs)
 
 
@@ -128,8 +138,9 @@ def installed(cfg: HostConfig) -> bool:
                      commands=[f"DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {paths}"])
     else:
         try:
+            deb_arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(host.get_fact(Arch), "amd64")
             pkgs = gpu.install_packages(cfg.gpu.install, cfg.mode == "docker", "driver" in missing,
-                                        "toolkit" in missing, "container_toolkit" in missing)
+                                        "toolkit" in missing, "container_toolkit" in missing, deb_arch)
         except gpu.GpuError as exc:
             raise DeployError(f"preflight refused host {host.name}: llama_gpu.install = {cfg.gpu.install!r}: {exc}") from None
         if cfg.gpu.install == "distro":
@@ -167,25 +178,49 @@ def kind_suffix(h: Host, cfg: HostConfig) -> str:
         return "-cuda-unknown"  # gpu_host refuses such a host before it builds or receives anything
 
 
-def dropin_path(cfg: HostConfig) -> str:
-    return f"/etc/systemd/system/{cfg.service.name}.service.d/gpu-fit.conf"
+def fit_env_path(cfg: HostConfig, digest: str) -> str:
+    return f"{cfg.service.config_dir}/gpu-fit/{digest}.env"
 
 
-def pinned(cfg: HostConfig, g: GpuHost | None, planned: list[str], binary: str, model_path: str,
-           model_sha256: str) -> OperationMeta | None:
-    """On a CUDA host whose ``gpu_layers`` is 0: llama.cpp's fit, pinned in the unit's drop-in
-    (see :func:`roles.gpu.operations.fit_pinned`); the explicit layers otherwise (in the unit itself)."""
-    if cfg.mode != "native":
+@dataclass(frozen=True)
+class FitPin:
+    """A CUDA host's pinned fit: the unit reads ``env_path`` and appends ``$LLAMA_GPU_FIT``."""
+
+    digest: str
+    env_path: str
+    fit_cmd: list[str]
+
+
+def fit_pin(cfg: HostConfig, g: GpuHost | None, planned: list[str], model_path: str, model_sha256: str) -> FitPin | None:
+    """The fit to pin on a native CUDA host whose ``gpu_layers`` is 0 (None elsewhere: a number
+    > 0 is in the unit's arguments as given). Named by the digest of its inputs, so the unit's
+    text, and with it the release id, changes exactly when the fit's inputs do, and a rollback
+    gets the fit of the release it reinstates (the files are kept)."""
+    if g is None or cfg.mode != "native" or cfg.server.gpu_layers:
         return None
-    if g is None or cfg.server.gpu_layers:
-        # a pinned fit left from a CUDA deploy would override the unit's ExecStart
-        if host.get_fact(File, path=dropin_path(cfg)):
-            return files.file(name="No pinned fit (CPU build, or gpu_layers explicit)", path=dropin_path(cfg),
-                              present=False)
-        return None
-    fit_bin = f"{cfg.release_dir}/bin/llama-fit-params"
-    cmd = gpu.fit_params_command(fit_bin, model_path, planned, cfg.gpu.fit_margin_mib)
+    try:
+        cmd = gpu.fit_params_command(f"{cfg.release_dir}/bin/llama-fit-params", model_path, planned,
+                                     cfg.gpu.fit_margin_mib)
+    except gpu.GpuError as exc:
+        raise DeployError(f"preflight refused host {host.name}: llama_server.extra_args: {exc}") from None
     digest = gpu.fit_inputs_digest(cfg.build.release_key(), model_sha256, cmd, g.gpus)
-    return fit_pinned(name="Offload pinned from llama-fit-params", fit_cmd=cmd, margin_mib=cfg.gpu.fit_margin_mib,
-                      unit=f"{cfg.service.name}.service", planned=planned, binary=binary,
-                      dropin=dropin_path(cfg), digest=digest)
+    return FitPin(digest, fit_env_path(cfg, digest), cmd)
+
+
+def pinned(cfg: HostConfig, pin: FitPin | None) -> OperationMeta | None:
+    """Run and pin llama.cpp's fit (:func:`roles.gpu.operations.fit_pinned`) where there is one to pin."""
+    if pin is None:
+        return None
+    return fit_pinned(name="Offload pinned from llama-fit-params", fit_cmd=pin.fit_cmd,
+                      margin_mib=cfg.gpu.fit_margin_mib, unit=f"{cfg.service.name}.service",
+                      env_path=pin.env_path, digest=pin.digest)
+
+
+def manifest_fields(cfg: HostConfig, g: GpuHost | None, pin: FitPin | None) -> dict[str, object]:
+    """What the deploy manifest records about the GPUs (nothing on a CPU host, so that its manifest
+    stays as it was): the cards, the layers (a number, or "fit" with the file that pins it)."""
+    if g is None:
+        return {}
+    return {"gpus": [f"{x.name} {x.uuid}" for x in g.gpus],
+            "gpu_layers": str(cfg.server.gpu_layers) if cfg.server.gpu_layers else ("fit" if pin else "auto"),
+            "gpu_pin_file": pin.env_path if pin else None}

@@ -2,68 +2,32 @@
 
 from __future__ import annotations
 
-import shlex
-from io import StringIO
-
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
-from pyinfra.facts.files import FileContents
+from pyinfra.api import operation
+from pyinfra.facts.files import File
 
 from llamadeploy import gpu
-from llamadeploy.tuning import systemd_quote
-
-
-def _fit_and_write(fit_cmd: list[str], margin_mib: int, unit: str, planned: list[str], binary: str,
-                   dropin: str, digest: str) -> None:
-    """Run when the operation executes (the release is on the host by then): read what the running
-    server holds on the GPU, run llama-fit-params, pin its result, replace the drop-in by rename."""
-    _, apps = host.run_shell_command(StringCommand(
-        f"pid=$(systemctl show -p MainPID --value {shlex.quote(unit)} 2>/dev/null || echo 0); echo pid=$pid; "
-        "nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null || true"))
-    lines = apps.stdout.splitlines()
-    pid = int(lines[0].removeprefix("pid=")) if lines and lines[0].removeprefix("pid=").isdigit() else None
-    margin = gpu.fit_margin(margin_mib, gpu.held_mib("\n".join(lines[1:]), pid or None))
-    cmd = [*fit_cmd[:-1], str(margin)] if fit_cmd[-2] == "--fit-target" else fit_cmd
-    ok, out = host.run_shell_command(StringCommand(shlex.join(cmd) + " 2>&1"))
-    try:
-        fitted = gpu.parse_fit_params(out.stdout)
-    except gpu.GpuError as exc:
-        tail = "\n".join(out.stdout.splitlines()[-15:])
-        raise OperationError(f"{exc}\n{shlex.join(cmd)} said:\n{tail}") from None
-    text = gpu.fit_dropin(binary, gpu.pinned_args(planned, fitted, None), digest, systemd_quote)
-    tmp = f"{dropin}.partial"
-    host.run_shell_command(StringCommand(f"mkdir -p {shlex.quote(dropin.rsplit('/', 1)[0])}"))
-    if not host.put_file(StringIO(text), tmp):
-        raise OperationError(f"could not write {tmp}")
-    ok, _ = host.run_shell_command(StringCommand(f"chmod 644 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} "
-                                                 f"{shlex.quote(dropin)}"))
-    if not ok:
-        raise OperationError(f"could not move {tmp} into place")
 
 
 @operation()
-def fit_pinned(fit_cmd: list[str], margin_mib: int, unit: str, planned: list[str], binary: str, dropin: str,
-               digest: str):
+def fit_pinned(fit_cmd: list[str], margin_mib: int, unit: str, env_path: str, digest: str):
     """
-    Pin llama.cpp's own offload fit in a systemd drop-in, so that every restart behaves the same.
+    Pin llama.cpp's own offload fit for the unit, so that every restart behaves the same.
 
     + fit_cmd: the ``llama-fit-params`` command (``gpu.fit_params_command``, ending in ``--fit-target N``)
-    + margin_mib: ``llama_gpu.fit_margin_mib``; lowered by what the running server holds (its restart frees it)
+    + margin_mib: ``llama_gpu.fit_margin_mib``; what the running server holds is given back to it
     + unit: the server's systemd unit (whose main process may hold GPU memory now)
-    + planned: the server's planned arguments; the fitted ``-c``/``-ngl``/``-ts``/``-ot`` replace theirs
-    + binary: the path the unit runs
-    + dropin: the drop-in file (``<unit>.service.d/gpu-fit.conf``)
+    + env_path: ``<config_dir>/gpu-fit/<digest>.env``, the unit's ``EnvironmentFile``
     + digest: ``gpu.fit_inputs_digest`` of release, model, fit command and GPUs
 
-    Nothing to do when the drop-in records the same digest. Otherwise the fit runs when the
-    operation executes, after the release and the model are on the host; a fit that fails (the
-    model cannot be loaded at all) fails the host before its unit or release changes.
+    The file is named by the digest of the fit's inputs, so it exists exactly when this fit was
+    pinned: nothing to do then. Otherwise the fit runs when the operation executes, after the
+    release and the model are on the host and before anything switches (``gpu.fit_script``).
     """
-    current = host.get_fact(FileContents, path=dropin)
-    if current and current[0] == f"# inputs {digest}":
+    if host.get_fact(File, path=env_path):
         host.noop(f"offload pinned for these inputs ({digest})")
         return
-    yield FunctionCommand(_fit_and_write, (fit_cmd, margin_mib, unit, planned, binary, dropin, digest), {})
+    yield gpu.fit_script(fit_cmd, margin_mib, unit, env_path, digest)
 
 
 @operation()

@@ -18,23 +18,24 @@ from pyinfra.operations.util import any_changed
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.gpu import device_allow
+from llamadeploy.gpu import FIT_VAR, device_allow
 from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import gpu as gpu_role
 from llamadeploy.roles.firewall import rules_path
-from llamadeploy.roles.gpu import GpuHost
+from llamadeploy.roles.gpu import FitPin, GpuHost
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
 TEMPLATE = "service/llama-server.service.j2"
+DEVICES_TEMPLATE = "service/llama-nvidia-devices.service.j2"
 
 
 def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
-              gpus: GpuHost | None = None) -> str:
+              gpus: GpuHost | None = None, pin: FitPin | None = None) -> str:
     """The rendered systemd unit (pure: config, model and argument vector in, text out)."""
     svc = cfg.service
     return render(
@@ -46,7 +47,9 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
         release_key=cfg.build.release_key(),
         model_file=art.first.name,
         model_sha256=art.first.sha256,
-        exec_start=" ".join(systemd_quote(a) for a in [binary, *args]),
+        # a pinned fit is appended from the environment file (its values, split at whitespace)
+        exec_start=" ".join(systemd_quote(a) for a in [binary, *args]) + (f" ${FIT_VAR}" if pin else ""),
+        environment_file=pin.env_path if pin else None,
         limits=unit_limits(cfg),
         gpu=cfg.cuda,
         device_allow=device_allow(list(gpus.gpus)) if gpus else [],
@@ -91,7 +94,8 @@ def service(
                 args=args)
     # a CUDA host's offload: llama.cpp's fit with the new release, pinned before anything switches
     # (a model that cannot be fitted fails the host here, with the old release still serving)
-    fit = gpu_role.pinned(cfg, gpus, args, binary, f"{cfg.model_dir}/{art.first.name}", art.first.sha256)
+    pin = gpu_role.fit_pin(cfg, gpus, args, f"{cfg.model_dir}/{art.first.name}", art.first.sha256)
+    fit = gpu_role.pinned(cfg, pin)
     pins = [fit] if fit is not None else []
     # the key changes only after the check: a refused release must not leave a new key unread
     if cfg.server.api_key is not None:
@@ -108,14 +112,10 @@ def service(
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
 
-    unit_text = unit_file(cfg, art, binary, args, gpus)
-    gpu_fields: dict[str, object] = {}
-    if gpus:
-        gpu_fields = {"gpus": [f"{g.name} {g.uuid}" for g in gpus.gpus],
-                      "gpu_layers": str(cfg.server.gpu_layers) if cfg.server.gpu_layers else "fit",
-                      "gpu_pin_file": None if cfg.server.gpu_layers else gpu_role.dropin_path(cfg)}
+    unit_text = unit_file(cfg, art, binary, args, gpus, pin)
     info = build_manifest(cfg, plan, args, art, unit=svc.name, release=cfg.build.release_key(), binary=binary,
-                          api_key_file=cfg.api_key_path if cfg.server.api_key else None, **gpu_fields)
+                          api_key_file=cfg.api_key_path if cfg.server.api_key else None,
+                          **gpu_role.manifest_fields(cfg, gpus, pin))
     rid = release_id(cfg.build.version, info.render(), unit_text)
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
@@ -130,13 +130,19 @@ def service(
         dest=unit_path,
         mode="644",
     )
-    systemd.daemon_reload(name="Reload systemd", _if=any_changed(unit, *pins))
+    devices = []
+    if gpus:  # the NVIDIA device nodes exist before the server starts (templates/service)
+        devices = [atomic.put(name="NVIDIA device nodes unit", src=StringIO(render(DEVICES_TEMPLATE, unit_name=svc.name)),
+                              dest="/etc/systemd/system/llama-nvidia-devices.service", mode="644")]
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(unit, *devices))
+    if gpus:
+        systemd.service(name="NVIDIA device nodes", service="llama-nvidia-devices.service", running=True, enabled=True)
     started = systemd.service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
     )
     # a server older than its files (a deploy that failed between writing and restarting)
     stale = host.get_fact(StartedBefore, unit=f"{svc.name}.service", paths=[
-        unit_path, f"{cfg.model_dir}/{art.first.name}", binary,
+        unit_path, f"{cfg.model_dir}/{art.first.name}", binary, *([pin.env_path] if pin else []),
         *([cfg.api_key_path] if cfg.server.api_key is not None else [])])
     restarted = systemd.service(
         name="Restart for changed binary, model, key or unit",

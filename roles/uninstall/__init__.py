@@ -38,15 +38,17 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     if host.get_fact(File, path=unit):
         server.shell(name="Native service stopped and disabled", commands=[f"systemctl disable --now {svc.name}.service"])
     gone = files.file(name="systemd unit removed", path=unit, present=False)
-    pin = f"{unit}.d/gpu-fit.conf"  # a CUDA host's pinned fit (roles/gpu)
-    pin_gone = files.file(name="Pinned GPU fit removed", path=pin, present=False) if host.get_fact(File, path=pin) else None
+    devices = "/etc/systemd/system/llama-nvidia-devices.service"  # a CUDA host's (roles/service)
+    if host.get_fact(File, path=devices):
+        server.shell(name="NVIDIA device nodes unit disabled", commands=["systemctl disable llama-nvidia-devices.service"])
+    pin_gone = files.file(name="NVIDIA device nodes unit removed", path=devices, present=False)
     table_removed(name="nftables table removed", table=table_name(cfg))
     worker_unit = "/etc/systemd/system/ggml-rpc-server.service"  # an RPC worker (roles/rpc)
     if host.get_fact(File, path=worker_unit):
         server.shell(name="RPC worker stopped and disabled", commands=["systemctl disable --now ggml-rpc-server.service"])
     worker_gone = files.file(name="RPC worker unit removed", path=worker_unit, present=False)
     table_removed(name="RPC fence removed", table="llamadeploy_rpc")
-    systemd.daemon_reload(name="Reload systemd", _if=any_changed(gone, worker_gone, *([pin_gone] if pin_gone else [])))
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(gone, worker_gone, pin_gone))
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:

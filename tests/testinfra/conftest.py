@@ -71,9 +71,9 @@ def server_pid(host, manifest) -> int:
     with host.sudo():
         if manifest.mode == "docker":
             cid = host.check_output(f"docker ps -q --filter label=com.docker.compose.service={manifest.compose_service}")
-            return int(host.check_output(f"docker inspect -f '{{{{.State.Pid}}}}' {cid}"))
+            return int(host.check_output(f"docker inspect -f '{{{{.State.Pid}}}}' {shlex.quote(cid)}"))
         if manifest.unit:
-            return int(host.check_output(f"systemctl show -p MainPID --value {manifest.unit}"))
+            return int(host.check_output(f"systemctl show -p MainPID --value {shlex.quote(manifest.unit)}"))
         # by the binary the manifest names (/proc, so no ss or pidof is needed)
         out = host.check_output(
             f"for p in /proc/[0-9]*; do [ \"$(readlink $p/exe)\" = {shlex.quote(manifest.binary or '')} ] "
@@ -93,5 +93,6 @@ def server_log(host, manifest, request) -> str:
         if manifest.mode == "docker":
             return host.check_output(
                 f"docker logs $(docker ps -q --filter label=com.docker.compose.service={manifest.compose_service}) 2>&1")
-        since = host.check_output(f"systemctl show -p ActiveEnterTimestamp --value {manifest.unit}")
-        return host.check_output(f"journalctl -u {manifest.unit} --no-pager -o cat --since {shlex.quote(since)}")
+        unit = shlex.quote(manifest.unit or "")
+        since = host.check_output(f"systemctl show -p ActiveEnterTimestamp --value {unit}")
+        return host.check_output(f"journalctl -u {unit} --no-pager -o cat --since {shlex.quote(since)}")

@@ -186,13 +186,14 @@ def test_gpu_layers_offloaded(host, manifest, server_log, server_pid):
     """
     if not manifest.gpus:
         pytest.skip("no NVIDIA GPU in the deploy manifest")
-    pinned = manifest.gpu_layers or "0"
-    if pinned == "fit":  # llama-fit-params' result, pinned in the unit's drop-in
+    pinned, ctx = manifest.gpu_layers or "0", manifest.memory_plan.ctx_size
+    if pinned == "fit":  # llama-fit-params' result, pinned in the unit's environment file
         with host.sudo():
             text = host.file(manifest.gpu_pin_file).content_string
-        m = re.search(r"--n-gpu-layers (\S+)", text)
-        assert m, f"no --n-gpu-layers in {manifest.gpu_pin_file}:\n{text}"
+        m = re.search(r"-ngl (\S+)", text)
+        assert m, f"no -ngl in {manifest.gpu_pin_file}:\n{text}"
         pinned = m.group(1)
+        ctx = int(re.search(r"-c (\d+)", text).group(1))
     found = re.findall(r"offloaded (\d+)/(\d+) layers to GPU", server_log)
     if found:
         done, total = (int(x) for x in found[-1])
@@ -203,6 +204,6 @@ def test_gpu_layers_offloaded(host, manifest, server_log, server_pid):
     used = sum(int(c[1]) for c in (line.split(",") for line in out.splitlines())
                if c[0].strip() == str(server_pid) and c[-1].strip().isdigit())
     plan = manifest.memory_plan
-    kv_mib = plan.ctx_size * plan.kv_bytes_per_token / 2**20
+    kv_mib = ctx * plan.kv_bytes_per_token / 2**20
     need = 0.9 * kv_mib if pinned in ("all", "-1") else 1
     assert used >= need, f"the server holds {used} MiB on the GPU; --n-gpu-layers {pinned} needs >= {need:.0f} MiB"

@@ -471,17 +471,46 @@ def test_margin_is_lowered_by_what_the_running_server_holds():
     assert fit_margin(1024, 300) == 724 and fit_margin(1024, 1480) == 0 and fit_margin(1024, 0) == 1024
 
 
-def test_dropin_resets_execstart_and_records_the_digest_first():
-    from llamadeploy.gpu import fit_dropin
-    from llamadeploy.tuning import systemd_quote
+def _pin(tmp_path, fit_output: str, rc: int = 0, margin: int = 1024) -> tuple[int, str, str]:
+    """Run gpu.fit_script with llama-fit-params replaced by a script printing ``fit_output``
+    (recorded or made up) and exiting ``rc``; returns (exit status, env file text, stderr)."""
+    import subprocess
 
-    text = fit_dropin("/opt/llama.cpp/current/bin/llama-server",
-                      ["--ctx-size", "4096", "--override-tensor", r"blk\.14\.ffn_up_exps=CPU", "--fit", "off"],
-                      "0123456789abcdef", systemd_quote)
-    lines = text.splitlines()
-    assert lines[0] == "# inputs 0123456789abcdef"
-    assert lines[-2:] == ["ExecStart=", 'ExecStart=/opt/llama.cpp/current/bin/llama-server --ctx-size 4096 '
-                          r'--override-tensor "blk\\.14\\.ffn_up_exps=CPU" --fit off']
+    from llamadeploy.gpu import fit_script
+
+    fake = tmp_path / "fit.sh"
+    fake.write_text(f"#!/bin/sh\necho \"target=$2\" > {tmp_path}/target\ncat {tmp_path}/out\nexit {rc}\n")
+    fake.chmod(0o755)
+    (tmp_path / "out").write_text(fit_output)
+    env = tmp_path / "gpu-fit" / "abc.env"
+    script = fit_script([str(fake), "--fit-target", str(margin)], margin, "no-such-unit.service", str(env), "abc")
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    return proc.returncode, env.read_text() if env.exists() else "", proc.stderr
+
+
+def test_pin_script_writes_the_fit_of_a_real_h200_run(tmp_path):
+    log = (DATA.parent / "fit-params" / "h200-gemma3-270m.log").read_text()
+    rc, text, err = _pin(tmp_path, log.partition("--- stdout\n")[2].replace("--- stderr\n", ""))
+    assert rc == 0, err
+    assert text.splitlines() == ["# inputs abc: llama-fit-params for this release, model, flags and GPUs (llamadeploy)",
+                                 "LLAMA_GPU_FIT='-c 32768 -ngl all --fit off'"]
+    assert (tmp_path / "target").read_text().strip() == "target=1024"  # nothing held: the whole margin
+    assert not list((tmp_path / "gpu-fit").glob("*.partial"))
+
+
+def test_pin_script_keeps_split_and_overrides_as_words(tmp_path):
+    line = '-c 4096 -ngl 48 -ts 20,28 -ot "blk\\.14\\.ffn_(up|down|gate)_(ch|)exps=CPU,blk\\.15\\.ffn_up_exps=CPU"\n'
+    rc, text, err = _pin(tmp_path, "some log line on stderr\n" + line)
+    assert rc == 0, err
+    assert text.splitlines()[1] == ("LLAMA_GPU_FIT='-c 4096 -ngl 48 -ts 20,28 -ot "
+                                    "blk\\.14\\.ffn_(up|down|gate)_(ch|)exps=CPU,blk\\.15\\.ffn_up_exps=CPU --fit off'")
+
+
+def test_pin_script_fails_the_host_and_writes_nothing_when_the_fit_fails(tmp_path):
+    rc, text, err = _pin(tmp_path, "llama_fit_params: failed to fit params\n", rc=1)
+    assert rc == 1 and text == "" and "the model cannot be fitted" in err and "failed to fit params" in err
+    rc, text, err = _pin(tmp_path, "no fitted line at all\n", rc=0)
+    assert rc == 1 and text == ""
 
 
 @pytest.mark.parametrize(("source", "docker", "missing", "expected"), [

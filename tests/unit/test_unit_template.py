@@ -14,6 +14,7 @@ def render(**over) -> str:
         exec_start="/opt/llama.cpp/current/bin/llama-server --port 8080",
         limits={"CPUQuota": "400%", "MemoryMax": "8G"}, gpu=False, port=8080,
         read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False, firewall=None, device_allow=[],
+        environment_file=None,
     )
     vars.update(over)
     return render_template("service/llama-server.service.j2", **vars)
@@ -90,3 +91,33 @@ def test_firewall_rules_load_before_every_start():
     assert "ExecStartPre" not in directives(render())
     d = directives(render(firewall="/etc/llama-server/firewall.nft"))
     assert d["ExecStartPre"] == ["+/usr/sbin/nft -f /etc/llama-server/firewall.nft"]
+
+
+def _exposure(text: str, tmp_path) -> tuple[float, set[str]]:
+    """``systemd-analyze security --offline=yes`` of a rendered unit: the score and the failed checks."""
+    import re
+    import shutil
+    import subprocess
+
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("no systemd-analyze on the controller")
+    path = tmp_path / "llama-server.service"
+    path.write_text(text)
+    out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
+    failed = {line.split()[1].rstrip("=") for line in out.splitlines() if line.startswith("✗")}
+    return score, failed
+
+
+def test_gpu_unit_exposure_differs_from_the_cpu_unit_only_by_its_devices(tmp_path):
+    """Recorded exposure (systemd 252): CPU unit 1.4, GPU unit 1.6 ("OK"); the GPU unit fails only
+    the device checks on top of the CPU unit's."""
+    from llamadeploy.gpu import device_allow, parse_gpus
+    from tests.unit.test_gpu import DATA
+
+    gpus = parse_gpus((DATA / "h200-recorded.csv").read_text().splitlines())
+    cpu, cpu_failed = _exposure(render(), tmp_path)
+    gpu, gpu_failed = _exposure(render(gpu=True, device_allow=device_allow(gpus)), tmp_path)
+    assert cpu <= 1.5 and gpu <= 2.0, (cpu, gpu)
+    assert gpu_failed - cpu_failed == {"PrivateDevices"}, gpu_failed - cpu_failed
