@@ -9,6 +9,7 @@ Prometheus' API, ssh).
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 import subprocess
@@ -127,6 +128,44 @@ def test_keepalive_openai_client_500_requests_no_errors(hosts, fleet):
     print(f"keep-alive, 500 requests: through the front {done} ok, {len(errors)} errors; "
           f"straight at a backend {direct_done} ok, {len(direct_errors)} errors {direct_errors[:3]}")
     assert errors == [] and done == 500
+
+
+def test_multi_turn_chats_under_load_keep_their_connections(hosts, fleet):
+    """8 chats side by side through the front, each turn resending the history as a stream read to
+    its end on the same kept-alive connection (httpx, no retries), while both backends share this
+    machine's 2 cores, so every stream takes seconds: 0 errors. Before ``option http-server-close``
+    HAProxy closed some client connections right after such a stream (a llama-server closing its
+    side), and the next turn failed with "Server disconnected without sending a response"
+    (8-14 of 48 requests in this setup). The OpenAI client does not show it: it closes a stream's
+    connection at ``[DONE]`` instead of reusing it."""
+    errors: list[str] = []
+    done = [0]
+
+    def chat(cid: int) -> None:
+        history = [{"role": "system", "content": f"You are assistant number {cid}. " + "Be brief. " * 40}]
+        with httpx.Client(timeout=180) as client:
+            for turn in range(6):
+                history.append({"role": "user", "content": f"Name a planet ({turn})."})
+                try:
+                    with client.stream("POST", f"{front_url(hosts)}/v1/chat/completions",
+                                       json={"messages": history, "max_tokens": 24, "stream": True}) as r:
+                        r.raise_for_status()
+                        text = ""
+                        for line in r.iter_lines():
+                            if line.startswith("data: {"):
+                                text += (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+                    history.append({"role": "assistant", "content": text})
+                    done[0] += 1
+                except httpx.HTTPError as exc:  # every error is counted, none retried
+                    errors.append(f"chat {cid} turn {turn}: {type(exc).__name__}: {exc}")
+                    history.pop()
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and done[0] == 48, errors
 
 
 def test_a_stopped_backend_is_taken_out_and_rejoins(hosts, fleet):

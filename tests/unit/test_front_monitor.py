@@ -33,6 +33,8 @@ def test_streams_and_dead_keepalive_connections():
     assert "timeout server 900s" in c and "timeout client 900s" in c
     # never reuse a backend connection llama-server may have closed; retry only failed connects
     assert "http-reuse never" in c and "retry-on conn-failure" in c
+    # the backend side closes after each response; a llama-server close must not reach the client
+    assert "option http-server-close" in c
     assert not any(ln.startswith("retry-on") and "empty-response" in ln for ln in c)
     assert "option httplog" in c
 
