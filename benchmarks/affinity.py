@@ -175,7 +175,7 @@ backends restarted (cold prompt caches) before each.
 
 Each backend has one core of this 2-core machine to itself; the front, the load generator and the
 kernel share both, so the second backend does not get a whole core's worth of extra work done.
-Errors: {result['one_backend']['errors']} / {result['two_backends']['errors']}.
+Failed requests at 16 clients: {sum(result['one_backend']['errors'].values())} with 1 backend, {sum(result['two_backends']['errors'].values())} with 2.
 """
     (OUT / "AFFINITY.md").write_text(text)
     print(text)

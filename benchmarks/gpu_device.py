@@ -9,6 +9,7 @@ systemd), so the suite's systemd/user/key-file checks are deselected.
 
     python3 benchmarks/gpu_device.py build SRC.tar.xz WORK OUT   # facts, configure, build in the background
     python3 benchmarks/gpu_device.py serve WORK MODEL_DIR OUT    # wait, fit, serve, testinfra, bench GPU vs CPU
+    python3 benchmarks/gpu_device.py pin WORK MODEL_DIR OUT      # the deploy's pin script, served as systemd would
 
 The second step benches the same binary on the same machine twice, all layers on the GPU vs
 ``--device none`` (CPU only), and reports the ratio. Results: ``OUT/gpu-device.json``.
@@ -29,6 +30,8 @@ import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -187,6 +190,50 @@ def serve(work: Path, model_dir: Path, out: Path) -> None:
                                            "testinfra_rc", "ratio")}, indent=2))
 
 
+def pin(work: Path, model_dir: Path, out: Path) -> None:
+    """The deploy's pin on a real GPU: ``gpu.fit_script`` (the exact shell the fit_pinned operation
+    runs) with the real llama-fit-params, its environment file split as systemd splits an unbraced
+    ``$LLAMA_GPU_FIT`` (quotes and backslashes, like POSIX shlex), the server started with the
+    planned arguments plus those words, and checked: health, a chat completion, layers offloaded."""
+    t0 = time.time()
+    while not (work / "build.rc").exists():
+        if time.time() - t0 > 420:
+            sys.exit("build not finished: " + sh(f"tail -3 {work}/build.log"))
+        time.sleep(2)
+    info = json.loads((work / "build-info.json").read_text())
+    info["build_s"] = round(float((work / "build.end").read_text()) - info["started"], 1)
+    if (work / "build.rc").read_text().strip() != "0":
+        shutil.copy(work / "build.log", out / "build.log")
+        sys.exit("build failed")
+    model = model_from_chunks(sorted(model_dir.glob("p*/c*")), model_dir / "whl" / "parts.txt", work)
+    cores = len(os.sched_getaffinity(0))
+    planned = ["--host", "127.0.0.1", "--port", str(PORT), "--alias", ALIAS, "--threads", str(cores // 2),
+               "--threads-batch", str(cores), "--ctx-size", "32768", "--parallel", "8", "--kv-unified",
+               "--swa-full", "--metrics", "--no-jinja", "--chat-template", "gemma"]
+    fit_cmd = gpu.fit_params_command(str(work / "build/bin/llama-fit-params"), str(model), planned, 1024)
+    env_path = work / "gpu-fit" / "abc.env"
+    script = gpu.fit_script(fit_cmd, 1024, "llama-server.service", str(env_path), "abc")
+    run = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    text = env_path.read_text() if env_path.exists() else ""
+    (out / "pin.log").write_text(f"rc={run.returncode}\n--- stderr\n{run.stderr}\n--- env file\n{text}")
+    value = text.splitlines()[1].split("=", 1)[1][1:-1] if text else ""
+    words = shlex.split(value)
+    log = out / "server-pinned.log"
+    proc = start(work / "build/bin/llama-server", model, [*planned, *words, "--log-verbosity", "4"], log)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "Name a planet."}], "max_tokens": 16})
+        apps = sh("nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader,nounits")
+    finally:
+        stop(proc)
+    offloaded = [ln for ln in log.read_text().splitlines() if "offloaded" in ln]
+    result = {"build_s": info["build_s"], "pin_rc": run.returncode, "env_file": text, "words": words,
+              "chat_status": r.status_code, "usage": r.json().get("usage"), "offloaded": offloaded,
+              "compute_apps": apps}
+    (out / "gpu-pin.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def _bench(url: str, levels: list[int]) -> list[dict[str, object]]:
     report = bench(url, levels, per_client=3, max_tokens=128)
     return [asdict(lv) for lv in report.levels]
@@ -200,5 +247,7 @@ if __name__ == "__main__":
     step, *rest = sys.argv[1:]
     if step == "build":
         build(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+    elif step == "pin":
+        pin(Path(rest[0]), Path(rest[1]), Path(rest[2]))
     else:
         serve(Path(rest[0]), Path(rest[1]), Path(rest[2]))

@@ -586,13 +586,16 @@ def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str
     """The shell script that pins llama.cpp's fit on a host (run as root, ``_sudo`` included).
 
     ``fit_cmd`` ends in ``--fit-target N``; N is replaced by the margin left after the memory
-    the running server holds on its busiest GPU, since its restart frees it. When it holds more
+    the running server holds (the least it holds on any GPU: one value serves every GPU), since
+    its restart frees it. When it holds more
     than the margin, the fit would count its weights as taken: the server is stopped for the
     fit and started again right after (with its old arguments; the deploy's restart follows),
     whatever the fit's outcome, so a failed fit never leaves it stopped. The fitted line
     (``-c N -ngl N [-ts ..] [-ot "..."]``, see :data:`_FIT_LINE`) becomes ``$LLAMA_GPU_FIT`` with
     ``-ngl -1`` ("nothing to change": all layers fit) written as ``all``, the ``-ot`` quotes
-    dropped (systemd passes the words as they are) and ``--fit off`` appended; the file is
+    dropped and its backslashes doubled (systemd splits an unbraced ``$VAR`` like a command line,
+    quotes and backslash escapes included, so a single backslash would be lost), and
+    ``--fit off`` appended; the file is
     written beside and renamed into place. A fit that fails or prints no line fails the host.
     """
     if len(fit_cmd) < 2 or fit_cmd[-2] != "--fit-target":
@@ -604,7 +607,7 @@ def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str
         "set -u",
         f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null || echo 0)",
         "held=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null"
-        " | awk -F', *' -v p=\"$pid\" '$1 == p {print $2}' | sort -n | tail -n 1)",
+        " | awk -F', *' -v p=\"$pid\" '$1 == p {print $2}' | sort -n | head -n 1)",
         'held=${held:-0}; case "$held" in *[!0-9]*) held=0 ;; esac',
         f"target=$(( {int(margin_mib)} - held )); stopped=",
         f'if [ "$target" -lt 0 ]; then systemctl stop {q(unit)}; stopped=1; target={int(margin_mib)}; fi',
@@ -615,7 +618,8 @@ def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str
         "  printf '%s\\n' \"$out\" | tail -n 15 >&2",
         '  echo "llama-fit-params (exit $rc) printed no fitted arguments: the model cannot be fitted" >&2; exit 1',
         "fi",
-        "line=$(printf '%s' \"$line\" | sed -E -e 's/ -ngl -1( |$)/ -ngl all\\1/' -e 's/ -ot \"([^\"]*)\"/ -ot \\1/')",
+        "line=$(printf '%s' \"$line\" | sed -E -e 's/ -ngl -1( |$)/ -ngl all\\1/' -e 's/ -ot \"([^\"]*)\"/ -ot \\1/'"
+        " -e 's/\\\\/\\\\\\\\/g')",
         'case "$line" in *"\'"*) echo "unexpected quote in the fitted arguments: $line" >&2; exit 1 ;; esac',
         "set -e",
         f"mkdir -p {q(posixpath.dirname(env_path))}",
@@ -645,7 +649,8 @@ def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, con
     pkgs: list[str] = []
     if source == "distro":
         if driver:
-            pkgs += [f"linux-headers-{deb_arch}", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi"]
+            pkgs += [f"linux-headers-{deb_arch}", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi",
+                     "nvidia-modprobe"]
         if toolkit and not docker:
             pkgs += ["nvidia-cuda-toolkit"]
         if container_toolkit and docker:

@@ -103,6 +103,12 @@ def gpu_host(cfg: HostConfig) -> GpuHost | None:
         # from the GPUs: a host whose GPUs changed would keep running code built for the old ones
         info = host.get_fact(FileContents, path=f"{cfg.release_dir}/BUILD-INFO") or []
         built = next((ln.split("=", 1)[1] for ln in info if ln.startswith("CMAKE_CUDA_ARCHITECTURES=")), archs)
+        present = host.get_fact(File, path=f"{cfg.release_dir}/bin/llama-server")
+        if present and not cfg.server.gpu_layers and not host.get_fact(File, path=f"{cfg.release_dir}/bin/llama-fit-params"):
+            raise DeployError(
+                f"preflight refused host {host.name}: its release {cfg.build.release_key()} has no llama-fit-params "
+                f"(built before releases had it), so its offload cannot be fitted: remove {cfg.release_dir} to "
+                "rebuild it, or set llama_server.gpu_layers")
         if built != archs:
             raise DeployError(
                 f"preflight refused host {host.name}: its release {cfg.build.release_key()} was built for "
@@ -167,7 +173,7 @@ def container_runtime(cfg: HostConfig, g: GpuHost | None) -> None:
 def kind_suffix(h: Host, cfg: HostConfig) -> str:
     """The build-kind suffix of host ``h`` (any host of the run: build once compares kinds across
     hosts), "" for a CPU build; read from ``h``'s own facts."""
-    if cfg.build.backend != "cuda":
+    if not cfg.cuda:
         return ""
     gpus = h.get_fact(NvidiaGpus)
     cuda = h.get_fact(CudaToolkit)

@@ -85,6 +85,10 @@ def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str 
     build_dir = f"{cfg.service.prefix}/releases/{m.release}"
     if not host.get_fact(File, path=f"{build_dir}/bin/llama-server"):
         return None, f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}"
+    if m.gpu_pin_file and not host.get_fact(File, path=m.gpu_pin_file):
+        # its unit reads the file optionally: without it the server would silently run its own fit
+        return None, (f"host {host.name}: release {target.id} runs the GPU offload pinned in {m.gpu_pin_file}, "
+                      "which is gone: deploy instead (it fits again)")
     for name, sha in m.model_files.items():
         state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{name}")
         if state is None or state.sha256 != sha:

@@ -12,6 +12,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -132,11 +133,19 @@ def service(
     )
     devices = []
     if gpus:  # the NVIDIA device nodes exist before the server starts (templates/service)
-        devices = [atomic.put(name="NVIDIA device nodes unit", src=StringIO(render(DEVICES_TEMPLATE, unit_name=svc.name)),
+        text = render(DEVICES_TEMPLATE, unit_name=svc.name, gpu_indexes=sorted({g.index for g in gpus.gpus}))
+        devices = [atomic.put(name="NVIDIA device nodes unit", src=StringIO(text),
                               dest="/etc/systemd/system/llama-nvidia-devices.service", mode="644")]
+    # a drop-in an earlier version of this role wrote would override ExecStart: it goes
+    legacy = f"{unit_path}.d/gpu-fit.conf"
+    if host.get_fact(File, path=legacy):
+        devices.append(files.file(name="Old pinned-fit drop-in removed", path=legacy, present=False))
     systemd.daemon_reload(name="Reload systemd", _if=any_changed(unit, *devices))
     if gpus:
-        systemd.service(name="NVIDIA device nodes", service="llama-nvidia-devices.service", running=True, enabled=True)
+        nodes = systemd.service(name="NVIDIA device nodes", service="llama-nvidia-devices.service", running=True,
+                                enabled=True)
+        systemd.service(name="NVIDIA device nodes for changed GPUs", service="llama-nvidia-devices.service",
+                        restarted=True, _if=[any_changed(*devices), lambda: not nodes.did_change()])
     started = systemd.service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
     )

@@ -211,23 +211,24 @@ def test_disk_full_during_model_transfer(fleet, tmp_path):
 
 # -- 2. a failing build ----------------------------------------------------------------------------
 def test_failing_build_keeps_the_old_release(fleet, tmp_path):
-    """``GGML_CUDA=ON`` passes validation (a CMake option like any other) but this host has no CUDA
-    toolkit: CMake fails. The deploy names host and cause; ``current``, the unit and the process
-    stay; after ``systemctl restart`` the old release serves."""
+    """``GGML_VULKAN=ON`` passes validation (a CMake option like any other) but this host has no
+    Vulkan SDK: CMake fails. The deploy names host and cause; ``current``, the unit and the process
+    stay; after ``systemctl restart`` the old release serves. (``GGML_CUDA=ON`` no longer gets
+    that far: the GPU preflight refuses a CUDA build on a host without a GPU, test_safety.)"""
     host = fleet[1]
-    data = merged_data(llama_build={"cmake_args": {"GGML_CUDA": "ON"}})
+    data = merged_data(llama_build={"cmake_args": {"GGML_VULKAN": "ON"}})
     key = BuildConfig(**data["llama_build"]).release_key()
     keep = f"readlink {CURRENT}; md5sum {UNIT}; ls /opt/llama.cpp/releases; systemctl show -p MainPID llama-server"
     before = host.ssh(keep).stdout
     old_alias = served_alias(host)
 
-    result = run_deploy(inventory_for([host], tmp_path, "cuda", data))
+    result = run_deploy(inventory_for([host], tmp_path, "vulkan", data))
 
     assert result.rc != 0
     out = result.stdout + result.stderr
     # the fault happened where it should: CMake ran for the new release key and failed
     assert f"Build llama-server {key}" in out
-    assert "CUDA Toolkit not found" in out, out[-3000:]
+    assert "Could NOT find Vulkan" in out, out[-3000:]
     assert f"[{host.address}] Error" in out
     assert host.ssh(f"test -e /var/cache/llama.cpp/build/{key}.configure.log").returncode == 0
     assert host.ssh(f"ls -d /opt/llama.cpp/releases/{key}*", check=False).returncode != 0  # no (half) release

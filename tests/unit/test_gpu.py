@@ -499,11 +499,17 @@ def test_pin_script_writes_the_fit_of_a_real_h200_run(tmp_path):
 
 
 def test_pin_script_keeps_split_and_overrides_as_words(tmp_path):
-    line = '-c 4096 -ngl 48 -ts 20,28 -ot "blk\\.14\\.ffn_(up|down|gate)_(ch|)exps=CPU,blk\\.15\\.ffn_up_exps=CPU"\n'
-    rc, text, err = _pin(tmp_path, "some log line on stderr\n" + line)
+    """systemd splits an unbraced ``$LLAMA_GPU_FIT`` like a command line (quotes and backslash
+    escapes: src/core/execute.c replace_env_argv -> extract_first_word), which POSIX shlex does
+    too: the words llama-server gets are the fitted ones, backslashes of ``-ot`` patterns kept."""
+    import shlex
+
+    ot = r"blk\.14\.ffn_(up|down|gate)_(ch|)exps=CPU,blk\.15\.ffn_up_exps=CPU"
+    rc, text, err = _pin(tmp_path, f'some log line on stderr\n-c 4096 -ngl 48 -ts 20,28 -ot "{ot}"\n')
     assert rc == 0, err
-    assert text.splitlines()[1] == ("LLAMA_GPU_FIT='-c 4096 -ngl 48 -ts 20,28 -ot "
-                                    "blk\\.14\\.ffn_(up|down|gate)_(ch|)exps=CPU,blk\\.15\\.ffn_up_exps=CPU --fit off'")
+    value = text.splitlines()[1].removeprefix("LLAMA_GPU_FIT=")
+    assert value.startswith("'") and value.endswith("'")  # the env file keeps it literal
+    assert shlex.split(value[1:-1]) == ["-c", "4096", "-ngl", "48", "-ts", "20,28", "-ot", ot, "--fit", "off"]
 
 
 def test_pin_script_fails_the_host_and_writes_nothing_when_the_fit_fails(tmp_path):
@@ -515,7 +521,8 @@ def test_pin_script_fails_the_host_and_writes_nothing_when_the_fit_fails(tmp_pat
 
 @pytest.mark.parametrize(("source", "docker", "missing", "expected"), [
     ("distro", False, ("driver", "toolkit"),
-     ["linux-headers-amd64", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi", "nvidia-cuda-toolkit"]),
+     ["linux-headers-amd64", "nvidia-driver", "firmware-misc-nonfree", "nvidia-smi", "nvidia-modprobe",
+      "nvidia-cuda-toolkit"]),
     ("distro", False, ("toolkit",), ["nvidia-cuda-toolkit"]),
     ("nvidia", False, ("driver", "toolkit"), ["cuda-drivers", "cuda-toolkit"]),
     ("nvidia", True, ("driver", "container_toolkit"), ["cuda-drivers", "nvidia-container-toolkit"]),
