@@ -30,6 +30,7 @@ import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -113,29 +114,40 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def serve(work: Path, model_dir: Path, out: Path) -> None:
+def _built(work: Path, out: Path) -> dict[str, Any]:
+    """Wait for the background build of the ``build`` step; its info with the build's duration.
+    Exits, with the build's log in ``out``, when it failed or is not done within 7 minutes."""
     t0 = time.time()
     while not (work / "build.rc").exists():
         if time.time() - t0 > 420:
             sys.exit("build not finished: " + sh(f"tail -3 {work}/build.log"))
         time.sleep(2)
-    info = json.loads((work / "build-info.json").read_text())
-    rc = (work / "build.rc").read_text().strip()
+    info: dict[str, Any] = json.loads((work / "build-info.json").read_text())
     info["build_s"] = round(float((work / "build.end").read_text()) - info["started"], 1)
     shutil.copy(work / "configure.log", out / "configure.log")
+    rc = (work / "build.rc").read_text().strip()
     if rc != "0":
         shutil.copy(work / "build.log", out / "build.log")
         sys.exit(f"build failed rc={rc}")
+    return info
+
+
+def _planned() -> list[str]:
+    """What the deploy plans for a host like this (tuning.server_args: bound address, alias, threads,
+    context and slots from the memory plan, unified KV, full SWA cache for Gemma, metrics)."""
+    cores = len(os.sched_getaffinity(0))
+    return ["--host", "127.0.0.1", "--port", str(PORT), "--alias", ALIAS, "--threads", str(cores // 2),
+            "--threads-batch", str(cores), "--ctx-size", "32768", "--parallel", "8", "--kv-unified",
+            "--swa-full", "--metrics", "--no-jinja", "--chat-template", "gemma"]
+
+
+def serve(work: Path, model_dir: Path, out: Path) -> None:
+    info = _built(work, out)
     print(f"CUDA build {info['release_kind']} on {info['cores']} cores: {info['build_s']} s")
     binary = work / "build" / "bin" / "llama-server"
     chunks = sorted(model_dir.glob("p*/c*"))
     model = model_from_chunks(chunks, model_dir / "whl" / "parts.txt", work)
-    cores = len(os.sched_getaffinity(0))
-    # what the deploy plans for a host like this (tuning.server_args: bound address, alias, threads,
-    # context and slots from the memory plan, unified KV, full SWA cache for Gemma, metrics)
-    planned = ["--host", "127.0.0.1", "--port", str(PORT), "--alias", ALIAS, "--threads", str(cores // 2),
-               "--threads-batch", str(cores), "--ctx-size", "32768", "--parallel", "8", "--kv-unified",
-               "--swa-full", "--metrics", "--no-jinja", "--chat-template", "gemma", "--n-gpu-layers", "0"]
+    planned = [*_planned(), "--n-gpu-layers", "0"]
     fit_cmd = gpu.fit_params_command(str(work / "build" / "bin" / "llama-fit-params"), str(model), planned, 1024)
     fit = subprocess.run(fit_cmd, capture_output=True, text=True)
     (out / "fit-params.log").write_text(" ".join(fit_cmd) + "\n--- stdout\n" + fit.stdout + "--- stderr\n" + fit.stderr)
@@ -195,21 +207,9 @@ def pin(work: Path, model_dir: Path, out: Path) -> None:
     runs) with the real llama-fit-params, its environment file split as systemd splits an unbraced
     ``$LLAMA_GPU_FIT`` (quotes and backslashes, like POSIX shlex), the server started with the
     planned arguments plus those words, and checked: health, a chat completion, layers offloaded."""
-    t0 = time.time()
-    while not (work / "build.rc").exists():
-        if time.time() - t0 > 420:
-            sys.exit("build not finished: " + sh(f"tail -3 {work}/build.log"))
-        time.sleep(2)
-    info = json.loads((work / "build-info.json").read_text())
-    info["build_s"] = round(float((work / "build.end").read_text()) - info["started"], 1)
-    if (work / "build.rc").read_text().strip() != "0":
-        shutil.copy(work / "build.log", out / "build.log")
-        sys.exit("build failed")
+    info = _built(work, out)
     model = model_from_chunks(sorted(model_dir.glob("p*/c*")), model_dir / "whl" / "parts.txt", work)
-    cores = len(os.sched_getaffinity(0))
-    planned = ["--host", "127.0.0.1", "--port", str(PORT), "--alias", ALIAS, "--threads", str(cores // 2),
-               "--threads-batch", str(cores), "--ctx-size", "32768", "--parallel", "8", "--kv-unified",
-               "--swa-full", "--metrics", "--no-jinja", "--chat-template", "gemma"]
+    planned = _planned()
     fit_cmd = gpu.fit_params_command(str(work / "build/bin/llama-fit-params"), str(model), planned, 1024)
     env_path = work / "gpu-fit" / "abc.env"
     script = gpu.fit_script(fit_cmd, 1024, "llama-server.service", str(env_path), "abc")

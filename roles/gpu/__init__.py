@@ -52,15 +52,19 @@ class GpuHost:
         return {"CMAKE_CUDA_ARCHITECTURES": self.archs}
 
 
-def _missing(cfg: HostConfig, gpus: list[gpu.Gpu], cuda: str | None, runtime: bool) -> list[str]:
-    out = []
+def _read(cfg: HostConfig) -> tuple[list[gpu.Gpu], str | None, list[str]]:
+    """The host's GPUs, its nvcc release (native mode only) and what a CUDA host of its mode lacks
+    ("driver", "toolkit", "container_toolkit"), read once for the checks and the install alike."""
+    gpus = host.get_fact(NvidiaGpus)
+    cuda = host.get_fact(CudaToolkit) if cfg.mode == "native" else None
+    missing = []
     if not gpus:
-        out.append("driver")
+        missing.append("driver")
     if cfg.mode == "native" and not cuda:
-        out.append("toolkit")
-    if cfg.mode == "docker" and not runtime:
-        out.append("container_toolkit")
-    return out
+        missing.append("toolkit")
+    if cfg.mode == "docker" and not host.get_fact(File, path="/usr/bin/nvidia-ctk"):
+        missing.append("container_toolkit")
+    return gpus, cuda, missing
 
 
 def _has_docker_runtime() -> bool:
@@ -74,10 +78,7 @@ def gpu_host(cfg: HostConfig) -> GpuHost | None:
     whose driver/toolkit this run installs (:func:`installed` then stops its deploy)."""
     if not cfg.cuda:
         return None
-    gpus = host.get_fact(NvidiaGpus)
-    cuda = host.get_fact(CudaToolkit) if cfg.mode == "native" else None
-    has_ctk = cfg.mode != "docker" or bool(host.get_fact(File, path="/usr/bin/nvidia-ctk"))
-    missing = _missing(cfg, gpus, cuda, has_ctk)
+    gpus, cuda, missing = _read(cfg)
     if missing:
         what = {"driver": "nvidia-smi reports no NVIDIA GPU (no driver loaded)",
                 "toolkit": "there is no CUDA toolkit (nvcc) for the build",
@@ -124,10 +125,7 @@ def installed(cfg: HostConfig) -> bool:
     before nvidia-smi sees the GPUs, and the next deploy reads the host afresh."""
     if not cfg.cuda:
         return False
-    gpus = host.get_fact(NvidiaGpus)
-    cuda = host.get_fact(CudaToolkit) if cfg.mode == "native" else None
-    has_ctk = cfg.mode != "docker" or bool(host.get_fact(File, path="/usr/bin/nvidia-ctk"))
-    missing = _missing(cfg, gpus, cuda, has_ctk)
+    _, _, missing = _read(cfg)
     if not missing or (cfg.gpu.install == "no" and not cfg.gpu.packages_dir):
         return False  # nothing to install, or nothing allowed to: gpu_host refuses the host
     if cfg.gpu.packages_dir:
