@@ -354,6 +354,9 @@ class SandboxHost:
 
 def _stop(name: str, pid: int | None, veth: str, network: str, lan: str | None = None,
           index: int | None = None) -> None:
+    # a host object that did not boot the host itself (a second script, an interrupted one) knows no
+    # pid: the state file does, and without SIGTERM to systemd-nspawn the host would keep running
+    pid = pid or _load_state().get(name, {}).get("pid")
     if pid:
         try:
             os.kill(pid, signal.SIGTERM)
