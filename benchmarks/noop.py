@@ -6,7 +6,11 @@ Boots three throwaway sandbox hosts, deploys the test model on them, then measur
 * ``pyinfra -y INVENTORY deploy.py`` on 1 host and on 3 hosts (a no-op deploy);
 * ``llamadeploy rollout`` on 1 and 3 hosts (a no-op rollout: one pyinfra run per batch);
 * a fresh rollout of a new release to 3 hosts with an empty controller cache (one host
-  compiles, two receive) vs with the artifact already cached (none compiles).
+  compiles, two receive) vs with the artifact already cached (none compiles);
+* how a no-op deploy and a no-op rollout on 1 host grow with the model's size: the test model
+  as shipped (Q4_K_M) and widened to F16 and F32 (``benchmarks.widened``: same model, 2x and
+  4x the bytes), each beside the baseline a full re-verify pays (``--data llama_verify=full``:
+  every model byte re-hashed on the host), as a ratio.
 
 Writes ``benchmarks/NOOP.md`` and a JSON file. Only test-host addresses are used.
 
@@ -25,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
+from benchmarks.widened import widened
+from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
 OUT = Path(__file__).resolve().parent
@@ -51,6 +56,7 @@ def main(rounds: int = 3) -> int:
     hosts = [SandboxHost(f"nop{i}", 80 + i, binds=dict(SHARED_BINDS)) for i in range(1, 4)]
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-noop-"))
     results: dict[str, object] = {"rounds": rounds}
+    size_rows: list[dict] = []
     try:
         for h in hosts:
             h.boot()
@@ -71,15 +77,22 @@ def main(rounds: int = 3) -> int:
             env = {"LLAMADEPLOY_CACHE": str(cache)} if cache else None
             results[f"new_release_rollout_3_hosts_{label}_s"] = timed(
                 str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%", env=env)
+        size_rows = model_sizes(hosts[0], tmp, rounds)
+        results["sizes"] = size_rows
     finally:
         for h in hosts:
             h.stop()
     stamp = datetime.date.today().isoformat()
     (OUT / f"noop-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
 
-    def cell(key: str) -> str:
-        v = results[key]
-        return f"{v[0]:.1f} s ({', '.join(f'{x:.1f}' for x in v[1])})" if isinstance(v, tuple) else f"{v:.1f} s"
+    def cell(key: str, row: dict | None = None) -> str:
+        v = (row or results)[key]
+        return f"{v[0]:.1f} s ({', '.join(f'{x:.1f}' for x in v[1])})" if isinstance(v, tuple | list) else f"{v:.1f} s"
+
+    sizes = "\n".join(
+        f"| {r['label']} | {r['bytes'] / 1e6:.0f} MB | {cell('noop_deploy_s', r)} | {cell('noop_rollout_s', r)} | "
+        f"{cell('full_verify_deploy_s', r)} | {r['full_verify_deploy_s'][0] / r['noop_deploy_s'][0]:.1f}x |"
+        for r in size_rows)
 
     text = f"""# No-op runs, rollouts and the artifact cache ({stamp})
 
@@ -97,10 +110,40 @@ median of {rounds} runs (each run in brackets). Same input every time: nothing c
 | artifact cached on the controller: nobody compiles | {cell('new_release_rollout_3_hosts_cached_s')} |
 
 First deploy of the 3 hosts (build once + model transfer): {cell('first_deploy_3_hosts_s')}.
+
+How a no-op grows with the model (1 host; the same model widened, `benchmarks/widened.py`). Baseline:
+the same no-op with `--data llama_verify=full`, which re-hashes every model byte on the host as
+every run did before sizes, inodes and mtimes were recorded; the ratio is baseline / no-op.
+
+| model | size | no-op deploy | no-op rollout | no-op, full re-verify (baseline) | baseline / no-op |
+|---|---|---|---|---|---|
+{sizes}
 """
     (OUT / "NOOP.md").write_text(text + (OUT / "NOOP-notes.md").read_text() if (OUT / "NOOP-notes.md").exists() else text)
     print(text)
     return 0
+
+
+def model_sizes(h: SandboxHost, tmp: Path, rounds: int) -> list[dict]:
+    """Per model size, on one host: deploy it, then no-op deploys and rollouts, and full re-verifies."""
+    src = assets.gemma_model()
+    models = [("Q4_K_M (as shipped)", src)] + [
+        (f"{kind} (widened)", widened(src, kind, src.with_name(src.name.replace("q4_k_m", kind.lower()))))
+        for kind in ("F16", "F32")]
+    rows = []
+    for label, path in models:
+        data = default_data()
+        data["llama_model"] = {**data["llama_model"], "path": str(path)}
+        inv = write_inventory(tmp / f"size-{path.stem}.py", [h], data)
+        deploy = (str(BIN / "pyinfra"), "-y", str(inv), "deploy.py")
+        row: dict[str, object] = {"label": label, "bytes": path.stat().st_size, "first_deploy_s": timed(*deploy)}
+        row["noop_deploy_s"] = median(lambda d=deploy: timed(*d), rounds)
+        row["noop_rollout_s"] = median(
+            lambda inv=inv: timed(str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%"), rounds)
+        row["full_verify_deploy_s"] = median(lambda d=deploy: timed(*d, "--data", "llama_verify=full"), rounds)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

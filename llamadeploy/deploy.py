@@ -82,8 +82,8 @@ def llama_server(cfg: HostConfig | None = None) -> None:
                                                   restart_if=rpc.head_must_restart(cfg), gpus=gpus)
     else:
         docker.stop_native(cfg)
-        started, restarted = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops], gpus=gpus)
-        rid = None
+        started, restarted, rid = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops],
+                                                         gpus=gpus)
 
     # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start.
     health_gate(cfg, art.alias, after=[started, restarted])
@@ -91,8 +91,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     firewall_off(cfg)  # allow_from removed: the table goes only now, after the unit stopped loading it
 
     # 8. The release that passed the gate is recorded; releases beyond keep_releases are pruned.
-    if rid is not None:
-        release.recorded(cfg, rid)
+    release.recorded(cfg, rid)
 
 
 @deploy("llama-server model staged")

@@ -223,13 +223,12 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
             st.drift = ["not deployed"]
             return st
         st.mode, st.release, st.release_id = m.mode, m.release or m.image, m.release_id
-        if m.mode == "native":
-            from llamadeploy.roles.release import records_dir
-            from llamadeploy.roles.release.facts import ReleaseRecords
+        from llamadeploy.roles.release import records_dir
+        from llamadeploy.roles.release.facts import ReleaseRecords
 
-            fact = ReleaseRecords()
-            records = fact.process(_run(host, fact.command(records_dir(cfg))).splitlines())
-            st.previous = [r.id for r in reversed(records) if r.id != m.release_id]
+        fact = ReleaseRecords()
+        records = fact.process(_run(host, fact.command(records_dir(cfg))).splitlines())
+        st.previous = [r.id for r in reversed(records) if r.id != m.release_id]
         st.model, st.model_sha256 = m.alias, m.model_sha256[:12]
         st.flags_digest = m.flags_digest()
         if m.mode == "native":

@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
 
 # the controller's cache (built releases, model hashes and headers) for every deploy the tests run:
 # beside the other test caches, keyed by release key and host kind, so a run builds llama.cpp once
@@ -56,6 +57,18 @@ def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) 
     if proc.returncode == 0:
         report = json.loads(proc.stdout)
     return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``llamadeploy ARGS``, as an operator runs it."""
+    return subprocess.run([LLAMADEPLOY, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def veth_bytes(host) -> int:
+    """Bytes both ways over a test host's network link so far (its only way to the controller)."""
+    stats = Path(f"/sys/class/net/{host.veth}/statistics")
+    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
 
 
 #: what "nothing changed on the host" means in the e2e tests, read over ssh (not via pyinfra):

@@ -8,7 +8,9 @@ this file.
 
 from __future__ import annotations
 
+import re
 import shlex
+from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from llamadeploy import atomic, packages
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.manifest import build_manifest, manifest_path
+from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import gpu as gpu_role
@@ -46,6 +48,8 @@ COMPOSE_SERVICE = "llama-server"
 KEY_IN_CONTAINER = "/run/secrets/api_key"
 #: where compose mounts the host's model directory, read-only
 MODELS_IN_CONTAINER = "/models"
+#: the compose file's name in the project directory (and in a release record)
+COMPOSE_FILE = "docker-compose.yml"
 
 
 def compose_command(cfg: HostConfig) -> str:
@@ -55,6 +59,30 @@ def compose_command(cfg: HostConfig) -> str:
 def image_ref(cfg: HostConfig) -> str:
     d = cfg.docker
     return f"{cfg.docker_image}@{d.image_digest}" if d.image_digest and not d.image_tarball else cfg.docker_image
+
+
+def compose_path(project_dir: str) -> str:
+    return f"{project_dir}/{COMPOSE_FILE}"
+
+
+def release_version(ref: str) -> str:
+    """The version part of a docker release's id: the image's tag, in file-name characters (pure).
+
+    ``ghcr.io/ggml-org/llama.cpp:server-b4000@sha256:…`` -> ``server-b4000``; no tag -> ``latest``.
+    """
+    name = ref.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    tag = last.split(":", 1)[1] if ":" in last else "latest"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", tag) or "image"
+
+
+def image_pin(cfg: HostConfig) -> str:
+    """What says which image a tag meant when it was deployed: the pushed tarball's sha256, or the
+    pinned digest ("" for a bare tag, which a later pull may move)."""
+    d = cfg.docker
+    if d.image_tarball:
+        return file_sha256(d.image_tarball)  # cached on the controller (path, size, mtime, inode)
+    return d.image_digest or ""
 
 
 @role("Docker engine")
@@ -124,9 +152,14 @@ def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str
 
 
 @role("llama-server in Docker")
-def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
-                    restart_on: list[OperationMeta], gpus: GpuHost | None = None) -> tuple[OperationMeta, OperationMeta]:
-    """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed."""
+def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
+                    gpus: GpuHost | None = None) -> tuple[OperationMeta, OperationMeta, str]:
+    """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed.
+
+    Returns the operations that start and recreate the container, for the health gate, and the
+    release id: image, model and compose file as one release, recorded like a native one
+    (``roles/release``) so that a rollback can reinstate it.
+    """
     svc, d = cfg.service, cfg.docker
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
     key_file = cfg.host_key_file
@@ -145,18 +178,22 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact,
     info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, compose_service=COMPOSE_SERVICE, image=ref,
                           api_key_file=key_file if cfg.server.api_key else None,
                           **gpu_role.manifest_fields(cfg, gpus, None))
+    compose_text = compose_file(cfg, art, ref, args, key_file if cfg.server.api_key else None)
+    # the same tag from another tarball or digest is another release
+    rid = release_id(release_version(ref), info.render(), compose_text + "\0" + image_pin(cfg))
+    info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
-    compose = atomic.put(
-        name="Compose file",
-        src=StringIO(compose_file(cfg, art, ref, args, key_file if cfg.server.api_key else None)),
-        dest=f"{d.project_dir}/docker-compose.yml",
-        mode="644",
-    )
-    up = server.shell(
-        name="docker compose up -d (changed file, image, key or model)",
-        commands=[f"cd {shlex.quote(d.project_dir)} && {compose_command(cfg)} up -d --force-recreate --remove-orphans"],
-        _if=any_changed(compose, key, *restart_on),
-    )
+    compose = atomic.put(name="Compose file", src=StringIO(compose_text), dest=compose_path(d.project_dir), mode="644")
+    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *restart_on))
     running = compose_running(name="Container running", project_dir=d.project_dir, compose=compose_command(cfg))
-    return up, running
+    return up, running, rid
+
+
+def recreated(cfg: HostConfig, project_dir: str, _if: Callable[[], bool]) -> OperationMeta:
+    """``up -d --force-recreate`` of the compose project in ``project_dir``, when ``_if`` says so."""
+    return server.shell(
+        name="docker compose up -d (changed file, image, key or model)",
+        commands=[f"cd {shlex.quote(project_dir)} && {compose_command(cfg)} up -d --force-recreate --remove-orphans"],
+        _if=_if,
+    )

@@ -61,6 +61,21 @@ def image_loaded(ref: str, tarball: str, sha256: str):
 
 
 @operation()
+def image_tagged(ref: str, image_id: str):
+    """
+    Point the tag ``ref`` at the local image ``image_id`` (a rollback to a release whose image a
+    later deploy re-tagged); nothing when it already does. No transfer: the image is on the host.
+
+    + ref: the reference the release's compose file runs
+    + image_id: the image that release ran (``sha256:…``)
+    """
+    if host.get_fact(DockerImageId, ref=ref) == image_id:
+        host.noop(f"{ref} is {image_id[:19]}")
+        return
+    yield f"docker tag {shlex.quote(image_id)} {shlex.quote(ref)}"
+
+
+@operation()
 def image_pulled(ref: str):
     """
     ``docker pull`` an image reference (tag or tag@digest) unless it is already on the host.

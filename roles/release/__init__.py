@@ -1,11 +1,13 @@
-"""Release role (native mode): every release that passed its gate is recorded; old ones are pruned;
-any kept one can be reinstated with no transfer and no compile.
+"""Release role: every release that passed its gate is recorded; old ones are pruned; any kept one
+can be reinstated with no transfer and no compile.
 
-A release is what serves: the llama.cpp build (``<prefix>/releases/<key>``), the model
-files (``<data_dir>/models``) and the rendered unit with its manifest. The record,
-``<config_dir>/releases/<id>/``, holds the unit and manifest as deployed; build and model
-files stay where they are, shared by the releases that use them. Switching is the
-``current`` link (one rename) plus the unit (one rename) and a restart.
+A release is what serves: the llama.cpp build (``<prefix>/releases/<key>``; in docker mode the
+image), the model files (``<data_dir>/models``) and the rendered unit or compose file with its
+manifest. The record, ``<config_dir>/releases/<id>/``, holds the unit or compose file and the
+manifest as deployed (docker: and the image's ID); build, image and model files stay where they
+are, shared by the releases that use them. Switching is the ``current`` link (one rename) plus
+the unit (one rename) and a restart; in docker mode the compose file (one rename, the tag put
+back on the release's image if a later deploy moved it) and a recreate.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import systemd
+from pyinfra.operations.util import any_changed
 
 from llamadeploy import atomic
 from llamadeploy.atomic import VerifiedSha256
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import docker
+from llamadeploy.roles.docker.facts import DockerImageId
+from llamadeploy.roles.docker.operations import check_image_flags, image_tagged
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
 from llamadeploy.roles.release.operations import copied, refused, release_recorded, releases_pruned
@@ -29,6 +35,7 @@ from llamadeploy.roles.service.operations import check_flags
 
 UNIT_FILE = "unit.service"
 MANIFEST_FILE = "deploy.json"
+COMPOSE_FILE = "docker-compose.yml"
 
 
 def records_dir(cfg: HostConfig) -> str:
@@ -42,8 +49,14 @@ def unit_path(cfg: HostConfig) -> str:
 @role("Release record")
 def recorded(cfg: HostConfig, current_id: str) -> None:
     """After the gate: record the release that serves, then prune beyond ``keep_releases``."""
-    release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
-                     sources={UNIT_FILE: unit_path(cfg), MANIFEST_FILE: manifest_path(cfg.service.config_dir)})
+    manifest = manifest_path(cfg.service.config_dir)
+    if cfg.mode == "native":
+        release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
+                         sources={UNIT_FILE: unit_path(cfg), MANIFEST_FILE: manifest})
+    else:
+        release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
+                         sources={COMPOSE_FILE: docker.compose_path(cfg.docker.project_dir), MANIFEST_FILE: manifest},
+                         image=docker.image_ref(cfg))
     releases_pruned(name=f"Releases beyond {cfg.service.keep_releases} previous pruned", records_dir=records_dir(cfg),
                     builds_dir=f"{cfg.service.prefix}/releases", current_link=cfg.current_link,
                     model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases)
@@ -73,8 +86,6 @@ def choose(records: list[ReleaseRecord], current_id: str | None, to: str | None)
 
 def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str | None]:
     """The release to reinstate on this host, or why there is none to reinstate (read at prepare)."""
-    if cfg.mode != "native":
-        return None, f"host {host.name}: rollback reinstates native releases; docker mode keeps no records yet"
     current = current_release(cfg)
     try:
         target = choose(host.get_fact(ReleaseRecords, path=records_dir(cfg)),
@@ -82,9 +93,18 @@ def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str 
     except DeployError as exc:
         return None, str(exc)
     m = target.manifest
-    build_dir = f"{cfg.service.prefix}/releases/{m.release}"
-    if not host.get_fact(File, path=f"{build_dir}/bin/llama-server"):
-        return None, f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}"
+    now = current.mode if current else cfg.mode
+    if m.mode != now:
+        return None, (f"host {host.name}: release {target.id} ran in {m.mode} mode and the host runs {now} mode "
+                      f"now: deploy with llama_mode {m.mode!r} instead (a rollback does not switch modes)")
+    if m.mode == "docker":
+        if not _image_of(target):
+            return None, (f"host {host.name}: release {target.id} ran image {m.image} "
+                          f"({target.image_id or 'ID not recorded'}), which is gone from the host")
+    else:
+        build_dir = f"{cfg.service.prefix}/releases/{m.release}"
+        if not host.get_fact(File, path=f"{build_dir}/bin/llama-server"):
+            return None, f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}"
     if m.gpu_pin_file and not host.get_fact(File, path=m.gpu_pin_file):
         # its unit reads the file optionally: without it the server would silently run its own fit
         return None, (f"host {host.name}: release {target.id} runs the GPU offload pinned in {m.gpu_pin_file}, "
@@ -97,16 +117,29 @@ def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str 
     return target, None
 
 
+def _image_of(target: ReleaseRecord) -> str | None:
+    """The local image a docker release runs: its recorded ID if still on the host (else None);
+    a record without an ID (written by an older version) trusts the tag when it is there."""
+    if target.image_id:
+        return target.image_id if host.get_fact(DockerImageId, ref=target.image_id) else None
+    return target.manifest.image if target.manifest.image and host.get_fact(DockerImageId, ref=target.manifest.image) \
+        else None
+
+
 @role("Rollback")
 def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
-    """Reinstate a recorded release: link, unit and manifest from the host itself, restart, gate.
+    """Reinstate a recorded release: link, unit and manifest from the host itself, restart, gate
+    (docker mode: the image's tag, compose file and manifest, recreate, gate).
 
-    A host that cannot (no earlier release, its build or model gone) fails on its own, at
+    A host that cannot (no earlier release, its build, image or model gone) fails on its own, at
     execution, with the reason; the other hosts of the run roll back.
     """
     target, why = refusal(cfg, to)
     if target is None:
         refused(name="A release to reinstate", reason=str(why))
+        return
+    if target.manifest.mode == "docker":
+        _docker_rolled_back(cfg, target)
         return
     m = target.manifest
     build_dir = f"{cfg.service.prefix}/releases/{m.release}"
@@ -124,5 +157,24 @@ def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
                                 _if=lambda: unit.did_change() or switched.did_change())
     # the gate asks the address the reinstated release listens on, which may not be the inventory's
     health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port))
+    release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
+                     release_id=target.id, sources={})
+
+
+def _docker_rolled_back(cfg: HostConfig, target: ReleaseRecord) -> None:
+    """Docker mode's switch: the recorded image under the release's tag, its compose file, recreate."""
+    m = target.manifest
+    entry = posixpath.join(records_dir(cfg), target.id)
+    image = _image_of(target) or str(m.image)
+    project = m.compose_project or cfg.docker.project_dir
+    check_image_flags(name="Reinstated image's llama-server knows every flag", image=image, args=list(m.args))
+    copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
+           dest=manifest_path(cfg.service.config_dir))
+    tagged = [image_tagged(name=f"{m.image} is the release's image", ref=str(m.image), image_id=target.image_id)] \
+        if target.image_id and m.image else []
+    compose = copied(name="Compose file of the release", src=f"{entry}/{COMPOSE_FILE}",
+                     dest=docker.compose_path(project))
+    up = docker.recreated(cfg, project, _if=any_changed(compose, *tagged))
+    health_gate(cfg, m.alias, after=[up], bind=(m.host, m.port))
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
                      release_id=target.id, sources={})

@@ -12,22 +12,28 @@ from llamadeploy.manifest import Manifest
 
 @dataclass(frozen=True)
 class ReleaseRecord:
-    """One recorded release: its id, when it was last activated (a counter), its manifest."""
+    """One recorded release: its id, when it was last activated (a counter), its manifest, and in
+    docker mode the image it ran (``sha256:…``, read from the host when it was recorded)."""
 
     id: str
     activated: int
     manifest: Manifest
+    image_id: str | None = None
 
 
 class ReleaseRecords(FactBase[list[ReleaseRecord]]):
-    """Every ``<dir>/<id>/`` with a manifest, oldest activation first (unreadable ones skipped)."""
+    """Every ``<dir>/<id>/`` with a manifest, oldest activation first (unreadable ones skipped).
+
+    One line per record: ``<activated> <id> <image id or -> <manifest JSON on one line>``.
+    """
 
     def command(self, path: str) -> str:
         d = shlex.quote(path)
         return (
             f"[ -d {d} ] || exit 0; for e in {d}/*/; do case \"$e\" in *.partial/) continue;; esac; "
             "[ -f \"$e/deploy.json\" ] || continue; "
-            "printf '%s %s ' \"$(cat \"$e/activated\" 2>/dev/null || echo 0)\" \"$(basename \"$e\")\"; "
+            "printf '%s %s %s ' \"$(cat \"$e/activated\" 2>/dev/null || echo 0)\" \"$(basename \"$e\")\" "
+            "\"$(cat \"$e/image.id\" 2>/dev/null || echo -)\"; "
             "tr -d '\\n' < \"$e/deploy.json\"; echo; done"
         )
 
@@ -38,11 +44,12 @@ class ReleaseRecords(FactBase[list[ReleaseRecord]]):
     def process(self, output: list[str]) -> list[ReleaseRecord]:
         out = []
         for line in output:
-            parts = line.split(" ", 2)
-            if len(parts) != 3 or not parts[0].isdigit():
+            parts = line.split(" ", 3)
+            if len(parts) != 4 or not parts[0].isdigit():
                 continue
+            image = parts[2] if parts[2].startswith("sha256:") else None
             try:
-                out.append(ReleaseRecord(parts[1], int(parts[0]), Manifest.parse(parts[2])))
+                out.append(ReleaseRecord(parts[1], int(parts[0]), Manifest.parse(parts[3]), image))
             except ValueError:
                 continue
         return sorted(out, key=lambda r: (r.activated, r.id))

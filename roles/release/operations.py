@@ -15,13 +15,15 @@ from llamadeploy.roles.release.plan import prune_plan
 
 
 @operation()
-def release_recorded(records_dir: str, release_id: str, sources: dict[str, str]):
+def release_recorded(records_dir: str, release_id: str, sources: dict[str, str], image: str | None = None):
     """
     Keep ``release_id``'s files under ``records_dir/<id>/`` and mark it the latest activated.
 
     + records_dir: ``<config_dir>/releases``
     + release_id: the release now serving
-    + sources: record file name -> host path to copy (the unit, the manifest)
+    + sources: record file name -> host path to copy (the unit or compose file, the manifest)
+    + image: docker mode: the image reference the release runs; its local image ID is kept in
+      ``image.id`` (a tag can move; the ID is what a rollback reinstates)
 
     The record is assembled in a temporary directory and renamed into place, so a
     record is complete or absent. Activation order is a counter in ``activated``
@@ -40,6 +42,8 @@ def release_recorded(records_dir: str, release_id: str, sources: dict[str, str])
         return
     tmp = f"{entry}.partial"
     copies = " && ".join(f"cp -p {q(src)} {q(tmp)}/{q(name)}" for name, src in sorted(sources.items()))
+    if image is not None:
+        copies += f" && docker image inspect --format '{{{{.Id}}}}' {q(image)} > {q(tmp)}/image.id"
     yield (
         f"rm -rf {q(tmp)} && mkdir -p {q(tmp)} && {copies} && echo {latest + 1} > {q(tmp)}/activated && "
         f"sync -f {q(tmp)}/activated && mv -T {q(tmp)} {q(entry)} && sync -- {q(records_dir)}"
@@ -75,6 +79,9 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
              + [posixpath.join(builds_dir, b) for b in plan.builds]
              + [posixpath.join(model_dir, m) for m in plan.models])
     yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
+    for image in plan.images:
+        # an image still tagged for something else or used by a container stays, and says so
+        yield f"docker image rm {q(image)} || echo {q(f'image {image} kept: in use or tagged elsewhere')}"
 
 
 @operation()

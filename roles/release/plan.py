@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llamadeploy.roles.release.facts import ReleaseRecord
 
@@ -12,10 +12,12 @@ class PrunePlan:
     records: list[str]
     builds: list[str]
     models: list[str]
+    #: docker images (``sha256:…``) only pruned releases ran
+    images: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.records or self.builds or self.models)
+        return not (self.records or self.builds or self.models or self.images)
 
 
 def kept_records(records: list[ReleaseRecord], current_id: str, keep: int) -> list[ReleaseRecord]:
@@ -32,7 +34,8 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
     Builds and model files are removed only when no kept release uses them; the build
     ``current`` points to (``protected_build``) always stays, and so does anything that
     is not ours to judge: build directories still being written (``*.partial``) and
-    model-directory files that are not GGUF files or their hash records.
+    model-directory files that are not GGUF files or their hash records. A docker image goes
+    when only pruned releases ran it (images the host has for other reasons are never named).
     """
     kept = kept_records(records, current_id, keep)
     if not any(r.id == current_id for r in kept):
@@ -46,4 +49,7 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
         model = name[1:-len(".sha256")] if name.startswith(".") and name.endswith(".sha256") else name
         if model.endswith(".gguf") and model not in used_models:
             drop_models.append(name)
-    return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models))
+    used_images = {r.image_id for r in kept}
+    drop_images = {r.image_id for r in records if r.id not in kept_ids and r.image_id} - used_images
+    return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models),
+                     sorted(i for i in drop_images if i))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import run_deploy, run_testinfra
+from tests.conftest import cli, run_deploy, run_testinfra, veth_bytes
 from tests.harness.images import IMAGE_REF, build_image_tarball
 
 pytestmark = pytest.mark.e2e
@@ -33,24 +35,32 @@ def native_inv(host, tmp_path_factory):
     return write_inventory(tmp_path_factory.mktemp("dk") / "native.py", [host], default_data())
 
 
+def docker_data(tarball: Path, cpus: float = 1.5) -> dict:
+    data = copy.deepcopy(default_data())
+    data.update({
+        "llama_mode": "docker",
+        "llama_docker": {"image": IMAGE_REF, "image_tarball": str(tarball)},
+        "llama_limits": {"cpus": cpus, "memory": "2G", "memory_reserved": "1G"},
+        "llama_server": {"api_key": API_KEY},
+    })
+    return data
+
+
 @pytest.fixture(scope="module")
 def docker_inv(host, native_inv, tmp_path_factory):
     result = run_deploy(native_inv)  # builds llama-server (shared ccache) for the image
     assert result.rc == 0, result.stderr[-3000:]
     tarball = build_image_tarball(host.root)
-    data = copy.deepcopy(default_data())
-    data.update({
-        "llama_mode": "docker",
-        "llama_docker": {"image": IMAGE_REF, "image_tarball": str(tarball)},
-        "llama_limits": {"cpus": 1.5, "memory": "2G", "memory_reserved": "1G"},
-        "llama_server": {"api_key": API_KEY},
-    })
-    return write_inventory(tmp_path_factory.mktemp("dk") / "docker.py", [host], data)
+    return write_inventory(tmp_path_factory.mktemp("dk") / "docker.py", [host], docker_data(tarball))
 
 
 def container(host) -> dict:
     cid = host.ssh(f"cd {COMPOSE} && docker-compose ps -q").stdout.strip()
     return json.loads(host.ssh(f"docker inspect {cid}").stdout)[0]
+
+
+def manifest(host) -> Manifest:
+    return Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
 
 
 def test_switch_native_to_docker(host, docker_inv):
@@ -85,6 +95,41 @@ def test_docker_second_run_changes_nothing(host, docker_inv):
     assert result.changed == 0, json.dumps(result.report["results"], indent=1)[:3000]
     after = container(host)
     assert (after["Id"], after["State"]["StartedAt"]) == (before["Id"], before["State"]["StartedAt"])
+
+
+def test_docker_rollback_reinstates_the_previous_release_without_transfer(host, docker_inv, tmp_path):
+    """Release B: a rebuilt image under the same tag (another tarball) and another CPU limit.
+    ``llamadeploy rollback``: the tag back on A's image, A's compose file, recreated, serving with
+    the key; what crossed the host's link is SSH chatter, not an image or a model."""
+    a, image_a = manifest(host), container(host)["Image"]
+    rebuilt = build_image_tarball(host.root, out=tmp_path / "rebuilt.tar", rebuild="b")
+    inv_b = write_inventory(tmp_path / "b.py", [host], docker_data(rebuilt, cpus=1.0))
+    result = run_deploy(inv_b)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    b, image_b = manifest(host), container(host)["Image"]
+    assert b.release_id != a.release_id and image_b != image_a
+    assert container(host)["HostConfig"]["NanoCpus"] == 1_000_000_000
+
+    sent = veth_bytes(host)
+    result = cli("rollback", str(docker_inv))
+    moved = veth_bytes(host) - sent
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    info = container(host)
+    assert manifest(host).release_id == a.release_id
+    assert (info["Image"], info["HostConfig"]["NanoCpus"]) == (image_a, 1_500_000_000)
+    assert host.ssh(f"docker image inspect --format '{{{{.Id}}}}' {IMAGE_REF}").stdout.strip() == image_a
+    r = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=60,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    print(f"docker rollback moved {moved} bytes over {host.veth}")
+    assert moved < 2 * 1024 * 1024, moved  # the image tarball alone is far larger, the model 253 MB
+    row = json.loads(cli("status", str(docker_inv), "--json").stdout)[0]
+    assert (row["release_id"], row["previous"][0]) == (a.release_id, b.release_id), row
+    # and back to B: its record names image B, which the rollback left on the host untagged
+    result = cli("rollback", str(docker_inv), "--to", b.release_id)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert (manifest(host).release_id, container(host)["Image"]) == (b.release_id, image_b)
 
 
 def test_switch_back_to_native(host, native_inv):

@@ -9,9 +9,7 @@ every later test moves the fleet with the real CLI (``llamadeploy rollout`` /
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,11 +19,9 @@ import httpx
 import pytest
 
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
-from tests.conftest import REPO, merged_data, run_deploy
+from tests.conftest import LLAMADEPLOY, REPO, cli, merged_data, run_deploy, veth_bytes
 
 pytestmark = pytest.mark.e2e
-
-LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +46,6 @@ def chat(host, timeout: float = 60) -> str:
                    json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8}, timeout=timeout)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([LLAMADEPLOY, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +204,6 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
         assert "not reached" in rows[h.address]
         assert (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout) == before[h.address]
     assert "stopped after batch 1" in result.stderr
-
-
-def veth_bytes(host) -> int:
-    stats = Path(f"/sys/class/net/{host.veth}/statistics")
-    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
 
 
 def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseline, tmp_path):

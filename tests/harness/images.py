@@ -28,8 +28,12 @@ IMAGE_REF = "llamactl/llama-server:b11434-test"
 
 
 
-def build_image_tarball(host_root: Path, out: Path | None = None) -> Path:
-    """``docker save``-format tarball of IMAGE_REF from a built host tree (``host_root``)."""
+def build_image_tarball(host_root: Path, out: Path | None = None, rebuild: str | None = None) -> Path:
+    """``docker save``-format tarball of IMAGE_REF from a built host tree (``host_root``).
+
+    ``rebuild``: a label that makes another image (another ID) under the same tag, as a rebuilt
+    image pushed with an unchanged tag would be.
+    """
     out = out or CACHE / "images" / "llama-server-b11434-test.tar"
     work = out.parent / "build"
     shutil.rmtree(work, ignore_errors=True)
@@ -50,7 +54,8 @@ def build_image_tarball(host_root: Path, out: Path | None = None) -> Path:
     config = json.dumps({
         "architecture": "amd64", "os": "linux",
         "config": {"Entrypoint": ["/app/llama-server"], "WorkingDir": "/app",
-                   "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+                   "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                   **({"Labels": {"rebuild": rebuild}} if rebuild else {})},
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
         "history": [{"created_by": "tests/harness/images.py"}],
     }).encode()

@@ -115,9 +115,9 @@ SIMULATED_FACTS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any], Any]
     "atomic.NonceDigest": (("nonce",), _nonce_digest),
     # a dataclass fact: JSON gives its fields ({"sha256": ..., "recorded": true}) or null
     "atomic.VerifiedSha256": ((), lambda _call, v: None if v is None else HashState(**v)),
-    # [{"id", "activated", "manifest": {...}}] -> ReleaseRecord with a parsed Manifest
+    # [{"id", "activated", "manifest": {...}, "image_id"?}] -> ReleaseRecord with a parsed Manifest
     "roles.release.facts.ReleaseRecords": ((), lambda _call, v: [
-        ReleaseRecord(r["id"], r["activated"], Manifest.model_validate(r["manifest"])) for r in v]),
+        ReleaseRecord(r["id"], r["activated"], Manifest.model_validate(r["manifest"]), r.get("image_id")) for r in v]),
 }
 
 

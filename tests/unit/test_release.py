@@ -64,5 +64,49 @@ def test_rollback_picks_the_latest_other_release_or_the_named_one(monkeypatch):
 
 def test_records_fact_parses_lines_and_orders_by_activation():
     m = rec("r1", 1, "k1", "a.gguf").manifest.render().replace("\n", "")
-    out = ReleaseRecords().process([f"3 r1 {m}", f"1 r0 {m}", "garbage", f"x r2 {m}", "2 r3 {not json"])
-    assert [(r.id, r.activated) for r in out] == [("r0", 1), ("r1", 3)]
+    image = "sha256:" + "c" * 64
+    out = ReleaseRecords().process([f"3 r1 - {m}", f"1 r0 {image} {m}", "garbage", f"x r2 - {m}",
+                                    "2 r3 - {not json", f"4 r4  {m}"])
+    assert [(r.id, r.activated, r.image_id) for r in out] == [("r0", 1, image), ("r1", 3, None), ("r4", 4, None)]
+
+
+def test_records_fact_reads_a_real_records_tree(tmp_path):
+    """The fact's shell command against directories as release_recorded leaves them."""
+    import subprocess
+
+    m = rec("r1", 1, "k1", "a.gguf").manifest.render()
+    for rid, act, image in (("r1", "2", None), ("r2", "1", "sha256:" + "d" * 64), ("r3.partial", "9", None)):
+        (tmp_path / rid).mkdir()
+        (tmp_path / rid / "deploy.json").write_text(m)
+        (tmp_path / rid / "activated").write_text(act + "\n")
+        if image:
+            (tmp_path / rid / "image.id").write_text(image + "\n")
+    fact = ReleaseRecords()
+    out = subprocess.run(["sh", "-c", fact.command(str(tmp_path))], capture_output=True, text=True, check=True)
+    assert [(r.id, r.activated, r.image_id) for r in fact.process(out.stdout.splitlines())] == [
+        ("r2", 1, "sha256:" + "d" * 64), ("r1", 2, None)]
+
+
+def test_prune_drops_images_only_pruned_releases_ran():
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    records = [ReleaseRecord("r1", 1, rec("r1", 1, "k1", "a.gguf").manifest, a),
+               ReleaseRecord("r2", 2, rec("r2", 2, "k1", "a.gguf").manifest, b),
+               ReleaseRecord("r3", 3, rec("r3", 3, "k1", "a.gguf").manifest, b),
+               ReleaseRecord("r4", 4, rec("r4", 4, "k1", "a.gguf").manifest, None)]  # a native release
+    plan = prune_plan(records, "r3", 1, [], ["a.gguf"])  # kept: r3 and r4 (activated last)
+    assert (plan.records, plan.images) == (["r1", "r2"], [a])  # r2's image is r3's: it stays
+    assert prune_plan(records, "r3", 3, [], ["a.gguf"]).empty
+    records[3] = ReleaseRecord("r4", 4, records[3].manifest, a)  # a kept release runs a: it stays
+    assert prune_plan(records, "r3", 1, [], ["a.gguf"]).images == []
+
+
+@pytest.mark.parametrize(("ref", "version"), [
+    ("llamactl/llama-server:b11434-test", "b11434-test"),
+    ("ghcr.io/ggml-org/llama.cpp:server-b4000@sha256:" + "2" * 64, "server-b4000"),
+    ("registry:5000/llama", "latest"),
+    ("registry:5000/team/llama:v1+cpu", "v1-cpu"),
+])
+def test_docker_release_version_is_the_tag(ref, version):
+    from llamadeploy.roles.docker import release_version
+
+    assert release_version(ref) == version
