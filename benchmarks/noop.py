@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.widened import widened
+from llamadeploy.artifacts import file_sha256
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -133,7 +134,7 @@ def model_sizes(h: SandboxHost, tmp: Path, rounds: int) -> list[dict]:
     rows = []
     for label, path in models:
         data = default_data()
-        data["llama_model"] = {**data["llama_model"], "path": str(path)}
+        data["llama_model"] = {**data["llama_model"], "path": str(path), "sha256": file_sha256(str(path))}
         inv = write_inventory(tmp / f"size-{path.stem}.py", [h], data)
         deploy = (str(BIN / "pyinfra"), "-y", str(inv), "deploy.py")
         row: dict[str, object] = {"label": label, "bytes": path.stat().st_size, "first_deploy_s": timed(*deploy)}

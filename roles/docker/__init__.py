@@ -68,11 +68,12 @@ def compose_path(project_dir: str) -> str:
 def release_version(ref: str) -> str:
     """The version part of a docker release's id: the image's tag, in file-name characters (pure).
 
-    ``ghcr.io/ggml-org/llama.cpp:server-b4000@sha256:…`` -> ``server-b4000``; no tag -> ``latest``.
+    ``ghcr.io/ggml-org/llama.cpp:server-b4000@sha256:…`` -> ``server-b4000``; a digest without a
+    tag -> ``digest``; no tag -> ``latest`` (what docker pulls then).
     """
     name = ref.split("@", 1)[0]
     last = name.rsplit("/", 1)[-1]
-    tag = last.split(":", 1)[1] if ":" in last else "latest"
+    tag = last.split(":", 1)[1] if ":" in last else "digest" if "@" in ref else "latest"
     return re.sub(r"[^A-Za-z0-9._-]", "-", tag) or "image"
 
 

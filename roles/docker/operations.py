@@ -44,20 +44,25 @@ def check_image_flags(image: str, args: list[str]) -> Generator[Any, None, None]
 @operation()
 def image_loaded(ref: str, tarball: str, sha256: str):
     """
-    ``docker load`` a pushed image tarball unless ``ref`` is already there from this tarball.
+    ``docker load`` a pushed image tarball unless ``ref`` is already the image this tarball gave.
 
     + ref: the image reference the tarball holds (``repo:tag``)
     + tarball: host path of the tarball, already verified by ``verified_file``
-    + sha256: its hash, recorded in ``<tarball>.loaded`` so a changed tarball reloads
+    + sha256: its hash; ``<tarball>.loaded`` records it with the image ID the load gave ``ref``
+
+    The tag can move without a load (a rollback puts it back on an earlier release's image), so
+    "loaded" means: the marker names this tarball *and* ``ref`` is still the image it loaded.
     """
     # the tarball's content is guaranteed by the verified_file op right before; the
     # marker says which content was loaded, so no second hash of a large file here
-    marker = host.get_fact(FileContents, path=f"{tarball}.loaded") or []
-    if host.get_fact(DockerImageId, ref=ref) and [line.strip() for line in marker] == [sha256]:
+    marker = [line.strip() for line in host.get_fact(FileContents, path=f"{tarball}.loaded") or []]
+    now = host.get_fact(DockerImageId, ref=ref)
+    if now and marker == [sha256, now]:
         host.noop(f"{ref} is loaded from {tarball}")
         return
     q = shlex.quote
-    yield f"docker load -q -i {q(tarball)} && echo {q(sha256)} > {q(tarball + '.loaded')}"
+    yield (f"docker load -q -i {q(tarball)} && {{ echo {q(sha256)}; "
+           f"docker image inspect --format '{{{{.Id}}}}' {q(ref)}; }} > {q(tarball + '.loaded')}")
 
 
 @operation()

@@ -8,12 +8,15 @@ Where the bytes come from is decided on the controller (:mod:`.source`):
   huggingface_hub, the token in a 0600 file.
 
 Either way a file lands under a temporary name, is verified, and is renamed into
-place; a file already there with the right hash is neither fetched nor sent.
+place; a file already there with the right hash is neither fetched nor sent. A file
+that gets other content (a newer model of the same file name) keeps its old content
+under ``<model_dir>/.kept/<sha256>/`` (a hard link) for the releases that ran it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import posixpath
 from io import StringIO
 
 from pyinfra import host
@@ -27,8 +30,16 @@ from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import transfer
 from llamadeploy.roles.model.facts import DiskFree
-from llamadeploy.roles.model.operations import hub_download
-from llamadeploy.roles.model.source import ModelArtifact, ModelError, download, margin, resolve, token_for
+from llamadeploy.roles.model.operations import hub_download, kept_aside, kept_path, kept_recorded, restored
+from llamadeploy.roles.model.source import (
+    ModelArtifact,
+    ModelError,
+    ModelFile,
+    download,
+    margin,
+    resolve,
+    token_for,
+)
 
 _PREPARED: dict[tuple, ModelArtifact] = {}
 
@@ -53,6 +64,18 @@ def prepare(cfg: HostConfig) -> tuple[ModelArtifact, dict[str, HashState]]:
     return art, check_host_disk(cfg, art)
 
 
+def kept_dir(cfg: HostConfig) -> str:
+    """Where replaced model content stays while a kept release uses it (``roles/release`` prunes it)."""
+    return f"{cfg.model_dir}/.kept"
+
+
+def kept_on_host(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState]) -> set[str]:
+    """Files not in place whose content the host kept (an earlier release ran it): a link away."""
+    return {f.name for f in art.files if f.name not in on_host
+            and (state := host.get_fact(VerifiedSha256, path=kept_path(kept_dir(cfg), f.sha256, f.name)))
+            and state.sha256 == f.sha256}
+
+
 def model_path(cfg: HostConfig, art: ModelArtifact) -> str:
     """What ``--model`` gets: the first (or only) file."""
     return f"{cfg.model_dir}/{art.first.name}"
@@ -69,7 +92,8 @@ def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> dict[str, HashState]
         state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{f.name}", full=cfg.verify == "full")
         if state is not None and state.sha256 == f.sha256:
             on_host[f.name] = state
-    missing = [f for f in art.files if f.name not in on_host]
+    kept = kept_on_host(cfg, art, on_host)
+    missing = [f for f in art.files if f.name not in on_host and f.name not in kept]
     if not missing:
         return on_host
     need = sum(f.size for f in missing)
@@ -91,21 +115,39 @@ def model_files(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashStat
     """
     files.directory(name="Data directory", path=cfg.service.data_dir, mode="755")
     files.directory(name="Model directory", path=cfg.model_dir, mode="755")
+    # content the host kept for an earlier release comes back by a link (which keeps what is there)
+    kept = kept_on_host(cfg, art, on_host)
+    linked = [restored(name=f"Model {f.name} from the host's kept content (a link, no transfer)",
+                       dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg))
+              for f in art.files if f.name in kept]
+    to_send = [f for f in art.files if f.name not in kept]
+    full = cfg.verify == "full"
+    aside = []
+    for f in to_send:  # what a file about to get new content holds now stays, for its releases
+        path = f"{cfg.model_dir}/{f.name}"
+        old = None if f.name in on_host else host.get_fact(VerifiedSha256, path=path, full=full)
+        if old is not None and old.sha256 != f.sha256:
+            kept_aside(name=f"Earlier content of {f.name} kept for its releases", path=path, sha256=f.sha256,
+                       kept_dir=kept_dir(cfg), full=full)
+            aside.append((kept_path(kept_dir(cfg), old.sha256, f.name), old.sha256))
     if cfg.model.distribution == "host":
-        return _host_download(cfg, art, on_host)
-    if cfg.transfer.mode == "fanout":  # host to host first; the direct push below sends what is left
-        for f in art.files:
-            transfer.fanned_out(cfg, transfer.Shipment(f"model:{f.sha256}", f.name, f.controller_path,
-                                                       f"{cfg.model_dir}/{f.name}", f.sha256),
-                                holds=f.name in on_host)
-    return [
-        atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
-                             sha256=f.sha256, present=on_host.get(f.name))
-        for f in art.files
-    ]
+        sent = _host_download(cfg, art, on_host, to_send)
+    else:
+        if cfg.transfer.mode == "fanout":  # host to host first; the direct push below sends what is left
+            for f in art.files:
+                transfer.fanned_out(cfg, transfer.Shipment(f"model:{f.sha256}", f.name, f.controller_path,
+                                                           f"{cfg.model_dir}/{f.name}", f.sha256),
+                                    holds=f.name in on_host or f.name in kept)
+        sent = [atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
+                                     sha256=f.sha256, present=on_host.get(f.name))
+                for f in to_send]
+    for path, sha in aside:
+        kept_recorded(name=f"Kept {posixpath.basename(path)} recorded after its replacement", path=path, sha256=sha)
+    return [*linked, *sent]
 
 
-def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState]) -> list[OperationMeta]:
+def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState],
+                   to_send: list[ModelFile]) -> list[OperationMeta]:
     svc = cfg.service
     assert art.repo_id and art.commit and art.endpoint, "host downloads are of resolved Hub models"
     repo_id, commit, endpoint = art.repo_id, art.commit, art.endpoint
@@ -132,5 +174,5 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashS
             work_dir=f"{svc.data_dir}/.download", token_file=token_file if token else None,
             present=on_host.get(f.name),
         )
-        for f in art.files
+        for f in to_send
     ]

@@ -1,12 +1,23 @@
-"""The model role's own operation: a host downloads a Hub file itself (``distribution: host``)."""
+"""The model role's own operations: a host downloads a Hub file itself (``distribution: host``);
+a replaced model's content is kept for the releases that ran it, and put back by a rollback."""
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 
-from pyinfra.api import operation
+from pyinfra import host
+from pyinfra.api import OperationError, operation
 
-from llamadeploy.atomic import HashState, already_in_place, install_if_hash_matches
+from llamadeploy.atomic import (
+    HashState,
+    VerifiedSha256,
+    already_in_place,
+    durable_rename,
+    install_if_hash_matches,
+    record_command,
+    staging_path,
+)
 
 
 @operation()
@@ -42,3 +53,81 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
     yield f"mkdir -p {q(work_dir)} && find {q(work_dir)} -name '*.incomplete' -delete"
     yield f"env {env} {q(python)} -c {q(script)} {q(repo_id)} {q(repo_path)} {q(commit)} {q(work_dir)} >/dev/null"
     yield install_if_hash_matches(f"{work_dir}/{repo_path}", dest, sha256, "0644", what=f"{repo_id}/{repo_path}")
+
+
+def kept_path(kept_dir: str, sha256: str, name: str) -> str:
+    """Where a model file's earlier content is kept: ``<kept_dir>/<sha256>/<name>`` (a hard link)."""
+    return posixpath.join(kept_dir, sha256, name)
+
+
+def _keep_command(path: str, sha256: str, kept_dir: str) -> str:
+    """Shell: hard-link ``path`` (verified to hold ``sha256``) into ``kept_dir``; no byte is copied."""
+    q = shlex.quote
+    k = kept_path(kept_dir, sha256, posixpath.basename(path))
+    return f"mkdir -p {q(posixpath.dirname(k))} && ln -f {q(path)} {q(k)}"
+
+
+@operation()
+def kept_aside(path: str, sha256: str, kept_dir: str, full: bool = False):
+    """
+    Before ``path`` gets other content, keep what it holds now under ``kept_dir/<its sha256>/``.
+
+    + path: a model file the service reads (``<model_dir>/<name>``)
+    + sha256: the content it is about to get
+    + kept_dir: ``<model_dir>/.kept``
+    + full: ``llama_verify = "full"`` (the same fact call the disk check made)
+
+    A kept release that ran the old content is then reinstated by a link, with no transfer,
+    even when a newer model of the same file name replaced it. A hard link: no byte is copied
+    and no disk is used while the file name still holds the content; pruning removes the kept
+    content no kept release uses.
+    """
+    state = host.get_fact(VerifiedSha256, path=path, full=full)
+    if state is None or state.sha256 == sha256:
+        host.noop(f"{path} holds no other content to keep")
+        return
+    k = kept_path(kept_dir, state.sha256, posixpath.basename(path))
+    # recorded now for a transfer that fails; the rename that replaces ``path`` moves the inode's
+    # ctime again, so the model role records the kept name once more after it (kept_recorded)
+    yield f"{_keep_command(path, state.sha256, kept_dir)} && {record_command(k, state.sha256)}"
+
+
+@operation()
+def kept_recorded(path: str, sha256: str):
+    """
+    Record the kept name ``path`` with its ``sha256`` again, after the file it was linked from got
+    its new content (that rename moved the shared inode's ctime): a later rollback reads the
+    record instead of hashing the whole model.
+
+    + path: ``<model_dir>/.kept/<sha256>/<name>``
+    + sha256: the content kept there (verified when it was kept aside)
+    """
+    yield record_command(path, sha256)
+
+
+@operation()
+def restored(dest: str, sha256: str, kept_dir: str):
+    """
+    Put the kept content ``sha256`` back at ``dest`` by link and rename (a rollback, or a deploy
+    of a model the host kept); what ``dest`` holds now is kept aside first, so going back and
+    forth between two contents of one file name never needs a transfer.
+
+    + dest: the model file path the release's unit or compose file names
+    + sha256: the content the release ran
+    + kept_dir: ``<model_dir>/.kept``
+    """
+    now = host.get_fact(VerifiedSha256, path=dest)
+    if now is not None and now.sha256 == sha256:
+        host.noop(f"{dest} holds sha256 {sha256[:12]}…")
+        return
+    k = kept_path(kept_dir, sha256, posixpath.basename(dest))
+    kept = host.get_fact(VerifiedSha256, path=k)
+    if kept is None or kept.sha256 != sha256:
+        raise OperationError(f"no intact copy of {posixpath.basename(dest)} (sha256 {sha256[:12]}…) kept in {kept_dir}")
+    q = shlex.quote
+    tmp = staging_path(dest)  # not dest.partial: a fan-out pull resumes into that name
+    aside = f"{_keep_command(dest, now.sha256, kept_dir)} && " if now is not None else ""
+    records = [record_command(dest, sha256), record_command(k, sha256)]
+    if now is not None:
+        records.append(record_command(kept_path(kept_dir, now.sha256, posixpath.basename(dest)), now.sha256))
+    yield f"{aside}ln -f {q(k)} {q(tmp)} && {durable_rename(tmp, dest)} && {' && '.join(records)}"

@@ -16,6 +16,7 @@ import posixpath
 
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import systemd
 from pyinfra.operations.util import any_changed
@@ -29,6 +30,8 @@ from llamadeploy.roles import docker
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import check_image_flags, image_tagged
 from llamadeploy.roles.health import health_gate
+from llamadeploy.roles.model import kept_dir
+from llamadeploy.roles.model.operations import kept_path, restored
 from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
 from llamadeploy.roles.release.operations import copied, refused, release_recorded, releases_pruned
 from llamadeploy.roles.service.operations import check_flags
@@ -110,11 +113,26 @@ def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str 
         return None, (f"host {host.name}: release {target.id} runs the GPU offload pinned in {m.gpu_pin_file}, "
                       "which is gone: deploy instead (it fits again)")
     for name, sha in m.model_files.items():
-        state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{name}")
-        if state is None or state.sha256 != sha:
+        if _model_source(cfg, name, sha) is None:
             return None, (f"host {host.name}: release {target.id} needs model file {name} (sha256 {sha[:12]}…), "
-                          f"which is not intact in {cfg.model_dir} (a newer model of the same name replaced it)")
+                          f"which is neither in {cfg.model_dir} nor kept in {kept_dir(cfg)}")
     return target, None
+
+
+def _model_source(cfg: HostConfig, name: str, sha: str) -> str | None:
+    """Where a release's model file is intact: in place ("in place"), kept aside ("kept"), or None."""
+    state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{name}")
+    if state is not None and state.sha256 == sha:
+        return "in place"
+    kept = host.get_fact(VerifiedSha256, path=kept_path(kept_dir(cfg), sha, name))
+    return "kept" if kept is not None and kept.sha256 == sha else None
+
+
+def models_restored(cfg: HostConfig, target: ReleaseRecord) -> list[OperationMeta]:
+    """The release's model files back in place from ``.kept`` where a newer model replaced them."""
+    return [restored(name=f"Model {name} of the release back in place (a link, no transfer)",
+                     dest=f"{cfg.model_dir}/{name}", sha256=sha, kept_dir=kept_dir(cfg))
+            for name, sha in target.manifest.model_files.items() if _model_source(cfg, name, sha) == "kept"]
 
 
 def _image_of(target: ReleaseRecord) -> str | None:
@@ -147,14 +165,16 @@ def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
     check_flags(name="Reinstated release starts and knows every flag", binary=f"{build_dir}/bin/llama-server",
                 args=list(m.args))
     # the manifest first: whatever fails later, it never claims the old release while current moved
+    # (or while the model file already holds the old release's content)
     copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
            dest=manifest_path(cfg.service.config_dir))
+    models = models_restored(cfg, target)
     switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir)
     unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
     systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
     restarted = systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
                                 running=True, restarted=True, enabled=True,
-                                _if=lambda: unit.did_change() or switched.did_change())
+                                _if=any_changed(unit, switched, *models))
     # the gate asks the address the reinstated release listens on, which may not be the inventory's
     health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port))
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
@@ -170,11 +190,13 @@ def _docker_rolled_back(cfg: HostConfig, target: ReleaseRecord) -> None:
     check_image_flags(name="Reinstated image's llama-server knows every flag", image=image, args=list(m.args))
     copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
            dest=manifest_path(cfg.service.config_dir))
+    models = models_restored(cfg, target)
+    # a tag can be moved back; a digest reference names one image and cannot
     tagged = [image_tagged(name=f"{m.image} is the release's image", ref=str(m.image), image_id=target.image_id)] \
-        if target.image_id and m.image else []
+        if target.image_id and m.image and "@" not in m.image else []
     compose = copied(name="Compose file of the release", src=f"{entry}/{COMPOSE_FILE}",
                      dest=docker.compose_path(project))
-    up = docker.recreated(cfg, project, _if=any_changed(compose, *tagged))
+    up = docker.recreated(cfg, project, _if=any_changed(compose, *tagged, *models))
     health_gate(cfg, m.alias, after=[up], bind=(m.host, m.port))
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
                      release_id=target.id, sources={})

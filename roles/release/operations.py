@@ -10,6 +10,7 @@ from pyinfra.api import OperationError, operation
 from pyinfra.facts.files import Link, Sha1File
 
 from llamadeploy.atomic import durable_rename, staging_path
+from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.release.facts import Entries, ReleaseRecords
 from llamadeploy.roles.release.plan import prune_plan
 
@@ -35,19 +36,31 @@ def release_recorded(records_dir: str, release_id: str, sources: dict[str, str],
     mine = next((r for r in records if r.id == release_id), None)
     entry = posixpath.join(records_dir, release_id)
     if mine is not None:
-        if mine.activated == latest and sum(r.activated == latest for r in records) == 1:
+        # a bare tag may name another image than when the release was first recorded
+        moved = image is not None and mine.image_id != host.get_fact(DockerImageId, ref=image)
+        if mine.activated == latest and sum(r.activated == latest for r in records) == 1 and not moved:
             host.noop(f"release {release_id} is recorded and the latest")
             return
-        yield f"echo {latest + 1} > {q(entry)}/activated.tmp && {durable_rename(f'{entry}/activated.tmp', f'{entry}/activated')}"
+        if moved:
+            yield f"{_image_id_command(str(image), entry)} && sync -- {q(entry)}/image.id"
+        if mine.activated != latest or sum(r.activated == latest for r in records) != 1:
+            yield (f"echo {latest + 1} > {q(entry)}/activated.tmp && "
+                   f"{durable_rename(f'{entry}/activated.tmp', f'{entry}/activated')}")
         return
     tmp = f"{entry}.partial"
     copies = " && ".join(f"cp -p {q(src)} {q(tmp)}/{q(name)}" for name, src in sorted(sources.items()))
     if image is not None:
-        copies += f" && docker image inspect --format '{{{{.Id}}}}' {q(image)} > {q(tmp)}/image.id"
+        copies += f" && {_image_id_command(image, tmp)}"
     yield (
         f"rm -rf {q(tmp)} && mkdir -p {q(tmp)} && {copies} && echo {latest + 1} > {q(tmp)}/activated && "
         f"sync -f {q(tmp)}/activated && mv -T {q(tmp)} {q(entry)} && sync -- {q(records_dir)}"
     )
+
+
+def _image_id_command(image: str, entry: str) -> str:
+    """Shell: write the local image ID ``image`` names now to ``<entry>/image.id``."""
+    q = shlex.quote
+    return f"docker image inspect --format '{{{{.Id}}}}' {q(image)} > {q(entry)}/image.id"
 
 
 @operation()
@@ -60,7 +73,8 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
     + records_dir: ``<config_dir>/releases``
     + builds_dir: ``<prefix>/releases`` (one directory per build)
     + current_link: ``<prefix>/current``; its target is never removed
-    + model_dir: the model directory (only ``*.gguf`` files and their records are candidates)
+    + model_dir: the model directory (only ``*.gguf`` files and their records are candidates, and
+      the content kept under ``.kept/<sha256>/`` for releases that ran it)
     + current_id: the release serving now
     + keep: how many previous releases stay reinstatable
 
@@ -70,18 +84,31 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
     link = host.get_fact(Link, path=current_link)
     target = posixpath.basename(str(link.get("link_target") or "").rstrip("/")) if link else ""
     plan = prune_plan(records, current_id, keep, host.get_fact(Entries, path=builds_dir),
-                      host.get_fact(Entries, path=model_dir), protected_build=target)
+                      host.get_fact(Entries, path=model_dir), protected_build=target,
+                      kept_models=host.get_fact(Entries, path=posixpath.join(model_dir, ".kept")))
     if plan.empty:
         host.noop(f"{len(records)} release(s) recorded, nothing beyond {keep} previous to prune")
         return
     q = shlex.quote
     paths = ([posixpath.join(records_dir, r) for r in plan.records]
              + [posixpath.join(builds_dir, b) for b in plan.builds]
-             + [posixpath.join(model_dir, m) for m in plan.models])
+             + [posixpath.join(model_dir, m) for m in plan.models]
+             + [posixpath.join(model_dir, ".kept", k) for k in plan.kept])
     yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
     for image in plan.images:
-        # an image still tagged for something else or used by a container stays, and says so
-        yield f"docker image rm {q(image)} || echo {q(f'image {image} kept: in use or tagged elsewhere')}"
+        yield untagged_image_removed(image)
+
+
+def untagged_image_removed(image: str) -> str:
+    """Shell: remove the image ``image`` (an ID) if no tag names it any more, else say it stays.
+
+    ``docker image rm`` by ID would also untag an operator's own tags of it; an image a container
+    still uses is refused by docker: both stay, and the run says so.
+    """
+    q = shlex.quote
+    kept = q(f"image {image} kept: still tagged or in use")
+    return (f"if [ \"$(docker image inspect --format '{{{{len .RepoTags}}}}' {q(image)} 2>/dev/null)\" = 0 ]; "
+            f"then docker image rm {q(image)} || echo {kept}; else echo {kept}; fi")
 
 
 @operation()

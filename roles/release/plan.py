@@ -14,10 +14,12 @@ class PrunePlan:
     models: list[str]
     #: docker images (``sha256:…``) only pruned releases ran
     images: list[str] = field(default_factory=list)
+    #: directories of kept model content (``<model_dir>/.kept/<sha256>``) no kept release runs
+    kept: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.records or self.builds or self.models or self.images)
+        return not (self.records or self.builds or self.models or self.images or self.kept)
 
 
 def kept_records(records: list[ReleaseRecord], current_id: str, keep: int) -> list[ReleaseRecord]:
@@ -28,14 +30,16 @@ def kept_records(records: list[ReleaseRecord], current_id: str, keep: int) -> li
 
 
 def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds: list[str], models: list[str],
-               protected_build: str = "") -> PrunePlan:
+               protected_build: str = "", kept_models: list[str] | None = None) -> PrunePlan:
     """What to remove so that the current release and ``keep`` previous ones stay complete.
 
     Builds and model files are removed only when no kept release uses them; the build
     ``current`` points to (``protected_build``) always stays, and so does anything that
     is not ours to judge: build directories still being written (``*.partial``) and
     model-directory files that are not GGUF files or their hash records. A docker image goes
-    when only pruned releases ran it (images the host has for other reasons are never named).
+    when only pruned releases ran it (images the host has for other reasons are never named), and
+    kept model content (``kept_models``: the sha256 directory names under ``.kept``) when no kept
+    release runs it.
     """
     kept = kept_records(records, current_id, keep)
     if not any(r.id == current_id for r in kept):
@@ -51,5 +55,7 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
             drop_models.append(name)
     used_images = {r.image_id for r in kept}
     drop_images = {r.image_id for r in records if r.id not in kept_ids and r.image_id} - used_images
+    used_shas = {sha for r in kept for sha in r.manifest.model_files.values()}
+    drop_kept = [k for k in kept_models or [] if k not in used_shas]
     return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models),
-                     sorted(i for i in drop_images if i))
+                     sorted(i for i in drop_images if i), sorted(drop_kept))

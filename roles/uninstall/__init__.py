@@ -27,6 +27,9 @@ from llamadeploy.roles.docker.operations import compose_down
 from llamadeploy.roles.firewall import table_name
 from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.preflight import is_ours
+from llamadeploy.roles.release import records_dir
+from llamadeploy.roles.release.facts import ReleaseRecords
+from llamadeploy.roles.release.operations import untagged_image_removed
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 
 
@@ -56,6 +59,11 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
         if host.get_fact(DockerImageId, ref=cfg.docker_image):
             server.shell(name=f"Image {cfg.docker_image} removed",
                          commands=[f"docker image rm {shlex.quote(cfg.docker_image)}"])
+        # images earlier releases ran, kept for rollbacks (roles/release); untagged ones go
+        recorded = sorted({r.image_id for r in host.get_fact(ReleaseRecords, path=records_dir(cfg)) if r.image_id})
+        left = [i for i in recorded if host.get_fact(DockerImageId, ref=i)]
+        if left:
+            server.shell(name="Images of recorded releases removed", commands=[untagged_image_removed(i) for i in left])
     tree_removed(name="Compose project directory removed", path=d.project_dir)
 
     tree_removed(name="Releases removed", path=svc.prefix)

@@ -98,25 +98,24 @@ def test_docker_second_run_changes_nothing(host, docker_inv):
 
 
 def test_docker_rollback_reinstates_the_previous_release_without_transfer(host, docker_inv, tmp_path):
-    """Release B: a rebuilt image under the same tag (another tarball) and another CPU limit.
-    ``llamadeploy rollback``: the tag back on A's image, A's compose file, recreated, serving with
-    the key; what crossed the host's link is SSH chatter, not an image or a model."""
+    """Release B: a rebuilt image under the same tag (another tarball), nothing else changed, so
+    only the image tells A and B apart. ``llamadeploy rollback``: the tag back on A's image, the
+    container recreated, serving with the key; what crossed the host's link is SSH chatter, not
+    an image or a model. Deploying B again then runs B's image again (the tag moved back)."""
     a, image_a = manifest(host), container(host)["Image"]
     rebuilt = build_image_tarball(host.root, out=tmp_path / "rebuilt.tar", rebuild="b")
-    inv_b = write_inventory(tmp_path / "b.py", [host], docker_data(rebuilt, cpus=1.0))
+    inv_b = write_inventory(tmp_path / "b.py", [host], docker_data(rebuilt))
     result = run_deploy(inv_b)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     b, image_b = manifest(host), container(host)["Image"]
     assert b.release_id != a.release_id and image_b != image_a
-    assert container(host)["HostConfig"]["NanoCpus"] == 1_000_000_000
 
     sent = veth_bytes(host)
     result = cli("rollback", str(docker_inv))
     moved = veth_bytes(host) - sent
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    info = container(host)
     assert manifest(host).release_id == a.release_id
-    assert (info["Image"], info["HostConfig"]["NanoCpus"]) == (image_a, 1_500_000_000)
+    assert container(host)["Image"] == image_a
     assert host.ssh(f"docker image inspect --format '{{{{.Id}}}}' {IMAGE_REF}").stdout.strip() == image_a
     r = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=60,
                    headers={"Authorization": f"Bearer {API_KEY}"},
@@ -126,10 +125,15 @@ def test_docker_rollback_reinstates_the_previous_release_without_transfer(host, 
     assert moved < 2 * 1024 * 1024, moved  # the image tarball alone is far larger, the model 253 MB
     row = json.loads(cli("status", str(docker_inv), "--json").stdout)[0]
     assert (row["release_id"], row["previous"][0]) == (a.release_id, b.release_id), row
-    # and back to B: its record names image B, which the rollback left on the host untagged
-    result = cli("rollback", str(docker_inv), "--to", b.release_id)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+
+    # B again, as a rollout would after the rollback: its tarball is on the host and was loaded
+    # once, but the tag names A's image now: B must run B's image, not A's under B's name
+    result = run_deploy(inv_b)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     assert (manifest(host).release_id, container(host)["Image"]) == (b.release_id, image_b)
+    result = run_deploy(docker_inv)  # and A again, for the tests after this one
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    assert container(host)["Image"] == image_a
 
 
 def test_switch_back_to_native(host, native_inv):

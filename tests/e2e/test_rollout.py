@@ -9,6 +9,7 @@ every later test moves the fleet with the real CLI (``llamadeploy rollout`` /
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -18,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamadeploy.artifacts import file_sha256
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from llamadeploy.sandbox import assets
 from tests.conftest import LLAMADEPLOY, REPO, cli, merged_data, run_deploy, veth_bytes
 
 pytestmark = pytest.mark.e2e
@@ -229,3 +232,64 @@ def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseli
     print(f"rollback moved {moved} bytes over {h.veth}")
     assert moved < 2 * 1024 * 1024, moved  # the model alone is 253 MB, the release tarball several MB
     assert {o.address: manifest(o).release_id for o in fleet if o is not h} == others  # --limit: the rest stay
+
+
+def relabelled(src: Path, dest: Path) -> Path:
+    """A copy of the GGUF ``src`` whose ``general.name`` ends in another letter: the same model
+    (llama-server loads and answers with it) with another sha256, written in place by gguf-py."""
+    from gguf import GGUFReader
+
+    shutil.copyfile(src, dest)
+    reader = GGUFReader(dest, "r+")
+    field = reader.fields["general.name"]
+    field.parts[field.data[0]][-1] = ord("X")  # "Gemma 3 270m" -> "Gemma 3 270X", same length
+    reader.data.flush()
+    del reader
+    return dest
+
+
+def test_rollback_past_a_newer_model_of_the_same_name_transfers_nothing(fleet, baseline, tmp_path):
+    """A newer model under the same file name replaces the file the release ran; that release is
+    still reinstated with no transfer: the deploy kept the old content (a hard link under
+    ``.kept/<sha256>/``) and the rollback links it back into place."""
+    inv, _, _ = baseline
+    h = fleet[2]
+    before = manifest(h)
+    src = assets.gemma_model()
+    (tmp_path / "newer").mkdir()
+    newer = relabelled(src, tmp_path / "newer" / src.name)
+    inv_newer = write_fleet(tmp_path / "newer.py", fleet,
+                            llama_model={"path": str(newer), "sha256": file_sha256(str(newer))})
+    result = run_deploy(inv_newer, "--limit", h.address)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    after = manifest(h)
+    assert after.model_sha256 != before.model_sha256 and after.model_path == before.model_path
+    assert h.ssh("ls /var/lib/llama-server/models/.kept").stdout.split() == [before.model_sha256]
+    # the kept name's hash record is current (written after the replacing rename moved its ctime):
+    # a rollback reads it instead of hashing the model again
+    kept = f"/var/lib/llama-server/models/.kept/{before.model_sha256}"
+    stamp = h.ssh(f"stat -c '%s %i %y %z' -- {kept}/{src.name}").stdout.strip()
+    assert h.ssh(f"sed -n 1p {kept}/.{src.name}.sha256").stdout.strip() == stamp
+
+    sent = veth_bytes(h)
+    result = cli("rollback", str(inv), "--limit", h.address, "--to", before.release_id)
+    moved = veth_bytes(h) - sent
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert manifest(h).release_id == before.release_id
+    on_disk = h.ssh(f"sha256sum < {before.model_path}").stdout.split()[0]
+    assert on_disk == before.model_sha256
+    assert isinstance(chat(h), str)
+    print(f"rollback past a replaced model moved {moved} bytes over {h.veth}")
+    assert moved < 2 * 1024 * 1024, moved  # the model is 253 MB
+    # the newer content is kept in turn: deploying it again is a link, no transfer either
+    kept_now = h.ssh("ls /var/lib/llama-server/models/.kept").stdout.split()
+    assert sorted(kept_now) == sorted([before.model_sha256, after.model_sha256])
+    sent = veth_bytes(h)
+    result = run_deploy(inv_newer, "--limit", h.address)
+    moved = veth_bytes(h) - sent
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    assert manifest(h).release_id == after.release_id
+    assert h.ssh(f"sha256sum < {before.model_path}").stdout.split()[0] == after.model_sha256
+    assert isinstance(chat(h), str)
+    print(f"deploying the kept newer model again moved {moved} bytes over {h.veth}")
+    assert moved < 2 * 1024 * 1024, moved

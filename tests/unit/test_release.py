@@ -37,6 +37,17 @@ def test_prune_keeps_current_and_n_previous_with_their_files():
     assert prune_plan(records, "r4", 3, ["k1", "k2", "k3"], ["a.gguf"]).empty
 
 
+def test_prune_drops_kept_model_content_no_kept_release_runs():
+    def with_sha(rid: str, activated: int, sha: str) -> ReleaseRecord:
+        r = rec(rid, activated, "k1", "m.gguf")
+        return ReleaseRecord(rid, activated, r.manifest.model_copy(update={"model_files": {"m.gguf": sha}}))
+
+    # three releases ran three contents of the same file name; r1's and r2's were kept aside
+    records = [with_sha("r1", 1, "1" * 64), with_sha("r2", 2, "2" * 64), with_sha("r3", 3, "3" * 64)]
+    plan = prune_plan(records, "r3", 1, ["k1"], ["m.gguf"], protected_build="k1", kept_models=["1" * 64, "2" * 64])
+    assert (plan.records, plan.models, plan.kept) == (["r1"], [], ["1" * 64])  # the name serves r3: it stays
+
+
 def test_prune_after_rollback_counts_activation_not_age():
     # r1 was reinstated by a rollback (activated last): r2 is the previous one now, r3 the oldest
     records = [rec("r1", 5, "k1", "a.gguf"), rec("r2", 2, "k2", "b.gguf"), rec("r3", 4, "k3", "c.gguf")]
@@ -104,6 +115,7 @@ def test_prune_drops_images_only_pruned_releases_ran():
     ("llamactl/llama-server:b11434-test", "b11434-test"),
     ("ghcr.io/ggml-org/llama.cpp:server-b4000@sha256:" + "2" * 64, "server-b4000"),
     ("registry:5000/llama", "latest"),
+    ("registry:5000/llama@sha256:" + "3" * 64, "digest"),
     ("registry:5000/team/llama:v1+cpu", "v1-cpu"),
 ])
 def test_docker_release_version_is_the_tag(ref, version):
