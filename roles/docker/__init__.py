@@ -8,6 +8,7 @@ this file.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from collections.abc import Callable
@@ -59,6 +60,11 @@ def compose_command(cfg: HostConfig) -> str:
 def image_ref(cfg: HostConfig) -> str:
     d = cfg.docker
     return f"{cfg.docker_image}@{d.image_digest}" if d.image_digest and not d.image_tarball else cfg.docker_image
+
+
+def moved_marker(cfg: HostConfig, ref: str) -> str:
+    """The file a rollback leaves when it re-tags ``ref`` (the next deploy loads or pulls it again)."""
+    return f"{cfg.service.cache_dir}/images/moved-{hashlib.sha256(ref.encode()).hexdigest()[:16]}"
 
 
 def compose_path(project_dir: str) -> str:
@@ -122,9 +128,11 @@ def image(cfg: HostConfig) -> list[OperationMeta]:
         files.directory(name="Image cache", path=f"{cfg.service.cache_dir}/images", mode="700")
         pushed = atomic.verified_file(name=f"Image tarball {Path(d.image_tarball).name}", src=d.image_tarball,
                                dest=dest, sha256=sha, mode="0600")
-        loaded = image_loaded(name=f"docker load {cfg.docker_image}", ref=cfg.docker_image, tarball=dest, sha256=sha)
+        loaded = image_loaded(name=f"docker load {cfg.docker_image}", ref=cfg.docker_image, tarball=dest, sha256=sha,
+                              moved=moved_marker(cfg, cfg.docker_image))
         return [pushed, loaded]
-    return [image_pulled(name=f"docker pull {image_ref(cfg)}", ref=image_ref(cfg))]
+    return [image_pulled(name=f"docker pull {image_ref(cfg)}", ref=image_ref(cfg),
+                         moved=moved_marker(cfg, image_ref(cfg)))]
 
 
 @role("Stop native service")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from collections.abc import Generator
 from typing import Any
@@ -41,56 +42,72 @@ def check_image_flags(image: str, args: list[str]) -> Generator[Any, None, None]
     yield from ()
 
 
+def _moved(moved: str | None) -> bool:
+    """Whether a rollback re-tagged the reference since it was last loaded or pulled."""
+    return bool(moved and host.get_fact(File, path=moved))
+
+
+def _clear(moved: str | None) -> str:
+    return f" && rm -f {shlex.quote(moved)}" if moved else ""
+
+
 @operation()
-def image_loaded(ref: str, tarball: str, sha256: str):
+def image_loaded(ref: str, tarball: str, sha256: str, moved: str | None = None):
     """
     ``docker load`` a pushed image tarball unless ``ref`` is already the image this tarball gave.
 
     + ref: the image reference the tarball holds (``repo:tag``)
     + tarball: host path of the tarball, already verified by ``verified_file``
     + sha256: its hash; ``<tarball>.loaded`` records it with the image ID the load gave ``ref``
+    + moved: a file a rollback leaves when it re-tags ``ref`` (:func:`image_tagged`)
 
     The tag can move without a load (a rollback puts it back on an earlier release's image), so
-    "loaded" means: the marker names this tarball *and* ``ref`` is still the image it loaded.
+    "loaded" means: the marker names this tarball, ``ref`` is still the image it loaded (a marker
+    from before image IDs were recorded names only the tarball) and no rollback re-tagged it since.
     """
     # the tarball's content is guaranteed by the verified_file op right before; the
     # marker says which content was loaded, so no second hash of a large file here
     marker = [line.strip() for line in host.get_fact(FileContents, path=f"{tarball}.loaded") or []]
     now = host.get_fact(DockerImageId, ref=ref)
-    if now and marker == [sha256, now]:
+    if now and marker in ([sha256], [sha256, now]) and not _moved(moved):
         host.noop(f"{ref} is loaded from {tarball}")
         return
     q = shlex.quote
     yield (f"docker load -q -i {q(tarball)} && {{ echo {q(sha256)}; "
-           f"docker image inspect --format '{{{{.Id}}}}' {q(ref)}; }} > {q(tarball + '.loaded')}")
+           f"docker image inspect --format '{{{{.Id}}}}' {q(ref)}; }} > {q(tarball + '.loaded')}{_clear(moved)}")
 
 
 @operation()
-def image_tagged(ref: str, image_id: str):
+def image_tagged(ref: str, image_id: str, moved: str | None = None):
     """
     Point the tag ``ref`` at the local image ``image_id`` (a rollback to a release whose image a
     later deploy re-tagged); nothing when it already does. No transfer: the image is on the host.
 
     + ref: the reference the release's compose file runs
     + image_id: the image that release ran (``sha256:…``)
+    + moved: a file to leave behind, so the next deploy loads or pulls ``ref`` again instead of
+      taking the re-tagged image for its own
     """
     if host.get_fact(DockerImageId, ref=ref) == image_id:
         host.noop(f"{ref} is {image_id[:19]}")
         return
-    yield f"docker tag {shlex.quote(image_id)} {shlex.quote(ref)}"
+    q = shlex.quote
+    leave = f" && mkdir -p {q(posixpath.dirname(moved))} && echo {q(ref)} > {q(moved)}" if moved else ""
+    yield f"docker tag {q(image_id)} {q(ref)}{leave}"
 
 
 @operation()
-def image_pulled(ref: str):
+def image_pulled(ref: str, moved: str | None = None):
     """
     ``docker pull`` an image reference (tag or tag@digest) unless it is already on the host.
 
     + ref: what to pull; pin it with a digest so "already there" means "the same image"
+    + moved: the file a rollback leaves when it re-tags ``ref``: then the tag is pulled again
     """
-    if host.get_fact(DockerImageId, ref=ref):
+    if host.get_fact(DockerImageId, ref=ref) and not _moved(moved):
         host.noop(f"{ref} is present")
         return
-    yield f"docker pull -q {shlex.quote(ref)}"
+    yield f"docker pull -q {shlex.quote(ref)}{_clear(moved)}"
 
 
 @operation()

@@ -121,14 +121,15 @@ def model_files(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashStat
                        dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg))
               for f in art.files if f.name in kept]
     to_send = [f for f in art.files if f.name not in kept]
-    full = cfg.verify == "full"
     aside = []
     for f in to_send:  # what a file about to get new content holds now stays, for its releases
         path = f"{cfg.model_dir}/{f.name}"
-        old = None if f.name in on_host else host.get_fact(VerifiedSha256, path=path, full=full)
+        # the content to keep, by its record where it has one (``llama_verify = "full"`` hashed the
+        # file for the disk check already; the old content needs no second full hash)
+        old = None if f.name in on_host else host.get_fact(VerifiedSha256, path=path)
         if old is not None and old.sha256 != f.sha256:
             kept_aside(name=f"Earlier content of {f.name} kept for its releases", path=path, sha256=f.sha256,
-                       kept_dir=kept_dir(cfg), full=full)
+                       kept_dir=kept_dir(cfg))
             aside.append((kept_path(kept_dir(cfg), old.sha256, f.name), old.sha256))
     if cfg.model.distribution == "host":
         sent = _host_download(cfg, art, on_host, to_send)

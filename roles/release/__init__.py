@@ -192,7 +192,8 @@ def _docker_rolled_back(cfg: HostConfig, target: ReleaseRecord) -> None:
            dest=manifest_path(cfg.service.config_dir))
     models = models_restored(cfg, target)
     # a tag can be moved back; a digest reference names one image and cannot
-    tagged = [image_tagged(name=f"{m.image} is the release's image", ref=str(m.image), image_id=target.image_id)] \
+    tagged = [image_tagged(name=f"{m.image} is the release's image", ref=str(m.image), image_id=target.image_id,
+                           moved=docker.moved_marker(cfg, str(m.image)))] \
         if target.image_id and m.image and "@" not in m.image else []
     compose = copied(name="Compose file of the release", src=f"{entry}/{COMPOSE_FILE}",
                      dest=docker.compose_path(project))

@@ -42,7 +42,7 @@ def release_recorded(records_dir: str, release_id: str, sources: dict[str, str],
             host.noop(f"release {release_id} is recorded and the latest")
             return
         if moved:
-            yield f"{_image_id_command(str(image), entry)} && sync -- {q(entry)}/image.id"
+            yield _image_id_command(str(image), entry)
         if mine.activated != latest or sum(r.activated == latest for r in records) != 1:
             yield (f"echo {latest + 1} > {q(entry)}/activated.tmp && "
                    f"{durable_rename(f'{entry}/activated.tmp', f'{entry}/activated')}")
@@ -58,9 +58,11 @@ def release_recorded(records_dir: str, release_id: str, sources: dict[str, str],
 
 
 def _image_id_command(image: str, entry: str) -> str:
-    """Shell: write the local image ID ``image`` names now to ``<entry>/image.id``."""
+    """Shell: write the local image ID ``image`` names now to ``<entry>/image.id``, by rename."""
     q = shlex.quote
-    return f"docker image inspect --format '{{{{.Id}}}}' {q(image)} > {q(entry)}/image.id"
+    tmp = f"{entry}/image.id.tmp"
+    return (f"docker image inspect --format '{{{{.Id}}}}' {q(image)} > {q(tmp)} && "
+            f"{durable_rename(tmp, f'{entry}/image.id')}")
 
 
 @operation()
@@ -95,19 +97,25 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
              + [posixpath.join(model_dir, m) for m in plan.models]
              + [posixpath.join(model_dir, ".kept", k) for k in plan.kept])
     yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
-    for image in plan.images:
-        yield untagged_image_removed(image)
+    for image, refs in plan.images:
+        yield untagged_image_removed(image, refs)
 
 
-def untagged_image_removed(image: str) -> str:
-    """Shell: remove the image ``image`` (an ID) if no tag names it any more, else say it stays.
+def untagged_image_removed(image: str, refs: tuple[str, ...] = ()) -> str:
+    """Shell: untag ``refs`` where they still name ``image`` (an ID), then remove the image if no
+    tag names it any more, else say it stays.
 
-    ``docker image rm`` by ID would also untag an operator's own tags of it; an image a container
-    still uses is refused by docker: both stay, and the run says so.
+    ``refs`` are the tags the pruned releases ran it under (an upgrade leaves the old version's
+    tag on the old image). ``docker image rm`` by ID would also untag an operator's own tags of
+    it; an image a container still uses is refused by docker: both stay, and the run says so.
     """
     q = shlex.quote
     kept = q(f"image {image} kept: still tagged or in use")
-    return (f"if [ \"$(docker image inspect --format '{{{{len .RepoTags}}}}' {q(image)} 2>/dev/null)\" = 0 ]; "
+    untag = "".join(
+        f"if [ \"$(docker image inspect --format '{{{{.Id}}}}' {q(ref)} 2>/dev/null)\" = {q(image)} ]; "
+        f"then docker image rm {q(ref)} >/dev/null || true; fi; " for ref in refs)
+    return (f"{untag}if ! docker image inspect {q(image)} >/dev/null 2>&1; then :; "
+            f"elif [ \"$(docker image inspect --format '{{{{len .RepoTags}}}}' {q(image)})\" = 0 ]; "
             f"then docker image rm {q(image)} || echo {kept}; else echo {kept}; fi")
 
 

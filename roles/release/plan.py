@@ -12,8 +12,9 @@ class PrunePlan:
     records: list[str]
     builds: list[str]
     models: list[str]
-    #: docker images (``sha256:…``) only pruned releases ran
-    images: list[str] = field(default_factory=list)
+    #: docker images (``sha256:…``) only pruned releases ran, each with the tags those releases
+    #: ran it under and no kept release uses (untagged first, so the ID can go)
+    images: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     #: directories of kept model content (``<model_dir>/.kept/<sha256>``) no kept release runs
     kept: list[str] = field(default_factory=list)
 
@@ -54,8 +55,14 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
         if model.endswith(".gguf") and model not in used_models:
             drop_models.append(name)
     used_images = {r.image_id for r in kept}
-    drop_images = {r.image_id for r in records if r.id not in kept_ids and r.image_id} - used_images
+    used_refs = {r.manifest.image for r in kept}
+    drop_images: dict[str, set[str]] = {}
+    for r in records:
+        if r.id not in kept_ids and r.image_id and r.image_id not in used_images:
+            refs = drop_images.setdefault(r.image_id, set())
+            if r.manifest.image and r.manifest.image not in used_refs and "@" not in r.manifest.image:
+                refs.add(r.manifest.image)
     used_shas = {sha for r in kept for sha in r.manifest.model_files.values()}
     drop_kept = [k for k in kept_models or [] if k not in used_shas]
     return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models),
-                     sorted(i for i in drop_images if i), sorted(drop_kept))
+                     [(i, tuple(sorted(refs))) for i, refs in sorted(drop_images.items())], sorted(drop_kept))

@@ -60,10 +60,15 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
             server.shell(name=f"Image {cfg.docker_image} removed",
                          commands=[f"docker image rm {shlex.quote(cfg.docker_image)}"])
         # images earlier releases ran, kept for rollbacks (roles/release); untagged ones go
-        recorded = sorted({r.image_id for r in host.get_fact(ReleaseRecords, path=records_dir(cfg)) if r.image_id})
-        left = [i for i in recorded if host.get_fact(DockerImageId, ref=i)]
+        recorded: dict[str, set[str]] = {}
+        for r in host.get_fact(ReleaseRecords, path=records_dir(cfg)):
+            if r.image_id:
+                recorded.setdefault(r.image_id, set()).update(
+                    [r.manifest.image] if r.manifest.image and "@" not in r.manifest.image else [])
+        left = [(i, tuple(sorted(refs))) for i, refs in sorted(recorded.items()) if host.get_fact(DockerImageId, ref=i)]
         if left:
-            server.shell(name="Images of recorded releases removed", commands=[untagged_image_removed(i) for i in left])
+            server.shell(name="Images of recorded releases removed",
+                         commands=[untagged_image_removed(i, refs) for i, refs in left])
     tree_removed(name="Compose project directory removed", path=d.project_dir)
 
     tree_removed(name="Releases removed", path=svc.prefix)

@@ -105,10 +105,14 @@ def test_prune_drops_images_only_pruned_releases_ran():
                ReleaseRecord("r3", 3, rec("r3", 3, "k1", "a.gguf").manifest, b),
                ReleaseRecord("r4", 4, rec("r4", 4, "k1", "a.gguf").manifest, None)]  # a native release
     plan = prune_plan(records, "r3", 1, [], ["a.gguf"])  # kept: r3 and r4 (activated last)
-    assert (plan.records, plan.images) == (["r1", "r2"], [a])  # r2's image is r3's: it stays
+    assert (plan.records, plan.images) == (["r1", "r2"], [(a, ())])  # r2's image is r3's: it stays
     assert prune_plan(records, "r3", 3, [], ["a.gguf"]).empty
     records[3] = ReleaseRecord("r4", 4, records[3].manifest, a)  # a kept release runs a: it stays
     assert prune_plan(records, "r3", 1, [], ["a.gguf"]).images == []
+    # an upgrade: r1 ran a under the old version's tag, which no kept release uses: untagged first
+    old = records[0].manifest.model_copy(update={"image": "llama:b1"})
+    records = [ReleaseRecord("r1", 1, old, a), *records[1:3]]
+    assert prune_plan(records, "r3", 1, [], ["a.gguf"]).images == [(a, ("llama:b1",))]
 
 
 @pytest.mark.parametrize(("ref", "version"), [
