@@ -38,7 +38,6 @@ from llamadeploy.roles.service.operations import check_flags
 
 UNIT_FILE = "unit.service"
 MANIFEST_FILE = "deploy.json"
-COMPOSE_FILE = "docker-compose.yml"
 
 
 def records_dir(cfg: HostConfig) -> str:
@@ -52,17 +51,19 @@ def unit_path(cfg: HostConfig) -> str:
 @role("Release record")
 def recorded(cfg: HostConfig, current_id: str) -> None:
     """After the gate: record the release that serves, then prune beyond ``keep_releases``."""
-    manifest = manifest_path(cfg.service.config_dir)
-    if cfg.mode == "native":
-        release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
-                         sources={UNIT_FILE: unit_path(cfg), MANIFEST_FILE: manifest})
-    else:
-        release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
-                         sources={COMPOSE_FILE: docker.compose_path(cfg.docker.project_dir), MANIFEST_FILE: manifest},
-                         image=docker.image_ref(cfg))
+    served = {UNIT_FILE: unit_path(cfg)} if cfg.mode == "native" else \
+        {docker.COMPOSE_FILE: docker.compose_path(cfg.docker.project_dir)}
+    release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
+                     sources={**served, MANIFEST_FILE: manifest_path(cfg.service.config_dir)},
+                     image=docker.image_ref(cfg) if cfg.mode == "docker" else None)
     releases_pruned(name=f"Releases beyond {cfg.service.keep_releases} previous pruned", records_dir=records_dir(cfg),
                     builds_dir=f"{cfg.service.prefix}/releases", current_link=cfg.current_link,
                     model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases)
+
+
+def build_dir(cfg: HostConfig, m: Manifest) -> str:
+    """Where the build a native release ran is kept on the host."""
+    return f"{cfg.service.prefix}/releases/{m.release}"
 
 
 def current_release(cfg: HostConfig) -> Manifest | None:
@@ -105,9 +106,9 @@ def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str 
             return None, (f"host {host.name}: release {target.id} ran image {m.image} "
                           f"({target.image_id or 'ID not recorded'}), which is gone from the host")
     else:
-        build_dir = f"{cfg.service.prefix}/releases/{m.release}"
-        if not host.get_fact(File, path=f"{build_dir}/bin/llama-server"):
-            return None, f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build_dir}"
+        build = build_dir(cfg, m)
+        if not host.get_fact(File, path=f"{build}/bin/llama-server"):
+            return None, f"host {host.name}: release {target.id} needs build {m.release}, which is gone from {build}"
     if m.gpu_pin_file and not host.get_fact(File, path=m.gpu_pin_file):
         # its unit reads the file optionally: without it the server would silently run its own fit
         return None, (f"host {host.name}: release {target.id} runs the GPU offload pinned in {m.gpu_pin_file}, "
@@ -156,48 +157,45 @@ def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
     if target is None:
         refused(name="A release to reinstate", reason=str(why))
         return
-    if target.manifest.mode == "docker":
-        _docker_rolled_back(cfg, target)
-        return
     m = target.manifest
-    build_dir = f"{cfg.service.prefix}/releases/{m.release}"
     entry = posixpath.join(records_dir(cfg), target.id)
-    check_flags(name="Reinstated release starts and knows every flag", binary=f"{build_dir}/bin/llama-server",
-                args=list(m.args))
+    if m.mode == "docker":
+        check_image_flags(name="Reinstated image's llama-server knows every flag", image=_image_of(target) or str(m.image),
+                          args=list(m.args))
+    else:
+        check_flags(name="Reinstated release starts and knows every flag", binary=f"{build_dir(cfg, m)}/bin/llama-server",
+                    args=list(m.args))
     # the manifest first: whatever fails later, it never claims the old release while current moved
     # (or while the model file already holds the old release's content)
     copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
            dest=manifest_path(cfg.service.config_dir))
     models = models_restored(cfg, target)
-    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir)
-    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
-    systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
-    restarted = systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
-                                running=True, restarted=True, enabled=True,
-                                _if=any_changed(unit, switched, *models))
+    switch = _docker_switched if m.mode == "docker" else _native_switched
+    restarted = switch(cfg, target, entry, models)
     # the gate asks the address the reinstated release listens on, which may not be the inventory's
     health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port))
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
                      release_id=target.id, sources={})
 
 
-def _docker_rolled_back(cfg: HostConfig, target: ReleaseRecord) -> None:
+def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta]) -> OperationMeta:
+    """Native mode's switch: ``current`` to the release's build, its unit, restart."""
+    m = target.manifest
+    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir(cfg, m))
+    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
+    systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
+    return systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
+                           running=True, restarted=True, enabled=True, _if=any_changed(unit, switched, *models))
+
+
+def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta]) -> OperationMeta:
     """Docker mode's switch: the recorded image under the release's tag, its compose file, recreate."""
     m = target.manifest
-    entry = posixpath.join(records_dir(cfg), target.id)
-    image = _image_of(target) or str(m.image)
     project = m.compose_project or cfg.docker.project_dir
-    check_image_flags(name="Reinstated image's llama-server knows every flag", image=image, args=list(m.args))
-    copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
-           dest=manifest_path(cfg.service.config_dir))
-    models = models_restored(cfg, target)
     # a tag can be moved back; a digest reference names one image and cannot
     tagged = [image_tagged(name=f"{m.image} is the release's image", ref=str(m.image), image_id=target.image_id,
                            moved=docker.moved_marker(cfg, str(m.image)))] \
         if target.image_id and m.image and "@" not in m.image else []
-    compose = copied(name="Compose file of the release", src=f"{entry}/{COMPOSE_FILE}",
+    compose = copied(name="Compose file of the release", src=f"{entry}/{docker.COMPOSE_FILE}",
                      dest=docker.compose_path(project))
-    up = docker.recreated(cfg, project, _if=any_changed(compose, *tagged, *models))
-    health_gate(cfg, m.alias, after=[up], bind=(m.host, m.port))
-    release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
-                     release_id=target.id, sources={})
+    return docker.recreated(cfg, project, _if=any_changed(compose, *tagged, *models))

@@ -38,12 +38,13 @@ def release_recorded(records_dir: str, release_id: str, sources: dict[str, str],
     if mine is not None:
         # a bare tag may name another image than when the release was first recorded
         moved = image is not None and mine.image_id != host.get_fact(DockerImageId, ref=image)
-        if mine.activated == latest and sum(r.activated == latest for r in records) == 1 and not moved:
+        is_latest = mine.activated == latest and sum(r.activated == latest for r in records) == 1
+        if is_latest and not moved:
             host.noop(f"release {release_id} is recorded and the latest")
             return
         if moved:
             yield _image_id_command(str(image), entry)
-        if mine.activated != latest or sum(r.activated == latest for r in records) != 1:
+        if not is_latest:
             yield (f"echo {latest + 1} > {q(entry)}/activated.tmp && "
                    f"{durable_rename(f'{entry}/activated.tmp', f'{entry}/activated')}")
         return

@@ -30,6 +30,17 @@ def kept_records(records: list[ReleaseRecord], current_id: str, keep: int) -> li
     return current + others[:keep]
 
 
+def image_refs(records: list[ReleaseRecord]) -> dict[str, set[str]]:
+    """Docker records' image IDs, each with the tags the releases ran it under (a digest reference
+    is no tag: it cannot be removed while the image stays)."""
+    out: dict[str, set[str]] = {}
+    for r in records:
+        if r.image_id:
+            ref = r.manifest.image
+            out.setdefault(r.image_id, set()).update([ref] if ref and "@" not in ref else [])
+    return out
+
+
 def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds: list[str], models: list[str],
                protected_build: str = "", kept_models: list[str] | None = None) -> PrunePlan:
     """What to remove so that the current release and ``keep`` previous ones stay complete.
@@ -56,12 +67,8 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
             drop_models.append(name)
     used_images = {r.image_id for r in kept}
     used_refs = {r.manifest.image for r in kept}
-    drop_images: dict[str, set[str]] = {}
-    for r in records:
-        if r.id not in kept_ids and r.image_id and r.image_id not in used_images:
-            refs = drop_images.setdefault(r.image_id, set())
-            if r.manifest.image and r.manifest.image not in used_refs and "@" not in r.manifest.image:
-                refs.add(r.manifest.image)
+    drop_images = {i: refs - used_refs for i, refs in image_refs([r for r in records if r.id not in kept_ids]).items()
+                   if i not in used_images}
     used_shas = {sha for r in kept for sha in r.manifest.model_files.values()}
     drop_kept = [k for k in kept_models or [] if k not in used_shas]
     return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models),

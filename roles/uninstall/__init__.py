@@ -30,6 +30,7 @@ from llamadeploy.roles.preflight import is_ours
 from llamadeploy.roles.release import records_dir
 from llamadeploy.roles.release.facts import ReleaseRecords
 from llamadeploy.roles.release.operations import untagged_image_removed
+from llamadeploy.roles.release.plan import image_refs
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 
 
@@ -60,11 +61,7 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
             server.shell(name=f"Image {cfg.docker_image} removed",
                          commands=[f"docker image rm {shlex.quote(cfg.docker_image)}"])
         # images earlier releases ran, kept for rollbacks (roles/release); untagged ones go
-        recorded: dict[str, set[str]] = {}
-        for r in host.get_fact(ReleaseRecords, path=records_dir(cfg)):
-            if r.image_id:
-                recorded.setdefault(r.image_id, set()).update(
-                    [r.manifest.image] if r.manifest.image and "@" not in r.manifest.image else [])
+        recorded = image_refs(host.get_fact(ReleaseRecords, path=records_dir(cfg)))
         left = [(i, tuple(sorted(refs))) for i, refs in sorted(recorded.items()) if host.get_fact(DockerImageId, ref=i)]
         if left:
             server.shell(name="Images of recorded releases removed",
