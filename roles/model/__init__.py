@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import posixpath
+from dataclasses import dataclass
 from io import StringIO
 
 from pyinfra import host
@@ -44,11 +45,25 @@ from llamadeploy.roles.model.source import (
 _PREPARED: dict[tuple, ModelArtifact] = {}
 
 
-def prepare(cfg: HostConfig) -> tuple[ModelArtifact, dict[str, HashState]]:
+@dataclass(frozen=True)
+class OnHost:
+    """What a host holds of a model's files, read once while preparing (for the disk check) and
+    handed to the operations, which do not read it again."""
+
+    #: files in place with the right sha256, by name
+    present: dict[str, HashState]
+    #: files whose path holds other content (by name: that content's state), kept aside before it is replaced
+    other: dict[str, HashState]
+    #: files not in place whose content the host kept (``.kept/<sha256>/<name>``): a link away
+    kept: frozenset[str]
+
+
+def prepare(cfg: HostConfig) -> tuple[ModelArtifact, OnHost]:
     """Resolve (and in controller mode download + verify) the model, once per run for all hosts.
 
-    Returns the artifact and the files this host already holds with the right sha256
-    (read once here, for the disk check, and not again by the operations). Raises DeployError naming the host; runs before any operation executes.
+    Returns the artifact and what this host holds of it (read once here, for the disk check,
+    and not again by the operations). Raises DeployError naming the host; runs before any
+    operation executes.
     """
     spec = cfg.model
     key = (spec.model_dump_json(),)
@@ -69,31 +84,29 @@ def kept_dir(cfg: HostConfig) -> str:
     return f"{cfg.model_dir}/.kept"
 
 
-def kept_on_host(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState]) -> set[str]:
-    """Files not in place whose content the host kept (an earlier release ran it): a link away."""
-    return {f.name for f in art.files if f.name not in on_host
-            and (state := host.get_fact(VerifiedSha256, path=kept_path(kept_dir(cfg), f.sha256, f.name)))
-            and state.sha256 == f.sha256}
-
-
 def model_path(cfg: HostConfig, art: ModelArtifact) -> str:
     """What ``--model`` gets: the first (or only) file."""
     return f"{cfg.model_dir}/{art.first.name}"
 
 
-def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> dict[str, HashState]:
+def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> OnHost:
     """Refuse before any transfer when the host's model disk is too small for what is missing.
 
-    Returns the files already in place with the right sha256, by name (hashed only where
-    no current record vouches for the hash, or with ``llama_verify = "full"``).
+    Returns what the host holds: files in place with the right sha256 (hashed only where no
+    current record vouches for the hash, or with ``llama_verify = "full"``), files holding other
+    content, and files whose content it kept for an earlier release (no transfer needed).
     """
-    on_host = {}
+    present: dict[str, HashState] = {}
+    other: dict[str, HashState] = {}
     for f in art.files:
         state = host.get_fact(VerifiedSha256, path=f"{cfg.model_dir}/{f.name}", full=cfg.verify == "full")
-        if state is not None and state.sha256 == f.sha256:
-            on_host[f.name] = state
-    kept = kept_on_host(cfg, art, on_host)
-    missing = [f for f in art.files if f.name not in on_host and f.name not in kept]
+        if state is not None:
+            (present if state.sha256 == f.sha256 else other)[f.name] = state
+    kept = frozenset(f.name for f in art.files if f.name not in present
+                     and (state := host.get_fact(VerifiedSha256, path=kept_path(kept_dir(cfg), f.sha256, f.name)))
+                     and state.sha256 == f.sha256)
+    on_host = OnHost(present, other, kept)
+    missing = [f for f in art.files if f.name not in present and f.name not in kept]
     if not missing:
         return on_host
     need = sum(f.size for f in missing)
@@ -108,39 +121,37 @@ def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> dict[str, HashState]
 
 
 @role("Model")
-def model_files(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState]) -> list[OperationMeta]:
+def model_files(cfg: HostConfig, art: ModelArtifact, on_host: OnHost) -> list[OperationMeta]:
     """Put every model file in place; returns the operations that change when the model does.
 
-    ``on_host``: files :func:`prepare` found in place with the right hash this run.
+    ``on_host``: what :func:`prepare` found on the host this run.
     """
     files.directory(name="Data directory", path=cfg.service.data_dir, mode="755")
     files.directory(name="Model directory", path=cfg.model_dir, mode="755")
     # content the host kept for an earlier release comes back by a link (which keeps what is there)
-    kept = kept_on_host(cfg, art, on_host)
     linked = [restored(name=f"Model {f.name} from the host's kept content (a link, no transfer)",
                        dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg))
-              for f in art.files if f.name in kept]
-    to_send = [f for f in art.files if f.name not in kept]
+              for f in art.files if f.name in on_host.kept]
+    to_send = [f for f in art.files if f.name not in on_host.kept]
     aside = []
     for f in to_send:  # what a file about to get new content holds now stays, for its releases
-        path = f"{cfg.model_dir}/{f.name}"
-        # the content to keep, by its record where it has one (``llama_verify = "full"`` hashed the
-        # file for the disk check already; the old content needs no second full hash)
-        old = None if f.name in on_host else host.get_fact(VerifiedSha256, path=path)
-        if old is not None and old.sha256 != f.sha256:
+        old = on_host.other.get(f.name)
+        if old is not None:
+            path = f"{cfg.model_dir}/{f.name}"
             kept_aside(name=f"Earlier content of {f.name} kept for its releases", path=path, sha256=f.sha256,
                        kept_dir=kept_dir(cfg))
             aside.append((kept_path(kept_dir(cfg), old.sha256, f.name), old.sha256))
+    present = on_host.present
     if cfg.model.distribution == "host":
-        sent = _host_download(cfg, art, on_host, to_send)
+        sent = _host_download(cfg, art, present, to_send)
     else:
         if cfg.transfer.mode == "fanout":  # host to host first; the direct push below sends what is left
             for f in art.files:
                 transfer.fanned_out(cfg, transfer.Shipment(f"model:{f.sha256}", f.name, f.controller_path,
                                                            f"{cfg.model_dir}/{f.name}", f.sha256),
-                                    holds=f.name in on_host or f.name in kept)
+                                    holds=f.name in present or f.name in on_host.kept)
         sent = [atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
-                                     sha256=f.sha256, present=on_host.get(f.name))
+                                     sha256=f.sha256, present=present.get(f.name))
                 for f in to_send]
     for path, sha in aside:
         kept_recorded(name=f"Kept {posixpath.basename(path)} recorded after its replacement", path=path, sha256=sha)

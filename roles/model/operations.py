@@ -68,21 +68,20 @@ def _keep_command(path: str, sha256: str, kept_dir: str) -> str:
 
 
 @operation()
-def kept_aside(path: str, sha256: str, kept_dir: str, full: bool = False):
+def kept_aside(path: str, sha256: str, kept_dir: str):
     """
     Before ``path`` gets other content, keep what it holds now under ``kept_dir/<its sha256>/``.
 
     + path: a model file the service reads (``<model_dir>/<name>``)
     + sha256: the content it is about to get
     + kept_dir: ``<model_dir>/.kept``
-    + full: ``llama_verify = "full"`` (the same fact call the disk check made)
 
     A kept release that ran the old content is then reinstated by a link, with no transfer,
     even when a newer model of the same file name replaced it. A hard link: no byte is copied
     and no disk is used while the file name still holds the content; pruning removes the kept
     content no kept release uses.
     """
-    state = host.get_fact(VerifiedSha256, path=path, full=full)
+    state = host.get_fact(VerifiedSha256, path=path)
     if state is None or state.sha256 == sha256:
         host.noop(f"{path} holds no other content to keep")
         return
