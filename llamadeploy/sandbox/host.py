@@ -220,7 +220,7 @@ class SandboxHost:
         _save_state(state)
         try:
             self._wire_network(proc, timeout)
-            self._wait_ssh(timeout)
+            self.wait_ssh(timeout)
         except Exception:
             self.stop()
             raise
@@ -278,7 +278,9 @@ class SandboxHost:
              "-j", "ACCEPT"),
         ]
 
-    def _wait_ssh(self, timeout: float) -> None:
+    def wait_ssh(self, timeout: float) -> None:
+        """Until sshd accepts a login (after boot, or after a test reloaded it: a reload re-executes
+        sshd, and a connection in that moment is refused)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

@@ -278,6 +278,7 @@ def test_secrets_through_a_sudo_user_never_readable_or_printed(host, inventory, 
         # a pre-existing, too-open upload dir with a file in it: must end up 0700 and kept
         f"install -d -m 755 -o deploy -g deploy {updir} && touch {updir}/keep && chown deploy {updir}/keep"
     )
+    host.wait_ssh(30)  # the reload re-executes sshd: the next login could land in that moment
     since = host.ssh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
     name, conn = host.inventory_entry()
     data = merged_data(llama_server={"api_key_file": str(key_file), "allow_unauthenticated": False})
