@@ -15,6 +15,8 @@ field of ``llamadeploy.config.HostConfig``):
 6. nftables rules for the port (optional)         ``roles/firewall``
 7. systemd unit or compose file, restart on change ``roles/service``, ``roles/docker``
 8. health gate: /health, one chat completion      ``roles/health``
+   (a release that fails it: the one that served  ``roles/release``
+   before is reinstated, and the run fails)
 9. record the release, prune old ones             ``roles/release``
 
 Steps 1-3 run while pyinfra prepares the run, so nothing changes on any host

@@ -11,6 +11,7 @@ before any operation runs.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import posixpath
 import re
@@ -65,7 +66,7 @@ def _host_path(value: str) -> str:
     return value
 
 
-def _relative_path(value: str) -> str:
+def relative_path(value: str) -> str:
     """A relative path inside a tree (tarball subdir, Hub file name): no '..', no leading '/' or '-'."""
     if not re.fullmatch(rf"{PATH_CHARS}+", value) or value.startswith(("/", "-")):
         raise ValueError("must be a relative path of letters, digits and ._+@/- not starting with / or -")
@@ -75,8 +76,25 @@ def _relative_path(value: str) -> str:
     return value
 
 
+def _printable(value: str) -> str:
+    """No control characters: a newline, CR or NUL would start a new line in a file or log."""
+    if not re.fullmatch(r"[^\x00-\x1f\x7f]{1,4096}", value):
+        raise ValueError("holds a control character (newline, CR, NUL...) or is empty; allowed: printable text")
+    return value
+
+
+def _ip_address(value: str) -> str:
+    """An address to listen on; nothing else reaches a ``--host`` flag or a ``bind`` line."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("must be an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1") from None
+    return value
+
+
 AbsPath = Annotated[str, AfterValidator(_host_path)]
-RelPath = Annotated[str, AfterValidator(_relative_path)]
+BindAddress = Annotated[str, AfterValidator(_ip_address)]
+RelPath = Annotated[str, AfterValidator(relative_path)]
 Name = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]
 #: a git ref or commit: what git and CMake get, never an option
 Ref = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")]
@@ -84,6 +102,45 @@ Ref = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")]
 CMakeValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9._+:/=,;@ -]{0,256}$")]
 #: a git remote: https://, ssh:// or git@host:path, never something git reads as an option
 GitUrl = Annotated[str, Field(pattern=r"^(https?://|ssh://|file:///|git@)[A-Za-z0-9._~:/@+-]+$")]
+
+
+#: a controller path: anything but control characters (a newline would split a line it is logged on)
+ControllerPath = Annotated[str, AfterValidator(_printable)]
+#: a model file name as it reaches the unit, compose file and manifest (also from a Hub listing)
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,199}")
+
+#: llama-server flags the schema owns -> the setting to use instead. In ``extra_args`` they would
+#: bypass a policy (bind, key, firewall), a plan (memory, slots, offload) or what the release records
+OWNED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(["--host"], "llama_server.host"),
+    **dict.fromkeys(["--port"], "llama_server.port"),
+    **dict.fromkeys(["--api-key", "--api-key-file"], "llama_server.api_key_file"),
+    **dict.fromkeys(["-hft", "--hf-token"], "llama_model.hf_token_file"),
+    **dict.fromkeys(["-m", "--model", "-mu", "--model-url", "-dr", "--docker-repo", "-hf", "-hfr", "--hf-repo",
+                     "-hff", "--hf-file"], "llama_model"),
+    **dict.fromkeys(["-a", "--alias"], "llama_model.alias"),
+    **dict.fromkeys(["--rpc"], "llama_rpc.workers_group"),
+    **dict.fromkeys(["-ngl", "--gpu-layers", "--n-gpu-layers", "-fit", "--fit", "-fitt", "--fit-target",
+                     "-fitc", "--fit-ctx"], "llama_server.gpu_layers"),
+    **dict.fromkeys(["--ssl-key-file", "--ssl-cert-file"], "llama_front.tls_pem (TLS ends at the front)"),
+    **dict.fromkeys(["--slot-save-path", "--log-file", "--log-prompts-dir"],
+                    "nothing: the hardened unit writes no files (logs go to the journal)"),
+    **dict.fromkeys(["--models-dir", "--models-preset", "--models-max", "--models-autoload", "--no-models-autoload"],
+                    "nothing yet: one model per host"),
+    **dict.fromkeys(["-t", "--threads"], "llama_server.threads"),
+    **dict.fromkeys(["-tb", "--threads-batch"], "llama_server.threads_batch"),
+    **dict.fromkeys(["-c", "--ctx-size"], "llama_server.ctx_size"),
+    **dict.fromkeys(["-np", "--parallel"], "llama_server.parallel"),
+    **dict.fromkeys(["-cram", "--cache-ram"], "llama_server.cache_ram"),
+    **dict.fromkeys(["--chat-template", "--chat-template-file", "--jinja", "--no-jinja"], "llama_server.chat_template"),
+    **dict.fromkeys(["--numa"], "llama_server.numa"),
+    **dict.fromkeys(["-lm", "--load-mode"], "llama_server.load_mode"),
+    **dict.fromkeys(["-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"], "llama_server.kv_unified"),
+    **dict.fromkeys(["-cb", "--cont-batching", "-nocb", "--no-cont-batching"], "llama_server.cont_batching"),
+    **dict.fromkeys(["--metrics"], "llama_server.metrics"),
+    **dict.fromkeys(["--repack", "-nr", "--no-repack"], "llama_server.repack"),
+    **dict.fromkeys(["--swa-full"], "llama_server.swa_full"),
+}
 
 
 def parse_size(size: str) -> int:
@@ -116,7 +173,7 @@ class BuildConfig(Section):
     source: Literal["git", "tarball"] = "git"
     git_url: GitUrl = "https://github.com/ggml-org/llama.cpp.git"
     #: controller path of a source tarball (air-gapped hosts, CI)
-    tarball: str | None = None
+    tarball: ControllerPath | None = None
     #: directory inside the tarball that holds llama.cpp's top CMakeLists.txt
     tarball_subdir: RelPath = "."
     #: GGML_NATIVE: tune for the build host's CPU; turn off for portable builds
@@ -209,7 +266,7 @@ class ModelConfig(Section):
     #: branch, tag or commit; recorded as the commit hash it resolves to
     revision: Ref = "main"
     #: controller path of a .gguf file (no Hub involved)
-    path: str | None = None
+    path: ControllerPath | None = None
     #: expected sha256 of the (single) file; default: the Hub's LFS sha256 / the controller file's
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     #: name shown by /v1/models and accepted as "model" in requests
@@ -219,13 +276,15 @@ class ModelConfig(Section):
     #: Hub endpoint (an on-prem mirror); default: the controller's HF_ENDPOINT or huggingface.co
     hf_endpoint: Annotated[str, Field(pattern=r"^https?://[A-Za-z0-9._~:/@%+-]+$")] | None = None
     #: controller file holding a Hub token (gated repos); default: HF_TOKEN / huggingface_hub's login
-    hf_token_file: str | None = None
+    hf_token_file: ControllerPath | None = None
 
     @field_validator("path")
     @classmethod
     def _gguf(cls, v: str | None) -> str | None:
         if v is not None and not v.endswith(".gguf"):
             raise ValueError("must be a .gguf file")
+        if v is not None and not FILE_NAME_RE.fullmatch(posixpath.basename(v)):
+            raise ValueError("its file name (it reaches the unit) must be letters, digits and ._+@- only")
         return v
 
     @field_validator("catalog")
@@ -265,7 +324,7 @@ class ModelConfig(Section):
 class ServerConfig(Section):
     """llama-server flags. ``None`` means: computed from host facts (see tuning)."""
 
-    host: str = "0.0.0.0"
+    host: BindAddress = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     #: generation threads; default: physical cores of the host
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
@@ -311,7 +370,7 @@ class ServerConfig(Section):
     api_key: SecretStr | None = None
     #: controller file holding the key (mode 0600; ``llamadeploy key new FILE`` writes one);
     #: read at validation, so every host that names the file gets its key
-    api_key_file: str | None = None
+    api_key_file: ControllerPath | None = None
     #: serve /v1 and /metrics on a non-loopback address without a key (refused unless true)
     allow_unauthenticated: bool = False
     #: networks (CIDRs) that may reach the port; others are dropped by our own nftables table
@@ -320,24 +379,19 @@ class ServerConfig(Section):
     #: extra arguments appended verbatim (escape hatch); never a key (use api_key_file)
     extra_args: list[str] = []
 
-    @field_validator("host")
-    @classmethod
-    def _addr(cls, v: str) -> str:
-        import ipaddress
-
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            raise ValueError("must be an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1") from None
-        return v
 
     @field_validator("extra_args")
     @classmethod
-    def _no_key_on_the_command_line(cls, v: list[str]) -> list[str]:
+    def _not_owned(cls, v: list[str]) -> list[str]:
+        """Printable values only (one reaches the unit's ExecStart line), and no flag the schema
+        owns: ``--host 0.0.0.0`` here would bypass the bind policy, ``--rpc`` the fence."""
         for arg in v:
-            if arg.split("=")[0] in ("--api-key", "--api-key-file", "--hf-token", "-hft"):
-                raise ValueError(f"{arg.split('=')[0]} would put a secret on the command line; "
-                                 "use llama_server.api_key_file")
+            _printable(arg)
+            flag = arg.split("=")[0]
+            if flag in ("--api-key", "--api-key-file", "--hf-token", "-hft"):
+                raise ValueError(f"{flag} would put a secret on the command line; use llama_server.api_key_file")
+            if flag in OWNED_FLAGS:
+                raise ValueError(f"{flag} is set by the deploy; use {OWNED_FLAGS[flag]} instead")
         return v
 
     @field_validator("api_key")
@@ -420,7 +474,7 @@ class DockerConfig(Section):
     #: optional digest ("sha256:..."): the image is pulled as image@digest
     image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
     #: controller path of a ``docker save`` tarball: pushed once, checksummed, loaded (air-gapped)
-    image_tarball: str | None = None
+    image_tarball: ControllerPath | None = None
     #: where the compose file lives on the host
     project_dir: AbsPath = "/opt/llama-server-compose"
     #: json-file log rotation
@@ -438,7 +492,7 @@ class FrontConfig(Section):
     """The front door (hosts with ``llama_role = "front"``): HAProxy over the fleet's servers."""
 
     #: address and port clients call (plain HTTP; with ``tls_pem`` see ``tls_port``)
-    bind: str = "0.0.0.0"
+    bind: BindAddress = "0.0.0.0"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     #: inventory group whose hosts are the backends; default: every host with llama_role "server"
     backends_group: Name | None = None
@@ -457,7 +511,7 @@ class FrontConfig(Section):
     #: how long a request may wait for a free slot in HAProxy's queue
     timeout_queue: Annotated[int, Field(ge=1, le=3600)] = 120
     #: controller path of a PEM with certificate chain and key: TLS is terminated at the front
-    tls_pem: str | None = None
+    tls_pem: ControllerPath | None = None
     tls_port: Annotated[int, Field(ge=1, le=65535)] = 8443
     #: with TLS: answer plain HTTP on ``port`` with a redirect to HTTPS
     redirect_http: bool = False
@@ -539,7 +593,7 @@ class GpuConfig(Section):
         "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64"
     )
     #: controller directory of ``.deb`` files installed instead of downloading (air-gapped hosts)
-    packages_dir: str | None = None
+    packages_dir: ControllerPath | None = None
 
 
 class HostConfig(Section):

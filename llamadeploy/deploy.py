@@ -85,8 +85,10 @@ def llama_server(cfg: HostConfig | None = None) -> None:
         started, restarted, rid = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops],
                                                          gpus=gpus)
 
-    # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start.
-    health_gate(cfg, art.alias, after=[started, restarted])
+    # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start;
+    #    a release that fails it is rolled back to the one that served before, and the run fails.
+    failed = health_gate(cfg, art.alias, after=[started, restarted], ignore_errors=True)
+    release.fell_back(cfg, rid, failed)
 
     firewall_off(cfg)  # allow_from removed: the table goes only now, after the unit stopped loading it
 

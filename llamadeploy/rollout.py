@@ -78,13 +78,19 @@ def plan_batches(hosts: list[str], canaries: list[str], batch: str = "1",
     return out + [rest[i:i + size] for i in range(0, len(rest), size)]
 
 
+#: what a deploy's own fallback prints for a host it rolled back (roles/release ``fell_back``)
+FELL_BACK = "failed its gate; rolled back to "
+
+
 def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy.deploy.llama_server",
-               args: list[str] | None = None, log: Callable[[str], None] = print) -> tuple[set[str], str | None]:
+               args: list[str] | None = None, log: Callable[[str], None] = print,
+               fell_back: dict[str, str] | None = None) -> tuple[set[str], str | None]:
     """One ``pyinfra -y --json INVENTORY TARGET ARGS --limit HOST...`` run; its progress goes to our stderr.
 
     Returns the hosts that failed and, when pyinfra stopped without a report (a refused
     validation or preflight, where nothing changed, or every host failed), the reason.
     pyinfra's ``--json`` report lists, per operation, the hosts where it failed.
+    ``fell_back`` collects host -> message for hosts the deploy itself rolled back.
     """
     cmd = [PYINFRA, "-y", "--json", inventory_path, target, *(args or [])]
     for name in limit:
@@ -96,6 +102,10 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
         for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
             sys.stderr.write(line)
             tail = (tail + [line.rstrip()])[-40:]
+            if fell_back is not None and FELL_BACK in line:
+                for name in limit:
+                    if f"host {name}: " in line:
+                        fell_back[name] = line.strip().split(f"host {name}: ", 1)[1]
         rc = proc.wait()
         report_file.seek(0)
         out = report_file.read()
@@ -184,13 +194,16 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
                 rows[n].outcome, rows[n].detail = "not switched", "the front could not drain it"
             front_state(hosts, "ready")
             return RolloutResult([rows[n] for n in workers + names], False, batches)
-        failed, error = run_deploy(inventory_path, hosts)
+        fell_back: dict[str, str] = {}
+        failed, error = run_deploy(inventory_path, hosts, fell_back=fell_back)
         after = read_releases(inventory_path, hosts)
         for name in hosts:
             row = rows[name]
             row.after, health = after.get(name, (None, "unreachable"))
             if name not in failed and row.after is not None and health == "ok":
                 row.outcome = "updated" if row.after != row.before else "unchanged"
+            elif name in fell_back and health == "ok":  # the deploy rolled it back itself
+                row.outcome, row.detail = "rolled back", fell_back[name]
             elif row.after == row.before and health == "ok":
                 row.outcome, row.detail = "failed", "stopped before the switch; still serving its release" + (
                     f" ({error})" if error else "")

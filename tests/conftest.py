@@ -15,6 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
+#: seconds for one deploy, CLI or testinfra run the tests start: below the per-test timeout
+#: (pyproject's ``timeout``), so a hung run fails its test with its own output
+SUBPROCESS_TIMEOUT = 1500
 
 # the controller's cache (built releases, model hashes and headers) for every deploy the tests run:
 # beside the other test caches, keyed by release key and host kind, so a run builds llama.cpp once
@@ -51,7 +54,7 @@ def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) 
     """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it."""
     proc = subprocess.run(
         [PYINFRA, "-y", "--json", str(inventory), "deploy.py", *extra],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=SUBPROCESS_TIMEOUT,
     )
     report = None
     if proc.returncode == 0:
@@ -62,7 +65,7 @@ def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``llamadeploy ARGS``, as an operator runs it."""
     return subprocess.run([LLAMADEPLOY, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, timeout=SUBPROCESS_TIMEOUT)
 
 
 def veth_bytes(host) -> int:
@@ -123,7 +126,7 @@ def run_testinfra(address: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/testinfra",
          f"--hosts=ssh://root@{address}", f"--ssh-config={ssh_config()}", *extra],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Callable
+
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.health.operations import chat_answers, wait_healthy
+from llamadeploy.roles import docker
+from llamadeploy.roles.health.operations import chat_answers, container_alive, unit_alive, wait_healthy
 
 
 def health_url(host: str, port: int, path: str = "/health") -> str:
@@ -20,27 +24,48 @@ def health_url(host: str, port: int, path: str = "/health") -> str:
     return f"http://{host}:{port}{path}"
 
 
+def server_probes(cfg: HostConfig) -> tuple[str, str]:
+    """Shell that tells whether the server runs (its restart count) and shell for its last log
+    lines: the systemd unit (native) or the compose service's container (docker) (pure)."""
+    if cfg.mode == "docker":
+        project, compose = cfg.docker.project_dir, docker.compose_command(cfg)
+        return (container_alive(project, compose, docker.COMPOSE_SERVICE),
+                f"( cd {shlex.quote(project)} && {compose} logs --no-color --tail 40 {docker.COMPOSE_SERVICE} )")
+    unit = f"{cfg.service.name}.service"
+    return unit_alive(unit), f"journalctl -u {shlex.quote(unit)} -n 40 --no-pager"
+
+
 @role("Health gate")
-def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], bind: tuple[str, int] | None = None) -> None:
+def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], bind: tuple[str, int] | None = None,
+                ignore_errors: bool = False) -> Callable[[], bool]:
     """After a (re)start (one of ``after`` changed): /health 200, then one real chat completion.
 
     ``bind``: where the server listens when that is not the inventory's host and port (a rollback).
+    ``ignore_errors``: a failed gate does not stop the host, so that the deploy can reinstate the
+    release that served before (``roles/release`` :func:`fell_back`). Returns "the gate failed",
+    to be called when the run executes.
     """
     changed = any_changed(*after)
     addr, port = bind or (cfg.server.host, cfg.server.port)
-    wait_healthy(
+    alive, logs = server_probes(cfg)
+    health = wait_healthy(
         name=f"Wait for {health_url(addr, port)} (200 within {cfg.health.timeout}s)",
         url=health_url(addr, port),
         timeout=cfg.health.timeout,
         unit=cfg.service.name,
+        alive=alive,
+        logs=logs,
         _if=changed,
+        _ignore_errors=ignore_errors,
     )
-    chat_answers(
+    chat = chat_answers(
         name="One chat completion answered",
         url=health_url(addr, port, "/v1/chat/completions"),
         alias=alias,
         timeout=cfg.health.timeout,
         unit=cfg.service.name,
         key_file=cfg.host_key_file if cfg.server.api_key is not None else None,
-        _if=changed,
+        _if=[changed, lambda: health.did_succeed()],
+        _ignore_errors=ignore_errors,
     )
+    return lambda: health.did_error() or chat.did_error()

@@ -38,24 +38,51 @@ def chat_answers(url: str, alias: str, timeout: int, unit: str, key_file: str | 
 
 
 @operation()
-def wait_healthy(url: str, timeout: int, unit: str):
+def wait_healthy(url: str, timeout: int, unit: str, alive: str | None = None, logs: str | None = None):
     """
-    Wait until ``url`` answers 200; fail with the unit's last journal lines otherwise.
+    Wait until ``url`` answers 200; fail with the server's last log lines otherwise, and fail
+    at once when the server exits or restarts instead of waiting out ``timeout``.
 
     + url: the health endpoint as seen from the host itself
     + timeout: seconds to wait (llama-server answers 503 while it loads the model)
-    + unit: systemd unit whose journal is shown on failure
+    + unit: what is named in the failure message (systemd unit or compose service)
+    + alive: shell that prints the server's restart count and exits non-zero when it does not
+      run (:func:`unit_alive`, :func:`container_alive`); default: the systemd unit ``unit``
+    + logs: shell that prints the server's last log lines; default: ``unit``'s journal
 
     Run it right after a (re)start, gated with ``_if``: it always "changes", so an
-    unconditional health gate would make every deploy look like a change.
+    unconditional health gate would make every deploy look like a change. Why the restart
+    count: a server that crashes at start is restarted by systemd (``Restart=on-failure``)
+    or Docker and would otherwise look like one that is still loading until the deadline.
     """
     q = shlex.quote
+    alive = alive or unit_alive(unit)
+    logs = logs or f"journalctl -u {q(unit)} -n 40 --no-pager"
     yield (
-        f"deadline=$(( $(date +%s) + {int(timeout)} )); code=000; "
+        f"deadline=$(( $(date +%s) + {int(timeout)} )); code=000; why={q(f'not 200 within {int(timeout)}s')}; "
+        f"n0=$( ({alive}) ) || n0=-1; "
         f"while [ $(date +%s) -lt $deadline ]; do "
         f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {q(url)} || true); "
-        f"[ \"$code\" = 200 ] && exit 0; sleep 1; done; "
-        f"echo {q(unit + ': ' + url + ' answered')} \"$code\""
-        f"{q(f', not 200, within {int(timeout)}s; last journal lines:')} >&2; "
-        f"journalctl -u {q(unit)} -n 40 --no-pager >&2; exit 1"
+        f"[ \"$code\" = 200 ] && exit 0; "
+        f"n=$( ({alive}) ) || {{ why='the server is not running (it exited)'; break; }}; "
+        f"[ \"$n\" -gt \"$n0\" ] && {{ why='the server restarted (it crashed)'; break; }}; "
+        f"sleep 1; done; "
+        f"echo {q(unit + ': ' + url + ' answered')} \"$code\"\": $why; last log lines:\" >&2; "
+        f"{logs} >&2; exit 1"
     )
+
+
+def unit_alive(unit: str) -> str:
+    """Shell: the systemd unit's restart count (``NRestarts``); exit 1 when it is failed, inactive
+    or waiting to restart after a crash (pure)."""
+    return (f"s=$(systemctl show -p ActiveState -p SubState -p NRestarts -- {shlex.quote(unit)}) || exit 1; "
+            "case \"$s\" in *ActiveState=failed*|*ActiveState=inactive*|*SubState=auto-restart*) exit 1;; esac; "
+            "printf '%s\\n' \"$s\" | sed -n 's/^NRestarts=//p'")
+
+
+def container_alive(project_dir: str, compose: str, service: str) -> str:
+    """Shell: the compose service's container restart count; exit 1 when it is not running (pure)."""
+    q = shlex.quote
+    return (f"c=$(cd {q(project_dir)} && {compose} ps -q {q(service)}) && [ -n \"$c\" ] || exit 1; "
+            "s=$(docker inspect -f '{{.State.Status}} {{.RestartCount}}' \"$c\") || exit 1; "
+            "case \"$s\" in running\\ *) echo \"${s#* }\";; *) exit 1;; esac")

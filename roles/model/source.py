@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from llamadeploy.artifacts import file_sha256
-from llamadeploy.config import ModelConfig
+from llamadeploy.config import FILE_NAME_RE, ModelConfig, relative_path
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
@@ -121,6 +121,18 @@ def pick_files(repo_id: str, names: list[str], filename: str | None, quant: str 
     return parts
 
 
+def listed_name_problem(repo_id: str, name: str) -> str | None:
+    """A file name from a Hub listing is third-party input that reaches the unit, the compose file
+    and shell commands: it must pass the rules an inventory's ``llama_model.filename`` passes (pure)."""
+    try:
+        relative_path(name)
+    except ValueError as exc:
+        return f"{repo_id}: the listed file {name!r} {exc}"
+    if not FILE_NAME_RE.fullmatch(Path(name).name):
+        return f"{repo_id}: the listed file name {Path(name).name!r} must be letters, digits and ._+@- only"
+    return None
+
+
 def _hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str, token: str | None) -> ModelError:
     from huggingface_hub import errors
 
@@ -152,11 +164,17 @@ def _resolve_hub(endpoint: str, repo_id: str, revision: str, filename: str | Non
     files = []
     for name in pick_files(repo_id, list(siblings), filename, quant):
         s = siblings[name]
+        bad = listed_name_problem(repo_id, name)
+        if bad:
+            raise ModelError(bad)
         if s.lfs is None or not s.lfs.sha256:
             raise ModelError(f"{repo_id}@{info.sha}: {name} has no LFS sha256 in the repo metadata; pin llama_model.sha256")
+        if not re.fullmatch(r"[0-9a-f]{64}", s.lfs.sha256):
+            raise ModelError(f"{repo_id}@{info.sha}: {name} has LFS sha256 {s.lfs.sha256[:80]!r}, not 64 hex digits")
         files.append((name, s.lfs.size, s.lfs.sha256))
-    if not info.sha:
-        raise ModelError(f"{repo_id}@{revision} at {endpoint}: the Hub answered without a commit hash")
+    if not info.sha or not re.fullmatch(r"[0-9a-f]{40}", info.sha):
+        raise ModelError(f"{repo_id}@{revision} at {endpoint}: the Hub answered without a commit hash "
+                         f"(got {str(info.sha)[:80]!r})")
     return info.sha, tuple(files)
 
 

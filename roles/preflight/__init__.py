@@ -19,7 +19,7 @@ from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
 from llamadeploy.roles.model.source import ModelArtifact
-from llamadeploy.roles.preflight.facts import HostMemory
+from llamadeploy.roles.preflight.facts import HostMemory, PortHolder, PortHolders
 from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
 
 
@@ -54,7 +54,8 @@ def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
     mem = host.get_fact(HostMemory)
     cpu = host.get_fact(CpuTopology)
     try:
-        problem = host_limit_problem(cfg, cpu.logical, mem.total) or account_problem(cfg, host.get_fact(Users))
+        problem = (host_limit_problem(cfg, cpu.logical, mem.total) or account_problem(cfg, host.get_fact(Users))
+                   or port_problem(cfg, host.get_fact(PortHolders, port=cfg.server.port)))
         if problem:
             raise PreflightError(problem)
         meta = meta_for(cfg, art)
@@ -103,3 +104,20 @@ def account_problem(cfg: HostConfig, users: dict[str, dict]) -> str | None:
 def is_ours(cfg: HostConfig, user: dict) -> bool:
     """An account the deploy made: a system account whose home is our data directory."""
     return user.get("home") == cfg.service.data_dir
+
+
+def port_problem(cfg: HostConfig, holders: list[PortHolder]) -> str | None:
+    """The server's port held by another process would make the new server fail to bind, after
+    the old one stopped; refused before anything changes, naming the process (pure).
+
+    Ours: a process in this deploy's unit's cgroup, or Docker's proxy (its published port; a
+    mode switch stops one before the other starts).
+    """
+    unit = f"/{cfg.service.name}.service"
+    for h in holders:
+        if h.cgroup.endswith(unit) or (h.name == "docker-proxy" and h.cgroup.endswith("/docker.service")):
+            continue
+        where = f", {h.cgroup}" if h.cgroup else ""
+        return (f"llama_server.port = {cfg.server.port}: {h.address} is held by {h.name} (pid {h.pid}{where}) on "
+                "this host; allowed: a port no other service listens on")
+    return None

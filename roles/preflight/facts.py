@@ -59,3 +59,39 @@ class HostMemory(FactBase[MemInfo]):
         total = values.get("MemTotal", 0)
         return MemInfo(total=total, available=values.get("MemAvailable", total), cgroup_limit=limit,
                        memlock_ceiling=None if can_raise else pid1_hard)
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    pid: int
+    name: str  #: the process name ``ss`` shows
+    cgroup: str  #: its cgroup path (``/system.slice/ssh.service``), "" when unreadable
+    address: str  #: the local address it listens on (``0.0.0.0:22``)
+
+
+class PortHolders(FactBase[list[PortHolder]]):
+    """The processes that listen on a TCP port (any address), with their cgroups: ``ss -ltnp``.
+
+    Why the cgroup: a port held by this deploy's own server (its unit's cgroup, or Docker's proxy
+    for its container) is no conflict; anything else is.
+    """
+
+    def command(self, port: int) -> str:
+        return (
+            f"command -v ss >/dev/null || exit 0; ss -Hltnp 'sport = :{int(port)}' | while read -r _ _ _ local _ users; do "
+            "printf '%s\\n' \"$users\" | grep -o '\"[^\"]*\",pid=[0-9]*' | while IFS=, read -r name pid; do "
+            "pid=${pid#pid=}; echo \"$pid $local $name $(tail -n 1 /proc/$pid/cgroup 2>/dev/null | cut -d: -f3)\"; "
+            "done; done"
+        )
+
+    @staticmethod
+    def default() -> list[PortHolder]:
+        return []
+
+    def process(self, output: list[str]) -> list[PortHolder]:
+        out = []
+        for line in output:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0].isdigit():
+                out.append(PortHolder(int(parts[0]), parts[2].strip('"'), parts[3] if len(parts) > 3 else "", parts[1]))
+        return sorted(set(out), key=lambda h: (h.pid, h.address))

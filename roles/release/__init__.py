@@ -13,6 +13,7 @@ back on the release's image if a later deploy moved it) and a recreate.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable, Sequence
 
 from pyinfra import host
 from pyinfra.api import DeployError
@@ -28,15 +29,17 @@ from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker
 from llamadeploy.roles.docker.facts import DockerImageId
-from llamadeploy.roles.docker.operations import check_image_flags, image_tagged
+from llamadeploy.roles.docker.operations import check_image_flags, compose_down, image_tagged
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.model import kept_dir
 from llamadeploy.roles.model.operations import kept_path, restored
 from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
-from llamadeploy.roles.release.operations import copied, refused, release_recorded, releases_pruned
+from llamadeploy.roles.release.operations import copied, gate_failed, refused, release_recorded, releases_pruned
 from llamadeploy.roles.service.operations import check_flags
 
 UNIT_FILE = "unit.service"
+#: conditions an operation runs under, all evaluated as the run executes (pyinfra's ``_if``)
+Conditions = Sequence[Callable[[], bool]]
 MANIFEST_FILE = "deploy.json"
 
 
@@ -88,8 +91,11 @@ def choose(records: list[ReleaseRecord], current_id: str | None, to: str | None)
     raise DeployError(f"host {host.name}: no earlier release recorded to roll back to (recorded: {known})")
 
 
-def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str | None]:
-    """The release to reinstate on this host, or why there is none to reinstate (read at prepare)."""
+def refusal(cfg: HostConfig, to: str | None, mode: str | None = None) -> tuple[ReleaseRecord | None, str | None]:
+    """The release to reinstate on this host, or why there is none to reinstate (read at prepare).
+
+    ``mode``: the mode the host runs when the reinstating starts (default: the manifest's).
+    """
     current = current_release(cfg)
     try:
         target = choose(host.get_fact(ReleaseRecords, path=records_dir(cfg)),
@@ -97,7 +103,7 @@ def refusal(cfg: HostConfig, to: str | None) -> tuple[ReleaseRecord | None, str 
     except DeployError as exc:
         return None, str(exc)
     m = target.manifest
-    now = current.mode if current else cfg.mode
+    now = mode or (current.mode if current else cfg.mode)
     if m.mode != now:
         return None, (f"host {host.name}: release {target.id} ran in {m.mode} mode and the host runs {now} mode "
                       f"now: deploy with llama_mode {m.mode!r} instead (a rollback does not switch modes)")
@@ -129,11 +135,17 @@ def _model_source(cfg: HostConfig, name: str, sha: str) -> str | None:
     return "kept" if kept is not None and kept.sha256 == sha else None
 
 
-def models_restored(cfg: HostConfig, target: ReleaseRecord) -> list[OperationMeta]:
-    """The release's model files back in place from ``.kept`` where a newer model replaced them."""
+def models_restored(cfg: HostConfig, target: ReleaseRecord, when: Conditions = (),
+                    replaced: bool = False) -> list[OperationMeta]:
+    """The release's model files back in place from ``.kept`` where a newer model replaced them.
+
+    ``replaced``: also files in place now, which this run replaces before the reinstating runs
+    (a deploy's own fallback); the operation reads the file again when it executes.
+    """
+    wanted = ("kept", "in place") if replaced else ("kept",)
     return [restored(name=f"Model {name} of the release back in place (a link, no transfer)",
-                     dest=f"{cfg.model_dir}/{name}", sha256=sha, kept_dir=kept_dir(cfg))
-            for name, sha in target.manifest.model_files.items() if _model_source(cfg, name, sha) == "kept"]
+                     dest=f"{cfg.model_dir}/{name}", sha256=sha, kept_dir=kept_dir(cfg), _if=list(when))
+            for name, sha in target.manifest.model_files.items() if _model_source(cfg, name, sha) in wanted]
 
 
 def _image_of(target: ReleaseRecord) -> str | None:
@@ -158,44 +170,95 @@ def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
         refused(name="A release to reinstate", reason=str(why))
         return
     m = target.manifest
-    entry = posixpath.join(records_dir(cfg), target.id)
     if m.mode == "docker":
         check_image_flags(name="Reinstated image's llama-server knows every flag", image=_image_of(target) or str(m.image),
                           args=list(m.args))
     else:
         check_flags(name="Reinstated release starts and knows every flag", binary=f"{build_dir(cfg, m)}/bin/llama-server",
                     args=list(m.args))
+    _reinstated(cfg, target, models_restored(cfg, target))
+
+
+def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMeta], when: Conditions = (),
+                ignore_errors: bool = False) -> Callable[[], bool]:
+    """The switch back to ``target`` shared by a rollback and a deploy's fallback: manifest, model
+    files, link and unit or compose file, restart, gate, marked the latest. Every operation runs only
+    when all of ``when`` hold (evaluated as the run executes). Returns "its gate failed"."""
+    m = target.manifest
+    entry = posixpath.join(records_dir(cfg), target.id)
     # the manifest first: whatever fails later, it never claims the old release while current moved
     # (or while the model file already holds the old release's content)
     copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
-           dest=manifest_path(cfg.service.config_dir))
-    models = models_restored(cfg, target)
+           dest=manifest_path(cfg.service.config_dir), _if=list(when))
     switch = _docker_switched if m.mode == "docker" else _native_switched
-    restarted = switch(cfg, target, entry, models)
+    restarted = switch(cfg, target, entry, models, list(when))
     # the gate asks the address the reinstated release listens on, which may not be the inventory's
-    health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port))
+    failed = health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port), ignore_errors=ignore_errors)
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
-                     release_id=target.id, sources={})
+                     release_id=target.id, sources={}, _if=[*when, lambda: not failed()])
+    return failed
 
 
-def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta]) -> OperationMeta:
+def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
+                     when: list[Callable[[], bool]]) -> OperationMeta:
     """Native mode's switch: ``current`` to the release's build, its unit, restart."""
     m = target.manifest
-    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir(cfg, m))
-    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg))
-    systemd.daemon_reload(name="Reload systemd", _if=unit.did_change)
+    switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir(cfg, m),
+                           _if=when)
+    unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg), _if=when)
+    systemd.daemon_reload(name="Reload systemd", _if=[*when, unit.did_change])
     return systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
-                           running=True, restarted=True, enabled=True, _if=any_changed(unit, switched, *models))
+                           running=True, restarted=True, enabled=True,
+                           _if=[*when, any_changed(unit, switched, *models)])
 
 
-def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta]) -> OperationMeta:
+def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
+                     when: list[Callable[[], bool]]) -> OperationMeta:
     """Docker mode's switch: the recorded image under the release's tag, its compose file, recreate."""
     m = target.manifest
     project = m.compose_project or cfg.docker.project_dir
     # a tag can be moved back; a digest reference names one image and cannot
     tagged = [image_tagged(name=f"{m.image} is the release's image", ref=str(m.image), image_id=target.image_id,
-                           moved=docker.moved_marker(cfg, str(m.image)))] \
+                           moved=docker.moved_marker(cfg, str(m.image)), _if=when)] \
         if target.image_id and m.image and "@" not in m.image else []
     compose = copied(name="Compose file of the release", src=f"{entry}/{docker.COMPOSE_FILE}",
-                     dest=docker.compose_path(project))
-    return docker.recreated(cfg, project, _if=any_changed(compose, *tagged, *models))
+                     dest=docker.compose_path(project), _if=when)
+    changed = any_changed(compose, *tagged, *models)
+    return docker.recreated(cfg, project, _if=lambda: all(c() for c in when) and changed())
+
+
+@role("Fallback")
+def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
+    """When this run's release failed its gate (``failed``, evaluated at execution): reinstate the
+    release that served before, through a rollback's own steps, then fail the host naming the
+    release that serves now. With nothing to reinstate, stop and disable the server (no crash
+    loop), then fail. Nothing here runs when the gate passed.
+
+    "Before" is the host's latest recorded release (recorded only after it passed a gate), not
+    the manifest, which this run or an interrupted earlier one may have switched already.
+    """
+    records = host.get_fact(ReleaseRecords, path=records_dir(cfg))
+    head = f"host {host.name}: release {new_id} failed its gate (its log lines are above)"
+    target: ReleaseRecord | None = None
+    why: str | None = "no earlier release is recorded"
+    if records and records[-1].id == new_id:
+        why = f"{new_id} is the latest recorded release itself (reinstate another: llamadeploy rollback --to ID)"
+    elif records:
+        target, why = refusal(cfg, records[-1].id, mode=cfg.mode)
+    if target is None:
+        if cfg.mode == "docker":
+            compose_down(name="Failed release's container stopped", project_dir=cfg.docker.project_dir,
+                         compose=docker.compose_command(cfg), _if=failed)
+        else:
+            systemd.service(name="Failed release's server stopped and disabled", service=f"{cfg.service.name}.service",
+                            running=False, enabled=False, _if=failed)
+        gate_failed(name="Run fails: the new release did not pass its gate",
+                    reason=f"{head}; not rolled back: {why}. Its server is stopped and disabled (no crash loop).",
+                    _if=failed)
+        return
+    models = models_restored(cfg, target, when=[failed], replaced=True)
+    again = _reinstated(cfg, target, models, when=[failed], ignore_errors=True)
+    gate_failed(name="Run fails: the new release did not pass its gate",
+                reason=f"{head}; rolled back to {target.id}, which serves now", _if=[failed, lambda: not again()])
+    gate_failed(name="Run fails: the new release did not pass its gate, nor the one before it",
+                reason=f"{head}; rolled back to {target.id}, which failed its gate too (see above)", _if=again)

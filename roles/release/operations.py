@@ -136,6 +136,22 @@ def refused(reason: str):
 
 
 @operation()
+def gate_failed(reason: str):
+    """
+    Fail this host at execution with ``reason``, after its new release failed its gate and the
+    deploy reinstated what served before (or stopped what could not serve). The deploy gates it
+    with ``_if`` on the gate's failure, so it runs only then.
+
+    + reason: one line naming the host, the release that failed and the one that serves now
+    """
+    if not host.state.is_executing:
+        host.noop("runs only if the gate fails")
+        return
+    raise OperationError(reason)
+    yield  # an operation is a generator
+
+
+@operation()
 def copied(src: str, dest: str, mode: str = "644"):
     """
     Replace ``dest`` with a copy of the host file ``src`` by rename, when their content differs.

@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -252,19 +253,57 @@ def test_api_key(host, tmp_path, inventory):
     assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=10).status_code == 200
 
 
-def test_health_gate_fails_with_journal(host, tmp_path, inventory):
-    """A server that cannot start fails the host within the timeout and shows why."""
-    inv = with_data(
-        host, tmp_path, "broken",
-        llama_server={"extra_args": ["--model", "/nonexistent.gguf"]},
-        llama_health={"timeout": 15},
-    )
+def test_release_that_crashes_at_start_is_rolled_back_by_the_deploy_itself(host, tmp_path, inventory):
+    """A plain ``pyinfra INVENTORY deploy.py`` whose new server exits at start (a flag --help
+    accepts, a file that is not there): the gate sees the crash at once (not after its timeout),
+    the run reinstates the release that served before and fails, naming host, reason and the
+    release that serves now. Afterwards: health 200, the old release id, its unit."""
+    old = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
+    unit_before = host.ssh("md5sum /etc/systemd/system/llama-server.service").stdout
+    inv = with_data(host, tmp_path, "broken", llama_server={"extra_args": ["--lora", "/nonexistent.gguf"]})
+    started = time.monotonic()
     result = run_deploy(inv)
+    took = time.monotonic() - started
     assert result.rc != 0
     out = result.stdout + result.stderr
-    assert "not 200, within 15s" in out
-    assert "last journal lines" in out
-    # the good config brings it back
-    result = run_deploy(inventory)
-    assert result.rc == 0, result.stderr[-4000:]
+    assert "the server restarted (it crashed)" in out or "the server is not running (it exited)" in out, out[-3000:]
+    assert "last log lines" in out
+    assert f"failed its gate (its log lines are above); rolled back to {old}, which serves now" in out, out[-3000:]
+    assert f"host {host.inventory_entry()[0]}: release " in out
+    print(f"failed deploy, rollback included: {took:.1f}s (the gate's timeout: 180s)")
+    # serving the old release right after the failed run, with no other deploy
+    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == old
+    assert host.ssh("md5sum /etc/systemd/system/llama-server.service").stdout == unit_before
     assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+    assert "--lora" not in host.ssh("cat /proc/$(systemctl show -p MainPID --value llama-server)/cmdline | tr '\\0' ' '").stdout
+    # the re-run of the good inventory changes nothing: the host is where it was
+    again = run_deploy(inventory)
+    assert again.rc == 0, again.stderr[-4000:]
+    assert again.changed == 0
+
+
+def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
+    """A first deploy (no release recorded for this service) whose server cannot start: its unit is
+    stopped and disabled, so nothing crash-loops, and the run says so. A second service on the same
+    host stands in for a fresh one (its own name, user, directories, records and port)."""
+    svc = {"name": "llama-first", "user": "llamafirst", "data_dir": "/srv/llama-first/data",
+           "config_dir": "/srv/llama-first/etc", "cache_dir": "/srv/llama-first/cache", "prefix": "/opt/llama.cpp"}
+    inv = with_data(host, tmp_path, "first", llama_service=svc,
+                    llama_server={"port": 8090, "extra_args": ["--lora", "/nonexistent.gguf"]})
+    try:
+        result = run_deploy(inv)
+        assert result.rc != 0
+        out = result.stdout + result.stderr
+        assert "not rolled back: no earlier release is recorded. Its server is stopped and disabled" in out, out[-3000:]
+        show = "systemctl show -p ActiveState -p UnitFileState -p NRestarts llama-first"
+        first = host.ssh(show).stdout
+        assert "ActiveState=inactive" in first or "ActiveState=failed" in first, first
+        assert "UnitFileState=disabled" in first, first
+        time.sleep(7)  # longer than RestartSec: a crash loop would have restarted it meanwhile
+        assert host.ssh(show).stdout == first
+        # the service that served before on this host is untouched
+        assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+    finally:
+        host.ssh("systemctl disable --now llama-first 2>/dev/null; rm -rf /etc/systemd/system/llama-first.service "
+                 "/srv/llama-first; systemctl daemon-reload; userdel llamafirst 2>/dev/null; "
+                 "groupdel llamafirst 2>/dev/null; true")

@@ -194,7 +194,7 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
     the other hosts are not touched; the command exits non-zero with the table."""
     before = {h.address: (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout)
               for h in fleet}
-    inv = write_fleet(tmp_path / "broken.py", fleet, llama_server={"threads": 1, "extra_args": ["--model", "/nonexistent.gguf"]},
+    inv = write_fleet(tmp_path / "broken.py", fleet, llama_server={"threads": 1, "extra_args": ["--lora", "/nonexistent.gguf"]},
                       llama_health={"timeout": 20})
     result = cli("rollout", str(inv))
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]

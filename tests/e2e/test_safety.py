@@ -74,6 +74,27 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
     ("user-root", {"llama_service": {"user": "root"}}, "llama_service.user = 'root'"),
     ("user-inject", {"llama_service": {"user": INJECT}}, "llama_service.user = "),
     ("unit-name", {"llama_service": {"name": "llama;reboot"}}, "llama_service.name = 'llama;reboot'"),
+    # policy bypasses through extra_args: the flag's own setting is named
+    ("bypass-host", {"llama_server": {"host": "127.0.0.1", "extra_args": ["--host", "0.0.0.0"]}},
+     "llama_server.extra_args = ['--host', '0.0.0.0']: Value error, --host is set by the deploy; use llama_server.host"),
+    ("bypass-port", {"llama_server": {"extra_args": ["--port=9999"]}}, "llama_server.extra_args = ['--port=9999']: "),
+    ("bypass-rpc", {"llama_server": {"extra_args": ["--rpc", "127.0.0.1:1"]}},
+     "llama_server.extra_args = ['--rpc', '127.0.0.1:1']: Value error, --rpc is set by the deploy; use llama_rpc"),
+    ("bypass-model", {"llama_server": {"extra_args": ["-m", "/etc/shadow"]}}, "llama_server.extra_args = ['-m', "),
+    ("bypass-alias", {"llama_server": {"extra_args": ["-a", "gpt-4"]}}, "llama_server.extra_args = ['-a', 'gpt-4']"),
+    ("bypass-ngl", {"llama_server": {"extra_args": ["--n-gpu-layers", "99"]}}, "llama_server.extra_args = "),
+    ("bypass-tls", {"llama_server": {"extra_args": ["--ssl-key-file", "/k"]}}, "llama_server.extra_args = "),
+    ("bypass-slots", {"llama_server": {"extra_args": ["--slot-save-path", "/tmp"]}}, "llama_server.extra_args = "),
+    ("bypass-log", {"llama_server": {"extra_args": ["--log-file", "/tmp/x"]}}, "llama_server.extra_args = "),
+    # control characters in values that reach a rendered file
+    ("newline-extra", {"llama_server": {"extra_args": ["--lora", "/x.gguf\nExecStartPre=/bin/touch /var/lib/pwned"]}},
+     "llama_server.extra_args = ['--lora', '/x.gguf\\nExecStartPre="),
+    ("cr-extra", {"llama_server": {"extra_args": ["--no-webui\r"]}}, "llama_server.extra_args = ['--no-webui\\r']"),
+    ("newline-bind", {"llama_front": {"bind": "0.0.0.0:80\n    acl x always_true"}}, "llama_front.bind = "),
+    ("newline-model-path", {"llama_model": {"path": "/m/a\nb.gguf"}}, "llama_model.path = "),
+    ("space-model-path", {"llama_model": {"path": "/m/Description=x y.gguf"}}, "llama_model.path = "),
+    ("nul-token-file", {"llama_model": {"catalog": "gemma-2-2b-it", "hf_token_file": "/t\x00x", "path": None}},
+     "llama_model.hf_token_file = "),
     # exposure without a key, mode/option mismatches
     ("open-no-key", {"llama_server": {"allow_unauthenticated": False}},
      "llama_server.host = '0.0.0.0': binding a non-loopback address without llama_server.api_key"),
@@ -123,7 +144,7 @@ def chat(host) -> str:
 def test_bad_input_matrix_changes_nothing(host, inventory, tmp_path):
     """45+ bad inventories, each an inventory host on the same machine, in one real pyinfra run:
     one message per host naming host, field and value; no file or unit changes; no injection ran."""
-    assert len(BAD_INPUT) >= 40
+    assert len(BAD_INPUT) >= 60
     before = host_state(host) + host.ssh("ls -la /etc/systemd/system /opt /srv /var/lib").stdout
     name, conn = host.inventory_entry()
     entries = [(case, {**conn, "ssh_hostname": name, **merged_data(**sections)}) for case, sections, _ in BAD_INPUT]
@@ -207,6 +228,8 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         "cpus": ({"llama_limits": {"cpus": 1000.0}}, "llama_limits.cpus = 1000 but this host has "),
         "memory": ({"llama_limits": {"memory": "64T"}}, "llama_limits.memory = '64T' but this host has "),
         "account": ({"llama_service": {"user": "ops"}}, "llama_service.user = 'ops' is an existing login account (uid 1500)"),
+        # sshd holds 22: the new server could not bind after the old one stopped
+        "port": ({"llama_server": {"port": 22}}, "llama_server.port = 22: 0.0.0.0:22 is held by sshd (pid "),
         # a CUDA build on a host without an NVIDIA driver or nvcc (this one has neither)
         "gpu": ({"llama_build": {"backend": "cuda"}}, "llama_build.backend = 'cuda' but nvidia-smi reports no NVIDIA "
                 "GPU (no driver loaded); there is no CUDA toolkit (nvcc) for the build. Allowed: "),

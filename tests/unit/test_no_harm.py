@@ -1,0 +1,134 @@
+"""No harm, pure parts: policy through extra_args, control characters in rendered files, names
+from a Hub listing, and the port preflight (issue 21)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from llamadeploy.config import OWNED_FLAGS, HostConfig
+from llamadeploy.hostdata import parse_config
+from llamadeploy.render import RenderError, control_characters, render
+from llamadeploy.roles.model.source import listed_name_problem
+from llamadeploy.roles.preflight import port_problem
+from llamadeploy.roles.preflight.facts import PortHolder, PortHolders
+
+from .test_config import problems
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--host", "0.0.0.0"], "llama_server.host"),
+    (["--port=9000"], "llama_server.port"),
+    (["-m", "/x.gguf"], "llama_model"),
+    (["--alias", "gpt-4"], "llama_model.alias"),
+    (["--rpc", "10.0.0.9:50052"], "llama_rpc.workers_group"),
+    (["-ngl", "99"], "llama_server.gpu_layers"),
+    (["--ssl-key-file", "/k.pem"], "llama_front.tls_pem"),
+    (["--slot-save-path", "/tmp"], "nothing: the hardened unit writes no files"),
+    (["--log-file", "/tmp/l"], "nothing: the hardened unit writes no files"),
+    (["-c", "4096"], "llama_server.ctx_size"),
+    (["--models-preset", "/p.ini"], "nothing yet: one model per host"),
+])
+def test_flags_the_schema_owns_are_refused_in_extra_args_naming_the_field(args, field):
+    (msg,) = problems(llama_server={"extra_args": ["--no-webui", *args]})
+    flag = args[0].split("=")[0]
+    assert msg.startswith("host h1: llama_server.extra_args = ")
+    assert f"{flag} is set by the deploy; use {field}" in msg
+
+
+def test_owned_flags_cover_what_the_deploy_renders():
+    """Every flag server_args renders for the default host is owned: none can be overridden."""
+    from llamadeploy.facts import CpuInfo
+    from llamadeploy.tuning import MemoryPlan, server_args
+
+    cfg, errs = parse_config("h1", [{"llama_model": {"path": "/m/m.gguf"}, "llama_server": {
+        "allow_unauthenticated": True, "api_key": "k" * 20, "gpu_layers": 0}}])
+    assert cfg is not None, errs
+    plan = MemoryPlan(ctx_size=4096, parallel=4, limit=1 << 30, model_bytes=1, kv_bytes_per_token=1, overhead=1,
+                      swa_full=True, load_mode="mmap", chat_template="gemma", cache_ram_mib=512)
+    args = server_args(cfg, CpuInfo(logical=4, physical=2, sockets=2, numa_nodes=2), plan, "/m/m.gguf", "m")
+    rendered = {a for a in args if a.startswith("-")}
+    assert rendered - set(OWNED_FLAGS) == set(), rendered - set(OWNED_FLAGS)
+
+
+@pytest.mark.parametrize("data", [
+    {"llama_server": {"extra_args": ["--lora", "/x.gguf\nExecStartPre=/bin/sh"]}},
+    {"llama_server": {"extra_args": ["--no-webui\r"]}},
+    {"llama_front": {"bind": "0.0.0.0:80\n  acl x always_true"}},
+    {"llama_model": {"path": "/m/a\nb.gguf"}},
+    {"llama_model": {"path": "/m/has space.gguf"}},
+    {"llama_build": {"tarball": "/t/src\x00.tar.gz", "source": "tarball"}},
+])
+def test_control_characters_and_free_text_are_refused_naming_the_field(data):
+    (msg,) = problems(**data)
+    section, values = next(iter(data.items()))
+    assert msg.startswith(f"host h1: {section}.{next(iter(values))} = "), msg
+
+
+def test_front_bind_is_an_address():
+    assert problems(llama_front={"bind": "10.0.0.5"}) == []
+    assert problems(llama_front={"bind": "::"}) == []
+    (msg,) = problems(llama_front={"bind": "*"})
+    assert "must be an IP address to bind" in msg
+
+
+def test_renderer_refuses_a_control_character_naming_the_variable():
+    with pytest.raises(RenderError, match=r"template service/llama-nvidia-devices.service.j2: the value of "
+                                          r"unit_name holds a control character"):
+        render("service/llama-nvidia-devices.service.j2", unit_name="x\n[Service]", gpu_indexes=[0])
+    assert "x-y" in render("service/llama-nvidia-devices.service.j2", unit_name="x-y", gpu_indexes=[0])
+
+
+def test_control_characters_are_found_inside_objects():
+    @dataclass
+    class Backend:
+        name: str
+        address: str
+
+    assert control_characters({"backends": [Backend("a", "10.0.0.1"), Backend("b", "10.0.0.2\nserver x")]}) \
+        == "backends[1].address"
+    assert control_characters({"backends": [Backend("a", "10.0.0.1")], "port": 80, "t": "a\tb"}) is None
+
+
+def test_the_renderer_checks_what_a_template_prints_too():
+    """The finalize hook: a value computed inside the template is checked as it is printed."""
+    from llamadeploy.render import _ENV
+
+    with pytest.raises(RenderError):
+        _ENV.from_string("{{ a ~ b }}").render(a="x", b="\n")
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("gemma-3-270m-q4_k_m.gguf", True),
+    ("sub/dir/model-00001-of-00002.gguf", True),
+    ("a\nb.gguf", False),
+    ("../etc/passwd.gguf", False),
+    ("-rf.gguf", False),
+    ("model;reboot.gguf", False),
+    ("model $(id).gguf", False),
+])
+def test_hub_listing_names_are_validated_like_inventory_names(name, ok):
+    assert (listed_name_problem("org/repo", name) is None) is ok
+
+
+def test_port_held_by_another_process_is_refused_naming_it():
+    cfg = HostConfig.model_validate({"model": {"path": "/m/m.gguf"}, "server": {"port": 22,
+                                                                               "allow_unauthenticated": True}})
+    sshd = PortHolder(612, "sshd", "/system.slice/ssh.service", "0.0.0.0:22")
+    msg = port_problem(cfg, [sshd])
+    assert msg == ("llama_server.port = 22: 0.0.0.0:22 is held by sshd (pid 612, /system.slice/ssh.service) on this "
+                   "host; allowed: a port no other service listens on")
+    ours = PortHolder(700, "llama-server", "/system.slice/llama-server.service", "0.0.0.0:22")
+    proxy = PortHolder(800, "docker-proxy", "/system.slice/docker.service", "0.0.0.0:22")
+    assert port_problem(cfg, [ours, proxy]) is None
+    assert port_problem(cfg, []) is None
+    other_unit = PortHolder(701, "llama-server", "/system.slice/llama-server-b.service", "0.0.0.0:22")
+    assert port_problem(cfg, [other_unit]) is not None
+
+
+def test_port_holders_parsed_from_ss():
+    out = ["612 0.0.0.0:22 \"sshd\" /system.slice/ssh.service", "612 [::]:22 \"sshd\" /system.slice/ssh.service",
+           "garbage"]
+    assert PortHolders().process(out) == [PortHolder(612, "sshd", "/system.slice/ssh.service", "0.0.0.0:22"),
+                                          PortHolder(612, "sshd", "/system.slice/ssh.service", "[::]:22")]
