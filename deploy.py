@@ -7,7 +7,9 @@ field of ``llamadeploy.config.HostConfig``):
    (hosts with llama_role "front" get HAProxy     ``roles/front``,
    and "monitor" Prometheus, and stop there)      ``roles/monitor``
 2. resolve, fetch and verify the model            ``roles/model``
-3. preflight: memory plan, slots, context         ``roles/preflight``
+3. preflight: memory plan, slots, context, port   ``roles/preflight``
+   paths and account the deploy did not create     ``roles/ownership``
+   are refused; what it creates is recorded
 4. build llama.cpp (native) or engine + image     ``roles/build``, ``roles/docker``
    (hosts with llama_role "rpc_worker" then run    ``roles/rpc``
    ggml-rpc-server for their head, and stop there)

@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, front, gpu, model, monitor, release, rpc, service, uninstall
+from llamadeploy.roles import docker, front, gpu, model, monitor, ownership, release, rpc, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
@@ -49,6 +49,10 @@ def llama_server(cfg: HostConfig | None = None) -> None:
         # 3. Preflight: weights + KV cache must fit the memory limit (sizes context and slots);
         #    an RPC head's plan covers its workers, which must be reachable and on its release.
         plan = memory_plan(cfg, art)
+
+    # What the deploy creates is recorded on the host; configured paths or an account it did not
+    # create are refused here, before any host changes (the deploy never re-owns or removes them).
+    ownership.owned(cfg)
 
     # GPU hosts (llama_build.backend "cuda"): driver and toolkit present (or installed by this run,
     # which then stops here for a reboot), GPUs read and checked against the build.
@@ -129,9 +133,10 @@ def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) 
 
 
 @deploy("llama-server front: server state")
-def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None) -> None:
+def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None, by_rollout: str | bool = False) -> None:
     """On a front host: drain, enable (``ready``) or ``maint`` the named servers (comma-separated
-    inventory names) through HAProxy's runtime API. Rollouts call it around each batch.
+    inventory names) through HAProxy's runtime API. Rollouts call it around each batch, with
+    ``by_rollout=true``: they enable only servers they drained themselves.
 
     ``pyinfra INVENTORY llamadeploy.deploy.llama_front_servers servers=llm-01,llm-02 set_to=drain --limit lb1``
     (not ``state=``: pyinfra's CLI keeps that name for itself)
@@ -143,7 +148,7 @@ def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None
         host.noop(f"{host.name} is not a front")
         return
     names = [server_name(host.inventory.get_host(n)) for n in servers.split(",") if n]
-    front.servers_set(cfg, names, set_to)
+    front.servers_set(cfg, names, set_to, by_rollout=str(by_rollout).lower() in ("true", "1", "yes"))
 
 
 @deploy("llama-server removed")

@@ -21,12 +21,13 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 from pydantic_core import ErrorDetails
+from pyinfra.api import DeployError
 
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import PREFIX, SECTIONS, HostConfig
 
 
-class ConfigError(Exception):
+class ConfigError(DeployError):
     """All problems of all hosts; its message is what the operator reads."""
 
     def __init__(self, problems: list[str]):
@@ -185,6 +186,17 @@ def controller_file_problems(host_name: str, cfg: HostConfig) -> list[str]:
     for field, path in controller_files.items():
         if path is not None and not Path(path).is_file():
             problems.append(f"host {host_name}: {PREFIX}{field} = {path!r}: no such file on the controller")
+    secrets = {"model.hf_token_file": cfg.model.hf_token_file,
+               "front.tls_pem": cfg.front.tls_pem if cfg.role == "front" else None}
+    for field, path in secrets.items():
+        if path is not None:
+            problem = secret_file_problem(path)
+            if problem:
+                problems.append(f"host {host_name}: {PREFIX}{field} = {path!r}: {problem}")
+    if cfg.role == "front" and cfg.front.tls_pem and not problems:
+        problem = pem_problem(cfg.front.tls_pem)
+        if problem:
+            problems.append(f"host {host_name}: {PREFIX}front.tls_pem = {cfg.front.tls_pem!r}: {problem}")
     model_file = cfg.model.path
     if model_file and Path(model_file).is_file() and cfg.model.sha256:
         actual = file_sha256(model_file)
@@ -194,3 +206,36 @@ def controller_file_problems(host_name: str, cfg: HostConfig) -> list[str]:
                 f"the controller file {model_file} has sha256 {actual}"
             )
     return problems
+
+
+def secret_file_problem(path: str) -> str | None:
+    """A controller file holding a secret (a key, a token, a TLS key) must exist and be the
+    operator's alone: a file others can read has leaked already, so it is refused, not used."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{exc.strerror} on the controller"
+    if st.st_mode & 0o077:
+        return f"mode {oct(st.st_mode & 0o777)[2:]} lets others read the secret; chmod 600 {path}"
+    return None
+
+
+def pem_problem(path: str) -> str | None:
+    """The front's PEM must parse as a certificate chain plus its private key, and the key must be
+    the certificate's: checked with ``openssl`` before any host changes, so a bad PEM never
+    replaces a good one (HAProxy would refuse it at the reload and at every later restart)."""
+    import subprocess
+
+    def pubkey(*args: str) -> str | None:
+        proc = subprocess.run(["openssl", *args, "-in", path], capture_output=True, text=True, timeout=30)
+        return proc.stdout.strip() if proc.returncode == 0 and "BEGIN PUBLIC KEY" in proc.stdout else None
+
+    cert = pubkey("x509", "-noout", "-pubkey")
+    if cert is None:
+        return "holds no certificate openssl can read; allowed: a PEM with the certificate chain and its key"
+    key = pubkey("pkey", "-pubout")
+    if key is None:
+        return "holds no private key openssl can read; append the certificate's key to the file"
+    if key != cert:
+        return "its private key does not belong to its (first) certificate"
+    return None

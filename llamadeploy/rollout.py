@@ -51,14 +51,16 @@ class RolloutResult:
     batches: list[list[str]] = field(default_factory=list)
 
 
-def batch_count(spec: str, total: int) -> int:
-    """``"3"`` -> 3 hosts, ``"25%"`` -> a quarter of ``total`` (rounded up); always at least 1 (pure)."""
+def batch_count(spec: str, total: int, round_down: bool = False) -> int:
+    """``"3"`` -> 3 hosts, ``"25%"`` -> a quarter of ``total`` (rounded up, or down with
+    ``round_down``); always at least 1 (pure)."""
     spec = spec.strip()
     if spec.endswith("%"):
         pct = float(spec[:-1])
         if not 0 < pct <= 100:
             raise ValueError(f"a percentage must be in (0, 100], got {spec!r}")
-        return max(1, math.ceil(total * pct / 100))
+        share = total * pct / 100
+        return max(1, math.floor(share) if round_down else math.ceil(share))
     n = int(spec)
     if n < 1:
         raise ValueError(f"a count must be at least 1, got {spec!r}")
@@ -66,12 +68,22 @@ def batch_count(spec: str, total: int) -> int:
 
 
 def plan_batches(hosts: list[str], canaries: list[str], batch: str = "1",
-                 max_unavailable: str | None = None) -> list[list[str]]:
+                 max_unavailable: str | None = None, down: list[str] | None = None) -> list[list[str]]:
     """Canaries first (one batch), then the rest in inventory order, ``batch`` at a time, never
-    more than ``max_unavailable`` hosts switching at once (pure)."""
+    more than ``max_unavailable`` hosts unavailable at once: a percentage rounds down (at least 1),
+    and hosts already ``down`` use up their share of it (pure).
+
+    Raises ValueError when the hosts already down leave no room to switch any.
+    """
     size = batch_count(batch, len(hosts))
     if max_unavailable is not None:
-        size = min(size, batch_count(max_unavailable, len(hosts)))
+        allowed = batch_count(max_unavailable, len(hosts), round_down=True)
+        down = [h for h in (down or []) if h in hosts]
+        if len(down) >= allowed:
+            raise ValueError(f"--max-unavailable {max_unavailable} allows {allowed} of {len(hosts)} host(s) "
+                             f"unavailable, and {len(down)} already are ({', '.join(down)}): nothing was switched; "
+                             "bring them back first, or allow more")
+        size = min(size, allowed - len(down))
     first = [h for h in hosts if h in canaries]
     rest = [h for h in hosts if h not in canaries]
     out = [first[i:i + size] for i in range(0, len(first), size)]
@@ -167,15 +179,17 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         if not (fronts and hosts):
             return True
         failed, error = run_deploy(inventory_path, fronts, "llamadeploy.deploy.llama_front_servers",
-                                   [f"servers={','.join(hosts)}", f"set_to={state}"])
+                                   [f"servers={','.join(hosts)}", f"set_to={state}", "by_rollout=true"])
         if failed:
             log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
                 + (f" ({error})" if error else ""))
         return not failed
 
     canaries = [h.name for h in inventory.get_group(canary_group, default=[])]
-    batches = plan_batches(names, canaries, batch, max_unavailable)
     before = read_releases(inventory_path, names)
+    # a host with a release that does not answer is unavailable already (a fresh host is not)
+    down = [n for n, (rid, health) in before.items() if health == "unreachable" or (rid and health != "ok")]
+    batches = plan_batches(names, canaries, batch, max_unavailable, down)
     rows = {n: HostOutcome(n, before=before.get(n, (None, ""))[0]) for n in names}
     log(f"==> rollout of {len(names)} host(s) in {len(batches)} batch(es)"
         + (f", canary first: {', '.join(canaries)}" if canaries else ""))
@@ -187,56 +201,70 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         if failed:
             log("==> stopped: an RPC worker failed; no server was touched")
             return RolloutResult([rows[n] for n in workers + names], False, batches)
-    for i, hosts in enumerate(batches, 1):
-        log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
-        if not front_state(hosts, "drain"):
-            for n in hosts:
-                rows[n].outcome, rows[n].detail = "not switched", "the front could not drain it"
-            front_state(hosts, "ready")
-            return RolloutResult([rows[n] for n in workers + names], False, batches)
-        fell_back: dict[str, str] = {}
-        failed, error = run_deploy(inventory_path, hosts, fell_back=fell_back)
-        after = read_releases(inventory_path, hosts)
-        for name in hosts:
-            row = rows[name]
-            row.after, health = after.get(name, (None, "unreachable"))
-            if name not in failed and row.after is not None and health == "ok":
-                row.outcome = "updated" if row.after != row.before else "unchanged"
-            elif name in fell_back and health == "ok":  # the deploy rolled it back itself
-                row.outcome, row.detail = "rolled back", fell_back[name]
-            elif row.after == row.before and health == "ok":
-                row.outcome, row.detail = "failed", "stopped before the switch; still serving its release" + (
-                    f" ({error})" if error else "")
-            else:
-                row.outcome, row.detail = "failed", f"after the switch: health {health}"
-        to_roll = [n for n in hosts if rows[n].outcome == "failed" and rows[n].after != rows[n].before]
-        if to_roll:
-            log(f"==> rolling back {', '.join(to_roll)}")
-            no_record = [n for n in to_roll if not rows[n].before]
-            for n in no_record:
-                rows[n].outcome, rows[n].detail = "failed", "no earlier release recorded: not rolled back"
-            targets = [n for n in to_roll if n not in no_record]
-            rb_failed: set[str] = set()
-            rb_error = None
-            for release in sorted({str(rows[n].before) for n in targets}):  # one run per release to return to
-                group = [n for n in targets if rows[n].before == release]
-                f, e = run_deploy(inventory_path, group, ROLLBACK, [f"to={release}"])
-                rb_failed |= f
-                rb_error = rb_error or e
-            if targets:
-                again = read_releases(inventory_path, targets)
-                for n in targets:
-                    rows[n].after = again.get(n, (None, ""))[0]
-                    ok = n not in rb_failed and again.get(n, (None, ""))[1] == "ok"
-                    rows[n].outcome = "rolled back" if ok else "rollback failed"
-                    if rb_error:
-                        rows[n].detail = rb_error
-        serving = [n for n in hosts if rows[n].outcome in ("updated", "unchanged", "rolled back")
-                   or rows[n].detail.startswith("stopped before the switch")]
-        enabled = front_state(serving, "ready")
-        if not enabled or any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
-            log(f"==> stopped after batch {i}: the remaining hosts were not touched")
-            return RolloutResult([rows[n] for n in workers + names], False, batches)
+    # servers a killed rollout left drained (its marks on the fronts) are enabled first; servers
+    # the operator drained carry no mark and stay drained
+    if fronts and not front_state(names, "ready"):
+        log("==> stopped: the fronts could not enable what an earlier rollout left drained")
+        return RolloutResult([rows[n] for n in workers + names], False, batches)
+    pending: list[str] = []
+    try:
+        for i, hosts in enumerate(batches, 1):
+            log(f"==> batch {i}/{len(batches)}: {', '.join(hosts)}")
+            pending = hosts  # drained (marked) at the fronts from here until they are enabled
+            if not front_state(hosts, "drain"):
+                for n in hosts:
+                    rows[n].outcome, rows[n].detail = "not switched", "the front could not drain it"
+                front_state(hosts, "ready")
+                pending = []
+                return RolloutResult([rows[n] for n in workers + names], False, batches)
+            fell_back: dict[str, str] = {}
+            failed, error = run_deploy(inventory_path, hosts, fell_back=fell_back)
+            after = read_releases(inventory_path, hosts)
+            for name in hosts:
+                row = rows[name]
+                row.after, health = after.get(name, (None, "unreachable"))
+                if name not in failed and row.after is not None and health == "ok":
+                    row.outcome = "updated" if row.after != row.before else "unchanged"
+                elif name in fell_back and health == "ok":  # the deploy rolled it back itself
+                    row.outcome, row.detail = "rolled back", fell_back[name]
+                elif row.after == row.before and health == "ok":
+                    row.outcome, row.detail = "failed", "stopped before the switch; still serving its release" + (
+                        f" ({error})" if error else "")
+                else:
+                    row.outcome, row.detail = "failed", f"after the switch: health {health}"
+            to_roll = [n for n in hosts if rows[n].outcome == "failed" and rows[n].after != rows[n].before]
+            if to_roll:
+                log(f"==> rolling back {', '.join(to_roll)}")
+                no_record = [n for n in to_roll if not rows[n].before]
+                for n in no_record:
+                    rows[n].outcome, rows[n].detail = "failed", "no earlier release recorded: not rolled back"
+                targets = [n for n in to_roll if n not in no_record]
+                rb_failed: set[str] = set()
+                rb_error = None
+                for release in sorted({str(rows[n].before) for n in targets}):  # one run per release to return to
+                    group = [n for n in targets if rows[n].before == release]
+                    f, e = run_deploy(inventory_path, group, ROLLBACK, [f"to={release}"])
+                    rb_failed |= f
+                    rb_error = rb_error or e
+                if targets:
+                    again = read_releases(inventory_path, targets)
+                    for n in targets:
+                        rows[n].after = again.get(n, (None, ""))[0]
+                        ok = n not in rb_failed and again.get(n, (None, ""))[1] == "ok"
+                        rows[n].outcome = "rolled back" if ok else "rollback failed"
+                        if rb_error:
+                            rows[n].detail = rb_error
+            serving = [n for n in hosts if rows[n].outcome in ("updated", "unchanged", "rolled back")
+                       or rows[n].detail.startswith("stopped before the switch")]
+            enabled = front_state(serving, "ready")
+            pending = []
+            if not enabled or any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
+                log(f"==> stopped after batch {i}: the remaining hosts were not touched")
+                return RolloutResult([rows[n] for n in workers + names], False, batches)
+    finally:
+        if pending:  # any exit in the middle of a batch (an error, Ctrl-C): no front keeps it drained
+            log(f"==> enabling {', '.join(pending)} at the fronts again")
+            front_state(pending, "ready")
     if others:  # fronts and monitors follow the servers they point at
         log(f"==> fronts and monitors: {', '.join(others)}")
         failed, error = run_deploy(inventory_path, others)

@@ -178,9 +178,9 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
     check_image_flags(name="Flags known to llama-server in the image", image=ref, args=args)
     # the key changes only after the check: a refused image must not leave a new key unread
     if cfg.server.api_key is not None:
-        key = atomic.put(name="API key file for the container (0400, container uid)",
+        key = atomic.put(name="API key file for the container (0600, the container's uid)",
                          src=StringIO(cfg.server.api_key.get_secret_value() + "\n"), dest=key_file,
-                         user="nobody", group="nogroup", mode="400", secret=True)
+                         user="nobody", group="nogroup", mode="600", secret=True)
     else:
         key = files.file(name="No API key file", path=key_file, present=False)
 

@@ -11,6 +11,7 @@ Drain and enable go through HAProxy's runtime API (:func:`server_state`).
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from io import StringIO
@@ -109,11 +110,20 @@ def front_door(cfg: HostConfig) -> None:
             _if=lambda: started.did_change() or reloaded.did_change())
 
 
+#: where a rollout marks, on each front, the servers it drained (one empty file per server)
+DRAINED_DIR = "/var/lib/llamadeploy-front/drained"
+
+
 @role("Front door: server state")
-def servers_set(cfg: HostConfig, servers: list[str], state: str) -> None:
+def servers_set(cfg: HostConfig, servers: list[str], state: str, by_rollout: bool = False) -> None:
     """Drain (finish what runs, take nothing new) or enable servers through the runtime API; a
-    drain waits for running streams (up to ``timeout_server``), an enable until the server is up."""
+    drain waits for running streams (up to ``timeout_server``), an enable until the server is up.
+
+    ``by_rollout``: a rollout's drain marks the servers it drained, and its enable enables only
+    marked ones (see :func:`~llamadeploy.roles.front.operations.server_state`): servers the
+    operator drained stay drained, and what a killed rollout drained is enabled by the next.
+    """
     wait = cfg.front.timeout_server if state == "drain" else 60 + 3 * cfg.front.check_interval
     for name in servers:
         server_state(name=f"{name}: {state}", backend=BACKEND, server=name, state=state, socket=ADMIN_SOCKET,
-                     wait=wait)
+                     wait=wait, marker=posixpath.join(DRAINED_DIR, name) if by_rollout else None)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 
 from pyinfra import host
 from pyinfra.api import OperationError, operation
+from pyinfra.facts.files import File
 from pyinfra.facts.server import Command
 
 
@@ -33,7 +35,7 @@ def serving(backend: str, socket: str, timeout: int):
 
 
 @operation()
-def server_state(backend: str, server: str, state: str, socket: str, wait: int = 0):
+def server_state(backend: str, server: str, state: str, socket: str, wait: int = 0, marker: str | None = None):
     """
     Set ``backend/server`` to ``ready``, ``drain`` or ``maint`` through the admin socket.
 
@@ -42,21 +44,44 @@ def server_state(backend: str, server: str, state: str, socket: str, wait: int =
     + socket: the admin socket (``stats socket ... level admin``)
     + wait: seconds to wait, after a drain, until the server's running requests have finished
       (its current sessions reach 0), after ``ready``, until the front sees it up; 0 = no wait
+    + marker: a rollout's own mark on this front (a host file): a drain of a ready server writes
+      it, and ``ready`` enables only a server that carries it, then removes it. So a server the
+      operator drained stays drained, and a rollout killed mid-batch leaves marks the next one
+      repairs. None: set the state as asked (the operator's own use)
 
     Reads the server's administrative state first and does nothing when it already
-    matches. Rollouts drain a host before its switch and enable it after its gate.
+    matches. A server the front does not know yet (its deploy comes after the servers') has
+    nothing to drain or enable: a noop. Rollouts drain a host before its switch and enable it
+    after its gate.
     """
     if state not in ("ready", "drain", "maint"):
         raise OperationError(f"state must be ready, drain or maint, not {state!r}")
     q = shlex.quote
     ask = f"echo {q('show servers state ' + backend)} | socat stdio {q(socket)}"
     # columns: ... srv_name(4) ... srv_admin_state(7); admin bits: 0x01 forced maint, 0x08 forced drain
-    current = host.get_fact(Command, command=f"({ask} | awk -v s={q(server)} '$4 == s {{print $7}}') 2>/dev/null || true")
+    current = host.get_fact(Command, command=f"(out=$({ask}) && printf '%s\\n' \"$out\" | awk -v s={q(server)} "
+                                             "'$4 == s {print $7; f=1} END {if (!f) print \"absent\"}') 2>/dev/null || true")
+    if (current or "").strip() == "absent":
+        host.noop(f"{backend}/{server} is not in this front's configuration yet: nothing to {state}")
+        return
     admin = int(current or -1) if str(current or "").lstrip("-").isdigit() else -1
     now = {0: "ready", 8: "drain", 1: "maint"}.get(admin) if admin >= 0 else None
+    marked = bool(marker and host.get_fact(File, path=marker))
+    if marker and state == "ready" and not marked:
+        host.noop(f"{backend}/{server} is {now or 'in an unknown state'} and no rollout drained it: left as it is")
+        return
+    if marker and state != "ready" and now not in ("ready", None):
+        host.noop(f"{backend}/{server} is {now} already ({'by a rollout' if marked else 'not by a rollout'}): "
+                  "left as it is")
+        return
     if now == state:
+        if marked and state == "ready":
+            yield f"rm -f {q(str(marker))}"
+            return
         host.noop(f"{backend}/{server} is already {state}")
         return
+    if marker and state != "ready":  # marked before the drain: a run killed in between is repaired later
+        yield f"mkdir -p {q(posixpath.dirname(marker))} && touch {q(marker)}"
     cmd = q(f"set server {backend}/{server} state {state}")
     yield f"out=$(echo {cmd} | socat stdio {q(socket)}); [ -z \"$(printf %s \"$out\" | tr -d '[:space:]')\" ] || {{ echo \"$out\" >&2; exit 1; }}"
     if wait and state in ("drain", "ready"):
@@ -69,3 +94,5 @@ def server_state(backend: str, server: str, state: str, socket: str, wait: int =
             f"'$1 == b && $2 == s {{ if ({test}) ok=1 }} END {{exit !ok}}' && exit 0; sleep 1; done; "
             f"echo {q(f'{backend}/{server}: waited {int(wait)}s for {what}')} >&2; exit 1"
         )
+    if marked and state == "ready":
+        yield f"rm -f {q(str(marker))}"

@@ -173,12 +173,12 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashS
     token = token_for(cfg.model)
     token_file = f"{svc.cache_dir}/hf-token"
     files.directory(name="Cache directory", path=svc.cache_dir, mode="755")
-    if token:
-        atomic.put(name="Hub token file (0600)", src=StringIO(token + "\n"), dest=token_file,
-                   user="root", group="root", mode="600", secret=True)
-    else:
-        files.file(name="No Hub token file", path=token_file, present=False)
-    return [
+    # the token is on the host only while a download needs it, never between runs
+    missing = [f for f in to_send if (on_host.get(f.name) is None or on_host[f.name].sha256 != f.sha256)]
+    if token and missing:
+        atomic.put(name="Hub token file (0600), for this run's download", src=StringIO(token + "\n"),
+                   dest=token_file, user="root", group="root", mode="600", secret=True)
+    downloads = [
         hub_download(
             name=f"Download {repo_id}/{f.repo_path}@{commit[:12]} on the host",
             repo_id=repo_id, repo_path=f.repo_path, commit=commit, sha256=f.sha256,
@@ -188,3 +188,5 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashS
         )
         for f in to_send
     ]
+    files.file(name="No Hub token file left on the host", path=token_file, present=False)
+    return downloads

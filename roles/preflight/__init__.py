@@ -95,14 +95,12 @@ def account_problem(cfg: HostConfig, users: dict[str, dict]) -> str | None:
     if uid == 0 or uid >= FIRST_LOGIN_UID:
         return (f"llama_service.user = {cfg.service.user!r} is an existing {'root' if uid == 0 else 'login'} "
                 f"account (uid {uid}) on this host; allowed: a new or system account of the service's own")
-    if not is_ours(cfg, user):
-        return (f"llama_service.user = {cfg.service.user!r} is an existing system account (uid {uid}, home "
-                f"{user.get('home')}) of something else; allowed: a new account, or the one an earlier deploy made")
-    return None
+    return None  # a system account: ours only if the ownership record says so (roles/ownership)
 
 
 def is_ours(cfg: HostConfig, user: dict) -> bool:
-    """An account the deploy made: a system account whose home is our data directory."""
+    """On a host deployed before ownership records: the account an earlier deploy made is a system
+    account whose home is our data directory."""
     return user.get("home") == cfg.service.data_dir
 
 

@@ -13,13 +13,14 @@ back on the release's image if a later deploy moved it) and a recreate.
 from __future__ import annotations
 
 import posixpath
+import shlex
 from collections.abc import Callable, Sequence
 
 from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, FileContents
-from pyinfra.operations import systemd
+from pyinfra.operations import server, systemd
 from pyinfra.operations.util import any_changed
 
 from llamadeploy import atomic
@@ -250,8 +251,10 @@ def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
             compose_down(name="Failed release's container stopped", project_dir=cfg.docker.project_dir,
                          compose=docker.compose_command(cfg), _if=failed)
         else:
-            systemd.service(name="Failed release's server stopped and disabled", service=f"{cfg.service.name}.service",
-                            running=False, enabled=False, _if=failed)
+            # by systemctl itself: pyinfra's running=False sees a unit between crash and restart
+            # ("activating") as stopped already, and would leave it to restart
+            server.shell(name="Failed release's server stopped and disabled",
+                         commands=[f"systemctl disable --now {shlex.quote(cfg.service.name + '.service')}"], _if=failed)
         gate_failed(name="Run fails: the new release did not pass its gate",
                     reason=f"{head}; not rolled back: {why}. Its server is stopped and disabled (no crash loop).",
                     _if=failed)

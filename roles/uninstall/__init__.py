@@ -11,6 +11,7 @@ What stays: anything that was on the host before the first deploy, and mount poi
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 
 from pyinfra import host
@@ -21,11 +22,13 @@ from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import ownership
 from llamadeploy.roles.docker import compose_command
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
 from llamadeploy.roles.firewall import table_name
 from llamadeploy.roles.firewall.operations import table_removed
+from llamadeploy.roles.ownership.facts import OwnershipRecords
 from llamadeploy.roles.preflight import is_ours
 from llamadeploy.roles.release import records_dir
 from llamadeploy.roles.release.facts import ReleaseRecords
@@ -66,19 +69,38 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
         if left:
             server.shell(name="Images of recorded releases removed",
                          commands=[untagged_image_removed(i, refs) for i, refs in left])
-    tree_removed(name="Compose project directory removed", path=d.project_dir)
+    # exactly what this service's ownership record names and no other service's record does;
+    # a host deployed before records existed: the configured paths, as then (roles/ownership)
+    records = host.get_fact(OwnershipRecords, path=ownership.RECORD_DIR)
+    name = posixpath.basename(ownership.record_path(cfg))
+    mine = records.get(name)
+    others: frozenset[str] = frozenset().union(*(v for k, v in records.items() if k != name))
 
-    tree_removed(name="Releases removed", path=svc.prefix)
-    tree_removed(name="Config directory removed", path=svc.config_dir)
-    if keep_models:
-        tree_removed(name="Data directory removed, models kept", path=svc.data_dir, keep=cfg.model_dir)
-    else:
-        tree_removed(name="Data directory removed", path=svc.data_dir)
+    def ours(line: str) -> bool:
+        return (mine is None or line in mine) and line not in others
+
+    if ours(f"dir {d.project_dir}"):
+        tree_removed(name="Compose project directory removed", path=d.project_dir)
+    if ours(f"dir {svc.prefix}"):
+        tree_removed(name="Releases removed", path=svc.prefix)
+    if ours(f"dir {svc.config_dir}"):
+        tree_removed(name="Config directory removed", path=svc.config_dir)
+    if ours(f"dir {svc.data_dir}"):
+        if keep_models:
+            tree_removed(name="Data directory removed, models kept", path=svc.data_dir, keep=cfg.model_dir)
+        else:
+            tree_removed(name="Data directory removed", path=svc.data_dir)
 
     account = host.get_fact(Users).get(svc.user)
-    if account is not None and is_ours(cfg, account):  # never an account the deploy did not make
+    # never an account the deploy did not make
+    if account is not None and (is_ours(cfg, account) if mine is None else ours(f"account {svc.user}")):
         server.user(name="Service user removed", user=svc.user, present=False)
         server.group(name="Service group removed", group=svc.user, present=False)
     # the records of what to purge live in the cache directory: purge first, then remove it
     packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir)
-    tree_removed(name="Cache directory removed", path=svc.cache_dir)
+    if ours(f"dir {svc.cache_dir}"):
+        tree_removed(name="Cache directory removed", path=svc.cache_dir)
+    record = files.file(name="Ownership record removed", path=ownership.record_path(cfg), present=False)
+    server.shell(name="Ownership records directory removed (no other service's record in it)",
+                 commands=[f"rmdir {shlex.quote(ownership.RECORD_DIR)} 2>/dev/null || true"],
+                 _if=[record.did_change, lambda: not others])

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from tests.conftest import merged_data, run_deploy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")]
@@ -31,12 +32,13 @@ def hosts(testhosts):
             "mon": testhosts("mon", 74)}
 
 
-def write(path: Path, hosts, front: dict | None = None) -> Path:
+def write(path: Path, hosts, front: dict | None = None, server: dict | None = None) -> Path:
     def entry(h, **data):
         name, conn = h.inventory_entry()
         return (name, {**conn, **merged_data(), **data})
 
-    servers = [entry(hosts["be1"]), entry(hosts["be2"])]
+    sections = merged_data(**server) if server else {}
+    servers = [entry(hosts["be1"], **sections), entry(hosts["be2"], **sections)]
     fronts = [entry(hosts["fd"], llama_role="front", llama_front={"check_interval": 1, **(front or {})})]
     monitors = [entry(hosts["mon"], llama_role="monitor", llama_monitor={"scrape_interval": "2s"})]
     path.write_text(f"servers = {servers!r}\nfront = {fronts!r}\nmonitor = {monitors!r}\n")
@@ -206,6 +208,61 @@ def test_drain_and_enable_through_the_runtime_api(hosts, fleet):
     for _ in range(12):
         assert chat(front_url(hosts)).status_code == 200
     assert served_by(hosts).get(hosts["be1"].address, 0) > before
+
+
+def admin_state(hosts, server: str) -> str:
+    """The front's administrative state of ``server``, read over ssh from HAProxy's runtime API."""
+    out = hosts["fd"].ssh("echo 'show servers state llama_servers' | socat stdio /run/haproxy/admin.sock").stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 7 and parts[3] == server:
+            return {"0": "ready", "8": "drain", "1": "maint"}.get(parts[6], parts[6])
+    return "absent"
+
+
+def test_a_killed_rollout_leaves_no_host_drained_and_the_operators_drain_stays(hosts, fleet, tmp_path):
+    """The controller dies (SIGKILL) while a rollout has be1 drained: the next rollout enables it
+    first, and be2, which the operator drained by hand, stays drained through the whole rollout."""
+    import os
+    import signal
+
+    from tests.conftest import LLAMADEPLOY, PYINFRA, REPO, SUBPROCESS_TIMEOUT, cli
+
+    be1, be2, fd = hosts["be1"].address, hosts["be2"].address, hosts["fd"].address
+
+    def operator(server: str, state: str) -> None:
+        proc = subprocess.run([PYINFRA, "-y", str(fleet), "llamadeploy.deploy.llama_front_servers",
+                               f"servers={server}", f"set_to={state}", "--limit", fd],
+                              cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    operator(be2, "drain")
+    changed = write(tmp_path / "threads.py", hosts, server={"llama_server": {"threads": 1}})
+    try:
+        assert admin_state(hosts, be2) == "drain"
+        proc = subprocess.Popen([LLAMADEPLOY, "rollout", str(changed)], cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: admin_state(hosts, be1) == "drain", 180, "the rollout to drain be1")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the controller dies: no finally of the rollout runs
+            proc.wait(timeout=30)
+        time.sleep(2)
+        assert admin_state(hosts, be1) == "drain"  # what the killed run left
+        assert hosts["fd"].ssh(f"test -e /var/lib/llamadeploy-front/drained/{be1}", check=False).returncode == 0
+        result = cli("rollout", str(changed))
+        assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+        assert admin_state(hosts, be1) == "ready"  # repaired by the next rollout
+        assert admin_state(hosts, be2) == "drain"  # the operator's drain outlived the rollout
+        assert hosts["fd"].ssh("ls -A /var/lib/llamadeploy-front/drained").stdout == ""
+        for h in (hosts["be1"], hosts["be2"]):  # both switched to the rolled-out flags
+            args = Manifest.parse(h.ssh(f"cat {DEFAULT_PATH}").stdout).args
+            assert args[args.index("--threads") + 1] == "1", args
+    finally:
+        operator(be2, "ready")
+        back = run_deploy(fleet, "--parallel", "1")
+        assert back.rc == 0, back.stderr[-3000:]
+        wait_for(lambda: server_up(hosts, be1) and server_up(hosts, be2), 60, "both up again")
 
 
 def test_reload_keeps_a_running_stream(hosts, fleet, tmp_path):

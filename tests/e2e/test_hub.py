@@ -143,7 +143,11 @@ def test_host_mode_gated_split_model_with_token(host, hub, controller_env, tmp_p
     assert hub_gets(hub, SPLIT_REPO) == before + 2  # both parts, fetched by the host
     args = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).args
     assert args[args.index("--model") + 1].endswith("gemma-3-270m-q4_k_m-00001-of-00002.gguf")
-    assert host.ssh("stat -c '%a %U' /var/cache/llama.cpp/hf-token").stdout.split() == ["600", "root"]
+    # the token was on the host only for the download (0600, root), and is gone from every tree of ours
+    assert host.ssh("test -e /var/cache/llama.cpp/hf-token", check=False).returncode == 1
+    assert "Hub token file (0600), for this run's download" in result.stderr + result.stdout
+    assert host.ssh(f"grep -rl {HUB_TOKEN} /var/cache/llama.cpp /var/lib/llama-server /opt/llama.cpp /etc "
+                    "2>/dev/null", check=False).stdout == ""
     assert HUB_TOKEN not in host.ssh("ps -eo args; journalctl --no-pager -o cat | tail -n 2000").stdout
     r = httpx.get(f"http://{host.address}:8080/v1/models", timeout=10)
     assert "split" in [m["id"] for m in r.json()["data"]]

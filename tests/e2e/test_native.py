@@ -305,5 +305,6 @@ def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
         assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
     finally:
         host.ssh("systemctl disable --now llama-first 2>/dev/null; rm -rf /etc/systemd/system/llama-first.service "
-                 "/srv/llama-first; systemctl daemon-reload; userdel llamafirst 2>/dev/null; "
+                 "/srv/llama-first /var/lib/llamadeploy/llama-first.owned; systemctl daemon-reload; "
+                 "userdel llamafirst 2>/dev/null; "
                  "groupdel llamafirst 2>/dev/null; true")

@@ -222,7 +222,13 @@ def test_killed_server_comes_back(host, inventory):
 def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
     """Limits above the host's CPUs or RAM, a login account as service user, a CUDA build without a
     GPU: refused with the host's numbers before anything changes."""
-    host.ssh("id ops >/dev/null 2>&1 || useradd -m -u 1500 ops")
+    host.ssh("id ops >/dev/null 2>&1 || useradd -m -u 1500 ops; id svc >/dev/null 2>&1 || useradd -r -d /srv/llmsvc svc")
+    # an operator's directories: a model tree of their own, and a config directory of another service
+    host.ssh("mkdir -p /srv/llm/models /etc/foreignapp && echo weights > /srv/llm/models/foreign.gguf && "
+             "echo mine > /srv/llm/notes.txt && echo conf > /etc/foreignapp/app.conf && chmod 700 /etc/foreignapp")
+    foreign = "find /srv/llm /etc/foreignapp -printf '%p %m %u:%g %s\\n' | sort; cat /srv/llm/models/foreign.gguf " \
+              "/srv/llm/notes.txt /etc/foreignapp/app.conf | sha256sum"
+    foreign_before = host.ssh(foreign).stdout
     before = host_state(host)
     cases = {
         "cpus": ({"llama_limits": {"cpus": 1000.0}}, "llama_limits.cpus = 1000 but this host has "),
@@ -230,6 +236,15 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         "account": ({"llama_service": {"user": "ops"}}, "llama_service.user = 'ops' is an existing login account (uid 1500)"),
         # sshd holds 22: the new server could not bind after the old one stopped
         "port": ({"llama_server": {"port": 22}}, "llama_server.port = 22: 0.0.0.0:22 is held by sshd (pid "),
+        # directories and an account the deploy did not create: refused, never re-owned or pruned
+        "data_dir": ({"llama_service": {"data_dir": "/srv/llm"}},
+                     "llama_service.data_dir = '/srv/llm' exists on this host and holds 2 entries this deploy did "
+                     "not create (models, notes.txt); allowed: a new or empty directory"),
+        "config_dir": ({"llama_service": {"config_dir": "/etc/foreignapp"}},
+                       "llama_service.config_dir = '/etc/foreignapp' exists on this host and holds 1 entries"),
+        # a system account whose home is the data_dir was adopted, then deleted by uninstall
+        "account-adopted": ({"llama_service": {"user": "svc", "data_dir": "/srv/llmsvc"}},
+                            "llama_service.user = 'svc' is an existing account this deploy did not create"),
         # a CUDA build on a host without an NVIDIA driver or nvcc (this one has neither)
         "gpu": ({"llama_build": {"backend": "cuda"}}, "llama_build.backend = 'cuda' but nvidia-smi reports no NVIDIA "
                 "GPU (no driver loaded); there is no CUDA toolkit (nvcc) for the build. Allowed: "),
@@ -239,7 +254,9 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         assert result.rc != 0, name
         assert f"preflight refused host {host.address}: {expected}" in result.stderr, (name, result.stderr[-2000:])
     assert host_state(host) == before
+    assert host.ssh(foreign).stdout == foreign_before  # mode, owner, size and content of every entry
     assert host.ssh("getent passwd ops").stdout.split(":")[5:7] == ["/home/ops", "/bin/sh\n"]
+    host.ssh("rm -rf /srv/llm /etc/foreignapp; userdel svc")
 
 
 def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path):

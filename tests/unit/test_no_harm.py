@@ -132,3 +132,61 @@ def test_port_holders_parsed_from_ss():
            "garbage"]
     assert PortHolders().process(out) == [PortHolder(612, "sshd", "/system.slice/ssh.service", "0.0.0.0:22"),
                                           PortHolder(612, "sshd", "/system.slice/ssh.service", "[::]:22")]
+
+
+def test_a_config_error_is_one_pyinfra_error_without_a_traceback(tmp_path):
+    """pyinfra's own error line (a DeployError), not a Python traceback; nothing runs (``@local``:
+    validation happens while pyinfra prepares, before any operation)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    inv = tmp_path / "inv.py"
+    inv.write_text('hosts = [("@local", {"llama_server": {"port": "x"}, "llama_model": {"path": "/m/m.gguf"}})]\n')
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Traceback" not in out, out
+    assert "pyinfra error" in out and "invalid llama configuration, nothing was changed on any host:" in out
+    assert "- host @local: llama_server.port = 'x': Input should be a valid integer" in out
+
+
+def _pem(tmp_path, name: str) -> tuple[str, str]:
+    import subprocess
+
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-subj", f"/CN={name}", "-days", "2", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert.read_text(), key.read_text()
+
+
+def test_front_pem_is_checked_with_openssl_and_secret_files_must_be_private(tmp_path):
+    from llamadeploy.hostdata import controller_file_problems
+
+    cert, key = _pem(tmp_path, "front")
+    _, other_key = _pem(tmp_path, "other")
+
+    def check(text: str, mode: int = 0o600) -> list[str]:
+        pem = tmp_path / "t.pem"
+        pem.write_text(text)
+        pem.chmod(mode)
+        cfg = HostConfig.model_validate({"role": "front", "front": {"tls_pem": str(pem)}})
+        return controller_file_problems("lb1", cfg)
+
+    assert check(cert + key) == []
+    (bad,) = check(cert + other_key)
+    assert bad.endswith("its private key does not belong to its (first) certificate")
+    assert bad.startswith(f"host lb1: llama_front.tls_pem = '{tmp_path}/t.pem': ")
+    assert "holds no private key" in check(cert)[0]
+    assert "holds no certificate" in check("garbage\n")[0]
+    assert "mode 644 lets others read the secret; chmod 600" in check(cert + key, 0o644)[0]
+    token = tmp_path / "hf-token"
+    token.write_text("hf_x\n")
+    token.chmod(0o640)
+    cfg = HostConfig.model_validate({"model": {"catalog": "qwen2.5-3b", "hf_token_file": str(token)},
+                                     "server": {"allow_unauthenticated": True}})
+    (msg,) = controller_file_problems("h1", cfg)
+    assert msg == f"host h1: llama_model.hf_token_file = '{token}': mode 640 lets others read the secret; chmod 600 {token}"

@@ -12,6 +12,7 @@ HOSTS = [f"h{i}" for i in range(1, 11)]
 def test_batch_count_by_number_and_percentage():
     assert batch_count("1", 10) == 1 and batch_count("4", 10) == 4
     assert batch_count("25%", 10) == 3 and batch_count("10%", 3) == 1 and batch_count("100%", 7) == 7
+    assert batch_count("25%", 10, round_down=True) == 2 and batch_count("10%", 3, round_down=True) == 1
     for bad in ("0", "0%", "150%", "-2"):
         with pytest.raises(ValueError):
             batch_count(bad, 10)
@@ -26,6 +27,15 @@ def test_max_unavailable_bounds_the_batch():
     assert plan_batches(HOSTS, [], batch="50%", max_unavailable="2")[0] == ["h1", "h2"]
     assert plan_batches(HOSTS, ["h1", "h2", "h3"], batch="2", max_unavailable="20%") == [
         ["h1", "h2"], ["h3"], ["h4", "h5"], ["h6", "h7"], ["h8", "h9"], ["h10"]]
+
+
+def test_max_unavailable_rounds_down_and_counts_hosts_already_down():
+    """25% of 10 is 2.5: at most 2 unavailable, not 3; a host already down leaves room for 1."""
+    assert max(len(b) for b in plan_batches(HOSTS, [], batch="50%", max_unavailable="25%")) == 2
+    assert max(len(b) for b in plan_batches(HOSTS, [], batch="50%", max_unavailable="25%", down=["h9"])) == 1
+    with pytest.raises(ValueError, match=r"allows 2 of 10 host\(s\) unavailable, and 2 already are \(h3, h9\)"):
+        plan_batches(HOSTS, [], batch="50%", max_unavailable="25%", down=["h3", "h9"])
+    assert plan_batches(HOSTS, [], batch="2", down=["h3"]) == plan_batches(HOSTS, [], batch="2")  # no bound: no limit
 
 
 def test_no_canary_group_means_batches_only_and_every_host_once():

@@ -1,0 +1,107 @@
+"""Ownership: the deploy changes and removes only what it created on a host.
+
+Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories and the
+account the deploy created (one ``dir PATH`` or ``account NAME`` per line). Before anything
+changes, a configured directory that exists, holds something and is not in the record is
+refused, naming its field; so is an existing account the record does not name. Uninstall
+removes exactly the recorded set (roles/uninstall). Why: an operator's ``/srv/llm`` with their
+own files, or ``/etc/nginx`` given as ``config_dir`` by mistake, must never be re-owned,
+re-moded, pruned or deleted by us, as Debian's packages remove only what they installed.
+
+A host deployed before records existed (no record, our manifest in ``config_dir``) is adopted
+once: its configured directories and account are recorded as ours.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import DeployError
+from pyinfra.facts.files import File
+from pyinfra.facts.server import Users
+from pyinfra.operations import files
+
+from llamadeploy import atomic
+from llamadeploy.config import HostConfig
+from llamadeploy.manifest import manifest_path
+from llamadeploy.roledeploy import role
+from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
+from llamadeploy.roles.preflight import is_ours
+
+RECORD_DIR = "/var/lib/llamadeploy"
+
+
+def record_path(cfg: HostConfig) -> str:
+    return posixpath.join(RECORD_DIR, f"{cfg.service.name}.owned")
+
+
+def configured_dirs(cfg: HostConfig) -> dict[str, str]:
+    """Inventory field -> directory the deploy creates and owns on the host."""
+    svc = cfg.service
+    return {"llama_service.prefix": svc.prefix, "llama_service.data_dir": svc.data_dir,
+            "llama_service.config_dir": svc.config_dir, "llama_service.cache_dir": svc.cache_dir,
+            "llama_docker.project_dir": cfg.docker.project_dir}
+
+
+def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: frozenset[str],
+                      legacy: bool, user: str | None, user_exists: bool) -> str | None:
+    """Why this host's configured paths or account are not ours to use, or None (pure).
+
+    ``owned``: what the host's records (this service's and any other's the deploy made) name;
+    ``legacy``: no record, but an earlier deploy's manifest is there (adopted); ``user``: the
+    service account (native mode), ``user_exists``: on the host now.
+    """
+    for field, path in dirs.items():
+        if f"dir {path}" in owned or legacy:
+            continue
+        state = states.get(path, "absent")
+        if state in ("absent", "empty"):
+            continue
+        if state == "file":
+            return f"{field} = {path!r} is a file on this host; allowed: a directory the deploy creates"
+        count, _, first = state.partition(" ")
+        return (f"{field} = {path!r} exists on this host and holds {count} entries this deploy did not create "
+                f"({', '.join(first.split())}{', ...' if int(count or 0) > 3 else ''}); allowed: a new or empty "
+                "directory, or one an earlier deploy created")
+    if user and user_exists and f"account {user}" not in owned:
+        return (f"llama_service.user = {user!r} is an existing account this deploy did not create; allowed: a "
+                "new account (the deploy creates and records it), or one an earlier deploy created")
+    return None
+
+
+def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str | None) -> list[str]:
+    """The record after this run: what it held, plus every configured directory and the account (pure)."""
+    lines = set(record or ()) | {f"dir {p}" for p in dirs.values()}
+    if user:
+        lines.add(f"account {user}")
+    return sorted(lines)
+
+
+def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:
+    """This service's record (None: none yet), what every record on the host names, and whether
+    the host is an earlier deploy's without records (adopted)."""
+    records = host.get_fact(OwnershipRecords, path=RECORD_DIR)
+    mine = records.get(posixpath.basename(record_path(cfg)))
+    legacy = not records and bool(host.get_fact(File, path=manifest_path(cfg.service.config_dir)))
+    return mine, frozenset().union(*records.values()), legacy
+
+
+@role("Ownership")
+def owned(cfg: HostConfig) -> None:
+    """Refuse paths and an account the deploy did not create (while pyinfra prepares, before any
+    host changes), then record what this run creates or adopts."""
+    dirs = configured_dirs(cfg)
+    record, everything, legacy = read(cfg)
+    user = cfg.service.user if cfg.mode == "native" else None
+    account = host.get_fact(Users).get(user) if user else None
+    # a host from before records: the account an earlier deploy made (its home is our data_dir)
+    exists = account is not None and not (legacy and is_ours(cfg, account))
+    problem = ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything, legacy,
+                                user, exists)
+    if problem:
+        raise DeployError(f"preflight refused host {host.name}: {problem}")
+    files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
+    atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
+        f"{line}\n" for line in record_lines(dirs, record, user))), dest=record_path(cfg), mode="644")
