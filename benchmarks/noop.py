@@ -111,8 +111,7 @@ median of {rounds} runs (each run in brackets). Same input every time: nothing c
 | artifact cached on the controller: nobody compiles | {cell('new_release_rollout_3_hosts_cached_s')} |
 
 First deploy of the 3 hosts in this run: {cell('first_deploy_3_hosts_s')} (sandbox hosts keep their trees between
-benchmark runs, so this counts only what an earlier run did not leave; a fresh fleet: 327.3 s on
-2026-11-26, one compile + two shipped releases + three 253 MB model transfers).
+benchmark runs, so this counts only what an earlier run did not leave).
 
 How a no-op grows with the model (1 host; the same model widened, `benchmarks/widened.py`). Baseline:
 the same no-op with `--data llama_verify=full`, which re-hashes every model byte on the host as

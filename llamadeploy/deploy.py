@@ -34,13 +34,21 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     cfg = cfg or validate_inventory(host.inventory)[host.name]
 
     # The front door and the monitor are hosts of their own (llama_role).
+    front_changed = None
     if cfg.role == "front":
-        front.front_door(cfg)
-        return
-    if cfg.role == "monitor":
+        front_changed = front.front_door(cfg)
+    elif cfg.role == "monitor":
         monitor.monitor(cfg)
-        return
+    else:
+        _server(cfg)
+    # Every host passes one last step: a front waits there until a server is up behind it; on
+    # every other host it is a no-op. pyinfra orders a run as waves over each host's own sequence,
+    # so a shared step is what makes the front's wait come after the servers' own steps.
+    front.served(cfg, front_changed)
 
+
+def _server(cfg: HostConfig) -> None:
+    """Steps 2-9 of a server (and an RPC worker's part of them)."""
     if cfg.role != "rpc_worker":  # an RPC worker holds no model: its head sends it the layers
         # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
         #    and verifies it once here; the host's free disk is checked.

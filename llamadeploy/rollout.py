@@ -94,6 +94,14 @@ def plan_batches(hosts: list[str], canaries: list[str], batch: str = "1",
 FELL_BACK = "failed its gate; rolled back to "
 
 
+def fell_back_hosts(line: str, names: list[str]) -> dict[str, str]:
+    """host -> what happened, for a line of pyinfra's output saying the deploy rolled that host
+    back itself (``roles/release`` :func:`fell_back_reason`) (pure)."""
+    if FELL_BACK not in line:
+        return {}
+    return {n: line.strip().split(f"host {n}: ", 1)[1] for n in names if f"host {n}: " in line}
+
+
 def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy.deploy.llama_server",
                args: list[str] | None = None, log: Callable[[str], None] = print,
                fell_back: dict[str, str] | None = None) -> tuple[set[str], str | None]:
@@ -114,10 +122,8 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
         for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
             sys.stderr.write(line)
             tail = (tail + [line.rstrip()])[-40:]
-            if fell_back is not None and FELL_BACK in line:
-                for name in limit:
-                    if f"host {name}: " in line:
-                        fell_back[name] = line.strip().split(f"host {name}: ", 1)[1]
+            if fell_back is not None:
+                fell_back.update(fell_back_hosts(line, limit))
         rc = proc.wait()
         report_file.seek(0)
         out = report_file.read()

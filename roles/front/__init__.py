@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -89,8 +90,9 @@ def haproxy_config(cfg: HostConfig, backends: list[Backend]) -> str:
 
 
 @role("Front door (HAProxy)")
-def front_door(cfg: HostConfig) -> None:
-    """HAProxy installed, its config checked and in place, reloaded on change, running."""
+def front_door(cfg: HostConfig) -> Callable[[], bool]:
+    """HAProxy installed, its config checked and in place, reloaded on change, running. Returns
+    "it started or reloaded" for :func:`served`."""
     backends = [Backend(server_name(h), address(h), c.server.port, slots_of(h, c)) for h, c in backend_hosts(cfg)]
     packages.installed(cfg, "front", name="HAProxy and socat (runtime API)", packages=["haproxy", "socat"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
@@ -106,8 +108,16 @@ def front_door(cfg: HostConfig) -> None:
     reloaded = systemd.service(name="Reload HAProxy (no connection dropped)", service="haproxy.service",
                                reloaded=True,
                                _if=[lambda: conf.did_change() or pem.did_change(), lambda: not started.did_change()])
-    serving(name="A server is up behind the front", backend=BACKEND, socket=ADMIN_SOCKET, timeout=120,
-            _if=lambda: started.did_change() or reloaded.did_change())
+    return lambda: started.did_change() or reloaded.did_change()
+
+
+@role("Front door: serving")
+def served(cfg: HostConfig, changed: Callable[[], bool] | None) -> None:
+    """A front that (re)started or reloaded (``changed``): wait until HAProxy has a server up.
+    Every host of a run passes this step, called from the same place (a no-op where ``changed``
+    is None): the wait comes after the servers' own steps, in a run that deploys both."""
+    serving(name="A server is up behind the front (a no-op on other hosts)", backend=BACKEND, socket=ADMIN_SOCKET,
+            timeout=120, _if=changed or (lambda: False))
 
 
 #: where a rollout marks, on each front, the servers it drained (one empty file per server)

@@ -31,17 +31,27 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import check_image_flags, compose_down, image_tagged
+from llamadeploy.roles.firewall import rules_path
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.model import kept_dir
 from llamadeploy.roles.model.operations import kept_path, restored
 from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
-from llamadeploy.roles.release.operations import copied, gate_failed, refused, release_recorded, releases_pruned
+from llamadeploy.roles.release.operations import (
+    copied,
+    gate_failed,
+    refused,
+    release_recorded,
+    releases_pruned,
+    secret_copied,
+)
 from llamadeploy.roles.service.operations import check_flags
 
 UNIT_FILE = "unit.service"
 #: conditions an operation runs under, all evaluated as the run executes (pyinfra's ``_if``)
 Conditions = Sequence[Callable[[], bool]]
 MANIFEST_FILE = "deploy.json"
+KEY_FILE = "api-key"
+RULES_FILE = "firewall.nft"
 
 
 def records_dir(cfg: HostConfig) -> str:
@@ -57,6 +67,12 @@ def recorded(cfg: HostConfig, current_id: str) -> None:
     """After the gate: record the release that serves, then prune beyond ``keep_releases``."""
     served = {UNIT_FILE: unit_path(cfg)} if cfg.mode == "native" else \
         {docker.COMPOSE_FILE: docker.compose_path(cfg.docker.project_dir)}
+    # what else the release ran with, reinstated by a rollback: its key (0600, as deployed, and
+    # its record directory root's and the service's only) and its firewall rules
+    if cfg.server.api_key is not None:
+        served[KEY_FILE] = cfg.host_key_file
+    if cfg.mode == "native" and cfg.server.allow_from is not None:
+        served[RULES_FILE] = rules_path(cfg)
     release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
                      sources={**served, MANIFEST_FILE: manifest_path(cfg.service.config_dir)},
                      image=docker.image_ref(cfg) if cfg.mode == "docker" else None)
@@ -191,6 +207,7 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
     # (or while the model file already holds the old release's content)
     copied(name="Deploy manifest of the release", src=f"{entry}/{MANIFEST_FILE}",
            dest=manifest_path(cfg.service.config_dir), _if=list(when))
+    models = [*models, *_files_reinstated(cfg, target, entry, list(when))]
     switch = _docker_switched if m.mode == "docker" else _native_switched
     restarted = switch(cfg, target, entry, models, list(when))
     # the gate asks the address the reinstated release listens on, which may not be the inventory's
@@ -198,6 +215,22 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
                      release_id=target.id, sources={}, _if=[*when, lambda: not failed()])
     return failed
+
+
+def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
+                      when: list[Callable[[], bool]]) -> list[OperationMeta]:
+    """The release's key file and firewall rules as recorded when it passed its gate (a later
+    deploy may have removed or replaced them); a change restarts the server like a model's."""
+    m = target.manifest
+    ops = []
+    if m.api_key_file and host.get_fact(File, path=f"{entry}/{KEY_FILE}"):
+        owner = cfg.service.user if m.mode == "native" else "nobody"
+        ops.append(secret_copied(name="API key of the release", src=f"{entry}/{KEY_FILE}", dest=m.api_key_file,
+                                 user=owner, group=owner if m.mode == "native" else "nogroup", _if=when))
+    if m.mode == "native" and host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
+        ops.append(copied(name="Firewall rules of the release", src=f"{entry}/{RULES_FILE}", dest=rules_path(cfg),
+                          mode="600", _if=when))
+    return ops
 
 
 def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
@@ -228,6 +261,13 @@ def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models:
     return docker.recreated(cfg, project, _if=lambda: all(c() for c in when) and changed())
 
 
+def fell_back_reason(host_name: str, new_id: str, serving_id: str) -> str:
+    """The line a run fails with after its deploy rolled a host back (pure); ``llamadeploy rollout``
+    reads it (:data:`llamadeploy.rollout.FELL_BACK`)."""
+    return (f"host {host_name}: release {new_id} failed its gate; rolled back to {serving_id}, which serves now "
+            "(the gate's log lines are above)")
+
+
 @role("Fallback")
 def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
     """When this run's release failed its gate (``failed``, evaluated at execution): reinstate the
@@ -239,7 +279,7 @@ def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
     the manifest, which this run or an interrupted earlier one may have switched already.
     """
     records = host.get_fact(ReleaseRecords, path=records_dir(cfg))
-    head = f"host {host.name}: release {new_id} failed its gate (its log lines are above)"
+    head = f"host {host.name}: release {new_id} failed its gate"
     target: ReleaseRecord | None = None
     why: str | None = "no earlier release is recorded"
     if records and records[-1].id == new_id:
@@ -256,12 +296,13 @@ def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
             server.shell(name="Failed release's server stopped and disabled",
                          commands=[f"systemctl disable --now {shlex.quote(cfg.service.name + '.service')}"], _if=failed)
         gate_failed(name="Run fails: the new release did not pass its gate",
-                    reason=f"{head}; not rolled back: {why}. Its server is stopped and disabled (no crash loop).",
+                    reason=f"{head}; not rolled back: {why}. Its server is stopped and disabled (no crash loop; "
+                           "the gate's log lines are above).",
                     _if=failed)
         return
     models = models_restored(cfg, target, when=[failed], replaced=True)
     again = _reinstated(cfg, target, models, when=[failed], ignore_errors=True)
     gate_failed(name="Run fails: the new release did not pass its gate",
-                reason=f"{head}; rolled back to {target.id}, which serves now", _if=[failed, lambda: not again()])
+                reason=fell_back_reason(host.name, new_id, target.id), _if=[failed, lambda: not again()])
     gate_failed(name="Run fails: the new release did not pass its gate, nor the one before it",
                 reason=f"{head}; rolled back to {target.id}, which failed its gate too (see above)", _if=again)

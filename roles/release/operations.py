@@ -7,7 +7,8 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import OperationError, operation
-from pyinfra.facts.files import Link, Sha1File
+from pyinfra.facts.files import File, Link, Sha1File
+from pyinfra.facts.server import Command
 
 from llamadeploy.atomic import durable_rename, staging_path
 from llamadeploy.roles.docker.facts import DockerImageId
@@ -149,6 +150,31 @@ def gate_failed(reason: str):
         return
     raise OperationError(reason)
     yield  # an operation is a generator
+
+
+@operation()
+def secret_copied(src: str, dest: str, user: str, group: str, mode: str = "600"):
+    """
+    Put the host file ``src`` (a recorded secret: a release's API key) at ``dest`` with owner
+    and mode, by rename, when content, owner or mode differ.
+
+    + src: host path in a release record
+    + dest: host path the service reads
+    + user, group, mode: of ``dest``
+
+    Compared with ``cmp`` on the host: no hash of the secret is computed, printed or kept (a
+    stable hash in pyinfra's output at ``-vvv`` would identify the key).
+    """
+    q = shlex.quote
+    same = host.get_fact(Command, command=f"cmp -s {q(src)} {q(dest)} && echo same || echo differs")
+    info = host.get_fact(File, path=dest)
+    if same == "same" and info and info.get("user") == user and info.get("group") == group \
+            and str(info.get("mode")) == mode.lstrip("0"):
+        host.noop(f"{dest} already holds the release's key")
+        return
+    stage = staging_path(dest)
+    yield (f"install -m {q(mode)} -o {q(user)} -g {q(group)} {q(src)} {q(stage)} && "
+           f"{durable_rename(stage, dest)}")
 
 
 @operation()

@@ -136,6 +136,31 @@ def test_docker_rollback_reinstates_the_previous_release_without_transfer(host, 
     assert container(host)["Image"] == image_a
 
 
+def test_docker_release_that_crashes_at_start_is_rolled_back_by_the_deploy(host, docker_inv, tmp_path):
+    """Docker mode's gate watches the container: a server that exits at start (Docker restarts it,
+    ``restart: unless-stopped``) fails the gate at once; the deploy reinstates the release that
+    served before (its compose file, recreated) and fails, naming it."""
+    a, image_a = manifest(host), container(host)["Image"]
+    ns: dict = {}
+    exec(docker_inv.read_text(), ns)  # the inventory as written, plus one flag that cannot work
+    (name, data), = ns["hosts"]
+    data["llama_server"] = {**data["llama_server"], "extra_args": ["--lora", "/nonexistent.gguf"]}
+    broken = tmp_path / "broken.py"
+    broken.write_text(f"hosts = {[(name, data)]!r}\n")
+    started = time.monotonic()
+    result = run_deploy(broken)
+    took = time.monotonic() - started
+    out = result.stdout + result.stderr
+    assert result.rc != 0
+    assert "the server restarted (it crashed)" in out or "the server is not running (it exited)" in out, out[-3000:]
+    assert f"rolled back to {a.release_id}, which serves now" in out, out[-3000:]
+    print(f"docker: failed deploy, rollback included: {took:.1f}s")
+    assert (manifest(host).release_id, container(host)["Image"]) == (a.release_id, image_a)
+    assert "--lora" not in container(host)["Args"]
+    r = httpx.get(f"http://{host.address}:8080/health", timeout=10)
+    assert r.status_code == 200, r.text
+
+
 def test_switch_back_to_native(host, native_inv):
     result = run_deploy(native_inv)
     assert result.rc == 0, result.stderr[-3000:]

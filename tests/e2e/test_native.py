@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from llamadeploy.bench import PROMPT
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import host_state, merged_data, run_deploy, run_testinfra
+from tests.conftest import cli, host_state, merged_data, run_deploy, run_testinfra
 
 pytestmark = pytest.mark.e2e
 
@@ -253,6 +254,44 @@ def test_api_key(host, tmp_path, inventory):
     assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=10).status_code == 200
 
 
+def test_rollback_reinstates_the_releases_key(host, inventory):
+    """The release before this one ran with a key (test_api_key); this one has none, and its
+    deploy removed the key file. A rollback reinstates the key file as that release recorded it
+    (0600, the service's), so its unit finds the key and /v1 asks for it again."""
+    assert host.ssh("test -e /etc/llama-server/api-key", check=False).returncode == 1
+
+    result = cli("rollback", str(inventory))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert host.ssh("stat -c '%a %U' /etc/llama-server/api-key").stdout.split() == ["600", "llama"]
+    assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=10).status_code == 401
+    ok = httpx.get(f"http://{host.address}:8080/v1/models", headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=10)
+    assert ok.status_code == 200
+    assert API_KEY not in result.stdout + result.stderr
+    back = run_deploy(inventory)  # the keyless release again, for the tests after this one
+    assert back.rc == 0, back.stderr[-4000:]
+    assert host.ssh("test -e /etc/llama-server/api-key", check=False).returncode == 1
+
+
+def test_testinfra_suite_checks_a_loopback_server_through_the_host(host, tmp_path, inventory):
+    """Bound to 127.0.0.1 with a key: the shipped suite's HTTP checks go through the host (curl
+    there), not to the controller's own loopback, and pass; nothing answers from outside."""
+    inv = with_data(host, tmp_path, "loopback", llama_server={"host": "127.0.0.1", "api_key": API_KEY})
+    result = run_deploy(inv)
+    assert result.rc == 0, result.stderr[-4000:]
+    try:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{host.address}:8080/health", timeout=5)
+        proc = run_testinfra(host.address, "-v")
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        for check in ("test_health", "test_chat_completion_streaming", "test_api_key_enforced",
+                      "test_metrics_count_completions"):
+            assert re.search(rf"{check} PASSED", proc.stdout), (check, proc.stdout[-3000:])
+    finally:
+        back = run_deploy(inventory)
+        assert back.rc == 0, back.stderr[-4000:]
+
+
 def test_release_that_crashes_at_start_is_rolled_back_by_the_deploy_itself(host, tmp_path, inventory):
     """A plain ``pyinfra INVENTORY deploy.py`` whose new server exits at start (a flag --help
     accepts, a file that is not there): the gate sees the crash at once (not after its timeout),
@@ -268,7 +307,8 @@ def test_release_that_crashes_at_start_is_rolled_back_by_the_deploy_itself(host,
     out = result.stdout + result.stderr
     assert "the server restarted (it crashed)" in out or "the server is not running (it exited)" in out, out[-3000:]
     assert "last log lines" in out
-    assert f"failed its gate (its log lines are above); rolled back to {old}, which serves now" in out, out[-3000:]
+    assert f"failed its gate; rolled back to {old}, which serves now (the gate's log lines are above)" in out, \
+        out[-3000:]
     assert f"host {host.inventory_entry()[0]}: release " in out
     print(f"failed deploy, rollback included: {took:.1f}s (the gate's timeout: 180s)")
     # serving the old release right after the failed run, with no other deploy

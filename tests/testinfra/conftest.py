@@ -11,6 +11,8 @@ to be repeated on the command line.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import shlex
 
 import httpx
@@ -40,17 +42,75 @@ def api_key(host, manifest) -> str | None:
         return host.file(manifest.api_key_file).content_string.strip()
 
 
+def url_host(address: str) -> str:
+    """An address as it goes into a URL: IPv6 in brackets."""
+    return f"[{address}]" if ":" in address else address
+
+
+@pytest.fixture(scope="module")
+def through_host(manifest, request) -> bool:
+    """A server bound to loopback answers only on its own host: the checks' HTTP goes through it
+    (curl on the host), never to the controller's own loopback."""
+    return request.config.getoption("--llama-url") is None and ipaddress.ip_address(manifest.host).is_loopback
+
+
 @pytest.fixture(scope="module")
 def base_url(host, manifest, request) -> str:
     url = request.config.getoption("--llama-url")
     if url:
         return url.rstrip("/")
     addr = manifest.host if manifest.host not in ("0.0.0.0", "::") else host.backend.hostname
-    return f"http://{addr}:{manifest.port}"
+    return f"http://{url_host(addr)}:{manifest.port}"
+
+
+class ThroughHost(httpx.BaseTransport):
+    """httpx's requests sent by curl on the host (testinfra's own connection to it).
+
+    The real API key never reaches a command line there: a header carrying it is read from the
+    key file on the host (``key_file``), as the deploy's own gate does; the body goes through a
+    temporary file. The response is read whole (a stream arrives at once, complete).
+    """
+
+    def __init__(self, host, key: str | None, key_file: str | None):
+        self.host, self.key, self.key_file = host, key, key_file
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        q = shlex.quote
+        lines = []
+        for name, value in request.headers.items():
+            if name.lower() in ("host", "content-length", "connection", "accept-encoding"):
+                continue
+            if self.key and self.key_file and value == f"Bearer {self.key}":
+                lines.append(f"{{ printf '%s' {q(name + ': Bearer ')}; cat {q(self.key_file)}; }}")
+            else:
+                lines.append(f"printf '%s\\n' {q(f'{name}: {value}')}")
+        raw = request.read()
+        data = "--data-binary @\"$b\" " if raw else ""
+        cmd = (f"b=$(mktemp) && printf '%s' {q(base64.b64encode(raw).decode())} | base64 -d > \"$b\" && "
+               f"{{ {'; '.join(lines) or 'true'}; }} | curl -s -i --max-time 120 -X {q(request.method)} -H 'Expect:' "
+               f"-H @- {data}{q(str(request.url))}; rc=$?; rm -f \"$b\"; exit $rc")
+        with self.host.sudo():
+            out = self.host.run(cmd)
+        if out.rc != 0:
+            raise httpx.ConnectError(f"curl on the host exited {out.rc}: {out.stderr[-300:]}", request=request)
+        head, _, content = out.stdout.replace("\r\n", "\n").partition("\n\n")
+        status, *header_lines = head.split("\n")
+        headers = [tuple(h.split(":", 1)) for h in header_lines if ":" in h]
+        return httpx.Response(int(status.split()[1]), headers=[(k.strip(), v.strip()) for k, v in headers],
+                              content=content.encode(), request=request)
 
 
 @pytest.fixture
-def api(base_url, api_key):
+def http(host, base_url, through_host, api_key, manifest):
+    """A client without the key, to ``base_url``, sent through the host when it serves on loopback."""
+    transport = ThroughHost(host, api_key, manifest.api_key_file) if through_host else None
+    with httpx.Client(base_url=base_url, timeout=120, transport=transport,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        yield client
+
+
+@pytest.fixture
+def api(host, base_url, api_key, through_host, manifest):
     """A client that sends the key when one is configured.
 
     One connection per request: llama-server sometimes closes a kept-alive
@@ -58,8 +118,10 @@ def api(base_url, api_key):
     checks API behaviour, the benchmark counts that effect separately.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    transport = ThroughHost(host, api_key, manifest.api_key_file) if through_host else None
     with httpx.Client(
-        base_url=base_url, headers=headers, timeout=120, limits=httpx.Limits(max_keepalive_connections=0)
+        base_url=base_url, headers=headers, timeout=120, limits=httpx.Limits(max_keepalive_connections=0),
+        transport=transport,
     ) as client:
         yield client
 

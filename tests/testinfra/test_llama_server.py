@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import pytest
 
 CHAT = {"messages": [{"role": "user", "content": "Name one colour."}], "max_tokens": 12, "temperature": 0}
@@ -57,8 +56,8 @@ def test_port_listening(host, manifest):
     assert host.socket(f"tcp://{manifest.host}:{manifest.port}").is_listening
 
 
-def test_health(base_url):
-    r = httpx.get(f"{base_url}/health", timeout=10)
+def test_health(http):
+    r = http.get("/health")
     assert r.status_code == 200, r.text
     assert r.json().get("status") == "ok"
 
@@ -113,14 +112,14 @@ def test_metrics_count_completions(api, manifest):
     assert after >= before + r.json()["usage"]["completion_tokens"]
 
 
-def test_api_key_enforced(base_url, api_key, manifest):
+def test_api_key_enforced(http, api_key, manifest):
     if api_key is None:
-        r = httpx.get(f"{base_url}/v1/models", timeout=10)
+        r = http.get("/v1/models")
         assert r.status_code == 200, "no key configured, yet /v1/models refused"
         return
-    assert httpx.get(f"{base_url}/v1/models", timeout=10).status_code == 401
+    assert http.get("/v1/models").status_code == 401
     wrong = {"Authorization": "Bearer not-the-key-000000"}
-    assert httpx.post(f"{base_url}/v1/chat/completions", json=CHAT, headers=wrong, timeout=10).status_code == 401
+    assert http.post("/v1/chat/completions", json=CHAT, headers=wrong).status_code == 401
 
 
 def test_api_key_never_exposed(host, manifest, api_key):

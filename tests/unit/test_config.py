@@ -145,17 +145,6 @@ def test_pinned_sha256_checked_against_controller_file(tmp_path):
         validate_inventory([host])
 
 
-def test_readme_documents_every_setting():
-    """The README's reference table names every field of the model, with its section."""
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for section, field in HostConfig.model_fields.items():
-        model = field.annotation
-        for name in getattr(model, "model_fields", {}):
-            assert f"| `llama_{section}` | `{name}` |" in readme, f"llama_{section}.{name}"
-
-
 def test_example_site_inventory_is_valid():
     """The shipped example inventory loads with pyinfra's own loader and passes validation.
 

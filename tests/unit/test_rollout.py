@@ -51,3 +51,15 @@ def test_table_has_before_after_and_outcome():
     assert lines[0].split() == ["host", "before", "after", "outcome", "detail"]
     assert lines[2].split()[:4] == ["h2", "b1-aa", "b1-aa", "rolled"] and lines[2].endswith("health HTTP 503")
     assert lines[3].split() == ["h3", "b1-aa", "-", "not", "reached"]
+
+
+def test_the_rollout_reads_the_line_a_deploy_fails_with_after_its_own_rollback():
+    """The fallback's message and the rollout's reader are one contract: tested together."""
+    from llamadeploy.roles.release import fell_back_reason
+    from llamadeploy.rollout import fell_back_hosts
+
+    line = f"    [10.231.1.2] Error: {fell_back_reason('10.231.1.2', 'b11434-new', 'b11434-old')}\n"
+    assert fell_back_hosts(line, ["10.231.1.2", "10.231.1.21"]) == {
+        "10.231.1.2": "release b11434-new failed its gate; rolled back to b11434-old, which serves now "
+                      "(the gate's log lines are above)"}
+    assert fell_back_hosts("    [10.231.1.2] Error: something else\n", ["10.231.1.2"]) == {}

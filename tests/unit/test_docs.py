@@ -1,0 +1,129 @@
+"""The docs: the generated configuration reference matches the schema, every relative link in
+README.md and docs/ points at a file that exists, and README stays a front page."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from llamadeploy import configref
+from llamadeploy.config import HostConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT / configref.REFERENCE
+README = ROOT / "README.md"
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+#: [text](target) outside code; an image's ![alt](target) too
+LINK_RE = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def all_fields() -> list[str]:
+    """``section.field`` for every field of every section; top-level settings by their name."""
+    out = []
+    for name, info in HostConfig.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and hasattr(section, "model_fields"):
+            out += [f"{name}.{field}" for field in section.model_fields]
+        else:
+            out.append(name)
+    return out
+
+
+def test_reference_is_current():
+    assert REFERENCE.is_file(), "docs/configuration-reference.md is missing: run scripts/config-reference"
+    assert REFERENCE.read_text() == configref.reference_markdown(), (
+        "docs/configuration-reference.md differs from llamadeploy/config.py: run scripts/config-reference"
+    )
+
+
+def test_reference_lists_every_field():
+    text = configref.reference_markdown()
+    sections = re.split(r"^## ", text, flags=re.M)
+    by_heading = {part.split("\n", 1)[0].strip(): part for part in sections[1:]}
+    for key in all_fields():
+        if "." in key:
+            section, field = key.split(".")
+            table = by_heading.get(f"llama_{section}")
+            assert table is not None, f"no section llama_{section} in the reference"
+            assert f"| `{field}` |" in table, f"llama_{key} is not in the reference"
+        else:
+            assert f"| `llama_{key}` |" in by_heading["Top-level settings"], f"llama_{key} is not in the reference"
+
+
+def test_every_field_has_a_description():
+    described = configref.documented_fields()
+    assert set(described) == set(all_fields())
+    blank = [k for k, v in described.items() if not v]
+    assert blank == [], f"give these a #: comment above them in llamadeploy/config.py: {blank}"
+
+
+def test_fallback_descriptions_are_still_needed():
+    """A field that gets its ``#:`` comment in config.py leaves configref.UNCOMMENTED."""
+    fields = set(all_fields())
+    assert [k for k in configref.UNCOMMENTED if k not in fields] == [], "UNCOMMENTED names fields that do not exist"
+    stale = sorted(set(configref.UNCOMMENTED) & configref.commented_fields())
+    assert stale == [], f"config.py comments these now; remove them from configref.UNCOMMENTED: {stale}"
+
+
+def test_type_rendering():
+    import ast
+
+    def render(source: str) -> str:
+        return configref._type(ast.parse(source, mode="eval").body)
+
+    assert render("Annotated[int, Field(ge=1, le=65535)] | None") == "int (1–65535) | None"
+    assert render('Literal["git", "tarball"]') == "'git' | 'tarball'"
+    assert render('Annotated[str, Field(pattern=r"^b[0-9]+$")]') == "str (pattern ^b[0-9]+$)"
+    assert render("Annotated[float, Field(gt=0, le=1024)] | None") == "float (>0, ≤1024) | None"
+    assert render("dict[str, CMakeValue]") == "dict[str, CMakeValue]"
+
+
+def _links(path: Path) -> list[str]:
+    text = path.read_text()
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks hold no links
+    text = re.sub(r"`[^`\n]*`", "", text)  # nor do code spans
+    return LINK_RE.findall(text)
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a markdown file's headings (lower case, punctuation dropped,
+    spaces as hyphens, a repeated one numbered)."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+@pytest.mark.parametrize("path", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path: Path):
+    broken = []
+    for target in _links(path):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL (https:, mailto:)
+        file, _, anchor = target.partition("#")
+        dest = path.parent / file if file else path
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(target)
+    assert broken == [], f"{path.relative_to(ROOT)} links to files or headings that do not exist: {broken}"
+
+
+def test_readme_is_a_front_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 260, "README.md is the front page (at most 260 lines): move detail into docs/"
+    # CI (.ci/run) calls ./scripts/test, and the quick start is the README's promise
+    assert "\n./scripts/test\n" in text
+    assert "\n./scripts/quickstart\n" in text
+
+
+def test_readme_links_every_page():
+    linked = {Path(t.split("#", 1)[0]).name for t in _links(README) if t.startswith("docs/")}
+    missing = [p.name for p in PAGES if p.name not in linked]
+    assert missing == [], f"README.md does not link these docs pages: {missing}"
