@@ -9,6 +9,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
+from llamadeploy.manifest import Manifest
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker
 from llamadeploy.roles.health.operations import chat_answers, container_alive, unit_alive, wait_healthy
@@ -36,17 +37,22 @@ def server_probes(cfg: HostConfig) -> tuple[str, str]:
 
 
 @role("Health gate")
-def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], bind: tuple[str, int] | None = None,
+def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release: Manifest | None = None,
                 ignore_errors: bool = False) -> Callable[[], bool]:
     """After a (re)start (one of ``after`` changed): /health 200, then one real chat completion.
 
-    ``bind``: where the server listens when that is not the inventory's host and port (a rollback).
+    ``release``: a reinstated release's manifest (a rollback): its address, port and key file are
+    asked, not the inventory's (a release may have run with a key the inventory no longer has).
     ``ignore_errors``: a failed gate does not stop the host, so that the deploy can reinstate the
     release that served before (``roles/release`` :func:`fell_back`). Returns "the gate failed",
     to be called when the run executes.
     """
     changed = any_changed(*after)
-    addr, port = bind or (cfg.server.host, cfg.server.port)
+    addr, port = (release.host, release.port) if release else (cfg.server.host, cfg.server.port)
+    if release is not None:
+        key_file = release.api_key_file
+    else:
+        key_file = cfg.host_key_file if cfg.server.api_key is not None else None
     alive, logs = server_probes(cfg)
     health = wait_healthy(
         name=f"Wait for {health_url(addr, port)} (200 within {cfg.health.timeout}s)",
@@ -64,7 +70,7 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], bind: t
         alias=alias,
         timeout=cfg.health.timeout,
         unit=cfg.service.name,
-        key_file=cfg.host_key_file if cfg.server.api_key is not None else None,
+        key_file=key_file,
         _if=[changed, lambda: health.did_succeed()],
         _ignore_errors=ignore_errors,
     )

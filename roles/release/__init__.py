@@ -210,8 +210,8 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
     models = [*models, *_files_reinstated(cfg, target, entry, list(when))]
     switch = _docker_switched if m.mode == "docker" else _native_switched
     restarted = switch(cfg, target, entry, models, list(when))
-    # the gate asks the address the reinstated release listens on, which may not be the inventory's
-    failed = health_gate(cfg, m.alias, after=[restarted], bind=(m.host, m.port), ignore_errors=ignore_errors)
+    # the gate asks the address the reinstated release listens on, with its key: not the inventory's
+    failed = health_gate(cfg, m.alias, after=[restarted], release=m, ignore_errors=ignore_errors)
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),
                      release_id=target.id, sources={}, _if=[*when, lambda: not failed()])
     return failed

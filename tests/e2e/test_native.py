@@ -282,11 +282,11 @@ def test_testinfra_suite_checks_a_loopback_server_through_the_host(host, tmp_pat
     try:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://{host.address}:8080/health", timeout=5)
-        proc = run_testinfra(host.address, "-v")
+        proc = run_testinfra(host.address, "-rA")  # -rA: one "PASSED <test>" line per test in the summary
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         for check in ("test_health", "test_chat_completion_streaming", "test_api_key_enforced",
                       "test_metrics_count_completions"):
-            assert re.search(rf"{check} PASSED", proc.stdout), (check, proc.stdout[-3000:])
+            assert re.search(rf"^PASSED \S+::{check}\[", proc.stdout, re.M), (check, proc.stdout[-3000:])
     finally:
         back = run_deploy(inventory)
         assert back.rc == 0, back.stderr[-4000:]
