@@ -62,10 +62,12 @@ its own kept-alive connection, as an SDK client does; nothing is retried.
 
 RSS samples (s, MiB): {", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in rss)}
 
-A keep-alive drop is a request that failed with `RemoteProtocolError` because llama-server closed a
+A keep-alive drop is a request that got no response at all because llama-server closed a
 connection it had advertised as kept alive, right after a streamed reply; the request never
-reached the server. They are counted here and never retried; the HAProxy front (roadmap) is
-where they go away for clients.
+reached the server. They are counted here and never retried; behind the HAProxy front door
+(docs/front-and-monitor.md), 500 requests of the OpenAI client over kept-alive connections see
+no error (tests/e2e/test_front.py). Failed requests are every other kind of error: connect
+failures, mid-stream aborts, streams without `[DONE]` or a `finish_reason`, HTTP errors.
 """
     (OUT / "SOAK.md").write_text(text)
     print(text)

@@ -4,8 +4,12 @@ Reports, per concurrency level: aggregate completion tok/s, TTFT p50/p95 and
 errors by kind. Every request asks for exactly ``max_tokens`` tokens
 (``ignore_eos``) so that two servers are compared on equal work.
 
-Errors are counted, never retried: a server that drops a kept-alive connection
-(``RemoteProtocolError``) shows up here.
+Errors are counted, never retried, by what the user saw: the connection could not be made; the
+server closed a kept-alive connection before answering (a keep-alive drop: the request never
+reached it); the stream broke off after it began (a mid-stream abort); the stream ended without
+``data: [DONE]`` or without a ``finish_reason`` (a truncated reply that looked complete to the
+transport); an HTTP status; a timeout. Only a stream with a ``finish_reason`` and ``[DONE]`` is a
+success.
 
     python -m llamadeploy.bench --url http://HOST:8080 --clients 1,4,8 [--json]
     python -m llamadeploy.bench --inventory inventory/site.py     # every deployed host
@@ -111,27 +115,66 @@ async def _one(client: httpx.AsyncClient, model: str, n: int, max_tokens: int, p
     }
     sample = Sample()
     start = time.perf_counter()
+    answered = False  # the response's status line arrived
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            answered = True
             if r.status_code != 200:
                 sample.error = f"HTTP {r.status_code}"
                 return sample
-            chunks = 0
+            chunks, done, finished = 0, False, False
             async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = json.loads(line[6:])
                 if data.get("usage"):
                     sample.tokens = data["usage"]["completion_tokens"]
                 for choice in data.get("choices") or []:
+                    finished = finished or bool(choice.get("finish_reason"))
                     if (choice.get("delta") or {}).get("content"):
                         chunks += 1
                         if sample.ttft is None:
                             sample.ttft = time.perf_counter() - start
             sample.tokens = sample.tokens or chunks
+            sample.error = stream_error(done, finished)
     except httpx.HTTPError as exc:
-        sample.error = type(exc).__name__
+        sample.error = error_kind(exc, answered)
     return sample
+
+
+#: what the user saw, by kind (the keys of ``errors``/``failures``)
+CONNECT_FAILURE = "connect failure"
+#: llama-server closed a kept-alive connection after a stream, and the next request on it got no
+#: response at all (it never reached the server): counted apart from failed requests, never retried
+KEEPALIVE_DROP = "keep-alive drop (no response)"
+MID_STREAM_ABORT = "mid-stream abort"
+NO_DONE = "stream ended without [DONE]"
+NO_FINISH_REASON = "stream ended without finish_reason"
+
+
+def stream_error(done: bool, finished: bool) -> str | None:
+    """A stream the transport finished cleanly is a success only with ``[DONE]`` and a
+    ``finish_reason`` (pure)."""
+    if not done:
+        return NO_DONE
+    if not finished:
+        return NO_FINISH_REASON
+    return None
+
+
+def error_kind(exc: httpx.HTTPError, answered: bool) -> str:
+    """The kind of a transport error (pure): ``answered``: the status line had arrived."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return CONNECT_FAILURE
+    if isinstance(exc, httpx.TimeoutException):
+        return type(exc).__name__
+    if answered:
+        return MID_STREAM_ABORT
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return KEEPALIVE_DROP
+    return type(exc).__name__
 
 
 async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int,
@@ -159,10 +202,6 @@ async def run_level(url: str, model: str, clients: int, per_client: int, max_tok
     )
 
 
-#: what httpx raises when llama-server closed a kept-alive connection after a stream (the request
-#: never reached it): a keep-alive drop, counted apart from failed requests and never retried
-KEEPALIVE_DROP = "RemoteProtocolError"
-
 
 @dataclass
 class SoakResult:
@@ -172,7 +211,8 @@ class SoakResult:
     requests: int
     ok: int
     keepalive_drops: int
-    #: every other error, by kind (HTTP status, timeouts, ...): a soak passes with none
+    #: every other error, by kind (connect failures, mid-stream aborts, truncated streams, HTTP
+    #: status, timeouts): a soak passes with none
     failures: dict[str, int]
     tokens: int
     tok_per_s: float

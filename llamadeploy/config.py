@@ -517,12 +517,24 @@ class FrontConfig(Section):
     redirect_http: bool = False
     #: HAProxy's Prometheus exporter (and nothing else) on this port
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = 8405
+    #: the exporter's address; default: the front's fleet address (``llama_transfer.address``,
+    #: else its inventory address), not every address
+    metrics_bind: BindAddress | None = None
+    #: who reaches the exporter besides the inventory's monitor hosts and the front itself
+    #: (nftables); ``["0.0.0.0/0", "::/0"]`` opens it to every address, on purpose
+    metrics_allow_from: list[IPvAnyNetwork] = []
 
 
 class MonitorConfig(Section):
     """The monitor (hosts with ``llama_role = "monitor"``): Prometheus from the distribution."""
 
     port: Annotated[int, Field(ge=1, le=65535)] = 9090
+    #: Prometheus's address; default: the monitor's fleet address (``llama_transfer.address``,
+    #: else its inventory address), not every address
+    bind: BindAddress | None = None
+    #: who reaches Prometheus (its API and UI: a Grafana, the operators' network) besides the
+    #: monitor itself (nftables); ``["0.0.0.0/0", "::/0"]`` opens it to every address, on purpose
+    allow_from: list[IPvAnyNetwork] = []
     scrape_interval: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "15s"
     retention: Annotated[str, Field(pattern=r"^[0-9]+[hdwy]$")] = "15d"
 

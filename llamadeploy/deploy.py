@@ -87,10 +87,10 @@ def _server(cfg: HostConfig) -> None:
     # 6. The service, restarted only when an input changed; the other mode's server is
     #    stopped first so the port is never held twice.
     rpc.workers_ready(cfg)  # an RPC head: its workers in this run came up (their steps ran above)
-    firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
+    fence = firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
     if cfg.mode == "native":
         docker.stop_compose(cfg)
-        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops],
+        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops, *fence],
                                                   restart_if=rpc.head_must_restart(cfg), gpus=gpus)
     else:
         docker.stop_native(cfg)

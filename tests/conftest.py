@@ -106,9 +106,9 @@ def testhosts():
     booted: list[SandboxHost] = []
 
     def boot(name: str, index: int, **kw) -> SandboxHost:
-        from llamadeploy.sandbox.inventory import SHARED_BINDS
+        from llamadeploy.sandbox.inventory import SHARED_BINDS, SHARED_OVERLAYS
 
-        host = SandboxHost(name, index, binds=dict(SHARED_BINDS), **kw)
+        host = SandboxHost(name, index, binds=dict(SHARED_BINDS), overlays=dict(SHARED_OVERLAYS), **kw)
         booted.append(host)
         return host.boot()
 

@@ -18,6 +18,7 @@ Layout on disk (``LLAMACTL_CACHE``, default ``/var/cache/llamactl-ci``):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -26,6 +27,8 @@ import signal
 import socket
 import subprocess
 import time
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +41,17 @@ SSH_KEY = CACHE / "ssh" / "id_ed25519"
 STATE = CACHE / "running.json"
 #: private range used only for these hosts: host N gets 10.231.N.0/30
 NET_PREFIX = "10.231"
-#: hosts on a shared LAN (``lan=``) get 10.232.0.N/24 on the bridge ``vz-<lan>``: traffic between
-#: them is bridged, and only what this machine itself sends leaves through the bridge device
-LAN_PREFIX = "10.232.0"
+#: hosts on a shared LAN (``lan=``) get 10.232.L.N/24 on the bridge ``vz-<lan>``: traffic between
+#: them is bridged, and only what this machine itself sends leaves through the bridge device. L
+#: follows from the LAN's name, so that two LANs up at once (test modules run in parallel) never
+#: share a subnet
+LAN_PREFIX = "10.232"
+
+
+def lan_prefix(lan: str) -> str:
+    """The first three octets of ``lan``'s /24: ``10.232.L`` with L in 1..250 from its name."""
+    return f"{LAN_PREFIX}.{zlib.crc32(lan.encode()) % 250 + 1}"
+
 BASE_PACKAGES = (
     "systemd,systemd-sysv,dbus,openssh-server,iproute2,curl,ca-certificates,sudo,procps,python3"
 )
@@ -99,11 +110,30 @@ def _load_state() -> dict:
         return {}
 
 
-def _save_state(state: dict) -> None:
+@contextlib.contextmanager
+def _state() -> Iterator[dict]:
+    """The state file, read, changed by the caller and written back under an exclusive lock:
+    test modules boot and stop hosts from several processes at once (pytest-xdist workers)."""
     STATE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = STATE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(STATE)
+    with open(STATE.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = _load_state()
+        yield state
+        tmp = STATE.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(STATE)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -115,6 +145,9 @@ class SandboxHost:
     docker: bool = False
     pid: int | None = None
     binds: dict[str, str] = field(default_factory=dict)
+    #: shared directory -> where the host sees it, with a layer of its own on top (overlayfs):
+    #: hosts never share its locks (apt's archive lock), and what they add is merged back on stop
+    overlays: dict[str, str] = field(default_factory=dict)
     #: a zone name: the host joins the bridge ``vz-<lan>`` with the other hosts of that LAN, as
     #: servers in one rack do (systemd-nspawn ``--network-zone``), instead of a link of its own
     lan: str | None = None
@@ -125,11 +158,11 @@ class SandboxHost:
 
     @property
     def address(self) -> str:
-        return f"{LAN_PREFIX}.{self.index}" if self.lan else f"{NET_PREFIX}.{self.index}.2"
+        return f"{lan_prefix(self.lan)}.{self.index}" if self.lan else f"{NET_PREFIX}.{self.index}.2"
 
     @property
     def gateway(self) -> str:
-        return f"{LAN_PREFIX}.1" if self.lan else f"{NET_PREFIX}.{self.index}.1"
+        return f"{lan_prefix(self.lan)}.1" if self.lan else f"{NET_PREFIX}.{self.index}.1"
 
     @property
     def network(self) -> str:
@@ -203,6 +236,11 @@ class SandboxHost:
         for src, dst in self.binds.items():
             Path(src).mkdir(parents=True, exist_ok=True)
             cmd.append(f"--bind={src}:{dst}")
+        for shared, dst in self.overlays.items():  # shared below, the host's own layer on top
+            Path(shared).mkdir(parents=True, exist_ok=True)
+            upper = _upper(self.name, shared)
+            upper.mkdir(parents=True, exist_ok=True)
+            cmd.append(f"--overlay={shared}:{upper}:{dst}")
         if self.cpus:
             cmd.append(f"--cpu-affinity={self.cpus}")
         if self.docker:
@@ -214,10 +252,10 @@ class SandboxHost:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.pid = proc.pid
-        state = _load_state()
-        state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network, "index": self.index,
-                            "lan": self.lan}
-        _save_state(state)
+        with _state() as state:
+            # owner: the process that booted it; reap() leaves hosts alone whose owner still runs
+            state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network, "index": self.index,
+                                "lan": self.lan, "owner": os.getpid(), "overlays": self.overlays}
         try:
             self._wire_network(proc, timeout)
             self.wait_ssh(timeout)
@@ -377,15 +415,39 @@ def _stop(name: str, pid: int | None, veth: str, network: str, lan: str | None =
     for table, chain, *match in host._nat_rules():
         while _run("iptables", *table, "-D", chain, *match, check=False).returncode == 0:
             pass
-    state = _load_state()
-    state.pop(name, None)
-    _save_state(state)
+    with _state() as state:
+        info = state.pop(name, {})
+    _merge_back(name, info.get("overlays") or {})
 
 
-def reap(name: str | None = None) -> None:
-    """Stop hosts left behind by an earlier, crashed run (all, or one by name)."""
+def _merge_back(name: str, overlays: dict[str, str]) -> None:
+    """What a host added to a shared directory it saw through an overlay (apt's downloaded
+    .debs) goes into the shared one, each file by rename, so that later hosts find it."""
+    for shared in overlays:
+        upper = _upper(name, shared)
+        if not upper.is_dir():
+            continue
+        for f in upper.iterdir():
+            dest = Path(shared) / f.name
+            if f.is_file() and f.suffix == ".deb" and not dest.exists():
+                tmp = dest.with_name(f".{f.name}.{os.getpid()}")
+                shutil.copyfile(f, tmp)
+                tmp.replace(dest)
+    shutil.rmtree(HOSTS_DIR / f"{name}.overlays", ignore_errors=True)
+
+
+def _upper(name: str, shared: str) -> Path:
+    """The host's own writable layer over ``shared``."""
+    return HOSTS_DIR / f"{name}.overlays" / shared.strip("/").replace("/", "_") / "upper"
+
+
+def reap(name: str | None = None, everything: bool = False) -> None:
+    """Stop hosts left behind: one by name; else those whose owner (the process that booted
+    them) is gone, and this process's own; with ``everything``, every host. Hosts of another
+    running process (a parallel test worker) are left alone."""
     for n, info in list(_load_state().items()):
-        if name is None or n == name:
+        mine = info.get("owner") == os.getpid() or not _alive(info.get("owner"))
+        if n == name or (name is None and (everything or mine)):
             _stop(n, info.get("pid"), info["veth"], info["network"], info.get("lan"), info.get("index"))
             shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)
 

@@ -11,6 +11,10 @@ from llamadeploy.sandbox.host import CACHE, SandboxHost
 #: binds every test host gets: shared compiler cache and .deb cache
 SHARED_BINDS = {
     str(CACHE / "ccache"): "/var/cache/llama.cpp/ccache",
+}
+#: seen through a layer of the host's own (overlayfs): apt's lock in its archive is per host, so
+#: hosts run apt at the same time; the .debs they download are merged back when they stop
+SHARED_OVERLAYS = {
     str(CACHE / "apt-archives"): "/var/cache/apt/archives",
 }
 

@@ -5,21 +5,89 @@ table (``inet llamadeploy_<unit>``, template ``templates/firewall/llama-server.n
 and loads it. The unit loads the same file before every start (``ExecStartPre=+nft -f``),
 so after a reboot the port never opens before its rules. Other tables (the operator's
 own firewall, Docker's) are never touched; without ``allow_from`` our table and file go.
+
+A fence lives in the kernel's ruleset, which anybody may flush (``nft flush ruleset``, and
+Debian's ``/etc/nftables.conf`` begins with one). So every fence (this one, an RPC worker's)
+is also kept (:func:`kept`): a drop-in makes the host's ``nftables.service`` load it after its
+own file, and a guard unit (``<unit>-fence.service``, which the fenced unit is bound to with
+``BindsTo=``) loads it again whenever it goes, or stops the fenced service when it cannot.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Callable
 from io import StringIO
+
+from pyinfra import host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall.operations import table_loaded, table_removed
+from llamadeploy.tuning import systemd_quote
 
 TEMPLATE = "firewall/llama-server.nft.j2"
+GUARD_TEMPLATE = "firewall/nft-fence-guard.service.j2"
+DROPIN_TEMPLATE = "firewall/nftables-dropin.conf.j2"
+BOUND_TEMPLATE = "firewall/bound-to-fence.conf.j2"
+#: the host's nftables service's drop-ins: ours are named after the table
+NFTABLES_DROPINS = "/etc/systemd/system/nftables.service.d"
+
+
+def guard_unit(unit: str) -> str:
+    """The guard of ``unit``'s fence: ``llama-server`` -> ``llama-server-fence.service``."""
+    return f"{unit}-fence.service"
+
+
+def guard_paths(unit: str, table: str) -> tuple[str, str]:
+    """Where the guard unit and the nftables drop-in of a fence live."""
+    return f"/etc/systemd/system/{guard_unit(unit)}", f"{NFTABLES_DROPINS}/{table}.conf"
+
+
+def keeper_texts(unit: str, table: str, rules: str) -> tuple[str, str]:
+    """The guard unit and the nftables drop-in that keep a fence loaded (pure)."""
+    args = dict(unit_name=unit, table=table, table_arg=systemd_quote(table), rules_arg=systemd_quote(rules))
+    return render(GUARD_TEMPLATE, **args), render(DROPIN_TEMPLATE, **args)
+
+
+def kept(unit: str, table: str, rules: str, when: list[Callable[[], bool]] | None = None) -> list[OperationMeta]:
+    """The fence of ``unit`` survives a flushed ruleset and a restarted ``nftables.service``.
+
+    Returns the operations that write the guard and drop-in: a change restarts the fenced
+    unit (its guard is ``PartOf=`` it, so it restarts too), which its caller does. ``when``: run
+    only if these hold at execution (a rollback's, a fallback's condition).
+    """
+    when = when or []
+    guard_text, dropin_text = keeper_texts(unit, table, rules)
+    guard_path, dropin_path = guard_paths(unit, table)
+    guard = atomic.put(name=f"Fence guard of {unit} (loads the fence again when it goes)", src=StringIO(guard_text),
+                       dest=guard_path, mode="644", _if=when)
+    files.directory(name="nftables service drop-in directory", path=NFTABLES_DROPINS, mode="755", _if=when)
+    dropin = atomic.put(name=f"Fence of {unit} loaded by the host's nftables service", src=StringIO(dropin_text),
+                        dest=dropin_path, mode="644", _if=when)
+    systemd.daemon_reload(name="Reload systemd", _if=[*when, any_changed(guard, dropin)])
+    return [guard, dropin]
+
+
+def keepers_removed(unit: str, table: str) -> None:
+    """The guard and drop-in of a fence that is no longer wanted: stopped first, so that the
+    guard cannot load the table again after it is deleted."""
+    guard_path, dropin_path = guard_paths(unit, table)
+    if host.get_fact(File, path=guard_path):
+        server.shell(name=f"Fence guard of {unit} stopped",
+                     commands=[f"systemctl stop {guard_unit(unit)}"])
+    gone = [files.file(name=f"Fence guard of {unit} removed", path=guard_path, present=False),
+            files.file(name=f"nftables drop-in of {unit} removed", path=dropin_path, present=False)]
+    server.shell(name="nftables drop-in directory removed when empty",
+                 commands=[f"rmdir {NFTABLES_DROPINS} 2>/dev/null || true"], _if=any_changed(*gone))
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(*gone))
 
 
 def table_name(cfg: HostConfig) -> str:
@@ -33,27 +101,54 @@ def rules_path(cfg: HostConfig) -> str:
 
 def rules(cfg: HostConfig) -> tuple[str, str]:
     """The rules file and the digest it tags the table with (pure)."""
-    nets = [ipaddress.ip_network(n, strict=False) for n in cfg.server.allow_from or []]
-    v4 = sorted(str(n) for n in nets if n.version == 4)
-    v6 = sorted(str(n) for n in nets if n.version == 6)
-    port = cfg.server.port
-    digest = "llamadeploy " + hashlib.sha256(repr((table_name(cfg), port, v4, v6)).encode()).hexdigest()[:16]
-    text = render(TEMPLATE, table=table_name(cfg), unit_name=cfg.service.name, port=port, v4=v4, v6=v6,
-                  digest=digest)
-    return text, digest
+    return fence_rules(table_name(cfg), cfg.service.name, cfg.server.port,
+                       [str(n) for n in cfg.server.allow_from or []])
+
+
+def fence_rules(table: str, unit: str, port: int, networks: list[str]) -> tuple[str, str]:
+    """Only ``networks`` (and the host itself) reach TCP ``port``: the rules file and the digest
+    it tags the table with (pure)."""
+    nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+    v4 = sorted({str(n) for n in nets if n.version == 4})
+    v6 = sorted({str(n) for n in nets if n.version == 6})
+    digest = "llamadeploy " + hashlib.sha256(repr((table, port, v4, v6)).encode()).hexdigest()[:16]
+    return render(TEMPLATE, table=table, unit_name=unit, port=port, v4=v4, v6=v6, digest=digest), digest
+
+
+@role("Fence")
+def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, networks: list[str]) -> None:
+    """A distribution's service (HAProxy's exporter, Prometheus) reached only by ``networks`` and
+    the host itself: our table, kept loaded (:func:`kept`), and a drop-in that binds ``unit`` to
+    the fence's guard and loads the rules before every start, as our own units do."""
+    packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
+                       no_recommends=True)
+    text, digest = fence_rules(table, unit, port, networks)
+    atomic.put(name=f"nftables rules for {unit}'s port {port}", src=StringIO(text), dest=rules, mode="600")
+    table_loaded(name=f"nftables rules for {unit}'s port loaded", path=rules, table=table, digest=digest)
+    kept(unit, table, rules)
+    dropins = f"/etc/systemd/system/{unit}.service.d"
+    files.directory(name=f"{unit} drop-in directory", path=dropins, mode="755")
+    bound = atomic.put(name=f"{unit} bound to its fence", dest=f"{dropins}/llamadeploy-fence.conf", mode="644",
+                       src=StringIO(render(BOUND_TEMPLATE, unit_name=unit, guard=guard_unit(unit),
+                                           rules_arg=systemd_quote(rules))))
+    systemd.daemon_reload(name="Reload systemd", _if=bound.did_change)
+    # bound while running (BindsTo= holds once systemd re-read the drop-in): the guard runs now
+    systemd.service(name=f"Fence guard of {unit} running", service=guard_unit(unit), running=True)
 
 
 @role("Firewall")
-def firewall(cfg: HostConfig) -> None:
-    """Rules in place and loaded when ``allow_from`` is set (before the unit that loads them)."""
+def firewall(cfg: HostConfig) -> list[OperationMeta]:
+    """Rules in place and loaded when ``allow_from`` is set (before the unit that loads them);
+    returns the operations whose change restarts the server (its fence's guard and drop-in)."""
     path = rules_path(cfg)
     if cfg.server.allow_from is None:
-        return
+        return []
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = rules(cfg)
     atomic.put(name="nftables rules for the port", src=StringIO(text), dest=path, mode="600")
     table_loaded(name="nftables rules loaded", path=path, table=table_name(cfg), digest=digest)
+    return kept(cfg.service.name, table_name(cfg), path)
 
 
 @role("Firewall removed")
@@ -64,4 +159,5 @@ def firewall_off(cfg: HostConfig) -> None:
     start after a rollback; uninstall removes it with the config directory.
     """
     if cfg.server.allow_from is None:
+        keepers_removed(cfg.service.name, table_name(cfg))
         table_removed(name="No nftables table for the port", table=table_name(cfg))

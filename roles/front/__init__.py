@@ -29,7 +29,9 @@ from llamadeploy.hostdata import validate_inventory
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
+from llamadeploy.roles.firewall import port_fenced
 from llamadeploy.roles.front.operations import server_state, serving
+from llamadeploy.roles.transfer import peer_address
 from llamadeploy.tuning import DEFAULT_PARALLEL
 
 TEMPLATE = "front/haproxy.cfg.j2"
@@ -37,6 +39,9 @@ CONFIG = "/etc/haproxy/haproxy.cfg"
 PEM = "/etc/haproxy/llamadeploy.pem"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 BACKEND = "llama_servers"
+#: the exporter's fence (roles/firewall): table and rules file
+EXPORTER_TABLE = "llamadeploy_haproxy_exporter"
+EXPORTER_RULES = "/etc/haproxy/llamadeploy-exporter.nft"
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,8 @@ def slots_of(h: Host, cfg: HostConfig) -> int:
     return cfg.server.parallel or DEFAULT_PARALLEL
 
 
-def haproxy_config(cfg: HostConfig, backends: list[Backend]) -> str:
-    """The rendered haproxy.cfg (pure)."""
+def haproxy_config(cfg: HostConfig, backends: list[Backend], metrics_bind: str) -> str:
+    """The rendered haproxy.cfg (pure); ``metrics_bind``: the exporter's address."""
     f = cfg.front
     key = f"hdr({f.affinity_header})" if f.affinity_header else "hdr(Authorization)"
     return render(
@@ -85,8 +90,19 @@ def haproxy_config(cfg: HostConfig, backends: list[Backend]) -> str:
         pem_path=PEM, redirect_http=f.redirect_http, balance=f.balance, hash_key=key,
         hash_balance_factor=f.hash_balance_factor, check_interval=f.check_interval,
         timeout_server=f.timeout_server, timeout_queue=f.timeout_queue, metrics_port=f.metrics_port,
-        admin_socket=ADMIN_SOCKET,
+        metrics_bind=metrics_bind, admin_socket=ADMIN_SOCKET,
     )
+
+
+def monitor_addresses(inventory) -> list[str]:
+    """The fleet addresses of the inventory's monitor hosts (what the exporter's fence admits)."""
+    configs = validate_inventory(inventory)
+    return [peer_address(configs[h.name], h) for h in inventory if configs[h.name].role == "monitor"]
+
+
+def exporter_networks(cfg: HostConfig, monitors: list[str]) -> list[str]:
+    """Who reaches the front's exporter: the monitors and ``metrics_allow_from`` (pure)."""
+    return [*(f"{a}/{32 if ':' not in a else 128}" for a in monitors), *(str(n) for n in cfg.front.metrics_allow_from)]
 
 
 @role("Front door (HAProxy)")
@@ -101,7 +117,12 @@ def front_door(cfg: HostConfig) -> Callable[[], bool]:
                          dest=PEM, mode="600", secret=True)
     else:
         pem = files.file(name="No TLS certificate", path=PEM, present=False)
-    conf = atomic.put(name="haproxy.cfg (checked with haproxy -c)", src=StringIO(haproxy_config(cfg, backends)),
+    # the exporter: on the fleet address, fenced to the monitors (and metrics_allow_from)
+    port_fenced(cfg, "haproxy", EXPORTER_TABLE, EXPORTER_RULES, cfg.front.metrics_port,
+                exporter_networks(cfg, monitor_addresses(host.inventory)))
+    metrics_bind = str(cfg.front.metrics_bind) if cfg.front.metrics_bind else peer_address(cfg, host)
+    conf = atomic.put(name="haproxy.cfg (checked with haproxy -c)",
+                      src=StringIO(haproxy_config(cfg, backends, metrics_bind)),
                       dest=CONFIG, mode="644", check="haproxy -c -q -f {path}")
     started = systemd.service(name="HAProxy enabled and running", service="haproxy.service", running=True,
                               enabled=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from io import StringIO
 
+from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.operations import files, systemd
 
@@ -21,13 +22,18 @@ from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
+from llamadeploy.roles.firewall import port_fenced
 from llamadeploy.roles.front import address
+from llamadeploy.roles.transfer import peer_address
 
 ETC = "/etc/prometheus"
 SERVERS = f"{ETC}/llamadeploy-servers.json"
 FRONTS = f"{ETC}/llamadeploy-fronts.json"
 RULES = f"{ETC}/llamadeploy-rules.yml"
 KEY = f"{ETC}/llama-api-key"
+#: Prometheus's fence (roles/firewall): table and rules file
+TABLE = "llamadeploy_prometheus"
+FENCE_RULES = f"{ETC}/llamadeploy-fence.nft"
 
 
 def targets(inventory) -> tuple[list[dict], list[dict], str | None]:
@@ -52,12 +58,12 @@ def targets(inventory) -> tuple[list[dict], list[dict], str | None]:
 
 @role("Monitor (Prometheus)")
 def monitor(cfg: HostConfig) -> None:
-    from pyinfra import host
-
     servers, fronts, key = targets(host.inventory)
     m = cfg.monitor
     packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
+    bind = str(m.bind) if m.bind else peer_address(cfg, host)
+    listen = f"[{bind}]:{m.port}" if ":" in bind else f"{bind}:{m.port}"
     if key is not None:
         key_op = atomic.put(name="API key for scraping (0600, prometheus)", src=StringIO(key + "\n"), dest=KEY,
                             user="prometheus", group="prometheus", mode="600", secret=True)
@@ -73,13 +79,15 @@ def monitor(cfg: HostConfig) -> None:
     conf = atomic.put(
         name="prometheus.yml (promtool check config)",
         src=StringIO(render("monitor/prometheus.yml.j2", scrape_interval=m.scrape_interval, rules_file=RULES,
-                            key_file=KEY if key else None, servers_file=SERVERS, fronts_file=FRONTS, port=m.port)),
+                            key_file=KEY if key else None, servers_file=SERVERS, fronts_file=FRONTS, listen=listen)),
         dest=f"{ETC}/prometheus.yml", mode="644",
         # promtool resolves rule_files relative to the checked file: check the staged copy in place
         check="promtool check config --syntax-only {path} >/dev/null",
     )
+    # on the fleet address, fenced to allow_from: nothing open by default
+    port_fenced(cfg, "prometheus", TABLE, FENCE_RULES, m.port, [str(n) for n in m.allow_from])
     args = atomic.put(name="Prometheus listen address and retention (/etc/default/prometheus)",
-                      src=StringIO(f'ARGS="--web.listen-address=:{m.port} --storage.tsdb.retention.time={m.retention}"\n'),
+                      src=StringIO(f'ARGS="--web.listen-address={listen} --storage.tsdb.retention.time={m.retention}"\n'),
                       dest="/etc/default/prometheus", mode="644")
     started = systemd.service(name="Prometheus enabled and running", service="prometheus.service", running=True,
                               enabled=True)

@@ -31,7 +31,7 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import check_image_flags, compose_down, image_tagged
-from llamadeploy.roles.firewall import rules_path
+from llamadeploy.roles.firewall import kept, rules_path, table_name
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.model import kept_dir
 from llamadeploy.roles.model.operations import kept_path, restored
@@ -230,6 +230,8 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
     if m.mode == "native" and host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
         ops.append(copied(name="Firewall rules of the release", src=f"{entry}/{RULES_FILE}", dest=rules_path(cfg),
                           mode="600", _if=when))
+        # its unit is bound to the fence's guard (BindsTo=): a later deploy without allow_from removed it
+        ops.extend(kept(cfg.service.name, table_name(cfg), rules_path(cfg), when=when))
     return ops
 
 

@@ -25,8 +25,9 @@ from pyinfra.api import DeployError
 from pyinfra.api.host import Host
 from pyinfra.api.inventory import Inventory
 from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File
 from pyinfra.facts.systemd import SystemdStatus
-from pyinfra.operations import systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from llamadeploy import atomic, packages
@@ -35,7 +36,8 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall.operations import table_loaded
+from llamadeploy.roles.firewall import guard_unit, keepers_removed, kept
+from llamadeploy.roles.firewall.operations import table_loaded, table_removed
 from llamadeploy.roles.preflight.facts import HostMemory
 from llamadeploy.roles.rpc.facts import RpcConnected, RpcReachable
 from llamadeploy.roles.rpc.operations import listening, workers_checked
@@ -199,6 +201,7 @@ def unit_text(cfg: HostConfig, h: Host, heads: list[str], nthreads: int) -> str:
     return render(TEMPLATE, release_key=cfg.build.release_key(), heads=heads, endpoint=endpoint(cfg, h),
                   firewall=f"{cfg.service.config_dir}/rpc-worker.nft",
                   exec_start=" ".join(systemd_quote(a) for a in args), unit_name=UNIT, cache=cfg.rpc.cache,
+                  fence_guard=guard_unit(UNIT),
                   limits=unit_limits(cfg))
 
 
@@ -217,10 +220,24 @@ def group_step(cfg: HostConfig, runtime: list) -> None:
     worker = cfg.role == "rpc_worker"
     if worker:
         _worker(cfg, runtime)
+    else:
+        worker_removed(name="RPC worker")
     ready = listening(name="RPC workers listen (a no-op on other hosts)",
                       address=worker_address(cfg, host) if worker else None, port=cfg.rpc.port)
     if worker:
         _WORKER_READY.setdefault(host.inventory, {})[host.name] = ready
+
+
+def worker_removed(name: str) -> None:
+    """A host that is no RPC worker (any more: its ``llama_role`` changed) runs none: the unit,
+    its fence and the fence's keepers go. Nothing to do on a host that never was one."""
+    unit = f"/etc/systemd/system/{UNIT}.service"
+    if host.get_fact(File, path=unit):
+        server.shell(name=f"{name} stopped and disabled", commands=[f"systemctl disable --now {UNIT}.service"])
+    gone = files.file(name=f"{name} unit removed", path=unit, present=False)
+    systemd.daemon_reload(name="Reload systemd", _if=gone.did_change)
+    keepers_removed(UNIT, TABLE)
+    table_removed(name=f"{name} fence removed", table=TABLE)
 
 
 def _worker(cfg: HostConfig, runtime: list) -> None:
@@ -235,6 +252,7 @@ def _worker(cfg: HostConfig, runtime: list) -> None:
     text, digest = fence(cfg, head_addresses)
     atomic.put(name="RPC fence rules", src=StringIO(text), dest=rules, mode="600")
     table_loaded(name="RPC fence loaded (only the head reaches the port)", path=rules, table=TABLE, digest=digest)
+    kept_ops = kept(UNIT, TABLE, rules)
     switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
     unit = atomic.put(name="ggml-rpc-server unit", src=StringIO(unit_text(
         cfg, host, [h.name for h in heads], threads(cfg, host.get_fact(CpuTopology)))),
@@ -243,6 +261,6 @@ def _worker(cfg: HostConfig, runtime: list) -> None:
     started = systemd.service(name="ggml-rpc-server enabled and running", service=f"{UNIT}.service", running=True,
                               enabled=True)
     restarted = systemd.service(name="Restart for a changed release or unit", service=f"{UNIT}.service",
-                                restarted=True, _if=[any_changed(unit, switched, *runtime),
+                                restarted=True, _if=[any_changed(unit, switched, *kept_ops, *runtime),
                                                      lambda: not started.did_change()])
     _WORKER_STARTS.setdefault(host.inventory, {})[host.name] = [started, restarted]

@@ -24,7 +24,7 @@ from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import gpu as gpu_role
-from llamadeploy.roles.firewall import rules_path
+from llamadeploy.roles.firewall import guard_unit, rules_path
 from llamadeploy.roles.gpu import FitPin, GpuHost
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.service.facts import StartedBefore
@@ -58,6 +58,7 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
         read_only_paths=[svc.prefix, svc.data_dir, svc.config_dir],
         numa="--numa" in args,
         firewall=rules_path(cfg) if cfg.server.allow_from is not None else None,
+        fence_guard=guard_unit(svc.name) if cfg.server.allow_from is not None else None,
     )
 
 

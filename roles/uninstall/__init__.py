@@ -26,7 +26,7 @@ from llamadeploy.roles import ownership
 from llamadeploy.roles.docker import compose_command
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
-from llamadeploy.roles.firewall import table_name
+from llamadeploy.roles.firewall import keepers_removed, table_name
 from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.ownership.facts import OwnershipRecords
 from llamadeploy.roles.preflight import is_ours
@@ -34,6 +34,7 @@ from llamadeploy.roles.release import records_dir
 from llamadeploy.roles.release.facts import ReleaseRecords
 from llamadeploy.roles.release.operations import untagged_image_removed
 from llamadeploy.roles.release.plan import image_refs
+from llamadeploy.roles.rpc import worker_removed
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 
 
@@ -49,13 +50,10 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     if host.get_fact(File, path=devices):
         server.shell(name="NVIDIA device nodes unit disabled", commands=["systemctl disable llama-nvidia-devices.service"])
     pin_gone = files.file(name="NVIDIA device nodes unit removed", path=devices, present=False)
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(gone, pin_gone))
+    keepers_removed(svc.name, table_name(cfg))
     table_removed(name="nftables table removed", table=table_name(cfg))
-    worker_unit = "/etc/systemd/system/ggml-rpc-server.service"  # an RPC worker (roles/rpc)
-    if host.get_fact(File, path=worker_unit):
-        server.shell(name="RPC worker stopped and disabled", commands=["systemctl disable --now ggml-rpc-server.service"])
-    worker_gone = files.file(name="RPC worker unit removed", path=worker_unit, present=False)
-    table_removed(name="RPC fence removed", table="llamadeploy_rpc")
-    systemd.daemon_reload(name="Reload systemd", _if=any_changed(gone, worker_gone, pin_gone))
+    worker_removed(name="RPC worker")  # an RPC worker's (roles/rpc)
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:

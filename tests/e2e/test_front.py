@@ -28,8 +28,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.TLSVersion
 
 @pytest.fixture(scope="module")
 def hosts(testhosts):
-    return {"be1": testhosts("be1", 71), "be2": testhosts("be2", 72), "fd": testhosts("fd", 73),
-            "mon": testhosts("mon", 74)}
+    # one LAN: the monitor's scrapes reach the front from the monitor's own address (not NATed
+    # by the controller), which is what the exporter's fence admits
+    return {"be1": testhosts("be1", 71, lan="front"), "be2": testhosts("be2", 72, lan="front"),
+            "fd": testhosts("fd", 73, lan="front"), "mon": testhosts("mon", 74, lan="front")}
 
 
 def write(path: Path, hosts, front: dict | None = None, server: dict | None = None) -> Path:
@@ -39,8 +41,12 @@ def write(path: Path, hosts, front: dict | None = None, server: dict | None = No
 
     sections = merged_data(**server) if server else {}
     servers = [entry(hosts["be1"], **sections), entry(hosts["be2"], **sections)]
-    fronts = [entry(hosts["fd"], llama_role="front", llama_front={"check_interval": 1, **(front or {})})]
-    monitors = [entry(hosts["mon"], llama_role="monitor", llama_monitor={"scrape_interval": "2s"})]
+    # the controller (this test) reaches the exporter and Prometheus: listed, as an operator's network would be
+    controller = [f"{hosts['mon'].gateway}/32"]
+    fronts = [entry(hosts["fd"], llama_role="front",
+                    llama_front={"check_interval": 1, "metrics_allow_from": controller, **(front or {})})]
+    monitors = [entry(hosts["mon"], llama_role="monitor",
+                      llama_monitor={"scrape_interval": "2s", "allow_from": controller})]
     path.write_text(f"servers = {servers!r}\nfront = {fronts!r}\nmonitor = {monitors!r}\n")
     return path
 
@@ -347,6 +353,24 @@ def test_prometheus_scrapes_every_server_and_the_front_with_rules(hosts, fleet):
     assert {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaFrontBackendDown"} <= names
     q = httpx.get(f"{api}/query", params={"query": 'count(up{job="llama-server"} == 1)'}, timeout=10).json()
     assert q["data"]["result"][0]["value"][1] == "2"
+    # nothing open by default: the monitor scrapes the front's exporter (up above), a server does
+    # not reach it, and the front does not reach Prometheus; both listen on one address only
+    fd, mon, be1 = hosts["fd"], hosts["mon"], hosts["be1"]
+
+    def reaches(src, dst, port: int) -> bool:
+        probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{dst.address}/{port}' && echo open || echo closed"
+        return src.ssh(probe).stdout.strip() == "open"
+
+    assert reaches(mon, fd, 8405) and not reaches(be1, fd, 8405)
+    assert not reaches(fd, mon, 9090) and not reaches(be1, mon, 9090)
+    assert f"{fd.address}:8405" in fd.ssh("ss -Hltn 'sport = :8405'").stdout
+    assert mon.ssh("ss -Hltn 'sport = :9090'").stdout.split()[3] == f"{mon.address}:9090"
+    # the fences outlive a restart of the hosts' firewall (their guards load them again)
+    for h, table in ((fd, "llamadeploy_haproxy_exporter"), (mon, "llamadeploy_prometheus")):
+        h.ssh("systemctl restart nftables")
+        wait_for(lambda h=h, table=table: h.ssh(f"nft list table inet {table}", check=False).returncode == 0, 15,
+                 f"{table} loaded again")
+    assert not reaches(be1, fd, 8405) and not reaches(be1, mon, 9090) and reaches(mon, fd, 8405)
     # the rules as deployed fire for a stopped backend: promtool's rule tests on the monitor host
     case = """rule_files: [/etc/prometheus/llamadeploy-rules.yml]
 evaluation_interval: 15s

@@ -109,6 +109,32 @@ def test_only_the_head_reaches_a_worker(group, deployed):
     httpx_wait_health(head)
 
 
+def test_fence_survives_a_firewall_restart_and_a_flushed_ruleset(group, deployed):
+    """The worker's fence is gone from the kernel after ``systemctl restart nftables`` (Debian's
+    /etc/nftables.conf begins with ``flush ruleset``) and after ``nft flush ruleset``; its guard
+    loads it again, so the other worker still cannot connect, and the worker kept serving."""
+    head, w1, w2 = group
+    probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{w1.address}/50052' && echo open || echo closed"
+    pid = w1.ssh("systemctl show -p MainPID --value ggml-rpc-server").stdout.strip()
+    for flush in ("systemctl restart nftables", "nft flush ruleset"):
+        w1.ssh(flush)
+        wait_for_table(w1, "llamadeploy_rpc")
+        assert w2.ssh(probe).stdout.strip() == "closed", flush
+    assert w1.ssh("systemctl show -p MainPID --value ggml-rpc-server").stdout.strip() == pid
+    events = w1.ssh("journalctl -q -u ggml-rpc-server-fence -o cat").stdout
+    assert w1.ssh("systemctl is-active ggml-rpc-server-fence").stdout.strip() == "active", events
+
+
+def wait_for_table(h, table: str, timeout: float = 15) -> None:
+    """Until ``table inet TABLE`` is in ``h``'s ruleset (its guard loads it within moments)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while h.ssh(f"nft list table inet {table}", check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"{h.name}: table {table} was not loaded again within {timeout} s"
+        time.sleep(0.5)
+
+
 def httpx_wait_health(head) -> None:
     from llamadeploy.bench import wait_healthy
 
@@ -146,5 +172,26 @@ def test_worker_down_is_reported_by_status(group, deployed):
     assert again.rc == 0, again.stderr[-3000:]
     assert head.ssh("systemctl show -p MainPID --value llama-server").stdout.strip() != pid
     r = httpx.post(f"http://{head.address}:8080/v1/chat/completions", timeout=120,
+                   json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
+
+
+def test_a_worker_made_a_server_runs_no_worker(group, deployed, tmp_path):
+    """``llama_role`` changed away from rpc_worker (the second worker made a plain server): its
+    ggml-rpc-server, the unit, its fence and the fence's guard are gone after the deploy, and it
+    serves chat itself. Last in this module: the group has one worker less afterwards."""
+    head, w1, w2 = group
+    base = merged_data(llama_limits={"memory": "1G"})
+    entry = (w2.inventory_entry()[0], {**w2.inventory_entry()[1], **base})
+    inv = tmp_path / "server.py"
+    inv.write_text(f"servers = {[entry]!r}\n")
+    result = run_deploy(inv)
+    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    assert w2.ssh("systemctl is-active ggml-rpc-server", check=False).stdout.strip() != "active"
+    left = w2.ssh("ls /etc/systemd/system/ggml-rpc-server.service /etc/systemd/system/ggml-rpc-server-fence.service "
+                  "/etc/systemd/system/nftables.service.d/llamadeploy_rpc.conf 2>&1; nft list table inet llamadeploy_rpc"
+                  " 2>&1; ss -ltn 'sport = :50052' | tail -n +2", check=False).stdout
+    assert left.count("cannot access") == 3 and "llamadeploy_rpc {" not in left and "LISTEN" not in left, left
+    r = httpx.post(f"http://{w2.address}:8080/v1/chat/completions", timeout=120,
                    json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text

@@ -272,6 +272,21 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     with pytest.raises(httpx.ConnectTimeout):  # dropped, not refused: the controller is not listed
         httpx.get(url, timeout=3)
     assert host.ssh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200"
+    # the kernel's table goes with a restart of the host's firewall (Debian's /etc/nftables.conf
+    # flushes the ruleset) and with a flush by hand: its guard loads it again, the server serves on
+    pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
+    for flush in ("systemctl restart nftables", "nft flush ruleset"):
+        host.ssh(flush)
+        wait_for_table(host, table)
+        with pytest.raises(httpx.ConnectTimeout):
+            httpx.get(url, timeout=3)
+    assert host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip() == pid
+    # a fence that cannot be loaded stops the server it fences (bound to the guard)
+    host.ssh("mv /etc/llama-server/firewall.nft /etc/llama-server/firewall.nft.away && nft flush ruleset")
+    try:
+        wait_until_inactive(host, "llama-server")
+    finally:
+        host.ssh("mv /etc/llama-server/firewall.nft.away /etc/llama-server/firewall.nft")
 
     mine = with_data(host, tmp_path, "fw-mine", llama_server={"allow_from": [f"{host.gateway}/32", "fd00::/8"]})
     result = run_deploy(mine)
@@ -279,17 +294,22 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert httpx.get(url, timeout=10).status_code == 200
     assert run_deploy(mine).changed == 0
 
-    host.ssh(f"nft delete table inet {table}")  # a ruleset flushed by hand: the next deploy restores it
-    assert httpx.get(url, timeout=10).status_code == 200
+    host.ssh(f"systemctl stop llama-server && nft delete table inet {table}")  # no guard runs: the deploy restores it
     restored = run_deploy(mine)
-    assert restored.rc == 0 and restored.changed == 1, restored.stderr[-3000:]
-    host.ssh(f"nft delete table inet {table} && systemctl restart llama-server")  # ExecStartPre reloads it
+    assert restored.rc == 0 and restored.changed >= 1, restored.stderr[-3000:]
+    assert "comment \"llamadeploy " in host.ssh(f"nft list table inet {table}").stdout
+    assert httpx.get(url, timeout=10).status_code == 200
+    # a server started after its table went loads it first (ExecStartPre; its guard too)
+    host.ssh(f"systemctl stop llama-server && nft delete table inet {table} && systemctl start llama-server")
     assert "comment \"llamadeploy " in host.ssh(f"nft list table inet {table}").stdout
 
     result = run_deploy(inventory)
     assert result.rc == 0, result.stderr[-3000:]
     assert host.ssh(f"nft list table inet {table}", check=False).returncode != 0
     assert "ExecStartPre" not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
+    left = host.ssh("ls /etc/systemd/system/llama-server-fence.service "
+                    "/etc/systemd/system/nftables.service.d 2>&1", check=False).stdout
+    assert left.count("No such file") == 2, left  # the guard and the drop-in (and its directory) went
     assert httpx.get(url, timeout=10).status_code in (200, 503)
 
 
@@ -406,7 +426,25 @@ def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
     result = soak(f"http://{host.address}:8080", clients=8, seconds=60, max_tokens=32, sample_rss=rss, interval=5)
     print(f"soak 60 s: {result.requests} requests, {result.keepalive_drops} keep-alive drops, "
           f"{result.tok_per_s} tok/s, rss {result.rss_kib}")
+    # no connect failure, no mid-stream abort, no stream without [DONE] or finish_reason; drops
+    # bounded (0.7 % in benchmarks/SOAK.md): at most 5 % of the requests
     assert result.failures == {}, result
     assert result.ok + result.keepalive_drops == result.requests
+    assert result.keepalive_drops <= 0.05 * result.requests, result
     assert result.ok >= 8 and result.tokens > 0
     assert len(result.rss_kib) >= 5 and result.rss_growth is not None and result.rss_growth < 0.10, result.rss_kib
+
+
+def wait_for_table(h, table: str, timeout: float = 15) -> None:
+    """Until ``table inet TABLE`` is in ``h``'s ruleset (its guard loads it within moments)."""
+    deadline = time.monotonic() + timeout
+    while h.ssh(f"nft list table inet {table}", check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"table {table} was not loaded again within {timeout} s"
+        time.sleep(0.5)
+
+
+def wait_until_inactive(h, unit: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while h.ssh(f"systemctl is-active {unit}", check=False).stdout.strip() in ("active", "activating", "deactivating"):
+        assert time.monotonic() < deadline, f"{unit} still running {timeout} s after its fence went"
+        time.sleep(0.5)

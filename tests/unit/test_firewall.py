@@ -67,3 +67,91 @@ def test_rules_parse_with_nft(tmp_path):
     f.write_text(rules(cfg(allow_from=["10.0.0.0/8", "fd00::/64"]))[0])
     proc = subprocess.run(["nft", "-c", "-f", str(f)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_fence_keepers_render_for_the_unit_and_rules():
+    """The guard unit names its table and rules file once each; the drop-in makes nftables.service
+    load the rules after its own file, never failing the host's firewall when the file is gone."""
+    from llamadeploy.roles.firewall import guard_paths, guard_unit, keeper_texts
+
+    guard, dropin = keeper_texts("llama-server", "llamadeploy_llama_server", "/etc/llama-server/firewall.nft")
+    assert guard_unit("llama-server") == "llama-server-fence.service"
+    assert guard_paths("llama-server", "llamadeploy_llama_server") == (
+        "/etc/systemd/system/llama-server-fence.service",
+        "/etc/systemd/system/nftables.service.d/llamadeploy_llama_server.conf")
+    lines = guard.splitlines()
+    assert "PartOf=llama-server.service" in lines and "StopWhenUnneeded=yes" in lines
+    exec_start = next(ln for ln in lines if ln.startswith("ExecStart="))
+    assert exec_start.endswith("' nft-fence llamadeploy_llama_server /etc/llama-server/firewall.nft")
+    assert "ExecStart=-/usr/sbin/nft -f /etc/llama-server/firewall.nft" in dropin.splitlines()
+    assert "ExecReload=-/usr/sbin/nft -f /etc/llama-server/firewall.nft" in dropin.splitlines()
+
+
+def _guard_command(tmp_path) -> list[str]:
+    """The guard's ExecStart as systemd would run it: ``$$`` is a literal ``$`` (systemd.service(5))."""
+    import shlex
+
+    from llamadeploy.roles.firewall import keeper_texts
+
+    guard, _ = keeper_texts("llama-server", "t1", str(tmp_path / "rules.nft"))
+    line = next(ln for ln in guard.splitlines() if ln.startswith("ExecStart="))
+    return shlex.split(line.removeprefix("ExecStart=").replace("$$", "$"))
+
+
+def test_guard_loads_the_table_again_when_it_goes_and_ends_when_it_cannot(tmp_path):
+    """The guard's shell, run against a stand-in ``nft`` (a script: the table is a file, ``monitor``
+    prints what the test writes into a FIFO): it loads a missing table at start, loads it again
+    after an event that removed it, leaves a present one alone, and ends (so that the fenced
+    unit, bound to it, stops) when a load fails."""
+    import os
+    import time
+
+    bindir, state, fifo = tmp_path / "bin", tmp_path / "state", tmp_path / "events"
+    bindir.mkdir()
+    state.mkdir()
+    os.mkfifo(fifo)
+    (bindir / "nft").write_text(f"""#!/bin/sh
+case "$1" in
+  list) test -e {state}/$4 ;;
+  -f) echo load >> {state}/log; test -e {state}/fail && exit 1; touch {state}/t1 ;;
+  monitor) exec cat {fifo} ;;
+esac
+""")
+    (bindir / "nft").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    guard = subprocess.Popen(_guard_command(tmp_path), env=env)
+    try:
+        events = open(fifo, "w")  # noqa: SIM115 - held open for the guard's whole life
+
+        def loads() -> int:
+            return (state / "log").read_text().count("load") if (state / "log").exists() else 0
+
+        def wait_for(cond) -> None:
+            for _ in range(100):
+                if cond():
+                    return
+                time.sleep(0.05)
+            raise AssertionError("the guard did not react")
+
+        wait_for(lambda: loads() == 1)  # missing at start: loaded
+        events.write("add table inet other\n")
+        events.flush()
+        (state / "t1").unlink()
+        events.write("delete table inet t1\n")
+        events.flush()
+        wait_for(lambda: loads() == 2)  # gone: loaded again
+        events.write("add table inet t1\n")
+        events.flush()
+        time.sleep(0.3)
+        assert loads() == 2 and guard.poll() is None  # present: left alone, still running
+        (state / "fail").touch()
+        (state / "t1").unlink()
+        events.write("flush ruleset\n")
+        events.flush()
+        guard.wait(timeout=10)  # a load failed: the guard ended
+        assert loads() == 3
+        events.close()
+    finally:
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait()

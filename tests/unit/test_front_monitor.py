@@ -21,7 +21,7 @@ def lines(text: str) -> list[str]:
 
 
 def test_backends_checked_with_slots_as_maxconn_and_leastconn():
-    c = lines(haproxy_config(cfg(), BACKENDS))
+    c = lines(haproxy_config(cfg(), BACKENDS, "10.0.0.5"))
     assert "balance leastconn" in c
     assert "option httpchk GET /health" in c and "http-check expect status 200" in c
     assert "server be1 10.0.0.1:8080 maxconn 8" in c and "server be2 10.0.0.2:8081 maxconn 4" in c
@@ -29,7 +29,7 @@ def test_backends_checked_with_slots_as_maxconn_and_leastconn():
 
 
 def test_streams_and_dead_keepalive_connections():
-    c = lines(haproxy_config(cfg(timeout_server=900), BACKENDS))
+    c = lines(haproxy_config(cfg(timeout_server=900), BACKENDS, "10.0.0.5"))
     assert "timeout server 900s" in c and "timeout client 900s" in c
     # never reuse a backend connection llama-server may have closed; retry only failed connects
     assert "http-reuse never" in c and "retry-on conn-failure" in c
@@ -40,30 +40,31 @@ def test_streams_and_dead_keepalive_connections():
 
 
 def test_affinity_is_bounded_load_consistent_hashing_on_a_header():
-    c = lines(haproxy_config(cfg(balance="affinity", hash_balance_factor=125), BACKENDS))
+    c = lines(haproxy_config(cfg(balance="affinity", hash_balance_factor=125), BACKENDS, "10.0.0.5"))
     assert "balance hdr(X-Session-Id)" in c and "hash-type consistent" in c and "hash-balance-factor 125" in c
     assert "balance leastconn" not in c
 
 
 def test_tls_terminates_at_12_or_later_with_optional_redirect():
-    plain = lines(haproxy_config(cfg(), BACKENDS))
+    plain = lines(haproxy_config(cfg(), BACKENDS, "10.0.0.5"))
     assert "bind 0.0.0.0:8080" in plain and not any("ssl" in ln for ln in plain)
-    tls = lines(haproxy_config(cfg(tls_pem="/x.pem", redirect_http=True), BACKENDS))
+    tls = lines(haproxy_config(cfg(tls_pem="/x.pem", redirect_http=True), BACKENDS, "10.0.0.5"))
     assert "bind 0.0.0.0:8443 ssl crt /etc/haproxy/llamadeploy.pem alpn h2,http/1.1" in tls
     assert "ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets" in tls
     assert "http-request redirect scheme https code 301 unless { ssl_fc }" in tls
 
 
 def test_exporter_and_runtime_api():
-    c = lines(haproxy_config(cfg(metrics_port=9101), BACKENDS))
-    assert "bind 0.0.0.0:9101" in c and "http-request use-service prometheus-exporter if { path /metrics }" in c
+    c = lines(haproxy_config(cfg(metrics_port=9101), BACKENDS, "10.0.0.5"))
+    # the exporter on the fleet address only (fenced to the monitors), not the clients' 0.0.0.0
+    assert "bind 10.0.0.5:9101" in c and "http-request use-service prometheus-exporter if { path /metrics }" in c
     assert "stats socket /run/haproxy/admin.sock mode 660 level admin expose-fd listeners" in c
 
 
 @pytest.mark.parametrize("key_file", [None, "/etc/prometheus/llama-api-key"])
 def test_prometheus_config_scrapes_servers_with_the_key_and_the_front(key_file):
     conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
-                                 key_file=key_file, servers_file="/s.json", fronts_file="/f.json", port=9090))
+                                 key_file=key_file, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090"))
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
     assert jobs["llama-server"]["file_sd_configs"] == [{"files": ["/s.json"]}]
     assert jobs["haproxy"]["file_sd_configs"] == [{"files": ["/f.json"]}]
@@ -71,6 +72,20 @@ def test_prometheus_config_scrapes_servers_with_the_key_and_the_front(key_file):
     if key_file:
         assert jobs["llama-server"]["authorization"] == {"type": "Bearer", "credentials_file": key_file}
     assert conf["rule_files"] == ["/r.yml"]
+    assert jobs["prometheus"]["static_configs"] == [{"targets": ["10.0.0.9:9090"]}]  # where it listens
+
+
+def test_exporter_fence_admits_the_monitors_and_metrics_allow_from():
+    from llamadeploy.roles.firewall import fence_rules
+    from llamadeploy.roles.front import exporter_networks
+
+    nets = exporter_networks(cfg(metrics_allow_from=["192.0.2.0/24"]), ["10.0.0.9", "fd00::9"])
+    assert nets == ["10.0.0.9/32", "fd00::9/128", "192.0.2.0/24"]
+    text, _ = fence_rules("llamadeploy_haproxy_exporter", "haproxy", 8405, nets)
+    lines = [ln.strip() for ln in text.splitlines()]
+    assert "elements = { 10.0.0.9/32, 192.0.2.0/24 }" in lines and "elements = { fd00::9/128 }" in lines
+    assert lines[-3] == "tcp dport 8405 drop"
+    assert "set allowed" not in fence_rules("t", "prometheus", 9090, [])[0]  # none: only the host itself
 
 
 def test_alert_rules_cover_down_queued_deferred_slow_and_backend_down():

@@ -14,7 +14,7 @@ def render(**over) -> str:
         exec_start="/opt/llama.cpp/current/bin/llama-server --port 8080",
         limits={"CPUQuota": "400%", "MemoryMax": "8G"}, gpu=False, port=8080,
         read_only_paths=["/opt/llama.cpp", "/var/lib/llama-server"], numa=False, firewall=None, device_allow=[],
-        environment_file=None,
+        environment_file=None, fence_guard=None,
     )
     vars.update(over)
     return render_template("service/llama-server.service.j2", **vars)
@@ -89,8 +89,11 @@ def test_exposure_at_most_2(tmp_path, numa):
 def test_firewall_rules_load_before_every_start():
     """With allow_from the unit loads its nftables table first, as root ("+"), past the hardening."""
     assert "ExecStartPre" not in directives(render())
-    d = directives(render(firewall="/etc/llama-server/firewall.nft"))
+    d = directives(render(firewall="/etc/llama-server/firewall.nft", fence_guard="llama-server-fence.service"))
     assert d["ExecStartPre"] == ["+/usr/sbin/nft -f /etc/llama-server/firewall.nft"]
+    # bound to the guard that keeps the table loaded: the server stops when the guard does
+    assert d["BindsTo"] == ["llama-server-fence.service"] and "llama-server-fence.service" in d["After"]
+    assert "BindsTo" not in directives(render())
 
 
 def _exposure(text: str, tmp_path) -> tuple[float, set[str]]:
