@@ -142,7 +142,14 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 
 HUB_TOKEN = "hf_llamactl_test_token_5c1e"
-HUB_PORT = 18090
+#: one hub per test process: pytest-xdist workers (gw0, gw1, ...) each serve their own
+HUB_PORT = 18090 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hosts booted by this process's children (molecule's ``llamadeploy sandbox up``) belong to
+    this process: a parallel worker's reap() leaves them alone while it runs."""
+    os.environ["LLAMADEPLOY_SANDBOX_OWNER"] = str(os.getpid())
 TINY = "gemma-3-270m-q4_k_m.gguf"
 
 
@@ -179,3 +186,41 @@ def hub_env(tmp_path, monkeypatch):
     token.write_text(HUB_TOKEN + "\n")
     token.chmod(0o600)
     return {"endpoint": f"http://127.0.0.1:{HUB_PORT}", "token_file": str(token), "cache": tmp_path / "hf-cache"}
+
+
+#: minutes each e2e module took in a full serial run (2 cores), only to hand the longest module
+#: left to the next free worker (a module not listed counts as its number of tests)
+MODULE_MINUTES = {
+    "tests/e2e/test_rollout.py": 12, "tests/e2e/test_front.py": 6, "tests/e2e/test_safety.py": 7,
+    "tests/e2e/test_fanout.py": 5, "tests/e2e/test_faults.py": 5, "tests/e2e/test_docker.py": 5,
+    "tests/e2e/test_molecule.py": 3, "tests/e2e/test_hub.py": 3, "tests/e2e/test_rpc.py": 3,
+    "tests/e2e/test_uninstall.py": 1,
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's ``--dist loadfile``, two changes: the longest module left goes first
+    (longest-processing-time first balances the workers), and a worker gets its next module only
+    when it holds one test (xdist's default queues a second module behind two pending tests, which
+    may keep a module waiting on a busy worker while another worker idles)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestModuleFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node: Any) -> None:
+            longest = max(self.workqueue, key=lambda scope: MODULE_MINUTES.get(scope, len(self.workqueue[scope])))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node: Any) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) > 1:
+                return
+            self._assign_work_unit(node)
+
+    return LongestModuleFirst(config, log)

@@ -124,6 +124,12 @@ def _state() -> Iterator[dict]:
         tmp.replace(STATE)
 
 
+def owner() -> int:
+    """The process a host booted now belongs to: ``$LLAMADEPLOY_SANDBOX_OWNER`` (a test process
+    whose child boots it, as molecule's create step does), else this one."""
+    return int(os.environ.get("LLAMADEPLOY_SANDBOX_OWNER") or os.getpid())
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -255,7 +261,7 @@ class SandboxHost:
         with _state() as state:
             # owner: the process that booted it; reap() leaves hosts alone whose owner still runs
             state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network, "index": self.index,
-                                "lan": self.lan, "owner": os.getpid(), "overlays": self.overlays}
+                                "lan": self.lan, "owner": owner(), "overlays": self.overlays}
         try:
             self._wire_network(proc, timeout)
             self.wait_ssh(timeout)
@@ -446,7 +452,7 @@ def reap(name: str | None = None, everything: bool = False) -> None:
     them) is gone, and this process's own; with ``everything``, every host. Hosts of another
     running process (a parallel test worker) are left alone."""
     for n, info in list(_load_state().items()):
-        mine = info.get("owner") == os.getpid() or not _alive(info.get("owner"))
+        mine = info.get("owner") == owner() or not _alive(info.get("owner"))
         if n == name or (name is None and (everything or mine)):
             _stop(n, info.get("pid"), info["veth"], info["network"], info.get("lan"), info.get("index"))
             shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)

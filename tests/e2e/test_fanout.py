@@ -82,8 +82,7 @@ def test_deploy_sends_model_and_release_once_then_nothing_listens(lan, tmp_path)
     the re-run changes nothing."""
     inv = inventory(tmp_path / "fanout.py", lan)
     before = tx_bytes(BRIDGE)
-    # --parallel 1: the test hosts share one apt archive (bind mount) whose lock parallel apt runs fight over
-    result = run_deploy(inv, "--parallel", "1")
+    result = run_deploy(inv)
     sent = tx_bytes(BRIDGE) - before
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     assert result.report is not None

@@ -148,9 +148,8 @@ def release_is_complete(host: SandboxHost) -> str:
 def fleet(testhosts, tmp_path_factory) -> list[SandboxHost]:
     """ft51, ft52, ft53 serving the sandbox's model from one release.
 
-    ``--parallel 1``: the sandbox hosts share one apt archive (a bind mount), so two hosts installing
-    packages at the same moment fight over its lock; one host at a time per operation also lets the
-    second and third builds hit the ccache the first filled.
+    ``--parallel 1``: one host at a time per operation lets the second and third builds hit the
+    ccache the first filled.
     """
     hosts = [testhosts("ft51", 51), testhosts("ft52", 52), testhosts("ft53", 53)]
     inv = inventory_for(hosts, tmp_path_factory.mktemp("faults"), "base", default_data())
