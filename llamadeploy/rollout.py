@@ -141,8 +141,21 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
     return set(limit), reason.removeprefix("--> ")
 
 
-def read_releases(inventory_path: str, names: list[str]) -> dict[str, tuple[str | None, str]]:
-    """host -> (release id from its manifest, health) for ``names``, over pyinfra's connections."""
+def serving_release(manifest_id: str | None, recorded: list[str]) -> str | None:
+    """The release a host serves, as a rollout's "before" (pure): the latest in its release
+    records (each recorded only after it passed its gate; a rollback marks its target the latest),
+    else its manifest's (a host deployed before records). Not the manifest first: a deploy moves
+    the manifest before its gate, so a run killed between the two leaves a manifest naming a
+    release that never served, and a rollback "to before" must not return there."""
+    return recorded[-1] if recorded else manifest_id
+
+
+def read_releases(inventory_path: str, names: list[str], serving: bool = False) -> dict[str, tuple[str | None, str]]:
+    """host -> (release id, health) for ``names``, over pyinfra's connections. The id is the
+    manifest's (what the last run switched to), or with ``serving`` the one the host serves
+    (:func:`serving_release`: a rollout's "before", where a failed host returns)."""
+    from llamadeploy.roles.release import records_dir
+    from llamadeploy.roles.release.facts import ReleaseRecords
     from llamadeploy.status import connected, host_status, read_manifest
 
     out: dict[str, tuple[str | None, str]] = {}
@@ -153,10 +166,14 @@ def read_releases(inventory_path: str, names: list[str]) -> dict[str, tuple[str 
                 continue
             try:
                 m = read_manifest(host, configs[host.name])
+                records = [r.id for r in host.get_fact(ReleaseRecords, path=records_dir(configs[host.name])) or []] \
+                    if serving else []
             except Exception:  # noqa: BLE001 - reported as unknown
-                m = None
+                m, records = None, []
             st = host_status(host, configs[host.name]) if m else None
-            out[host.name] = (m.release_id if m else None, (st.health or "?") if st else "nothing deployed")
+            manifest_id = m.release_id if m else None
+            out[host.name] = (serving_release(manifest_id, records) if serving else manifest_id,
+                              (st.health or "?") if st else "nothing deployed")
     for name in unreachable:
         out[name] = (None, "unreachable")
     return out
@@ -192,7 +209,7 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         return not failed
 
     canaries = [h.name for h in inventory.get_group(canary_group, default=[])]
-    before = read_releases(inventory_path, names)
+    before = read_releases(inventory_path, names, serving=True)
     # a host with a release that does not answer is unavailable already (a fresh host is not)
     down = [n for n, (rid, health) in before.items() if health == "unreachable" or (rid and health != "ok")]
     batches = plan_batches(names, canaries, batch, max_unavailable, down)

@@ -63,3 +63,13 @@ def test_the_rollout_reads_the_line_a_deploy_fails_with_after_its_own_rollback()
         "10.231.1.2": "release b11434-new failed its gate; rolled back to b11434-old, which serves now "
                       "(the gate's log lines are above)"}
     assert fell_back_hosts("    [10.231.1.2] Error: something else\n", ["10.231.1.2"]) == {}
+
+
+def test_before_is_the_latest_recorded_release_not_the_manifest():
+    """A run killed between moving the manifest and the gate leaves a manifest naming a release
+    that never served: "before" (where a failed host returns) is the latest recorded one."""
+    from llamadeploy.rollout import serving_release
+
+    assert serving_release("b1-new", ["b1-old", "b1-prev"]) == "b1-prev"
+    assert serving_release("b1-new", []) == "b1-new"  # a host from before release records
+    assert serving_release(None, []) is None
