@@ -107,7 +107,7 @@ median of {rounds} runs (each run in brackets). Same input every time: nothing c
 
 | a new release to 3 hosts (`rollout --batch 100%`) | time |
 |---|---|
-| empty controller cache: one host compiles (ccache warm), two receive the tarball | {cell('new_release_rollout_3_hosts_empty_cache_s')} |
+| empty controller cache: one host compiles (with the ccache that host kept), two receive the tarball | {cell('new_release_rollout_3_hosts_empty_cache_s')} |
 | artifact cached on the controller: nobody compiles | {cell('new_release_rollout_3_hosts_cached_s')} |
 
 First deploy of the 3 hosts in this run: {cell('first_deploy_3_hosts_s')} (sandbox hosts keep their trees between
