@@ -81,8 +81,9 @@ def _server(cfg: HostConfig) -> None:
     if cfg.role == "rpc_worker":
         return
 
-    # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place.
-    model_ops = model.model_files(cfg, art, on_host)
+    # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place
+    #    (a same-name replacement is staged by content and switched with the release, in step 6).
+    placed = model.model_files(cfg, art, on_host)
 
     # 6. The service, restarted only when an input changed; the other mode's server is
     #    stopped first so the port is never held twice.
@@ -90,12 +91,13 @@ def _server(cfg: HostConfig) -> None:
     fence = firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
     if cfg.mode == "native":
         docker.stop_compose(cfg)
-        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *model_ops, *fence],
-                                                  restart_if=rpc.head_must_restart(cfg), gpus=gpus)
+        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *placed.changed, *fence],
+                                                  restart_if=rpc.head_must_restart(cfg), gpus=gpus,
+                                                  staged=placed.staged)
     else:
         docker.stop_native(cfg)
-        started, restarted, rid = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *model_ops],
-                                                         gpus=gpus)
+        started, restarted, rid = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *placed.changed],
+                                                         gpus=gpus, staged=placed.staged)
 
     # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start;
     #    a release that fails it is rolled back to the one that served before, and the run fails.

@@ -29,6 +29,7 @@ from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import gpu as gpu_role
+from llamadeploy.roles import model as model_role
 from llamadeploy.roles.docker.operations import (
     check_image_flags,
     compose_down,
@@ -37,7 +38,7 @@ from llamadeploy.roles.docker.operations import (
     image_pulled,
 )
 from llamadeploy.roles.gpu import GpuHost
-from llamadeploy.roles.model.source import ModelArtifact
+from llamadeploy.roles.model.source import ModelArtifact, ModelFile
 from llamadeploy.tuning import MemoryPlan, compose_resources, server_args
 
 TEMPLATE = "docker/docker-compose.yml.j2"
@@ -162,12 +163,13 @@ def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str
 
 @role("llama-server in Docker")
 def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
-                    gpus: GpuHost | None = None) -> tuple[OperationMeta, OperationMeta, str]:
+                    gpus: GpuHost | None = None, staged: tuple[ModelFile, ...] = ()) -> tuple[OperationMeta, OperationMeta, str]:
     """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed.
 
     Returns the operations that start and recreate the container, for the health gate, and the
     release id: image, model and compose file as one release, recorded like a native one
-    (``roles/release``) so that a rollback can reinstate it.
+    (``roles/release``) so that a rollback can reinstate it. ``staged``: model files staged by
+    content (roles/model), linked into place after the manifest, right before the recreate.
     """
     svc, d = cfg.service, cfg.docker
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
@@ -192,9 +194,10 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
     rid = release_id(release_version(ref), info.render(), compose_text + "\0" + image_pin(cfg))
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
+    placed = model_role.switched(cfg, staged)
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
     compose = atomic.put(name="Compose file", src=StringIO(compose_text), dest=compose_path(d.project_dir), mode="644")
-    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *restart_on))
+    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *placed, *restart_on))
     running = compose_running(name="Container running", project_dir=d.project_dir, compose=compose_command(cfg))
     return up, running, rid
 

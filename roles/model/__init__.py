@@ -8,9 +8,14 @@ Where the bytes come from is decided on the controller (:mod:`.source`):
   huggingface_hub, the token in a 0600 file.
 
 Either way a file lands under a temporary name, is verified, and is renamed into
-place; a file already there with the right hash is neither fetched nor sent. A file
-that gets other content (a newer model of the same file name) keeps its old content
-under ``<model_dir>/.kept/<sha256>/`` (a hard link) for the releases that ran it.
+place; a file already there with the right hash is neither fetched nor sent.
+
+A file name that holds other content now (a newer model of the same file name) is never
+written while the old release serves: the new content is staged by content, under
+``<model_dir>/.kept/<sha256>/<name>``, and linked into place only at the switch (the
+service role calls :func:`switched` right before ``current`` and the unit change). Until
+then a crash or reboot of the running release loads the weights it ran. The old content
+stays under its own ``.kept/<sha256>/`` (a hard link) for the releases that ran it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import transfer
 from llamadeploy.roles.model.facts import DiskFree
-from llamadeploy.roles.model.operations import hub_download, kept_aside, kept_path, kept_recorded, restored
+from llamadeploy.roles.model.operations import hub_download, kept_path, restored
 from llamadeploy.roles.model.source import (
     ModelArtifact,
     ModelError,
@@ -120,46 +125,69 @@ def check_host_disk(cfg: HostConfig, art: ModelArtifact) -> OnHost:
     return on_host
 
 
-@role("Model")
-def model_files(cfg: HostConfig, art: ModelArtifact, on_host: OnHost) -> list[OperationMeta]:
-    """Put every model file in place; returns the operations that change when the model does.
+@dataclass(frozen=True)
+class Placed:
+    """What :func:`model_files` did: the operations whose change means the server is stale, and
+    the files staged by content that the switch links into place (:func:`switched`)."""
 
-    ``on_host``: what :func:`prepare` found on the host this run.
+    changed: list[OperationMeta]
+    staged: tuple[ModelFile, ...]
+
+
+def staged_files(art: ModelArtifact, on_host: OnHost) -> tuple[ModelFile, ...]:
+    """Files whose name a release reads now with other content, or whose content the host kept:
+    they go (or stay) under ``.kept/<sha256>/`` and reach their name only at the switch."""
+    return tuple(f for f in art.files if f.name not in on_host.present
+                 and (f.name in on_host.other or f.name in on_host.kept))
+
+
+def load_path(cfg: HostConfig, f: ModelFile, staged: tuple[ModelFile, ...]) -> str:
+    """Where ``f``'s content is on the host before the switch (what a deploy-time check reads)."""
+    return kept_path(kept_dir(cfg), f.sha256, f.name) if f in staged else f"{cfg.model_dir}/{f.name}"
+
+
+@role("Model")
+def model_files(cfg: HostConfig, art: ModelArtifact, on_host: OnHost) -> Placed:
+    """Put every model file on the host; none that a running or kept release reads changes here.
+
+    ``on_host``: what :func:`prepare` found on the host this run. A file whose name is free is
+    sent into place; one whose name holds other content is sent to ``.kept/<sha256>/`` (staged
+    by content) and placed by :func:`switched`; content the host kept needs no transfer at all.
     """
     files.directory(name="Data directory", path=cfg.service.data_dir, mode="755")
     files.directory(name="Model directory", path=cfg.model_dir, mode="755")
-    # content the host kept for an earlier release comes back by a link (which keeps what is there)
-    linked = [restored(name=f"Model {f.name} from the host's kept content (a link, no transfer)",
-                       dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg))
-              for f in art.files if f.name in on_host.kept]
-    to_send = [f for f in art.files if f.name not in on_host.kept]
-    aside = []
-    for f in to_send:  # what a file about to get new content holds now stays, for its releases
-        old = on_host.other.get(f.name)
-        if old is not None:
-            path = f"{cfg.model_dir}/{f.name}"
-            kept_aside(name=f"Earlier content of {f.name} kept for its releases", path=path, sha256=f.sha256,
-                       kept_dir=kept_dir(cfg))
-            aside.append((kept_path(kept_dir(cfg), old.sha256, f.name), old.sha256))
+    staged = staged_files(art, on_host)
     present = on_host.present
+    to_send = [f for f in art.files if f.name not in on_host.kept]
+    for f in to_send:
+        if f in staged:
+            files.directory(name=f"Staging directory for {f.name} (by content)",
+                            path=posixpath.dirname(load_path(cfg, f, staged)), mode="755")
     if cfg.model.distribution == "host":
-        sent = _host_download(cfg, art, present, to_send)
+        sent = _host_download(cfg, art, present, to_send, staged)
     else:
         if cfg.transfer.mode == "fanout":  # host to host first; the direct push below sends what is left
             for f in art.files:
                 transfer.fanned_out(cfg, transfer.Shipment(f"model:{f.sha256}", f.name, f.controller_path,
-                                                           f"{cfg.model_dir}/{f.name}", f.sha256),
+                                                           load_path(cfg, f, staged), f.sha256),
                                     holds=f.name in present or f.name in on_host.kept)
-        sent = [atomic.verified_file(name=f"Model {f.name}", src=f.controller_path, dest=f"{cfg.model_dir}/{f.name}",
+        sent = [atomic.verified_file(name=f"Model {f.name}" + (" (staged by content)" if f in staged else ""),
+                                     src=f.controller_path, dest=load_path(cfg, f, staged),
                                      sha256=f.sha256, present=present.get(f.name))
                 for f in to_send]
-    for path, sha in aside:
-        kept_recorded(name=f"Kept {posixpath.basename(path)} recorded after its replacement", path=path, sha256=sha)
-    return [*linked, *sent]
+    return Placed(sent, staged)
+
+
+def switched(cfg: HostConfig, staged: tuple[ModelFile, ...]) -> list[OperationMeta]:
+    """At the switch: each staged file linked into place from ``.kept/<sha256>/`` (what the name
+    held is kept aside by content first, for the releases that ran it). No byte is copied."""
+    return [restored(name=f"Model {f.name} switched to sha256 {f.sha256[:12]}… (a link from its staged content)",
+                     dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg))
+            for f in staged]
 
 
 def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashState],
-                   to_send: list[ModelFile]) -> list[OperationMeta]:
+                   to_send: list[ModelFile], staged: tuple[ModelFile, ...]) -> list[OperationMeta]:
     svc = cfg.service
     assert art.repo_id and art.commit and art.endpoint, "host downloads are of resolved Hub models"
     repo_id, commit, endpoint = art.repo_id, art.commit, art.endpoint
@@ -182,7 +210,7 @@ def _host_download(cfg: HostConfig, art: ModelArtifact, on_host: dict[str, HashS
         hub_download(
             name=f"Download {repo_id}/{f.repo_path}@{commit[:12]} on the host",
             repo_id=repo_id, repo_path=f.repo_path, commit=commit, sha256=f.sha256,
-            dest=f"{cfg.model_dir}/{f.name}", endpoint=endpoint, python=f"{venv}/bin/python",
+            dest=load_path(cfg, f, staged), endpoint=endpoint, python=f"{venv}/bin/python",
             work_dir=f"{svc.data_dir}/.download", token_file=token_file if token else None,
             present=on_host.get(f.name),
         )

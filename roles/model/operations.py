@@ -1,5 +1,6 @@
 """The model role's own operations: a host downloads a Hub file itself (``distribution: host``);
-a replaced model's content is kept for the releases that ran it, and put back by a rollback."""
+content staged or kept by sha256 is linked into place at a switch or a rollback, and what the
+name held is kept for the releases that ran it."""
 
 from __future__ import annotations
 
@@ -68,45 +69,6 @@ def _keep_command(path: str, sha256: str, kept_dir: str) -> str:
 
 
 @operation()
-def kept_aside(path: str, sha256: str, kept_dir: str):
-    """
-    Before ``path`` gets other content, keep what it holds now under ``kept_dir/<its sha256>/``.
-
-    + path: a model file the service reads (``<model_dir>/<name>``)
-    + sha256: the content it is about to get
-    + kept_dir: ``<model_dir>/.kept``
-
-    A kept release that ran the old content is then reinstated by a link, with no transfer,
-    even when a newer model of the same file name replaced it. A hard link: no byte is copied
-    and no disk is used while the file name still holds the content; pruning removes the kept
-    content no kept release uses.
-    """
-    state = host.get_fact(VerifiedSha256, path=path)
-    if state is None or state.sha256 == sha256:
-        host.noop(f"{path} holds no other content to keep")
-        return
-    k = kept_path(kept_dir, state.sha256, posixpath.basename(path))
-    # recorded now for a transfer that fails; the rename that replaces ``path`` moves the inode's
-    # ctime again, so the model role records the kept name once more after it (kept_recorded)
-    yield f"{_keep_command(path, state.sha256, kept_dir)} && {record_command(k, state.sha256)}"
-
-
-@operation()
-def kept_recorded(path: str, sha256: str):
-    """
-    Record the kept name ``path`` with its ``sha256`` again, after the file it was linked from got
-    its new content (that rename moved the shared inode's ctime): a later rollback reads the
-    record instead of hashing the whole model.
-
-    + path: ``<model_dir>/.kept/<sha256>/<name>``
-    + sha256: the content kept there (verified when it was kept aside)
-    """
-    # absent only if the content at execution was not what was read while preparing (nothing kept
-    # then): nothing to record, and no reason to fail a host whose model is already in place
-    yield f"if [ -f {shlex.quote(path)} ]; then {record_command(path, sha256)}; fi"
-
-
-@operation()
 def restored(dest: str, sha256: str, kept_dir: str):
     """
     Put the kept content ``sha256`` back at ``dest`` by link and rename (a rollback, or a deploy
@@ -123,6 +85,10 @@ def restored(dest: str, sha256: str, kept_dir: str):
         return
     k = kept_path(kept_dir, sha256, posixpath.basename(dest))
     kept = host.get_fact(VerifiedSha256, path=k)
+    if (kept is None or kept.sha256 != sha256) and not host.state.is_executing:
+        # a check for changes before execution: content staged by this very run is not there yet
+        host.noop(f"{posixpath.basename(dest)} is linked from {kept_dir} when the run executes")
+        return
     if kept is None or kept.sha256 != sha256:
         raise OperationError(f"no intact copy of {posixpath.basename(dest)} (sha256 {sha256[:12]}…) kept in {kept_dir}")
     q = shlex.quote

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llamadeploy.atomic import STAGE_SUFFIX
 from llamadeploy.roles.release.facts import ReleaseRecord
 
 
@@ -48,7 +49,7 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
     Builds and model files are removed only when no kept release uses them; the build
     ``current`` points to (``protected_build``) always stays, and so does anything that
     is not ours to judge: build directories still being written (``*.partial``) and
-    model-directory files that are not GGUF files or their hash records. A docker image goes
+    model-directory files that no recorded release brought (an operator's own files). A docker image goes
     when only pruned releases ran it (images the host has for other reasons are never named), and
     kept model content (``kept_models``: the sha256 directory names under ``.kept``) when no kept
     release runs it.
@@ -59,11 +60,13 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
     kept_ids = {r.id for r in kept}
     used_builds = {r.manifest.release for r in kept if r.manifest.release} | {protected_build}
     used_models = {name for r in kept for name in r.manifest.model_files}
+    # only what a recorded release brought: a file an operator put beside ours is not ours to prune
+    brought = {name for r in records for name in r.manifest.model_files}
     drop_builds = [b for b in builds if b not in used_builds and not b.endswith(".partial")]
     drop_models = []
     for name in models:
         model = name[1:-len(".sha256")] if name.startswith(".") and name.endswith(".sha256") else name
-        if model.endswith(".gguf") and model not in used_models:
+        if model in brought and model not in used_models:
             drop_models.append(name)
     used_images = {r.image_id for r in kept}
     used_refs = {r.manifest.image for r in kept}
@@ -73,3 +76,17 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
     drop_kept = [k for k in kept_models or [] if k not in used_shas]
     return PrunePlan(sorted(r.id for r in records if r.id not in kept_ids), sorted(drop_builds), sorted(drop_models),
                      [(i, tuple(sorted(refs))) for i, refs in sorted(drop_images.items())], sorted(drop_kept))
+
+
+def foreign_model_entries(entries: list[str], brought: set[str]) -> list[str]:
+    """Names in the model directory that no release of ours brought: an operator's own files.
+
+    Ours are the model files releases named (``brought``), their hash records
+    (``.<name>.sha256``), their transfer leftovers (``<name>.partial``, ``.aria2``, the hidden
+    staging name) and the content kept by sha256 (``.kept``). Uninstall leaves the rest, with
+    the directory that holds them, as a package leaves a directory it finds files in.
+    """
+    ours = {".kept"}
+    for name in brought:
+        ours |= {name, f".{name}.sha256", f"{name}.partial", f"{name}.partial.aria2", f".{name}{STAGE_SUFFIX}"}
+    return [e for e in entries if e not in ours]

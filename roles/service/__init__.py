@@ -24,9 +24,10 @@ from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import gpu as gpu_role
+from llamadeploy.roles import model as model_role
 from llamadeploy.roles.firewall import guard_unit, rules_path
 from llamadeploy.roles.gpu import FitPin, GpuHost
-from llamadeploy.roles.model.source import ModelArtifact
+from llamadeploy.roles.model.source import ModelArtifact, ModelFile
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
@@ -65,7 +66,7 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
 @role("llama-server service")
 def service(
     cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
-    restart_if: Callable[[], bool] | None = None, gpus: GpuHost | None = None,
+    restart_if: Callable[[], bool] | None = None, gpus: GpuHost | None = None, staged: tuple[ModelFile, ...] = (),
 ) -> tuple[OperationMeta, OperationMeta, str]:
     """Render the unit and keep the service running; restart it when an input changed.
 
@@ -73,7 +74,8 @@ def service(
     running process is stale; ``restart_if`` another reason, checked when the restart executes
     (an RPC head whose workers restarted). On a CUDA host (``gpus``) the unit may use exactly the
     NVIDIA devices, and llama.cpp's fit is pinned in a drop-in (roles/gpu). Returns the operations that start and restart the
-    service, for the health gate, and the release id (see ``roles/release``).
+    service, for the health gate, and the release id (see ``roles/release``). ``staged``: model files
+    staged by content (roles/model), linked into place at the switch, after the manifest.
     """
     svc = cfg.service
     server.group(name="Service group", group=svc.user, system=True)
@@ -96,7 +98,7 @@ def service(
                 args=args)
     # a CUDA host's offload: llama.cpp's fit with the new release, pinned before anything switches
     # (a model that cannot be fitted fails the host here, with the old release still serving)
-    pin = gpu_role.fit_pin(cfg, gpus, args, f"{cfg.model_dir}/{art.first.name}", art.first.sha256)
+    pin = gpu_role.fit_pin(cfg, gpus, args, model_role.load_path(cfg, art.first, staged), art.first.sha256)
     fit = gpu_role.pinned(cfg, pin)
     pins = [fit] if fit is not None else []
     # the key changes only after the check: a refused release must not leave a new key unread
@@ -124,6 +126,9 @@ def service(
     # the manifest moves first: a run that fails after it is seen as switched (and rolled back by a
     # rollout), never as "still on the old release" while current already points at the new one;
     # the old release stays on disk; switching back is a link change
+    # a same-name model's new content reaches its name only now (a crash before this point restarts
+    # the old release on the weights it ran)
+    placed = model_role.switched(cfg, staged)
     switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
     unit_path = f"/etc/systemd/system/{svc.name}.service"
     unit = atomic.put(
@@ -158,7 +163,7 @@ def service(
         name="Restart for changed binary, model, key or unit",
         service=f"{svc.name}.service",
         restarted=True,
-        _if=[lambda: stale or any_changed(unit, key, switched, *pins, *restart_on)() or bool(restart_if and restart_if()),
+        _if=[lambda: stale or any_changed(unit, key, switched, *pins, *placed, *restart_on)() or bool(restart_if and restart_if()),
              lambda: not started.did_change()],
     )
     return started, restarted, rid

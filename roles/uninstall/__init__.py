@@ -30,10 +30,10 @@ from llamadeploy.roles.firewall import keepers_removed, table_name
 from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.ownership.facts import OwnershipRecords
 from llamadeploy.roles.preflight import is_ours
-from llamadeploy.roles.release import records_dir
-from llamadeploy.roles.release.facts import ReleaseRecords
+from llamadeploy.roles.release import current_release, records_dir
+from llamadeploy.roles.release.facts import Entries, ReleaseRecords
 from llamadeploy.roles.release.operations import untagged_image_removed
-from llamadeploy.roles.release.plan import image_refs
+from llamadeploy.roles.release.plan import foreign_model_entries, image_refs
 from llamadeploy.roles.rpc import worker_removed
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 
@@ -87,7 +87,7 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
         if keep_models:
             tree_removed(name="Data directory removed, models kept", path=svc.data_dir, keep=cfg.model_dir)
         else:
-            tree_removed(name="Data directory removed", path=svc.data_dir)
+            _data_removed(cfg)
 
     account = host.get_fact(Users).get(svc.user)
     # never an account the deploy did not make
@@ -102,3 +102,27 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     server.shell(name="Ownership records directory removed (no other service's record in it)",
                  commands=[f"rmdir {shlex.quote(ownership.RECORD_DIR)} 2>/dev/null || true"],
                  _if=[record.did_change, lambda: not others])
+
+
+def _data_removed(cfg: HostConfig) -> None:
+    """The data directory goes; files in the model directory that no release brought stay, with it.
+
+    What releases brought: every recorded release's model files and the current manifest's
+    (a first deploy that failed its gate is not recorded). An operator's file beside them is
+    theirs, as dpkg leaves a directory it finds other files in.
+    """
+    svc = cfg.service
+    current = current_release(cfg)
+    brought = {n for r in host.get_fact(ReleaseRecords, path=records_dir(cfg)) for n in r.manifest.model_files}
+    brought |= set(current.model_files) if current else set()
+    entries = host.get_fact(Entries, path=cfg.model_dir)
+    foreign = foreign_model_entries(entries, brought)
+    if not foreign:
+        tree_removed(name="Data directory removed", path=svc.data_dir)
+        return
+    mine = [posixpath.join(cfg.model_dir, e) for e in entries if e not in foreign]
+    if mine:
+        server.shell(name="Model files our releases brought removed",
+                     commands=[f"rm -rf --one-file-system -- {' '.join(shlex.quote(p) for p in mine)}"])
+    tree_removed(name=f"Data directory removed; {cfg.model_dir} stays, with files no release brought: "
+                      f"{', '.join(foreign)}", path=svc.data_dir, keep=cfg.model_dir)

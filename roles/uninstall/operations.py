@@ -34,6 +34,11 @@ class LeftToRemove(FactBase[tuple[bool, str | None]]):
             '[ -n "$keep" ] || { echo "left $f"; break; }; done'
         )
 
+    @staticmethod
+    def default() -> tuple[bool, str | None]:
+        """No output at all (no mount point, nothing left): pyinfra gives a fact's default then."""
+        return False, None
+
     def process(self, output: list[str]) -> tuple[bool, str | None]:
         left = next((line[5:] for line in output if line.startswith("left ")), None)
         return "mounted" in output, left

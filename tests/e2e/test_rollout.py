@@ -246,23 +246,68 @@ def relabelled(src: Path, dest: Path) -> Path:
     return dest
 
 
+def healthy(h) -> bool:
+    try:
+        return httpx.get(f"http://{h.address}:8080/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def mapped_inode(h, path: str) -> str:
+    """The inode of ``path`` as the running llama-server mapped it (llama.cpp mmaps the model)."""
+    pid = h.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
+    maps = h.ssh(f"cat /proc/{pid}/maps").stdout.splitlines()
+    inodes = {line.split()[4] for line in maps if line.split()[-1] == path}
+    assert len(inodes) == 1, f"{path} mapped as {inodes} by pid {pid}"
+    return inodes.pop()
+
+
 def test_rollback_past_a_newer_model_of_the_same_name_transfers_nothing(fleet, baseline, tmp_path):
-    """A newer model under the same file name replaces the file the release ran; that release is
-    still reinstated with no transfer: the deploy kept the old content (a hard link under
-    ``.kept/<sha256>/``) and the rollback links it back into place."""
+    """A newer model under the same file name never reaches the name the serving release reads
+    before the switch: a deploy that fails after the transfer leaves it staged by content, and a
+    restart of the old release by hand loads the old weights. The switch links it into place;
+    the release it replaced is still reinstated with no transfer: the old content is kept (a
+    hard link under ``.kept/<sha256>/``) and the rollback links it back into place."""
     inv, _, _ = baseline
     h = fleet[2]
     before = manifest(h)
     src = assets.gemma_model()
     (tmp_path / "newer").mkdir()
     newer = relabelled(src, tmp_path / "newer" / src.name)
-    inv_newer = write_fleet(tmp_path / "newer.py", fleet,
-                            llama_model={"path": str(newer), "sha256": file_sha256(str(newer))})
+    newer_model = {"path": str(newer), "sha256": file_sha256(str(newer))}
+    staged = f"/var/lib/llama-server/models/.kept/{newer_model['sha256']}/{src.name}"
+
+    # the new content is sent, then the release fails its flag check, before the switch
+    bad = write_fleet(tmp_path / "newer-bad.py", fleet, llama_model=newer_model,
+                      llama_server={"extra_args": ["--no-such-flag"]})
+    result = run_deploy(bad, "--limit", h.address)
+    assert result.rc != 0 and "--no-such-flag" in result.stdout + result.stderr, result.stdout[-3000:]
+    assert manifest(h).release_id == before.release_id
+    assert h.ssh(f"sha256sum < {staged}").stdout.split()[0] == newer_model["sha256"]  # staged by content
+    # a crash or reboot of the serving release now: it loads the weights it ran
+    h.ssh("systemctl restart llama-server")
+    deadline = time.monotonic() + 120
+    while not healthy(h):
+        assert time.monotonic() < deadline, "the old release did not come back after its restart"
+        time.sleep(1)
+    assert h.ssh(f"sha256sum < {before.model_path}").stdout.split()[0] == before.model_sha256
+    assert mapped_inode(h, before.model_path) == h.ssh(f"stat -c %i {before.model_path}").stdout.strip()
+    assert isinstance(chat(h), str)
+
+    inv_newer = write_fleet(tmp_path / "newer.py", fleet, llama_model=newer_model)
+    sent = veth_bytes(h)
     result = run_deploy(inv_newer, "--limit", h.address)
+    moved = veth_bytes(h) - sent
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    print(f"deploying the staged newer model moved {moved} bytes over {h.veth}")
+    assert moved < 2 * 1024 * 1024, moved  # staged by the failed run: linked, not sent again
     after = manifest(h)
     assert after.model_sha256 != before.model_sha256 and after.model_path == before.model_path
-    assert h.ssh("ls /var/lib/llama-server/models/.kept").stdout.split() == [before.model_sha256]
+    assert sorted(h.ssh("ls /var/lib/llama-server/models/.kept").stdout.split()) == sorted(
+        [before.model_sha256, after.model_sha256])
+    # the switch linked the staged content into place and the server runs it
+    assert h.ssh(f"stat -c %i {staged}").stdout == h.ssh(f"stat -c %i {before.model_path}").stdout
+    assert mapped_inode(h, before.model_path) == h.ssh(f"stat -c %i {staged}").stdout.strip()
     # the kept name's hash record is current (written after the replacing rename moved its ctime):
     # a rollback reads it instead of hashing the model again
     kept = f"/var/lib/llama-server/models/.kept/{before.model_sha256}"
@@ -279,7 +324,7 @@ def test_rollback_past_a_newer_model_of_the_same_name_transfers_nothing(fleet, b
     assert isinstance(chat(h), str)
     print(f"rollback past a replaced model moved {moved} bytes over {h.veth}")
     assert moved < 2 * 1024 * 1024, moved  # the model is 253 MB
-    # the newer content is kept in turn: deploying it again is a link, no transfer either
+    # the newer content stays kept: deploying it again is a link, no transfer either
     kept_now = h.ssh("ls /var/lib/llama-server/models/.kept").stdout.split()
     assert sorted(kept_now) == sorted([before.model_sha256, after.model_sha256])
     sent = veth_bytes(h)

@@ -42,6 +42,8 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     assert result.rc == 0, result.stderr[-4000:]
     assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
     assert host.ssh(SNAPSHOT).stdout != fresh
+    # an operator's own file beside the deploy's model: not the deploy's to remove
+    host.ssh("echo weights > /var/lib/llama-server/models/operators-own.gguf")
 
     gone = remove(inventory)
     assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
@@ -49,7 +51,12 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     import difflib
 
     diff = "\n".join(difflib.unified_diff(fresh.splitlines(), after.splitlines(), "fresh", "after", lineterm="", n=0))
-    assert after == fresh, diff[:6000]
+    # exactly the operator's file is left, with the directories that hold it; nothing of the deploy
+    assert [line for line in diff.splitlines()[2:] if not line.startswith("@@")] == [
+        "+/var/lib/llama-server", "+/var/lib/llama-server/models", "+/var/lib/llama-server/models/operators-own.gguf",
+    ], diff[:6000]
+    assert host.ssh("cat /var/lib/llama-server/models/operators-own.gguf").stdout == "weights\n"
+    assert "operators-own.gguf" in gone.stdout + gone.stderr  # the run says what it left
     # the shared ccache mounted under the cache directory was not followed into
     assert host.ssh("ls /var/cache/llama.cpp").stdout.split() == ["ccache"]
 
@@ -58,3 +65,5 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     import json
 
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]
+    host.ssh("rm -r /var/lib/llama-server")  # the operator's to remove
+    assert host.ssh(SNAPSHOT).stdout == fresh

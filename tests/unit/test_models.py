@@ -40,3 +40,25 @@ def test_missing_file_and_quant_named():
 def test_default_alias():
     assert default_alias("sub/gemma-3-270m-it-Q4_K_M.gguf") == "gemma-3-270m-it-Q4_K_M"
     assert default_alias("m-fp16-00001-of-00003.gguf") == "m-fp16"
+
+
+def test_same_name_content_is_staged_by_content_and_free_names_go_in_place():
+    """A name that a release reads now with other content, or content the host kept, waits under
+    ``.kept/<sha256>/`` for the switch; a free name, or one holding the content, is not staged."""
+    from llamadeploy.atomic import HashState
+    from llamadeploy.config import HostConfig
+    from llamadeploy.roles.model import OnHost, load_path, staged_files
+    from llamadeploy.roles.model.source import ModelArtifact, ModelFile
+
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
+    new, kept, free, same = (ModelFile(n, "", 1, c * 64) for n, c in
+                             (("new.gguf", "a"), ("kept.gguf", "b"), ("free.gguf", "c"), ("same.gguf", "d")))
+    art = ModelArtifact((new, kept, free, same), "m")
+    state = HashState(sha256="e" * 64, recorded=True)
+    on_host = OnHost(present={"same.gguf": HashState(sha256="d" * 64, recorded=True)},
+                     other={"new.gguf": state, "kept.gguf": state}, kept=frozenset({"kept.gguf"}))
+    staged = staged_files(art, on_host)
+    assert staged == (new, kept)
+    assert load_path(cfg, new, staged) == f"{cfg.model_dir}/.kept/{'a' * 64}/new.gguf"
+    assert load_path(cfg, free, staged) == f"{cfg.model_dir}/free.gguf"
+    assert load_path(cfg, same, staged) == f"{cfg.model_dir}/same.gguf"

@@ -30,10 +30,12 @@ def test_prune_keeps_current_and_n_previous_with_their_files():
     records = [rec("r1", 1, "k1", "a.gguf"), rec("r2", 2, "k2", "b.gguf"), rec("r3", 3, "k2", "c.gguf"),
                rec("r4", 4, "k3", "c.gguf")]
     plan = prune_plan(records, "r4", 2, ["k1", "k2", "k3", "k9.partial"],
-                      ["a.gguf", ".a.gguf.sha256", "b.gguf", "c.gguf", "notes.txt"], protected_build="k3")
+                      ["a.gguf", ".a.gguf.sha256", "b.gguf", "c.gguf", "notes.txt", "operators.gguf",
+                       ".operators.gguf.sha256"], protected_build="k3")
     assert plan.records == ["r1"]
     assert plan.builds == ["k1"]  # k2 serves r2 and r3; a build being written is never judged
-    assert plan.models == [".a.gguf.sha256", "a.gguf"]  # foreign files stay
+    # only what a recorded release brought: an operator's own files stay, GGUF or not
+    assert plan.models == [".a.gguf.sha256", "a.gguf"]
     assert prune_plan(records, "r4", 3, ["k1", "k2", "k3"], ["a.gguf"]).empty
 
 
@@ -126,3 +128,12 @@ def test_docker_release_version_is_the_tag(ref, version):
     from llamadeploy.roles.docker import release_version
 
     assert release_version(ref) == version
+
+
+def test_uninstall_leaves_model_files_no_release_brought():
+    from llamadeploy.roles.release.plan import foreign_model_entries
+
+    entries = [".a.gguf.llamadeploy-stage", ".a.gguf.sha256", ".kept", "a.gguf", "a.gguf.partial", "b.gguf",
+               "mine.gguf", ".mine.gguf.sha256", "notes.txt"]
+    assert foreign_model_entries(entries, {"a.gguf", "b.gguf"}) == ["mine.gguf", ".mine.gguf.sha256", "notes.txt"]
+    assert foreign_model_entries(["a.gguf", ".kept"], {"a.gguf"}) == []
