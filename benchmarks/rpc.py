@@ -76,13 +76,30 @@ def main() -> int:
             h.stop()
     stamp = datetime.date.today().isoformat()
     (OUT / f"rpc-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = render(results, stamp)
+    (OUT / "RPC.md").write_text(text)
+    print(text)
+    return 0
+
+
+def errors_text(errors: dict) -> str:
+    """``{1: {}, 4: {"keep-alive drop": 2}}`` -> ``none at 1 client; keep-alive drop x2 at 4 clients``."""
+    parts = []
+    for clients, kinds in errors.items():
+        n = f"{clients} client{'s' if int(clients) != 1 else ''}"
+        parts.append(f"none at {n}" if not kinds else ", ".join(f"{k} x{v}" for k, v in kinds.items()) + f" at {n}")
+    return "; ".join(parts)
+
+
+def render(results: dict[str, dict], stamp: str) -> str:
+    """RPC.md from one run's results (also from its JSON: ``python -m benchmarks.rpc --render FILE``)."""
     base = results["head alone"]["tok_per_s"]
     rows = "\n".join(
         f"| {label} | {r['split'] or '-'} | " + " | ".join(
-            f"{r['tok_per_s'][c]} ({r['tok_per_s'][c] / base[c]:.2f}x)" for c in LEVELS) + " |"
+            f"{v} ({v / base[c]:.2f}x)" for c, v in r["tok_per_s"].items()) + " |"
         for label, r in results.items())
-    errors = "; ".join(f"{label}: {r['errors']}" for label, r in results.items())
-    text = f"""# RPC workers: head alone vs head + workers ({stamp})
+    errors = "\n".join(f"- {label}: {errors_text(r['errors'])}" for label, r in results.items())
+    return f"""# RPC workers: head alone vs head + workers ({stamp})
 
 Gemma 3 270M Q4_K_M (18 layers), llama.cpp b11434, three sandbox hosts on one LAN bridge of
 this 2-core machine; `bench` (64 tokens, 4 requests per client) against the head after each
@@ -94,17 +111,19 @@ first blocks).
 |---|---|---|---|
 {rows}
 
-Errors (counted by `bench`, never retried): {errors}.
+Errors, counted by `bench` and never retried:
+{errors}
 
 Slower is the expected result here: every host shares the same two cores and every token
 crosses the RPC link once per worker. RPC pays when the model does not fit one host at all
 (`tests/e2e/test_rpc.py`: a head that the preflight refuses alone serves with two workers);
 upstream measured 63 -> 42 t/s through one remote server on 1 GbE (llama.cpp PR #6829).
 """
-    (OUT / "RPC.md").write_text(text)
-    print(text)
-    return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # the page again from a run's JSON, no host booted
+        path = Path(sys.argv[2])
+        (OUT / "RPC.md").write_text(render(json.loads(path.read_text()), path.stem.removeprefix("rpc-")))
+        sys.exit(0)
     sys.exit(main())
