@@ -176,13 +176,24 @@ def test_multi_turn_chats_under_load_keep_their_connections(hosts, fleet):
     assert errors == [] and done[0] == 48, errors
 
 
+def redispatched(hosts, name: str) -> int:
+    """Requests the front redispatched away from ``name`` after failing to connect to it."""
+    text = httpx.get(f"http://{hosts['fd'].address}:8405/metrics", timeout=10).text
+    m = re.search(rf'^haproxy_server_redispatch_warnings_total\{{proxy="llama_servers",server="{re.escape(name)}"\}} (\d+)$',
+                  text, re.M)
+    assert m, "the exporter has no redispatch counter for " + name
+    return int(m.group(1))
+
+
 def test_a_backend_that_dies_under_traffic_costs_no_request_and_rejoins(hosts, fleet):
-    """Clients keep sending while be1 stops: through HAProxy's detection window (be1 stopped, not
-    yet marked DOWN) a request the front sends to be1 fails to connect and is redispatched to be2
-    (retry-on conn-failure, option redispatch), so clients see no error. A request be1 was
-    answering at the stop is the only one that may fail, and is counted."""
+    """Four clients keep sending while be1 stops: through HAProxy's detection window (be1 stopped,
+    not yet marked DOWN) the requests the front sends to be1 fail to connect and are redispatched
+    to be2 (retry-on conn-failure, option redispatch): the front's own counter shows them, and no
+    request sent after be1 was down fails. Only requests be1 was answering at the stop may fail
+    (at most one per client), and they are counted."""
     be1 = hosts["be1"]
-    seen: list[tuple[float, int]] = []  # (time sent, status) of every request, in order
+    clients = 4
+    seen: list[tuple[float, int]] = []  # (time sent, status) of every request
     stop = threading.Event()
 
     def client() -> None:
@@ -194,26 +205,36 @@ def test_a_backend_that_dies_under_traffic_costs_no_request_and_rejoins(hosts, f
                 status = 0
             seen.append((sent, status))
 
-    t = threading.Thread(target=client)
-    t.start()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    redispatched_before = redispatched(hosts, be1.address)
+    for t in threads:
+        t.start()
     try:
         time.sleep(3)
-        stopped = time.monotonic()
+        kill_sent = time.monotonic()  # llama-server closes its port at once, then ends its slots
         be1.ssh("systemctl stop llama-server")
+        stopped = time.monotonic()  # systemctl returned: the server is gone, nothing of it in flight
         wait_for(lambda: not server_up(hosts, be1.address), 30, "be1 out of the backend")
         marked_down = time.monotonic()
         time.sleep(3)
     finally:
         stop.set()
-        t.join(timeout=120)
+        for t in threads:
+            t.join(timeout=120)
         be1.ssh("systemctl start llama-server")
-    window = [s for when, s in seen if stopped <= when < marked_down]
-    failed = [s for when, s in seen if when >= stopped and s != 200]
-    print(f"failover: {len(window)} requests sent in the {marked_down - stopped:.1f}s detection window, "
-          f"{len(failed)} failed after the stop (statuses {failed}); {len(seen)} requests in all")
-    assert window, "no request was sent while be1 was stopped but not yet marked down"
-    assert len(failed) <= 1, failed  # at most the one be1 was answering when it stopped
-    assert all(s == 200 for when, s in seen if when < stopped)
+    window = [s for when, s in seen if kill_sent <= when < marked_down]
+    failed_after = [s for when, s in seen if when >= stopped and s != 200]
+    lost_at_stop = [s for when, s in seen if when < stopped and s != 200]
+    moved = redispatched(hosts, be1.address) - redispatched_before
+    print(f"failover: {len(window)} requests sent in the {marked_down - kill_sent:.1f}s from the stop to be1 "
+          f"marked down, {moved} redispatched away from be1, {len(failed_after)} failed after the stop, "
+          f"{len(lost_at_stop)} cut at the stop (statuses {lost_at_stop}); {len(seen)} requests in all")
+    assert window, "no request was sent between the stop and be1 marked down"
+    assert moved >= 1, "no request met the stopped be1 before it was marked down: the window was not exercised"
+    assert failed_after == [], failed_after
+    # only answers be1 had begun (502, cut mid-answer), at most one per client; a refused
+    # connection (503) is what redispatch exists to hide
+    assert all(s == 502 for s in lost_at_stop) and len(lost_at_stop) <= clients, lost_at_stop
     wait_for(lambda: server_up(hosts, be1.address), 120, "be1 back in the backend")
     before = served_by(hosts).get(be1.address, 0)
     for _ in range(12):
