@@ -35,6 +35,8 @@ def llama_server(cfg: HostConfig | None = None) -> None:
 
     # The front door and the monitor are hosts of their own (llama_role).
     front_changed = None
+    if cfg.role in ("front", "monitor"):  # no longer an RPC worker: its unit and fence go (a server's: rpc.group_step)
+        rpc.worker_removed(name="RPC worker")
     if cfg.role == "front":
         front_changed = front.front_door(cfg)
     elif cfg.role == "monitor":

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,7 +399,9 @@ class SandboxHost:
 
 
 def _stop(name: str, pid: int | None, veth: str, network: str, lan: str | None = None,
-          index: int | None = None) -> None:
+          index: int | None = None, claimed: dict | None = None) -> None:
+    """Stop a host and undo its network. ``claimed``: its state entry, already taken out of the
+    state file by the caller (:func:`reap`); else this removes it, once the host is down."""
     # a host object that did not boot the host itself (a second script, an interrupted one) knows no
     # pid: the state file does, and without SIGTERM to systemd-nspawn the host would keep running
     pid = pid or _load_state().get(name, {}).get("pid")
@@ -421,8 +423,10 @@ def _stop(name: str, pid: int | None, veth: str, network: str, lan: str | None =
     for table, chain, *match in host._nat_rules():
         while _run("iptables", *table, "-D", chain, *match, check=False).returncode == 0:
             pass
-    with _state() as state:
-        info = state.pop(name, {})
+    info = claimed
+    if info is None:
+        with _state() as state:
+            info = state.pop(name, {})
     _merge_back(name, info.get("overlays") or {})
 
 
@@ -430,16 +434,32 @@ def _merge_back(name: str, overlays: dict[str, str]) -> None:
     """What a host added to a shared directory it saw through an overlay (apt's downloaded
     .debs) goes into the shared one, each file by rename, so that later hosts find it."""
     for shared in overlays:
-        upper = _upper(name, shared)
-        if not upper.is_dir():
-            continue
-        for f in upper.iterdir():
+        for f in _listing(_upper(name, shared)):
             dest = Path(shared) / f.name
             if f.is_file() and f.suffix == ".deb" and not dest.exists():
-                tmp = dest.with_name(f".{f.name}.{os.getpid()}")
-                shutil.copyfile(f, tmp)
-                tmp.replace(dest)
+                _merge_file(f, dest)
     shutil.rmtree(HOSTS_DIR / f"{name}.overlays", ignore_errors=True)
+
+
+def _listing(directory: Path) -> list[Path]:
+    """The files of ``directory``; none when it is gone (another process merged and removed it)."""
+    try:
+        return list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _merge_file(src: Path, dest: Path) -> None:
+    """``src`` copied to ``dest`` by rename (readers never see half a file). Another process may
+    merge at the same time (two test workers stopping hosts): a source that vanished is skipped,
+    and a ``dest`` it placed first is replaced by the same file (apt names a .deb by its package,
+    version and architecture)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
 
 
 def _upper(name: str, shared: str) -> Path:
@@ -451,11 +471,22 @@ def reap(name: str | None = None, everything: bool = False) -> None:
     """Stop hosts left behind: one by name; else those whose owner (the process that booted
     them) is gone, and this process's own; with ``everything``, every host. Hosts of another
     running process (a parallel test worker) are left alone."""
-    for n, info in list(_load_state().items()):
-        mine = info.get("owner") == owner() or not _alive(info.get("owner"))
+    with _state() as state:  # decided and taken out at once: two workers never stop one host
+        doomed = _claimed(state, name, everything, owner(), _alive)
+    for n, info in doomed.items():
+        _stop(n, info.get("pid"), info["veth"], info["network"], info.get("lan"), info.get("index"), claimed=info)
+        shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)
+
+
+def _claimed(state: dict, name: str | None, everything: bool, me: int,
+             alive: Callable[[int | None], bool]) -> dict[str, dict]:
+    """The entries :func:`reap` stops, removed from ``state`` (the caller holds its lock)."""
+    doomed = {}
+    for n, info in list(state.items()):
+        mine = info.get("owner") == me or not alive(info.get("owner"))
         if n == name or (name is None and (everything or mine)):
-            _stop(n, info.get("pid"), info["veth"], info["network"], info.get("lan"), info.get("index"))
-            shutil.rmtree(HOSTS_DIR / n, ignore_errors=True)
+            doomed[n] = state.pop(n)
+    return doomed
 
 
 def ssh_config() -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import shlex
 from collections.abc import Callable
 from io import StringIO
 
@@ -60,10 +61,20 @@ def keeper_texts(unit: str, table: str, rules: str) -> tuple[str, str]:
 def kept(unit: str, table: str, rules: str, when: list[Callable[[], bool]] | None = None) -> list[OperationMeta]:
     """The fence of ``unit`` survives a flushed ruleset and a restarted ``nftables.service``.
 
+    The guard is running when this returns (started before the caller binds ``unit`` to it).
     Returns the operations that write the guard and drop-in: a change restarts the fenced
     unit (its guard is ``PartOf=`` it, so it restarts too), which its caller does. ``when``: run
     only if these hold at execution (a rollback's, a fallback's condition).
     """
+    return _keepers(unit, table, rules, when)[0]
+
+
+def _keepers(unit: str, table: str, rules: str,
+             when: list[Callable[[], bool]] | None) -> tuple[list[OperationMeta], OperationMeta]:
+    """:func:`kept`, and the operation that starts the guard: it runs before ``unit`` is (newly)
+    bound to it. systemd stops a running unit whose ``BindsTo=`` names an inactive one as soon
+    as it re-reads the binding (daemon-reload), so binding a running service first and starting
+    its guard after would stop the service."""
     when = when or []
     guard_text, dropin_text = keeper_texts(unit, table, rules)
     guard_path, dropin_path = guard_paths(unit, table)
@@ -73,21 +84,25 @@ def kept(unit: str, table: str, rules: str, when: list[Callable[[], bool]] | Non
     dropin = atomic.put(name=f"Fence of {unit} loaded by the host's nftables service", src=StringIO(dropin_text),
                         dest=dropin_path, mode="644", _if=when)
     systemd.daemon_reload(name="Reload systemd", _if=[*when, any_changed(guard, dropin)])
-    return [guard, dropin]
+    running = systemd.service(name=f"Fence guard of {unit} running", service=guard_unit(unit), running=True,
+                              _if=when)
+    return [guard, dropin], running
 
 
-def keepers_removed(unit: str, table: str) -> None:
+def keepers_removed(unit: str, table: str, when: list[Callable[[], bool]] | None = None) -> None:
     """The guard and drop-in of a fence that is no longer wanted: stopped first, so that the
-    guard cannot load the table again after it is deleted."""
+    guard cannot load the table again after it is deleted. ``when``: conditions evaluated as the
+    run executes (a rollback's), all of which must hold."""
+    cond = list(when or [])
     guard_path, dropin_path = guard_paths(unit, table)
     if host.get_fact(File, path=guard_path):
         server.shell(name=f"Fence guard of {unit} stopped",
-                     commands=[f"systemctl stop {guard_unit(unit)}"])
-    gone = [files.file(name=f"Fence guard of {unit} removed", path=guard_path, present=False),
-            files.file(name=f"nftables drop-in of {unit} removed", path=dropin_path, present=False)]
+                     commands=[f"systemctl stop {shlex.quote(guard_unit(unit))}"], _if=cond)
+    gone = [files.file(name=f"Fence guard of {unit} removed", path=guard_path, present=False, _if=cond),
+            files.file(name=f"nftables drop-in of {unit} removed", path=dropin_path, present=False, _if=cond)]
     server.shell(name="nftables drop-in directory removed when empty",
-                 commands=[f"rmdir {NFTABLES_DROPINS} 2>/dev/null || true"], _if=any_changed(*gone))
-    systemd.daemon_reload(name="Reload systemd", _if=any_changed(*gone))
+                 commands=[f"rmdir {NFTABLES_DROPINS} 2>/dev/null || true"], _if=[*cond, any_changed(*gone)])
+    systemd.daemon_reload(name="Reload systemd", _if=[*cond, any_changed(*gone)])
 
 
 def table_name(cfg: HostConfig) -> str:
@@ -119,21 +134,43 @@ def fence_rules(table: str, unit: str, port: int, networks: list[str]) -> tuple[
 def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, networks: list[str]) -> None:
     """A distribution's service (HAProxy's exporter, Prometheus) reached only by ``networks`` and
     the host itself: our table, kept loaded (:func:`kept`), and a drop-in that binds ``unit`` to
-    the fence's guard and loads the rules before every start, as our own units do."""
+    the fence's guard and loads the rules before every start, as our own units do.
+
+    The guard runs its current definition before ``unit`` is bound to it (see :func:`_keepers`).
+    Nothing restarts ``unit`` when the guard changes (HAProxy is reloaded, never restarted), so
+    a changed guard is restarted here, alone: ``--job-mode=ignore-requirements``, since a plain
+    restart of a unit that others are bound to restarts them too (systemd.unit(5), Requires=).
+    While its restart job runs, systemd does not stop the units bound to it."""
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = fence_rules(table, unit, port, networks)
     atomic.put(name=f"nftables rules for {unit}'s port {port}", src=StringIO(text), dest=rules, mode="600")
     table_loaded(name=f"nftables rules for {unit}'s port loaded", path=rules, table=table, digest=digest)
-    kept(unit, table, rules)
+    keepers, running = _keepers(unit, table, rules, None)
+    server.shell(name=f"Fence guard of {unit} restarted (its definition changed; {unit} keeps running)",
+                 commands=[f"systemctl restart --job-mode=ignore-requirements {shlex.quote(guard_unit(unit))}"],
+                 _if=[any_changed(*keepers), lambda: not running.did_change()])
     dropins = f"/etc/systemd/system/{unit}.service.d"
     files.directory(name=f"{unit} drop-in directory", path=dropins, mode="755")
     bound = atomic.put(name=f"{unit} bound to its fence", dest=f"{dropins}/llamadeploy-fence.conf", mode="644",
                        src=StringIO(render(BOUND_TEMPLATE, unit_name=unit, guard=guard_unit(unit),
                                            rules_arg=systemd_quote(rules))))
     systemd.daemon_reload(name="Reload systemd", _if=bound.did_change)
-    # bound while running (BindsTo= holds once systemd re-read the drop-in): the guard runs now
-    systemd.service(name=f"Fence guard of {unit} running", service=guard_unit(unit), running=True)
+
+
+@role("Fence removed")
+def port_unfenced(unit: str, table: str, rules: str) -> None:
+    """Undo :func:`port_fenced` (uninstall): ``unit`` unbound from its guard first (so stopping the
+    guard cannot stop it), then the guard, its drop-in, the table and the rules file."""
+    bound = files.file(name=f"{unit} no longer bound to a fence", present=False,
+                       path=f"/etc/systemd/system/{unit}.service.d/llamadeploy-fence.conf")
+    server.shell(name=f"{unit} drop-in directory removed when empty",
+                 commands=[f"rmdir {shlex.quote(f'/etc/systemd/system/{unit}.service.d')} 2>/dev/null || true"],
+                 _if=bound.did_change)
+    systemd.daemon_reload(name="Reload systemd", _if=bound.did_change)
+    keepers_removed(unit, table)
+    table_removed(name=f"nftables table of {unit}'s fence removed", table=table)
+    files.file(name=f"nftables rules of {unit}'s fence removed", path=rules, present=False)
 
 
 @role("Firewall")

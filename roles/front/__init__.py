@@ -61,6 +61,17 @@ def address(h: Host) -> str:
     return str(h.data.get("ssh_hostname") or h.name)
 
 
+def exporter_address(cfg: HostConfig, h: Host) -> str:
+    """Where front ``h``'s HAProxy exporter listens: ``metrics_bind``, else its fleet address. The
+    front binds it and the monitor scrapes it, both through this one function."""
+    return str(cfg.front.metrics_bind) if cfg.front.metrics_bind else peer_address(cfg, h)
+
+
+def host_port(addr: str, port: int) -> str:
+    """``addr:port``, an IPv6 address in brackets (as Prometheus targets and URLs want it)."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def backend_hosts(cfg: HostConfig) -> list[tuple[Host, HostConfig]]:
     """The servers behind this front, in inventory order."""
     configs = validate_inventory(host.inventory)
@@ -120,7 +131,7 @@ def front_door(cfg: HostConfig) -> Callable[[], bool]:
     # the exporter: on the fleet address, fenced to the monitors (and metrics_allow_from)
     port_fenced(cfg, "haproxy", EXPORTER_TABLE, EXPORTER_RULES, cfg.front.metrics_port,
                 exporter_networks(cfg, monitor_addresses(host.inventory)))
-    metrics_bind = str(cfg.front.metrics_bind) if cfg.front.metrics_bind else peer_address(cfg, host)
+    metrics_bind = exporter_address(cfg, host)
     conf = atomic.put(name="haproxy.cfg (checked with haproxy -c)",
                       src=StringIO(haproxy_config(cfg, backends, metrics_bind)),
                       dest=CONFIG, mode="644", check="haproxy -c -q -f {path}")

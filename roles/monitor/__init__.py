@@ -23,7 +23,7 @@ from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import port_fenced
-from llamadeploy.roles.front import address
+from llamadeploy.roles.front import address, exporter_address, host_port
 from llamadeploy.roles.transfer import peer_address
 
 ETC = "/etc/prometheus"
@@ -44,10 +44,10 @@ def targets(inventory) -> tuple[list[dict], list[dict], str | None]:
     for h in inventory:
         c = configs[h.name]
         if c.role == "server":
-            servers.append(f"{address(h)}:{c.server.port}")
+            servers.append(host_port(address(h), c.server.port))
             keys.add(c.server.api_key.get_secret_value() if c.server.api_key else None)
         elif c.role == "front":
-            fronts.append(f"{address(h)}:{c.front.metrics_port}")
+            fronts.append(host_port(exporter_address(c, h), c.front.metrics_port))
     if len(keys) > 1:
         raise DeployError("monitor: the servers use different API keys (or some none); one scrape job "
                           "needs one key: give every server the same llama_server.api_key_file")
@@ -63,7 +63,7 @@ def monitor(cfg: HostConfig) -> None:
     packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
     bind = str(m.bind) if m.bind else peer_address(cfg, host)
-    listen = f"[{bind}]:{m.port}" if ":" in bind else f"{bind}:{m.port}"
+    listen = host_port(bind, m.port)
     if key is not None:
         key_op = atomic.put(name="API key for scraping (0600, prometheus)", src=StringIO(key + "\n"), dest=KEY,
                             user="prometheus", group="prometheus", mode="600", secret=True)

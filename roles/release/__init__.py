@@ -31,7 +31,8 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import check_image_flags, compose_down, image_tagged
-from llamadeploy.roles.firewall import kept, rules_path, table_name
+from llamadeploy.roles.firewall import keepers_removed, kept, rules_path, table_name
+from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.model import kept_dir
 from llamadeploy.roles.model.operations import kept_path, restored
@@ -210,6 +211,12 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
     models = [*models, *_files_reinstated(cfg, target, entry, list(when))]
     switch = _docker_switched if m.mode == "docker" else _native_switched
     restarted = switch(cfg, target, entry, models, list(when))
+    if m.mode == "native" and not host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
+        # a release that ran without allow_from: once its unit (not bound to a guard) runs, the
+        # fence a later release added goes, guard and drop-in first (else the port stays fenced)
+        keepers_removed(cfg.service.name, table_name(cfg), when=list(when))
+        table_removed(name="No nftables table for the port (the release ran without one)", table=table_name(cfg),
+                      _if=list(when))
     # the gate asks the address the reinstated release listens on, with its key: not the inventory's
     failed = health_gate(cfg, m.alias, after=[restarted], release=m, ignore_errors=ignore_errors)
     release_recorded(name=f"Release {target.id} marked the latest", records_dir=records_dir(cfg),

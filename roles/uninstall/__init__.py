@@ -22,11 +22,11 @@ from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
-from llamadeploy.roles import ownership
+from llamadeploy.roles import front, monitor, ownership
 from llamadeploy.roles.docker import compose_command
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
-from llamadeploy.roles.firewall import keepers_removed, table_name
+from llamadeploy.roles.firewall import keepers_removed, port_unfenced, table_name
 from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.ownership.facts import OwnershipRecords
 from llamadeploy.roles.preflight import is_ours
@@ -54,6 +54,9 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     keepers_removed(svc.name, table_name(cfg))
     table_removed(name="nftables table removed", table=table_name(cfg))
     worker_removed(name="RPC worker")  # an RPC worker's (roles/rpc)
+    # a front's and a monitor's fences (roles/front, roles/monitor): no-ops on any other host
+    port_unfenced("haproxy", front.EXPORTER_TABLE, front.EXPORTER_RULES)
+    port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:

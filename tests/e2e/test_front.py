@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
-from tests.conftest import merged_data, run_deploy
+from tests.conftest import PYINFRA, REPO, merged_data, run_deploy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")]
 
@@ -190,7 +190,9 @@ def test_a_backend_that_dies_under_traffic_costs_no_request_and_rejoins(hosts, f
     not yet marked DOWN) the requests the front sends to be1 fail to connect and are redispatched
     to be2 (retry-on conn-failure, option redispatch): the front's own counter shows them, and no
     request sent after be1 was down fails. Only requests be1 was answering at the stop may fail
-    (at most one per client), and they are counted."""
+    (at most one per client), and they are counted. The window is held open for 3 s by pausing
+    be1's health checks (HAProxy's runtime API), so that it is exercised on every run: left to
+    the checks it lasts about a second, after a stop that takes up to 30 s under load."""
     be1 = hosts["be1"]
     clients = 4
     seen: list[tuple[float, int]] = []  # (time sent, status) of every request
@@ -209,24 +211,29 @@ def test_a_backend_that_dies_under_traffic_costs_no_request_and_rejoins(hosts, f
     redispatched_before = redispatched(hosts, be1.address)
     for t in threads:
         t.start()
+    api = "socat stdio /run/haproxy/admin.sock"
     try:
         time.sleep(3)
-        kill_sent = time.monotonic()  # llama-server closes its port at once, then ends its slots
+        hosts["fd"].ssh(f"echo 'disable health llama_servers/{be1.address}' | {api}")
         be1.ssh("systemctl stop llama-server")
         stopped = time.monotonic()  # systemctl returned: the server is gone, nothing of it in flight
+        time.sleep(3)  # be1 still UP at the front, its port closed: the detection window
+        assert server_up(hosts, be1.address)
+        hosts["fd"].ssh(f"echo 'enable health llama_servers/{be1.address}' | {api}")
         wait_for(lambda: not server_up(hosts, be1.address), 30, "be1 out of the backend")
         marked_down = time.monotonic()
-        time.sleep(3)
+        time.sleep(2)
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=120)
+        hosts["fd"].ssh(f"echo 'enable health llama_servers/{be1.address}' | {api}")
         be1.ssh("systemctl start llama-server")
-    window = [s for when, s in seen if kill_sent <= when < marked_down]
+    window = [s for when, s in seen if stopped <= when < marked_down]
     failed_after = [s for when, s in seen if when >= stopped and s != 200]
     lost_at_stop = [s for when, s in seen if when < stopped and s != 200]
     moved = redispatched(hosts, be1.address) - redispatched_before
-    print(f"failover: {len(window)} requests sent in the {marked_down - kill_sent:.1f}s from the stop to be1 "
+    print(f"failover: {len(window)} requests sent in the {marked_down - stopped:.1f}s from the stop to be1 "
           f"marked down, {moved} redispatched away from be1, {len(failed_after)} failed after the stop, "
           f"{len(lost_at_stop)} cut at the stop (statuses {lost_at_stop}); {len(seen)} requests in all")
     assert window, "no request was sent between the stop and be1 marked down"
@@ -447,3 +454,28 @@ def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
             httpx.get(f"https://{fd.address}:8443/health", verify=client(old), timeout=10)
         # refused by the server (protocol version alert), not a client unable to offer it
         assert "no protocols available" not in str(refused.value).lower(), refused.value
+
+
+def test_uninstall_takes_the_fences_of_front_and_monitor_away(hosts, fleet):
+    """The last test of the module: uninstall on the front and the monitor removes what their
+    fences put there (the service's drop-in, the guard, the nftables drop-in, the table, the rules
+    file), the services unbound first; a second uninstall changes nothing."""
+    def remove() -> subprocess.CompletedProcess:
+        return subprocess.run([PYINFRA, "-y", "--json", str(fleet), "llamadeploy.deploy.llama_server_removed",
+                               "--limit", hosts["fd"].address, "--limit", hosts["mon"].address],
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
+
+    gone = remove()
+    assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
+    assert json.loads(gone.stdout)["results"]["totals"]["success"] > 0, gone.stdout[-3000:]  # it ran on both
+    for name, unit, rules in (("fd", "haproxy", "/etc/haproxy/llamadeploy-exporter.nft"),
+                              ("mon", "prometheus", "/etc/prometheus/llamadeploy-fence.nft")):
+        h = hosts[name]
+        left = h.ssh(f"ls /etc/systemd/system/{unit}-fence.service /etc/systemd/system/{unit}.service.d "
+                     f"/etc/systemd/system/nftables.service.d {rules} 2>&1", check=False).stdout
+        assert left.count("No such file") == 4, left
+        assert "llamadeploy_" not in h.ssh("nft list tables").stdout
+        assert h.ssh(f"systemctl is-active {unit}-fence.service", check=False).stdout.strip() != "active"
+    again = remove()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]

@@ -18,7 +18,7 @@ import pytest
 from llamadeploy.bench import wait_healthy
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import host_state, merged_data, run_deploy
+from tests.conftest import cli, host_state, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -266,6 +266,9 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     the table goes."""
     url = f"http://{host.address}:8080/health"
     table = "llamadeploy_llama_server"
+    base = run_deploy(inventory)  # a release without allow_from, recorded (a no-op when it serves already)
+    assert base.rc == 0, base.stderr[-3000:]
+    base_id = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     elsewhere = with_data(host, tmp_path, "fw-other", llama_server={"allow_from": ["192.0.2.0/24"]})
     result = run_deploy(elsewhere)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
@@ -303,13 +306,25 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     host.ssh(f"systemctl stop llama-server && nft delete table inet {table} && systemctl start llama-server")
     assert "comment \"llamadeploy " in host.ssh(f"nft list table inet {table}").stdout
 
+    def unfenced() -> None:
+        assert host.ssh(f"nft list table inet {table}", check=False).returncode != 0
+        assert "ExecStartPre" not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
+        left = host.ssh("ls /etc/systemd/system/llama-server-fence.service "
+                        "/etc/systemd/system/nftables.service.d 2>&1", check=False).stdout
+        assert left.count("No such file") == 2, left  # the guard and the drop-in (and its directory) went
+
+    # a rollback to the release that ran without allow_from takes the fence away with it
+    rolled = cli("rollback", str(inventory), "--to", base_id)
+    assert rolled.returncode == 0, (rolled.stdout + rolled.stderr)[-3000:]
+    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == base_id
+    unfenced()
+    assert httpx.get(url, timeout=10).status_code == 200  # the controller, never listed, reaches it
+    host.ssh("systemctl restart nftables")  # and nothing loads the fence again
+    assert httpx.get(url, timeout=10).status_code == 200
+
     result = run_deploy(inventory)
     assert result.rc == 0, result.stderr[-3000:]
-    assert host.ssh(f"nft list table inet {table}", check=False).returncode != 0
-    assert "ExecStartPre" not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
-    left = host.ssh("ls /etc/systemd/system/llama-server-fence.service "
-                    "/etc/systemd/system/nftables.service.d 2>&1", check=False).stdout
-    assert left.count("No such file") == 2, left  # the guard and the drop-in (and its directory) went
+    unfenced()
     assert httpx.get(url, timeout=10).status_code in (200, 503)
 
 

@@ -80,7 +80,9 @@ def test_fence_keepers_render_for_the_unit_and_rules():
         "/etc/systemd/system/llama-server-fence.service",
         "/etc/systemd/system/nftables.service.d/llamadeploy_llama_server.conf")
     lines = guard.splitlines()
-    assert "PartOf=llama-server.service" in lines and "StopWhenUnneeded=yes" in lines
+    assert "PartOf=llama-server.service" in lines
+    # not StopWhenUnneeded=: the guard is started before the service is bound to it (roles/firewall)
+    assert not any(ln.startswith("StopWhenUnneeded") for ln in lines)
     exec_start = next(ln for ln in lines if ln.startswith("ExecStart="))
     assert exec_start.endswith("' nft-fence llamadeploy_llama_server /etc/llama-server/firewall.nft")
     assert "ExecStart=-/usr/sbin/nft -f /etc/llama-server/firewall.nft" in dropin.splitlines()
@@ -98,13 +100,10 @@ def _guard_command(tmp_path) -> list[str]:
     return shlex.split(line.removeprefix("ExecStart=").replace("$$", "$"))
 
 
-def test_guard_loads_the_table_again_when_it_goes_and_ends_when_it_cannot(tmp_path):
-    """The guard's shell, run against a stand-in ``nft`` (a script: the table is a file, ``monitor``
-    prints what the test writes into a FIFO): it loads a missing table at start, loads it again
-    after an event that removed it, leaves a present one alone, and ends (so that the fenced
-    unit, bound to it, stops) when a load fails."""
+def _stand_in_nft(tmp_path):
+    """A stand-in ``nft`` on PATH: the table is a file in ``state``, ``nft -f`` creates it (and
+    fails while ``state/fail`` exists), ``monitor`` prints what is written into the FIFO."""
     import os
-    import time
 
     bindir, state, fifo = tmp_path / "bin", tmp_path / "state", tmp_path / "events"
     bindir.mkdir()
@@ -118,13 +117,28 @@ case "$1" in
 esac
 """)
     (bindir / "nft").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    return state, fifo, {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def _loads(state) -> int:
+    return (state / "log").read_text().count("load") if (state / "log").exists() else 0
+
+
+def test_guard_loads_the_table_again_when_it_goes_and_ends_when_it_cannot(tmp_path):
+    """The guard's shell, run against a stand-in ``nft`` (a script: the table is a file, ``monitor``
+    prints what the test writes into a FIFO): it loads a missing table at start, loads it again
+    after an event that removed it, leaves a present one alone, and ends (so that the fenced
+    unit, bound to it, stops) when a load fails: with status 1, so that systemd shows it failed (a
+    shell killed by SIGTERM is a clean stop to systemd)."""
+    import time
+
+    state, fifo, env = _stand_in_nft(tmp_path)
     guard = subprocess.Popen(_guard_command(tmp_path), env=env)
     try:
         events = open(fifo, "w")  # noqa: SIM115 - held open for the guard's whole life
 
         def loads() -> int:
-            return (state / "log").read_text().count("load") if (state / "log").exists() else 0
+            return _loads(state)
 
         def wait_for(cond) -> None:
             for _ in range(100):
@@ -148,9 +162,36 @@ esac
         (state / "t1").unlink()
         events.write("flush ruleset\n")
         events.flush()
-        guard.wait(timeout=10)  # a load failed: the guard ended
+        guard.wait(timeout=10)  # a load failed: the guard ended, failed
         assert loads() == 3
+        assert guard.returncode == 1
         events.close()
+    finally:
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait()
+
+
+def test_guard_stopped_by_systemd_ends_cleanly_and_loads_nothing_after(tmp_path):
+    """systemd stops the guard with SIGTERM to its main shell: a clean stop (not failed), and the
+    loop it leaves behind loads no table after it (it checks that the main shell still runs)."""
+    import signal
+    import time
+
+    state, fifo, env = _stand_in_nft(tmp_path)
+    (state / "t1").touch()  # loaded: nothing to do at start
+    guard = subprocess.Popen(_guard_command(tmp_path), env=env)
+    try:
+        with open(fifo, "w") as events:
+            time.sleep(0.3)
+            assert guard.poll() is None and _loads(state) == 0
+            guard.send_signal(signal.SIGTERM)
+            assert guard.wait(timeout=10) == -signal.SIGTERM
+            (state / "t1").unlink()
+            events.write("delete table inet t1\n")
+            events.flush()
+            time.sleep(0.3)
+            assert _loads(state) == 0
     finally:
         if guard.poll() is None:
             guard.kill()

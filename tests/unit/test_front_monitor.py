@@ -95,3 +95,36 @@ def test_alert_rules_cover_down_queued_deferred_slow_and_backend_down():
                           "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown"}
     assert "llamacpp:requests_deferred" in names["LlamaRequestsDeferred"]["expr"]
     assert "{{ $labels.instance }}" in names["LlamaTargetDown"]["annotations"]["summary"]
+
+
+def test_the_monitor_scrapes_the_exporter_where_the_front_binds_it():
+    """``metrics_bind`` when set, else the front's fleet address; IPv6 in brackets."""
+    from types import SimpleNamespace
+
+    from llamadeploy.roles.front import exporter_address, host_port
+
+    front = SimpleNamespace(name="lb1", data={"ssh_hostname": "10.0.0.5"})
+    assert exporter_address(cfg(), front) == "10.0.0.5"
+    assert exporter_address(cfg(metrics_bind="10.9.9.9"), front) == "10.9.9.9"
+    assert host_port(exporter_address(cfg(metrics_bind="fd00::5"), front), 8405) == "[fd00::5]:8405"
+    assert host_port("10.0.0.5", 8405) == "10.0.0.5:8405"
+    # and the monitor's scrape targets use exactly that
+    from pyinfra.api import Inventory
+
+    from llamadeploy.roles.monitor import targets
+
+    server = {"llama_server": {"allow_unauthenticated": True}}
+    inv = Inventory((["10.0.0.1", "fd00::1",
+                      ("10.0.0.5", {"llama_role": "front", "llama_front": {"metrics_bind": "fd00::5"}}),
+                      ("10.0.0.6", {"llama_role": "front"}),
+                      # reached over SSH at one address, bound on its fleet address (llama_transfer.address)
+                      ("lb3", {"llama_role": "front", "ssh_hostname": "203.0.113.7",
+                               "llama_transfer": {"address": "10.0.0.7"}})], server))
+    servers, fronts, _ = targets(inv)
+    assert fronts[0]["targets"] == ["[fd00::5]:8405", "10.0.0.6:8405", "10.0.0.7:8405"]
+    assert servers[0]["targets"] == ["10.0.0.1:8080", "[fd00::1]:8080"]
+    # the front renders its exporter's bind with the same function (front_door)
+    from llamadeploy.hostdata import validate_inventory
+
+    lb3, c3 = inv.get_host("lb3"), validate_inventory(inv)["lb3"]
+    assert "bind 10.0.0.7:8405" in lines(haproxy_config(c3, BACKENDS, exporter_address(c3, lb3)))

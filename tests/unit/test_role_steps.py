@@ -1,0 +1,135 @@
+"""The order and conditions of a role's steps, without a host: pyinfra's operation modules are
+replaced by a recorder, so a role's body runs as plain Python and lists what it would add.
+
+What matters here is what a host cannot show in one deploy: which step runs before which
+(a guard started before a running service is bound to it) and which change triggers which
+step (a changed guard restarted); the operations themselves have their own specs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from llamadeploy.config import HostConfig
+
+
+class Op:
+    """A recorded operation call; ``changed`` is what ``did_change()`` will say at execution."""
+
+    def __init__(self, call: str, args: tuple, kwargs: dict[str, Any]):
+        self.call, self.args, self.kwargs = call, args, kwargs
+        self.changed = False
+
+    def did_change(self) -> bool:
+        return self.changed
+
+    def runs(self) -> bool:
+        """Whether its ``_if`` conditions hold now (as pyinfra evaluates them at execution)."""
+        cond = self.kwargs.get("_if") or []
+        return all(c() for c in (cond if isinstance(cond, list) else [cond]))
+
+    def __repr__(self) -> str:
+        return f"{self.call}({self.kwargs.get('name')!r})"
+
+
+class Recorder:
+    """Stands in for pyinfra's and our operation modules (``systemd.service(...)`` records an Op)."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def op(self, call: str) -> Callable[..., Op]:
+        def record(*args: Any, **kwargs: Any) -> Op:
+            self.ops.append(Op(call, args, kwargs))
+            return self.ops[-1]
+        return record
+
+    def module(self, prefix: str) -> Any:
+        rec = self
+
+        class Module:
+            def __getattr__(self, name: str) -> Callable[..., Op]:
+                return rec.op(f"{prefix}.{name}")
+        return Module()
+
+    def find(self, call: str, **match: Any) -> Op:
+        found = [o for o in self.ops if o.call == call and all(o.kwargs.get(k) == v for k, v in match.items())]
+        assert len(found) == 1, (call, match, self.ops)
+        return found[0]
+
+    def index(self, op: Op) -> int:
+        return next(i for i, o in enumerate(self.ops) if o is op)
+
+
+@pytest.fixture
+def fenced(monkeypatch) -> Recorder:
+    """:func:`~llamadeploy.roles.firewall.port_fenced` for HAProxy's exporter, recorded."""
+    import llamadeploy.roles.firewall as fw
+
+    rec = Recorder()
+    for name in ("atomic", "files", "server", "systemd", "packages"):
+        monkeypatch.setattr(fw, name, rec.module(name))
+    monkeypatch.setattr(fw, "table_loaded", rec.op("table_loaded"))
+    cfg = HostConfig.model_validate({"role": "front"})
+    fw.port_fenced._inner(cfg, "haproxy", "llamadeploy_haproxy_exporter",
+                          "/etc/haproxy/llamadeploy-exporter.nft", 8405, ["10.0.0.9/32"])
+    return rec
+
+
+def test_the_guard_runs_before_a_running_service_is_bound_to_it(fenced):
+    """systemd stops a running service whose new ``BindsTo=`` names an inactive unit when it
+    re-reads it: the guard is started before the binding drop-in is written and reloaded."""
+    guard_running = fenced.find("systemd.service", service="haproxy-fence.service", running=True)
+    bound = fenced.find("atomic.put", dest="/etc/systemd/system/haproxy.service.d/llamadeploy-fence.conf")
+    guard_file = fenced.find("atomic.put", dest="/etc/systemd/system/haproxy-fence.service")
+    assert fenced.index(guard_file) < fenced.index(guard_running) < fenced.index(bound)
+    reloads = [i for i, o in enumerate(fenced.ops) if o.call == "systemd.daemon_reload"]
+    # the guard's own unit is read before it starts; the binding only after it runs
+    assert any(fenced.index(guard_file) < i < fenced.index(guard_running) for i in reloads)
+    assert any(i > fenced.index(bound) for i in reloads)
+    assert not [o for o in fenced.ops if o.call == "systemd.service" and o is not guard_running]
+
+
+@pytest.mark.parametrize(("changed", "started", "restarted"), [
+    ("guard", False, True),
+    ("dropin", False, True),
+    (None, False, False),
+    ("guard", True, False),  # just started: it runs the new definition already
+])
+def test_a_changed_guard_is_restarted_alone(fenced, changed, started, restarted):
+    """Nothing restarts HAProxy or Prometheus when their guard's definition changes, so the guard
+    is restarted itself; without its requirements, which would restart the bound service too."""
+    guard_file = fenced.find("atomic.put", dest="/etc/systemd/system/haproxy-fence.service")
+    dropin = fenced.find("atomic.put", dest="/etc/systemd/system/nftables.service.d/llamadeploy_haproxy_exporter.conf")
+    guard_running = fenced.find("systemd.service", service="haproxy-fence.service", running=True)
+    restart = fenced.find("server.shell", commands=[
+        "systemctl restart --job-mode=ignore-requirements haproxy-fence.service"])
+    bound = fenced.find("atomic.put", dest="/etc/systemd/system/haproxy.service.d/llamadeploy-fence.conf")
+    assert fenced.index(guard_running) < fenced.index(restart) < fenced.index(bound)
+    guard_file.changed, dropin.changed = changed == "guard", changed == "dropin"
+    guard_running.changed = started
+    assert restart.runs() is restarted
+
+
+@pytest.mark.parametrize(("role", "removed"), [("front", True), ("monitor", True), ("server", False),
+                                                ("rpc_worker", False)])
+def test_a_host_that_becomes_a_front_or_a_monitor_loses_its_rpc_worker(monkeypatch, role, removed):
+    """A former RPC worker's unit, fence and guard go whatever its new role; a server's go in
+    ``rpc.group_step`` (part of the server's steps), a front's and a monitor's in the deploy."""
+    import llamadeploy.deploy as d
+    from llamadeploy.roles import front, monitor, rpc
+
+    calls: list[str] = []
+    monkeypatch.setattr(rpc, "worker_removed", lambda name: calls.append(f"worker_removed {name}"))
+    monkeypatch.setattr(front, "front_door", lambda cfg: calls.append("front_door"))
+    monkeypatch.setattr(front, "served", lambda cfg, changed: None)
+    monkeypatch.setattr(monitor, "monitor", lambda cfg: calls.append("monitor"))
+    monkeypatch.setattr(d, "_server", lambda cfg: calls.append("server steps"))
+    cfg = HostConfig.model_validate({"role": role} if role in ("front", "monitor") else {
+        "role": role, "model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
+    d.llama_server._inner(cfg)
+    assert ("worker_removed RPC worker" in calls) is removed
+    if removed:  # before the role's own steps
+        assert calls[0] == "worker_removed RPC worker" and calls[1] == role.replace("front", "front_door")
