@@ -186,7 +186,8 @@ def test_upgrade_that_rejects_a_flag_keeps_the_old_release(host, inventory, tmp_
     """A new release is checked (--version, --help against the unit's flags) before current moves:
     a flag it rejects stops the deploy with current and the unit on the old release, also after
     systemctl restart."""
-    run_deploy(inventory)  # back to the base flags after the NUMA cases
+    base = run_deploy(inventory)  # back to the base flags after the NUMA cases
+    assert base.rc == 0, base.stderr[-3000:]
     before = host.ssh("readlink /opt/llama.cpp/current; md5sum /etc/systemd/system/llama-server.service").stdout
     upgrade = with_data(host, tmp_path, "upgrade", llama_build={"commit": "b11434-next"},
                         llama_server={"allow_unauthenticated": True, "extra_args": ["--mlock"]})
@@ -432,7 +433,8 @@ def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
     """
     from llamadeploy.bench import soak
 
-    run_deploy(inventory)  # the base unit, whatever the tests before changed
+    base = run_deploy(inventory)  # the base unit, whatever the tests before changed
+    assert base.rc == 0, base.stderr[-3000:]
 
     def rss() -> int:
         pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
