@@ -52,8 +52,9 @@ def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, Non
     + path: the directory to remove
     + keep: a child of ``path`` to keep (the models, with ``keep_models``)
 
-    ``--one-file-system`` never follows a mount point into another filesystem (a bind-mounted
-    cache, an NFS model share): those stay, with the directories that hold them.
+    A mount point below ``path`` (a bind-mounted cache, an NFS model share) stays, with what is
+    in it and the directories that hold it: ``--one-file-system`` alone would still empty a bind
+    mount of the same filesystem, so then only what lies outside every mount point is removed.
     """
     if not host.get_fact(Directory, path=path):
         host.noop(f"{path} is not there")
@@ -66,9 +67,14 @@ def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, Non
         host.noop(f"only mount points are left under {path}")
         return
     q = shlex.quote
-    if keep:
-        yield (f"find {q(path)} -mindepth 1 -maxdepth 1 ! -path {q(keep)} "
-               f"-exec rm -rf --one-file-system --preserve-root=all {{}} +")
+    if keep or mounted:
+        # rm -rf --one-file-system still empties a bind mount of the same filesystem (same device):
+        # remove only what is neither a mount point (or the kept child), inside one, nor above one
+        yield (f"mps=$(awk -v p={q(path)} '$5 == p || index($5, p \"/\") == 1 {{print $5}}' /proc/self/mountinfo); "
+               + (f"mps=\"$mps {q(keep)}\"; " if keep else "")
+               + f"find {q(path)} -mindepth 1 2>/dev/null | while IFS= read -r f; do skip=; "
+               'for m in $mps; do case "$f" in "$m"|"$m"/*) skip=1;; esac; case "$m" in "$f"/*) skip=1;; esac; done; '
+               '[ -n "$skip" ] || rm -rf --one-file-system -- "$f"; done; true')
         return
     # rm fails when it had to leave a mount point behind: that is success here, anything else is not
     # --preserve-root=all: an argument that is itself a mount point is refused, not emptied

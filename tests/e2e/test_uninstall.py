@@ -44,8 +44,15 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     assert host.ssh(SNAPSHOT).stdout != fresh
     # an operator's own file beside the deploy's model: not the deploy's to remove
     host.ssh("echo weights > /var/lib/llama-server/models/operators-own.gguf")
-
-    gone = remove(inventory)
+    # and a file in the ccache bind-mounted under the cache directory (the same filesystem as the
+    # host's tree: rm --one-file-system alone would empty it)
+    marker = "/var/cache/llama.cpp/ccache/.uninstall-keeps-this"
+    host.ssh(f"echo shared > {marker}")
+    try:
+        gone = remove(inventory)
+        assert host.ssh(f"cat {marker}", check=False).stdout == "shared\n", "the bind-mounted ccache was emptied"
+    finally:
+        host.ssh(f"rm -f {marker}", check=False)
     assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
     after = host.ssh(SNAPSHOT).stdout
     import difflib
