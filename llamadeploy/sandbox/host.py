@@ -9,9 +9,10 @@ Layout on disk (``LLAMACTL_CACHE``, default ``/var/cache/llamactl-ci``):
 
 * ``rootfs-bookworm/``   the debootstrap tree, built once and reused
 * ``hosts/<name>/``      a per-host copy of that tree, deleted on teardown
-* ``ccache/``, ``apt-archives/``  bind-mounted into every host so that a second
-  host (or a second test run on the same machine) reuses compiled objects and
-  downloaded ``.deb`` files instead of paying for them again
+* ``ccache/``, ``apt-archives/``  shared by every host (ccache bind-mounted, the apt
+  archive as an overlay with a layer per host) so that a second host (or a second
+  test run on the same machine) reuses compiled objects and downloaded ``.deb``
+  files instead of paying for them again
 * ``ssh/id_ed25519``     the test key pair
 * ``running.json``       hosts that are up, so a crashed run can be reaped
 """
