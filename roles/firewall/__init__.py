@@ -47,6 +47,12 @@ def guard_unit(unit: str) -> str:
     return f"{unit}-fence.service"
 
 
+def bound_dropin(unit: str) -> tuple[str, str]:
+    """A distribution's unit's drop-in directory and the drop-in that binds it to its fence."""
+    dropins = f"/etc/systemd/system/{unit}.service.d"
+    return dropins, f"{dropins}/llamadeploy-fence.conf"
+
+
 def guard_paths(unit: str, table: str) -> tuple[str, str]:
     """Where the guard unit and the nftables drop-in of a fence live."""
     return f"/etc/systemd/system/{guard_unit(unit)}", f"{NFTABLES_DROPINS}/{table}.conf"
@@ -150,9 +156,9 @@ def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, n
     server.shell(name=f"Fence guard of {unit} restarted (its definition changed; {unit} keeps running)",
                  commands=[f"systemctl restart --job-mode=ignore-requirements {shlex.quote(guard_unit(unit))}"],
                  _if=[any_changed(*keepers), lambda: not running.did_change()])
-    dropins = f"/etc/systemd/system/{unit}.service.d"
+    dropins, dropin = bound_dropin(unit)
     files.directory(name=f"{unit} drop-in directory", path=dropins, mode="755")
-    bound = atomic.put(name=f"{unit} bound to its fence", dest=f"{dropins}/llamadeploy-fence.conf", mode="644",
+    bound = atomic.put(name=f"{unit} bound to its fence", dest=dropin, mode="644",
                        src=StringIO(render(BOUND_TEMPLATE, unit_name=unit, guard=guard_unit(unit),
                                            rules_arg=systemd_quote(rules))))
     systemd.daemon_reload(name="Reload systemd", _if=bound.did_change)
@@ -162,10 +168,10 @@ def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, n
 def port_unfenced(unit: str, table: str, rules: str) -> None:
     """Undo :func:`port_fenced` (uninstall): ``unit`` unbound from its guard first (so stopping the
     guard cannot stop it), then the guard, its drop-in, the table and the rules file."""
-    bound = files.file(name=f"{unit} no longer bound to a fence", present=False,
-                       path=f"/etc/systemd/system/{unit}.service.d/llamadeploy-fence.conf")
+    dropins, dropin = bound_dropin(unit)
+    bound = files.file(name=f"{unit} no longer bound to a fence", present=False, path=dropin)
     server.shell(name=f"{unit} drop-in directory removed when empty",
-                 commands=[f"rmdir {shlex.quote(f'/etc/systemd/system/{unit}.service.d')} 2>/dev/null || true"],
+                 commands=[f"rmdir {shlex.quote(dropins)} 2>/dev/null || true"],
                  _if=bound.did_change)
     systemd.daemon_reload(name="Reload systemd", _if=bound.did_change)
     keepers_removed(unit, table)
