@@ -7,6 +7,7 @@ field of ``llamadeploy.config.HostConfig``):
    (hosts with llama_role "front" get HAProxy     ``roles/front``,
    and "monitor" Prometheus, and stop there)      ``roles/monitor``
 2. resolve, fetch and verify the model            ``roles/model``
+   (several, llama_models: one router, a preset)  ``roles/router``
 3. preflight: memory plan, slots, context, port   ``roles/preflight``
    paths and account the deploy did not create     ``roles/ownership``
    are refused; what it creates is recorded

@@ -126,7 +126,10 @@ OWNED_FLAGS: dict[str, str] = {
     **dict.fromkeys(["--slot-save-path", "--log-file", "--log-prompts-dir"],
                     "nothing: the hardened unit writes no files (logs go to the journal)"),
     **dict.fromkeys(["--models-dir", "--models-preset", "--models-max", "--models-autoload", "--no-models-autoload"],
-                    "nothing yet: one model per host"),
+                    "llama_models and llama_router (router mode)"),
+    **dict.fromkeys(["--sleep-idle-seconds"], "llama_router.sleep_idle_seconds"),
+    **dict.fromkeys(["--embedding", "--embeddings", "--rerank", "--reranking", "--pooling"],
+                    "llama_models[].kind and llama_models[].pooling (router mode)"),
     **dict.fromkeys(["-t", "--threads"], "llama_server.threads"),
     **dict.fromkeys(["-tb", "--threads-batch"], "llama_server.threads_batch"),
     **dict.fromkeys(["-c", "--ctx-size"], "llama_server.ctx_size"),
@@ -319,6 +322,60 @@ class ModelConfig(Section):
             return self.repo_id, self.filename, self.quant
         entry = CATALOG[self.catalog or DEFAULT_MODEL]
         return entry.repo_id, entry.filename, None
+
+
+#: a router-mode model's name: its preset section and the request's "model" (a ':' would be read as
+#: a tag and rewritten by the router, a '/' is a path in ``/models``)
+ROUTER_ALIAS = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class RouterModel(ModelConfig):
+    """One model of a host that serves several (``llama_models``, router mode).
+
+    Its source fields are :class:`ModelConfig`'s, pinned and verified the same way; the rest are
+    the options of its own llama-server instance, rendered into the router's preset INI. Unset
+    context and slots are sized from the model and the memory limit as in one-model mode, then
+    every set of models that can be resident at once must fit together (``roles/router/plan.py``).
+    """
+
+    #: the name requests give as "model"; required (it names the preset section)
+    alias: Annotated[str, Field(pattern=ROUTER_ALIAS)]
+    #: chat: /v1/chat/completions; embedding: /v1/embeddings; rerank: /v1/rerank
+    kind: Literal["chat", "embedding", "rerank"] = "chat"
+    #: startup: loaded when the server starts; on_demand: at its first request (and unloaded by
+    #: the router's LRU when ``llama_router.models_max`` are loaded)
+    load: Literal["startup", "on_demand"] = "startup"
+    #: seconds the router waits for the instance to stop before it kills it
+    stop_timeout: Annotated[int, Field(ge=1, le=3600)] = 10
+    ctx_size: Annotated[int, Field(ge=256, le=1048576)] | None = None
+    parallel: Annotated[int, Field(ge=1, le=256)] | None = None
+    #: embedding pooling; a reranker's is "rank"; default: the model's own
+    pooling: Literal["none", "mean", "cls", "last", "rank"] | None = None
+    chat_template: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")] | None = None
+    #: speculative decoding without a draft model (n-gram lookup in the context), chat models only
+    spec_type: Literal["ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache"] | None = None
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> RouterModel:
+        if self.kind == "rerank" and self.pooling != "rank":
+            raise ValueError(f"model {self.alias!r}: a reranker needs pooling 'rank' (got {self.pooling!r})")
+        if self.kind != "rerank" and self.pooling == "rank":
+            raise ValueError(f"model {self.alias!r}: pooling 'rank' is a reranker's; set kind 'rerank'")
+        if self.kind == "chat" and self.pooling is not None:
+            raise ValueError(f"model {self.alias!r}: pooling is for embedding and rerank models, not chat")
+        for name in ("chat_template", "spec_type"):
+            if self.kind != "chat" and getattr(self, name) is not None:
+                raise ValueError(f"model {self.alias!r}: {name} is for chat models, not {self.kind}")
+        return self
+
+
+class RouterConfig(Section):
+    """The one llama-server of a router-mode host (``llama_models``): how many models it holds."""
+
+    #: the most models loaded at once (0: no limit); the memory check sizes for this many
+    models_max: Annotated[int, Field(ge=0, le=64)] = 4
+    #: unload a model after this many idle seconds (its next request loads it again); None: never
+    sleep_idle_seconds: Annotated[int, Field(ge=1, le=7 * 86400)] | None = None
 
 
 class ServerConfig(Section):
@@ -615,6 +672,9 @@ class HostConfig(Section):
     build: BuildConfig = BuildConfig()
     docker: DockerConfig = DockerConfig()
     model: ModelConfig = ModelConfig()
+    #: several models behind one address (router mode); ``llama_model`` is the one-model shorthand
+    models: list[RouterModel] = []
+    router: RouterConfig = RouterConfig()
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
@@ -688,6 +748,41 @@ class HostConfig(Section):
             raise problem("build.backend", self.build.backend,
                           "an RPC head runs the CPU release of its workers (llama_rpc.split places the layers)")
         return self
+
+    @model_validator(mode="after")
+    def _router_options(self) -> HostConfig:
+        """Router mode is built for native CPU servers; what it does not cover yet is refused, not guessed."""
+        if not self.models:
+            return self
+        aliases = [m.alias for m in self.models]
+        if "model" in self.model_fields_set:
+            raise problem("model", self.model.model_dump(exclude_defaults=True),
+                          "give llama_model (one model) or llama_models (several), not both")
+        if len(self.models) < 2:
+            raise problem("models", aliases, "one model is llama_model's (no router); llama_models needs two or more")
+        dup = sorted({a for a in aliases if aliases.count(a) > 1})
+        if dup:
+            raise problem("models", aliases, f"aliases must be unique; repeated: {', '.join(dup)}")
+        refused = [
+            ("mode", self.mode, self.mode != "native", "docker mode does not run router mode yet; use llama_mode 'native'"),
+            ("build.backend", self.build.backend, self.cuda, "router mode is not built for GPU hosts yet (one fit per model)"),
+            ("rpc.workers_group", self.rpc.workers_group, bool(self.rpc.workers_group), "an RPC head serves one model"),
+            ("role", self.role, self.role != "server", "only a server holds models"),
+        ]
+        for field, value, refuse, message in refused:
+            if refuse:
+                raise problem(field, value, message)
+        startup = [m.alias for m in self.models if m.load == "startup"]
+        if self.router.models_max and len(startup) > self.router.models_max:
+            raise problem("router.models_max", self.router.models_max,
+                          f"{len(startup)} models load at startup ({', '.join(startup)}); allowed: at least "
+                          f"{len(startup)}, or 0 (no limit), or fewer models with load 'startup'")
+        return self
+
+    @property
+    def router_mode(self) -> bool:
+        """Several models in one llama-server (``llama_models``)."""
+        return bool(self.models)
 
     @property
     def cuda(self) -> bool:

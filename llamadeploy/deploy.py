@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
-from llamadeploy.roles import docker, front, gpu, model, monitor, ownership, release, rpc, service, uninstall
+from llamadeploy.roles import docker, front, gpu, model, monitor, ownership, release, router, rpc, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
@@ -51,7 +51,14 @@ def llama_server(cfg: HostConfig | None = None) -> None:
 
 def _server(cfg: HostConfig) -> None:
     """Steps 2-9 of a server (and an RPC worker's part of them)."""
-    if cfg.role != "rpc_worker":  # an RPC worker holds no model: its head sends it the layers
+    routed = None
+    if cfg.router_mode:
+        # 2-3 for several models (router mode): each resolved and planned as one; the models that
+        #    can be loaded at once must fit the memory limit together.
+        models = router.prepare(cfg)
+        routed = router.planned(cfg, models)
+        art, plan = routed.primary.art, routed.plan
+    elif cfg.role != "rpc_worker":  # an RPC worker holds no model: its head sends it the layers
         # 2. The model: resolve it (Hub: pinned commit + LFS sha256); controller mode downloads
         #    and verifies it once here; the host's free disk is checked.
         art, on_host = model.prepare(cfg)
@@ -85,17 +92,19 @@ def _server(cfg: HostConfig) -> None:
 
     # 5. The model on the host: sent or downloaded once, verified by sha256, renamed into place
     #    (a same-name replacement is staged by content and switched with the release, in step 6).
-    placed = model.model_files(cfg, art, on_host)
+    placed = router.placed(cfg, routed.models) if routed else model.model_files(cfg, art, on_host)
 
     # 6. The service, restarted only when an input changed; the other mode's server is
     #    stopped first so the port is never held twice.
     rpc.workers_ready(cfg)  # an RPC head: its workers in this run came up (their steps ran above)
     fence = firewall(cfg)  # optional (native mode): only llama_server.allow_from reaches the port
+    reloaded: list = []
     if cfg.mode == "native":
         docker.stop_compose(cfg)
-        started, restarted, rid = service.service(cfg, plan, art, restart_on=[*runtime, *placed.changed, *fence],
-                                                  restart_if=rpc.head_must_restart(cfg), gpus=gpus,
-                                                  staged=placed.staged)
+        models_in = [] if routed else placed.changed  # router mode: a new model file is a reload, not a restart
+        started, restarted, rid, reloaded = service.service(
+            cfg, plan, art, restart_on=[*runtime, *models_in, *fence], restart_if=rpc.head_must_restart(cfg),
+            gpus=gpus, staged=placed.staged, router=routed, reload_on=placed.changed if routed else None)
     else:
         docker.stop_native(cfg)
         started, restarted, rid = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *placed.changed],
@@ -103,7 +112,8 @@ def _server(cfg: HostConfig) -> None:
 
     # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start;
     #    a release that fails it is rolled back to the one that served before, and the run fails.
-    failed = health_gate(cfg, art.alias, after=[started, restarted], ignore_errors=True)
+    failed = health_gate(cfg, art.alias, after=[started, restarted, *reloaded], ignore_errors=True,
+                         models=routed.served() if routed else ())
     release.fell_back(cfg, rid, failed)
 
     firewall_off(cfg)  # allow_from removed: the table goes only now, after the unit stopped loading it

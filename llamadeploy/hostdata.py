@@ -183,6 +183,8 @@ def controller_file_problems(host_name: str, cfg: HostConfig) -> list[str]:
         "docker.image_tarball": cfg.docker.image_tarball if cfg.mode == "docker" else None,
         "build.tarball": cfg.build.tarball if cfg.mode == "native" and cfg.build.source == "tarball" else None,
     }
+    for n, m in enumerate(cfg.models):  # router mode: each model's controller file too
+        controller_files[f"models[{n}].path"] = m.path
     for field, path in controller_files.items():
         if path is not None and not Path(path).is_file():
             problems.append(f"host {host_name}: {PREFIX}{field} = {path!r}: no such file on the controller")
@@ -197,14 +199,13 @@ def controller_file_problems(host_name: str, cfg: HostConfig) -> list[str]:
         problem = pem_problem(cfg.front.tls_pem)
         if problem:
             problems.append(f"host {host_name}: {PREFIX}front.tls_pem = {cfg.front.tls_pem!r}: {problem}")
-    model_file = cfg.model.path
-    if model_file and Path(model_file).is_file() and cfg.model.sha256:
-        actual = file_sha256(model_file)
-        if actual != cfg.model.sha256:
-            problems.append(
-                f"host {host_name}: {PREFIX}model.sha256 = {cfg.model.sha256!r}: "
-                f"the controller file {model_file} has sha256 {actual}"
-            )
+    pinned = [("model", cfg.model), *((f"models[{n}]", m) for n, m in enumerate(cfg.models))]
+    for field, spec in pinned:
+        if spec.path and Path(spec.path).is_file() and spec.sha256:
+            actual = file_sha256(spec.path)
+            if actual != spec.sha256:
+                problems.append(f"host {host_name}: {PREFIX}{field}.sha256 = {spec.sha256!r}: "
+                                f"the controller file {spec.path} has sha256 {actual}")
     return problems
 
 

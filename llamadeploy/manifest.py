@@ -47,6 +47,18 @@ class PlanRecord(BaseModel):
     load_mode: str | None = None
 
 
+class ServedModel(BaseModel):
+    """One model of a router-mode release: what the gate asks it, and its files."""
+
+    model_config = ConfigDict(frozen=True)
+
+    alias: str
+    kind: Literal["chat", "embedding", "rerank"]
+    on_demand: bool = False
+    #: file name -> sha256
+    files: dict[str, str]
+
+
 class Manifest(BaseModel):
     """One host's deployed state. Unknown keys from newer writers are ignored on read."""
 
@@ -89,11 +101,17 @@ class Manifest(BaseModel):
     #: the unit's environment file holding the pinned fit (native mode, ``gpu_layers`` "fit")
     gpu_pin_file: str | None = None
     memory_plan: PlanRecord
+    #: router mode: every model it serves (``model_files`` holds all their files); empty: one model
+    models: list[ServedModel] = []
+    #: router mode: the preset INI the unit names, and its sha256 (the release's model set)
+    preset_file: str | None = None
+    preset_sha256: str | None = None
 
     def render(self) -> str:
         """The file's content: stable, indented JSON (a re-deploy with the same input is byte-equal)."""
         data = self.model_dump(mode="json")
-        for key in ("gpus", "gpu_layers", "gpu_pin_file"):  # a CPU host's manifest stays as it was
+        # a CPU host's and a one-model host's manifest stay as they were (and so their release ids)
+        for key in ("gpus", "gpu_layers", "gpu_pin_file", "models", "preset_file", "preset_sha256"):
             if not data.get(key):
                 data.pop(key, None)
         return json.dumps(data, indent=2) + "\n"
@@ -130,8 +148,9 @@ def release_id(version: str, manifest_text: str, unit_text: str) -> str:
 
 
 def build_manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: ModelArtifact, **mode_fields: Any) -> Manifest:
-    """The manifest both modes write; ``mode_fields`` are what differs (unit, release, image, ...)."""
-    return Manifest(
+    """The manifest both modes write; ``mode_fields`` are what differs (unit, release, image, ...;
+    router mode: its models, all their files and the preset)."""
+    fields: dict[str, Any] = dict(
         mode=cfg.mode,
         host=cfg.server.host,
         port=cfg.server.port,
@@ -145,5 +164,5 @@ def build_manifest(cfg: HostConfig, plan: MemoryPlan, args: list[str], art: Mode
         memory_plan=PlanRecord(limit=plan.limit, model_bytes=plan.model_bytes,
                                kv_bytes_per_token=plan.kv_bytes_per_token, ctx_size=plan.ctx_size,
                                parallel=plan.parallel, swa_full=plan.swa_full, load_mode=plan.load_mode),
-        **mode_fields,
     )
+    return Manifest(**(fields | mode_fields))

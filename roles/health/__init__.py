@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
-from llamadeploy.manifest import Manifest
+from llamadeploy.manifest import Manifest, ServedModel
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker
-from llamadeploy.roles.health.operations import chat_answers, container_alive, unit_alive, wait_healthy
+from llamadeploy.roles.health.operations import (
+    chat_answers,
+    container_alive,
+    embeddings_answer,
+    rerank_answers,
+    unit_alive,
+    unloaded,
+    wait_healthy,
+)
+
+#: what the gate asks a model of each kind, and where (router mode)
+ASKED = {"chat": (chat_answers, "/v1/chat/completions", "One chat completion answered by"),
+         "embedding": (embeddings_answer, "/v1/embeddings", "Embeddings that make sense from"),
+         "rerank": (rerank_answers, "/v1/rerank", "The relevant document ranked first by")}
 
 
 def health_url(host: str, port: int, path: str = "/health") -> str:
@@ -38,7 +51,7 @@ def server_probes(cfg: HostConfig) -> tuple[str, str]:
 
 @role("Health gate")
 def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release: Manifest | None = None,
-                ignore_errors: bool = False) -> Callable[[], bool]:
+                ignore_errors: bool = False, models: Sequence[ServedModel] = ()) -> Callable[[], bool]:
     """After a (re)start (one of ``after`` changed): /health 200, then one real chat completion.
 
     ``release``: a reinstated release's manifest (a rollback): its address, port and key file are
@@ -46,6 +59,10 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
     ``ignore_errors``: a failed gate does not stop the host, so that the deploy can reinstate the
     release that served before (``roles/release`` :func:`fell_back`). Returns "the gate failed",
     to be called when the run executes.
+
+    ``models`` (router mode; a reinstated release's own when ``release`` is given): each model is
+    asked what its kind serves (a chat completion, embeddings that tell similar from unrelated,
+    a ranking), which loads an on-demand one; those are unloaded again after their check.
     """
     changed = any_changed(*after)
     addr, port = (release.host, release.port) if release else (cfg.server.host, cfg.server.port)
@@ -64,14 +81,27 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
         _if=changed,
         _ignore_errors=ignore_errors,
     )
-    chat = chat_answers(
-        name="One chat completion answered",
-        url=health_url(addr, port, "/v1/chat/completions"),
-        alias=alias,
-        timeout=cfg.health.timeout,
-        unit=cfg.service.name,
-        key_file=key_file,
-        _if=[changed, lambda: health.did_succeed()],
-        _ignore_errors=ignore_errors,
-    )
-    return lambda: health.did_error() or chat.did_error()
+    served = list(release.models) if release is not None else list(models)
+    if not served:
+        chat = chat_answers(
+            name="One chat completion answered",
+            url=health_url(addr, port, "/v1/chat/completions"),
+            alias=alias,
+            timeout=cfg.health.timeout,
+            unit=cfg.service.name,
+            key_file=key_file,
+            _if=[changed, lambda: health.did_succeed()],
+            _ignore_errors=ignore_errors,
+        )
+        return lambda: health.did_error() or chat.did_error()
+    asked = []
+    for m in served:
+        op, path, what = ASKED[m.kind]
+        asked.append(op(name=f"{what} {m.alias}", url=health_url(addr, port, path), alias=m.alias,
+                        timeout=cfg.health.timeout, unit=cfg.service.name, key_file=key_file,
+                        _if=[changed, lambda: health.did_succeed()], _ignore_errors=ignore_errors))
+        if m.on_demand:
+            unloaded(name=f"{m.alias} unloaded again (it loads on demand)", url=health_url(addr, port, "/models/unload"),
+                     alias=m.alias, key_file=key_file, _if=[changed, lambda: health.did_succeed()],
+                     _ignore_errors=ignore_errors)
+    return lambda: health.did_error() or any(op.did_error() for op in asked)

@@ -37,6 +37,97 @@ def chat_answers(url: str, alias: str, timeout: int, unit: str, key_file: str | 
     )
 
 
+def _asked(url: str, body: dict, timeout: int, key_file: str | None, verdict: str, failed: str) -> str:
+    """Shell: POST ``body`` to ``url`` (the key piped into curl's header list from its file, never an
+    argument); ``verdict`` reads the reply in ``$out`` and exits 0 when it makes sense (pure)."""
+    q = shlex.quote
+    headers = (f"{{ printf 'Authorization: Bearer '; cat {q(key_file)}; }}" if key_file else "printf ''")
+    return (
+        f"out=$(mktemp) && code=$({headers} | curl -s -o \"$out\" -w '%{{http_code}}' --max-time {int(timeout)} "
+        f"-H @- -H 'Content-Type: application/json' --data {q(json.dumps(body))} {q(url)} || true); "
+        f"if [ \"$code\" = 200 ] && v=$({verdict}); then echo \"$v\"; rm -f \"$out\"; exit 0; fi; "
+        f"echo {q(failed)} \"$code\": \"$v\" >&2; head -c 600 \"$out\" >&2; rm -f \"$out\"; exit 1"
+    )
+
+
+#: two sentences that mean the same, and one that does not: an embedding model must tell them apart
+SIMILAR = ("The cat sits on the mat.", "A cat is sitting on a mat.")
+UNRELATED = "Quarterly tax filings are due in April."
+#: awk over one vector per line (the reply's ``embedding`` arrays, in input order): the dimension
+#: and cosine similarities; exits 1 unless there are three vectors of one dimension and the
+#: similar pair scores higher than the unrelated one
+_COSINES = (
+    "awk -F, 'NR==1{n=NF} NF!=n{bad=1} {for(i=1;i<=NF;i++)v[NR,i]=$i} "
+    "END{if(NR!=3||bad||n<2)exit 1; for(i=1;i<=n;i++){ab+=v[1,i]*v[2,i];ac+=v[1,i]*v[3,i];"
+    "aa+=v[1,i]^2;bb+=v[2,i]^2;cc+=v[3,i]^2} if(aa*bb*cc==0)exit 1; s=ab/sqrt(aa*bb);u=ac/sqrt(aa*cc); "
+    "printf \"%d dimensions, similar %.3f, unrelated %.3f\", n, s, u; exit !(s>u)}'"
+)
+
+
+@operation()
+def embeddings_answer(url: str, alias: str, timeout: int, unit: str, key_file: str | None = None):
+    """
+    ``/v1/embeddings`` must return vectors that make sense: three of one dimension, and two similar
+    sentences closer (cosine) than an unrelated one.
+
+    + url: ``/v1/embeddings`` as seen from the host itself
+    + alias: the embedding model's name
+    + timeout: seconds for the whole request (an on-demand model loads first)
+    + unit: named in the failure message
+    + key_file: host file with the API key, or None
+
+    A 200 alone would pass a model that returns zeros or a chat model's hidden states with the
+    wrong pooling. The check is awk on the host (no Python needed there).
+    """
+    body = {"model": alias, "input": [*SIMILAR, UNRELATED]}
+    vectors = ("tr -d ' \\n' < \"$out\" | grep -o '\"embedding\":\\[[^]]*\\]' | "
+               "sed 's/^\"embedding\":\\[//; s/\\]$//' | " + _COSINES)
+    yield _asked(url, body, timeout, key_file, vectors,
+                 f"{unit}: embeddings of {alias} at {url} answered")
+
+
+#: a query, and documents of which exactly one answers it (index 1)
+RERANK_QUERY = "What is the capital of France?"
+RERANK_DOCUMENTS = ("The cat sat on the mat.", "Paris is the capital and largest city of France.",
+                    "Bananas are rich in potassium.")
+
+
+@operation()
+def rerank_answers(url: str, alias: str, timeout: int, unit: str, key_file: str | None = None):
+    """
+    ``/v1/rerank`` must put the document that answers the query first (the highest score).
+
+    + url: ``/v1/rerank`` as seen from the host itself
+    + alias: the reranker's name
+    + timeout: seconds for the whole request
+    + unit: named in the failure message
+    + key_file: host file with the API key, or None
+    """
+    body = {"model": alias, "query": RERANK_QUERY, "documents": list(RERANK_DOCUMENTS)}
+    best = ("tr -d ' \\n' < \"$out\" | grep -o '{[^{}]*\"relevance_score\"[^{}]*}' | "
+            "awk '{i=$0; sub(/.*\"index\":/,\"\",i); sub(/[^0-9].*/,\"\",i); s=$0; "
+            "sub(/.*\"relevance_score\":/,\"\",s); sub(/[,}].*/,\"\",s); if(NR==1||s+0>m+0){m=s;b=i}} "
+            "END{printf \"best document %s (score %s)\", b, m; exit !(NR==3&&b==1)}'")
+    yield _asked(url, body, timeout, key_file, best, f"{unit}: reranking by {alias} at {url} answered")
+
+
+@operation()
+def unloaded(url: str, alias: str, key_file: str | None = None):
+    """
+    Ask the router to unload a model the gate loaded and the inventory loads on demand
+    (``POST /models/unload``): after a deploy, on-demand models take no memory until asked for.
+
+    + url: the router's ``/models/unload``
+    + alias: the model
+    + key_file: host file with the API key, or None
+    """
+    q = shlex.quote
+    headers = (f"{{ printf 'Authorization: Bearer '; cat {q(key_file)}; }}" if key_file else "printf ''")
+    yield (f"code=$({headers} | curl -s -o /dev/null -w '%{{http_code}}' --max-time 60 -H @- "
+           f"-H 'Content-Type: application/json' --data {q(json.dumps({'model': alias}))} {q(url)} || true); "
+           f"[ \"$code\" = 200 ] || {{ echo {q(f'unloading {alias} at {url} answered')} \"$code\" >&2; exit 1; }}")
+
+
 @operation()
 def wait_healthy(url: str, timeout: int, unit: str, alive: str | None = None, logs: str | None = None):
     """

@@ -45,6 +45,7 @@ from llamadeploy.roles.release.operations import (
     releases_pruned,
     secret_copied,
 )
+from llamadeploy.roles.router import preset_path
 from llamadeploy.roles.service.operations import check_flags
 
 UNIT_FILE = "unit.service"
@@ -53,6 +54,8 @@ Conditions = Sequence[Callable[[], bool]]
 MANIFEST_FILE = "deploy.json"
 KEY_FILE = "api-key"
 RULES_FILE = "firewall.nft"
+#: router mode: the model set (roles/router)
+PRESET_FILE = "models.ini"
 
 
 def records_dir(cfg: HostConfig) -> str:
@@ -74,6 +77,8 @@ def recorded(cfg: HostConfig, current_id: str) -> None:
         served[KEY_FILE] = cfg.host_key_file
     if cfg.mode == "native" and cfg.server.allow_from is not None:
         served[RULES_FILE] = rules_path(cfg)
+    if cfg.router_mode:
+        served[PRESET_FILE] = preset_path(cfg)
     release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
                      sources={**served, MANIFEST_FILE: manifest_path(cfg.service.config_dir)},
                      image=docker.image_ref(cfg) if cfg.mode == "docker" else None)
@@ -234,6 +239,9 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
         owner = cfg.service.user if m.mode == "native" else "nobody"
         ops.append(secret_copied(name="API key of the release", src=f"{entry}/{KEY_FILE}", dest=m.api_key_file,
                                  user=owner, group=owner if m.mode == "native" else "nogroup", _if=when))
+    if m.preset_file and host.get_fact(File, path=f"{entry}/{PRESET_FILE}"):
+        ops.append(copied(name="Router presets of the release (its model set)", src=f"{entry}/{PRESET_FILE}",
+                          dest=m.preset_file, mode="644", _if=when))
     if m.mode == "native" and host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
         ops.append(copied(name="Firewall rules of the release", src=f"{entry}/{RULES_FILE}", dest=rules_path(cfg),
                           mode="600", _if=when))

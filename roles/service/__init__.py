@@ -27,17 +27,21 @@ from llamadeploy.roles import gpu as gpu_role
 from llamadeploy.roles import model as model_role
 from llamadeploy.roles.firewall import guard_unit, rules_path
 from llamadeploy.roles.gpu import FitPin, GpuHost
+from llamadeploy.roles.health import health_url
 from llamadeploy.roles.model.source import ModelArtifact, ModelFile
+from llamadeploy.roles.router import Router, preset_path
+from llamadeploy.roles.router.operations import models_reloaded
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
 TEMPLATE = "service/llama-server.service.j2"
+ROUTER_PRESET_NOTE = "models.ini"
 DEVICES_TEMPLATE = "service/llama-nvidia-devices.service.j2"
 
 
 def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
-              gpus: GpuHost | None = None, pin: FitPin | None = None) -> str:
+              gpus: GpuHost | None = None, pin: FitPin | None = None, aliases: list[str] | None = None) -> str:
     """The rendered systemd unit (pure: config, model and argument vector in, text out)."""
     svc = cfg.service
     return render(
@@ -45,7 +49,8 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
         unit_name=svc.name,
         service_user=svc.user,
         data_dir=svc.data_dir,
-        alias=art.alias,
+        # router mode: not the aliases, which change with the model set (a reload, not a restart)
+        alias=f"several models (router mode, {ROUTER_PRESET_NOTE})" if aliases else art.alias,
         release_key=cfg.build.release_key(),
         model_file=art.first.name,
         model_sha256=art.first.sha256,
@@ -67,7 +72,8 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
 def service(
     cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
     restart_if: Callable[[], bool] | None = None, gpus: GpuHost | None = None, staged: tuple[ModelFile, ...] = (),
-) -> tuple[OperationMeta, OperationMeta, str]:
+    router: Router | None = None, reload_on: list[OperationMeta] | None = None,
+) -> tuple[OperationMeta, OperationMeta, str, list[OperationMeta]]:
     """Render the unit and keep the service running; restart it when an input changed.
 
     ``restart_on`` are operations (binary link, model) whose change means the
@@ -76,6 +82,11 @@ def service(
     NVIDIA devices, and llama.cpp's fit is pinned in a drop-in (roles/gpu). Returns the operations that start and restart the
     service, for the health gate, and the release id (see ``roles/release``). ``staged``: model files
     staged by content (roles/model), linked into place at the switch, after the manifest.
+    ``router``: several models (roles/router): the unit runs the router, whose preset is written
+    beside the unit. A changed preset, or a new model file (``reload_on``), does not restart it:
+    the router re-reads the preset and reloads only the models whose section changed (the fourth
+    value returned; the others keep serving, KV caches included). A changed unit, binary, key or
+    same-name model content still restarts it.
     """
     svc = cfg.service
     server.group(name="Service group", group=svc.user, system=True)
@@ -90,12 +101,16 @@ def service(
     )
     files.directory(name="Config directory", path=svc.config_dir, user="root", group=svc.user, mode="750")
 
-    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{cfg.model_dir}/{art.first.name}", art.alias)
+    if router is not None:
+        args = router.args
+    else:
+        args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{cfg.model_dir}/{art.first.name}", art.alias)
     binary = f"{cfg.current_link}/bin/llama-server"
     # the new release must start and know every flag before it becomes current: a failed
     # check stops here, with current and the unit still on the release that serves now
+    # (router mode: every preset key too, which the router would refuse at start)
     check_flags(name="New release starts and knows every flag", binary=f"{cfg.release_dir}/bin/llama-server",
-                args=args)
+                args=router.check_args if router is not None else args)
     # a CUDA host's offload: llama.cpp's fit with the new release, pinned before anything switches
     # (a model that cannot be fitted fails the host here, with the old release still serving)
     pin = gpu_role.fit_pin(cfg, gpus, args, model_role.load_path(cfg, art.first, staged), art.first.sha256)
@@ -116,10 +131,15 @@ def service(
         key = files.file(name="No API key file", path=cfg.api_key_path, present=False)
 
 
-    unit_text = unit_file(cfg, art, binary, args, gpus, pin)
+    unit_text = unit_file(cfg, art, binary, args, gpus, pin,
+                          aliases=[m.entry.alias for m in router.models] if router else None)
+    routed = {}
+    if router is not None:
+        routed = {"models": router.served(), "model_files": router.model_files(), "preset_file": preset_path(cfg),
+                  "preset_sha256": router.preset_sha256}
     info = build_manifest(cfg, plan, args, art, unit=svc.name, release=cfg.build.release_key(), binary=binary,
                           api_key_file=cfg.api_key_path if cfg.server.api_key else None,
-                          **gpu_role.manifest_fields(cfg, gpus, pin))
+                          **gpu_role.manifest_fields(cfg, gpus, pin), **routed)
     rid = release_id(cfg.build.version, info.render(), unit_text)
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
@@ -137,6 +157,10 @@ def service(
         dest=unit_path,
         mode="644",
     )
+    # router mode: the model set, read by the router when it (re)starts (no secret in it: paths and
+    # options, in the 750 config directory)
+    presets = [atomic.put(name="Router presets (models.ini)", src=StringIO(router.preset), dest=preset_path(cfg),
+                          mode="644")] if router is not None else []
     devices = []
     if gpus:  # the NVIDIA device nodes exist before the server starts (templates/service)
         text = render(DEVICES_TEMPLATE, unit_name=svc.name, gpu_indexes=sorted({g.index for g in gpus.gpus}))
@@ -156,9 +180,10 @@ def service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
     )
     # a server older than its files (a deploy that failed between writing and restarting)
+    # (router mode: model files and the preset change under a running router by design, see above)
     stale = host.get_fact(StartedBefore, unit=f"{svc.name}.service", paths=[
-        unit_path, f"{cfg.model_dir}/{art.first.name}", binary, *([pin.env_path] if pin else []),
-        *([cfg.api_key_path] if cfg.server.api_key is not None else [])])
+        unit_path, *(f"{cfg.model_dir}/{name}" for name in info.model_files if router is None), binary,
+        *([pin.env_path] if pin else []), *([cfg.api_key_path] if cfg.server.api_key is not None else [])])
     restarted = systemd.service(
         name="Restart for changed binary, model, key or unit",
         service=f"{svc.name}.service",
@@ -166,4 +191,13 @@ def service(
         _if=[lambda: stale or any_changed(unit, key, switched, *pins, *placed, *restart_on)() or bool(restart_if and restart_if()),
              lambda: not started.did_change()],
     )
-    return started, restarted, rid
+    reloaded = []
+    if router is not None:
+        reloaded.append(models_reloaded(
+            name="Router re-reads its presets (only changed models reload)",
+            base=health_url(cfg.server.host, cfg.server.port, ""),
+            startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
+            key_file=cfg.api_key_path if cfg.server.api_key is not None else None,
+            _if=[any_changed(*presets, *(reload_on or [])), lambda: not started.did_change(),
+                 lambda: not restarted.did_change()]))
+    return started, restarted, rid, reloaded

@@ -145,11 +145,9 @@ def test_pinned_sha256_checked_against_controller_file(tmp_path):
         validate_inventory([host])
 
 
-def test_example_site_inventory_is_valid():
-    """The shipped example inventory loads with pyinfra's own loader and passes validation.
-
-    In a subprocess: pyinfra's CLI package monkey-patches the process with gevent.
-    """
+def validated(name: str, key_name: str) -> dict:
+    """An inventory under ``inventory/`` loaded with pyinfra's own loader and validated, its key
+    made as its comment says (in a subprocess: pyinfra's CLI package monkey-patches the process)."""
     import json
     import subprocess
     import sys
@@ -162,21 +160,26 @@ from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 from llamadeploy.hostdata import validate_inventory
 state = State(); ctx_state.set(state)
-inv = make_inventory("inventory/example_site.py", cwd=".")
+inv = make_inventory(sys.argv[1], cwd=".")
 state.init(inv, Config())
 print(json.dumps({k: v.model_dump(mode="json") for k, v in validate_inventory(inv).items()}))
 """
-    key = root / "secrets" / "example-site-api-key"
+    key = root / "secrets" / key_name
     made = not key.exists()
     try:
         if made:  # the site's key, as the example's comment says to make it
             subprocess.run([sys.executable, "-m", "llamadeploy.cli", "key", "new", str(key)], check=True,
-                           capture_output=True)
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+                           capture_output=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", code, f"inventory/{name}"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=120)
     finally:
         if made:
             key.unlink(missing_ok=True)
-    configs = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_example_site_inventory_is_valid():
+    configs = validated("example_site.py", "example-site-api-key")
     assert all(c["server"]["api_key"] == "**********" for c in configs.values())  # read from the file, hidden
     assert set(configs) == {"llm-01.example.internal", "llm-02.example.internal", "llm-10.example.internal"}
     assert configs["llm-02.example.internal"]["server"]["port"] == 8081
@@ -324,3 +327,12 @@ def test_gpu_settings_are_refused_where_they_cannot_work():
     assert any("llama_build.backend" in e and "CPU release" in e for e in errs), errs
     errs = problems(llama_build={"backend": "cuda", "cuda_architectures": "sm_89"})
     assert any("llama_build.cuda_architectures" in e for e in errs), errs
+
+
+def test_rag_inventory_is_valid():
+    """The RAG example: three models of three kinds on each host, one address."""
+    configs = validated("rag.py", "rag-api-key")
+    assert set(configs) == {"rag-01.example.internal", "rag-02.example.internal"}
+    models = configs["rag-01.example.internal"]["models"]
+    assert [(m["alias"], m["kind"], m["load"]) for m in models] == [
+        ("chat", "chat", "startup"), ("embed", "embedding", "on_demand"), ("rerank", "rerank", "on_demand")]

@@ -28,7 +28,8 @@ from .test_config import problems
     (["--slot-save-path", "/tmp"], "nothing: the hardened unit writes no files"),
     (["--log-file", "/tmp/l"], "nothing: the hardened unit writes no files"),
     (["-c", "4096"], "llama_server.ctx_size"),
-    (["--models-preset", "/p.ini"], "nothing yet: one model per host"),
+    (["--models-preset", "/p.ini"], "llama_models and llama_router (router mode)"),
+    (["--pooling", "mean"], "llama_models[].kind and llama_models[].pooling"),
 ])
 def test_flags_the_schema_owns_are_refused_in_extra_args_naming_the_field(args, field):
     (msg,) = problems(llama_server={"extra_args": ["--no-webui", *args]})

@@ -1,0 +1,137 @@
+"""Router role: several models behind one llama-server (``llama_models``), native mode.
+
+Each model goes through the model role exactly as a one-model host's does (resolved, pinned,
+verified, staged by content), and is planned as one (``roles/preflight``); this role adds what is
+the router's own: the models that can be loaded at once must fit together, the preset INI
+(``templates/router/models.ini.j2``) and the router's command line. The service role writes the
+preset beside the unit, and the release records it, so a rollback reinstates the model set.
+Its pure rules are in :mod:`.plan`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from pyinfra import host
+from pyinfra.api import DeployError
+
+from llamadeploy.config import HostConfig, RouterModel
+from llamadeploy.facts import CpuTopology
+from llamadeploy.manifest import ServedModel
+from llamadeploy.render import render
+from llamadeploy.roles import model as model_role
+from llamadeploy.roles.model.source import ModelArtifact
+from llamadeploy.roles.preflight import memory_plan
+from llamadeploy.roles.router.plan import (
+    Instance,
+    check_args,
+    instance,
+    model_cfg,
+    resident_problem,
+    router_args,
+    with_cache_ram,
+)
+from llamadeploy.tuning import MemoryPlan, server_args, threads, threads_batch
+
+TEMPLATE = "router/models.ini.j2"
+PRESET_FILE = "models.ini"
+
+
+def preset_path(cfg: HostConfig) -> str:
+    return f"{cfg.service.config_dir}/{PRESET_FILE}"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One of the host's models on its way: its settings, artifact and what the host holds of it."""
+
+    entry: RouterModel
+    cfg: HostConfig
+    art: ModelArtifact
+    on_host: model_role.OnHost
+
+
+@dataclass(frozen=True)
+class Router:
+    """What the service role needs to run the router: its argument vector, the preset and the models."""
+
+    models: tuple[Model, ...]
+    instances: tuple[Instance, ...]
+    args: list[str]
+    preset: str
+
+    @property
+    def primary(self) -> Model:
+        """The model the one-model fields of the manifest name (the first chat model, else the first)."""
+        return next((m for m in self.models if m.entry.kind == "chat"), self.models[0])
+
+    @property
+    def plan(self) -> MemoryPlan:
+        return next(i.plan for i in self.instances if i.alias == self.primary.entry.alias)
+
+    @property
+    def check_args(self) -> list[str]:
+        """The router's flags and every preset key, for the binary's ``--help`` check."""
+        return [*self.args, *check_args(self.instances)]
+
+    @property
+    def preset_sha256(self) -> str:
+        return hashlib.sha256(self.preset.encode()).hexdigest()
+
+    def served(self) -> list[ServedModel]:
+        return [ServedModel(alias=m.entry.alias, kind=m.entry.kind, on_demand=m.entry.load == "on_demand",
+                            files={f.name: f.sha256 for f in m.art.files}) for m in self.models]
+
+    def model_files(self) -> dict[str, str]:
+        return {f.name: f.sha256 for m in self.models for f in m.art.files}
+
+
+def prepare(cfg: HostConfig) -> tuple[Model, ...]:
+    """Resolve every model (controller downloads once per run, as for one model); no host changes."""
+    out = []
+    for entry in cfg.models:
+        mcfg = model_cfg(cfg, entry)
+        art, on_host = model_role.prepare(mcfg)
+        out.append(Model(entry, mcfg, art, on_host))
+    return tuple(out)
+
+
+def planned(cfg: HostConfig, models: tuple[Model, ...]) -> Router:
+    """Preflight for the router: each model planned as one, then every set that can be loaded at
+    once must fit the memory limit together; the rest is the chat models' prompt cache. Raises
+    DeployError with the numbers, before any host changes."""
+    names: dict[str, tuple[str, str]] = {}
+    for m in models:
+        for f in m.art.files:
+            other = names.setdefault(f.name, (f.sha256, m.entry.alias))
+            if other[0] != f.sha256:
+                raise DeployError(f"host {host.name}: llama_models {other[1]!r} and {m.entry.alias!r} both have a "
+                                  f"file named {f.name} with different content (sha256 {other[0][:12]}… and "
+                                  f"{f.sha256[:12]}…); allowed: one content per file name")
+    cpu = host.get_fact(CpuTopology)
+    instances = []
+    for m in models:
+        plan = memory_plan(m.cfg, m.art)
+        path = model_role.model_path(m.cfg, m.art)
+        instances.append(instance(m.entry, path, server_args(m.cfg, cpu, plan, path, m.entry.alias), plan))
+    instances = with_cache_ram(instances, cfg.server.cache_ram)
+    why = resident_problem(instances, cfg.router.models_max, instances[0].plan.limit)
+    if why:
+        raise DeployError(f"preflight refused host {host.name}: {why}")
+    args = router_args(cfg, preset_path(cfg), threads(cfg, cpu), threads_batch(cfg, cpu))
+    text = render(TEMPLATE, release_key=cfg.build.release_key(), sections=[(i.alias, i.options) for i in instances])
+    return Router(models, tuple(instances), args, text)
+
+
+def placed(cfg: HostConfig, models: tuple[Model, ...]) -> model_role.Placed:
+    """Every model's files on the host (the model role's own steps, once per file: two models may
+    share one file, e.g. a chat and an embedding instance of the same GGUF)."""
+    seen: set[tuple[str, str]] = set()
+    done = []
+    for m in models:
+        files = {(f.name, f.sha256) for f in m.art.files}
+        if not files <= seen:
+            done.append(model_role.model_files(m.cfg, m.art, m.on_host))
+        seen |= files
+    return model_role.Placed([op for p in done for op in p.changed], tuple(f for p in done for f in p.staged))

@@ -1,0 +1,195 @@
+"""End to end, for real: several models behind one llama-server (router mode) on a booted host.
+
+The chat and the embedding model are the same real GGUF (Gemma 3 270M) run as two instances:
+one chats, one pools its hidden states into sentence vectors (``--embedding --pooling mean``).
+No embedding or rerank model file can be had here yet (see docs/router.md); the router, the
+preset, the gate per kind and the rollback of a model set are what is under test. Checks go
+through the official OpenAI client, the router's own ``/models`` and ssh, never the deploy code.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
+from llamadeploy.sandbox.inventory import write_inventory
+from tests.conftest import host_state, merged_data, run_deploy, veth_bytes
+
+pytestmark = pytest.mark.e2e
+
+GEMMA = {"path": str(gemma_model()), "sha256": MODEL_SHA256}
+CHAT = {**GEMMA, "alias": "chat", "kind": "chat", "ctx_size": 4096, "parallel": 2}
+EMBED = {**GEMMA, "alias": "embed", "kind": "embedding", "pooling": "mean", "load": "on_demand",
+         "ctx_size": 2048, "parallel": 2}
+CHAT2 = {**GEMMA, "alias": "chat-b", "kind": "chat", "load": "on_demand", "ctx_size": 2048, "parallel": 1}
+#: Gemma 3 270M's hidden size (GGUF ``gemma3.embedding_length``)
+EMBED_DIM = 640
+
+
+@pytest.fixture(scope="module")
+def host(testhosts):
+    return testhosts("rt6", 6)
+
+
+def inventory(host, tmp_path: Path, name: str, models: list[dict], **sections) -> Path:
+    data = merged_data(**{"llama_router": {"models_max": 2}, **sections})
+    data.pop("llama_model")
+    data["llama_models"] = models
+    return write_inventory(tmp_path / f"{name}.py", [host], data)
+
+
+def router_models(host) -> dict[str, str]:
+    """The router's own view: alias -> status (loaded, unloaded, loading...)."""
+    reply = httpx.get(f"http://{host.address}:8080/models", timeout=30).json()
+    return {m["id"]: m["status"]["value"] for m in reply["data"]}
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+@pytest.fixture(scope="module")
+def deployed(host, tmp_path_factory) -> Path:
+    inv = inventory(host, tmp_path_factory.mktemp("inv"), "router", [CHAT, EMBED])
+    result = run_deploy(inv)
+    assert result.rc == 0, result.stderr[-5000:]
+    return inv
+
+
+def test_one_host_serves_chat_and_embeddings_through_the_openai_client(host, deployed):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key="unused", max_retries=0, timeout=120)
+    assert {m.id for m in client.models.list()} == {"chat", "embed"}
+    # the gate asked the on-demand model once and unloaded it again; the startup one stays
+    assert router_models(host) == {"chat": "loaded", "embed": "unloaded"}
+
+    reply = client.chat.completions.create(model="chat", max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "Name a colour."}])
+    assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+    assert reply.model == "chat"
+
+    texts = ["The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly tax filings are due in April."]
+    vectors = [d.embedding for d in client.embeddings.create(model="embed", input=texts).data]
+    assert [len(v) for v in vectors] == [EMBED_DIM] * 3
+    similar, unrelated = cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2])
+    assert similar > unrelated, (similar, unrelated)
+    assert router_models(host) == {"chat": "loaded", "embed": "loaded"}  # loaded by its first request
+
+
+def test_the_router_runs_the_rendered_presets(host, deployed):
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    assert [(m.alias, m.kind, m.on_demand) for m in manifest.models] == [
+        ("chat", "chat", False), ("embed", "embedding", True)]
+    assert "--model" not in manifest.args and manifest.args[manifest.args.index("--models-preset") + 1] == \
+        "/etc/llama-server/models.ini"
+    preset = host.ssh("cat /etc/llama-server/models.ini").stdout
+    sha = host.ssh("sha256sum /etc/llama-server/models.ini").stdout.split()[0]
+    assert sha == manifest.preset_sha256
+    sections = preset.split("\n[")
+    chat = next(s for s in sections if s.startswith("chat]"))
+    embed = next(s for s in sections if s.startswith("embed]"))
+    assert "ctx-size = 4096" in chat and "load-on-startup = true" in chat and "chat-template = gemma" in chat
+    assert "embedding = true" in embed and "pooling = mean" in embed and "cache-ram = 0" in embed
+    # each model is its own child process of the unit, with its section's flags
+    children = host.ssh("ps -o args= --ppid $(systemctl show -p MainPID --value llama-server)").stdout
+    assert "--alias chat" in children and "--ctx-size 4096" in children, children
+    assert host.ssh("systemd-analyze verify /etc/systemd/system/llama-server.service").returncode == 0
+
+
+def test_second_deploy_changes_nothing(host, deployed):
+    before = host_state(host)
+    result = run_deploy(deployed)
+    assert result.rc == 0, result.stderr[-3000:]
+    assert result.changed == 0
+    assert host_state(host) == before
+
+
+def test_preflight_refuses_models_that_cannot_be_loaded_together(host, tmp_path):
+    before = host_state(host)
+    inv = inventory(host, tmp_path, "small", [CHAT, EMBED], llama_router={"models_max": 0},
+                    llama_limits={"memory": "1500M"})
+    result = run_deploy(inv)
+    assert result.rc != 0
+    assert f"preflight refused host {host.address}: 2 model(s) can be loaded at once" in result.stderr, \
+        result.stderr[-3000:]
+    assert "does not fit the memory limit of 1500 MiB" in result.stderr
+    assert "llama_router.models_max = 1" in result.stderr
+    assert host_state(host) == before
+
+
+def pids(host) -> dict[str, str]:
+    """The router's PID and each loaded model's child PID (by its ``--alias``)."""
+    main = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
+    out = {"router": main}
+    for line in host.ssh(f"ps -o pid=,args= --ppid {main}").stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "--alias " in args:
+            out[args.split("--alias ", 1)[1].split()[0]] = pid
+    return out
+
+
+def stream_chat(host, out: dict) -> None:
+    """One long streamed chat reply, its chunks counted and its finish reason kept."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key="unused", max_retries=0, timeout=300)
+    chunks = 0
+    for chunk in client.chat.completions.create(model="chat", max_tokens=400, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": "Tell a long story."}]):
+        chunks += 1
+        if chunk.choices and chunk.choices[0].finish_reason:
+            out["finish"] = chunk.choices[0].finish_reason
+    out["chunks"] = chunks
+
+
+def test_a_third_model_is_added_during_a_stream_then_removed_without_a_restart(host, deployed, tmp_path):
+    """Adding and removing a model re-reads the preset: the router and the chat model keep their
+    processes (no restart, no reload of the chat model), and a running stream completes."""
+    import threading
+
+    before = pids(host)
+    assert set(before) >= {"router", "chat"}
+    streamed: dict = {}
+    reader = threading.Thread(target=stream_chat, args=(host, streamed))
+    reader.start()
+    result = run_deploy(inventory(host, tmp_path, "three", [CHAT, EMBED, CHAT2]))
+    running_at_end = reader.is_alive()
+    reader.join(300)
+    assert result.rc == 0, result.stderr[-5000:]
+    assert running_at_end or streamed.get("chunks", 0) > 0
+    assert streamed.get("finish") in ("length", "stop"), streamed
+    assert set(router_models(host)) == {"chat", "embed", "chat-b"}
+    reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120,
+                       json={"model": "chat-b", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200, reply.text
+    after = pids(host)
+    assert (after["router"], after["chat"]) == (before["router"], before["chat"])
+
+    result = run_deploy(deployed)  # back to two models: the first release again
+    assert result.rc == 0, result.stderr[-5000:]
+    assert set(router_models(host)) == {"chat", "embed"}
+    gone = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=60,
+                      json={"model": "chat-b", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert gone.status_code in (400, 404) and "chat-b" in gone.text, gone.text
+    again = pids(host)
+    assert (again["router"], again["chat"]) == (before["router"], before["chat"])
+
+
+def test_a_removed_model_comes_back_by_rollback_with_no_transfer(host, deployed):
+    from tests.conftest import cli
+
+    sent = veth_bytes(host)
+    proc = cli("rollback", str(deployed))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(router_models(host)) == {"chat", "embed", "chat-b"}
+    assert "[chat-b]" in host.ssh("cat /etc/llama-server/models.ini").stdout
+    reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120,
+                       json={"model": "chat-b", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200, reply.text
+    assert veth_bytes(host) - sent < 5_000_000  # the model (253 MB) never travelled again
