@@ -15,7 +15,6 @@ to first token (streaming). Same run, same hosts, leastconn first then affinity.
 
 from __future__ import annotations
 
-import datetime
 import json
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.machine import describe, machine
 from llamadeploy.bench import wait_healthy
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -113,6 +113,7 @@ def main() -> int:
     hosts = [SandboxHost(f"aff{i}", 90 + i, binds=dict(SHARED_BINDS), cpus=str(i - 1) if i < 3 else None)
              for i in range(1, 4)]
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-affinity-"))
+    run = machine()
     result: dict[str, dict] = {}
     try:
         for h in hosts:
@@ -145,13 +146,15 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
-    stamp = datetime.date.today().isoformat()
-    (OUT / f"affinity-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    stamp = str(run["date"])[:10]
+    (OUT / f"affinity-{stamp}.json").write_text(json.dumps({**run, **result}, indent=1) + "\n")
     lc, af = result["leastconn"], result["affinity"]
     text = f"""# Multi-turn chat through the front: leastconn vs affinity ({stamp})
 
+Written whole by `benchmarks/affinity.py` {describe(run)}.
+
 Two backends (Gemma 3 270M Q4_K_M, llama.cpp b11434, the tuned unit with one thread), one HAProxy
-front, sandbox hosts on this machine (2 cores): each backend pinned to a core of its own
+front, sandbox hosts on this machine: each backend pinned to a core of its own
 (`--cpu-affinity`), the front and this client on both. {CONVERSATIONS} conversations side by side, {TURNS} turns each, every
 turn resending the history (a ~90-token system prompt, the questions and answers); turns after
 the first counted. Same run, leastconn first, then affinity (`X-Session-Id` per conversation);
@@ -173,8 +176,9 @@ backends restarted (cold prompt caches) before each.
 |---|---|---|
 | {one:.1f} tok/s | {two:.1f} tok/s | **{two / one:.2f}x** |
 
-Each backend has one core of this 2-core machine to itself; the front, the load generator and the
-kernel share both, so the second backend does not get a whole core's worth of extra work done.
+Each backend has one core of this machine's {run['cores']} to itself (cores 0 and 1); the front, the load
+generator and the kernel may run on every core, theirs included, so the second backend need not get
+a whole core's worth of extra work done.
 Failed requests at 16 clients: {sum(result['one_backend']['errors'].values())} with 1 backend, {sum(result['two_backends']['errors'].values())} with 2.
 """
     (OUT / "AFFINITY.md").write_text(text)

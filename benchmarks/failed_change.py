@@ -20,9 +20,7 @@ Writes ``benchmarks/FAILED-CHANGE.md`` and a JSON file beside it, whole, from th
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.machine import describe, machine
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -87,15 +86,6 @@ def measured(cmd: list[str], url: str, want_rc: int) -> dict[str, float]:
     return {"wall_s": round(wall, 2), "unavailable_s": round(max(poll.outages), 2)}
 
 
-def machine() -> dict[str, object]:
-    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal:"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return {"commit": commit or "unknown", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1)}
-
-
 def main(rounds: int = 3) -> int:
     host = SandboxHost("fch1", 90, binds=dict(SHARED_BINDS))
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-failed-change-"))
@@ -131,8 +121,8 @@ def main(rounds: int = 3) -> int:
                          ("crash_rollout", "server exits at start, rollout (rolled back)")))
     (OUT / "FAILED-CHANGE.md").write_text(f"""# What a failed change costs
 
-Written whole by `benchmarks/failed_change.py` ({rounds} rounds each, medians) at commit {result['commit']},
-{result['date']}, on {result['cores']} cores / {result['memory_gib']} GiB, one sandbox host.
+Written whole by `benchmarks/failed_change.py` ({rounds} rounds each, medians)
+{describe(result)}, one sandbox host.
 Raw runs: `failed-change-{stamp}.json`.
 
 Unavailable: the longest window in which `/health`, polled every 0.1 s from the controller, did

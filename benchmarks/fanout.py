@@ -14,7 +14,6 @@ report). Writes ``benchmarks/FANOUT.md`` and a JSON file. Only test-host address
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import subprocess
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import describe, machine
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -56,6 +56,7 @@ def main() -> int:
     hosts = [SandboxHost(f"fb{i}", 140 + i, binds=dict(SHARED_BINDS), lan=LAN) for i in range(1, 7)]
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-fanout-"))
     size = Path(assets.gemma_model()).stat().st_size
+    run = machine()
     rows = []
     try:
         for h in hosts:
@@ -80,8 +81,8 @@ def main() -> int:
         subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], capture_output=True)
         for h in hosts:
             h.stop()
-    results = {"date": datetime.date.today().isoformat(), "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}
-    (OUT / f"fanout-{results['date']}.json").write_text(json.dumps(results, indent=1) + "\n")
+    results = {**run, "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}
+    (OUT / f"fanout-{str(run['date'])[:10]}.json").write_text(json.dumps(results, indent=1) + "\n")
     (OUT / "FANOUT.md").write_text(report(results))
     print(report(results))
     return 0
@@ -94,11 +95,13 @@ def report(r: dict) -> str:
     last = rows[-1]
     per_round = (last["fanout_s"] - rows[0]["fanout_s"]) / max(1, math.ceil(math.log2(last["hosts"])) - 1)
     lines = [
-        f"# Direct push vs fan-out ({r['date']})",
+        f"# Direct push vs fan-out ({r['date'][:10]})",
+        "",
+        f"Written whole by `benchmarks/fanout.py` {describe(r)}.",
         "",
         f"`sudo .venv/bin/python -m benchmarks.fanout`: the test model ({size / MIB:.0f} MiB) staged on N sandbox "
         f"hosts (`llamadeploy.deploy.llama_model_staged`) over a controller link throttled to {rate} Mbit/s "
-        f"(`tc tbf` on the LAN bridge; host-to-host traffic is bridged, unthrottled, on this 2-core machine). "
+        f"(`tc tbf` on the LAN bridge; host-to-host traffic is bridged, unthrottled, on this machine). "
         "Each run starts with the model removed from those hosts; one run per cell.",
         "",
         "| hosts | direct (s) | controller sent, direct | fan-out (s) | controller sent, fan-out | direct / fan-out |",

@@ -36,6 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import machine  # noqa: E402
 from llamadeploy import gpu  # noqa: E402
 from llamadeploy.bench import bench, wait_healthy  # noqa: E402
 from llamadeploy.config import BuildConfig  # noqa: E402
@@ -70,7 +71,7 @@ def build(src: Path, work: Path, out: Path) -> None:
     configure = ["cmake", "-S", str(work / "src" / "llama.cpp"), "-B", str(work / "build"), *gen,
                  *(f"-D{k}={v}" for k, v in {**opts, **here}.items())]
     compile_ = ["cmake", "--build", str(work / "build"), "--target", *TARGETS, "-j", str(os.cpu_count())]
-    info = {"gpus": [g.__dict__ for g in gpus], "cuda": cuda, "cmake": {**opts, **here},
+    info = {"machine": machine(), "gpus": [g.__dict__ for g in gpus], "cuda": cuda, "cmake": {**opts, **here},
             "release_kind": gpu.cuda_release_kind(cuda, cuda_args["CMAKE_CUDA_ARCHITECTURES"]),
             "nvcc": nvcc_out.strip().splitlines()[-1], "cores": os.cpu_count(), "started": time.time()}
     (work / "build-info.json").write_text(json.dumps(info, indent=2))
@@ -227,7 +228,7 @@ def pin(work: Path, model_dir: Path, out: Path) -> None:
     finally:
         stop(proc)
     offloaded = [ln for ln in log.read_text().splitlines() if "offloaded" in ln]
-    result = {"build_s": info["build_s"], "pin_rc": run.returncode, "env_file": text, "words": words,
+    result = {"machine": info.get("machine"), "build_s": info["build_s"], "pin_rc": run.returncode, "env_file": text, "words": words,
               "chat_status": r.status_code, "usage": r.json().get("usage"), "offloaded": offloaded,
               "compute_apps": apps}
     (out / "gpu-pin.json").write_text(json.dumps(result, indent=2))

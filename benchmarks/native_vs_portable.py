@@ -13,7 +13,6 @@ clients with the test model. Writes ``benchmarks/NATIVE-vs-PORTABLE.md`` and a J
 
 from __future__ import annotations
 
-import datetime
 import json
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.machine import describe, machine
 from llamadeploy.bench import bench
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
@@ -41,6 +41,7 @@ def run(*cmd: str) -> None:
 def main(rounds: int = 3) -> int:
     host = SandboxHost("natport", 79, binds=dict(SHARED_BINDS))
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-natport-"))
+    run_info = machine()
     ids: dict[str, str] = {}
     results: dict[str, list[dict[int, float]]] = {"native": [], "portable": []}
     try:
@@ -60,8 +61,9 @@ def main(rounds: int = 3) -> int:
                 results[variant].append({lv.clients: lv.tok_per_s for lv in report.levels})
     finally:
         host.stop()
-    stamp = datetime.date.today().isoformat()
-    (OUT / f"native-vs-portable-{stamp}.json").write_text(json.dumps({"ids": ids, "results": results}, indent=1) + "\n")
+    stamp = str(run_info["date"])[:10]
+    (OUT / f"native-vs-portable-{stamp}.json").write_text(
+        json.dumps({**run_info, "ids": ids, "results": results}, indent=1) + "\n")
     rows = []
     for clients in LEVELS:
         nat = statistics.median(r[clients] for r in results["native"])
@@ -70,7 +72,9 @@ def main(rounds: int = 3) -> int:
         rows.append(f"| {clients} | {nat:.1f} | {por:.1f} | **{nat / por:.2f}** ({each}) |")
     text = f"""# GGML_NATIVE vs portable build ({stamp})
 
-Gemma 3 270M Q4_K_M, llama.cpp b11434, one sandbox host on this machine (2 cores), the same
+Written whole by `benchmarks/native_vs_portable.py` {describe(run_info)}.
+
+Gemma 3 270M Q4_K_M, llama.cpp b11434, one sandbox host on this machine, the same
 tuned unit; only the build differs: `native = true` (GGML_NATIVE=ON, this CPU's instruction
 set) vs `native = false` (GGML_NATIVE=OFF). Both releases stay on the host; each round
 switches with `llamadeploy rollback --to` and runs `bench` (64 tokens, 4 requests per

@@ -19,7 +19,6 @@ Writes ``benchmarks/NOOP.md`` and a JSON file. Only test-host addresses are used
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import describe, machine
 from benchmarks.widened import widened
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
@@ -56,7 +56,7 @@ def median(f, rounds: int) -> tuple[float, list[float]]:
 def main(rounds: int = 3) -> int:
     hosts = [SandboxHost(f"nop{i}", 80 + i, binds=dict(SHARED_BINDS)) for i in range(1, 4)]
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-noop-"))
-    results: dict[str, object] = {"rounds": rounds}
+    results: dict[str, object] = {**machine(), "rounds": rounds}
     size_rows: list[dict] = []
     try:
         for h in hosts:
@@ -83,7 +83,7 @@ def main(rounds: int = 3) -> int:
     finally:
         for h in hosts:
             h.stop()
-    stamp = datetime.date.today().isoformat()
+    stamp = str(results["date"])[:10]
     (OUT / f"noop-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
 
     def cell(key: str, row: dict | None = None) -> str:
@@ -97,7 +97,9 @@ def main(rounds: int = 3) -> int:
 
     text = f"""# No-op runs, rollouts and the artifact cache ({stamp})
 
-Gemma 3 270M Q4_K_M (253 MB), llama.cpp b11434, sandbox hosts on this machine (2 cores);
+Written whole by `benchmarks/noop.py` {describe(results)}.
+
+Gemma 3 270M Q4_K_M (253 MB), llama.cpp b11434, sandbox hosts on this machine;
 median of {rounds} runs (each run in brackets). Same input every time: nothing changes.
 
 | what | 1 host | 3 hosts |

@@ -7,7 +7,7 @@ Three throwaway sandbox hosts on one LAN bridge (``vz-rpcbench``); the test mode
 * the head with ``llama_rpc.workers_group`` = one worker, then two (layers split by the
   members' memory limits, 2G each here).
 
-On one machine the "network" is a bridge in memory and every host shares the same two cores,
+On one machine the "network" is a bridge in memory and every host shares the same cores,
 so RPC can only cost here: it pays when the model does not fit one host at all. Writes
 ``benchmarks/RPC.md`` and a JSON file.
 
@@ -16,7 +16,6 @@ so RPC can only cost here: it pays when the model does not fit one host at all. 
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 import subprocess
@@ -24,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.machine import describe, machine
 from llamadeploy.bench import bench
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -57,6 +57,7 @@ def main() -> int:
     hosts = [SandboxHost(n, i, binds=dict(SHARED_BINDS), lan="rpcbench") for n, i in
              (("rbh", 171), ("rbw1", 172), ("rbw2", 173))]
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-rpc-"))
+    run = machine()
     results: dict[str, dict] = {}
     try:
         for h in hosts:
@@ -74,9 +75,10 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
-    stamp = datetime.date.today().isoformat()
-    (OUT / f"rpc-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = render(results, stamp)
+    stamp = str(run["date"])[:10]
+    data = {**run, "setups": results}
+    (OUT / f"rpc-{stamp}.json").write_text(json.dumps(data, indent=1) + "\n")
+    text = render(data, stamp)
     (OUT / "RPC.md").write_text(text)
     print(text)
     return 0
@@ -91,8 +93,14 @@ def errors_text(errors: dict) -> str:
     return "; ".join(parts)
 
 
-def render(results: dict[str, dict], stamp: str) -> str:
-    """RPC.md from one run's results (also from its JSON: ``python -m benchmarks.rpc --render FILE``)."""
+def render(data: dict, stamp: str) -> str:
+    """RPC.md from one run's results (also from its JSON: ``python -m benchmarks.rpc --render FILE``):
+    the machine's keys and ``setups``; a JSON from before the machine was recorded holds the setups alone."""
+    results: dict[str, dict] = data.get("setups", data)
+    recorded = "commit" in data
+    measured = (f"Written whole by `benchmarks/rpc.py` {describe(data)}." if recorded
+                else "The machine of this run was not recorded.")
+    cores = f"this machine's {data['cores']} cores" if recorded else "this machine's cores"
     base = results["head alone"]["tok_per_s"]
     rows = "\n".join(
         f"| {label} | {r['split'] or '-'} | " + " | ".join(
@@ -101,8 +109,10 @@ def render(results: dict[str, dict], stamp: str) -> str:
     errors = "\n".join(f"- {label}: {errors_text(r['errors'])}" for label, r in results.items())
     return f"""# RPC workers: head alone vs head + workers ({stamp})
 
+{measured}
+
 Gemma 3 270M Q4_K_M (18 layers), llama.cpp b11434, three sandbox hosts on one LAN bridge of
-this 2-core machine; `bench` (64 tokens, 4 requests per client) against the head after each
+this machine; `bench` (64 tokens, 4 requests per client) against the head after each
 deploy; tok/s and the ratio to the head alone. "layers on workers" is the `--tensor-split` the
 head ran with (llama.cpp also puts the output layer on the last worker; the head keeps the
 first blocks).
@@ -114,7 +124,7 @@ first blocks).
 Errors, counted by `bench` and never retried:
 {errors}
 
-Slower is the expected result here: every host shares the same two cores and every token
+Slower is the expected result here: every host shares {cores} and every token
 crosses the RPC link once per worker. RPC pays when the model does not fit one host at all
 (`tests/e2e/test_rpc.py`: a head that the preflight refuses alone serves with two workers);
 upstream measured 63 -> 42 t/s through one remote server on 1 GbE (llama.cpp PR #6829).

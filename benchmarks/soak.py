@@ -12,13 +12,13 @@ Only test-host addresses are loaded.
 
 from __future__ import annotations
 
-import datetime
 import json
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from benchmarks.machine import describe, machine
 from llamadeploy.bench import soak
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
@@ -36,6 +36,7 @@ def rss_sampler(host: SandboxHost):
 
 
 def main(seconds: float = 600) -> int:
+    run = machine()
     host = SandboxHost("soak", 78, binds=dict(SHARED_BINDS))
     try:
         host.boot()
@@ -46,11 +47,13 @@ def main(seconds: float = 600) -> int:
                       sample_rss=rss_sampler(host), interval=15)
     finally:
         host.stop()
-    stamp = datetime.date.today().isoformat()
-    (OUT / f"soak-{stamp}.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+    stamp = str(run["date"])[:10]
+    (OUT / f"soak-{stamp}.json").write_text(json.dumps({**run, **asdict(result)}, indent=1) + "\n")
     rss = result.rss_kib
     growth = result.rss_growth
     text = f"""# Soak: {CLIENTS} streaming clients for {result.seconds:.0f} s ({stamp})
+
+Written whole by `benchmarks/soak.py` {describe(run)}.
 
 Gemma 3 270M Q4_K_M, llama.cpp b11434, the tuned unit from `deploy.py`, one sandbox host on
 this machine's veth network; each client sends requests back to back (64 tokens each) over

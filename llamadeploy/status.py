@@ -38,6 +38,17 @@ class Target:
 
 
 @dataclass
+class ModelStatus:
+    """One model of a router-mode host: what the release holds and what the router says of it."""
+
+    alias: str
+    kind: str
+    sha256: str  #: prefix of its (first) file's sha256
+    #: the router's status: loaded, loading, unloaded, sleeping, ... ("-" when it did not answer)
+    state: str
+
+
+@dataclass
 class HostStatus:
     host: str
     mode: str | None = None
@@ -53,6 +64,8 @@ class HostStatus:
     drift: list[str] = field(default_factory=list)
     #: an RPC head: its workers and whether each answers from the head; a worker: its head(s)
     rpc: str | None = None
+    #: router mode: each model, with its state in the router
+    models: list[ModelStatus] = field(default_factory=list)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -133,17 +146,19 @@ def inventory_targets(path: str, probe_command: str) -> list[Target]:
     return targets
 
 
-def expected_model_sha256(cfg: HostConfig) -> str | None:
-    """The first model file's sha256 the inventory asks for, without downloading anything."""
-    if cfg.model.sha256:
-        return cfg.model.sha256
-    if cfg.model.path:
+def expected_model_sha256(cfg: HostConfig, spec: Any = None) -> str | None:
+    """The first model file's sha256 the inventory asks for (``spec``: one of ``llama_models``),
+    without downloading anything."""
+    spec = spec or cfg.model
+    if spec.sha256:
+        return str(spec.sha256)
+    if spec.path:
         from llamadeploy.artifacts import file_sha256
 
-        return file_sha256(cfg.model.path)
+        return file_sha256(spec.path)
     from llamadeploy.roles.model.source import resolve
 
-    return resolve(cfg.model).first.sha256
+    return resolve(spec).first.sha256
 
 
 def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
@@ -158,6 +173,8 @@ def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
     from llamadeploy.roles.preflight.facts import HostMemory
     from llamadeploy.tuning import plan_memory, server_args
 
+    if cfg.router_mode:  # the router's flags are few; its models' are compared one by one (model_drift)
+        return None
     if not cfg.model.path:
         # a Hub model's header is read from the downloaded file at deploy time; the catalog's values
         # or the operator's ctx_size would be a different input, hence false drift: not compared
@@ -195,18 +212,60 @@ def drift(cfg: HostConfig, m: Manifest, expected_sha: str | None, args: list[str
         out.append(f"mode {m.mode} -> {cfg.mode}")
     if cfg.mode == "native" and m.release != cfg.build.release_key():
         out.append(f"release {m.release} -> {cfg.build.release_key()}")
-    if expected_sha and m.model_sha256 != expected_sha:
+    if bool(m.models) != cfg.router_mode:  # (router mode's models one by one: model_drift)
+        out.append("one model -> several (router mode)" if cfg.router_mode else "several models (router mode) -> one")
+    if expected_sha and not m.models and m.model_sha256 != expected_sha:
         out.append(f"model sha256 {m.model_sha256[:12]} -> {expected_sha[:12]}")
     if (m.host, m.port) != (cfg.server.host, cfg.server.port):
         out.append(f"bind {m.host}:{m.port} -> {cfg.server.host}:{cfg.server.port}")
     if bool(m.api_key_file) != (cfg.server.api_key is not None):
         out.append("api key " + ("set -> none" if m.api_key_file else "none -> set"))
-    if cfg.model.alias and m.alias != cfg.model.alias:
+    if cfg.model.alias and not cfg.router_mode and m.alias != cfg.model.alias:
         out.append(f"alias {m.alias} -> {cfg.model.alias}")
     if args is not None and args != m.args:
         changed = sorted(set(flag_names(args)) ^ set(flag_names(m.args))) or ["values"]
         out.append(f"flags {m.flags_digest()} -> {Manifest.digest(args)} ({', '.join(changed)})")
     return out
+
+
+def model_drift(m: Manifest, expected: dict[str, str | None]) -> list[str]:
+    """A router-mode release's models against the inventory's (alias -> first file's sha256, None
+    when not known without a download): models added, removed or re-pinned (pure)."""
+    out = []
+    deployed = {s.alias: s for s in m.models}
+    for alias in sorted(set(expected) - set(deployed)):
+        out.append(f"model {alias} to be added")
+    for alias in sorted(set(deployed) - set(expected)):
+        out.append(f"model {alias} to be removed")
+    for alias in sorted(set(expected) & set(deployed)):
+        want, files = expected[alias], deployed[alias].files
+        have = next(iter(files.values()), "")
+        if want and have != want:
+            out.append(f"model {alias} sha256 {have[:12]} -> {want[:12]}")
+    return out
+
+
+def router_states(reply: str) -> dict[str, str]:
+    """alias -> status from the router's ``GET /models`` JSON (pure); {} when it is not that JSON."""
+    import json
+
+    try:
+        data = json.loads(reply)["data"]
+        return {str(e["id"]): str((e.get("status") or {}).get("value", "-")) for e in data}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _router_models(host: Any, m: Manifest) -> list[ModelStatus]:
+    """Each model of a router release with the router's word on it (asked on the host itself)."""
+    from llamadeploy.roles.health import health_url
+
+    q = shlex.quote
+    key = (f"{{ printf 'Authorization: Bearer '; cat {q(m.api_key_file)}; }}" if m.api_key_file else "printf ''")
+    reply = _run(host, f"{key} | curl -s --max-time 5 -H @- {q(health_url(m.host, m.port, '/models'))} || true")
+    states = router_states(reply)
+    return [ModelStatus(s.alias, s.kind, next(iter(s.files.values()), "")[:12], states.get(s.alias, "-"))
+            for s in m.models]
 
 
 def host_status(host: Any, cfg: HostConfig) -> HostStatus:
@@ -230,6 +289,8 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
         records = fact.process(_run(host, fact.command(records_dir(cfg))).splitlines())
         st.previous = [r.id for r in reversed(records) if r.id != m.release_id]
         st.model, st.model_sha256 = m.alias, m.model_sha256[:12]
+        if m.models:
+            st.model, st.model_sha256 = ",".join(s.alias for s in m.models), None
         st.flags_digest = m.flags_digest()
         if m.mode == "native":
             st.service = _run(host, f"systemctl is-active {shlex.quote(m.unit or '')} || true").strip()
@@ -239,7 +300,13 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
         url = health_url(m.host, m.port)  # where it runs now, not where the inventory would move it
         code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(url)} || true")
         st.health = "ok" if code.strip() == "200" else f"HTTP {code.strip() or 'no answer'}"
-        st.drift = drift(cfg, m, expected_model_sha256(cfg), expected_args(host, cfg))
+        if m.models:
+            st.models = _router_models(host, m)
+            st.drift = drift(cfg, m, None)
+            if cfg.router_mode:
+                st.drift += model_drift(m, {e.alias: expected_model_sha256(cfg, e) for e in cfg.models})
+        else:
+            st.drift = drift(cfg, m, expected_model_sha256(cfg), expected_args(host, cfg))
         if cfg.rpc.workers_group:
             _head_status(host, cfg, st)
     except (HostUnreachable, ValueError, RuntimeError) as exc:  # ValueError: a manifest it cannot parse
@@ -305,6 +372,14 @@ def format_table(rows: list[HostStatus]) -> str:
             d["health"] = r.error
         cells.append([str(d[c]) if d[c] is not None else "-" for c in COLUMNS])
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in cells
     )
+    routed = [(r.host, s) for r in rows for s in r.models]
+    if not routed:
+        return table
+    lines = [("host", "model", "kind", "sha256", "state"),
+             *((h, s.alias, s.kind, s.sha256, s.state) for h, s in routed)]
+    w = [max(len(line[i]) for line in lines) for i in range(4)]
+    return table + "\n\nmodels (router mode)\n" + "\n".join(
+        "  ".join(c.ljust(x) for c, x in zip(line[:4], w, strict=True)) + "  " + line[4] for line in lines)

@@ -18,6 +18,9 @@ LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
 #: seconds for one deploy, CLI or testinfra run the tests start: below the per-test timeout
 #: (pyproject's ``timeout``), so a hung run fails its test with its own output
 SUBPROCESS_TIMEOUT = 1500
+#: seconds for a quick command on this machine (tc, iptables, ip, mount, openssl, curl -m): it
+#: returns at once or hangs
+LOCAL_TIMEOUT = 60
 
 # the controller's cache (built releases, model hashes and headers) for every deploy the tests run:
 # beside the other test caches, keyed by release key and host kind, so a run builds llama.cpp once
@@ -50,11 +53,12 @@ def merged_data(**sections: Any) -> dict:
     return data
 
 
-def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) -> DeployResult:
+def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None,
+               timeout: float = SUBPROCESS_TIMEOUT) -> DeployResult:
     """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it."""
     proc = subprocess.run(
         [PYINFRA, "-y", "--json", str(inventory), "deploy.py", *extra],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=SUBPROCESS_TIMEOUT,
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
     )
     report = None
     if proc.returncode == 0:
@@ -62,10 +66,10 @@ def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None) 
     return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     """``llamadeploy ARGS``, as an operator runs it."""
     return subprocess.run([LLAMADEPLOY, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=SUBPROCESS_TIMEOUT)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def veth_bytes(host) -> int:
@@ -119,14 +123,14 @@ def testhosts():
             host.stop()
 
 
-def run_testinfra(address: str, *extra: str) -> subprocess.CompletedProcess:
+def run_testinfra(address: str, *extra: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     """Run the shipped testinfra suite against a host, in its own pytest process."""
     from llamadeploy.sandbox.host import ssh_config
 
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/testinfra",
          f"--hosts=ssh://root@{address}", f"--ssh-config={ssh_config()}", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -195,6 +199,7 @@ MODULE_MINUTES = {
     "tests/e2e/test_front.py": 8.7, "tests/e2e/test_safety.py": 7.1, "tests/e2e/test_rollout.py": 7.0,
     "tests/e2e/test_docker.py": 4.5, "tests/e2e/test_faults.py": 4.4, "tests/e2e/test_fanout.py": 3.7,
     "tests/e2e/test_rpc.py": 2.0, "tests/e2e/test_hub.py": 1.8, "tests/e2e/test_router.py": 1.5,
+    "tests/e2e/test_front_models.py": 2.5,
     "tests/e2e/test_molecule.py": 1.0, "tests/e2e/test_uninstall.py": 0.7,
 }
 

@@ -24,6 +24,9 @@ __all__ = ["CACHE", "DEMO", "SandboxHost", "demo_inventory", "down", "reap", "ru
 #: the quickstart's host (``inventory/local.py``)
 DEMO = SandboxHost("demo", 200, binds=dict(SHARED_BINDS), overlays=dict(SHARED_OVERLAYS))
 INVENTORIES = CACHE / "sandbox"
+#: seconds for the sandbox's deploy: the first one compiles llama.cpp from a cold ccache (5-10 minutes
+#: on 2 cores, more on a slower machine); a hung deploy ends with ``subprocess.TimeoutExpired``
+DEPLOY_TIMEOUT = 3600
 
 
 def host(name: str = "demo", index: int | None = None, docker: bool = False) -> SandboxHost:
@@ -65,11 +68,11 @@ def up(box: SandboxHost, inventory: Path | None = None, log: Callable[[str], obj
     return path
 
 
-def deploy(inventory: Path, deploy_file: Path | None = None) -> int:
+def deploy(inventory: Path, deploy_file: Path | None = None, timeout: float = DEPLOY_TIMEOUT) -> int:
     """Run ``pyinfra -y INVENTORY deploy.py`` as an operator would (the packaged deploy without a file)."""
     pyinfra = str(Path(sys.executable).with_name("pyinfra"))
     target = str(deploy_file) if deploy_file else "llamadeploy.deploy.llama_server"
-    return subprocess.call([pyinfra, "-y", str(inventory), target])
+    return subprocess.call([pyinfra, "-y", str(inventory), target], timeout=timeout)
 
 
 def down(names: list[str] | None = None) -> list[str]:

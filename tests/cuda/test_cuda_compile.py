@@ -32,13 +32,23 @@ pytestmark = pytest.mark.cuda_compile
 NVCC = Path("/usr/local/cuda/bin/nvcc")
 DATA = Path(__file__).resolve().parents[1] / "unit" / "data" / "nvidia-smi"
 CUBLAS = "nvidia-cublas>=13,<14"
+#: seconds for downloading the cuBLAS wheel (some hundred MB)
+DOWNLOAD_TIMEOUT = 900
+#: seconds for CMake's configure step
+CONFIGURE_TIMEOUT = 300
+#: seconds for the build (about 25 minutes on 2 cores): just below the per-test timeout (pyproject's
+#: ``timeout``), so a hung build is killed and fails its test with its own output
+BUILD_TIMEOUT = 1700
+#: seconds for a quick command (readelf)
+LOCAL_TIMEOUT = 60
 
 
 def cublas_dir() -> Path:
     """The wheel, downloaded once and unpacked into the test cache, with the unversioned links CMake wants."""
     wheels = CACHE / "pypi" / "cublas"
     if not list(wheels.glob("nvidia_cublas-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), CUBLAS], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), CUBLAS], check=True,
+                       timeout=DOWNLOAD_TIMEOUT)
     wheel = sorted(wheels.glob("nvidia_cublas-*.whl"))[-1]
     out = CACHE / wheel.stem
     root = out / "nvidia" / "cu13"
@@ -72,14 +82,15 @@ def test_cuda_build_for_one_architecture(tmp_path):
     }
     build = tmp_path / "build"
     configure = ["cmake", "-S", str(src), "-B", str(build), *(f"-D{k}={v}" for k, v in {**options, **here}.items())]
-    subprocess.run(configure, check=True, capture_output=True, text=True)
+    subprocess.run(configure, check=True, capture_output=True, text=True, timeout=CONFIGURE_TIMEOUT)
     t0 = time.monotonic()
     proc = subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "llama-fit-params",
                            "-j", str(os.cpu_count() or 2)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     binary = build / "bin" / "llama-server"
-    needed = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True, check=True).stdout
+    needed = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True, check=True,
+                            timeout=LOCAL_TIMEOUT).stdout
     assert "libcublas.so" in needed, needed
     print(f"CUDA build (sm_90, {os.cpu_count()} cores): {took / 60:.1f} min")

@@ -20,7 +20,7 @@ import pytest
 from llamadeploy.sandbox import assets
 from llamadeploy.sandbox.host import HOSTS_DIR
 from llamadeploy.sandbox.inventory import write_inventory
-from tests.conftest import PYINFRA, REPO, merged_data, run_deploy
+from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +35,9 @@ MIB = 1 << 20
 def lan(testhosts):
     hosts = [testhosts(f"fo{i}", 120 + i, lan=LAN) for i in range(1, 5)]
     subprocess.run(["tc", "qdisc", "replace", "dev", BRIDGE, "root", "tbf", "rate", "200mbit", "burst", "256kb",
-                    "latency", "100ms"], check=True)
+                    "latency", "100ms"], check=True, timeout=LOCAL_TIMEOUT)
     yield hosts
-    subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], check=False)
+    subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], check=False, timeout=LOCAL_TIMEOUT)
 
 
 def tx_bytes(dev: str) -> int:
@@ -51,7 +51,7 @@ def inventory(path: Path, hosts, mode: str = "fanout") -> Path:
 def staged(inv: Path, *extra: str) -> subprocess.CompletedProcess:
     """``pyinfra -y INVENTORY llamadeploy.deploy.llama_model_staged`` as an operator runs it."""
     return subprocess.run([PYINFRA, "-y", str(inv), "llamadeploy.deploy.llama_model_staged", *extra],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
 
 
 def model_sha(h) -> str:
@@ -128,7 +128,7 @@ def test_peer_killed_mid_transfer_others_complete_and_it_resumes(lan, tmp_path):
     partial = partial.with_name(partial.name + ".partial")
     # the victim's own port on the bridge: 40 Mbit/s, so its pull takes a minute
     subprocess.run(["tc", "qdisc", "replace", "dev", victim.veth, "root", "tbf", "rate", "40mbit", "burst", "64kb",
-                    "latency", "100ms"], check=True)
+                    "latency", "100ms"], check=True, timeout=LOCAL_TIMEOUT)
     start = tx_bytes(victim.veth)  # what the bridge sends the victim: what it receives
     proc = subprocess.Popen([PYINFRA, "-y", str(inv), "llamadeploy.deploy.llama_model_staged", "--fail-percent",
                              "50"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,7 +141,7 @@ def test_peer_killed_mid_transfer_others_complete_and_it_resumes(lan, tmp_path):
         url = f"http://{lan[0].address}:8090/{assets.MODEL_SHA256}"
         member = lan[1].ssh(f"curl -s -m 5 -r 0-0 -o /dev/null -w '%{{http_code}}' {url}", check=False).stdout
         outsider = subprocess.run(["curl", "-s", "-m", "3", "-r", "0-0", "-o", "/dev/null", "-w", "%{http_code}",
-                                   url], capture_output=True, text=True).stdout
+                                   url], capture_output=True, text=True, timeout=LOCAL_TIMEOUT).stdout
         got = tx_bytes(victim.veth) - start
         victim.power_cut()
         victim.power_on()  # its old connections get a reset: pyinfra fails it at once
@@ -177,14 +177,15 @@ def test_peers_that_cannot_reach_each_other_fall_back_to_a_direct_push(lan, tmp_
     target = lan[2]
     drop_model(target)
     for h in lan:
-        subprocess.run(["bridge", "link", "set", "dev", h.veth, "isolated", "on"], check=True)
+        subprocess.run(["bridge", "link", "set", "dev", h.veth, "isolated", "on"], check=True, timeout=LOCAL_TIMEOUT)
     try:
         before = tx_bytes(BRIDGE)
         result = staged(inv)
         sent = tx_bytes(BRIDGE) - before
     finally:
         for h in lan:
-            subprocess.run(["bridge", "link", "set", "dev", h.veth, "isolated", "off"], check=False)
+            subprocess.run(["bridge", "link", "set", "dev", h.veth, "isolated", "off"], check=False,
+                           timeout=LOCAL_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the controller pushes it now" in result.stderr + result.stdout
     assert model_sha(target) == assets.MODEL_SHA256

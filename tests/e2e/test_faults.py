@@ -29,7 +29,7 @@ from llamadeploy.roles.model.source import margin
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE, copy_gguf, gemma_model
 from llamadeploy.sandbox.host import CACHE, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, host_state, merged_data, run_deploy
+from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, host_state, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +99,7 @@ def wait_for(host: SandboxHost, test: str, proc: subprocess.Popen, seconds: floa
             return
         if proc.poll() is not None:
             raise AssertionError(f"the deploy ended (rc {proc.returncode}) before `{test}` held: "
-                                 f"{proc.communicate()[0][-3000:]}")
+                                 f"{proc.communicate(timeout=LOCAL_TIMEOUT)[0][-3000:]}")
         time.sleep(0.2)
     raise AssertionError(f"`{test}` never held on {host.name} within {seconds}s")
 
@@ -119,11 +119,11 @@ def finish(proc: subprocess.Popen, seconds: float = 300) -> tuple[int, str]:
 def throttled(host: SandboxHost) -> Iterator[None]:
     """Slow the link to one host (80 Mbit/s) so a 240 MiB transfer lasts long enough to hit."""
     subprocess.run(["tc", "qdisc", "add", "dev", host.veth, "root", "tbf", "rate", "80mbit",
-                    "burst", "64kb", "latency", "400ms"], check=True)
+                    "burst", "64kb", "latency", "400ms"], check=True, timeout=LOCAL_TIMEOUT)
     try:
         yield
     finally:  # gone already when the host rebooted (its veth is new)
-        subprocess.run(["tc", "qdisc", "del", "dev", host.veth, "root"], capture_output=True)
+        subprocess.run(["tc", "qdisc", "del", "dev", host.veth, "root"], capture_output=True, timeout=LOCAL_TIMEOUT)
 
 
 def serving_model(host: SandboxHost) -> dict:
@@ -260,7 +260,7 @@ def test_one_of_three_unreachable_mid_deploy(fleet, tmp_path):
             try:
                 wait_for(c, f"[ $(stat -c %s {partial} 2>/dev/null || echo 0) -gt {20 * MIB} ]", proc)
                 sent = int(c.ssh(f"stat -c %s {partial}").stdout)
-                subprocess.run(["iptables", "-I", *cut], check=True)
+                subprocess.run(["iptables", "-I", *cut], check=True, timeout=LOCAL_TIMEOUT)
             finally:
                 rc, out = finish(proc)
         assert sent < new.stat().st_size  # cut mid-transfer
@@ -288,7 +288,7 @@ def test_one_of_three_unreachable_mid_deploy(fleet, tmp_path):
             assert rows[host.address]["model_sha256"] == sha[:12] and rows[host.address]["drift"] == []
         assert rows[c.address]["error"].startswith("unreachable over SSH")
     finally:
-        subprocess.run(["iptables", "-D", *cut], capture_output=True)
+        subprocess.run(["iptables", "-D", *cut], capture_output=True, timeout=LOCAL_TIMEOUT)
 
     # ft53 back: it still serves the old model, the cut transfer's bytes were never used
     assert served_alias(c) == old_alias

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
-from tests.conftest import PYINFRA, REPO, merged_data, run_deploy
+from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")]
 
@@ -255,7 +255,7 @@ def test_drain_and_enable_through_the_runtime_api(hosts, fleet):
     def set_state(state: str) -> None:
         proc = subprocess.run([PYINFRA, "-y", str(fleet), "llamadeploy.deploy.llama_front_servers",
                                f"servers={hosts['be1'].address}", f"set_to={state}", "--limit", hosts["fd"].address],
-                              cwd=REPO, capture_output=True, text=True)
+                              cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     set_state("drain")
@@ -429,7 +429,7 @@ def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
     pem = tmp_path / "front.pem"
     key = tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=front",
-                    "-keyout", str(key), "-out", str(pem)], check=True, capture_output=True)
+                    "-keyout", str(key), "-out", str(pem)], check=True, capture_output=True, timeout=LOCAL_TIMEOUT)
     pem.write_text(pem.read_text() + key.read_text())
     pem.chmod(0o600)
     result = run_deploy(write(tmp_path / "tls.py", hosts, {"tls_pem": str(pem), "redirect_http": True}),

@@ -19,7 +19,17 @@ import pytest
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import HUB_PORT, HUB_TOKEN, PYINFRA, REPO, TINY, host_state, run_deploy, run_testinfra
+from tests.conftest import (
+    HUB_PORT,
+    HUB_TOKEN,
+    LOCAL_TIMEOUT,
+    PYINFRA,
+    REPO,
+    TINY,
+    host_state,
+    run_deploy,
+    run_testinfra,
+)
 
 pytestmark = pytest.mark.e2e
 TINY_REPO = "llamactl-test/gemma-3-270m-GGUF"
@@ -103,7 +113,7 @@ def test_interrupted_transfer_completes_next_run(host, hub, controller_env, tmp_
     inv = inventory(host, tmp_path, "other", {"repo_id": "llamactl-test/other-name", "filename": "gemma-other.gguf"})
     before_pid = host.ssh("systemctl show -p MainPID llama-server").stdout
     subprocess.run(["tc", "qdisc", "add", "dev", host.veth, "root", "tbf", "rate", "80mbit",
-                    "burst", "64kb", "latency", "400ms"], check=True)
+                    "burst", "64kb", "latency", "400ms"], check=True, timeout=LOCAL_TIMEOUT)
     try:
         proc = subprocess.Popen([PYINFRA, "-y", str(inv), "deploy.py"], cwd=REPO, env={**__import__("os").environ, **controller_env},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,9 +125,9 @@ def test_interrupted_transfer_completes_next_run(host, hub, controller_env, tmp_
                 break
             time.sleep(0.3)
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=LOCAL_TIMEOUT)
     finally:
-        subprocess.run(["tc", "qdisc", "del", "dev", host.veth, "root"], check=False)
+        subprocess.run(["tc", "qdisc", "del", "dev", host.veth, "root"], check=False, timeout=LOCAL_TIMEOUT)
     assert int(out) > 20_000_000, "upload never started"
     assert host.ssh("test -e /var/lib/llama-server/models/gemma-other.gguf", check=False).returncode == 1
     assert host.ssh("systemctl show -p MainPID llama-server").stdout == before_pid

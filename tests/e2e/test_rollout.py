@@ -22,7 +22,16 @@ import pytest
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox import assets
-from tests.conftest import LLAMADEPLOY, REPO, cli, merged_data, run_deploy, veth_bytes
+from tests.conftest import (
+    LLAMADEPLOY,
+    LOCAL_TIMEOUT,
+    REPO,
+    SUBPROCESS_TIMEOUT,
+    cli,
+    merged_data,
+    run_deploy,
+    veth_bytes,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -127,16 +136,32 @@ def load(fleet, stop: threading.Event, samples: list[Sample]) -> list[threading.
     return threads
 
 
-def rollout_with_timeline(inv: Path, *args: str) -> tuple[int, str, list[tuple[float, str]]]:
-    """``llamadeploy rollout`` as a subprocess; its stderr lines with the time each arrived."""
+def rollout_with_timeline(inv: Path, *args: str, timeout: float = SUBPROCESS_TIMEOUT,
+                          ) -> tuple[int, str, list[tuple[float, str]]]:
+    """``llamadeploy rollout`` as a subprocess; its stderr lines with the time each arrived.
+    ``subprocess.TimeoutExpired`` when it has not ended after ``timeout`` s (it is killed then)."""
     proc = subprocess.Popen([LLAMADEPLOY, "rollout", str(inv), *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    expired = threading.Event()
+
+    def kill() -> None:  # the line-by-line read below has no timeout of its own: end the process
+        expired.set()
+        proc.kill()
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
     lines: list[tuple[float, str]] = []
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append((time.monotonic(), line.rstrip()))
-    out = proc.stdout.read() if proc.stdout else ""
-    return proc.wait(), out, lines
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append((time.monotonic(), line.rstrip()))
+        out = proc.stdout.read() if proc.stdout else ""
+        rc = proc.wait(timeout=LOCAL_TIMEOUT)
+    finally:
+        watchdog.cancel()
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=out, stderr="\n".join(ln for _, ln in lines))
+    return rc, out, lines
 
 
 def batch_windows(lines: list[tuple[float, str]], end: float) -> dict[str, tuple[float, float]]:

@@ -9,6 +9,7 @@ through the official OpenAI client, the router's own ``/models`` and ssh, never 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -193,3 +194,26 @@ def test_a_removed_model_comes_back_by_rollback_with_no_transfer(host, deployed)
                        json={"model": "chat-b", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
     assert reply.status_code == 200, reply.text
     assert veth_bytes(host) - sent < 5_000_000  # the model (253 MB) never travelled again
+
+    # status shows every model with the router's word on it, and the inventory's two as drift
+    proc = cli("status", str(deployed), "--json")
+    (row,) = json.loads(proc.stdout)
+    states = {m["alias"]: (m["kind"], m["sha256"], m["state"]) for m in row["models"]}
+    assert states["chat"] == ("chat", MODEL_SHA256[:12], "loaded") and states["chat-b"][2] == "loaded"
+    assert states["embed"][:2] == ("embedding", MODEL_SHA256[:12])
+    assert row["drift"] == ["model chat-b to be removed"] and row["health"] == "ok"
+
+
+def test_with_models_max_1_alternating_requests_swap_the_models(host, tmp_path):
+    """Two on-demand chat models and room for one: each request to the other model unloads this
+    one (the router's LRU), and both keep answering."""
+    inv = inventory(host, tmp_path, "swap", [{**CHAT, "load": "on_demand"}, CHAT2], llama_router={"models_max": 1})
+    result = run_deploy(inv)
+    assert result.rc == 0, result.stderr[-5000:]
+    assert router_models(host) == {"chat": "unloaded", "chat-b": "unloaded"}  # the gate unloaded both
+    for alias, other in (("chat", "chat-b"), ("chat-b", "chat"), ("chat", "chat-b")):
+        reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120, json={
+            "model": alias, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 200, reply.text
+        states = router_models(host)
+        assert (states[alias], states[other]) == ("loaded", "unloaded"), states

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, merged_data, run_deploy
+from tests.conftest import LOCAL_TIMEOUT, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +89,23 @@ def test_split_serving_chat_and_each_worker_holds_its_share(group, deployed):
         assert rss_kib * 1024 >= 0.6 * share, (w.name, rss_kib, share)
 
 
+def restarted(head) -> None:
+    """Start the head's server again after a probe. Its start failed once in a CI run on 2 busy
+    cores (``systemctl start`` exit 1, cause not captured): the unit's state and journal are kept in
+    a warning, and the start is tried once more after ``reset-failed``, since this is the test's
+    cleanup, not what it checks."""
+    import warnings
+
+    first = head.ssh("systemctl start llama-server", check=False)
+    if first.returncode == 0:
+        return
+    why = head.ssh("systemctl status llama-server --no-pager; journalctl -u llama-server -n 40 --no-pager",
+                   check=False).stdout
+    warnings.warn(f"systemctl start llama-server on the head failed ({first.stderr.strip()}):\n{why}", stacklevel=2)
+    again = head.ssh("systemctl reset-failed llama-server; systemctl start llama-server", check=False)
+    assert again.returncode == 0, f"{again.stderr}\n{why}"
+
+
 def test_only_the_head_reaches_a_worker(group, deployed):
     """The fence: the head connects, the other worker and this machine do not. (ggml-rpc-server
     serves one client at a time: the head's server is stopped meanwhile, so that a refused probe
@@ -100,10 +117,10 @@ def test_only_the_head_reaches_a_worker(group, deployed):
         assert head.ssh(probe).stdout.strip() == "open"
         assert w2.ssh(probe).stdout.strip() == "closed"
         local = subprocess.run(["timeout", "3", "bash", "-c", f"exec 3<>/dev/tcp/{w1.address}/50052"],
-                               capture_output=True)
+                               capture_output=True, timeout=LOCAL_TIMEOUT)
         assert local.returncode != 0
     finally:
-        head.ssh("systemctl start llama-server")
+        restarted(head)
     unit = w1.ssh("systemctl show -p DynamicUser -p ExecStart ggml-rpc-server").stdout
     assert "DynamicUser=yes" in unit and f"--host {w1.address}" in unit, unit
     httpx_wait_health(head)
@@ -153,7 +170,8 @@ def test_worker_down_is_reported_by_status(group, deployed):
     head, _, w2 = group
     w2.ssh("systemctl stop ggml-rpc-server")
     try:
-        out = subprocess.run([LLAMADEPLOY, "status", str(inv)], cwd=REPO, capture_output=True, text=True)
+        out = subprocess.run([LLAMADEPLOY, "status", str(inv)], cwd=REPO, capture_output=True, text=True,
+                             timeout=SUBPROCESS_TIMEOUT)
         row = next(ln for ln in out.stdout.splitlines() if ln.startswith(head.address))
         assert f"{w2.address}:50052=DOWN" in row and "unreachable from the head" in row, out.stdout
         wrow = next(ln for ln in out.stdout.splitlines() if ln.startswith(w2.address))

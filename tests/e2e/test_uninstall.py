@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, run_deploy
+from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def host(testhosts):
 def remove(inventory: Path, *args: str) -> subprocess.CompletedProcess:
     """The uninstall, as an operator runs it: pyinfra with the packaged @deploy function."""
     return subprocess.run([PYINFRA, "-y", "--json", str(inventory), "llamadeploy.deploy.llama_server_removed", *args],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
 
 
 def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):

@@ -24,6 +24,8 @@ from llamadeploy.artifacts import file_sha256
 from llamadeploy.sandbox.host import CACHE, ROOTFS
 
 IMAGE_REF = "llamactl/llama-server:b11434-test"
+#: seconds for copying the cached Debian tree or packing it into the layer tar (a few hundred MB)
+TREE_TIMEOUT = 600
 
 
 
@@ -39,7 +41,7 @@ def build_image_tarball(host_root: Path, out: Path | None = None, rebuild: str |
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     tree = work / "tree"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(ROOTFS), str(tree)], check=True)
+    subprocess.run(["cp", "-a", "--reflink=auto", str(ROOTFS), str(tree)], check=True, timeout=TREE_TIMEOUT)
     (tree / ".llamactl-complete").unlink(missing_ok=True)
     (tree / "app").mkdir()
     binary = host_root / "opt/llama.cpp/current"
@@ -49,7 +51,7 @@ def build_image_tarball(host_root: Path, out: Path | None = None, rebuild: str |
         shutil.copy2(lib, tree / "usr/lib/x86_64-linux-gnu" / lib.name, follow_symlinks=True)
 
     layer = work / "layer.tar"
-    subprocess.run(["tar", "-C", str(tree), "-cf", str(layer), "."], check=True)
+    subprocess.run(["tar", "-C", str(tree), "-cf", str(layer), "."], check=True, timeout=TREE_TIMEOUT)
     diff_id = file_sha256(str(layer))
     config = json.dumps({
         "architecture": "amd64", "os": "linux",

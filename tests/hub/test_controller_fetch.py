@@ -15,7 +15,7 @@ import pytest
 from llamadeploy.config import ModelConfig
 from llamadeploy.roles.model.source import ModelError, download, resolve
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
-from tests.conftest import TINY
+from tests.conftest import LOCAL_TIMEOUT, TINY
 
 
 def spec(env, **kw) -> ModelConfig:
@@ -114,7 +114,7 @@ def test_controller_disk_too_small_refused_before_download(hub, hub_env, tmp_pat
         pytest.skip("needs root to mount a small tmpfs")
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True, timeout=LOCAL_TIMEOUT)
     try:
         monkeypatch.setenv("HF_HUB_CACHE", str(small / "hub"))
         s = spec(hub_env, repo_id="llamactl-test/other-name", filename="gemma-other.gguf")
@@ -124,4 +124,4 @@ def test_controller_disk_too_small_refused_before_download(hub, hub_env, tmp_pat
         assert f"not enough disk on the controller: {small} has 64 MiB free, needs " in str(exc.value)
         assert len(hub.gets) == before  # refused before any byte was fetched
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        subprocess.run(["umount", str(small)], check=True, timeout=LOCAL_TIMEOUT)

@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+#: seconds for ``pip wheel`` of this package or ``pip install`` of the wheel with its dependencies
+PIP_TIMEOUT = 600
+#: seconds for the installed copy's render script or ``llamadeploy --help`` (an import and a print)
+RUN_TIMEOUT = 120
 
 RENDER = textwrap.dedent('''
     import llamadeploy, llamadeploy.roles.service as service, llamadeploy.roles.docker as docker
@@ -38,7 +42,7 @@ RENDER = textwrap.dedent('''
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, timeout=PIP_TIMEOUT)
     return next(out.glob("llamadeploy-*.whl"))
 
 
@@ -59,16 +63,18 @@ def test_installed_wheel_renders_unit_and_compose(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True,
+                   timeout=PIP_TIMEOUT)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([str(py), "-c", RENDER], cwd=elsewhere, capture_output=True, text=True)
+    proc = subprocess.run([str(py), "-c", RENDER], cwd=elsewhere, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     unit, compose = proc.stdout.split("=====\n")
     assert "ExecStart=/opt/llama.cpp/current/bin/llama-server --port 8080" in unit
     assert "CPUQuota=400%" in unit and "MemoryMax=8G" in unit
     assert 'image: "img:1"' in compose and '"0.0.0.0:8080:8080"' in compose
-    cli = subprocess.run([str(env_dir / "bin" / "llamadeploy"), "--help"], capture_output=True, text=True)
+    cli = subprocess.run([str(env_dir / "bin" / "llamadeploy"), "--help"], capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT)
     assert cli.returncode == 0 and "sandbox" in cli.stdout and "status" in cli.stdout, cli.stderr
     site = next((env_dir / "lib").glob("python3*/site-packages"))
     assert not (site / "roles").exists() and not (site / "templates").exists()

@@ -12,6 +12,8 @@ import re
 
 import pytest
 
+from llamadeploy.tuning import KV_TYPE_BYTES
+
 CHAT = {"messages": [{"role": "user", "content": "Name one colour."}], "max_tokens": 12, "temperature": 0}
 
 
@@ -163,6 +165,55 @@ def test_reply_carries_no_foreign_control_tokens(api, manifest):
 
 # --- GPU hosts (skipped where the manifest lists no GPU) ---------------------------------------
 
+MIB = 1 << 20
+#: the share of the weights and KV cache known to be on the GPUs that nvidia-smi must show at
+#: least: token embeddings stay in host memory (a few percent of a model's weights; a model with
+#: tied embeddings gets an output copy of them on the GPU instead), and the CUDA context and
+#: compute buffers come on top (H200, Gemma 3 270M, every layer: 1480 MiB held for 235 MiB of
+#: weights and 576 MiB of KV cache, benchmarks/GPU.md)
+GPU_SHARE = 0.9
+
+
+def _option(args: list[str], *names: str) -> str | None:
+    """The last value of an option in an argument vector (``-ctk q8_0``), None when not given."""
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a in names]
+    return values[-1] if values else None
+
+
+def kv_on_gpu_mib(manifest, ctx: int) -> float:
+    """MiB of KV cache a server with every layer on the GPUs holds there, where the manifest tells
+    it exactly, else 0 (never more than is there): the plan's per-token size (f16 K and V, every
+    layer at full length) scaled to the cache types in the arguments, for ``ctx`` tokens. 0 with
+    ``--no-kv-offload`` (the cache stays in host memory), with a cache type the plan does not know,
+    and without ``--swa-full``: a model with sliding-window layers then keeps a window of those,
+    and the manifest does not say whether the model has any."""
+    args, plan = manifest.args, manifest.memory_plan
+    if not plan.swa_full or any(a in ("-nkvo", "--no-kv-offload") for a in args):
+        return 0.0
+    k = _option(args, "-ctk", "--cache-type-k") or "f16"
+    v = _option(args, "-ctv", "--cache-type-v") or "f16"
+    if k not in KV_TYPE_BYTES or v not in KV_TYPE_BYTES:
+        return 0.0
+    scale = (KV_TYPE_BYTES[k] + KV_TYPE_BYTES[v]) / (2 * KV_TYPE_BYTES["f16"])
+    return ctx * plan.kv_bytes_per_token * scale / MIB
+
+
+def gpu_need_mib(manifest, pinned: str, ctx: int) -> tuple[float, str]:
+    """The least GPU memory (MiB) the server must hold with ``--n-gpu-layers pinned``, and how it
+    was reckoned.
+
+    Every layer (``all``, ``-1``): :data:`GPU_SHARE` of the weights (the model's size) plus the KV
+    cache (:func:`kv_on_gpu_mib`). A number of layers (``auto`` too): which share of the weights
+    and cache that is needs the model's layer count and per-layer sizes, which the manifest does
+    not record, so only that the server holds some; likewise with ``--rpc``, where the workers'
+    devices hold part of the model.
+    """
+    if pinned not in ("all", "-1") or "--rpc" in manifest.args:
+        return 1, "some GPU memory (the manifest records no per-layer sizes to reckon a share of layers)"
+    weights = manifest.memory_plan.model_bytes / MIB
+    kv = kv_on_gpu_mib(manifest, ctx)
+    return GPU_SHARE * (weights + kv), f"{GPU_SHARE} x (weights {weights:.0f} MiB + KV cache {kv:.0f} MiB)"
+
 
 def test_gpu_lists_the_server_process(host, manifest, server_pid):
     """nvidia-smi lists the server among the GPU's compute processes: a CUDA build that fell
@@ -179,9 +230,10 @@ def test_gpu_layers_offloaded(host, manifest, server_log, server_pid):
 
     From llama.cpp's own load log where it is there ("load_tensors: offloaded N/M layers to GPU",
     src/llama-model.cpp; llama.cpp logs it at verbosity 4, which a unit does not run with: 8x the
-    journal lines per request). Otherwise from nvidia-smi: with every layer pinned, each layer's
-    KV cache lives on the GPU, so the server holds at least the planned KV cache there (a server
-    that fell back to the CPU holds none of it).
+    journal lines per request). Otherwise from nvidia-smi: with every layer pinned, the weights
+    and each layer's KV cache live on the GPU, so the server holds at least most of the model and
+    the planned KV cache there (:func:`gpu_need_mib`; a server that fell back to the CPU holds
+    none of it).
     """
     if not manifest.gpus:
         pytest.skip("no NVIDIA GPU in the deploy manifest")
@@ -202,7 +254,6 @@ def test_gpu_layers_offloaded(host, manifest, server_log, server_pid):
     out = host.check_output("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits")
     used = sum(int(c[1]) for c in (line.split(",") for line in out.splitlines())
                if c[0].strip() == str(server_pid) and c[-1].strip().isdigit())
-    plan = manifest.memory_plan
-    kv_mib = ctx * plan.kv_bytes_per_token / 2**20
-    need = 0.9 * kv_mib if pinned in ("all", "-1") else 1
-    assert used >= need, f"the server holds {used} MiB on the GPU; --n-gpu-layers {pinned} needs >= {need:.0f} MiB"
+    need, reckoned = gpu_need_mib(manifest, pinned, ctx)
+    assert used >= need, (f"the server holds {used} MiB on the GPU; --n-gpu-layers {pinned} needs >= {need:.0f} MiB: "
+                          f"{reckoned}")

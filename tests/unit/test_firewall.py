@@ -10,6 +10,7 @@ import pytest
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import parse_config
 from llamadeploy.roles.firewall import rules, table_name
+from tests.conftest import LOCAL_TIMEOUT
 
 
 def cfg(**server) -> HostConfig:
@@ -65,7 +66,7 @@ def test_rules_parse_with_nft(tmp_path):
     """nft's own parser (--check loads nothing), where the controller has nft."""
     f = tmp_path / "r.nft"
     f.write_text(rules(cfg(allow_from=["10.0.0.0/8", "fd00::/64"]))[0])
-    proc = subprocess.run(["nft", "-c", "-f", str(f)], capture_output=True, text=True)
+    proc = subprocess.run(["nft", "-c", "-f", str(f)], capture_output=True, text=True, timeout=LOCAL_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -169,7 +170,7 @@ def test_guard_loads_the_table_again_when_it_goes_and_ends_when_it_cannot(tmp_pa
     finally:
         if guard.poll() is None:
             guard.kill()
-            guard.wait()
+            guard.wait(timeout=LOCAL_TIMEOUT)
 
 
 def test_guard_stopped_by_systemd_ends_cleanly_and_loads_nothing_after(tmp_path):
@@ -195,4 +196,4 @@ def test_guard_stopped_by_systemd_ends_cleanly_and_loads_nothing_after(tmp_path)
     finally:
         if guard.poll() is None:
             guard.kill()
-            guard.wait()
+            guard.wait(timeout=LOCAL_TIMEOUT)

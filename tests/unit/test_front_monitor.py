@@ -128,3 +128,24 @@ def test_the_monitor_scrapes_the_exporter_where_the_front_binds_it():
 
     lb3, c3 = inv.get_host("lb3"), validate_inventory(inv)["lb3"]
     assert "bind 10.0.0.7:8405" in lines(haproxy_config(c3, BACKENDS, exporter_address(c3, lb3)))
+
+
+def test_a_fleet_of_routers_is_routed_by_model():
+    routed = [Backend("be1", "10.0.0.1", 8080, 8, ("chat", "embed")), Backend("be2", "10.0.0.2", 8080, 4, ("chat", "rr"))]
+    c = lines(haproxy_config(cfg(), routed, "10.0.0.5", by_model=True))
+    assert "option http-buffer-request" in c and "tune.bufsize 131072" in c
+    assert "http-request set-var(txn.model) req.body,json_query('$.model') if { method POST }" in c
+    assert [x for x in c if x.startswith("use_backend")] == [
+        "use_backend model_chat if { var(txn.model) -m str chat }",
+        "use_backend model_embed if { var(txn.model) -m str embed }",
+        "use_backend model_rr if { var(txn.model) -m str rr }"]
+    assert any(x.startswith("http-request return status 404") and x.endswith("!{ var(txn.model) -m str chat embed rr }")
+               for x in c)
+    union = next(x for x in c if "if { method GET } { path /v1/models }" in x)
+    assert '"id":"chat"' in union and '"id":"embed"' in union and '"id":"rr"' in union
+    embed = c[c.index("backend model_embed"):c.index("backend model_rr")]
+    assert [x for x in embed if x.startswith("server")] == ["server be1 10.0.0.1:8080 maxconn 8 track llama_servers/be1"]
+    # a fleet without routers keeps its config as it was (no reload for nothing)
+    plain = [Backend(b.name, b.address, b.port, b.slots) for b in routed]
+    assert haproxy_config(cfg(), routed, "10.0.0.5") == haproxy_config(cfg(), plain, "10.0.0.5")
+    assert "use_backend" not in haproxy_config(cfg(), routed, "10.0.0.5")

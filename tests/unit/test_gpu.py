@@ -34,6 +34,7 @@ from llamadeploy.gpu import (
 )
 from llamadeploy.roles.gpu.facts import CudaToolkit, NvidiaGpus, parse_gpus, parse_nvcc
 from llamadeploy.tuning import MemoryPlan, server_args
+from tests.conftest import LOCAL_TIMEOUT
 
 DATA = Path(__file__).parent / "data" / "nvidia-smi"
 MIB = 1 << 20
@@ -109,7 +110,8 @@ def _fake(tmp_path: Path, name: str, script: str) -> Path:
 def _run_fact_command(command: str, bindir: Path | None) -> tuple[int, list[str]]:
     """Run a fact's shell command the way pyinfra does (``sh -c``) with a controlled PATH."""
     path = (f"{bindir}:" if bindir else "") + "/usr/bin:/bin"
-    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env={**os.environ, "PATH": path})
+    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env={**os.environ, "PATH": path},
+                          timeout=LOCAL_TIMEOUT)
     return proc.returncode, proc.stdout.splitlines()
 
 
@@ -484,7 +486,7 @@ def _pin(tmp_path, fit_output: str, rc: int = 0, margin: int = 1024) -> tuple[in
     (tmp_path / "out").write_text(fit_output)
     env = tmp_path / "gpu-fit" / "abc.env"
     script = fit_script([str(fake), "--fit-target", str(margin)], margin, "no-such-unit.service", str(env), "abc")
-    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=LOCAL_TIMEOUT)
     return proc.returncode, env.read_text() if env.exists() else "", proc.stderr
 
 

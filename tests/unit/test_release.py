@@ -8,6 +8,7 @@ from pyinfra.api import DeployError
 from llamadeploy.manifest import Manifest, release_id
 from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
 from llamadeploy.roles.release.plan import prune_plan
+from tests.conftest import LOCAL_TIMEOUT
 
 
 def rec(rid: str, activated: int, build: str, *models: str) -> ReleaseRecord:
@@ -95,7 +96,8 @@ def test_records_fact_reads_a_real_records_tree(tmp_path):
         if image:
             (tmp_path / rid / "image.id").write_text(image + "\n")
     fact = ReleaseRecords()
-    out = subprocess.run(["sh", "-c", fact.command(str(tmp_path))], capture_output=True, text=True, check=True)
+    out = subprocess.run(["sh", "-c", fact.command(str(tmp_path))], capture_output=True, text=True, check=True,
+                         timeout=LOCAL_TIMEOUT)
     assert [(r.id, r.activated, r.image_id) for r in fact.process(out.stdout.splitlines())] == [
         ("r2", 1, "sha256:" + "d" * 64), ("r1", 2, None)]
 

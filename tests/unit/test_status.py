@@ -66,3 +66,51 @@ def test_flag_changes_are_drift_with_the_flags_named():
     assert line == f"flags {m.flags_digest()} -> {Manifest.digest(['--port', '8080', '--ctx-size', '4096'])} (--ctx-size)"
     (line,) = drift(cfg(), m, SHA, ["--port", "9090"])
     assert line.endswith("(values)")
+
+
+# --- router mode ----------------------------------------------------------------------------
+
+def router_manifest(**models: str) -> Manifest:
+    from llamadeploy.manifest import ServedModel
+
+    served = [ServedModel(alias=a, kind="embedding" if a.startswith("embed") else "chat", files={f"{a}.gguf": sha})
+              for a, sha in models.items()]
+    return manifest().model_copy(update={"models": served, "model_files": {f"{a}.gguf": s for a, s in models.items()},
+                                         "preset_file": "/etc/llama-server/models.ini"})
+
+
+def test_model_drift_names_models_added_removed_and_repinned():
+    from llamadeploy.status import model_drift
+
+    m = router_manifest(chat="a" * 64, embed="b" * 64, old="c" * 64)
+    assert model_drift(m, {"chat": "a" * 64, "embed": "d" * 64, "new": None}) == [
+        "model new to be added", "model old to be removed", f"model embed sha256 {'b' * 12} -> {'d' * 12}"]
+    assert model_drift(m, {"chat": None, "embed": "b" * 64, "old": "c" * 64}) == []
+
+
+def test_a_switch_between_one_model_and_router_mode_is_drift():
+    router_cfg = HostConfig.model_validate({
+        "models": [{"path": "/m/a.gguf", "alias": "chat"}, {"path": "/m/a.gguf", "alias": "embed", "kind": "embedding"}],
+        "server": {"host": "127.0.0.1"}})
+    assert "one model -> several (router mode)" in drift(router_cfg, manifest(), None)
+    assert "several models (router mode) -> one" in drift(cfg(), router_manifest(chat=SHA), SHA)
+    assert drift(router_cfg, router_manifest(chat=SHA, embed=SHA).model_copy(update={"host": "127.0.0.1"}), None) == []
+
+
+def test_router_states_read_from_the_routers_models_reply():
+    from llamadeploy.status import router_states
+
+    reply = '{"data": [{"id": "chat", "status": {"value": "loaded"}}, {"id": "embed", "status": {"value": "unloaded"}}]}'
+    assert router_states(reply) == {"chat": "loaded", "embed": "unloaded"}
+    assert router_states("Unauthorized") == {} and router_states('{"data": 1}') == {}
+
+
+def test_table_lists_each_model_of_a_router_host():
+    from llamadeploy.status import ModelStatus
+
+    row = HostStatus("h1", mode="native", model="chat,embed", health="ok",
+                     models=[ModelStatus("chat", "chat", "a" * 12, "loaded"),
+                             ModelStatus("embed", "embedding", "b" * 12, "unloaded")])
+    text = format_table([row])
+    assert "models (router mode)" in text
+    assert any(line.split() == ["h1", "embed", "embedding", "b" * 12, "unloaded"] for line in text.splitlines())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llamadeploy.render import render as render_template
+from tests.conftest import LOCAL_TIMEOUT
 
 
 def render(**over) -> str:
@@ -81,7 +82,7 @@ def test_exposure_at_most_2(tmp_path, numa):
     unit = tmp_path / "llama-server.service"
     unit.write_text(render(numa=numa))
     out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, timeout=LOCAL_TIMEOUT).stdout
     score = float(out.split("exposure level for llama-server.service:")[1].split()[0])
     assert score <= 2.0, out[-3000:]
 
@@ -107,7 +108,7 @@ def _exposure(text: str, tmp_path) -> tuple[float, set[str]]:
     path = tmp_path / "llama-server.service"
     path.write_text(text)
     out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, timeout=LOCAL_TIMEOUT).stdout
     score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
     failed = {line.split()[1].rstrip("=") for line in out.splitlines() if line.startswith("✗")}
     return score, failed

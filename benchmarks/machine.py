@@ -1,0 +1,55 @@
+"""What every benchmark records beside its numbers: the commit, the date and the machine.
+
+A number is true of the code and the machine it was measured on; each benchmark writes
+:func:`machine` into its JSON and :func:`describe` into its page, read from this machine at run
+time, never a machine assumed in the text.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+#: seconds for ``git rev-parse``
+GIT_TIMEOUT = 60
+
+
+def _commit() -> str:
+    """The checkout's short commit; "unknown" without git or outside a checkout (a copied tree)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _proc_value(path: str, key: str) -> str | None:
+    """The value of the first ``key:`` line of a /proc file (``/proc/meminfo``, ``/proc/cpuinfo``)."""
+    for line in Path(path).read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
+def machine() -> dict[str, object]:
+    """commit, date (UTC, ISO 8601), cores (``os.cpu_count()``), memory_gib (MemTotal), cpu (its
+    model name), kernel."""
+    mem_kib = int((_proc_value("/proc/meminfo", "MemTotal") or "0 kB").split()[0])
+    return {"commit": _commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
+            "cpu": _proc_value("/proc/cpuinfo", "model name") or platform.machine() or "unknown",
+            "kernel": f"{platform.system()} {platform.release()}"}
+
+
+def describe(m: Mapping[str, object]) -> str:
+    """How a page states the run: ``at commit ea00c51, 2026-12-03T10:20:00+00:00, on 2 cores /
+    7.8 GiB (AMD EPYC 7B13, Linux 6.8.0)``; the CPU and kernel where recorded."""
+    detail = ", ".join(str(m[k]) for k in ("cpu", "kernel") if m.get(k))
+    return (f"at commit {m['commit']}, {m['date']}, on {m['cores']} cores / {m['memory_gib']} GiB"
+            + (f" ({detail})" if detail else ""))
