@@ -199,7 +199,7 @@ MODULE_MINUTES = {
     "tests/e2e/test_front.py": 8.7, "tests/e2e/test_safety.py": 7.1, "tests/e2e/test_rollout.py": 7.0,
     "tests/e2e/test_docker.py": 4.5, "tests/e2e/test_faults.py": 4.4, "tests/e2e/test_fanout.py": 3.7,
     "tests/e2e/test_rpc.py": 2.0, "tests/e2e/test_hub.py": 1.8, "tests/e2e/test_router.py": 1.5,
-    "tests/e2e/test_front_models.py": 2.5,
+    "tests/e2e/test_front_models.py": 3.0,
     "tests/e2e/test_molecule.py": 1.0, "tests/e2e/test_uninstall.py": 0.7,
 }
 

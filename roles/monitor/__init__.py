@@ -29,6 +29,8 @@ from llamadeploy.roles.transfer import peer_address
 ETC = "/etc/prometheus"
 SERVERS = f"{ETC}/llamadeploy-servers.json"
 FRONTS = f"{ETC}/llamadeploy-fronts.json"
+#: router-mode servers: one target per model (``/metrics?model=X&autoload=false``)
+MODELS = f"{ETC}/llamadeploy-models.json"
 RULES = f"{ETC}/llamadeploy-rules.yml"
 KEY = f"{ETC}/llama-api-key"
 #: Prometheus's fence (roles/firewall): table and rules file
@@ -36,15 +38,29 @@ TABLE = "llamadeploy_prometheus"
 FENCE_RULES = f"{ETC}/llamadeploy-fence.nft"
 
 
-def targets(inventory) -> tuple[list[dict], list[dict], str | None]:
-    """file_sd groups for the servers and the fronts, and the key the servers need (pure but
-    for the inventory). Servers with different keys cannot share one scrape job: refused."""
+def targets(inventory) -> tuple[list[dict], list[dict], str | None, list[dict]]:
+    """file_sd groups for the servers, the fronts and the models of router-mode servers, and the
+    key the servers need (pure but for the inventory). Servers with different keys cannot share
+    one scrape job: refused.
+
+    A router answers ``/metrics`` only for a model (``?model=``; without one: 400), and a scrape
+    without ``autoload=false`` would load an unloaded model. So each model of a router is a target
+    of its own in the ``llama-server-models`` job, its URL parameters set from the target's
+    ``__param_*`` labels. An unloaded model answers 400 "model is not loaded": that target is down
+    on purpose, and the target-down alert leaves that job out (``LlamaRouterDown`` instead).
+    """
     configs = validate_inventory(inventory)
-    servers, fronts, keys = [], [], set()
+    servers, fronts, models, keys = [], [], [], set()
     for h in inventory:
         c = configs[h.name]
         if c.role == "server":
-            servers.append(host_port(address(h), c.server.port))
+            target = host_port(address(h), c.server.port)
+            if c.router_mode:
+                models += [{"targets": [target], "labels": {"fleet": "llama", "model": m.alias,
+                                                            "__param_model": m.alias, "__param_autoload": "false"}}
+                           for m in c.models]
+            else:
+                servers.append(target)
             keys.add(c.server.api_key.get_secret_value() if c.server.api_key else None)
         elif c.role == "front":
             fronts.append(host_port(exporter_address(c, h), c.front.metrics_port))
@@ -53,12 +69,12 @@ def targets(inventory) -> tuple[list[dict], list[dict], str | None]:
                           "needs one key: give every server the same llama_server.api_key_file")
     key = keys.pop() if keys else None
     return ([{"targets": servers, "labels": {"fleet": "llama"}}] if servers else [],
-            [{"targets": fronts, "labels": {"fleet": "llama"}}] if fronts else [], key)
+            [{"targets": fronts, "labels": {"fleet": "llama"}}] if fronts else [], key, models)
 
 
 @role("Monitor (Prometheus)")
 def monitor(cfg: HostConfig) -> None:
-    servers, fronts, key = targets(host.inventory)
+    servers, fronts, key, models = targets(host.inventory)
     m = cfg.monitor
     packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
@@ -74,12 +90,18 @@ def monitor(cfg: HostConfig) -> None:
                mode="644")
     atomic.put(name="Scrape targets: fronts", src=StringIO(json.dumps(fronts, indent=1) + "\n"), dest=FRONTS,
                mode="644")
+    if models:
+        atomic.put(name="Scrape targets: models of router-mode servers", src=StringIO(json.dumps(models, indent=1) + "\n"),
+                   dest=MODELS, mode="644")
+    else:
+        files.file(name="No router-mode models to scrape", path=MODELS, present=False)
     rules = atomic.put(name="Alert rules (promtool check rules)", src=StringIO(render("monitor/llamadeploy-rules.yml.j2")),
                        dest=RULES, mode="644", check="promtool check rules {path} >/dev/null")
     conf = atomic.put(
         name="prometheus.yml (promtool check config)",
         src=StringIO(render("monitor/prometheus.yml.j2", scrape_interval=m.scrape_interval, rules_file=RULES,
-                            key_file=KEY if key else None, servers_file=SERVERS, fronts_file=FRONTS, listen=listen)),
+                            key_file=KEY if key else None, servers_file=SERVERS, fronts_file=FRONTS, listen=listen,
+                            models_file=MODELS if models else None)),
         dest=f"{ETC}/prometheus.yml", mode="644",
         # promtool resolves rule_files relative to the checked file: check the staged copy in place
         check="promtool check config --syntax-only {path} >/dev/null",

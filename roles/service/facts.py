@@ -53,22 +53,42 @@ class StartedBefore(FactBase[bool]):
 
     A deploy that wrote a new key (or unit, or model) and then failed before its restart
     leaves a server that still runs with the old one; the next deploy finds every file
-    already in place and would change nothing. The process's start time (boot time plus its
-    start in clock ticks, ``/proc/PID/stat``) against the files' mtimes tells it that the
-    server is older than what it should read.
+    already in place and would change nothing. The process's start time against the files'
+    mtimes tells it that the server is older than what it should read.
     False when the unit does not run (starting it reads everything anyway).
+
+    Both sides to the hundredth of a second (:func:`newer_than_process`): ``btime`` and whole
+    seconds, as first written, put a server started in the same second as its unit was
+    written before it, and a loaded host's idempotent run restarted it (molecule, in CI).
     """
 
     def command(self, unit: str, paths: list[str]) -> str:
-        q = shlex.quote
-        files = " ".join(q(p) for p in paths)
-        return (
-            f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null); "
-            "if [ -z \"$pid\" ] || [ \"$pid\" = 0 ] || [ ! -d /proc/$pid ]; then echo no; exit 0; fi; "
-            f"newest=$(stat -L -c %Y {files} 2>/dev/null | sort -n | tail -n 1); "
-            "started=$(( $(awk '/^btime/ {print $2}' /proc/stat) + $(awk '{print $22}' /proc/$pid/stat) / $(getconf CLK_TCK) )); "
-            "[ -n \"$newest\" ] && [ \"$newest\" -gt \"$started\" ] && echo yes || echo no"
-        )
+        return (f"pid=$(systemctl show -p MainPID --value {shlex.quote(unit)} 2>/dev/null); "
+                + newer_than_process(paths))
 
     def process(self, output: list[str]) -> bool:
         return output == ["yes"]
+
+
+#: seconds a file may be newer than the process's start and still count as read by it: the
+#: start is known to a clock tick (10 ms), an mtime to the kernel's coarse clock (a few ms)
+STALE_TOLERANCE = 0.25
+
+
+def newer_than_process(paths: list[str]) -> str:
+    """Shell that prints ``yes`` when one of ``paths`` was written after process ``$pid`` started.
+
+    The start: the wall clock at boot (now minus ``/proc/uptime``, read first, so a slow read
+    errs towards "started later") plus the start in clock ticks, field 22 of ``/proc/PID/stat``
+    (counted after the ``)`` closing the command name, which may hold spaces). The newest mtime:
+    ``find -printf %T@`` (fractional seconds). Absent files count for nothing.
+    """
+    files = " ".join(shlex.quote(p) for p in paths)
+    return (
+        "if [ -z \"$pid\" ] || [ \"$pid\" = 0 ] || [ ! -d /proc/$pid ]; then echo no; exit 0; fi; "
+        "read -r up _ < /proc/uptime; now=$(date +%s.%N); "
+        "ticks=$(sed 's/^.*) //' /proc/$pid/stat | cut -d' ' -f20); "
+        f"newest=$(find -L {files} -maxdepth 0 -printf '%T@\\n' 2>/dev/null | sort -n | tail -n 1); "
+        "awk -v n=\"$newest\" -v now=\"$now\" -v up=\"$up\" -v t=\"$ticks\" -v hz=\"$(getconf CLK_TCK)\" "
+        f"'BEGIN {{ if (n != \"\" && n + 0 > now - up + t / hz + {STALE_TOLERANCE}) print \"yes\"; else print \"no\" }}'"
+    )

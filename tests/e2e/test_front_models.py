@@ -1,10 +1,12 @@
-"""The front door over servers with different model sets (router mode), on real hosts: HAProxy
-(Debian's 2.6) reads each request's ``model`` and sends it to a server that serves it.
+"""The front door and the monitor over servers with different model sets (router mode), on real
+hosts: HAProxy (Debian's 2.6) reads each request's ``model`` and sends it to a server that serves
+it; Prometheus (Debian's 2.42) scrapes each model without loading it.
 
-Three hosts booted once for the module, on one LAN, deployed in one pyinfra run: ``fm1`` serves
-chat and embeddings, ``fm2`` chat and a second chat model, ``fmf`` is the front. Checks go to the
-front over HTTP (the official OpenAI client where a user would use it), and which server answered
-is read from HAProxy's own exporter, per model backend.
+Four hosts booted once for the module, on one LAN, deployed in one pyinfra run: ``fm1`` serves
+chat, embeddings and an on-demand model, ``fm2`` chat and a second chat model, ``fmf`` is the
+front, ``fmm`` the monitor. Checks go to the front over HTTP (the official OpenAI client where a
+user would use it); which server answered is read from HAProxy's own exporter, per model backend,
+and what Prometheus sees from its own API.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ GEMMA = {"path": str(gemma_model()), "sha256": MODEL_SHA256}
 CHAT = {**GEMMA, "alias": "chat", "ctx_size": 2048, "parallel": 2}
 EMBED = {**GEMMA, "alias": "embed", "kind": "embedding", "pooling": "mean", "ctx_size": 2048, "parallel": 2}
 CHAT2 = {**GEMMA, "alias": "chat-b", "ctx_size": 2048, "parallel": 2}
+IDLE = {**GEMMA, "alias": "idle", "load": "on_demand", "ctx_size": 1024, "parallel": 1}
 
 
 @pytest.fixture(scope="module")
 def hosts(testhosts):
     return {"fm1": testhosts("fm1", 81, lan="models"), "fm2": testhosts("fm2", 82, lan="models"),
-            "fmf": testhosts("fmf", 83, lan="models")}
+            "fmf": testhosts("fmf", 83, lan="models"), "fmm": testhosts("fmm", 84, lan="models")}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,12 @@ def fleet(hosts, tmp_path_factory):
     name, conn = hosts["fmf"].inventory_entry()
     front = (name, {**conn, **merged_data(), "llama_role": "front",
                     "llama_front": {"check_interval": 1, "metrics_allow_from": [f"{hosts['fmf'].gateway}/32"]}})
-    servers = [server(hosts["fm1"], [CHAT, EMBED]), server(hosts["fm2"], [CHAT, CHAT2])]
+    servers = [server(hosts["fm1"], [CHAT, EMBED, IDLE]), server(hosts["fm2"], [CHAT, CHAT2])]
+    name, conn = hosts["fmm"].inventory_entry()
+    monitor = (name, {**conn, **merged_data(), "llama_role": "monitor",
+                      "llama_monitor": {"scrape_interval": "2s", "allow_from": [f"{hosts['fmm'].gateway}/32"]}})
     inv = tmp_path_factory.mktemp("front-models") / "inv.py"
-    inv.write_text(f"servers = {servers!r}\nfront = {[front]!r}\n")
+    inv.write_text(f"servers = {servers!r}\nfront = {[front]!r}\nmonitor = {[monitor]!r}\n")
     result = run_deploy(inv)
     assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
     return inv
@@ -65,7 +71,7 @@ def test_the_fronts_model_list_is_the_union_of_the_fleets(hosts, fleet):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{front(hosts)}/v1", api_key="unused", max_retries=0, timeout=120)
-    assert sorted(m.id for m in client.models.list()) == ["chat", "chat-b", "embed"]
+    assert sorted(m.id for m in client.models.list()) == ["chat", "chat-b", "embed", "idle"]
 
 
 def test_each_request_reaches_a_server_that_serves_its_model(hosts, fleet):
@@ -92,3 +98,40 @@ def test_an_unknown_model_gets_404_from_the_front_in_openais_format(hosts, fleet
                        json={"model": "nope", "messages": [{"role": "user", "content": "Hi"}]})
     assert reply.status_code == 404
     assert reply.json()["error"]["type"] == "not_found_error"
+
+
+def test_prometheus_scrapes_each_model_without_loading_an_unloaded_one(hosts, fleet):
+    """Each model is a target (``/metrics?model=X&autoload=false``); the on-demand model that was
+    never asked for answers 400 and stays unloaded, and no alert calls that a server down."""
+    import time
+
+    api = f"http://{hosts['fmm'].address}:9090/api/v1"
+    fm1, fm2 = hosts["fm1"].address, hosts["fm2"].address
+
+    def model_targets() -> dict[tuple[str, str], dict]:
+        active = httpx.get(f"{api}/targets", timeout=10).json()["data"]["activeTargets"]
+        return {(t["labels"]["instance"].rsplit(":", 1)[0], t["labels"]["model"]): t for t in active
+                if t["labels"]["job"] == "llama-server-models"}
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        seen = model_targets()
+        if len(seen) == 5 and all(t["lastScrape"] != "0001-01-01T00:00:00Z" for t in seen.values()) \
+                and seen[(fm1, "chat")]["health"] == "up":
+            break
+        time.sleep(1)
+    health = {k: t["health"] for k, t in seen.items()}
+    assert health == {(fm1, "chat"): "up", (fm1, "embed"): "up", (fm1, "idle"): "down",
+                      (fm2, "chat"): "up", (fm2, "chat-b"): "up"}, health
+    assert "400" in seen[(fm1, "idle")]["lastError"], seen[(fm1, "idle")]
+    # the scrapes (every 2 s) did not load it
+    time.sleep(5)
+    states = {m["id"]: m["status"]["value"] for m in httpx.get(f"http://{fm1}:8080/models", timeout=30).json()["data"]}
+    assert states["idle"] == "unloaded" and states["chat"] == "loaded", states
+    # the llama.cpp metrics arrive per model
+    q = httpx.get(f"{api}/query", params={"query": 'count by (model) (llamacpp:prompt_tokens_total)'},
+                  timeout=10).json()["data"]["result"]
+    assert {r["metric"]["model"] for r in q} == {"chat", "embed", "chat-b"}
+    # an unloaded model is down on purpose: neither down-alert is pending or firing
+    rules = {r["name"]: r for g in httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]}
+    assert rules["LlamaTargetDown"]["state"] == "inactive" and rules["LlamaRouterDown"]["state"] == "inactive"

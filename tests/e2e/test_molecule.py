@@ -29,11 +29,13 @@ COLLECT_TIMEOUT = 120
 #: pytest's final summary line, e.g. ``11 passed, 2 skipped in 20.31s`` (inside ansible's debug
 #: output: quoted, indented)
 SUMMARY = re.compile(r"^\W*((?:\d+ [a-z]+, )*\d+ [a-z]+) in \d+(?:\.\d+)?s\b", re.MULTILINE)
+#: the colour codes molecule wraps each line of a step's output in (``ANSIBLE_NOCOLOR`` or not)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def pytest_summary(out: str) -> dict[str, int]:
     """The counts of the last pytest summary line in ``out``: ``{"passed": 11, "skipped": 2}``."""
-    lines = SUMMARY.findall(out)
+    lines = SUMMARY.findall(ANSI.sub("", out))
     assert lines, f"no pytest summary line in molecule's output: {out[-4000:]}"
     return {word: int(n) for n, word in re.findall(r"(\d+) ([a-z]+)", lines[-1])}
 
@@ -56,6 +58,9 @@ def test_pytest_summary_parsed():
            'molecule : ok=4 changed=0 unreachable=0 failed=0 skipped=0\n')
     assert pytest_summary(out) == {"passed": 10, "skipped": 2, "warning": 1}
     assert pytest_summary('"1 failed, 3 passed, 1 error in 2.00s"') == {"failed": 1, "passed": 3, "error": 1}
+    # as molecule prints it: the step's box and colours around each line
+    coloured = '\x1b[2m\x1b[32m\u2502\x1b[0m \x1b[0;32m        "11 passed, 3 skipped in 9.65s"\x1b[0m\n'
+    assert pytest_summary(coloured) == {"passed": 11, "skipped": 3}
 
 
 def test_molecule_scenario(testhosts):

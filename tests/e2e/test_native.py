@@ -149,6 +149,23 @@ def test_second_deploy_changes_nothing(host, inventory):
     assert host_state(host) == before
 
 
+def test_server_older_than_its_unit_is_restarted_once(host, inventory):
+    """A deploy that wrote the unit and failed before its restart leaves a server older than its
+    unit (here: the unit's mtime set to now, its content unchanged). The next deploy restarts it
+    (a new MainPID), and the one after that changes nothing: the start and the write compared
+    to the hundredth of a second, not whole seconds (a server started in the second its unit was
+    written is not stale)."""
+    pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
+    host.ssh("touch /etc/systemd/system/llama-server.service")
+    result = run_deploy(inventory)
+    assert result.rc == 0, result.stderr[-4000:]
+    changed = [op["name"] for op in result.report["results"]["operations"] if op["success"]]
+    assert any("Restart for changed" in name for name in changed), changed
+    assert host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip() not in ("", "0", pid)
+    again = run_deploy(inventory)
+    assert again.rc == 0 and again.changed == 0, json.dumps(again.report["results"], indent=1)[:4000]
+
+
 BAD_CONFIGS = {
     "unknown_section": ({"llama_sever": {"port": 1}}, "llama_sever: unknown setting"),
     "unknown_key": ({"llama_server": {"prot": 8080}}, "llama_server.prot: unknown setting"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from llamadeploy.config import HostConfig
@@ -103,10 +104,46 @@ def test_memlock_ceiling_from_pid1():
 
 
 def test_started_before_compares_process_start_with_file_mtimes():
-    """The stale-server fact: yes only when a file is newer than the running process."""
+    """The stale-server fact's parsing and quoting."""
     from llamadeploy.roles.service.facts import StartedBefore
 
     fact = StartedBefore()
     assert fact.process(["yes"]) is True and fact.process(["no"]) is False and fact.process([]) is False
     cmd = fact.command("llama-server.service", ["/etc/llama-server/api-key", "/opt/x y/bin"])
-    assert "'/opt/x y/bin'" in cmd and "/proc/$pid/stat" in cmd and "btime" in cmd
+    assert "'/opt/x y/bin'" in cmd and "/proc/$pid/stat" in cmd
+
+
+def test_newer_than_process_against_a_real_process(tmp_path):
+    """The comparison run by ``sh`` against a process of this machine: a file written a second
+    before the start is not newer, one written just after is, one written in the same second
+    before the start is not (what whole seconds got wrong), a missing file counts for nothing."""
+    import subprocess
+    import time
+
+    from llamadeploy.roles.service.facts import newer_than_process
+
+    old, same, after = tmp_path / "old", tmp_path / "same second", tmp_path / "after"
+    old.write_text("x")
+    os.utime(old, (time.time() - 2, time.time() - 2))
+    same.write_text("x")
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.6)  # past the tolerance, and the kernel's coarse mtime clock
+        after.write_text("x")
+
+        def newer(*paths):
+            out = subprocess.run(["sh", "-c", f"pid={proc.pid}; " + newer_than_process([str(p) for p in paths])],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            return out.stdout.strip()
+
+        assert newer(old) == "no"
+        assert newer(same) == "no"
+        assert newer(old, tmp_path / "missing") == "no"
+        assert newer(old, same, after) == "yes"
+        assert newer(after) == "yes"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert subprocess.run(["sh", "-c", "pid=0; " + newer_than_process([str(after)])], capture_output=True,
+                          text=True, timeout=30).stdout.strip() == "no"

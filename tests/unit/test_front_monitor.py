@@ -64,7 +64,8 @@ def test_exporter_and_runtime_api():
 @pytest.mark.parametrize("key_file", [None, "/etc/prometheus/llama-api-key"])
 def test_prometheus_config_scrapes_servers_with_the_key_and_the_front(key_file):
     conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
-                                 key_file=key_file, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090"))
+                                 key_file=key_file, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
+                                 models_file=None))
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
     assert jobs["llama-server"]["file_sd_configs"] == [{"files": ["/s.json"]}]
     assert jobs["haproxy"]["file_sd_configs"] == [{"files": ["/f.json"]}]
@@ -92,7 +93,7 @@ def test_alert_rules_cover_down_queued_deferred_slow_and_backend_down():
     rules = yaml.safe_load(render("monitor/llamadeploy-rules.yml.j2"))["groups"][0]["rules"]
     names = {r["alert"]: r for r in rules}
     assert set(names) == {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaRequestsQueuedAtFront",
-                          "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown"}
+                          "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown", "LlamaRouterDown"}
     assert "llamacpp:requests_deferred" in names["LlamaRequestsDeferred"]["expr"]
     assert "{{ $labels.instance }}" in names["LlamaTargetDown"]["annotations"]["summary"]
 
@@ -120,7 +121,8 @@ def test_the_monitor_scrapes_the_exporter_where_the_front_binds_it():
                       # reached over SSH at one address, bound on its fleet address (llama_transfer.address)
                       ("lb3", {"llama_role": "front", "ssh_hostname": "203.0.113.7",
                                "llama_transfer": {"address": "10.0.0.7"}})], server))
-    servers, fronts, _ = targets(inv)
+    servers, fronts, _, models = targets(inv)
+    assert models == []
     assert fronts[0]["targets"] == ["[fd00::5]:8405", "10.0.0.6:8405", "10.0.0.7:8405"]
     assert servers[0]["targets"] == ["10.0.0.1:8080", "[fd00::1]:8080"]
     # the front renders its exporter's bind with the same function (front_door)
@@ -149,3 +151,34 @@ def test_a_fleet_of_routers_is_routed_by_model():
     plain = [Backend(b.name, b.address, b.port, b.slots) for b in routed]
     assert haproxy_config(cfg(), routed, "10.0.0.5") == haproxy_config(cfg(), plain, "10.0.0.5")
     assert "use_backend" not in haproxy_config(cfg(), routed, "10.0.0.5")
+
+
+def test_a_router_servers_models_are_scraped_one_by_one_without_loading_them(tmp_path):
+    from pyinfra.api import Inventory
+
+    from llamadeploy.roles.monitor import targets
+
+    model = tmp_path / "a.gguf"
+    model.write_bytes(b"GGUF")
+    routed = {"llama_server": {"allow_unauthenticated": True},
+              "llama_models": [{"path": str(model), "alias": "chat"},
+                               {"path": str(model), "alias": "embed", "kind": "embedding", "load": "on_demand"}]}
+    inv = Inventory((["10.0.0.1", ("10.0.0.2", routed)], {"llama_server": {"allow_unauthenticated": True}}))
+    servers, _, _, models = targets(inv)
+    assert servers[0]["targets"] == ["10.0.0.1:8080"]  # a router answers /metrics only for a model
+    assert models == [
+        {"targets": ["10.0.0.2:8080"], "labels": {"fleet": "llama", "model": alias, "__param_model": alias,
+                                                  "__param_autoload": "false"}} for alias in ("chat", "embed")]
+    conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
+                                 key_file=None, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
+                                 models_file="/m.json"))
+    job = next(j for j in conf["scrape_configs"] if j["job_name"] == "llama-server-models")
+    assert job["file_sd_configs"] == [{"files": ["/m.json"]}]
+    plain = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
+                                  key_file=None, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
+                                  models_file=None))
+    assert [j["job_name"] for j in plain["scrape_configs"]] == ["llama-server", "haproxy", "prometheus"]
+    rules = yaml.safe_load(render("monitor/llamadeploy-rules.yml.j2"))["groups"][0]["rules"]
+    down = {r["alert"]: r["expr"] for r in rules}
+    assert down["LlamaTargetDown"] == 'up{job=~"llama-server|haproxy"} == 0'  # an unloaded model is no alert
+    assert down["LlamaRouterDown"] == 'max by (instance) (up{job="llama-server-models"}) == 0'
