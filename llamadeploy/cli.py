@@ -8,10 +8,15 @@
     llamadeploy key new FILE [--rotate]                             a site's API key (0600)
     llamadeploy rollout INVENTORY [--batch N|P%] [--max-unavailable N|P%]   canary, batches, gates
     llamadeploy rollback INVENTORY [--to RELEASE] [--limit HOST]    reinstate a kept release
+    llamadeploy logs INVENTORY [--limit HOST] [--since T] [--grep RE] [-n N] [-f]   the fleet's journals
+    llamadeploy lock status|release INVENTORY [--limit HOST] [--force]   the deploy lock
+    llamadeploy audit INVENTORY [--limit HOST] [-n N]                   who changed what, newest first
 
 Deploying stays ``pyinfra INVENTORY deploy.py`` (or, from an installed wheel,
 ``pyinfra INVENTORY llamadeploy.deploy.llama_server``). Errors are one line
-naming the host, the field and the fix; the exit code is non-zero.
+naming the host, the field and the fix; the exit code is non-zero. Every run that changes
+hosts holds their deploy lock (``llamadeploy.lock``): a second one is refused, naming the
+holder, or waits with ``--lock-wait SECONDS`` (plain pyinfra: ``LLAMADEPLOY_LOCK_WAIT``).
 """
 
 from __future__ import annotations
@@ -95,13 +100,20 @@ def _status(a: argparse.Namespace) -> int:
     return 1 if any(r.error or r.health != "ok" for r in rows) else 0
 
 
-def _fleet_run(run: Any, refused: tuple[type[Exception], ...]) -> int:
-    """A rollout or rollback: progress on stderr, the host table on stdout; 2 when refused up front."""
+def _fleet_run(run: Any, refused: tuple[type[Exception], ...], action: str, a: argparse.Namespace) -> int:
+    """A rollout or rollback under the fleet's lock: progress on stderr, the host table on stdout;
+    2 when refused up front (settings, or the lock held by another run)."""
+    from llamadeploy.lock import LockHeld, fleet_held
     from llamadeploy.rollout import format_table
 
+    def log(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
+
+    caught: tuple[type[Exception], ...] = (LockHeld, *refused)
     try:
-        result = run(lambda m: print(m, file=sys.stderr, flush=True))
-    except refused as exc:
+        with fleet_held(a.inventory, action, wait=a.lock_wait, log=log):
+            result = run(log)
+    except caught as exc:
         print(exc, file=sys.stderr)
         return 2
     print(format_table(result.rows))
@@ -113,14 +125,63 @@ def _rollout(a: argparse.Namespace) -> int:
     from llamadeploy.rollout import rollout
 
     return _fleet_run(lambda log: rollout(a.inventory, batch=a.batch, max_unavailable=a.max_unavailable,
-                                          canary_group=a.canary_group, log=log), (ConfigError, ValueError))
+                                          canary_group=a.canary_group, log=log), (ConfigError, ValueError),
+                      "rollout", a)
 
 
 def _rollback(a: argparse.Namespace) -> int:
     from llamadeploy.hostdata import ConfigError
     from llamadeploy.rollout import rollback
 
-    return _fleet_run(lambda log: rollback(a.inventory, to=a.to, limit=a.limit, log=log), (ConfigError,))
+    return _fleet_run(lambda log: rollback(a.inventory, to=a.to, limit=a.limit, log=log), (ConfigError,),
+                      "rollback", a)
+
+
+def _lock(a: argparse.Namespace) -> int:
+    from llamadeploy.hostdata import ConfigError
+    from llamadeploy.lock import fleet_release, fleet_status, format_status
+
+    try:
+        if a.action == "status":
+            rows = fleet_status(a.inventory, a.limit)
+            print(format_status(rows))
+            return 1 if any(problem for _, _, problem in rows) else 0
+        return fleet_release(a.inventory, a.limit, force=a.force)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def _audit(a: argparse.Namespace) -> int:
+    from llamadeploy.audit import show
+    from llamadeploy.hostdata import ConfigError
+
+    try:
+        return show(a.inventory, a.limit, lines=a.lines, err=lambda m: print(m, file=sys.stderr, flush=True))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def _logs(a: argparse.Namespace) -> int:
+    """Journal lines on stdout as they are merged; problems (a host not read) on stderr."""
+    import signal
+
+    from llamadeploy.hostdata import ConfigError
+    from llamadeploy.logs import stream
+
+    stop: list[int] = []
+    if a.follow:  # -f ends between two reads on Ctrl-C, and on SIGTERM from a supervisor
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    try:
+        return stream(a.inventory, limit=a.limit, since=a.since, grep=a.grep, lines=a.lines, follow=a.follow,
+                      stopped=lambda: bool(stop),
+                      out=lambda line: print(line, flush=True),
+                      err=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
 
 def _key(a: argparse.Namespace) -> int:
@@ -173,13 +234,33 @@ def main(argv: list[str] | None = None) -> int:
     ro.add_argument("--batch", default="1", help="hosts per batch: a count or a percentage (default 1)")
     ro.add_argument("--max-unavailable", help="at most this many hosts (count or %%) switching at once")
     ro.add_argument("--canary-group", default="canary", help="inventory group that goes first (default: canary)")
+    ro.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for another run's deploy lock (default: refuse at once)")
     rb = sub.add_parser("rollback", help="reinstate each host's previous release (or --to ID); no transfer, no compile")
     rb.add_argument("inventory")
     rb.add_argument("--to", help="a release id (llamadeploy status shows them)")
     rb.add_argument("--limit", action="append", help="only these hosts (repeatable)")
+    rb.add_argument("--lock-wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for another run's deploy lock (default: refuse at once)")
+    lg = sub.add_parser("logs", help="llama-server, HAProxy and Prometheus journals of the fleet, merged by time")
+    lg.add_argument("inventory")
+    lg.add_argument("--limit", action="append", help="only these hosts or groups (repeatable)")
+    lg.add_argument("--since", help="journalctl's --since: '1h ago', '2026-12-03 10:00', 'today'")
+    lg.add_argument("--grep", help="journalctl's --grep (PCRE2; case-insensitive unless it has a capital)")
+    lg.add_argument("-n", "--lines", type=int, help="the last N lines per host (default 100, or all since --since)")
+    lg.add_argument("-f", "--follow", action="store_true", help="then print new lines until stopped (Ctrl-C)")
+    lk = sub.add_parser("lock", help="the fleet's deploy lock: who holds it; release one a dead run left")
+    lk.add_argument("action", choices=["status", "release"])
+    lk.add_argument("inventory")
+    lk.add_argument("--limit", action="append", help="only these hosts or groups (repeatable)")
+    lk.add_argument("--force", action="store_true", help="release: also a lock whose run may still be alive")
+    au = sub.add_parser("audit", help="each host's audit trail (who ran what, release before and after), newest first")
+    au.add_argument("inventory")
+    au.add_argument("--limit", action="append", help="only these hosts or groups (repeatable)")
+    au.add_argument("-n", "--lines", type=int, default=50, help="the last N runs per host (default 50)")
     a = p.parse_args(argv)
     return {"sandbox": _sandbox, "status": _status, "key": _key, "rollout": _rollout,
-            "rollback": _rollback}[a.command](a)
+            "rollback": _rollback, "logs": _logs, "lock": _lock, "audit": _audit}[a.command](a)
 
 
 if __name__ == "__main__":

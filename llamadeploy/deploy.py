@@ -14,6 +14,8 @@ from pyinfra.api import deploy
 
 from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
+from llamadeploy.lock import hold
+from llamadeploy.manifest import manifest_path
 from llamadeploy.roles import docker, front, gpu, model, monitor, ownership, release, router, rpc, service, uninstall
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
@@ -30,8 +32,10 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     Steps 1-3 run while pyinfra prepares operations, before any host changes: a
     bad setting, an unreachable model or a host that is too small stops every host.
     """
-    # 1. Validate the whole inventory before any host is touched (raises ConfigError).
+    # 1. Validate the whole inventory before any host is touched (raises ConfigError), then take
+    #    the host's deploy lock (another run holding it stops this one here; llamadeploy.lock).
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    _locked(cfg, "deploy")
 
     # The front door and the monitor are hosts of their own (llama_role).
     front_changed = None
@@ -47,6 +51,11 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     # every other host it is a no-op. pyinfra orders a run as waves over each host's own sequence,
     # so a shared step is what makes the front's wait come after the servers' own steps.
     front.served(cfg, front_changed)
+
+
+def _locked(cfg: HostConfig, action: str) -> None:
+    """This run's lock on the host, released with an audit line when pyinfra disconnects."""
+    hold(host, action, manifest_path(cfg.service.config_dir))
 
 
 def _server(cfg: HostConfig) -> None:
@@ -133,6 +142,7 @@ def llama_model_staged(cfg: HostConfig | None = None) -> None:
     ``pyinfra INVENTORY llamadeploy.deploy.llama_model_staged``
     """
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    _locked(cfg, "stage")
     if cfg.role != "server":
         host.noop(f"{host.name} serves no model (llama_role {cfg.role!r})")
         return
@@ -151,6 +161,7 @@ def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) 
     ``llamadeploy rollback INVENTORY [--to ID] [--limit HOST]`` runs this per host.
     """
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    _locked(cfg, "rollback")
     release.rolled_back(cfg, to=to)
 
 
@@ -166,6 +177,7 @@ def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None
     from llamadeploy.roles.front import server_name
 
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    _locked(cfg, f"front: {set_to} {servers}")
     if cfg.role != "front":
         host.noop(f"{host.name} is not a front")
         return
@@ -183,4 +195,5 @@ def llama_server_removed(cfg: HostConfig | None = None, keep_models: bool = Fals
     ``pyinfra INVENTORY llamadeploy.deploy.llama_server_removed keep_models=true``
     """
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    _locked(cfg, "uninstall")
     uninstall.removed(cfg, keep_models=keep_models)

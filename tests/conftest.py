@@ -192,15 +192,14 @@ def hub_env(tmp_path, monkeypatch):
     return {"endpoint": f"http://127.0.0.1:{HUB_PORT}", "token_file": str(token), "cache": tmp_path / "hf-cache"}
 
 
-#: minutes each e2e module took beside another on 2 cores (fresh clone at b96a051), only to hand
-#: the longest module left to the next free worker (a module not listed counts as its number of
-#: tests)
+#: minutes each e2e module took beside two others on 2 cores (JUnit times, 2026-12-04), only to
+#: hand the longest module left to the next free worker (a module not listed counts as its number
+#: of tests)
 MODULE_MINUTES = {
-    "tests/e2e/test_front.py": 8.7, "tests/e2e/test_safety.py": 7.1, "tests/e2e/test_rollout.py": 7.0,
-    "tests/e2e/test_docker.py": 4.5, "tests/e2e/test_faults.py": 4.4, "tests/e2e/test_fanout.py": 3.7,
-    "tests/e2e/test_rpc.py": 2.0, "tests/e2e/test_hub.py": 1.8, "tests/e2e/test_router.py": 1.5,
-    "tests/e2e/test_front_models.py": 3.0,
-    "tests/e2e/test_molecule.py": 1.0, "tests/e2e/test_uninstall.py": 0.7,
+    "tests/e2e/test_front.py": 10.8, "tests/e2e/test_rollout.py": 9.3, "tests/e2e/test_safety.py": 7.1,
+    "tests/e2e/test_faults.py": 5.5, "tests/e2e/test_docker.py": 5.4, "tests/e2e/test_fanout.py": 4.2,
+    "tests/e2e/test_hub.py": 2.8, "tests/e2e/test_router.py": 2.6, "tests/e2e/test_rpc.py": 2.3,
+    "tests/e2e/test_front_models.py": 1.9, "tests/e2e/test_uninstall.py": 1.1, "tests/e2e/test_molecule.py": 1.0,
 }
 
 

@@ -29,7 +29,7 @@ from llamadeploy.roles.model.source import margin
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE, copy_gguf, gemma_model
 from llamadeploy.sandbox.host import CACHE, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, host_state, merged_data, run_deploy
+from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, cli, host_state, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -247,7 +247,8 @@ def test_one_of_three_unreachable_mid_deploy(fleet, tmp_path):
     only when more than 50 % of the hosts that connected have failed, checked after each operation)
     the other two finish and serve the new model; ft53 keeps serving the old one. The operator sees
     the host named with the reason, the per-operation tally (3 hosts, 2 done, 1 error), exit 1, and
-    per host in ``llamadeploy status``; the next run, with ft53 back, completes it."""
+    per host in ``llamadeploy status``; with ft53 back, its deploy lock (which the cut run could not
+    release) refuses the next run until ``llamadeploy lock release``; then the next run completes it."""
     a, b, c = fleet
     old_alias = served_alias(c)
     new, sha = variant_model("fleet")
@@ -294,6 +295,13 @@ def test_one_of_three_unreachable_mid_deploy(fleet, tmp_path):
     assert served_alias(c) == old_alias
     assert isinstance(chat(c), str)
     assert c.ssh(f"test -e {MODELS}/{new.name}", check=False).returncode == 1
+    # the cut run could not release ft53's deploy lock: the next run is refused there, naming the
+    # dead run, until the operator releases it (a lock is never taken over silently)
+    refused = run_deploy(inv)
+    assert refused.rc != 0, refused.stderr[-3000:]
+    assert f"{c.address}: locked by deploy by" in refused.stderr and "dead: its process is gone" in refused.stderr
+    released = cli("lock", "release", str(inv))
+    assert released.returncode == 0 and f"{c.address}: released" in released.stdout, released.stdout
     again = run_deploy(inv)
     assert again.rc == 0, again.stderr[-4000:]
     ops = {op["name"].split(" | ")[-1]: op for op in again.report["results"]["operations"]}

@@ -128,6 +128,7 @@ def openai_run(base: str, n: int) -> tuple[int, list[str]]:
     return done, errors
 
 
+@pytest.mark.soak
 def test_keepalive_openai_client_500_requests_no_errors(hosts, fleet):
     """Through the front: 0 errors. Straight at one backend, the same client is the baseline
     (llama-server's keep-alive drops after streams), reported, not asserted."""
@@ -284,8 +285,10 @@ def admin_state(hosts, server: str) -> str:
 
 
 def test_a_killed_rollout_leaves_no_host_drained_and_the_operators_drain_stays(hosts, fleet, tmp_path):
-    """The controller dies (SIGKILL) while a rollout has be1 drained: the next rollout enables it
-    first, and be2, which the operator drained by hand, stays drained through the whole rollout."""
+    """The controller dies (SIGKILL) while a rollout has be1 drained. Its deploy lock stays on every
+    host, and the next rollout is refused, naming the dead run, until ``llamadeploy lock release``.
+    That rollout then enables be1 first, and be2, which the operator drained by hand, stays drained
+    through the whole rollout."""
     import os
     import signal
 
@@ -313,6 +316,13 @@ def test_a_killed_rollout_leaves_no_host_drained_and_the_operators_drain_stays(h
         time.sleep(2)
         assert admin_state(hosts, be1) == "drain"  # what the killed run left
         assert hosts["fd"].ssh(f"test -e /var/lib/llamadeploy-front/drained/{be1}", check=False).returncode == 0
+        # the dead rollout's deploy lock is named, never taken over; the operator releases it
+        refused = cli("rollout", str(changed))
+        assert refused.returncode == 2 and "dead: its process is gone" in refused.stderr, refused.stderr[-3000:]
+        assert "rollout by root@" in refused.stderr and f"(pid {proc.pid}, dead" in refused.stderr
+        released = cli("lock", "release", str(changed))
+        assert released.returncode == 0 and released.stdout.count(": released: rollout by") == len(hosts), \
+            released.stdout
         result = cli("rollout", str(changed))
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         assert admin_state(hosts, be1) == "ready"  # repaired by the next rollout
@@ -322,6 +332,7 @@ def test_a_killed_rollout_leaves_no_host_drained_and_the_operators_drain_stays(h
             args = Manifest.parse(h.ssh(f"cat {DEFAULT_PATH}").stdout).args
             assert args[args.index("--threads") + 1] == "1", args
     finally:
+        cli("lock", "release", str(changed), "--force")  # whatever the test stopped at
         operator(be2, "ready")
         back = run_deploy(fleet)
         assert back.rc == 0, back.stderr[-3000:]

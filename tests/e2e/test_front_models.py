@@ -135,3 +135,78 @@ def test_prometheus_scrapes_each_model_without_loading_an_unloaded_one(hosts, fl
     # an unloaded model is down on purpose: neither down-alert is pending or firing
     rules = {r["name"]: r for g in httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]}
     assert rules["LlamaTargetDown"]["state"] == "inactive" and rules["LlamaRouterDown"]["state"] == "inactive"
+
+
+def test_logs_finds_a_request_on_its_host_merged_and_followed(hosts, fleet):
+    """``llamadeploy logs``: ``--grep`` finds a request made through the front in HAProxy's log, on
+    the front and nowhere else; ``--limit`` keeps one host's llama-server lines; the fleet's
+    lines come merged by time; ``-f`` prints each later request's line once, then stops on
+    SIGINT with exit 0."""
+    import queue
+    import secrets
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from tests.conftest import LLAMADEPLOY, REPO, cli
+
+    def chat(probe: str) -> None:
+        reply = httpx.post(f"{front(hosts)}/v1/chat/completions?{probe}=1", timeout=120,
+                           json={"model": "chat", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 200, reply.text
+
+    probe = f"probe-{secrets.token_hex(6)}"
+    chat(probe)
+    deadline = time.monotonic() + 60
+    while True:  # HAProxy logs a request when it ends; the journal has it a moment later
+        found = cli("logs", str(fleet), "--grep", probe, timeout=300)
+        assert found.returncode == 0, found.stdout + found.stderr[-3000:]
+        lines = found.stdout.splitlines()
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    # each line starts with its host's inventory name: here, its address
+    fm1, fmf = hosts["fm1"].address, hosts["fmf"].address
+    assert len(lines) == 1 and lines[0].startswith(f"{fmf} ") and " haproxy: " in lines[0], found.stdout
+    assert "model_chat" in lines[0], lines[0]  # the backend the front chose, by the body's model
+
+    one = cli("logs", str(fleet), "--limit", fm1, "-n", "20", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout and all(line.startswith(f"{fm1} ") and " llama-server: " in line
+                              for line in one.stdout.splitlines()), one.stdout[-3000:]
+
+    every = cli("logs", str(fleet), "-n", "30", timeout=300)
+    assert every.returncode == 0, every.stderr[-3000:]
+    stamps = [(line.split()[1], line.split()[0]) for line in every.stdout.splitlines()]
+    assert {h for _, h in stamps} == {h.address for h in hosts.values()}, every.stdout[-3000:]
+    assert [t for t, _ in stamps] == sorted(t for t, _ in stamps)
+
+    follow = f"follow-{secrets.token_hex(6)}"
+    proc = subprocess.Popen([LLAMADEPLOY, "logs", str(fleet), "-f", "-n", "0", "--grep", follow], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [got.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    seen: list[str] = []
+    try:
+        sent = 0
+        deadline = time.monotonic() + 120
+        # requests until the follower (still connecting at first) has printed two of them
+        while len({line.split(f"{follow}-")[1].split("=")[0] for line in seen}) < 2 and time.monotonic() < deadline:
+            chat(f"{follow}-{sent}")
+            sent += 1
+            try:
+                while True:
+                    seen.append(got.get(timeout=2))
+            except queue.Empty:
+                pass
+        time.sleep(3)  # one more round: nothing printed twice
+        while not got.empty():
+            seen.append(got.get())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    numbers = [line.split(f"{follow}-")[1].split("=")[0] for line in seen]
+    assert len(set(numbers)) >= 2 and len(numbers) == len(set(numbers)), seen
+    assert all(line.startswith(f"{fmf} ") for line in seen), seen
+    assert rc == 0, proc.stderr.read() if proc.stderr else rc

@@ -26,6 +26,7 @@ from tests.conftest import (
     PYINFRA,
     REPO,
     TINY,
+    cli,
     host_state,
     run_deploy,
     run_testinfra,
@@ -133,6 +134,11 @@ def test_interrupted_transfer_completes_next_run(host, hub, controller_env, tmp_
     assert host.ssh("systemctl show -p MainPID llama-server").stdout == before_pid
     assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
 
+    # the killed run left its deploy lock: the next run is refused until the operator releases it
+    refused = run_deploy(inv, env=controller_env)
+    assert refused.rc != 0 and "dead: its process is gone" in refused.stderr, refused.stderr[-3000:]
+    released = cli("lock", "release", str(inv))
+    assert released.returncode == 0, released.stdout + released.stderr
     result = run_deploy(inv, env=controller_env)
     assert result.rc == 0, result.stderr[-3000:]
     assert host.ssh("sha256sum /var/lib/llama-server/models/gemma-other.gguf").stdout.split()[0] == MODEL_SHA256

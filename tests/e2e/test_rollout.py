@@ -230,6 +230,26 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
         assert "not reached" in rows[h.address]
         assert (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout) == before[h.address]
     assert "stopped after batch 1" in result.stderr
+    # the audit trail: the canary's failed rollout, back on its release; the rest untouched
+    trail = audit_rows(inv)
+    run = trail[0]["run"]
+    assert trail[0]["host"] == canary.address and trail[0]["action"].startswith("rollout"), trail[:3]
+    ours = [r for r in trail if r["run"] == run]
+    assert {r["host"] for r in ours} == {canary.address}, ours
+    assert any(r["action"] == "rollout" and r["outcome"] == "failed" for r in ours), json.dumps(ours)
+    assert ours[0]["after"] == before[canary.address][0], ours
+
+
+def audit_rows(inv: Path) -> list[dict[str, str]]:
+    """``llamadeploy audit``'s table as dicts, newest first."""
+    trail = cli("audit", str(inv), "-n", "20")
+    assert trail.returncode == 0, trail.stdout + trail.stderr[-3000:]
+    rows = []
+    for line in trail.stdout.splitlines()[1:]:
+        c = line.split()  # time (2 cells), host, operator, action, before, after, outcome (words), changes, run
+        rows.append({"host": c[2], "operator": c[3], "action": c[4], "before": c[5], "after": c[6],
+                     "outcome": " ".join(c[7:-2]), "changes": c[-2], "run": c[-1]})
+    return rows
 
 
 def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseline, tmp_path):
@@ -255,6 +275,9 @@ def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseli
     print(f"rollback moved {moved} bytes over {h.veth}")
     assert moved < 2 * 1024 * 1024, moved  # the model alone is 253 MB, the release tarball several MB
     assert {o.address: manifest(o).release_id for o in fleet if o is not h} == others  # --limit: the rest stay
+    newest = audit_rows(inv)[0]  # the manual rollback, in the host's audit trail
+    assert {k: newest[k] for k in ("host", "action", "before", "after", "outcome")} == \
+        {"host": h.address, "action": "rollback", "before": m.release_id, "after": target, "outcome": "ok"}, newest
 
 
 def relabelled(src: Path, dest: Path) -> Path:

@@ -65,7 +65,11 @@ def deployed(host, tmp_path_factory) -> Path:
 def test_one_host_serves_chat_and_embeddings_through_the_openai_client(host, deployed):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key="unused", max_retries=0, timeout=120)
+    # each request on its own connection: llama-server may close a kept-alive one between requests
+    # (counted by the benchmarks and the soak, never retried); no retries hide a real failure
+    one_shot = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=120)
+    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key="unused", max_retries=0,
+                    http_client=one_shot)
     assert {m.id for m in client.models.list()} == {"chat", "embed"}
     # the gate asked the on-demand model once and unloaded it again; the startup one stays
     assert router_models(host) == {"chat": "loaded", "embed": "unloaded"}

@@ -425,6 +425,7 @@ def test_key_written_by_a_run_that_died_before_its_restart_is_picked_up(host, in
     assert run_deploy(with_data(host, tmp_path, "k2", llama_server={"api_key_file": str(second)})).changed == 0
 
 
+@pytest.mark.soak
 def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
     """CI's short soak (benchmarks/soak.py runs the 10-minute one): 8 streaming clients for 60 s.
 

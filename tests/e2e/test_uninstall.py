@@ -1,15 +1,24 @@
 """Uninstall on a real host: boot a fresh host, deploy, remove; the host's file tree, users and
-units then match the fresh host's (package-manager state and logs aside)."""
+units then match the fresh host's (package-manager state and logs aside). Then the deploy lock
+and the audit trail on the same host: two runs at once, a run that dies holding the lock."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from llamadeploy.audit import AUDIT_PATH
+from llamadeploy.lock import LOCK_PATH
+from llamadeploy.manifest import manifest_path
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, run_deploy
+from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, cli, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -74,3 +83,86 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]
     host.ssh("rm -r /var/lib/llama-server")  # the operator's to remove
     assert host.ssh(SNAPSHOT).stdout == fresh
+
+
+def start_deploy(inventory: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([PYINFRA, "-y", "--json", str(inventory), "deploy.py"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def wait_locked(host, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the host's lock file exists, while ``proc`` still runs."""
+    deadline = time.monotonic() + seconds
+    while host.ssh(f"test -e {LOCK_PATH}", check=False).returncode != 0:
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before its lock was seen"
+        assert time.monotonic() < deadline, "the lock never appeared"
+        time.sleep(0.05)
+
+
+def test_one_run_at_a_time_a_dead_runs_lock_released_by_hand_and_the_audit_trail(host, tmp_path):
+    """A deploy holds the host's lock from its prepare to its disconnect. A second deploy then is
+    refused, naming the first (pid, operator, controller), and changes nothing; a third with
+    ``LLAMADEPLOY_LOCK_WAIT`` waits and then runs. A run killed while holding the lock leaves it:
+    the next is refused and told the holder is dead; ``lock release`` (no ``--force``) removes it,
+    and never a live run's. ``llamadeploy audit`` then lists the runs that held the lock, newest
+    first, with the release each began and ended with."""
+    inventory = write_inventory(tmp_path / "lk.py", [host], default_data())
+    first = start_deploy(inventory)
+    try:
+        wait_locked(host, first)
+        second = run_deploy(inventory)
+        assert second.rc != 0
+        assert (f"{host.address}: locked by deploy by root@{socket.gethostname()} (pid {first.pid}), since "
+                in second.stderr), second.stderr[-3000:]
+        assert "nothing was changed" in second.stderr
+        status = cli("lock", "status", str(inventory))
+        assert status.returncode == 0 and f"(pid {first.pid})" in status.stdout, status.stdout
+        kept = cli("lock", "release", str(inventory))  # a live run's lock is not released
+        assert kept.returncode == 1 and "kept: locked by deploy" in kept.stdout and "still runs" in kept.stdout
+        third = start_deploy(inventory, env={"LLAMADEPLOY_LOCK_WAIT": "600"})
+        out, err = first.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert first.returncode == 0, err[-3000:]
+        out3, err3 = third.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert third.returncode == 0, err3[-3000:]
+        assert f"{host.address}: locked by deploy by" in err3 and "waiting up to 600 s" in err3, err3[-3000:]
+        assert json.loads(out3)["results"]["totals"]["success"] == 0  # it ran after the first, on its result
+    finally:
+        for proc in (first, locals().get("third")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=60)
+    assert host.ssh(f"test -e {LOCK_PATH}", check=False).returncode != 0  # released by each run
+
+    # a run that dies holding the lock (SIGKILL: no finally of it runs)
+    dying = start_deploy(inventory)
+    try:
+        wait_locked(host, dying)
+        dying.send_signal(signal.SIGKILL)
+    finally:
+        dying.communicate(timeout=60)
+    assert dying.returncode == -signal.SIGKILL
+    refused = run_deploy(inventory)
+    assert refused.rc != 0 and f"(pid {dying.pid}, dead: its process is gone)" in refused.stderr, refused.stderr[-3000:]
+    assert "llamadeploy lock release INVENTORY" in refused.stderr
+    status = cli("lock", "status", str(inventory))
+    assert "dead: its process is gone" in status.stdout, status.stdout
+    released = cli("lock", "release", str(inventory))
+    assert released.returncode == 0 and f"{host.address}: released: deploy by root@" in released.stdout
+    last = run_deploy(inventory)
+    assert last.rc == 0 and last.changed == 0, last.stderr[-3000:]
+
+    # the audit trail: the runs that held the lock, newest first (the refused ones never did)
+    rid = json.loads(host.ssh(f"cat {manifest_path('/etc/llama-server')}").stdout)["release_id"]
+    assert rid
+    trail = cli("audit", str(inventory), "-n", "4")
+    assert trail.returncode == 0, trail.stderr
+    rows = [line.split() for line in trail.stdout.splitlines()[1:]]
+    # time (2 cells), host, operator, action, before, after, outcome, changes, run
+    me = f"root@{socket.gethostname()}"
+    assert [r[2:9] for r in rows[:2]] == [[host.address, me, "deploy", rid, rid, "ok", "0"]] * 2, trail.stdout
+    assert rows[2][2:8] == [host.address, me, "deploy", "-", rid, "ok"] and int(rows[2][8]) > 0  # the first
+    assert rows[3][2:8] == [host.address, me, "uninstall", "-", "-", "ok"]  # the first test's second uninstall
+    assert len({r[9] for r in rows}) == 4  # four runs
+    lines = host.ssh(f"cat {AUDIT_PATH}").stdout.splitlines()
+    assert all(json.loads(line)["outcome"] in ("ok",) for line in lines[-3:])
+    assert host.ssh(f"stat -c '%a %U' {AUDIT_PATH}").stdout.split() == ["640", "root"]

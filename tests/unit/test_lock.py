@@ -1,0 +1,175 @@
+"""The deploy lock's and the audit trail's host commands, run by a real shell against a temporary
+directory, and their pure parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from llamadeploy import audit, lock
+
+
+@pytest.fixture
+def lockfile(tmp_path, monkeypatch):
+    path = tmp_path / "lock" / "llamadeploy.lock"
+    monkeypatch.setattr(lock, "LOCK_PATH", str(path))
+    return path
+
+
+def sh(command: str) -> str:
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def holder(run: str, pid: int | None = None) -> lock.Holder:
+    pid = pid or os.getpid()
+    return lock.Holder(run, "alice", socket.gethostname(), pid, lock.process_start(pid) or "", 1_760_000_000.0,
+                       "deploy")
+
+
+def test_take_is_exclusive_and_names_the_holder(lockfile):
+    assert lock.parse_take(sh(lock.take_command(holder("aaaa")))) == (True, None)
+    taken, other = lock.parse_take(sh(lock.take_command(holder("bbbb"))))
+    assert not taken and other == holder("aaaa")
+    assert list(lockfile.parent.iterdir()) == [lockfile]  # no temporary file left behind
+
+
+def test_of_many_simultaneous_takes_exactly_one_wins(lockfile):
+    runs = [f"run{i:02d}" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda r: lock.parse_take(sh(lock.take_command(holder(r)))), runs))
+    winners = [r for r, (taken, _) in zip(runs, results, strict=True) if taken]
+    assert len(winners) == 1
+    assert all(other == holder(winners[0]) for taken, other in results if not taken)
+    assert lock.Holder.from_json(lockfile.read_text()) == holder(winners[0])
+
+
+def test_release_removes_only_its_own_runs_lock(lockfile):
+    sh(lock.take_command(holder("aaaa")))
+    sh(lock.release_command("aaa"))  # a prefix of the holder's run is another run
+    sh(lock.release_command("bbbb"))
+    assert lockfile.exists()
+    sh(lock.release_command("aaaa"))
+    assert not lockfile.exists()
+    sh(lock.release_command("aaaa"))  # released twice: no error
+    sh(lock.take_command(holder("cccc")))
+    sh(lock.release_command(None))  # `lock release --force`
+    assert not lockfile.exists()
+
+
+def test_a_holder_is_alive_only_while_its_process_runs():
+    assert holder("x").alive() is True
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        running = holder("y", child.pid)
+        assert running.alive() is True
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert running.alive() is False
+    reused = lock.Holder("z", "alice", socket.gethostname(), os.getpid(), "1", 0.0, "deploy")
+    assert reused.alive() is False  # the pid runs, but it is another process (started later)
+    elsewhere = lock.Holder("w", "bob", "other-controller.example", 1, "1", 0.0, "rollout")
+    assert elsewhere.alive() is None
+    assert "dead: its process is gone" in running.describe()
+    assert elsewhere.describe(now=60.0) == ("rollout by bob@other-controller.example (pid 1), "
+                                            "since 1970-01-01 00:00:00Z (60 s), run w")
+
+
+def test_parse_take_of_unexpected_output():
+    assert lock.parse_take("") == (False, None)
+    assert lock.parse_take("held\n") == (False, None)  # released between ln and cat: try again
+    assert lock.parse_take("held\nnot json") == (False, None)
+
+
+class FakeHost:
+    """Runs the lock's commands in a local shell, as a pyinfra host would on its own."""
+
+    name = "h1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+def test_acquire_waits_for_a_held_lock_then_refuses_naming_it(lockfile, monkeypatch):
+    monkeypatch.setattr(lock, "run_on", lambda host, cmd: (setattr(host, "calls", host.calls + 1), sh(cmd))[1])
+    sh(lock.take_command(holder("other")))
+    host = FakeHost()
+    slept: list[float] = []
+    with pytest.raises(lock.LockHeld, match=r"h1: locked by deploy by alice@.* run other; nothing was changed"):
+        lock.acquire(host, holder("mine"), wait=0.05, sleep=lambda s: (slept.append(s), time.sleep(0.03)))
+    assert slept and host.calls == len(slept) + 1
+    assert lock.acquire(host, holder("other")) is False  # the holder's own run: already held
+    sh(lock.release_command("other"))
+    assert lock.acquire(host, holder("mine")) is True
+
+
+def test_audit_lines_append_and_read_back_newest_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "AUDIT_PATH", str(tmp_path / "log" / "audit.log"))
+    first = audit.Entry(100.0, "alice", "ctl", "deploy", "r1", None, "b1-aaa", "ok", 12)
+    second = audit.Entry(200.0, "bob", "ctl", "rollback", "r2", "b1-aaa", "b1-000", "failed", 3)
+    sh(audit.append_command(first))
+    sh(audit.append_command(second))
+    assert oct((tmp_path / "log").stat().st_mode & 0o777) == "0o750"
+    assert oct((tmp_path / "log" / "audit.log").stat().st_mode & 0o777) == "0o640"
+    entries = audit.parse("h1", sh(audit.read_command(50)) + "garbage\n")
+    assert [e.run for e in entries] == ["r1", "r2"] and entries[0].host == "h1"
+    other = audit.parse("h2", sh(audit.read_command(1)))
+    assert [e.run for e in other] == ["r2"]
+    ordered = audit.newest_first([entries, other])
+    assert [(e.host, e.run) for e in ordered] == [("h1", "r2"), ("h2", "r2"), ("h1", "r1")]
+    table = audit.format_table(ordered).splitlines()
+    assert table[0].split() == ["time", "host", "operator", "action", "before", "after", "outcome", "changes", "run"]
+    assert table[3].split() == ["1970-01-01", "00:01:40Z", "h1", "alice@ctl", "deploy", "-", "b1-aaa", "ok", "12", "r1"]
+
+
+def test_an_audit_line_with_quotes_and_newlines_stays_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "AUDIT_PATH", str(tmp_path / "audit.log"))
+    nasty = audit.Entry(1.0, "o'brien\n$(touch x)", "ctl", "front: drain a,b", "r", None, None, "ok", 0)
+    sh(f"cd {tmp_path} && " + audit.append_command(nasty))
+    assert not (tmp_path / "x").exists()
+    (line,) = (tmp_path / "audit.log").read_text().splitlines()
+    assert audit.Entry.from_json("h", line) == audit.Entry(**{**nasty.__dict__, "host": "h"})
+
+
+def test_release_of_a_manifest():
+    assert audit.release_of(json.dumps({"release_id": "b11434-abc"})) == "b11434-abc"
+    assert audit.release_of("") is None and audit.release_of("[]") is None
+    assert audit.release_of(json.dumps({"release_id": None})) is None
+
+
+def test_steps_of_a_cli_command_are_named_after_it(monkeypatch):
+    """Under ``rollout``'s fleet lock its deploys are "rollout" and its automatic rollback
+    "rollout/rollback"; without one, each run is what it is."""
+    monkeypatch.delenv(lock.ENV_ACTION, raising=False)
+    assert lock.me("rollback").action == "rollback"
+    monkeypatch.setenv(lock.ENV_ACTION, "rollout")
+    assert [lock.me(a).action for a in ("deploy", "rollout", "rollback")] == ["rollout", "rollout", "rollout/rollback"]
+    monkeypatch.setenv(lock.ENV_ACTION, "rollback")
+    assert lock.me("rollback").action == "rollback"
+
+
+def test_limit_chooses_hosts_by_name_or_by_group_name():
+    """pyinfra keeps a host's groups as names; ``--limit`` matches either."""
+    from types import SimpleNamespace
+
+    a, b, c = (SimpleNamespace(name=n, groups=g) for n, g in (("a", ["canary"]), ("b", ["servers"]), ("c", [])))
+    assert audit.chosen([a, b, c], None) == [a, b, c]
+    assert audit.chosen([a, b, c], ["canary", "c"]) == [a, c]
+
+
+def test_a_run_ended_by_an_operations_exception_is_failed_not_interrupted():
+    """An operation that raises at execution ends pyinfra's run without marking its host failed
+    (a deploy whose gate failed and that rolled back): the audit says failed; Ctrl-C says
+    interrupted; a prepare-time stop changed nothing."""
+    # failed, before_execute, executing, op_unfinished, sigint
+    assert lock.outcome_of(False, False, True, True, False) == "failed"
+    assert lock.outcome_of(False, False, True, True, True) == "interrupted"
+    assert lock.outcome_of(True, False, False, False, False) == "failed"
+    assert lock.outcome_of(False, True, False, False, False) == "stopped before any change"
+    assert lock.outcome_of(False, False, False, False, False) == "ok"
