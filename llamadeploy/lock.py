@@ -193,8 +193,9 @@ def acquire(host: Any, holder: Holder, wait: float = 0.0, sleep: Any = time.slee
             return True
         if other is not None and other.run == holder.run:
             return False
-        if other is not None and (time.monotonic() >= deadline or other.alive() is False):  # a dead run never ends
-            hint = ("release it with `llamadeploy lock release INVENTORY`" if other.alive() is False else
+        dead = other is not None and other.alive() is False
+        if other is not None and (time.monotonic() >= deadline or dead):  # a dead run never ends
+            hint = ("release it with `llamadeploy lock release INVENTORY`" if dead else
                     f"wait for it (--lock-wait SECONDS, or {ENV_WAIT}=SECONDS), or if that run is gone, "
                     "`llamadeploy lock release INVENTORY --force`")
             raise LockHeld(f"{host.name}: locked by {other.describe()}; nothing was changed. {hint}")
@@ -421,9 +422,10 @@ def fleet_release(inventory: str, limit: list[str] | None = None, force: bool = 
                 log(f"{h.name}: free")
                 continue
             holder = Holder.from_json(text)
-            if holder is not None and holder.alive() is not False and not force:
+            alive = holder.alive() if holder is not None else False
+            if holder is not None and alive is not False and not force:
                 log(f"{h.name}: kept: locked by {holder.describe()}; "
-                    + ("its process still runs" if holder.alive() else "it may still run on its controller")
+                    + ("its process still runs" if alive else "it may still run on its controller")
                     + " (--force releases it)")
                 rc = 1
                 continue
