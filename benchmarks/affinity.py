@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from llamadeploy.bench import wait_healthy
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -123,7 +123,7 @@ def main() -> int:
         for balance in ("leastconn", "affinity"):
             inv = write(tmp / f"{balance}.py", servers, front, balance)
             subprocess.run([str(BIN / "pyinfra"), "-y", "--parallel", "1", str(inv), "deploy.py"], cwd=REPO,
-                           check=True, capture_output=True)
+                           check=True, capture_output=True, timeout=DEPLOY_TIMEOUT)
             for h in servers:  # a cold prompt cache for both runs
                 h.ssh("systemctl restart llama-server")
             wait_healthy(base)

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -45,7 +45,7 @@ def staged(inv: Path, hosts: list[SandboxHost], *extra: str) -> tuple[float, int
     for h in hosts:
         cmd += ["--limit", h.address]
     t0, b0 = time.monotonic(), tx()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
     took, sent = time.monotonic() - t0, tx() - b0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -66,7 +66,7 @@ def main() -> int:
         # the tools once, one host at a time (the sandbox hosts share one apt archive and its lock)
         staged(inv["fanout"], hosts, "--parallel", "1")
         subprocess.run(["tc", "qdisc", "replace", "dev", BRIDGE, "root", "tbf", "rate", f"{RATE_MBIT}mbit",
-                        "burst", "256kb", "latency", "100ms"], check=True)
+                        "burst", "256kb", "latency", "100ms"], check=True, timeout=COMMAND_TIMEOUT)
         for n in (2, 4, 6):
             row: dict[str, float | int] = {"hosts": n}
             for mode in ("direct", "fanout"):
@@ -78,7 +78,7 @@ def main() -> int:
             row["ratio"] = round(float(row["direct_s"]) / float(row["fanout_s"]), 2)
             rows.append(row)
     finally:
-        subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], capture_output=True)
+        subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], capture_output=True, timeout=COMMAND_TIMEOUT)
         for h in hosts:
             h.stop()
     results = {**run, "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}

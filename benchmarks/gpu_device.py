@@ -36,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import machine  # noqa: E402
+from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, machine  # noqa: E402
 from llamadeploy import gpu  # noqa: E402
 from llamadeploy.bench import bench, wait_healthy  # noqa: E402
 from llamadeploy.config import BuildConfig  # noqa: E402
@@ -49,7 +49,7 @@ ALIAS = "gemma-3-270m"
 
 
 def sh(cmd: str) -> str:
-    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True).stdout
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=COMMAND_TIMEOUT).stdout
 
 
 def build(src: Path, work: Path, out: Path) -> None:
@@ -150,7 +150,7 @@ def serve(work: Path, model_dir: Path, out: Path) -> None:
     model = model_from_chunks(chunks, model_dir / "whl" / "parts.txt", work)
     planned = [*_planned(), "--n-gpu-layers", "0"]
     fit_cmd = gpu.fit_params_command(str(work / "build" / "bin" / "llama-fit-params"), str(model), planned, 1024)
-    fit = subprocess.run(fit_cmd, capture_output=True, text=True)
+    fit = subprocess.run(fit_cmd, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
     (out / "fit-params.log").write_text(" ".join(fit_cmd) + "\n--- stdout\n" + fit.stdout + "--- stderr\n" + fit.stderr)
     try:
         fitted = gpu.parse_fit_params(fit.stdout)
@@ -181,7 +181,7 @@ def serve(work: Path, model_dir: Path, out: Path) -> None:
         [sys.executable, "-m", "pytest", str(repo / "tests/testinfra"), "--hosts=local://", f"--llama-log={log}",
          "--confcutdir", str(repo / "tests/testinfra"), "-p", "no:cacheprovider", "-o", "addopts=", "-v",
          "-k", "not service_active and not unprivileged and not weights_locked and not api_key_never_exposed"],
-        capture_output=True, text=True, cwd=repo)
+        capture_output=True, text=True, cwd=repo, timeout=DEPLOY_TIMEOUT)
     (out / "testinfra.log").write_text(suite.stdout + suite.stderr)
     info["testinfra_rc"] = suite.returncode
     print(suite.stdout[-2500:])
@@ -214,7 +214,7 @@ def pin(work: Path, model_dir: Path, out: Path) -> None:
     fit_cmd = gpu.fit_params_command(str(work / "build/bin/llama-fit-params"), str(model), planned, 1024)
     env_path = work / "gpu-fit" / "abc.env"
     script = gpu.fit_script(fit_cmd, 1024, "llama-server.service", str(env_path), "abc")
-    run = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    run = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
     text = env_path.read_text() if env_path.exists() else ""
     (out / "pin.log").write_text(f"rc={run.returncode}\n--- stderr\n{run.stderr}\n--- env file\n{text}")
     value = text.splitlines()[1].split("=", 1)[1][1:-1] if text else ""

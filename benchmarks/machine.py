@@ -17,6 +17,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 #: seconds for ``git rev-parse``
 GIT_TIMEOUT = 60
+#: seconds for one deploy a benchmark runs: a first one compiles llama.cpp (about 10 minutes on 2
+#: cores); an hour means it hangs, and the benchmark fails instead of waiting forever
+DEPLOY_TIMEOUT = 3600
+#: seconds for a short local command (``tc``, ``nvidia-smi``)
+COMMAND_TIMEOUT = 120
 
 
 def _commit() -> str:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from llamadeploy.bench import bench
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
@@ -33,7 +33,7 @@ LEVELS = [1, 4]
 
 
 def run(*cmd: str) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
 

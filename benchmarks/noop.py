@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from benchmarks.widened import widened
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
@@ -41,7 +41,8 @@ BIN = Path(sys.executable).parent
 
 def timed(*cmd: str, env: dict[str, str] | None = None) -> float:
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=DEPLOY_TIMEOUT)
     took = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

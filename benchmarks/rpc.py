@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from llamadeploy.bench import bench
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -36,7 +36,7 @@ LEVELS = [1, 4]
 
 def deploy(inv: Path) -> None:
     proc = subprocess.run([str(BIN / "pyinfra"), "-y", "--parallel", "1", str(inv), "deploy.py"], cwd=REPO,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=DEPLOY_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"deploy failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from llamadeploy.bench import soak
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
@@ -42,7 +42,7 @@ def main(seconds: float = 600) -> int:
         host.boot()
         inv = write_inventory(Path("/tmp/llamactl-soak-inventory.py"), [host], default_data())
         subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"],
-                       cwd=REPO, check=True, capture_output=True)
+                       cwd=REPO, check=True, capture_output=True, timeout=DEPLOY_TIMEOUT)
         result = soak(f"http://{host.address}:8080", CLIENTS, seconds, max_tokens=64,
                       sample_rss=rss_sampler(host), interval=15)
     finally:

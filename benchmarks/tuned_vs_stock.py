@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from llamadeploy.bench import (
     BANDWIDTH_PROBE,
     PROMPT,
@@ -54,7 +54,7 @@ def main(per_client: int = 4, max_tokens: int = 128) -> int:
         host.boot()
         inv = write_inventory(Path("/tmp/llamactl-bench-inventory.py"), [host], default_data())
         subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"],
-                       cwd=REPO, check=True, capture_output=True)
+                       cwd=REPO, check=True, capture_output=True, timeout=DEPLOY_TIMEOUT)
         url = f"http://{host.address}:8080"
         tuned_args = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).args
         version = host.ssh("/opt/llama.cpp/current/bin/llama-server --version 2>&1 | head -1").stdout.strip()

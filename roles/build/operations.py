@@ -41,6 +41,11 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
     binary is installed into a temporary directory and renamed into place, so an
     interrupted build never leaves a half-release that ``current`` could point to.
 
+    Each release key builds in its own tree (``<cache_dir>/build/<key>``), so ccache is told that
+    paths under ``cache_dir`` are relative (``CCACHE_BASEDIR``): a release that differs only in its
+    label or one option then reuses every object the other compiled, instead of missing on the
+    other tree's absolute ``-I`` and ``-o`` paths.
+
     **Example:**
 
     .. code:: python
@@ -87,7 +92,8 @@ def build_release(build: BuildConfig, release_dir: str, cache_dir: str,
     yield " && ".join(
         [
             "set -e",
-            f"export CCACHE_DIR={q(cache_dir)}/ccache CCACHE_COMPILERCHECK=content CCACHE_NOHASHDIR=1",
+            f"export CCACHE_DIR={q(cache_dir)}/ccache CCACHE_BASEDIR={q(cache_dir)} CCACHE_COMPILERCHECK=content"
+            " CCACHE_NOHASHDIR=1",
             *(["export PATH=\"$PATH:/usr/local/cuda/bin\""] if opts.get("GGML_CUDA") == "ON" else []),
             f"rm -rf {q(work)} {q(tmp)} && mkdir -p {q(cache_dir)}/build",
             f"cmake -S {q(top)} -B {q(work)} {defines} > {q(work)}.configure.log 2>&1"
