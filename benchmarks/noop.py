@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from pathlib import Path
 from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
 from benchmarks.widened import widened
 from llamadeploy.artifacts import file_sha256
+from llamadeploy.config import HostConfig
+from llamadeploy.hostdata import parse_config
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -47,6 +50,19 @@ def timed(*cmd: str, env: dict[str, str] | None = None) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return took
+
+
+def stamp_now() -> str:
+    """A label no earlier run built: the new release is new to every cache and every host."""
+    return time.strftime("%Y%m%d%H%M%S")
+
+
+def load_config(data: dict) -> HostConfig:
+    """The settings inventory data gives a host (for its release key and directory)."""
+    cfg, problems = parse_config("noop", [data])
+    if cfg is None:
+        raise RuntimeError("; ".join(problems))
+    return cfg
 
 
 def median(f, rounds: int) -> tuple[float, list[float]]:
@@ -71,14 +87,25 @@ def main(rounds: int = 3) -> int:
                 lambda inv=inv: timed(str(BIN / "pyinfra"), "-y", str(inv), "deploy.py"), rounds)
             results[f"noop_rollout_{name}_host_s"] = median(
                 lambda inv=inv: timed(str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%"), rounds)
-        # a new release (other flags) to 3 hosts: empty controller cache vs cached artifact
-        for label, cache in (("empty_cache", tmp / "cache-empty"), ("cached", None)):
-            data = default_data()
-            data["llama_build"] = {**data["llama_build"], "cmake_args": {"GGML_OPENMP": "ON", "NOOP_BENCH": label}}
-            inv = write_inventory(tmp / f"new-{label}.py", hosts, data)
-            env = {"LLAMADEPLOY_CACHE": str(cache)} if cache else None
-            results[f"new_release_rollout_3_hosts_{label}_s"] = timed(
-                str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%", env=env)
+        # a new release (other flags) to 3 hosts: empty controller cache vs the artifact cached. The
+        # same release both times, from the same controller cache: the first rollout fills it;
+        # then the hosts go back to the release before and lose the new one, so the second rollout
+        # finds it cached on the controller and on no host
+        data = default_data()
+        data["llama_build"] = {**data["llama_build"], "cmake_args": {"GGML_OPENMP": "ON", "NOOP_BENCH": stamp_now()}}
+        inv = write_inventory(tmp / "new-release.py", hosts, data)
+        cfg = load_config(data)
+        key = cfg.build.release_key()
+        env = {"LLAMADEPLOY_CACHE": str(tmp / "cache")}
+        results["new_release_rollout_3_hosts_empty_cache_s"] = timed(
+            str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%", env=env)
+        if not [p for p in (tmp / "cache" / "releases").rglob("*.sha256") if key in str(p)]:
+            raise RuntimeError(f"release {key} is not in the controller cache after the first rollout")
+        timed(str(BIN / "llamadeploy"), "rollback", str(three), env=env)
+        for h in hosts:
+            h.ssh(f"rm -rf {shlex.quote(cfg.release_dir)}")
+        results["new_release_rollout_3_hosts_cached_s"] = timed(
+            str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%", env=env)
         size_rows = model_sizes(hosts[0], tmp, rounds)
         results["sizes"] = size_rows
     finally:
@@ -111,7 +138,7 @@ median of {rounds} runs (each run in brackets). Same input every time: nothing c
 | a new release to 3 hosts (`rollout --batch 100%`) | time |
 |---|---|
 | empty controller cache: one host compiles (with the ccache that host kept), two receive the tarball | {cell('new_release_rollout_3_hosts_empty_cache_s')} |
-| artifact cached on the controller: nobody compiles | {cell('new_release_rollout_3_hosts_cached_s')} |
+| the same release again, cached on the controller and on no host (they were rolled back and it was removed): nobody compiles | {cell('new_release_rollout_3_hosts_cached_s')} |
 
 First deploy of the 3 hosts in this run: {cell('first_deploy_3_hosts_s')} (sandbox hosts keep their trees between
 benchmark runs, so this counts only what an earlier run did not leave).

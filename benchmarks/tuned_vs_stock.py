@@ -5,8 +5,9 @@ deploys with ``deploy.py`` (the tuned unit, port 8080) and starts the same
 binary with stock flags next to it (port 8081). Both stay loaded; the loads
 alternate between them (tuned first in odd rounds, stock first in even ones)
 for ``ROUNDS`` rounds, so drift on a shared VM hits both alike. Reports
-medians over rounds and every round's ratio. Writes ``benchmarks/RESULTS.md``
-(tables, then the hand-written ``RESULTS-notes.md``) and a JSON file.
+medians over rounds and every round's ratio, and the verdict against the targets. Writes
+``benchmarks/RESULTS.md`` whole (the hand-written reading beside it, ``RESULTS-notes.md``, quotes
+no figure) and a JSON file.
 
     sudo .venv/bin/python -m benchmarks.tuned_vs_stock
 """
@@ -107,6 +108,35 @@ def table(stock: list[Report], tuned: list[Report]) -> str:
     return "\n".join(rows)
 
 
+#: tuned / stock tok/s at 8 clients at least; tuned TTFT p95 at 8 clients at most (s); tuned /
+#: stock at 1 client at least (no loss, within the rounds' spread)
+TARGET_RATIO, TARGET_TTFT_P95, TARGET_ONE_CLIENT = 1.4, 0.5, 0.95
+
+
+def verdict(runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResult]) -> str:
+    """The targets, each met or missed, from this run's medians (written, never typed in)."""
+    def med(server: str, load: str, level: int, attr: str) -> float | None:
+        return _median([getattr(r.levels[level], attr) for r in runs[server][load]])
+
+    def mark(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    eight, one = LEVELS.index(8), LEVELS.index(1)
+    lines = ["Against the targets (issue 5):"]
+    for load in LOADS:
+        ratio = (med("tuned", load, eight, "tok_per_s") or 0) / (med("stock", load, eight, "tok_per_s") or 1)
+        p95 = med("tuned", load, eight, "ttft_p95")
+        single = (med("tuned", load, one, "tok_per_s") or 0) / (med("stock", load, one, "tok_per_s") or 1)
+        lines.append(f"- {load}: ≥ {TARGET_RATIO}× stock at 8 clients {mark(ratio >= TARGET_RATIO)} ({ratio:.2f}×); "
+                     f"TTFT p95 ≤ {TARGET_TTFT_P95} s at 8 clients {mark(p95 is not None and p95 <= TARGET_TTFT_P95)} "
+                     f"({p95:.2f} s); no loss at 1 client {mark(single >= TARGET_ONE_CLIENT)} ({single:.2f}×)"
+                     if p95 is not None else f"- {load}: no TTFT recorded")
+    c = cold["tuned"].ttft_p95
+    lines.append(f"- cold burst (8 new prompts at once): TTFT p95 ≤ {TARGET_TTFT_P95} s "
+                 f"{mark(c is not None and c <= TARGET_TTFT_P95)} ({c:.2f} s)" if c is not None else "- cold burst: no TTFT")
+    return "\n".join(lines)
+
+
 def write_results(run: dict[str, object], runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResult],
                   tuned_args: list[str], version: str, bandwidth: int, per_client: int) -> None:
     today = str(run["date"])[:10]
@@ -137,9 +167,11 @@ Cold burst, measured first on both fresh servers (after one short warm-up reques
 one ~75-token request each, all at once. TTFT p50 / p95: stock {cold["stock"].ttft_p50:.2f} / {cold["stock"].ttft_p95:.2f} s,
 tuned {cold["tuned"].ttft_p50:.2f} / {cold["tuned"].ttft_p95:.2f} s; {cold["stock"].tok_per_s:.1f} vs {cold["tuned"].tok_per_s:.1f} tok/s.
 
-Targets (issue 5): tuned ≥ 1.4× stock at 8 clients, tuned TTFT p95 ≤ 0.5 s at 8 clients, no loss at 1 client.
+{verdict(runs, cold)}
+
+Why: `RESULTS-notes.md` (hand-written).
 """
-    (OUT / "RESULTS.md").write_text(text + (OUT / "RESULTS-notes.md").read_text())
+    (OUT / "RESULTS.md").write_text(text)
     (OUT / f"results-{today}.json").write_text(json.dumps(
         {server: {load: [asdict(r) for r in reports] for load, reports in by_load.items()}
          for server, by_load in runs.items()}

@@ -19,7 +19,6 @@ import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 #: each host's trail (0640 root; the directory 0750)
 AUDIT_PATH = "/var/log/llamadeploy/audit.log"
@@ -105,12 +104,11 @@ def show(inventory: str, limit: list[str] | None = None, lines: int = DEFAULT_LI
     unreachable: list[str] = []
     rc = 0
     batches: list[list[Entry]] = []
-    with connected(inventory, state_unreachable=unreachable) as (hosts, _configs):
+    with connected(inventory, state_unreachable=unreachable, limit=limit) as (hosts, _configs):
         for name in unreachable:
-            if not limit or name in limit:
-                err(f"{name}: not reachable; its audit trail is not shown")
-                rc = 1
-        for h in chosen(hosts, limit):
+            err(f"{name}: not reachable; its audit trail is not shown")
+            rc = 1
+        for h in hosts:
             try:
                 batches.append(parse(h.name, _run(h, read_command(lines))))
             except HostUnreachable as exc:
@@ -119,7 +117,3 @@ def show(inventory: str, limit: list[str] | None = None, lines: int = DEFAULT_LI
     out(format_table(newest_first(batches)))
     return rc
 
-
-def chosen(hosts: list[Any], limit: list[str] | None) -> list[Any]:
-    """The hosts ``--limit`` names, by host or group name (all without it)."""
-    return [h for h in hosts if not limit or h.name in limit or any(g in limit for g in h.groups)]

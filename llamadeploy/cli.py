@@ -3,7 +3,7 @@
     llamadeploy sandbox up [NAME --index N] [--docker] [--deploy]   a throwaway local host
     llamadeploy sandbox down [NAME ...]                             remove sandbox hosts
     llamadeploy sandbox ssh-config                                  ssh_config for them
-    llamadeploy status INVENTORY [--json]                           what runs where, drift
+    llamadeploy status INVENTORY [--json] [--limit HOST] [--watch [S]]   what runs where, drift
     llamadeploy bench --url URL | --inventory INVENTORY ...         load a deployed host
     llamadeploy key new FILE [--rotate]                             a site's API key (0600)
     llamadeploy rollout INVENTORY [--batch N|P%] [--max-unavailable N|P%]   canary, batches, gates
@@ -22,9 +22,11 @@ holder, or waits with ``--lock-wait SECONDS`` (plain pyinfra: ``LLAMADEPLOY_LOCK
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +86,68 @@ Remove it:               .venv/bin/llamadeploy sandbox down {name}
 """
 
 
-def _status(a: argparse.Namespace) -> int:
-    from llamadeploy.hostdata import ConfigError
-    from llamadeploy.status import fleet_status, format_table
+def _refuses_bad_settings(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command over an inventory exits 2 with the settings' one message when a host's settings
+    are invalid (or ``--limit`` names nothing), before it connects to any host."""
+    @functools.wraps(command)
+    def run(a: argparse.Namespace) -> int:
+        from llamadeploy.hostdata import ConfigError
 
+        try:
+            return command(a)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    return run
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
     try:
-        rows = fleet_status(a.inventory, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
-    else:
-        print(format_table(rows))
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number of seconds")
+    return value
+
+
+def _stop_flag() -> Callable[[], bool]:
+    """True once SIGINT (Ctrl-C) or SIGTERM (a supervisor) arrived: a following command ends between
+    two reads, never inside pyinfra's SSH I/O (an exception there can hang the disconnect)."""
+    import signal
+
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    return lambda: bool(stop)
+
+
+@_refuses_bad_settings
+def _status(a: argparse.Namespace) -> int:
+    from llamadeploy.status import fleet_status, format_table, watch
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    def shown(rows: list[Any]) -> str:
+        return json.dumps([r.as_dict() for r in rows], indent=None if a.watch else 2) if a.json else format_table(rows)
+
+    if a.watch:
+        def draw(rows: list[Any]) -> None:
+            import datetime
+
+            if sys.stdout.isatty() and not a.json:
+                print("\033[H\033[2J", end="")  # the table in place, as watch(1) draws it
+            if not a.json:
+                stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+                print(f"{stamp}  every {a.watch:g}s, Ctrl-C ends")
+            print(shown(rows), flush=True)
+
+        watch(a.inventory, draw, interval=a.watch, limit=a.limit, log=log, stopped=_stop_flag())
+        return 0
+    rows = fleet_status(a.inventory, log=log, limit=a.limit)
+    print(shown(rows))
     return 1 if any(r.error or r.health != "ok" for r in rows) else 0
 
 
@@ -137,51 +188,33 @@ def _rollback(a: argparse.Namespace) -> int:
                       "rollback", a)
 
 
+@_refuses_bad_settings
 def _lock(a: argparse.Namespace) -> int:
-    from llamadeploy.hostdata import ConfigError
     from llamadeploy.lock import fleet_release, fleet_status, format_status
 
-    try:
-        if a.action == "status":
-            rows = fleet_status(a.inventory, a.limit)
-            print(format_status(rows))
-            return 1 if any(problem for _, _, problem in rows) else 0
-        return fleet_release(a.inventory, a.limit, force=a.force)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    if a.action == "status":
+        rows = fleet_status(a.inventory, a.limit)
+        print(format_status(rows))
+        return 1 if any(problem for _, _, problem in rows) else 0
+    return fleet_release(a.inventory, a.limit, force=a.force)
 
 
+@_refuses_bad_settings
 def _audit(a: argparse.Namespace) -> int:
     from llamadeploy.audit import show
-    from llamadeploy.hostdata import ConfigError
 
-    try:
-        return show(a.inventory, a.limit, lines=a.lines, err=lambda m: print(m, file=sys.stderr, flush=True))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    return show(a.inventory, a.limit, lines=a.lines, err=lambda m: print(m, file=sys.stderr, flush=True))
 
 
+@_refuses_bad_settings
 def _logs(a: argparse.Namespace) -> int:
     """Journal lines on stdout as they are merged; problems (a host not read) on stderr."""
-    import signal
-
-    from llamadeploy.hostdata import ConfigError
     from llamadeploy.logs import stream
 
-    stop: list[int] = []
-    if a.follow:  # -f ends between two reads on Ctrl-C, and on SIGTERM from a supervisor
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, _frame: stop.append(signum))
-    try:
-        return stream(a.inventory, limit=a.limit, since=a.since, grep=a.grep, lines=a.lines, follow=a.follow,
-                      stopped=lambda: bool(stop),
-                      out=lambda line: print(line, flush=True),
-                      err=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    return stream(a.inventory, limit=a.limit, since=a.since, grep=a.grep, lines=a.lines, follow=a.follow,
+                  stopped=_stop_flag() if a.follow else (lambda: False),
+                  out=lambda line: print(line, flush=True),
+                  err=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def _key(a: argparse.Namespace) -> int:
@@ -224,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="per host: release, model, flags, service, health, drift")
     st.add_argument("inventory")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--limit", action="append", help="only these hosts or groups (repeatable)")
+    st.add_argument("--watch", type=_seconds, nargs="?", const=2.0, metavar="SECONDS",
+                    help="re-draw the table every SECONDS (default 2) until Ctrl-C")
     sub.add_parser("bench", help="load a deployed host (see llamadeploy bench --help)")
     kp = sub.add_parser("key", help="a site's API key on the controller")
     kp.add_argument("action", choices=["new"])

@@ -386,13 +386,12 @@ def fleet_held(inventory: str, action: str, wait: float = 0.0,
 
 def fleet_status(inventory: str, limit: list[str] | None = None) -> list[tuple[str, Holder | None, str]]:
     """(host, holder or None when free, problem) for each host of the inventory."""
-    from llamadeploy.audit import chosen
     from llamadeploy.status import HostUnreachable, connected
 
     rows: list[tuple[str, Holder | None, str]] = []
     unreachable: list[str] = []
-    with connected(inventory, state_unreachable=unreachable) as (hosts, _configs):
-        for h in chosen(hosts, limit):
+    with connected(inventory, state_unreachable=unreachable, limit=limit) as (hosts, _configs):
+        for h in hosts:
             try:
                 text = run_on(h, status_command()).strip()
             except HostUnreachable as exc:
@@ -400,7 +399,7 @@ def fleet_status(inventory: str, limit: list[str] | None = None) -> list[tuple[s
                 continue
             holder = Holder.from_json(text) if text else None
             rows.append((h.name, holder, "unreadable lock file" if text and holder is None else ""))
-    return rows + [(n, None, "not reachable") for n in unreachable if not limit or n in limit]
+    return rows + [(n, None, "not reachable") for n in unreachable]
 
 
 def format_status(rows: list[tuple[str, Holder | None, str]]) -> str:
@@ -410,13 +409,16 @@ def format_status(rows: list[tuple[str, Holder | None, str]]) -> str:
 def fleet_release(inventory: str, limit: list[str] | None = None, force: bool = False,
                   log: Callable[[str], object] = print) -> int:
     """Release the locks of dead runs (``force``: of any run) on the inventory's hosts, naming each;
-    1 when a lock was kept because its holder may still run."""
-    from llamadeploy.audit import chosen
+    1 when a lock was kept because its holder may still run, or a host could not be reached."""
     from llamadeploy.status import connected
 
     rc = 0
-    with connected(inventory) as (hosts, _configs):
-        for h in chosen(hosts, limit):
+    unreachable: list[str] = []
+    with connected(inventory, state_unreachable=unreachable, limit=limit) as (hosts, _configs):
+        for name in unreachable:
+            log(f"{name}: not reachable; its lock is left as it is")
+            rc = 1
+        for h in hosts:
             text = run_on(h, status_command()).strip()
             if not text:
                 log(f"{h.name}: free")

@@ -132,16 +132,12 @@ def stream(inventory: str, limit: list[str] | None = None, since: str | None = N
 
     unreachable: list[str] = []
     rc = 0
-    with connected(inventory, state_unreachable=unreachable) as (hosts, configs):
-        from llamadeploy.audit import chosen as limited
-
-        chosen = limited(hosts, limit)
+    with connected(inventory, state_unreachable=unreachable, limit=limit) as (hosts, configs):
         for name in unreachable:
-            if not limit or name in limit:
-                err(f"{name}: not reachable; its journal is not shown")
-                rc = 1
+            err(f"{name}: not reachable; its journal is not shown")
+            rc = 1
         readable = []
-        for h in chosen:
+        for h in hosts:
             unit_names = units(configs[h.name])
             if not unit_names:
                 cfg = configs[h.name]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,12 +72,27 @@ class HostStatus:
         return asdict(self)
 
 
+def limited(hosts: Iterable[Any], limit: Sequence[str] | None) -> list[Any]:
+    """The hosts ``--limit`` names, by host or group name, in their order (all without a limit)."""
+    return [h for h in hosts if not limit or h.name in limit or any(g in limit for g in h.groups)]
+
+
+def unknown_limits(hosts: Iterable[Any], limit: Sequence[str] | None) -> list[str]:
+    """The ``--limit`` names that are neither a host nor a group of the inventory (pure)."""
+    known = {n for h in hosts for n in (h.name, *h.groups)}
+    return [n for n in limit or () if n not in known]
+
+
 @contextmanager
 def connected(path: str, log: Any = None, state_unreachable: list[str] | None = None,
-              ) -> Iterator[tuple[Any, dict[str, HostConfig]]]:
-    """Load and validate the inventory, connect every host; yields (connected hosts, configs by host).
+              limit: Sequence[str] | None = None) -> Iterator[tuple[Any, dict[str, HostConfig]]]:
+    """Load and validate the inventory, connect its hosts (``limit``: only the hosts and groups it
+    names); yields (connected hosts in inventory order, configs by host).
 
-    ``state_unreachable`` (optional) receives the names of hosts that could not be connected.
+    Every host's settings are validated, limited or not: a run never starts from an inventory
+    with a bad host in it. Only the limited hosts are connected to, and ``state_unreachable``
+    (optional) receives those of them that could not be: a host named by its group is reported
+    like one named by itself. A limit that names nothing in the inventory is a ConfigError.
     """
     if state_unreachable is None:
         state_unreachable = []
@@ -87,23 +102,28 @@ def connected(path: str, log: Any = None, state_unreachable: list[str] | None = 
     from pyinfra.context import ctx_state
     from pyinfra_cli.inventory import make_inventory
 
-    from llamadeploy.hostdata import validate_inventory
+    from llamadeploy.hostdata import ConfigError, validate_inventory
 
     # the same sequence as pyinfra's CLI: a state in context, the inventory, connect
     state = State()
     ctx_state.set(state)
     inventory = make_inventory(path, cwd=os.getcwd())
     configs = validate_inventory(inventory)
-    state.init(inventory, Config())
+    unknown = unknown_limits(inventory, limit)
+    if unknown:
+        raise ConfigError([f"--limit {n}: no host or group of that name in {path}" for n in unknown])
+    wanted = limited(inventory, limit)
+    state.init(inventory, Config(), initial_limit=wanted if limit else None)
     if log:
-        log(f"==> connecting to {len(configs)} host(s)")
+        log(f"==> connecting to {len(wanted)} host(s)")
     try:
-        connect_all(state)
+        connect_all(state)  # the limited hosts only, all at once
     except PyinfraError:  # "No hosts remaining!": every host failed to connect
         pass
-    hosts = list(inventory.get_active_hosts())
+    active = set(inventory.get_active_hosts())
+    hosts = [h for h in wanted if h in active]
     # pyinfra drops hosts it could not connect to from the active set: report them, not hide them
-    state_unreachable[:] = [h.name for h in inventory if h not in hosts]
+    state_unreachable[:] = [h.name for h in wanted if h not in active]
     try:
         yield hosts, configs
     finally:
@@ -116,6 +136,38 @@ def _run(host: Any, command: str) -> str:
     if not ok:
         raise HostUnreachable(f"{host.name}: `{command.split()[0]}` failed: {out.stderr.strip()[:300]}")
     return str(out.stdout)
+
+
+#: the line that starts each part's output in :func:`read_parts`
+PART_MARK = "@@llamadeploy-part "
+
+
+def parts_command(parts: dict[str, str]) -> str:
+    """One shell command running each part in a subshell of its own (an ``exit`` or a failure ends
+    only that part), its output after a marker line and followed by one newline of ours (so that
+    a part whose output has no newline at its end, like ``curl -w '%{http_code}'``, cannot run into
+    the next marker); the whole always exits 0."""
+    return "; ".join(f"echo {shlex.quote(PART_MARK + name)}; ( {cmd} ) 2>/dev/null; echo"
+                     for name, cmd in parts.items()) + "; true"
+
+
+def split_parts(text: str) -> dict[str, str]:
+    """{part name: its output, exactly} from :func:`parts_command`'s output (pure)."""
+    out: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    for line in text.splitlines(keepends=True):
+        if line.startswith(PART_MARK):
+            lines = out.setdefault(line[len(PART_MARK):].strip(), [])
+        elif lines is not None:
+            lines.append(line)
+    return {name: "".join(lines).removesuffix("\n") for name, lines in out.items()}
+
+
+def read_parts(host: Any, parts: dict[str, str]) -> dict[str, str]:
+    """Several reads in one command: one SSH round trip instead of one per read (status asks
+    every host the same handful of questions; each round trip is what makes it slow)."""
+    got = split_parts(_run(host, parts_command(parts)))
+    return {name: got.get(name, "") for name in parts}
 
 
 def read_manifest(host: Any, cfg: HostConfig) -> Manifest | None:
@@ -161,9 +213,10 @@ def expected_model_sha256(cfg: HostConfig, spec: Any = None) -> str | None:
     return resolve(spec).first.sha256
 
 
-def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
+def expected_args(host: Any, cfg: HostConfig, cpu: Any = None, mem: Any = None) -> list[str] | None:
     """The argument vector a deploy would render for this host now, or None when that needs the
-    model's GGUF header and only a download could give it (a Hub model outside the catalog)."""
+    model's GGUF header and only a download could give it (a Hub model outside the catalog).
+    ``cpu``/``mem``: the host's CpuTopology and HostMemory facts when already read."""
     from pyinfra.context import ctx_host
 
     from llamadeploy.facts import CpuTopology
@@ -187,7 +240,8 @@ def expected_args(host: Any, cfg: HostConfig) -> list[str] | None:
             meta = meta_for(cfg, art)
         except Exception:  # noqa: BLE001 - the header is not on the controller: no flags drift, not an error
             return None
-        cpu, mem = host.get_fact(CpuTopology), host.get_fact(HostMemory)
+        cpu = cpu or host.get_fact(CpuTopology)
+        mem = mem or host.get_fact(HostMemory)
     if cfg.rpc.workers_group:  # an RPC head: the plan its workers' configured memory gives
         from llamadeploy.roles import rpc
         from llamadeploy.roles.rpc.plan import plan_group
@@ -256,59 +310,87 @@ def router_states(reply: str) -> dict[str, str]:
         return {}
 
 
-def _router_models(host: Any, m: Manifest) -> list[ModelStatus]:
-    """Each model of a router release with the router's word on it (asked on the host itself)."""
-    from llamadeploy.roles.health import health_url
-
-    q = shlex.quote
-    key = (f"{{ printf 'Authorization: Bearer '; cat {q(m.api_key_file)}; }}" if m.api_key_file else "printf ''")
-    reply = _run(host, f"{key} | curl -s --max-time 5 -H @- {q(health_url(m.host, m.port, '/models'))} || true")
+def _router_models(m: Manifest, reply: str) -> list[ModelStatus]:
+    """Each model of a router release with the router's word on it (``reply``: its ``/models``)."""
     states = router_states(reply)
     return [ModelStatus(s.alias, s.kind, next(iter(s.files.values()), "")[:12], states.get(s.alias, "-"))
             for s in m.models]
 
 
-def host_status(host: Any, cfg: HostConfig) -> HostStatus:
-    """One host's row: what runs, whether it is healthy, and its drift."""
+def _running_reads(cfg: HostConfig, m: Manifest) -> dict[str, str]:
+    """What to ask about the release the manifest names, where it runs now (not where the
+    inventory would move it): its service, its health, a router's models, an RPC head's workers."""
     from llamadeploy.roles.health import health_url
+
+    q = shlex.quote
+    reads = {}
+    if m.mode == "native":
+        reads["service"] = f"systemctl is-active {q(m.unit or '')}"
+    else:
+        label = q(f"label=com.docker.compose.service={m.compose_service}")
+        reads["service"] = f"docker ps --filter {label} --format '{{{{.Status}}}}'"
+    reads["health"] = f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {q(health_url(m.host, m.port))}"
+    if m.models:
+        key = (f"{{ printf 'Authorization: Bearer '; cat {q(m.api_key_file)}; }}" if m.api_key_file
+               else "printf ''")
+        reads["models"] = f"{key} | curl -s --max-time 5 -H @- {q(health_url(m.host, m.port, '/models'))}"
+    if cfg.rpc.workers_group:
+        reads["rpc"] = ""  # filled by the caller, which knows the inventory
+    return reads
+
+
+def host_status(host: Any, cfg: HostConfig) -> HostStatus:
+    """One host's row: what runs, whether it is healthy, and its drift.
+
+    Two round trips, whatever the host runs: what the deploy left (manifest, release records,
+    the CPU and memory facts the flags are planned from), then the running release's service,
+    health and, where it has them, models and RPC workers."""
+    from llamadeploy.facts import CpuTopology
+    from llamadeploy.roles.preflight.facts import HostMemory
+    from llamadeploy.roles.release import records_dir
+    from llamadeploy.roles.release.facts import ReleaseRecords
 
     st = HostStatus(host.name)
     if cfg.role == "rpc_worker":
         return _worker_status(host, cfg, st)
     try:
-        m = read_manifest(host, cfg)
-        if m is None:
+        records, cpu, mem = ReleaseRecords(), CpuTopology(), HostMemory()
+        left = read_parts(host, {"manifest": f"cat {shlex.quote(manifest_path(cfg.service.config_dir))}",
+                                 "records": records.command(records_dir(cfg)),
+                                 "cpu": cpu.command(), "mem": mem.command()})
+        if not left["manifest"].strip():
             st.error = "nothing deployed"
             st.drift = ["not deployed"]
             return st
+        m = Manifest.parse(left["manifest"])
         st.mode, st.release, st.release_id = m.mode, m.release or m.image, m.release_id
-        from llamadeploy.roles.release import records_dir
-        from llamadeploy.roles.release.facts import ReleaseRecords
-
-        fact = ReleaseRecords()
-        records = fact.process(_run(host, fact.command(records_dir(cfg))).splitlines())
-        st.previous = [r.id for r in reversed(records) if r.id != m.release_id]
+        st.previous = [r.id for r in reversed(records.process(left["records"].splitlines())) if r.id != m.release_id]
         st.model, st.model_sha256 = m.alias, m.model_sha256[:12]
         if m.models:
             st.model, st.model_sha256 = ",".join(s.alias for s in m.models), None
         st.flags_digest = m.flags_digest()
-        if m.mode == "native":
-            st.service = _run(host, f"systemctl is-active {shlex.quote(m.unit or '')} || true").strip()
-        else:
-            label = shlex.quote(f"label=com.docker.compose.service={m.compose_service}")
-            st.service = _run(host, f"docker ps --filter {label} --format '{{{{.Status}}}}' || true").strip() or "not running"
-        url = health_url(m.host, m.port)  # where it runs now, not where the inventory would move it
-        code = _run(host, f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {shlex.quote(url)} || true")
-        st.health = "ok" if code.strip() == "200" else f"HTTP {code.strip() or 'no answer'}"
+        reads = _running_reads(cfg, m)
+        if "rpc" in reads:
+            from llamadeploy.roles import rpc
+            from llamadeploy.roles.rpc.facts import RpcReachable
+
+            eps = [rpc.endpoint(wcfg, w) for w, wcfg in rpc.workers_of(host.inventory, cfg, host.name)]
+            reads["rpc"] = RpcReachable().command(eps)
+        now = read_parts(host, reads)
+        st.service = now["service"].strip() or ("not running" if m.mode == "docker" else "unknown")
+        code = now["health"].strip()
+        st.health = "ok" if code == "200" else f"HTTP {code or 'no answer'}"
         if m.models:
-            st.models = _router_models(host, m)
+            st.models = _router_models(m, now["models"])
             st.drift = drift(cfg, m, None)
             if cfg.router_mode:
                 st.drift += model_drift(m, {e.alias: expected_model_sha256(cfg, e) for e in cfg.models})
         else:
-            st.drift = drift(cfg, m, expected_model_sha256(cfg), expected_args(host, cfg))
-        if cfg.rpc.workers_group:
-            _head_status(host, cfg, st)
+            st.drift = drift(cfg, m, expected_model_sha256(cfg),
+                             expected_args(host, cfg, cpu.process(left["cpu"].splitlines()),
+                                           mem.process(left["mem"].splitlines())))
+        if "rpc" in reads:
+            _head_status(st, eps, RpcReachable().process(now["rpc"].splitlines()))
     except (HostUnreachable, ValueError, RuntimeError) as exc:  # ValueError: a manifest it cannot parse
         st.error = str(exc).splitlines()[0]
     except Exception as exc:  # noqa: BLE001 - one bad host (a Hub error resolving its model) is one row
@@ -316,14 +398,8 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
     return st
 
 
-def _head_status(host: Any, cfg: HostConfig, st: HostStatus) -> None:
+def _head_status(st: HostStatus, eps: list[str], up: dict[str, bool]) -> None:
     """The head's workers, each checked from the head (the only address their fences admit)."""
-    from llamadeploy.roles import rpc
-    from llamadeploy.roles.rpc.facts import RpcReachable
-
-    eps = [rpc.endpoint(wcfg, w) for w, wcfg in rpc.workers_of(host.inventory, cfg, host.name)]
-    fact = RpcReachable()
-    up = fact.process(_run(host, fact.command(eps)).splitlines())
     st.rpc = ",".join(f"{ep}={'up' if up.get(ep) else 'DOWN'}" for ep in eps)
     down = [ep for ep in eps if not up.get(ep)]
     if down:
@@ -335,9 +411,10 @@ def _worker_status(host: Any, cfg: HostConfig, st: HostStatus) -> HostStatus:
 
     st.mode = "rpc_worker"
     try:
-        target = _run(host, f"readlink {shlex.quote(cfg.current_link)} || true").strip()
-        st.release = posixpath.basename(target) or None
-        st.service = _run(host, f"systemctl is-active {rpc.UNIT} || true").strip()
+        now = read_parts(host, {"current": f"readlink {shlex.quote(cfg.current_link)}",
+                                "service": f"systemctl is-active {rpc.UNIT}"})
+        st.release = posixpath.basename(now["current"].strip()) or None
+        st.service = now["service"].strip()
         st.rpc = "worker-of:" + (",".join(h.name for h in rpc.heads_of(host.inventory, host.name)) or "none")
         if st.release != cfg.build.release_key():
             st.drift.append(f"release {st.release} (the deploy would run {cfg.build.release_key()})")
@@ -347,14 +424,43 @@ def _worker_status(host: Any, cfg: HostConfig, st: HostStatus) -> HostStatus:
     return st
 
 
-def fleet_status(path: str, log: Any = None) -> list[HostStatus]:
-    """One row per inventory host, in inventory order; an unreachable host is a row with its error."""
+def fleet_status(path: str, log: Any = None, limit: Sequence[str] | None = None) -> list[HostStatus]:
+    """One row per inventory host (or per host ``limit`` names), in inventory order; an
+    unreachable host is a row with its error. The hosts are asked at once, each on its own
+    greenlet of pyinfra's pool: ten hosts take about as long as one."""
     unreachable: list[str] = []
-    with connected(path, log, unreachable) as (hosts, configs):
-        rows = {h.name: host_status(h, configs[h.name]) for h in hosts}
+    with connected(path, log, unreachable, limit) as (hosts, configs):
+        return _rows(hosts, configs, unreachable)
+
+
+def _rows(hosts: list[Any], configs: dict[str, HostConfig], unreachable: list[str]) -> list[HostStatus]:
+    from pyinfra.context import ctx_state
+
+    pool = ctx_state.get().pool
+    asked = {h.name: pool.spawn(host_status, h, configs[h.name]) for h in hosts}
+    rows = {name: greenlet.get() for name, greenlet in asked.items()}
     rows |= {name: HostStatus(name, error="unreachable over SSH (see pyinfra's connect error above)")
              for name in unreachable}
     return [rows[name] for name in configs if name in rows]
+
+
+def watch(path: str, draw: Callable[[list[HostStatus]], object], interval: float = 2.0,
+          limit: Sequence[str] | None = None, log: Any = None, stopped: Callable[[], bool] = lambda: False,
+          rounds: int | None = None) -> None:
+    """Draw the fleet's rows every ``interval`` seconds until ``stopped`` (the CLI's Ctrl-C) or
+    ``rounds`` draws, on the same connections: a round costs two round trips per host, not a
+    reconnect. A host that stops answering becomes a row with its error; the others go on."""
+    import time
+
+    unreachable: list[str] = []
+    with connected(path, log, unreachable, limit) as (hosts, configs):
+        done = 0
+        while not stopped() and (rounds is None or done < rounds):
+            started = time.monotonic()
+            draw(_rows(hosts, configs, unreachable))
+            done += 1
+            while not stopped() and (rounds is None or done < rounds) and time.monotonic() - started < interval:
+                time.sleep(0.1)
 
 
 COLUMNS = ("host", "mode", "release", "release_id", "previous", "model", "model_sha256", "flags_digest", "service",

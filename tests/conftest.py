@@ -72,6 +72,18 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = SUBPROCE
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def audit_rows(inv: Path, lines: int = 20) -> list[dict[str, str]]:
+    """``llamadeploy audit``'s table as dicts, newest first (its exit code asserted)."""
+    trail = cli("audit", str(inv), "-n", str(lines))
+    assert trail.returncode == 0, trail.stdout + trail.stderr[-3000:]
+    rows = []
+    for line in trail.stdout.splitlines()[1:]:
+        c = line.split()  # time (2 cells), host, operator, action, before, after, outcome (words), changes, run
+        rows.append({"host": c[2], "operator": c[3], "action": c[4], "before": c[5], "after": c[6],
+                     "outcome": " ".join(c[7:-2]), "changes": c[-2], "run": c[-1]})
+    return rows
+
+
 def veth_bytes(host) -> int:
     """Bytes both ways over a test host's network link so far (its only way to the controller)."""
     stats = Path(f"/sys/class/net/{host.veth}/statistics")
@@ -196,10 +208,10 @@ def hub_env(tmp_path, monkeypatch):
 #: hand the longest module left to the next free worker (a module not listed counts as its number
 #: of tests)
 MODULE_MINUTES = {
-    "tests/e2e/test_front.py": 10.8, "tests/e2e/test_rollout.py": 9.3, "tests/e2e/test_safety.py": 7.1,
-    "tests/e2e/test_faults.py": 5.5, "tests/e2e/test_docker.py": 5.4, "tests/e2e/test_fanout.py": 4.2,
-    "tests/e2e/test_hub.py": 2.8, "tests/e2e/test_router.py": 2.6, "tests/e2e/test_rpc.py": 2.3,
-    "tests/e2e/test_front_models.py": 1.9, "tests/e2e/test_uninstall.py": 1.1, "tests/e2e/test_molecule.py": 1.0,
+    "tests/e2e/test_front.py": 10.6, "tests/e2e/test_rollout.py": 9.5, "tests/e2e/test_safety.py": 9.2,
+    "tests/e2e/test_faults.py": 8.0, "tests/e2e/test_docker.py": 4.5, "tests/e2e/test_fanout.py": 4.4,
+    "tests/e2e/test_router.py": 3.7, "tests/e2e/test_hub.py": 3.2, "tests/e2e/test_front_models.py": 2.5,
+    "tests/e2e/test_rpc.py": 2.1, "tests/e2e/test_uninstall.py": 1.6, "tests/e2e/test_molecule.py": 1.1,
 }
 
 

@@ -39,6 +39,9 @@ SSH_CONFIG = CACHE / "ssh" / "config"
 ROOTFS = CACHE / "rootfs-bookworm"
 HOSTS_DIR = CACHE / "hosts"
 SSH_KEY = CACHE / "ssh" / "id_ed25519"
+#: one known_hosts file per sandbox address, holding the key of the host booted there (OpenSSH
+#: finds it by ``%h``; pyinfra by the inventory's ``ssh_known_hosts_file``)
+KNOWN_HOSTS = CACHE / "ssh" / "known_hosts.d"
 STATE = CACHE / "running.json"
 #: private range used only for these hosts: host N gets 10.231.N.0/30
 NET_PREFIX = "10.231"
@@ -204,6 +207,11 @@ class SandboxHost:
     def root(self) -> Path:
         return HOSTS_DIR / self.name
 
+    @property
+    def known_hosts(self) -> Path:
+        """This host's own key, as SSH clients check it: written at boot, removed at stop."""
+        return KNOWN_HOSTS / self.address
+
     # -- lifecycle -----------------------------------------------------
     def boot(self, timeout: float = 60) -> SandboxHost:
         ensure_rootfs()
@@ -287,6 +295,15 @@ class SandboxHost:
         ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
         (ssh / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
         os.chmod(ssh / "authorized_keys", 0o600)
+        # a host key of its own, as a real machine has (the base tree's would be shared by every
+        # host), pinned for the clients: they check it strictly, and nothing warns of a missing one
+        for old in (r / "etc/ssh").glob("ssh_host_*"):
+            old.unlink()
+        host_key = r / "etc/ssh/ssh_host_ed25519_key"
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{self.name}", "-f", str(host_key))
+        kind, blob = host_key.with_suffix(".pub").read_text().split()[:2]
+        KNOWN_HOSTS.mkdir(parents=True, exist_ok=True)
+        self.known_hosts.write_text(f"{self.address} {kind} {blob}\n")
         (r / "etc/systemd/network/10-host0.network").write_text(
             "[Match]\nName=host0\n\n[Network]\n"
             f"Address={self.address}/{self.prefix_len}\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
@@ -352,6 +369,7 @@ class SandboxHost:
         """Stop the host and undo everything boot() did. Safe to call twice."""
         _stop(self.name, self.pid, self.veth, self.network, self.lan, self.index)
         shutil.rmtree(self.root, ignore_errors=True)
+        self.known_hosts.unlink(missing_ok=True)
 
     def power_cut(self, timeout: float = 30) -> None:
         """Kill the host at once, as pulling its power cord does: every process dies mid-write,
@@ -379,8 +397,8 @@ class SandboxHost:
     # -- access --------------------------------------------------------
     def ssh_args(self) -> list[str]:
         return [
-            "ssh", "-i", str(SSH_KEY), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "ssh", "-i", str(SSH_KEY), "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "LogLevel=ERROR",
             "-o", "ConnectTimeout=5", f"root@{self.address}",
         ]
 
@@ -395,8 +413,8 @@ class SandboxHost:
             {
                 "ssh_user": "root",
                 "ssh_key": str(SSH_KEY),
-                "ssh_known_hosts_file": "/dev/null",
-                "ssh_strict_host_key_checking": "off",
+                "ssh_known_hosts_file": str(self.known_hosts),
+                "ssh_strict_host_key_checking": "yes",
             },
         )
 
@@ -505,8 +523,8 @@ def ssh_config() -> Path:
     """Write (if needed) and return an ssh_config for the sandbox network (testinfra, plain ssh)."""
     key = ensure_ssh_key()
     text = (
-        f"Host {NET_PREFIX}.* {LAN_PREFIX}.*\n  User root\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
-        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+        f"Host {NET_PREFIX}.* {LAN_PREFIX}.*\n  User root\n  IdentityFile {key}\n  StrictHostKeyChecking yes\n"
+        f"  UserKnownHostsFile {KNOWN_HOSTS}/%h\n  LogLevel ERROR\n"
     )
     if not SSH_CONFIG.exists() or SSH_CONFIG.read_text() != text:
         SSH_CONFIG.write_text(text)

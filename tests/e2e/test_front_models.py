@@ -36,6 +36,14 @@ def hosts(testhosts):
 
 @pytest.fixture(scope="module")
 def fleet(hosts, tmp_path_factory):
+    inv = write_fleet(hosts, tmp_path_factory.mktemp("front-models") / "inv.py", [CHAT, CHAT2])
+    result = run_deploy(inv)
+    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    return inv
+
+
+def write_fleet(hosts, inv, fm2_models: list[dict]):
+    """The module's inventory: fm1 and fm2 serve their model sets, fmf fronts them, fmm monitors."""
     def server(h, models):
         name, conn = h.inventory_entry()
         data = merged_data(llama_router={"models_max": 2})
@@ -45,14 +53,11 @@ def fleet(hosts, tmp_path_factory):
     name, conn = hosts["fmf"].inventory_entry()
     front = (name, {**conn, **merged_data(), "llama_role": "front",
                     "llama_front": {"check_interval": 1, "metrics_allow_from": [f"{hosts['fmf'].gateway}/32"]}})
-    servers = [server(hosts["fm1"], [CHAT, EMBED, IDLE]), server(hosts["fm2"], [CHAT, CHAT2])]
+    servers = [server(hosts["fm1"], [CHAT, EMBED, IDLE]), server(hosts["fm2"], fm2_models)]
     name, conn = hosts["fmm"].inventory_entry()
     monitor = (name, {**conn, **merged_data(), "llama_role": "monitor",
                       "llama_monitor": {"scrape_interval": "2s", "allow_from": [f"{hosts['fmm'].gateway}/32"]}})
-    inv = tmp_path_factory.mktemp("front-models") / "inv.py"
     inv.write_text(f"servers = {servers!r}\nfront = {[front]!r}\nmonitor = {[monitor]!r}\n")
-    result = run_deploy(inv)
-    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
     return inv
 
 
@@ -210,3 +215,24 @@ def test_logs_finds_a_request_on_its_host_merged_and_followed(hosts, fleet):
     assert len(set(numbers)) >= 2 and len(numbers) == len(set(numbers)), seen
     assert all(line.startswith(f"{fmf} ") for line in seen), seen
     assert rc == 0, proc.stderr.read() if proc.stderr else rc
+
+
+def test_a_model_removed_from_the_fleet_gets_404_at_the_front_the_others_serve(hosts, fleet, tmp_path):
+    """fm2 drops chat-b (the only server of it) for another model: after the deploy the front
+    answers 404 in OpenAI's format for it, lists the fleet's models without it, and chat still
+    answers from both servers."""
+    from openai import OpenAI
+
+    result = run_deploy(write_fleet(hosts, tmp_path / "inv.py", [CHAT, {**IDLE, "alias": "idle-b"}]))
+    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    gone = httpx.post(f"{front(hosts)}/v1/chat/completions", timeout=30,
+                      json={"model": "chat-b", "messages": [{"role": "user", "content": "Hi"}]})
+    assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error", gone.text
+    client = OpenAI(base_url=f"{front(hosts)}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert sorted(m.id for m in client.models.list()) == ["chat", "embed", "idle", "idle-b"]
+    before = answered(hosts, "chat")
+    for _ in range(8):
+        reply = client.chat.completions.create(model="chat", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].message.content is not None
+    after = answered(hosts, "chat")
+    assert all(after.get(s, 0) > before.get(s, 0) for s in (hosts["fm1"].address, hosts["fm2"].address)), after

@@ -118,6 +118,7 @@ def test_status_shows_release_health_and_drift(host, inventory, tmp_path):
     """``llamadeploy status``: what runs (read over SSH through pyinfra) and how it differs."""
     proc = llamadeploy_cli("status", str(inventory), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "host key" not in proc.stderr, proc.stderr  # the sandbox pins each host's own key
     (row,) = json.loads(proc.stdout)
     manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
     assert row["host"] == host.address and row["mode"] == "native"
@@ -137,6 +138,31 @@ def test_status_shows_release_health_and_drift(host, inventory, tmp_path):
     # a bad value gets the deploy's one-line message naming host, field and value
     bad = llamadeploy_cli("status", str(with_data(host, tmp_path, "bad", llama_server={"port": 70000})))
     assert bad.returncode == 2 and f"host {host.address}: llama_server.port = 70000" in bad.stderr
+    # a --limit naming nothing in the inventory is refused before any host is asked
+    nothing = llamadeploy_cli("status", str(inventory), "--limit", "no-such-group")
+    assert nothing.returncode == 2 and "--limit no-such-group: no host or group of that name" in nothing.stderr
+    # a host that shows another key than the pinned one is refused (strict checking), not trusted
+    impostor = tmp_path / "impostor-known-hosts"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "impostor")], check=True,
+                   timeout=60)
+    impostor.write_text(f"{host.address} {(tmp_path / 'impostor.pub').read_text().split()[0]} "
+                        f"{(tmp_path / 'impostor.pub').read_text().split()[1]}\n")
+    pinned_elsewhere = with_data(host, tmp_path, "impostor")
+    pinned_elsewhere.write_text(pinned_elsewhere.read_text().replace(str(host.known_hosts), str(impostor)))
+    refused = llamadeploy_cli("status", str(pinned_elsewhere), "--json")
+    assert refused.returncode == 1 and json.loads(refused.stdout)[0]["error"].startswith("unreachable over SSH")
+    # --watch re-draws on the same connections until Ctrl-C, then exits 0
+    watcher = subprocess.Popen([str(Path(sys.executable).with_name("llamadeploy")), "status", str(inventory),
+                                "--watch", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)
+    finally:
+        watcher.send_signal(2)
+        out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err[-3000:]
+    drawn = [line for line in out.splitlines() if line.endswith("every 0.5s, Ctrl-C ends")]
+    assert len(drawn) >= 3 and out.count(f"{host.address} ") == len(drawn), out[-3000:]
+    assert err.count("==> connecting to 1 host(s)") == 1, err  # connected once, not per draw
 
 
 def test_second_deploy_changes_nothing(host, inventory):

@@ -27,6 +27,7 @@ from tests.conftest import (
     LOCAL_TIMEOUT,
     REPO,
     SUBPROCESS_TIMEOUT,
+    audit_rows,
     cli,
     merged_data,
     run_deploy,
@@ -238,18 +239,6 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
     assert {r["host"] for r in ours} == {canary.address}, ours
     assert any(r["action"] == "rollout" and r["outcome"] == "failed" for r in ours), json.dumps(ours)
     assert ours[0]["after"] == before[canary.address][0], ours
-
-
-def audit_rows(inv: Path) -> list[dict[str, str]]:
-    """``llamadeploy audit``'s table as dicts, newest first."""
-    trail = cli("audit", str(inv), "-n", "20")
-    assert trail.returncode == 0, trail.stdout + trail.stderr[-3000:]
-    rows = []
-    for line in trail.stdout.splitlines()[1:]:
-        c = line.split()  # time (2 cells), host, operator, action, before, after, outcome (words), changes, run
-        rows.append({"host": c[2], "operator": c[3], "action": c[4], "before": c[5], "after": c[6],
-                     "outcome": " ".join(c[7:-2]), "changes": c[-2], "run": c[-1]})
-    return rows
 
 
 def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseline, tmp_path):

@@ -59,7 +59,17 @@ def deployed(host, tmp_path_factory) -> Path:
     inv = inventory(host, tmp_path_factory.mktemp("inv"), "router", [CHAT, EMBED])
     result = run_deploy(inv)
     assert result.rc == 0, result.stderr[-5000:]
+    # the gate asked each model what its kind serves, and unloaded the on-demand one again
+    for asked in ("One chat completion answered by chat", "Embeddings that make sense from embed",
+                  "embed unloaded again"):
+        assert ran(result.report, asked) == [host.address], asked
     return inv
+
+
+def ran(report: dict, name: str) -> list[str]:
+    """Hosts on which the operation whose name holds ``name`` ran commands and succeeded."""
+    return sorted(h for op in report["results"]["operations"] if any(name in n for n in op["names"])
+                  for h in op["success"])
 
 
 def test_one_host_serves_chat_and_embeddings_through_the_openai_client(host, deployed):
@@ -132,47 +142,63 @@ def pids(host) -> dict[str, str]:
     """The router's PID and each loaded model's child PID (by its ``--alias``)."""
     main = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
     out = {"router": main}
-    for line in host.ssh(f"ps -o pid=,args= --ppid {main}").stdout.splitlines():
+    for line in host.ssh(f"ps -o pid=,args= --ppid {main} || true").stdout.splitlines():
         pid, _, args = line.strip().partition(" ")
         if "--alias " in args:
             out[args.split("--alias ", 1)[1].split()[0]] = pid
     return out
 
 
-def stream_chat(host, out: dict) -> None:
-    """One long streamed chat reply, its chunks counted and its finish reason kept."""
+def stream_chats(host, spans: list, stop) -> None:
+    """Streamed chat replies back to back until ``stop`` is set: for each, (sent, finished, finish
+    reason, chunks); each on its own connection, nothing retried."""
+    import time
+
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key="unused", max_retries=0, timeout=300)
-    chunks = 0
-    for chunk in client.chat.completions.create(model="chat", max_tokens=400, temperature=0, stream=True,
-                                                messages=[{"role": "user", "content": "Tell a long story."}]):
-        chunks += 1
-        if chunk.choices and chunk.choices[0].finish_reason:
-            out["finish"] = chunk.choices[0].finish_reason
-    out["chunks"] = chunks
+    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key="unused", max_retries=0,
+                    http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=300))
+    while not stop.is_set():
+        sent, chunks, finish = time.time(), 0, None
+        for chunk in client.chat.completions.create(model="chat", max_tokens=200, temperature=0, stream=True,
+                                                    messages=[{"role": "user", "content": "Tell a long story."}]):
+            chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        spans.append((sent, time.time(), finish, chunks))
 
 
 def test_a_third_model_is_added_during_a_stream_then_removed_without_a_restart(host, deployed, tmp_path):
     """Adding and removing a model re-reads the preset: the router and the chat model keep their
     processes (no restart, no reload of the chat model), and a running stream completes."""
     import threading
+    import time
 
     before = pids(host)
     assert set(before) >= {"router", "chat"}
-    streamed: dict = {}
-    reader = threading.Thread(target=stream_chat, args=(host, streamed))
-    reader.start()
-    result = run_deploy(inventory(host, tmp_path, "three", [CHAT, EMBED, CHAT2]))
-    running_at_end = reader.is_alive()
-    reader.join(300)
+    # two readers, staggered, stream back to back through the whole deploy: at any moment one of
+    # them is mid-stream, so one is when the new preset is written and re-read
+    spans: list = []
+    stop = threading.Event()
+    readers = [threading.Thread(target=stream_chats, args=(host, spans, stop)) for _ in range(2)]
+    readers[0].start()
+    time.sleep(2)
+    readers[1].start()
+    try:
+        result = run_deploy(inventory(host, tmp_path, "three", [CHAT, EMBED, CHAT2]))
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(300)
     assert result.rc == 0, result.stderr[-5000:]
-    assert running_at_end or streamed.get("chunks", 0) > 0
-    assert streamed.get("finish") in ("length", "stop"), streamed
+    written = float(host.ssh("stat -c %.9Y /etc/llama-server/models.ini").stdout)
+    assert any(sent < written < done for sent, done, _, _ in spans), (written, spans)
+    assert spans and all(finish in ("length", "stop") and chunks > 0 for _, _, finish, chunks in spans), spans
     assert set(router_models(host)) == {"chat", "embed", "chat-b"}
     reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120,
                        json={"model": "chat-b", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
     assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == "chat-b" and reply.json()["choices"][0]["message"]["content"], reply.text
     after = pids(host)
     assert (after["router"], after["chat"]) == (before["router"], before["chat"])
 
@@ -211,9 +237,11 @@ def test_a_removed_model_comes_back_by_rollback_with_no_transfer(host, deployed)
 def test_with_models_max_1_alternating_requests_swap_the_models(host, tmp_path):
     """Two on-demand chat models and room for one: each request to the other model unloads this
     one (the router's LRU), and both keep answering."""
+    router = pids(host)["router"]
     inv = inventory(host, tmp_path, "swap", [{**CHAT, "load": "on_demand"}, CHAT2], llama_router={"models_max": 1})
     result = run_deploy(inv)
     assert result.rc == 0, result.stderr[-5000:]
+    assert pids(host)["router"] != router  # a host-wide setting (models_max) restarts the router
     assert router_models(host) == {"chat": "unloaded", "chat-b": "unloaded"}  # the gate unloaded both
     for alias, other in (("chat", "chat-b"), ("chat-b", "chat"), ("chat", "chat-b")):
         reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120, json={
@@ -221,3 +249,49 @@ def test_with_models_max_1_alternating_requests_swap_the_models(host, tmp_path):
         assert reply.status_code == 200, reply.text
         states = router_models(host)
         assert (states[alias], states[other]) == ("loaded", "unloaded"), states
+
+
+def test_a_repinned_model_reloads_alone(host, deployed, tmp_path):
+    """A changed model entry (the embedding model's context) re-reads the preset: that model comes
+    back with its new flags, the router and the chat model keep their processes."""
+    result = run_deploy(deployed)
+    assert result.rc == 0, result.stderr[-5000:]
+    httpx.post(f"http://{host.address}:8080/v1/embeddings", timeout=120, json={"model": "embed", "input": "x"})
+    before = pids(host)
+    assert set(before) >= {"router", "chat", "embed"}, before
+    result = run_deploy(inventory(host, tmp_path, "repinned", [CHAT, {**EMBED, "ctx_size": 1024}]))
+    assert result.rc == 0, result.stderr[-5000:]
+    reply = httpx.post(f"http://{host.address}:8080/v1/embeddings", timeout=120, json={"model": "embed", "input": "x"})
+    assert reply.status_code == 200 and len(reply.json()["data"][0]["embedding"]) == EMBED_DIM, reply.text
+    after = pids(host)
+    assert (after["router"], after["chat"]) == (before["router"], before["chat"])
+    assert after["embed"] != before["embed"]
+    children = host.ssh(f"ps -o args= --ppid {after['router']}").stdout
+    embed_args = next(line for line in children.splitlines() if "--alias embed" in line)
+    assert "--ctx-size 1024" in embed_args, embed_args
+
+
+def test_one_model_to_several_and_back_by_rollback(host, tmp_path):
+    """A host switches from today's single-model unit to router mode as one release, and a
+    rollback brings the single-model server back: no preset, its one model answering."""
+    from tests.conftest import cli
+
+    single = merged_data()
+    result = run_deploy(write_inventory(tmp_path / "single.py", [host], single))
+    assert result.rc == 0, result.stderr[-5000:]
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    assert "--model" in manifest.args and "--models-preset" not in manifest.args and not manifest.models
+    result = run_deploy(inventory(host, tmp_path, "several", [CHAT, EMBED]))
+    assert result.rc == 0, result.stderr[-5000:]
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    assert "--models-preset" in manifest.args and [m.alias for m in manifest.models] == ["chat", "embed"]
+    assert set(router_models(host)) == {"chat", "embed"}
+    proc = cli("rollback", str(tmp_path / "several.py"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
+    assert "--model" in manifest.args and "--models-preset" not in manifest.args and not manifest.models
+    unit_args = host.ssh("ps -o args= -p $(systemctl show -p MainPID --value llama-server)").stdout
+    assert "--models-preset" not in unit_args and "--model " in unit_args, unit_args
+    reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120,
+                       json={"max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"], reply.text

@@ -18,7 +18,7 @@ from llamadeploy.audit import AUDIT_PATH
 from llamadeploy.lock import LOCK_PATH
 from llamadeploy.manifest import manifest_path
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, cli, run_deploy
+from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, audit_rows, cli, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -154,15 +154,16 @@ def test_one_run_at_a_time_a_dead_runs_lock_released_by_hand_and_the_audit_trail
     # the audit trail: the runs that held the lock, newest first (the refused ones never did)
     rid = json.loads(host.ssh(f"cat {manifest_path('/etc/llama-server')}").stdout)["release_id"]
     assert rid
-    trail = cli("audit", str(inventory), "-n", "4")
-    assert trail.returncode == 0, trail.stderr
-    rows = [line.split() for line in trail.stdout.splitlines()[1:]]
-    # time (2 cells), host, operator, action, before, after, outcome, changes, run
+    rows = audit_rows(inventory, 4)
     me = f"root@{socket.gethostname()}"
-    assert [r[2:9] for r in rows[:2]] == [[host.address, me, "deploy", rid, rid, "ok", "0"]] * 2, trail.stdout
-    assert rows[2][2:8] == [host.address, me, "deploy", "-", rid, "ok"] and int(rows[2][8]) > 0  # the first
-    assert rows[3][2:8] == [host.address, me, "uninstall", "-", "-", "ok"]  # the first test's second uninstall
-    assert len({r[9] for r in rows}) == 4  # four runs
+
+    def cells(r: dict[str, str]) -> list[str]:
+        return [r[k] for k in ("host", "operator", "action", "before", "after", "outcome")]
+
+    assert [cells(r) + [r["changes"]] for r in rows[:2]] == [[host.address, me, "deploy", rid, rid, "ok", "0"]] * 2, rows
+    assert cells(rows[2]) == [host.address, me, "deploy", "-", rid, "ok"] and int(rows[2]["changes"]) > 0  # the first
+    assert cells(rows[3]) == [host.address, me, "uninstall", "-", "-", "ok"]  # the first test's second uninstall
+    assert len({r["run"] for r in rows}) == 4 and len(rows) == 4  # four runs
     lines = host.ssh(f"cat {AUDIT_PATH}").stdout.splitlines()
     assert all(json.loads(line)["outcome"] in ("ok",) for line in lines[-3:])
     assert host.ssh(f"stat -c '%a %U' {AUDIT_PATH}").stdout.split() == ["640", "root"]

@@ -45,6 +45,20 @@ def test_affinity_is_bounded_load_consistent_hashing_on_a_header():
     assert "balance leastconn" not in c
 
 
+def test_affinity_holds_within_each_models_servers():
+    """Router fleets: each model's backend hashes the session over the servers that have that
+    model, so a conversation stays on one of them."""
+    routed = [Backend("be1", "10.0.0.1", 8080, 8, ("chat", "embed")), Backend("be2", "10.0.0.2", 8080, 4, ("chat",))]
+    c = lines(haproxy_config(cfg(balance="affinity", hash_balance_factor=125), routed, "10.0.0.5", by_model=True))
+    for model, servers in (("chat", ["be1", "be2"]), ("embed", ["be1"])):
+        start = c.index(f"backend model_{model}")
+        block = c[start:next((i for i in range(start + 1, len(c)) if c[i].startswith(("backend", "frontend",
+                                                                                      "listen"))), len(c))]
+        assert "balance hdr(X-Session-Id)" in block and "hash-type consistent" in block, block
+        assert "hash-balance-factor 125" in block and "balance leastconn" not in block, block
+        assert [x.split()[1] for x in block if x.startswith("server")] == servers, block
+
+
 def test_tls_terminates_at_12_or_later_with_optional_redirect():
     plain = lines(haproxy_config(cfg(), BACKENDS, "10.0.0.5"))
     assert "bind 0.0.0.0:8080" in plain and not any("ssl" in ln for ln in plain)

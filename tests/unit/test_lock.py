@@ -154,15 +154,6 @@ def test_steps_of_a_cli_command_are_named_after_it(monkeypatch):
     assert lock.me("rollback").action == "rollback"
 
 
-def test_limit_chooses_hosts_by_name_or_by_group_name():
-    """pyinfra keeps a host's groups as names; ``--limit`` matches either."""
-    from types import SimpleNamespace
-
-    a, b, c = (SimpleNamespace(name=n, groups=g) for n, g in (("a", ["canary"]), ("b", ["servers"]), ("c", [])))
-    assert audit.chosen([a, b, c], None) == [a, b, c]
-    assert audit.chosen([a, b, c], ["canary", "c"]) == [a, c]
-
-
 def test_a_run_ended_by_an_operations_exception_is_failed_not_interrupted():
     """An operation that raises at execution ends pyinfra's run without marking its host failed
     (a deploy whose gate failed and that rolled back): the audit says failed; Ctrl-C says

@@ -129,6 +129,28 @@ def test_every_preset_key_is_checked_against_the_binary_as_a_flag():
     assert unknown_flags(flags, frozenset({"--ctx-size"})) != []
 
 
+def test_every_kind_renders_flags_the_b11434_binary_knows():
+    """Chat with an n-gram draft, embedding, rerank, and a router that sleeps idle models: every
+    preset key and router flag is one the real b11434 ``--help`` lists (a key it does not know
+    would stop the router at start, after the switch)."""
+    from pathlib import Path
+
+    from llamadeploy.facts import parse_help_flags
+
+    help_text = (Path(__file__).parent / "data" / "llama-server-b11434-help.txt").read_text().splitlines()
+    known = parse_help_flags(help_text)
+    rerank = {"path": "/m/gemma.gguf", "alias": "rr", "kind": "rerank", "pooling": "rank", "load": "on_demand"}
+    cfg = host(models=({**CHAT, "spec_type": "ngram-mod"}, EMBED, rerank), router={"sleep_idle_seconds": 300})
+    insts = instances(cfg)
+    options = {i.alias: dict(i.options) for i in insts}
+    assert options["chat"]["spec-type"] == "ngram-mod" and options["rr"]["rerank"] == "true"
+    assert options["rr"]["pooling"] == "rank" and options["embed"]["embedding"] == "true"
+    args = router_args(cfg, "/etc/llama-server/models.ini", 2, 2)
+    assert args[args.index("--sleep-idle-seconds") + 1] == "300"
+    assert unknown_flags(args + check_args(insts), known) == []
+    assert unknown_flags(["--spec-type", "x", "--not-a-flag"], known) == ["--not-a-flag"]  # the check bites
+
+
 def test_pairs_reads_an_argument_vector_as_preset_lines():
     assert pairs(["--ctx-size", "4096", "--swa-full", "--numa", "distribute", "--kv-unified"]) == [
         ("ctx-size", "4096"), ("swa-full", "true"), ("numa", "distribute"), ("kv-unified", "true")]

@@ -114,3 +114,69 @@ def test_table_lists_each_model_of_a_router_host():
     text = format_table([row])
     assert "models (router mode)" in text
     assert any(line.split() == ["h1", "embed", "embedding", "b" * 12, "unloaded"] for line in text.splitlines())
+
+
+
+
+#: run in a child: pyinfra's CLI module monkey-patches the whole process for gevent on import
+LIMIT_PROBE = """
+import json, sys
+from llamadeploy.hostdata import ConfigError
+from llamadeploy.status import connected
+unreachable = []
+try:
+    with connected(sys.argv[1], state_unreachable=unreachable, limit=json.loads(sys.argv[2])) as (hosts, configs):
+        print(json.dumps({"connected": [h.name for h in hosts], "validated": sorted(configs),
+                          "unreachable": unreachable}))
+except ConfigError as exc:
+    print(json.dumps({"refused": str(exc)}))
+"""
+
+
+def test_limit_connects_only_the_hosts_and_groups_it_names(tmp_path):
+    """``--limit`` by host or by group, against a real pyinfra inventory and real (refused)
+    connections: only those hosts are tried (pyinfra names each failed attempt), a down host named
+    by its group is reported unreachable (not left out), every host is validated, and a name that
+    is neither a host nor a group is refused before anything connects."""
+    import json
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a local port nothing listens on: a connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conn = {"ssh_hostname": "127.0.0.1", "ssh_port": port, "llama_server": {"allow_unauthenticated": True}}
+    inv = tmp_path / "inv.py"
+    inv.write_text(f"servers = [('a', {conn!r}), ('b', {conn!r})]\nfront = [('c', {conn!r})]\n")
+
+    def probe(limit: list[str] | None) -> tuple[dict, list[str]]:
+        proc = subprocess.run([sys.executable, "-c", LIMIT_PROBE, str(inv), json.dumps(limit)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return (json.loads(proc.stdout.strip().splitlines()[-1]),
+                sorted(re.findall(r"^\[(\w+)\] Could not connect", proc.stderr, re.M)))
+
+    for limit, tried in ((None, ["a", "b", "c"]), (["servers"], ["a", "b"]), (["c"], ["c"]),
+                         (["front", "a"], ["a", "c"])):
+        got, attempts = probe(limit)
+        assert got == {"connected": [], "validated": ["a", "b", "c"], "unreachable": tried}, limit
+        assert attempts == tried, limit
+    got, attempts = probe(["servers", "nope"])
+    assert "--limit nope: no host or group of that name" in got["refused"] and attempts == []
+
+
+def test_several_reads_come_back_from_one_command_each_under_its_name():
+    """status asks a host everything in one round trip: each part runs on its own (an ``exit`` or
+    a failure ends only that part, stderr is dropped), its lines come back under its name."""
+    import subprocess
+
+    from llamadeploy.status import parts_command, split_parts
+
+    parts = {"manifest": "printf '{\"a\": 1}\\nsecond line\\n'", "records": "[ -d /nonexistent ] || exit 0; echo never",
+             "code": "printf 200", "failing": "echo partial; ls /nonexistent; false", "last": "echo 'x y'"}
+    proc = subprocess.run(["sh", "-c", parts_command(parts)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    assert split_parts(proc.stdout) == {"manifest": '{"a": 1}\nsecond line\n', "records": "", "code": "200",
+                                        "failing": "partial\n", "last": "x y\n"}

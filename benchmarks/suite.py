@@ -1,0 +1,111 @@
+"""How long the test suite took, from the JUnit reports ``scripts/test`` keeps. Not a test.
+
+``scripts/test`` runs three phases, each with its own report in ``test-results/``: the pure
+tests, ``test_native`` (the compile) and the other e2e modules on pytest-xdist workers beside it.
+This reads those reports and writes ``benchmarks/SUITE.md`` whole: per phase its tests, outcome
+and wall time, per e2e module the time its tests took, and the ten slowest tests, with the
+commit the suite ran at and the machine. ``--wall`` adds the whole ``.ci/run``'s time as
+measured around it (``time ./.ci/run``), which no report holds.
+
+    .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS]
+
+TREE is the checkout the suite ran in (default: this one); its ``test-results/`` is read and its
+commit recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.machine import GIT_TIMEOUT, describe, machine
+
+OUT = Path(__file__).resolve().parent
+PHASES = (("pure tests (unit, operation specs, package, Hub)", "junit-pure.xml"),
+          ("tests/e2e/test_native.py (the compile; beside the next phase from its release on)", "junit-e2e-native.xml"),
+          ("the other e2e modules (pytest-xdist workers)", "junit-e2e.xml"))
+
+
+def read(report: Path) -> dict[str, object]:
+    """One JUnit report: counts, pytest's wall time for the session, and each test's time."""
+    root = ET.parse(report).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert suite is not None, f"{report}: no testsuite"
+    cases = [{"name": f"{c.get('classname')}::{c.get('name')}", "time_s": float(c.get("time") or 0),
+              "outcome": next((child.tag for child in c if child.tag in ("failure", "error", "skipped")), "passed")}
+             for c in suite.iter("testcase")]
+    return {"tests": int(suite.get("tests") or 0), "failures": int(suite.get("failures") or 0),
+            "errors": int(suite.get("errors") or 0), "skipped": int(suite.get("skipped") or 0),
+            "wall_s": float(suite.get("time") or 0), "cases": cases}
+
+
+def module_of(name: str) -> str:
+    """``tests.e2e.test_front::test_x`` -> ``tests/e2e/test_front.py``."""
+    return name.split("::")[0].replace(".", "/") + ".py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.suite")
+    p.add_argument("tree", nargs="?", default=str(OUT.parent))
+    p.add_argument("--wall", type=float, help="seconds the whole .ci/run took (time ./.ci/run)")
+    a = p.parse_args(argv)
+    tree = Path(a.tree)
+    run = machine()
+    run["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                                   check=True, timeout=GIT_TIMEOUT).stdout.strip()
+    phases = {label: read(tree / "test-results" / name) for label, name in PHASES
+              if (tree / "test-results" / name).exists()}
+    cases = [c for ph in phases.values() for c in ph["cases"]]  # type: ignore[attr-defined]
+    modules: dict[str, float] = defaultdict(float)
+    for c in cases:
+        if c["name"].startswith("tests.e2e."):
+            modules[module_of(c["name"])] += c["time_s"]
+    slowest = sorted(cases, key=lambda c: c["time_s"], reverse=True)[:10]
+    results = {**run, "wall_s": a.wall, "phases": phases}
+    stamp = str(run["date"])[:10]
+    (OUT / f"suite-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    def outcome(ph: dict) -> str:
+        passed = ph["tests"] - ph["failures"] - ph["errors"] - ph["skipped"]
+        return f"{passed} passed, {ph['failures']} failed, {ph['errors']} errors, {ph['skipped']} skipped"
+
+    phase_rows = "\n".join(f"| {label} | {outcome(ph)} | {ph['wall_s'] / 60:.1f} min |" for label, ph in phases.items())
+    module_rows = "\n".join(f"| `{m}` | {s / 60:.1f} min |" for m, s in sorted(modules.items(), key=lambda kv: -kv[1]))
+    slow_rows = "\n".join(f"| `{c['name'].split('.')[-1]}` | {c['time_s']:.0f} s |" for c in slowest)
+    wall = f"**{a.wall / 60:.1f} min** for the whole `.ci/run` (setup, lint and the three phases)" if a.wall else \
+        "the whole `.ci/run` was not timed"
+    text = f"""# The suite's time
+
+Written whole by `benchmarks/suite.py` from the JUnit reports of one `./scripts/test` run,
+{describe(run)}; {wall}. Raw: `suite-{stamp}.json`.
+
+| phase | tests | wall time |
+|---|---|---|
+{phase_rows}
+
+The e2e phases overlap: the other modules start once test_native's release is in the controller
+cache. Per e2e module, the time of its tests (setup and teardown included; the workers run
+modules side by side, so these add up to more than the wall time):
+
+| module | its tests |
+|---|---|
+{module_rows}
+
+The ten slowest tests:
+
+| test | time |
+|---|---|
+{slow_rows}
+"""
+    (OUT / "SUITE.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
