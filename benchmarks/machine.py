@@ -25,12 +25,16 @@ COMMAND_TIMEOUT = 120
 
 
 def _commit() -> str:
-    """The checkout's short commit; "unknown" without git or outside a checkout (a copied tree)."""
+    """The checkout's short commit, with "+changes" when tracked files differ from it (a page must
+    not claim a commit its code was not); "unknown" without git or outside a checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=GIT_TIMEOUT).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=GIT_TIMEOUT).stdout.strip()
     except OSError:
         return "unknown"
+    return (head + ("+changes" if dirty else "")) or "unknown"
 
 
 def _proc_value(path: str, key: str) -> str | None:
