@@ -86,13 +86,14 @@ def newest_first(batches: list[list[Entry]]) -> list[Entry]:
 
 
 def format_table(entries: list[Entry]) -> str:
+    from llamadeploy.status import columns
+
     cells = [["time", "host", "operator", "action", "before", "after", "outcome", "changes", "run"]]
     for e in entries:
         t = datetime.fromtimestamp(e.time, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         cells.append([t, e.host, f"{e.operator}@{e.controller}", e.action, e.before or "-", e.after or "-",
                       e.outcome, str(e.changes), e.run])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return columns(cells)
 
 
 def show(inventory: str, limit: list[str] | None = None, lines: int = DEFAULT_LINES,

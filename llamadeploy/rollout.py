@@ -324,8 +324,8 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
 
 
 def format_table(rows: list[HostOutcome]) -> str:
+    from llamadeploy.status import columns
+
     cells = [["host", "before", "after", "outcome", "detail"]]
     cells += [[r.host, r.before or "-", r.after or "-", r.outcome, r.detail] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-                     for row in cells).rstrip()
+    return columns(cells)

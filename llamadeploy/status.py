@@ -317,10 +317,12 @@ def _router_models(m: Manifest, reply: str) -> list[ModelStatus]:
             for s in m.models]
 
 
-def _running_reads(cfg: HostConfig, m: Manifest) -> dict[str, str]:
+def _running_reads(m: Manifest, rpc_endpoints: list[str] | None) -> dict[str, str]:
     """What to ask about the release the manifest names, where it runs now (not where the
-    inventory would move it): its service, its health, a router's models, an RPC head's workers."""
+    inventory would move it): its service, its health, a router's models, an RPC head's workers
+    (``rpc_endpoints``: None on a host that is no head)."""
     from llamadeploy.roles.health import health_url
+    from llamadeploy.roles.rpc.facts import RpcReachable
 
     q = shlex.quote
     reads = {}
@@ -334,8 +336,8 @@ def _running_reads(cfg: HostConfig, m: Manifest) -> dict[str, str]:
         key = (f"{{ printf 'Authorization: Bearer '; cat {q(m.api_key_file)}; }}" if m.api_key_file
                else "printf ''")
         reads["models"] = f"{key} | curl -s --max-time 5 -H @- {q(health_url(m.host, m.port, '/models'))}"
-    if cfg.rpc.workers_group:
-        reads["rpc"] = ""  # filled by the caller, which knows the inventory
+    if rpc_endpoints is not None:
+        reads["rpc"] = RpcReachable().command(rpc_endpoints)
     return reads
 
 
@@ -369,14 +371,12 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
         if m.models:
             st.model, st.model_sha256 = ",".join(s.alias for s in m.models), None
         st.flags_digest = m.flags_digest()
-        reads = _running_reads(cfg, m)
-        if "rpc" in reads:
+        eps = None
+        if cfg.rpc.workers_group:
             from llamadeploy.roles import rpc
-            from llamadeploy.roles.rpc.facts import RpcReachable
 
             eps = [rpc.endpoint(wcfg, w) for w, wcfg in rpc.workers_of(host.inventory, cfg, host.name)]
-            reads["rpc"] = RpcReachable().command(eps)
-        now = read_parts(host, reads)
+        now = read_parts(host, _running_reads(m, eps))
         st.service = now["service"].strip() or ("not running" if m.mode == "docker" else "unknown")
         code = now["health"].strip()
         st.health = "ok" if code == "200" else f"HTTP {code or 'no answer'}"
@@ -389,7 +389,9 @@ def host_status(host: Any, cfg: HostConfig) -> HostStatus:
             st.drift = drift(cfg, m, expected_model_sha256(cfg),
                              expected_args(host, cfg, cpu.process(left["cpu"].splitlines()),
                                            mem.process(left["mem"].splitlines())))
-        if "rpc" in reads:
+        if eps is not None:
+            from llamadeploy.roles.rpc.facts import RpcReachable
+
             _head_status(st, eps, RpcReachable().process(now["rpc"].splitlines()))
     except (HostUnreachable, ValueError, RuntimeError) as exc:  # ValueError: a manifest it cannot parse
         st.error = str(exc).splitlines()[0]
@@ -467,6 +469,13 @@ COLUMNS = ("host", "mode", "release", "release_id", "previous", "model", "model_
            "health", "rpc", "drift")
 
 
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as fixed-width columns two spaces apart; the last column is not padded (pure)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]).rstrip()
+                     for row in rows)
+
+
 def format_table(rows: list[HostStatus]) -> str:
     """A fixed-width table, one host per line; drift ``-`` means the host matches its inventory."""
     cells = [list(COLUMNS)]
@@ -477,15 +486,9 @@ def format_table(rows: list[HostStatus]) -> str:
         if r.error:
             d["health"] = r.error
         cells.append([str(d[c]) if d[c] is not None else "-" for c in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
-    table = "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in cells
-    )
+    table = columns(cells)
     routed = [(r.host, s) for r in rows for s in r.models]
     if not routed:
         return table
-    lines = [("host", "model", "kind", "sha256", "state"),
-             *((h, s.alias, s.kind, s.sha256, s.state) for h, s in routed)]
-    w = [max(len(line[i]) for line in lines) for i in range(4)]
-    return table + "\n\nmodels (router mode)\n" + "\n".join(
-        "  ".join(c.ljust(x) for c, x in zip(line[:4], w, strict=True)) + "  " + line[4] for line in lines)
+    return table + "\n\nmodels (router mode)\n" + columns(
+        [("host", "model", "kind", "sha256", "state"), *((h, s.alias, s.kind, s.sha256, s.state) for h, s in routed)])
