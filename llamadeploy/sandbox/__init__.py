@@ -10,6 +10,7 @@ hosts.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def up(box: SandboxHost, inventory: Path | None = None, log: Callable[[str], obj
     assets.llama_cpp_tarball()
     assets.gemma_model()
     log(f"==> booting sandbox host {box.name} at {box.address}")
+    # an operator's host stays until `sandbox down`; one a test boots through this command
+    # (molecule's create step names the test process as its owner) goes with its owner
+    box.kept = "LLAMADEPLOY_SANDBOX_OWNER" not in os.environ
     box.boot()
     ssh_config()
     path = inventory or INVENTORIES / f"{box.name}.py"

@@ -174,6 +174,10 @@ class SandboxHost:
     #: machine do not share cores: llama.cpp's threads wait by spinning, and two servers on the
     #: same cores slow each other down many times over (33 s instead of 1.4 s for 4 streams)
     cpus: str | None = None
+    #: an operator's host (``llamadeploy sandbox up``, the quickstart): it outlives the command that
+    #: booted it, so only ``sandbox down`` (by name, or everything) stops it, never a reap of hosts
+    #: whose owner is gone (which a test run does at its start)
+    kept: bool = False
 
     @property
     def address(self) -> str:
@@ -279,7 +283,7 @@ class SandboxHost:
         with _state() as state:
             # owner: the process that booted it; reap() leaves hosts alone whose owner still runs
             state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network, "index": self.index,
-                                "lan": self.lan, "owner": owner(), "overlays": self.overlays}
+                                "lan": self.lan, "owner": owner(), "overlays": self.overlays, "kept": self.kept}
         try:
             self._wire_network(proc, timeout)
             self.wait_ssh(timeout)
@@ -513,7 +517,7 @@ def _claimed(state: dict, name: str | None, everything: bool, me: int,
     """The entries :func:`reap` stops, removed from ``state`` (the caller holds its lock)."""
     doomed = {}
     for n, info in list(state.items()):
-        mine = info.get("owner") == me or not alive(info.get("owner"))
+        mine = not info.get("kept") and (info.get("owner") == me or not alive(info.get("owner")))
         if n == name or (name is None and (everything or mine)):
             doomed[n] = state.pop(n)
     return doomed

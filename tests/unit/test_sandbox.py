@@ -85,3 +85,13 @@ def test_merge_back_tolerates_files_another_worker_moved_or_placed(cache, monkey
     assert not (sandbox.HOSTS_DIR / "h1.overlays").exists()
     sandbox._merge_back("h1", overlays)  # the other worker's turn: nothing left to merge
     assert len(list(shared.iterdir())) == 3
+
+
+def test_an_operators_host_outlives_the_command_that_booted_it():
+    """The quickstart's host (kept) is not reaped when its owner is gone, as a test run's reap at
+    its start would otherwise do; `sandbox down` by name or everything still stops it."""
+    kept = {**entry(1, 1), "kept": True}
+    state = {"demo": dict(kept), "h2": entry(2, 2)}
+    assert set(sandbox._claimed(state, None, False, 99, lambda pid: False)) == {"h2"} and set(state) == {"demo"}
+    assert set(sandbox._claimed({"demo": dict(kept)}, "demo", False, 99, lambda pid: False)) == {"demo"}
+    assert set(sandbox._claimed({"demo": dict(kept)}, None, True, 99, lambda pid: False)) == {"demo"}
