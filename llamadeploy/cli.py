@@ -1,6 +1,6 @@
 """``llamadeploy``: the operator's command around the deploy.
 
-    llamadeploy sandbox up [NAME --index N] [--docker] [--deploy]   a throwaway local host
+    llamadeploy sandbox up [NAME --index N] [--docker] [--distro D] [--deploy]   a throwaway local host
     llamadeploy sandbox down [NAME ...]                             remove sandbox hosts
     llamadeploy sandbox ssh-config                                  ssh_config for them
     llamadeploy status INVENTORY [--json] [--limit HOST] [--watch [S]]   what runs where, drift
@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llamadeploy.sandbox.host import DEFAULT_DISTRO, DISTROS
+
 
 def _sandbox(a: argparse.Namespace) -> int:
     from llamadeploy import sandbox
@@ -46,7 +48,7 @@ def _sandbox(a: argparse.Namespace) -> int:
         return 0
     name = a.names[0] if a.names else "demo"
     try:
-        box = sandbox.host(name, a.index, docker=a.docker)
+        box = sandbox.host(name, a.index, docker=a.docker, distro=a.distro)
     except ValueError as exc:
         print(f"llamadeploy sandbox up: {exc}", file=sys.stderr)
         return 2
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("names", nargs="*", help="host name(s); up: default 'demo'; down: default all")
     sb.add_argument("--index", type=int, help="1-250: the host's network 10.231.<index>.0/30 (demo: 200)")
     sb.add_argument("--docker", action="store_true", help="boot with what Docker needs inside")
+    sb.add_argument("--distro", choices=DISTROS, default=DEFAULT_DISTRO,
+                    help=f"the host's Debian release (default {DEFAULT_DISTRO})")
     sb.add_argument("--inventory", help="the host's pyinfra inventory: used as is when it exists, else written there")
     sb.add_argument("--deploy", action="store_true", help="then deploy onto it and print how to call it")
     st = sub.add_parser("status", help="per host: release, model, flags, service, health, drift")

@@ -522,8 +522,8 @@ class ServiceConfig(Section):
 class DockerConfig(Section):
     """Docker mode: the same server, flags and model, run by Docker Compose."""
 
-    #: where the engine comes from: Debian/Ubuntu packages (docker.io + docker-compose v1)
-    #: or Docker's own apt repository (docker-ce + the compose v2 plugin)
+    #: where the engine comes from: Debian's packages (docker.io + docker-compose: compose v1 on
+    #: Debian 12; v2 and docker-cli on 13) or Docker's own apt repository (docker-ce + compose plugin)
     engine: Literal["distro", "docker-ce"] = "distro"
     #: image reference pinned by tag; default upstream's ``server-<version>`` (CPU) or
     #: ``server-cuda-<version>`` on CUDA hosts (``llama_build.backend``), for ``llama_build.version``
@@ -657,10 +657,9 @@ class GpuConfig(Section):
     #: Debian's non-free ``nvidia-driver`` + ``nvidia-cuda-toolkit``; "nvidia" NVIDIA's own apt
     #: repository (``cuda-drivers`` + ``cuda-toolkit``, and ``nvidia-container-toolkit`` in docker mode)
     install: Literal["no", "distro", "nvidia"] = "no"
-    #: NVIDIA's apt repository for this distribution (its ``cuda-keyring`` package comes from there)
-    nvidia_repo: Annotated[str, Field(pattern=r"^https://[A-Za-z0-9./_-]+$")] = (
-        "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64"
-    )
+    #: NVIDIA's apt repository (its ``cuda-keyring`` package comes from there); default: the one
+    #: for the host's Debian release and architecture, ``.../cuda/repos/debian13/x86_64`` on trixie
+    nvidia_repo: Annotated[str, Field(pattern=r"^https://[A-Za-z0-9./_-]+$")] | None = None
     #: controller directory of ``.deb`` files installed instead of downloading (air-gapped hosts)
     packages_dir: ControllerPath | None = None
 

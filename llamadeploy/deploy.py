@@ -20,7 +20,7 @@ from llamadeploy.roles import docker, front, gpu, model, monitor, ownership, rel
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
-from llamadeploy.roles.preflight import memory_plan
+from llamadeploy.roles.preflight import memory_plan, platform_checked
 
 
 @deploy("llama-server")
@@ -35,6 +35,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     # 1. Validate the whole inventory before any host is touched (raises ConfigError), then take
     #    the host's deploy lock (another run holding it stops this one here; llamadeploy.lock).
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    platform_checked()  # a release no test covers (Debian 12 and 13 are) is refused, as a bad setting is
     _locked(cfg, "deploy")
 
     # The front door and the monitor are hosts of their own (llama_role).
@@ -142,6 +143,7 @@ def llama_model_staged(cfg: HostConfig | None = None) -> None:
     ``pyinfra INVENTORY llamadeploy.deploy.llama_model_staged``
     """
     cfg = cfg or validate_inventory(host.inventory)[host.name]
+    platform_checked()
     _locked(cfg, "stage")
     if cfg.role != "server":
         host.noop(f"{host.name} serves no model (llama_role {cfg.role!r})")

@@ -633,6 +633,14 @@ def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str
 
 #: NVIDIA's CUDA apt repository ships its signing key as a package
 CUDA_KEYRING = "cuda-keyring_1.1-1_all.deb"
+#: NVIDIA's CUDA repositories, one per distribution release and architecture
+NVIDIA_REPOS = "https://developer.download.nvidia.com/compute/cuda/repos"
+
+
+def nvidia_repo(debian_major: int, arch: str) -> str:
+    """NVIDIA's CUDA repository for a Debian release (12, 13) on ``arch`` (uname -m): each
+    release has its own (``debian13`` is there since CUDA 13.0), Arm servers are ``sbsa``."""
+    return f"{NVIDIA_REPOS}/debian{debian_major}/{'sbsa' if arch == 'aarch64' else arch}"
 
 
 def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, container_toolkit: bool,

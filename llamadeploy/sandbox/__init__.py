@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llamadeploy.sandbox.host import CACHE, SandboxHost, reap, running, ssh_config
+from llamadeploy.sandbox.host import CACHE, DEFAULT_DISTRO, DISTROS, SandboxHost, reap, running, ssh_config
 from llamadeploy.sandbox.inventory import SHARED_BINDS, SHARED_OVERLAYS, default_data, write_inventory
 
-__all__ = ["CACHE", "DEMO", "SandboxHost", "demo_inventory", "down", "reap", "running", "ssh_config", "up"]
+__all__ = ["CACHE", "DEFAULT_DISTRO", "DEMO", "DISTROS", "SandboxHost", "demo_inventory", "down", "reap", "running", "ssh_config", "up"]
 
 #: the quickstart's host (``inventory/local.py``)
 DEMO = SandboxHost("demo", 200, binds=dict(SHARED_BINDS), overlays=dict(SHARED_OVERLAYS))
@@ -30,16 +30,22 @@ INVENTORIES = CACHE / "sandbox"
 DEPLOY_TIMEOUT = 3600
 
 
-def host(name: str = "demo", index: int | None = None, docker: bool = False) -> SandboxHost:
-    """A sandbox host description; ``index`` (1-250) picks its network 10.231.<index>.0/30."""
+def host(name: str = "demo", index: int | None = None, docker: bool = False,
+         distro: str = DEFAULT_DISTRO) -> SandboxHost:
+    """A sandbox host description; ``index`` (1-250) picks its network 10.231.<index>.0/30,
+    ``distro`` its Debian release (bookworm, trixie)."""
+    if distro not in DISTROS:
+        raise ValueError(f"sandbox distro {distro!r}: allowed {', '.join(DISTROS)}")
     if name == DEMO.name and index in (None, DEMO.index):
-        return SandboxHost(DEMO.name, DEMO.index, docker=docker, binds=dict(SHARED_BINDS), overlays=dict(SHARED_OVERLAYS))
+        return SandboxHost(DEMO.name, DEMO.index, docker=docker, binds=dict(SHARED_BINDS),
+                           overlays=dict(SHARED_OVERLAYS), distro=distro)
     if not re.fullmatch(r"[a-z][a-z0-9-]{0,11}", name):
         # systemd-nspawn names the outer veth ve-<name> only while that fits IFNAMSIZ (15)
         raise ValueError(f"sandbox host name {name!r}: 1-12 characters a-z, 0-9, - (its veth is ve-<name>)")
     if index is None or not 1 <= index <= 250:
         raise ValueError(f"sandbox host {name!r} needs --index between 1 and 250 (its network 10.231.<index>.0/30)")
-    return SandboxHost(name, index, docker=docker, binds=dict(SHARED_BINDS), overlays=dict(SHARED_OVERLAYS))
+    return SandboxHost(name, index, docker=docker, binds=dict(SHARED_BINDS), overlays=dict(SHARED_OVERLAYS),
+                       distro=distro)
 
 
 def demo_inventory() -> list[tuple[str, dict]]:

@@ -7,7 +7,8 @@ a host in about ten seconds from a cached debootstrap tree. Needs root.
 
 Layout on disk (``LLAMACTL_CACHE``, default ``/var/cache/llamactl-ci``):
 
-* ``rootfs-bookworm/``   the debootstrap tree, built once and reused
+* ``rootfs-<release>/``  the debootstrap tree of each Debian release (bookworm, trixie), built
+  once and reused
 * ``hosts/<name>/``      a per-host copy of that tree, deleted on teardown
 * ``ccache/``, ``apt-archives/``  shared by every host (ccache bind-mounted, the apt
   archive as an overlay with a layer per host) so that a second host (or a second
@@ -36,7 +37,9 @@ from pathlib import Path
 CACHE = Path(os.environ.get("LLAMACTL_CACHE", "/var/cache/llamactl-ci"))
 #: ssh_config for the sandbox network, for tools that speak plain OpenSSH (testinfra, ssh)
 SSH_CONFIG = CACHE / "ssh" / "config"
-ROOTFS = CACHE / "rootfs-bookworm"
+#: Debian releases a sandbox host can run (``--distro``): the ones the project tests on
+DISTROS = ("bookworm", "trixie")
+DEFAULT_DISTRO = "bookworm"
 HOSTS_DIR = CACHE / "hosts"
 SSH_KEY = CACHE / "ssh" / "id_ed25519"
 #: one known_hosts file per sandbox address, holding the key of the host booted there (OpenSSH
@@ -84,29 +87,37 @@ def _debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def ensure_rootfs() -> Path:
-    """Build the cached base tree once (about a minute); later calls are free."""
-    done = ROOTFS / ".llamactl-complete"
+def rootfs(distro: str = DEFAULT_DISTRO) -> Path:
+    """Where the base tree of Debian ``distro`` is cached."""
+    if distro not in DISTROS:
+        raise ValueError(f"sandbox distro {distro!r}: allowed {', '.join(DISTROS)}")
+    return CACHE / f"rootfs-{distro}"
+
+
+def ensure_rootfs(distro: str = DEFAULT_DISTRO) -> Path:
+    """Build the cached base tree of ``distro`` once (about a minute); later calls are free."""
+    tree = rootfs(distro)
+    done = tree / ".llamactl-complete"
     if done.exists():
-        return ROOTFS
+        return tree
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".rootfs.lock", "w") as lock:
+    with open(CACHE / f".rootfs-{distro}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists():
-            return ROOTFS
-        shutil.rmtree(ROOTFS, ignore_errors=True)
-        tmp = CACHE / "rootfs-bookworm.tmp"
+            return tree
+        shutil.rmtree(tree, ignore_errors=True)
+        tmp = CACHE / f"rootfs-{distro}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _run(
             "debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}",
-            "bookworm", str(tmp), _debian_mirror(), timeout=TREE_TIMEOUT,
+            distro, str(tmp), _debian_mirror(), timeout=TREE_TIMEOUT,
         )
         _run("chroot", str(tmp), "systemctl", "enable", "ssh", "systemd-networkd")
         # apt inside the host keeps downloaded .debs so the shared archive fills up
         (tmp / "etc/apt/apt.conf.d/99keep-debs").write_text('Binary::apt::APT::Keep-Downloaded-Packages "true";\n')
         (tmp / ".llamactl-complete").touch()
-        tmp.rename(ROOTFS)
-    return ROOTFS
+        tmp.rename(tree)
+    return tree
 
 
 def ensure_ssh_key() -> Path:
@@ -178,6 +189,8 @@ class SandboxHost:
     #: booted it, so only ``sandbox down`` (by name, or everything) stops it, never a reap of hosts
     #: whose owner is gone (which a test run does at its start)
     kept: bool = False
+    #: the Debian release it runs (:data:`DISTROS`)
+    distro: str = DEFAULT_DISTRO
 
     @property
     def address(self) -> str:
@@ -218,12 +231,12 @@ class SandboxHost:
 
     # -- lifecycle -----------------------------------------------------
     def boot(self, timeout: float = 60) -> SandboxHost:
-        ensure_rootfs()
+        tree = ensure_rootfs(self.distro)
         key = ensure_ssh_key()
         reap(self.name)
         HOSTS_DIR.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
-        _run("cp", "-a", "--reflink=auto", str(ROOTFS), str(self.root), timeout=TREE_TIMEOUT)
+        _run("cp", "-a", "--reflink=auto", str(tree), str(self.root), timeout=TREE_TIMEOUT)
         self._configure_tree(key)
         return self._start(timeout, log_mode="w")
 
@@ -283,7 +296,8 @@ class SandboxHost:
         with _state() as state:
             # owner: the process that booted it; reap() leaves hosts alone whose owner still runs
             state[self.name] = {"pid": self.pid, "veth": self.veth, "network": self.network, "index": self.index,
-                                "lan": self.lan, "owner": owner(), "overlays": self.overlays, "kept": self.kept}
+                                "lan": self.lan, "owner": owner(), "overlays": self.overlays, "kept": self.kept,
+                                "distro": self.distro}
         try:
             self._wire_network(proc, timeout)
             self.wait_ssh(timeout)

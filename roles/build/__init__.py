@@ -10,7 +10,6 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from pyinfra import host
-from pyinfra.api import DeployError
 from pyinfra.api.host import Host
 from pyinfra.api.inventory import Inventory
 from pyinfra.api.operation import OperationMeta
@@ -26,8 +25,6 @@ from llamadeploy.roles import gpu, transfer
 from llamadeploy.roles.build.artifact import artifact_path, artifact_sha256, host_kind
 from llamadeploy.roles.build.facts import CpuFlagsDigest
 from llamadeploy.roles.build.operations import artifact_fetched, artifact_installed, build_release, fanout_path
-
-SUPPORTED = ("Debian", "Ubuntu")
 
 
 def build_packages(cfg: HostConfig) -> list[str]:
@@ -102,12 +99,6 @@ def native_build(cfg: HostConfig, g: gpu.GpuHost | None = None) -> list[Operatio
     will use) first, and only then switches the link, so a release that would not start
     never becomes current.
     """
-    distro = host.get_fact(LinuxDistribution)
-    if distro.get("name") not in SUPPORTED:
-        raise DeployError(
-            f"{host.name}: native mode supports {', '.join(SUPPORTED)} (apt); "
-            f"this host runs {distro.get('name')!r}"
-        )
     svc = cfg.service
     key = cfg.build.release_key()
     kind = kind_of(host, cfg)

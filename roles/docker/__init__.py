@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 from pyinfra import host
 from pyinfra.api.operation import OperationMeta
@@ -97,9 +98,10 @@ def image_pin(cfg: HostConfig) -> str:
 def engine(cfg: HostConfig) -> None:
     """Docker Engine and Compose from the distribution, or from Docker's apt repository."""
     if cfg.docker.engine == "distro":
-        packages.installed(cfg, "docker", name="Docker engine from distro packages (docker.io, docker-compose v1)",
-                           packages=["docker.io", "docker-compose", "curl"], update=True, cache_time=24 * 3600,
-                           no_recommends=True)
+        distro: Any = host.get_fact(LinuxDistribution)
+        pkgs = distro_engine_packages(distro.get("major") or 12)
+        packages.installed(cfg, "docker", name=f"Docker engine from distro packages ({', '.join(pkgs)})",
+                           packages=[*pkgs, "curl"], update=True, cache_time=24 * 3600, no_recommends=True)
     else:
         apt.packages(name="Prerequisites for Docker's apt repository", packages=["ca-certificates", "curl"],
                      update=True, cache_time=24 * 3600)
@@ -113,6 +115,14 @@ def engine(cfg: HostConfig) -> None:
                            packages=["docker-ce", "docker-ce-cli", "containerd.io", "docker-compose-plugin"],
                            update=True)
     systemd.service(name="Docker engine enabled and running", service="docker.service", running=True, enabled=True)
+
+
+def distro_engine_packages(debian_major: int) -> list[str]:
+    """Debian's engine and compose for a release (pure). Debian 13 moved the ``docker`` command
+    out of ``docker.io`` into ``docker-cli`` (only recommended, and the deploy installs without
+    recommends), and its ``docker-compose`` is compose v2, which still installs ``/usr/bin/docker-compose``;
+    Debian 12's is compose v1."""
+    return ["docker.io", "docker-cli", "docker-compose"] if debian_major >= 13 else ["docker.io", "docker-compose"]
 
 
 def _codename() -> str:

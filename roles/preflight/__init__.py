@@ -7,11 +7,13 @@ executes, so a refused host leaves every host untouched.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 from pyinfra import host
 from pyinfra.api import DeployError
-from pyinfra.facts.server import Users
+from pyinfra.facts.server import LinuxDistribution, Users
 
 from llamadeploy import ctlcache
 from llamadeploy.catalog import CATALOG
@@ -68,6 +70,32 @@ def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
         return plan_group(cfg, meta, mem.usable, cpu, mem.memlock_ceiling, rpc.group_members(cfg))
     except PreflightError as exc:
         raise DeployError(f"preflight refused host {host.name}: {exc}") from None
+
+
+#: (distribution, major release) -> codename: the releases every role is tested on (docs/platforms.md)
+TESTED_PLATFORMS = {("Debian", 12): "bookworm", ("Debian", 13): "trixie"}
+
+
+def platform_checked() -> None:
+    """Refuse a host whose operating system no test here covers, before anything changes on any
+    host: package names, the unit's hardening directives, HAProxy's and Prometheus's config
+    syntax and the build's toolchain are checked only on these releases."""
+    distro: Any = host.get_fact(LinuxDistribution)
+    problem = platform_problem(distro)
+    if problem:
+        raise DeployError(f"preflight refused host {host.name}: {problem}")
+
+
+def platform_problem(distro: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``distro`` (pyinfra's LinuxDistribution fact), or None (pure)."""
+    name, major = distro.get("name"), distro.get("major")
+    if (name, major) in TESTED_PLATFORMS:
+        return None
+    meta = distro.get("release_meta") or {}
+    seen = meta.get("PRETTY_NAME") or f"{name or 'an unknown system'} {major or ''}".strip()
+    allowed = " or ".join(f"{n} {m} ({c})" for (n, m), c in TESTED_PLATFORMS.items())
+    return (f"operating system = {seen!r}; allowed: {allowed}, the releases this project tests on "
+            "(docs/platforms.md says what another would need)")
 
 
 def host_limit_problem(cfg: HostConfig, cpus: int, memory: int) -> str | None:

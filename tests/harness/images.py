@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 
 from llamadeploy.artifacts import file_sha256
-from llamadeploy.sandbox.host import CACHE, ROOTFS
+from llamadeploy.sandbox.host import CACHE, rootfs
 
 IMAGE_REF = "llamactl/llama-server:b11434-test"
 #: seconds for copying the cached Debian tree or packing it into the layer tar (a few hundred MB)
@@ -41,7 +41,7 @@ def build_image_tarball(host_root: Path, out: Path | None = None, rebuild: str |
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     tree = work / "tree"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(ROOTFS), str(tree)], check=True, timeout=TREE_TIMEOUT)
+    subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs()), str(tree)], check=True, timeout=TREE_TIMEOUT)
     (tree / ".llamactl-complete").unlink(missing_ok=True)
     (tree / "app").mkdir()
     binary = host_root / "opt/llama.cpp/current"

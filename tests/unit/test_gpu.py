@@ -541,3 +541,45 @@ def test_debian_has_no_container_toolkit():
 
     with pytest.raises(GpuError, match="Debian has no NVIDIA container toolkit"):
         install_packages("distro", True, False, False, True)
+
+
+@pytest.mark.parametrize("major, arch, path", [
+    (12, "x86_64", "debian12/x86_64"),
+    (13, "x86_64", "debian13/x86_64"),
+    (13, "aarch64", "debian13/sbsa"),
+])
+def test_nvidia_repository_follows_the_host_release(major, arch, path):
+    """A trixie host gets NVIDIA's debian13 repository, never bookworm's (its packages link
+    against bookworm's libraries)."""
+    from llamadeploy.gpu import nvidia_repo
+
+    assert nvidia_repo(major, arch) == f"https://developer.download.nvidia.com/compute/cuda/repos/{path}"
+
+
+def _candidates(policy: str) -> dict[str, str]:
+    """package -> candidate version, from recorded ``apt-cache policy`` output (packages apt does
+    not know are missing from it)."""
+    out, name = {}, None
+    for line in policy.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            name = line[:-1]
+        elif name and line.strip().startswith("Candidate:"):
+            out[name] = line.split(":", 1)[1].strip()
+    return out
+
+
+@pytest.mark.parametrize("release, driver", [("bookworm", "535."), ("trixie", "550.")])
+def test_distro_install_names_packages_each_release_has(release, driver):
+    """``apt-cache policy`` recorded on each release with contrib, non-free and non-free-firmware
+    on (tests/unit/data/apt-policy): every package "distro" installs has a candidate there, and
+    Debian has no NVIDIA container toolkit on either (why docker mode needs "nvidia")."""
+    from pathlib import Path
+
+    from llamadeploy.gpu import install_packages
+
+    policy = (Path(__file__).parent / "data" / "apt-policy" / f"{release}-nvidia.txt").read_text()
+    candidates = _candidates(policy)
+    for pkg in install_packages("distro", False, True, True, False):
+        assert candidates.get(pkg, "(none)") != "(none)", (release, pkg)
+    assert candidates["nvidia-driver"].startswith(driver)
+    assert "nvidia-container-toolkit" not in candidates

@@ -95,3 +95,18 @@ def test_an_operators_host_outlives_the_command_that_booted_it():
     assert set(sandbox._claimed(state, None, False, 99, lambda pid: False)) == {"h2"} and set(state) == {"demo"}
     assert set(sandbox._claimed({"demo": dict(kept)}, "demo", False, 99, lambda pid: False)) == {"demo"}
     assert set(sandbox._claimed({"demo": dict(kept)}, None, True, 99, lambda pid: False)) == {"demo"}
+
+
+def test_a_host_runs_the_debian_release_asked_for_and_no_other():
+    """``--distro trixie`` boots from trixie's own tree; a release no tree is built for is refused
+    before anything is set up."""
+    from llamadeploy import sandbox
+    from llamadeploy.sandbox.host import CACHE, rootfs
+
+    assert sandbox.host("tx", 9, distro="trixie").distro == "trixie"
+    assert sandbox.host().distro == "bookworm"
+    assert (rootfs("bookworm"), rootfs("trixie")) == (CACHE / "rootfs-bookworm", CACHE / "rootfs-trixie")
+    with pytest.raises(ValueError, match="sandbox distro 'jammy': allowed bookworm, trixie"):
+        sandbox.host("tx", 9, distro="jammy")
+    with pytest.raises(ValueError, match="allowed bookworm, trixie"):
+        rootfs("sid")
