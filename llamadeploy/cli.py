@@ -10,6 +10,7 @@
     llamadeploy rollback INVENTORY [--to RELEASE] [--limit HOST]    reinstate a kept release
     llamadeploy logs INVENTORY [--limit HOST] [--since T] [--grep RE] [-n N] [-f]   the fleet's journals
     llamadeploy lock status|release INVENTORY [--limit HOST] [--force]   the deploy lock
+    llamadeploy dashboards export DIR --inventory INVENTORY | --prometheus-url URL   Grafana files
     llamadeploy audit INVENTORY [--limit HOST] [-n N]                   who changed what, newest first
 
 Deploying stays ``pyinfra INVENTORY deploy.py`` (or, from an installed wheel,
@@ -219,6 +220,42 @@ def _logs(a: argparse.Namespace) -> int:
                   err=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+@_refuses_bad_settings
+def _dashboards(a: argparse.Namespace) -> int:
+    """Dashboards and provisioning files; the datasource is the inventory's monitor (read, not
+    connected to) or the URL given."""
+    from llamadeploy import dashboards
+
+    url = a.prometheus_url or monitor_url(a.inventory)
+    if url is None:
+        print(f"llamadeploy dashboards: {a.inventory} has no monitor host (llama_role 'monitor'); "
+              "give --prometheus-url", file=sys.stderr)
+        return 2
+    for path in dashboards.export(Path(a.dir), url, a.grafana_path):
+        print(path)
+    return 0
+
+
+def monitor_url(inventory_path: str) -> str | None:
+    """``http://ADDRESS:PORT`` of the inventory's first monitor host, as Prometheus binds it."""
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    from llamadeploy.hostdata import validate_inventory
+    from llamadeploy.roles.front import host_port
+    from llamadeploy.roles.transfer import peer_address
+
+    ctx_state.set(State())
+    inventory = make_inventory(inventory_path, cwd=os.getcwd())
+    configs = validate_inventory(inventory)
+    for h in inventory:
+        c = configs[h.name]
+        if c.role == "monitor":
+            return f"http://{host_port(str(c.monitor.bind) if c.monitor.bind else peer_address(c, h), c.monitor.port)}"
+    return None
+
+
 def _key(a: argparse.Namespace) -> int:
     """Write a new random API key to a 0600 controller file; refuse to replace one unless rotating."""
     import secrets
@@ -298,9 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     au.add_argument("inventory")
     au.add_argument("--limit", action="append", help="only these hosts or groups (repeatable)")
     au.add_argument("-n", "--lines", type=int, default=50, help="the last N runs per host (default 50)")
+    db = sub.add_parser("dashboards", help="Grafana dashboards and provisioning files for the fleet")
+    db.add_argument("action", choices=["export"])
+    db.add_argument("dir", help="where to write dashboards/ and provisioning/")
+    src = db.add_mutually_exclusive_group(required=True)
+    src.add_argument("--inventory", help="the datasource is this inventory's monitor host")
+    src.add_argument("--prometheus-url", help="the datasource's URL, e.g. http://10.0.0.9:9090")
+    db.add_argument("--grafana-path", help="where the dashboards will lie on the Grafana host (default: DIR/dashboards)")
     a = p.parse_args(argv)
-    return {"sandbox": _sandbox, "status": _status, "key": _key, "rollout": _rollout,
-            "rollback": _rollback, "logs": _logs, "lock": _lock, "audit": _audit}[a.command](a)
+    return {"sandbox": _sandbox, "status": _status, "key": _key, "rollout": _rollout, "rollback": _rollback,
+            "logs": _logs, "lock": _lock, "audit": _audit, "dashboards": _dashboards}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -582,6 +582,57 @@ class FrontConfig(Section):
     metrics_allow_from: list[IPvAnyNetwork] = []
 
 
+#: a duration as Alertmanager writes one (30s, 5m, 4h)
+Duration = Annotated[str, Field(pattern=r"^[0-9]{1,5}[smhd]$")]
+#: an e-mail address: one token, no spaces, quotes or control characters (it reaches a YAML file)
+EmailAddress = Annotated[str, Field(pattern=r"^[A-Za-z0-9.!#$%&*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+$")]
+
+
+class WebhookReceiver(Section):
+    """An HTTP endpoint Alertmanager POSTs each alert group to (its webhook JSON): a chat bridge,
+    a pager's inbound hook, a ticket system."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[A-Za-z0-9._~:/?#@!$&()*+,;=%-]{1,2000}$")]
+    #: controller file (mode 0600) with the bearer token the endpoint expects; the token goes
+    #: to a 0600 file on the monitor, never into the inventory or Alertmanager's config
+    token_file: ControllerPath | None = None
+
+
+class EmailReceiver(Section):
+    """Mail through the site's smarthost (SMTP relay)."""
+
+    to: Annotated[list[EmailAddress], Field(min_length=1)]
+    sender: EmailAddress
+    #: ``host:port`` of the relay, e.g. ``smtp.example.com:587``
+    smarthost: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")]
+    username: Annotated[str, Field(pattern=r"^[\x21-\x7e]{1,256}$")] | None = None
+    #: controller file (mode 0600) with the SMTP password, as ``token_file``
+    password_file: ControllerPath | None = None
+    #: STARTTLS required (the default; a relay on the monitor's own LAN may not offer it)
+    require_tls: bool = True
+
+
+class AlertmanagerConfig(Section):
+    """Alertmanager (Debian's ``prometheus-alertmanager``) on the monitor host, fed by its
+    Prometheus: installed once a receiver is set. Alerts are grouped by alert and host; a
+    server that is down does not also page for what follows from it (slow tokens, deferred
+    requests). It listens on the monitor's loopback only: Prometheus and ``amtool`` there use it."""
+
+    port: Annotated[int, Field(ge=1024, le=65535)] = 9093
+    webhook: WebhookReceiver | None = None
+    email: EmailReceiver | None = None
+    #: how long a new group waits for more alerts before the first notification
+    group_wait: Duration = "30s"
+    #: how long before a group that changed is notified again
+    group_interval: Duration = "5m"
+    #: how long before a group that is still firing is notified again
+    repeat_interval: Duration = "4h"
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook is not None or self.email is not None
+
+
 class MonitorConfig(Section):
     """The monitor (hosts with ``llama_role = "monitor"``): Prometheus from the distribution."""
 
@@ -594,6 +645,19 @@ class MonitorConfig(Section):
     allow_from: list[IPvAnyNetwork] = []
     scrape_interval: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "15s"
     retention: Annotated[str, Field(pattern=r"^[0-9]+[hdwy]$")] = "15d"
+    #: where alerts go (Alertmanager on this host); nothing is installed without a receiver
+    alertmanager: AlertmanagerConfig = AlertmanagerConfig()
+
+
+class NodeExporterConfig(Section):
+    """Host metrics: Debian's ``prometheus-node-exporter`` on every host of an inventory that has a
+    monitor (nobody would scrape it otherwise), on the host's fleet address, fenced to the
+    monitors. Its systemd collector covers the units the deploy runs (restarts included)."""
+
+    #: false: no node exporter on this host even when the inventory has a monitor
+    enabled: bool = True
+    #: the exporter's port, on the host's fleet address
+    port: Annotated[int, Field(ge=1024, le=65535)] = 9100
 
 
 class TransferConfig(Section):
@@ -680,6 +744,7 @@ class HostConfig(Section):
     health: HealthConfig = HealthConfig()
     front: FrontConfig = FrontConfig()
     monitor: MonitorConfig = MonitorConfig()
+    node_exporter: NodeExporterConfig = NodeExporterConfig()
     transfer: TransferConfig = TransferConfig()
     rpc: RpcConfig = RpcConfig()
     gpu: GpuConfig = GpuConfig()

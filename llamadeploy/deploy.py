@@ -16,7 +16,20 @@ from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.lock import hold
 from llamadeploy.manifest import manifest_path
-from llamadeploy.roles import docker, front, gpu, model, monitor, ownership, release, router, rpc, service, uninstall
+from llamadeploy.roles import (
+    docker,
+    front,
+    gpu,
+    model,
+    monitor,
+    node_exporter,
+    ownership,
+    release,
+    router,
+    rpc,
+    service,
+    uninstall,
+)
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
@@ -37,6 +50,8 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     cfg = cfg or validate_inventory(host.inventory)[host.name]
     platform_checked()  # a release no test covers (Debian 12 and 13 are) is refused, as a bad setting is
     _locked(cfg, "deploy")
+    # Host metrics on every host when the inventory has a monitor (the node exporter, fenced to it).
+    node_exporter.host_metrics(cfg)
 
     # The front door and the monitor are hosts of their own (llama_role).
     front_changed = None

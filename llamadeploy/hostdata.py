@@ -188,8 +188,11 @@ def controller_file_problems(host_name: str, cfg: HostConfig) -> list[str]:
     for field, path in controller_files.items():
         if path is not None and not Path(path).is_file():
             problems.append(f"host {host_name}: {PREFIX}{field} = {path!r}: no such file on the controller")
+    am = cfg.monitor.alertmanager if cfg.role == "monitor" else None
     secrets = {"model.hf_token_file": cfg.model.hf_token_file,
-               "front.tls_pem": cfg.front.tls_pem if cfg.role == "front" else None}
+               "front.tls_pem": cfg.front.tls_pem if cfg.role == "front" else None,
+               "monitor.alertmanager.webhook.token_file": am.webhook.token_file if am and am.webhook else None,
+               "monitor.alertmanager.email.password_file": am.email.password_file if am and am.email else None}
     for field, path in secrets.items():
         if path is not None:
             problem = secret_file_problem(path)

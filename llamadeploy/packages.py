@@ -27,7 +27,7 @@ from llamadeploy.config import HostConfig
 RECORD_PREFIX = "installed-packages."
 BEFORE = "packages-before-deploy"
 #: the roles that install packages (each keeps its own record)
-RECORDING_ROLES = ("build", "docker", "model", "firewall", "front", "monitor", "transfer", "rpc")
+RECORDING_ROLES = ("build", "docker", "model", "firewall", "front", "monitor", "transfer", "rpc", "node")
 
 
 def record_path(cfg: HostConfig, role: str) -> str:

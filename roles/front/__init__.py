@@ -160,7 +160,13 @@ def monitor_addresses(inventory) -> list[str]:
 
 def exporter_networks(cfg: HostConfig, monitors: list[str]) -> list[str]:
     """Who reaches the front's exporter: the monitors and ``metrics_allow_from`` (pure)."""
-    return [*(f"{a}/{32 if ':' not in a else 128}" for a in monitors), *(str(n) for n in cfg.front.metrics_allow_from)]
+    return exporter_networks_for(monitors, cfg.front.metrics_allow_from)
+
+
+def exporter_networks_for(monitors: list[str], allow_from: list) -> list[str]:
+    """Who reaches an exporter (the front's, a node exporter): the monitors' addresses as host
+    networks, then ``allow_from`` (pure)."""
+    return [*(f"{a}/{32 if ':' not in a else 128}" for a in monitors), *(str(n) for n in allow_from)]
 
 
 @role("Front door (HAProxy)")

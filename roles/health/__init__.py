@@ -95,7 +95,10 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
         )
         return lambda: health.did_error() or chat.did_error()
     asked = []
-    for m in served:
+    # on-demand models first: asking one loads it, and at models_max the router unloads the model
+    # used least recently, a startup one too; asked last, the startup models are the ones loaded
+    # when the gate ends (an on-demand model is unloaded again right after it answered)
+    for m in sorted(served, key=lambda m: not m.on_demand):
         op, path, what = ASKED[m.kind]
         asked.append(op(name=f"{what} {m.alias}", url=health_url(addr, port, path), alias=m.alias,
                         timeout=cfg.health.timeout, unit=cfg.service.name, key_file=key_file,

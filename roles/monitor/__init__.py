@@ -6,15 +6,24 @@ every front's HAProxy exporter. Alert rules: a target down, requests deferred by
 llama-server or queued at the front, tokens/s dropping, a backend taken out by the
 front. Config and rules are checked with ``promtool`` before they replace the old
 ones; Prometheus is reloaded, not restarted.
+
+Alerts reach a person through Alertmanager (``llama_monitor.alertmanager``): Debian's
+``prometheus-alertmanager`` on the same host, on its loopback, with the inventory's webhook
+and e-mail receivers; their secrets are pushed from 0600 controller files into 0600 files the
+config names (``credentials_file``, ``auth_password_file``), never into the config itself. The
+config is checked with ``amtool check-config`` before it replaces the old one.
 """
 
 from __future__ import annotations
 
 import json
 from io import StringIO
+from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.facts.files import FileContents
+from pyinfra.facts.systemd import SystemdEnabled
 from pyinfra.operations import files, systemd
 
 from llamadeploy import atomic, packages
@@ -31,11 +40,31 @@ SERVERS = f"{ETC}/llamadeploy-servers.json"
 FRONTS = f"{ETC}/llamadeploy-fronts.json"
 #: router-mode servers: one target per model (``/metrics?model=X&autoload=false``)
 MODELS = f"{ETC}/llamadeploy-models.json"
+#: every host's node exporter (roles/node_exporter)
+NODES = f"{ETC}/llamadeploy-nodes.json"
 RULES = f"{ETC}/llamadeploy-rules.yml"
 KEY = f"{ETC}/llama-api-key"
 #: Prometheus's fence (roles/firewall): table and rules file
 TABLE = "llamadeploy_prometheus"
 FENCE_RULES = f"{ETC}/llamadeploy-fence.nft"
+#: Alertmanager (Debian's paths: its unit reads ARGS from the defaults file)
+AM_CONFIG = f"{ETC}/alertmanager.yml"
+AM_DEFAULTS = "/etc/default/prometheus-alertmanager"
+AM_TOKEN = f"{ETC}/alertmanager-webhook-token"
+AM_PASSWORD = f"{ETC}/alertmanager-smtp-password"
+AM_SERVICE = "prometheus-alertmanager.service"
+
+
+def alertmanager_args(port: int) -> str:
+    """The defaults file: loopback only, and no cluster. Debian's default listens on every address
+    and gossips with peers on 9094, unauthenticated; one Alertmanager per monitor needs neither."""
+    return f'ARGS="--config.file={AM_CONFIG} --web.listen-address=127.0.0.1:{port} --cluster.listen-address="\n'
+
+
+def secret_text(path: str) -> str:
+    """A secret from its controller file, without the trailing newline an editor adds (Alertmanager
+    sends a password file's bytes as they are)."""
+    return Path(path).read_text().strip()
 
 
 def targets(inventory) -> tuple[list[dict], list[dict], str | None, list[dict]]:
@@ -72,6 +101,14 @@ def targets(inventory) -> tuple[list[dict], list[dict], str | None, list[dict]]:
             [{"targets": fronts, "labels": {"fleet": "llama"}}] if fronts else [], key, models)
 
 
+def node_targets(inventory) -> list[dict]:
+    """file_sd group of every host's node exporter (roles/node_exporter), at its fleet address."""
+    configs = validate_inventory(inventory)
+    nodes = [host_port(peer_address(configs[h.name], h), configs[h.name].node_exporter.port)
+             for h in inventory if configs[h.name].node_exporter.enabled]
+    return [{"targets": nodes, "labels": {"fleet": "llama"}}] if nodes else []
+
+
 @role("Monitor (Prometheus)")
 def monitor(cfg: HostConfig) -> None:
     servers, fronts, key, models = targets(host.inventory)
@@ -90,18 +127,23 @@ def monitor(cfg: HostConfig) -> None:
                mode="644")
     atomic.put(name="Scrape targets: fronts", src=StringIO(json.dumps(fronts, indent=1) + "\n"), dest=FRONTS,
                mode="644")
+    atomic.put(name="Scrape targets: node exporters", src=StringIO(json.dumps(node_targets(host.inventory), indent=1) + "\n"),
+               dest=NODES, mode="644")
     if models:
         atomic.put(name="Scrape targets: models of router-mode servers", src=StringIO(json.dumps(models, indent=1) + "\n"),
                    dest=MODELS, mode="644")
     else:
         files.file(name="No router-mode models to scrape", path=MODELS, present=False)
+    am = cfg.monitor.alertmanager
+    alerting = alertmanager(cfg) if am.enabled else alertmanager_off(cfg)
     rules = atomic.put(name="Alert rules (promtool check rules)", src=StringIO(render("monitor/llamadeploy-rules.yml.j2")),
                        dest=RULES, mode="644", check="promtool check rules {path} >/dev/null")
     conf = atomic.put(
         name="prometheus.yml (promtool check config)",
         src=StringIO(render("monitor/prometheus.yml.j2", scrape_interval=m.scrape_interval, rules_file=RULES,
                             key_file=KEY if key else None, servers_file=SERVERS, fronts_file=FRONTS, listen=listen,
-                            models_file=MODELS if models else None)),
+                            models_file=MODELS if models else None, nodes_file=NODES,
+                            alertmanager=f"127.0.0.1:{am.port}" if alerting else None)),
         dest=f"{ETC}/prometheus.yml", mode="644",
         # promtool resolves rule_files relative to the checked file: check the staged copy in place
         check="promtool check config --syntax-only {path} >/dev/null",
@@ -118,3 +160,53 @@ def monitor(cfg: HostConfig) -> None:
     systemd.service(name="Reload Prometheus (config, rules, key)", service="prometheus.service", reloaded=True,
                     _if=[lambda: any(op.did_change() for op in (conf, rules, key_op)),
                          lambda: not started.did_change() and not args.did_change()])
+
+
+def alertmanager(cfg: HostConfig) -> bool:
+    """Alertmanager installed, configured (``amtool check-config``) and running; True.
+
+    Secrets first, so that the config never names a file that is not there yet; a config change
+    is a reload (Alertmanager re-reads its config and the files it names), new arguments a
+    restart.
+    """
+    am = cfg.monitor.alertmanager
+    packages.installed(cfg, "monitor", name="Alertmanager (with amtool)", packages=["prometheus-alertmanager"],
+                       update=True, cache_time=24 * 3600, no_recommends=True)
+    token = am.webhook.token_file if am.webhook else None
+    password = am.email.password_file if am.email else None
+    secrets = []
+    for label, source, dest in (("webhook token", token, AM_TOKEN), ("SMTP password", password, AM_PASSWORD)):
+        if source:
+            secrets.append(atomic.put(name=f"Alertmanager {label} (0600, prometheus)", src=StringIO(secret_text(source)),
+                                      dest=dest, user="prometheus", group="prometheus", mode="600", secret=True))
+        else:
+            secrets.append(files.file(name=f"No Alertmanager {label}", path=dest, present=False))
+    conf = atomic.put(
+        name="alertmanager.yml (amtool check-config)",
+        src=StringIO(render("monitor/alertmanager.yml.j2", am=am, token_file=AM_TOKEN if token else None,
+                            password_file=AM_PASSWORD if password else None)),
+        dest=AM_CONFIG, mode="644", check="amtool check-config {path} >/dev/null")
+    args = atomic.put(name="Alertmanager on the loopback, no cluster (/etc/default/prometheus-alertmanager)",
+                      src=StringIO(alertmanager_args(am.port)), dest=AM_DEFAULTS, mode="644")
+    started = systemd.service(name="Alertmanager enabled and running", service=AM_SERVICE, running=True, enabled=True)
+    systemd.service(name="Restart Alertmanager for new arguments", service=AM_SERVICE, restarted=True,
+                    _if=[args.did_change, lambda: not started.did_change()])
+    systemd.service(name="Reload Alertmanager (config, secrets)", service=AM_SERVICE, reloaded=True,
+                    _if=[lambda: any(op.did_change() for op in (conf, *secrets)),
+                         lambda: not started.did_change() and not args.did_change()])
+    return True
+
+
+def alertmanager_off(cfg: HostConfig) -> bool:
+    """No receiver configured: an Alertmanager an earlier deploy installed is stopped and its
+    secrets go (uninstall purges the package); one the host had before is left alone. False."""
+    ours = "prometheus-alertmanager" in packages.recorded(
+        host.get_fact(FileContents, path=packages.record_path(cfg, "monitor")))
+    if ours and host.get_fact(SystemdEnabled).get(AM_SERVICE):
+        systemd.service(name="Alertmanager stopped (no receiver configured)", service=AM_SERVICE, running=False,
+                        enabled=False)
+    else:
+        host.noop("no Alertmanager of this deploy to stop")
+    for label, dest in (("webhook token", AM_TOKEN), ("SMTP password", AM_PASSWORD)):
+        files.file(name=f"No Alertmanager {label}", path=dest, present=False)
+    return False

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from pyinfra import host
 from pyinfra.api import DeployError
@@ -77,13 +78,27 @@ TESTED_PLATFORMS = {("Debian", 12): "bookworm", ("Debian", 13): "trixie"}
 
 
 def platform_checked() -> None:
-    """Refuse a host whose operating system no test here covers, before anything changes on any
-    host: package names, the unit's hardening directives, HAProxy's and Prometheus's config
+    """Refuse every host of the run whose operating system no test here covers, before anything
+    changes on any host and before any host's deploy lock is taken: the first host to prepare
+    checks them all (a refusal of one host raised later would come after other hosts took their
+    locks). Package names, the unit's hardening directives, HAProxy's and Prometheus's config
     syntax and the build's toolchain are checked only on these releases."""
-    distro: Any = host.get_fact(LinuxDistribution)
-    problem = platform_problem(distro)
-    if problem:
-        raise DeployError(f"preflight refused host {host.name}: {problem}")
+    inventory = host.inventory
+    if _PLATFORMS_CHECKED.get(inventory):
+        return
+    problems = []
+    for h in inventory.get_active_hosts():
+        distro: Any = h.get_fact(LinuxDistribution)
+        problem = platform_problem(distro)
+        if problem:
+            problems.append(f"preflight refused host {h.name}: {problem}")
+    if problems:
+        raise DeployError("\n".join(problems))
+    _PLATFORMS_CHECKED[inventory] = True
+
+
+#: inventories whose hosts all passed :func:`platform_checked` (one check per run)
+_PLATFORMS_CHECKED: WeakKeyDictionary[Any, bool] = WeakKeyDictionary()
 
 
 def platform_problem(distro: Mapping[str, Any]) -> str | None:

@@ -22,7 +22,7 @@ from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
-from llamadeploy.roles import front, monitor, ownership
+from llamadeploy.roles import front, monitor, node_exporter, ownership
 from llamadeploy.roles.docker import compose_command
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
@@ -57,6 +57,9 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     # a front's and a monitor's fences (roles/front, roles/monitor): no-ops on any other host
     port_unfenced("haproxy", front.EXPORTER_TABLE, front.EXPORTER_RULES)
     port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
+    port_unfenced(node_exporter.UNIT, node_exporter.TABLE, node_exporter.FENCE_RULES)  # roles/node_exporter
+    for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):  # Alertmanager's (roles/monitor): the purge keeps them
+        files.file(name=f"{secret} removed", path=secret, present=False)
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:

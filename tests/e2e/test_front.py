@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 import subprocess
 import threading
@@ -21,7 +22,16 @@ import httpx
 import pytest
 
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
-from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy
+from tests.conftest import (
+    LOCAL_TIMEOUT,
+    PYINFRA,
+    REPO,
+    SUBPROCESS_TIMEOUT,
+    dashboard_gaps,
+    failure_text,
+    merged_data,
+    run_deploy,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")]
 
@@ -34,7 +44,8 @@ def hosts(testhosts):
             "fd": testhosts("fd", 73, lan="front"), "mon": testhosts("mon", 74, lan="front")}
 
 
-def write(path: Path, hosts, front: dict | None = None, server: dict | None = None) -> Path:
+def write(path: Path, hosts, front: dict | None = None, server: dict | None = None,
+          monitor: dict | None = None) -> Path:
     def entry(h, **data):
         name, conn = h.inventory_entry()
         return (name, {**conn, **merged_data(), **data})
@@ -46,7 +57,7 @@ def write(path: Path, hosts, front: dict | None = None, server: dict | None = No
     fronts = [entry(hosts["fd"], llama_role="front",
                     llama_front={"check_interval": 1, "metrics_allow_from": controller, **(front or {})})]
     monitors = [entry(hosts["mon"], llama_role="monitor",
-                      llama_monitor={"scrape_interval": "2s", "allow_from": controller})]
+                      llama_monitor={"scrape_interval": "2s", "allow_from": controller, **(monitor or {})})]
     path.write_text(f"servers = {servers!r}\nfront = {fronts!r}\nmonitor = {monitors!r}\n")
     return path
 
@@ -55,7 +66,7 @@ def write(path: Path, hosts, front: dict | None = None, server: dict | None = No
 def fleet(hosts, tmp_path_factory):
     inv = write(tmp_path_factory.mktemp("front") / "inv.py", hosts)
     result = run_deploy(inv)  # four hosts at once: each has its own apt lock (its layer over the shared archive)
-    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    assert result.rc == 0, failure_text(result)
     # the deploy waits until one server is up behind the front; the tests want both
     wait_for(lambda: server_up(hosts, hosts["be1"].address) and server_up(hosts, hosts["be2"].address), 60, "both up")
     return inv
@@ -384,14 +395,29 @@ def test_prometheus_scrapes_every_server_and_the_front_with_rules(hosts, fleet):
     def all_up() -> bool:
         targets = httpx.get(f"{api}/targets", timeout=10).json()["data"]["activeTargets"]
         jobs = [(t["labels"]["job"], t["health"]) for t in targets]
-        return (sorted(j for j, h in jobs if h == "up" and j != "prometheus") == ["haproxy", "llama-server", "llama-server"])
+        return (sorted(j for j, h in jobs if h == "up" and j != "prometheus")
+                == ["haproxy", "llama-node", "llama-node", "llama-node", "llama-node", "llama-server", "llama-server"])
 
-    wait_for(all_up, 90, "every target up in Prometheus")
+    try:
+        wait_for(all_up, 90, "every target up in Prometheus")
+    except AssertionError:
+        targets = httpx.get(f"{api}/targets", timeout=10).json()["data"]["activeTargets"]
+        raise AssertionError([(t["labels"]["job"], t["scrapeUrl"], t["health"], t["lastError"]) for t in targets]) from None
     rules = httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"]
     names = {r["name"] for g in rules for r in g["rules"]}
     assert {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaFrontBackendDown"} <= names
     q = httpx.get(f"{api}/query", params={"query": 'count(up{job="llama-server"} == 1)'}, timeout=10).json()
     assert q["data"]["result"][0]["value"][1] == "2"
+    # host metrics from every host's node exporter, the deploy's units among them (systemd collector)
+    units = httpx.get(f"{api}/query", timeout=10, params={
+        "query": 'node_systemd_unit_state{name=~"llama-server.service|haproxy.service|prometheus.service",state="active"} == 1'}
+    ).json()["data"]["result"]
+    assert sorted((r["metric"]["instance"].rsplit(":", 1)[0], r["metric"]["name"]) for r in units) == sorted(
+        [(hosts["be1"].address, "llama-server.service"), (hosts["be2"].address, "llama-server.service"),
+         (hosts["fd"].address, "haproxy.service"), (hosts["mon"].address, "prometheus.service")]), units
+    restarts = httpx.get(f"{api}/query", params={"query": 'node_systemd_service_restart_total{name="llama-server.service"}'},
+                         timeout=10).json()["data"]["result"]
+    assert len(restarts) == 2, restarts  # the counter LlamaServiceRestarting watches
     # nothing open by default: the monitor scrapes the front's exporter (up above), a server does
     # not reach it, and the front does not reach Prometheus; both listen on one address only
     fd, mon, be1 = hosts["fd"], hosts["mon"], hosts["be1"]
@@ -401,6 +427,8 @@ def test_prometheus_scrapes_every_server_and_the_front_with_rules(hosts, fleet):
         return src.ssh(probe).stdout.strip() == "open"
 
     assert reaches(mon, fd, 8405) and not reaches(be1, fd, 8405)
+    assert reaches(mon, be1, 9100) and not reaches(fd, be1, 9100) and not reaches(hosts["be2"], mon, 9100)
+    assert be1.ssh("ss -Hltn 'sport = :9100'").stdout.split()[3] == f"{be1.address}:9100"
     assert not reaches(fd, mon, 9090) and not reaches(be1, mon, 9090)
     assert f"{fd.address}:8405" in fd.ssh("ss -Hltn 'sport = :8405'").stdout
     assert mon.ssh("ss -Hltn 'sport = :9090'").stdout.split()[3] == f"{mon.address}:9090"
@@ -420,7 +448,21 @@ tests:
         values: '1 1 0 0 0 0 0 0 0 0'
       - series: 'haproxy_server_status{proxy="llama_servers",server="be1",state="DOWN"}'
         values: '0 0 1 1 1 1 1 1 1 1'
+      - series: 'node_systemd_service_restart_total{instance="be1:9100",name="llama-server.service"}'
+        values: '0 1 2 3 4 5 6 7 8 9'
+      - series: 'node_filesystem_avail_bytes{instance="be1:9100",mountpoint="/var/lib/llama-server",fstype="ext4"}'
+        values: '5x60'
+      - series: 'node_filesystem_size_bytes{instance="be1:9100",mountpoint="/var/lib/llama-server",fstype="ext4"}'
+        values: '100x60'
     alert_rule_test:
+      - eval_time: 1m
+        alertname: LlamaServiceRestarting
+        exp_alerts: [{exp_labels: {instance: "be1:9100", name: llama-server.service, severity: critical},
+                      exp_annotations: {summary: "llama-server.service on be1:9100 restarted 4 times in 15 minutes"}}]
+      - eval_time: 11m
+        alertname: LlamaHostDiskFull
+        exp_alerts: [{exp_labels: {instance: "be1:9100", mountpoint: /var/lib/llama-server, fstype: ext4, severity: warning},
+                      exp_annotations: {summary: "be1:9100: /var/lib/llama-server has under 10% free"}}]
       - eval_time: 2m
         alertname: LlamaTargetDown
         exp_alerts: [{exp_labels: {job: llama-server, instance: "be1:8080", severity: critical},
@@ -434,6 +476,135 @@ tests:
     mon.ssh(f"cat > /tmp/llamadeploy-rules-test.yml <<'EOF'\n{case}EOF")
     out = mon.ssh("promtool test rules /tmp/llamadeploy-rules-test.yml", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dashboards_show_data_from_the_real_metrics(hosts, fleet):
+    """Every panel of the fleet and per-host dashboards has data in the monitor's Prometheus (the
+    host variable as its own query offers it): no panel on a metric nobody exports."""
+    from llamadeploy import dashboards
+
+    api = f"http://{hosts['mon'].address}:9090/api/v1"
+    for _ in range(4):
+        assert chat(front_url(hosts)).status_code == 200
+    [var] = dashboards.dashboard("llama-host.json")["templating"]["list"]
+    offered = httpx.get(f"{api}/query", params={"query": 'up{job="llama-node"}'}, timeout=10).json()["data"]["result"]
+    pattern = re.compile(var["regex"].strip("/"))
+    hosts_offered = sorted(pattern.match(r["metric"]["instance"]).group(1) for r in offered)
+    assert hosts["be1"].address in hosts_offered, hosts_offered
+    time.sleep(5)  # two scrapes (2 s apart) after the requests: every rate() has its points
+    assert dashboard_gaps(api, ["llama-fleet.json", "llama-host.json"], {"host": hosts["be1"].address}) == []
+
+
+class Receivers:
+    """What a person's tools would receive, on this machine at the monitor's LAN gateway: a webhook
+    endpoint (http.server) and a mail relay (aiosmtpd, SMTP without TLS), both recording."""
+
+    def __init__(self, address: str) -> None:
+        import http.server
+
+        from aiosmtpd.controller import Controller
+
+        self.hooks: list[tuple[str, dict]] = []  # (Authorization header, body)
+        self.mails: list[str] = []
+        hooks = self.hooks
+
+        class Hook(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                hooks.append((self.headers.get("Authorization", ""), body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.http = http.server.ThreadingHTTPServer((address, 0), Hook)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        mails = self.mails
+
+        class Relay:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+                mails.append(envelope.content.decode(errors="replace"))
+                return "250 OK"
+
+        with socket.socket() as probe:  # a free port (aiosmtpd needs one named)
+            probe.bind((address, 0))
+            port = probe.getsockname()[1]
+        self.smtp = Controller(Relay(), hostname=address, port=port)
+        self.smtp.start()
+
+    @property
+    def webhook_url(self) -> str:
+        host, port = self.http.server_address[:2]
+        return f"http://{host}:{port}/alerts"
+
+    @property
+    def smarthost(self) -> str:
+        return f"{self.smtp.hostname}:{self.smtp.port}"
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.smtp.stop()
+
+
+def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
+    """Alertmanager on the monitor, fed by its Prometheus: a stopped server fires LlamaTargetDown,
+    which arrives at the webhook (with the bearer token from a 0600 controller file) and as mail
+    through the relay; its slow-tokens alert on the same host is inhibited; Alertmanager listens
+    on the monitor's loopback only. Without receivers, the next deploy stops it again."""
+    mon, be2 = hosts["mon"], hosts["be2"]
+    rx = Receivers(mon.gateway)
+    token = tmp_path / "hook-token"
+    token.write_text("hook-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    try:
+        inv = write(tmp_path / "alerts.py", hosts, monitor={"alertmanager": {
+            "webhook": {"url": rx.webhook_url, "token_file": str(token)},
+            "email": {"to": ["oncall@example.com"], "sender": "alerts@example.com", "smarthost": rx.smarthost,
+                      "require_tls": False},
+            "group_wait": "5s", "group_interval": "10s"}})
+        result = run_deploy(inv, "--limit", mon.address)
+        assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+        assert "hook-token-0123456789abcdef" not in result.stdout + result.stderr
+        listening = mon.ssh("ss -Hltn 'sport = :9093 or sport = :9094'").stdout.split("\n")
+        assert [ln.split()[3] for ln in listening if ln.strip()] == ["127.0.0.1:9093"], listening
+        assert mon.ssh("stat -c '%a %U' /etc/prometheus/alertmanager-webhook-token").stdout.split() == ["600", "prometheus"]
+        assert "0123456789abcdef" not in mon.ssh("cat /etc/prometheus/alertmanager.yml").stdout
+        api = f"http://{mon.address}:9090/api/v1"
+        wait_for(lambda: [a["url"] for a in httpx.get(f"{api}/alertmanagers", timeout=10).json()["data"]
+                          ["activeAlertmanagers"]] == ["http://127.0.0.1:9093/api/v2/alerts"], 30, "Prometheus -> Alertmanager")
+
+        be2.ssh("systemctl stop llama-server")
+        instance = f"{be2.address}:8080"
+
+        def fired() -> list[dict]:
+            return [a for _, body in rx.hooks for a in body["alerts"] if a["labels"]["alertname"] == "LlamaTargetDown"
+                    and a["labels"]["instance"] == instance and a["status"] == "firing"]
+
+        wait_for(lambda: bool(fired()), 180, "LlamaTargetDown at the webhook")  # for: 1m, group_wait 5s
+        auth = {a for a, body in rx.hooks if any(x["labels"]["alertname"] == "LlamaTargetDown" for x in body["alerts"])}
+        assert auth == {"Bearer hook-token-0123456789abcdef"}, auth
+        wait_for(lambda: any("LlamaTargetDown" in m and "oncall@example.com" in m for m in rx.mails), 60,
+                 "the mail at the relay")
+        # what follows from the down host on the same host is held back (inhibited), not sent
+        mon.ssh("amtool --alertmanager.url=http://127.0.0.1:9093 alert add LlamaTokensPerSecondDropped "
+                f"instance={instance} severity=warning")
+        time.sleep(15)  # group_wait 5s: it would have been sent by now
+        held = mon.ssh("amtool --alertmanager.url=http://127.0.0.1:9093 -o json alert query --inhibited "
+                       "alertname=LlamaTokensPerSecondDropped").stdout
+        assert json.loads(held)[0]["status"]["inhibitedBy"], held
+        assert not [a for _, body in rx.hooks for a in body["alerts"]
+                    if a["labels"]["alertname"] == "LlamaTokensPerSecondDropped"], rx.hooks
+    finally:
+        be2.ssh("systemctl start llama-server", check=False)
+        rx.close()
+    wait_for(lambda: server_up(hosts, be2.address), 120, "be2 back behind the front")
+    # receivers removed: the Alertmanager this deploy installed is stopped, its secret gone
+    plain = run_deploy(write(tmp_path / "plain.py", hosts), "--limit", mon.address)
+    assert plain.rc == 0, plain.stderr[-3000:]
+    assert mon.ssh("systemctl is-active prometheus-alertmanager", check=False).stdout.strip() == "inactive"
+    assert mon.ssh("test -e /etc/prometheus/alertmanager-webhook-token", check=False).returncode == 1
+    assert "alerting:" not in mon.ssh("cat /etc/prometheus/prometheus.yml").stdout
 
 
 def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
-from tests.conftest import merged_data, run_deploy
+from tests.conftest import dashboard_gaps, failure_text, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def hosts(testhosts):
 def fleet(hosts, tmp_path_factory):
     inv = write_fleet(hosts, tmp_path_factory.mktemp("front-models") / "inv.py", [CHAT, CHAT2])
     result = run_deploy(inv)
-    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    assert result.rc == 0, failure_text(result)
     return inv
 
 
@@ -70,6 +70,15 @@ def answered(hosts, model: str) -> dict[str, int]:
     text = httpx.get(f"http://{hosts['fmf'].address}:8405/metrics", timeout=10).text
     pattern = rf'^haproxy_server_http_responses_total\{{proxy="model_{re.escape(model)}",server="([^"]+)",code="2xx"\}} (\d+)'
     return {m.group(1): int(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
+def test_after_the_deploy_the_startup_models_are_loaded_and_the_on_demand_one_is_not(hosts, fleet):
+    """The gate asked every model, the on-demand one first: at models_max 2, asking it unloaded a
+    startup model, which answering the startup models afterwards loaded again (asked in
+    inventory order, ``chat`` would stay unloaded until its first request)."""
+    states = {m["id"]: m["status"]["value"]
+              for m in httpx.get(f"http://{hosts['fm1'].address}:8080/models", timeout=30).json()["data"]}
+    assert states == {"chat": "loaded", "embed": "loaded", "idle": "unloaded"}, states
 
 
 def test_the_fronts_model_list_is_the_union_of_the_fleets(hosts, fleet):
@@ -137,9 +146,39 @@ def test_prometheus_scrapes_each_model_without_loading_an_unloaded_one(hosts, fl
     q = httpx.get(f"{api}/query", params={"query": 'count by (model) (llamacpp:prompt_tokens_total)'},
                   timeout=10).json()["data"]["result"]
     assert {r["metric"]["model"] for r in q} == {"chat", "embed", "chat-b"}
-    # an unloaded model is down on purpose: neither down-alert is pending or firing
+    # an unloaded model is down on purpose: neither down-alert is pending or firing, once every
+    # host's node exporter (started in the same run as Prometheus) has answered its first scrape
+    def node_targets() -> list[dict]:
+        return httpx.get(f"{api}/targets", params={"scrapePool": "llama-node"}, timeout=10).json()["data"]["activeTargets"]
+
+    def nodes_up() -> bool:
+        return [t["health"] for t in node_targets()] == ["up"] * 4
+
+    deadline = time.monotonic() + 60
+    while not nodes_up() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert nodes_up(), [(t["scrapeUrl"], t["health"], t["lastError"]) for t in node_targets()]
+    time.sleep(5)  # the rules are evaluated every 2 s
     rules = {r["name"]: r for g in httpx.get(f"{api}/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]}
-    assert rules["LlamaTargetDown"]["state"] == "inactive" and rules["LlamaRouterDown"]["state"] == "inactive"
+    assert rules["LlamaTargetDown"]["state"] == "inactive" and rules["LlamaRouterDown"]["state"] == "inactive", \
+        (rules["LlamaTargetDown"]["alerts"], rules["LlamaRouterDown"]["alerts"])
+
+
+def test_the_per_model_dashboard_shows_data_for_each_loaded_model(hosts, fleet):
+    """Every panel of the per-model dashboard has data in the real Prometheus for each model the
+    variable offers that is loaded (an on-demand model that was never asked for has none, on purpose)."""
+    import time
+
+    from llamadeploy import dashboards
+
+    api = f"http://{hosts['fmm'].address}:9090/api/v1"
+    offered = httpx.get(f"{api}/query", params={"query": 'up{job="llama-server-models"}'}, timeout=10).json()
+    models = sorted({r["metric"]["model"] for r in offered["data"]["result"]})
+    assert models == ["chat", "chat-b", "embed", "idle"], models
+    assert dashboards.variables(dashboards.dashboard("llama-model.json")) == ["model"]
+    time.sleep(5)  # two scrapes after the earlier tests' requests
+    for model in ("chat", "chat-b", "embed"):
+        assert dashboard_gaps(api, ["llama-model.json"], {"model": model}) == [], model
 
 
 def test_logs_finds_a_request_on_its_host_merged_and_followed(hosts, fleet):

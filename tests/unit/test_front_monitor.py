@@ -79,7 +79,7 @@ def test_exporter_and_runtime_api():
 def test_prometheus_config_scrapes_servers_with_the_key_and_the_front(key_file):
     conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
                                  key_file=key_file, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
-                                 models_file=None))
+                                 models_file=None, alertmanager=None, nodes_file="/n.json"))
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
     assert jobs["llama-server"]["file_sd_configs"] == [{"files": ["/s.json"]}]
     assert jobs["haproxy"]["file_sd_configs"] == [{"files": ["/f.json"]}]
@@ -88,6 +88,7 @@ def test_prometheus_config_scrapes_servers_with_the_key_and_the_front(key_file):
         assert jobs["llama-server"]["authorization"] == {"type": "Bearer", "credentials_file": key_file}
     assert conf["rule_files"] == ["/r.yml"]
     assert jobs["prometheus"]["static_configs"] == [{"targets": ["10.0.0.9:9090"]}]  # where it listens
+    assert "alerting" not in conf  # no receiver configured: no Alertmanager to send to
 
 
 def test_exporter_fence_admits_the_monitors_and_metrics_allow_from():
@@ -107,7 +108,9 @@ def test_alert_rules_cover_down_queued_deferred_slow_and_backend_down():
     rules = yaml.safe_load(render("monitor/llamadeploy-rules.yml.j2"))["groups"][0]["rules"]
     names = {r["alert"]: r for r in rules}
     assert set(names) == {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaRequestsQueuedAtFront",
-                          "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown", "LlamaRouterDown"}
+                          "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown", "LlamaRouterDown",
+                          "LlamaHostDiskFull", "LlamaHostMemoryLow", "LlamaServiceRestarting"}
+    assert 'job=~"llama-server|haproxy|llama-node"' in names["LlamaTargetDown"]["expr"]
     assert "llamacpp:requests_deferred" in names["LlamaRequestsDeferred"]["expr"]
     assert "{{ $labels.instance }}" in names["LlamaTargetDown"]["annotations"]["summary"]
 
@@ -185,14 +188,144 @@ def test_a_router_servers_models_are_scraped_one_by_one_without_loading_them(tmp
                                                   "__param_autoload": "false"}} for alias in ("chat", "embed")]
     conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
                                  key_file=None, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
-                                 models_file="/m.json"))
+                                 models_file="/m.json", alertmanager=None, nodes_file="/n.json"))
     job = next(j for j in conf["scrape_configs"] if j["job_name"] == "llama-server-models")
     assert job["file_sd_configs"] == [{"files": ["/m.json"]}]
     plain = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml",
                                   key_file=None, servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
-                                  models_file=None))
-    assert [j["job_name"] for j in plain["scrape_configs"]] == ["llama-server", "haproxy", "prometheus"]
+                                  models_file=None, alertmanager=None, nodes_file="/n.json"))
+    assert [j["job_name"] for j in plain["scrape_configs"]] == ["llama-server", "haproxy", "llama-node", "prometheus"]
     rules = yaml.safe_load(render("monitor/llamadeploy-rules.yml.j2"))["groups"][0]["rules"]
     down = {r["alert"]: r["expr"] for r in rules}
-    assert down["LlamaTargetDown"] == 'up{job=~"llama-server|haproxy"} == 0'  # an unloaded model is no alert
+    assert down["LlamaTargetDown"] == 'up{job=~"llama-server|haproxy|llama-node"} == 0'  # an unloaded model is no alert
     assert down["LlamaRouterDown"] == 'max by (instance) (up{job="llama-server-models"}) == 0'
+
+
+def monitor_cfg(**am) -> HostConfig:
+    return HostConfig.model_validate({"role": "monitor", "monitor": {"alertmanager": am}})
+
+
+WEBHOOK = {"url": "https://hooks.example.com/llama?team=ops", "token_file": "/secrets/hook-token"}
+EMAIL = {"to": ["ops@example.com", "oncall@example.com"], "sender": "alerts@example.com",
+         "smarthost": "smtp.example.com:587", "username": "alerts", "password_file": "/secrets/smtp"}
+
+
+def alertmanager_yml(**am) -> dict:
+    a = monitor_cfg(**am).monitor.alertmanager
+    return yaml.safe_load(render("monitor/alertmanager.yml.j2", am=a,
+                                 token_file="/etc/prometheus/alertmanager-webhook-token" if a.webhook and a.webhook.token_file else None,
+                                 password_file="/etc/prometheus/alertmanager-smtp-password" if a.email and a.email.password_file else None))
+
+
+def test_alerts_go_to_the_webhook_and_every_mail_address_grouped_by_alert_and_host():
+    conf = alertmanager_yml(webhook=WEBHOOK, email=EMAIL, group_wait="10s")
+    assert conf["route"]["receiver"] == "llamadeploy"
+    assert conf["route"]["group_by"] == ["alertname", "instance"]
+    assert (conf["route"]["group_wait"], conf["route"]["repeat_interval"]) == ("10s", "4h")
+    [receiver] = conf["receivers"]
+    [hook] = receiver["webhook_configs"]
+    assert hook["url"] == WEBHOOK["url"] and hook["send_resolved"] is True
+    # the token is a file the config names: never the token, never the controller's path
+    assert hook["http_config"]["authorization"] == {"type": "Bearer",
+                                                   "credentials_file": "/etc/prometheus/alertmanager-webhook-token"}
+    assert [m["to"] for m in receiver["email_configs"]] == EMAIL["to"]
+    for mail in receiver["email_configs"]:
+        assert (mail["from"], mail["smarthost"], mail["require_tls"]) == ("alerts@example.com", "smtp.example.com:587", True)
+        assert mail["auth_username"] == "alerts"
+        assert mail["auth_password_file"] == "/etc/prometheus/alertmanager-smtp-password"
+        assert "auth_password" not in mail
+
+
+def test_a_receiver_without_a_secret_names_no_file():
+    [receiver] = alertmanager_yml(webhook={"url": "http://10.0.0.7:9000/"})["receivers"]
+    assert "http_config" not in receiver["webhook_configs"][0] and "email_configs" not in receiver
+
+
+def test_a_down_host_does_not_also_page_for_its_slow_tokens():
+    """Inhibition: the alerts it names are the rules' own, and it holds per host (``instance``)."""
+    conf = alertmanager_yml(webhook=WEBHOOK)
+    rules = {r["alert"] for r in yaml.safe_load(render("monitor/llamadeploy-rules.yml.j2"))["groups"][0]["rules"]}
+    sources = set()
+    for rule in conf["inhibit_rules"]:
+        assert rule["equal"] == ["instance"]
+        [source] = rule["source_matchers"]
+        sources.add(source.split(" = ")[1])
+        [target] = rule["target_matchers"]
+        targets = target.split("=~ ")[1].strip('"').split("|")
+        assert set(targets) <= rules and "LlamaTokensPerSecondDropped" in targets
+    assert sources == {"LlamaTargetDown", "LlamaRouterDown"} and sources <= rules
+
+
+def test_prometheus_sends_to_the_local_alertmanager_once_a_receiver_is_set():
+    conf = yaml.safe_load(render("monitor/prometheus.yml.j2", scrape_interval="15s", rules_file="/r.yml", key_file=None,
+                                 servers_file="/s.json", fronts_file="/f.json", listen="10.0.0.9:9090",
+                                 models_file=None, alertmanager="127.0.0.1:9093", nodes_file="/n.json"))
+    assert conf["alerting"] == {"alertmanagers": [{"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]}
+
+
+def test_alertmanager_listens_on_the_loopback_without_a_cluster():
+    from llamadeploy.roles.monitor import alertmanager_args
+
+    assert alertmanager_args(9093) == ('ARGS="--config.file=/etc/prometheus/alertmanager.yml '
+                                       '--web.listen-address=127.0.0.1:9093 --cluster.listen-address="\n')
+    assert not monitor_cfg().monitor.alertmanager.enabled
+    assert monitor_cfg(email=EMAIL).monitor.alertmanager.enabled
+
+
+@pytest.mark.parametrize("am, field", [
+    ({"webhook": {"url": "http://x/\nfoo: bar"}}, "webhook.url"),
+    ({"webhook": {"url": "ftp://x/"}}, "webhook.url"),
+    ({"email": {**EMAIL, "to": ["ops@example.com\nbcc: x@y"]}}, "email.to.0"),
+    ({"email": {**EMAIL, "to": []}}, "email.to"),
+    ({"email": {**EMAIL, "smarthost": "smtp.example.com"}}, "email.smarthost"),
+    ({"email": {**EMAIL, "password": "hunter2"}}, "email.password"),  # a secret in the inventory: no such field
+    ({"group_wait": "soon"}, "group_wait"),
+])
+def test_bad_receivers_are_refused_with_the_field(am, field):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as exc:
+        monitor_cfg(**am)
+    assert any(".".join(str(p) for p in e["loc"]).endswith(f"alertmanager.{field}") for e in exc.value.errors()), exc.value
+
+
+def test_secret_files_of_receivers_must_be_the_operators_alone(tmp_path):
+    from llamadeploy.hostdata import controller_file_problems
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o644)
+    c = monitor_cfg(webhook={"url": "https://h.example.com/", "token_file": str(token)},
+                    email={**EMAIL, "password_file": str(tmp_path / "missing")})
+    problems = controller_file_problems("mon1", c)
+    assert any(p.startswith(f"host mon1: llama_monitor.alertmanager.webhook.token_file = '{token}': mode 644") for p in problems)
+    assert any("llama_monitor.alertmanager.email.password_file" in p and "No such file" in p for p in problems)
+    token.chmod(0o600)
+    assert not [p for p in controller_file_problems("mon1", c) if "token_file" in p]
+
+
+def test_every_host_of_a_monitored_inventory_is_a_node_target():
+    """Servers, fronts and the monitor itself, at their fleet addresses; a host that turned its
+    node exporter off is not scraped."""
+    from pyinfra.api import Inventory
+
+    from llamadeploy.roles.monitor import node_targets
+
+    open_server = {"llama_server": {"allow_unauthenticated": True}}
+    inv = Inventory((["10.0.0.1", ("10.0.0.2", {"llama_node_exporter": {"enabled": False}, **open_server}),
+                      ("10.0.0.3", {"llama_role": "front"}), ("10.0.0.4", {"llama_role": "monitor"})], open_server))
+    assert node_targets(inv) == [{"targets": ["10.0.0.1:9100", "10.0.0.3:9100", "10.0.0.4:9100"],
+                                  "labels": {"fleet": "llama"}}]
+
+
+def test_node_exporter_arguments_bind_the_fleet_address_and_watch_the_deploys_units():
+    from llamadeploy.roles.node_exporter import node_args, watched_units
+
+    text = node_args("10.0.0.1:9100", watched_units(HostConfig.model_validate(
+        {"model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})))
+    assert text.startswith('ARGS="--web.listen-address=10.0.0.1:9100 --collector.systemd ')
+    assert "--collector.systemd.enable-restarts-metrics" in text
+    # $ARGS is split at whitespace without quote removal: one word, no quote, no backslash
+    include = next(w for w in text.split() if w.startswith("--collector.systemd.unit-include="))
+    assert "'" not in include and "\\" not in include
+    assert include.split("=", 1)[1].rstrip('"').startswith("(llama-server[.]service|")

@@ -129,6 +129,7 @@ def test_a_host_that_becomes_a_front_or_a_monitor_loses_its_rpc_worker(monkeypat
     monkeypatch.setattr(d, "_server", lambda cfg: calls.append("server steps"))
     monkeypatch.setattr(d, "_locked", lambda cfg, action: None)  # the lock needs a connected host
     monkeypatch.setattr(d, "platform_checked", lambda: None)  # so does the operating system's fact
+    monkeypatch.setattr(d.node_exporter, "host_metrics", lambda cfg: None)  # and the inventory's monitors
     cfg = HostConfig.model_validate({"role": role} if role in ("front", "monitor") else {
         "role": role, "model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
     d.llama_server._inner(cfg)
