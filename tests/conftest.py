@@ -110,6 +110,32 @@ def dashboard_gaps(api: str, names: list[str], values: dict[str, str]) -> list[t
     return gaps
 
 
+def broken_rollout_rolled_back(inventory_with, canary, other, tmp_path: Path) -> None:
+    """``llamadeploy rollout`` of a release whose server cannot start (``--lora`` of a missing
+    file): the canary fails its gate and is rolled back to its release, the other host is not
+    reached (same release, same process), and the canary answers again. ``inventory_with(path,
+    **sections)`` writes the module's inventory with those settings."""
+    import httpx
+
+    from llamadeploy.manifest import DEFAULT_PATH, Manifest
+
+    def state(h) -> tuple[str, str]:
+        return (Manifest.parse(h.ssh(f"cat {DEFAULT_PATH}").stdout).release_id,
+                h.ssh("systemctl show -p MainPID --value llama-server").stdout)
+
+    before = {h.address: state(h) for h in (canary, other)}
+    inv = inventory_with(tmp_path / "broken.py", llama_server={"threads": 1, "extra_args": ["--lora", "/nonexistent.gguf"]},
+                         llama_health={"timeout": 20})
+    result = cli("rollout", str(inv))
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[1:] if ln.strip()}
+    assert " rolled back " in rows[canary.address] and "not reached" in rows[other.address], result.stdout
+    assert state(canary)[0] == before[canary.address][0] and state(other) == before[other.address]
+    r = httpx.post(f"http://{canary.address}:8080/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
+    assert r.status_code == 200
+
+
 def veth_bytes(host) -> int:
     """Bytes both ways over a test host's network link so far (its only way to the controller)."""
     stats = Path(f"/sys/class/net/{host.veth}/statistics")

@@ -21,14 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data
 from tests.conftest import (
     LOCAL_TIMEOUT,
     PYINFRA,
     REPO,
     SUBPROCESS_TIMEOUT,
-    cli,
+    broken_rollout_rolled_back,
     failure_text,
     host_state,
     merged_data,
@@ -182,20 +181,7 @@ def test_rollout_through_the_trixie_front_rolls_a_broken_canary_back(hosts, flee
     HAProxy 3.0's runtime API, fails its gate and is rolled back, and enabled again; the other
     server is never touched."""
     canary, other = hosts["tb1"], hosts["tb2"]
-
-    def state(h) -> tuple[str, str]:
-        return (Manifest.parse(h.ssh(f"cat {DEFAULT_PATH}").stdout).release_id,
-                h.ssh("systemctl show -p MainPID --value llama-server").stdout)
-
-    before = {h.address: state(h) for h in (canary, other)}
-    inv = write(tmp_path / "broken.py", hosts, llama_server={"threads": 1, "extra_args": ["--lora", "/nonexistent.gguf"]},
-                llama_health={"timeout": 20})
-    result = cli("rollout", str(inv))
-    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
-    rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[1:] if ln.strip()}
-    assert " rolled back " in rows[canary.address] and "not reached" in rows[other.address], result.stdout
-    assert state(canary)[0] == before[canary.address][0] and state(other) == before[other.address]
-    assert chat(f"http://{canary.address}:8080").status_code == 200
+    broken_rollout_rolled_back(lambda path, **sections: write(path, hosts, **sections), canary, other, tmp_path)
     wait_for(lambda: server_up(hosts, canary.address), 60, "the canary back in the front")
 
 

@@ -22,10 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from tests.conftest import (
     LOCAL_TIMEOUT,
-    cli,
+    broken_rollout_rolled_back,
     merged_data,
     run_deploy,
     run_testinfra,
@@ -153,20 +152,7 @@ def test_shipped_testinfra_suite_passes_on_trixie(hosts, fleet):
 def test_rollout_of_a_broken_release_rolls_the_trixie_canary_back(hosts, fleet, tmp_path):
     """A release whose server cannot start: the trixie canary fails its gate and is rolled back;
     the bookworm host is never touched."""
-    tn, tb = hosts["tn"], hosts["tb"]
-
-    def state(h) -> tuple[str, str]:
-        return (Manifest.parse(h.ssh(f"cat {DEFAULT_PATH}").stdout).release_id,
-                h.ssh("systemctl show -p MainPID --value llama-server").stdout)
-
-    before = {h.address: state(h) for h in (tn, tb)}
-    inv = write(tmp_path / "broken.py", hosts, llama_server={"threads": 1, "extra_args": ["--lora", "/nonexistent.gguf"]},
-                llama_health={"timeout": 20})
-    result = cli("rollout", str(inv))
-    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
-    rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[1:] if ln.strip()}
-    assert " rolled back " in rows[tn.address] and "not reached" in rows[tb.address], result.stdout
-    assert state(tn)[0] == before[tn.address][0] and state(tb) == before[tb.address]
-    assert chat(f"http://{tn.address}:8080").status_code == 200
+    canary, other = hosts["tn"], hosts["tb"]
+    broken_rollout_rolled_back(lambda path, **sections: write(path, hosts, **sections), canary, other, tmp_path)
 
 
