@@ -243,16 +243,14 @@ def monitor_url(inventory_path: str) -> str | None:
     from pyinfra_cli.inventory import make_inventory
 
     from llamadeploy.hostdata import validate_inventory
-    from llamadeploy.roles.front import host_port
-    from llamadeploy.roles.transfer import peer_address
+    from llamadeploy.roles.monitor import listen_address
 
     ctx_state.set(State())
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     configs = validate_inventory(inventory)
     for h in inventory:
-        c = configs[h.name]
-        if c.role == "monitor":
-            return f"http://{host_port(str(c.monitor.bind) if c.monitor.bind else peer_address(c, h), c.monitor.port)}"
+        if configs[h.name].role == "monitor":
+            return f"http://{listen_address(configs[h.name], h)}"
     return None
 
 

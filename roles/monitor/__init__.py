@@ -101,6 +101,13 @@ def targets(inventory) -> tuple[list[dict], list[dict], str | None, list[dict]]:
             [{"targets": fronts, "labels": {"fleet": "llama"}}] if fronts else [], key, models)
 
 
+def listen_address(cfg: HostConfig, h) -> str:
+    """``address:port`` where monitor ``h``'s Prometheus listens: ``llama_monitor.bind``, else its
+    fleet address. The monitor binds it and ``llamadeploy dashboards export`` points Grafana at it."""
+    m = cfg.monitor
+    return host_port(str(m.bind) if m.bind else peer_address(cfg, h), m.port)
+
+
 def node_targets(inventory) -> list[dict]:
     """file_sd group of every host's node exporter (roles/node_exporter), at its fleet address."""
     configs = validate_inventory(inventory)
@@ -115,8 +122,7 @@ def monitor(cfg: HostConfig) -> None:
     m = cfg.monitor
     packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
-    bind = str(m.bind) if m.bind else peer_address(cfg, host)
-    listen = host_port(bind, m.port)
+    listen = listen_address(cfg, host)
     if key is not None:
         key_op = atomic.put(name="API key for scraping (0600, prometheus)", src=StringIO(key + "\n"), dest=KEY,
                             user="prometheus", group="prometheus", mode="600", secret=True)
