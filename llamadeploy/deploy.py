@@ -9,6 +9,8 @@ own deploy can do the same and add steps before or after::
 
 from __future__ import annotations
 
+import posixpath
+
 from pyinfra import host
 from pyinfra.api import deploy
 
@@ -92,9 +94,10 @@ def _server(cfg: HostConfig) -> None:
         #    an RPC head's plan covers its workers, which must be reachable and on its release.
         plan = memory_plan(cfg, art)
 
-    # What the deploy creates is recorded on the host; configured paths or an account it did not
-    # create are refused here, before any host changes (the deploy never re-owns or removes them).
-    ownership.owned(cfg)
+    # What the deploy creates is recorded on the host, this run's model files included; configured
+    # paths or an account it did not create are refused here, before any host changes.
+    names = routed.model_files() if routed else [] if cfg.role == "rpc_worker" else [f.name for f in art.files]
+    ownership.owned(cfg, placed=[posixpath.join(cfg.model_dir, n) for n in names])
 
     # GPU hosts (llama_build.backend "cuda"): driver and toolkit present (or installed by this run,
     # which then stops here for a reboot), GPUs read and checked against the build.

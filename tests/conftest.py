@@ -144,14 +144,15 @@ def veth_bytes(host) -> int:
 
 #: what "nothing changed on the host" means in the e2e tests, read over ssh (not via pyinfra):
 #: same process and start, same release link, same inode/mtime/size of binary, models
-#: (any file, .partial included), unit and manifest, same manifest content
+#: (any file, .partial included), unit and manifest, same manifest content, and no deploy lock
+#: left behind (a run refused while pyinfra prepares releases the locks it took on other hosts)
 HOST_STATE_CMD = (
     "systemctl show -p MainPID -p ActiveEnterTimestampMonotonic -p NRestarts llama-server; "
     "readlink /opt/llama.cpp/current; "
     "stat -c '%n %i %Y %s' /opt/llama.cpp/current/bin/llama-server /var/lib/llama-server/models/* "
     "/etc/systemd/system/llama-server.service /etc/llama-server/deploy.json; "
     "ls /opt/llama.cpp/releases /var/cache/llama.cpp/src; ls -a /etc/llama-server; "
-    "cat /etc/llama-server/deploy.json"
+    "ls /run/lock/llamadeploy.lock 2>/dev/null; cat /etc/llama-server/deploy.json"
 )
 
 

@@ -1,7 +1,10 @@
 """Ownership: the deploy changes and removes only what it created on a host.
 
-Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories and the
-account the deploy created (one ``dir PATH`` or ``account NAME`` per line). Before anything
+Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories, the
+account, the model files and the parent directories the deploy created (one ``dir PATH``,
+``account NAME``, ``file PATH`` or ``parent PATH`` per line). Model files are recorded before they are sent: a deploy whose release fails its gate is
+in no release record, and its file would otherwise be no one's, kept by every prune and left by
+uninstall as an operator's. Before anything
 changes, a configured directory that exists, holds something and is not in the record is
 refused, naming its field; so is an existing account the record does not name. Uninstall
 removes exactly the recorded set (roles/uninstall). Why: an operator's ``/srv/llm`` with their
@@ -15,6 +18,7 @@ once: its configured directories and account are recorded as ours.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterable
 from io import StringIO
 
 from pyinfra import host
@@ -71,12 +75,44 @@ def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: froze
     return None
 
 
-def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str | None) -> list[str]:
-    """The record after this run: what it held, plus every configured directory and the account (pure)."""
-    lines = set(record or ()) | {f"dir {p}" for p in dirs.values()}
+def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str | None,
+                 placed: Iterable[str] = (), parents: Iterable[str] = ()) -> list[str]:
+    """The record after this run: what it held, plus every configured directory, the account,
+    the files this run places and the absent parents its directories are created in (pure)."""
+    lines = set(record or ()) | {f"dir {p}" for p in dirs.values()} | {f"file {p}" for p in placed}
+    lines |= {f"parent {p}" for p in parents}
     if user:
         lines.add(f"account {user}")
     return sorted(lines)
+
+
+def ancestors(dirs: Iterable[str]) -> list[str]:
+    """Every proper ancestor of ``dirs`` below ``/``, deepest first (pure)."""
+    out: set[str] = set()
+    for d in dirs:
+        parent = posixpath.dirname(posixpath.normpath(d))
+        while parent not in ("/", ""):
+            out.add(parent)
+            parent = posixpath.dirname(parent)
+    return sorted(out, key=lambda p: (-p.count("/"), p))
+
+
+def parents_in(record: frozenset[str] | None) -> list[str]:
+    """The parent directories a record says the deploy created, deepest first (pure)."""
+    return sorted((line[len("parent "):] for line in record or () if line.startswith("parent ")),
+                  key=lambda p: (-p.count("/"), p))
+
+
+def files_in(record: frozenset[str] | None, directory: str) -> set[str]:
+    """Names of the files a record says the deploy placed directly in ``directory`` (pure)."""
+    prefix = f"file {directory.rstrip('/')}/"
+    return {line[len(prefix):] for line in record or () if line.startswith(prefix) and "/" not in line[len(prefix):]}
+
+
+def owned_files(cfg: HostConfig, directory: str) -> set[str]:
+    """The files this service's record says a deploy placed in ``directory`` (read at prepare time)."""
+    records = host.get_fact(OwnershipRecords, path=RECORD_DIR)
+    return files_in(records.get(posixpath.basename(record_path(cfg))), directory)
 
 
 def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:
@@ -89,9 +125,12 @@ def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:
 
 
 @role("Ownership")
-def owned(cfg: HostConfig) -> None:
+def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     """Refuse paths and an account the deploy did not create (while pyinfra prepares, before any
-    host changes), then record what this run creates or adopts."""
+    host changes), then record what this run creates or adopts.
+
+    + placed: the model files this run places (absolute paths), recorded before they are sent
+    """
     dirs = configured_dirs(cfg)
     record, everything, legacy = read(cfg)
     user = cfg.service.user if cfg.mode == "native" else None
@@ -102,6 +141,10 @@ def owned(cfg: HostConfig) -> None:
                                 user, exists)
     if problem:
         raise DeployError(f"preflight refused host {host.name}: {problem}")
+    # parents that do not exist yet are made with the directories (``mkdir -p``): recorded, so that
+    # uninstall removes them again when they are empty (``rmdir``, never their content)
+    up = ancestors(dirs.values())
+    new_parents = [p for p, state in host.get_fact(PathStates, paths=up).items() if state == "absent"] if up else []
     files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
     atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
-        f"{line}\n" for line in record_lines(dirs, record, user))), dest=record_path(cfg), mode="644")
+        f"{line}\n" for line in record_lines(dirs, record, user, placed, new_parents))), dest=record_path(cfg), mode="644")

@@ -28,7 +28,7 @@ from llamadeploy.atomic import VerifiedSha256
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
-from llamadeploy.roles import docker
+from llamadeploy.roles import docker, ownership
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import check_image_flags, compose_down, image_tagged
 from llamadeploy.roles.firewall import keepers_removed, kept, rules_path, table_name
@@ -84,7 +84,8 @@ def recorded(cfg: HostConfig, current_id: str) -> None:
                      image=docker.image_ref(cfg) if cfg.mode == "docker" else None)
     releases_pruned(name=f"Releases beyond {cfg.service.keep_releases} previous pruned", records_dir=records_dir(cfg),
                     builds_dir=f"{cfg.service.prefix}/releases", current_link=cfg.current_link,
-                    model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases)
+                    model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases,
+                    placed=sorted(ownership.owned_files(cfg, cfg.model_dir)))
 
 
 def build_dir(cfg: HostConfig, m: Manifest) -> str:

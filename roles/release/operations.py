@@ -69,7 +69,7 @@ def _image_id_command(image: str, entry: str) -> str:
 
 @operation()
 def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_dir: str,
-                    current_id: str, keep: int):
+                    current_id: str, keep: int, placed: list[str] | None = None):
     """
     Remove releases beyond the current one and ``keep`` previous ones: their records, and the
     builds and model files no kept release uses.
@@ -81,6 +81,8 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
       the content kept under ``.kept/<sha256>/`` for releases that ran it)
     + current_id: the release serving now
     + keep: how many previous releases stay reinstatable
+    + placed: names in ``model_dir`` that the host's ownership record says a deploy placed (a
+      release that failed its gate brought them and no record names them)
 
     Runs after the gate, so a release is only pruned once a newer one serves.
     """
@@ -89,7 +91,7 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
     target = posixpath.basename(str(link.get("link_target") or "").rstrip("/")) if link else ""
     plan = prune_plan(records, current_id, keep, host.get_fact(Entries, path=builds_dir),
                       host.get_fact(Entries, path=model_dir), protected_build=target,
-                      kept_models=host.get_fact(Entries, path=posixpath.join(model_dir, ".kept")))
+                      kept_models=host.get_fact(Entries, path=posixpath.join(model_dir, ".kept")), placed=placed)
     if plan.empty:
         host.noop(f"{len(records)} release(s) recorded, nothing beyond {keep} previous to prune")
         return

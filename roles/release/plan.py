@@ -43,7 +43,8 @@ def image_refs(records: list[ReleaseRecord]) -> dict[str, set[str]]:
 
 
 def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds: list[str], models: list[str],
-               protected_build: str = "", kept_models: list[str] | None = None) -> PrunePlan:
+               protected_build: str = "", kept_models: list[str] | None = None,
+               placed: list[str] | None = None) -> PrunePlan:
     """What to remove so that the current release and ``keep`` previous ones stay complete.
 
     Builds and model files are removed only when no kept release uses them; the build
@@ -52,7 +53,8 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
     model-directory files that no recorded release brought (an operator's own files). A docker image goes
     when only pruned releases ran it (images the host has for other reasons are never named), and
     kept model content (``kept_models``: the sha256 directory names under ``.kept``) when no kept
-    release runs it.
+    release runs it. ``placed``: model files the host's ownership record names (roles/ownership),
+    ours as well: a release that failed its gate brought them and is in no record.
     """
     kept = kept_records(records, current_id, keep)
     if not any(r.id == current_id for r in kept):
@@ -61,7 +63,7 @@ def prune_plan(records: list[ReleaseRecord], current_id: str, keep: int, builds:
     used_builds = {r.manifest.release for r in kept if r.manifest.release} | {protected_build}
     used_models = {name for r in kept for name in r.manifest.model_files}
     # only what a recorded release brought: a file an operator put beside ours is not ours to prune
-    brought = {name for r in records for name in r.manifest.model_files}
+    brought = {name for r in records for name in r.manifest.model_files} | set(placed or ())
     drop_builds = [b for b in builds if b not in used_builds and not b.endswith(".partial")]
     drop_models = []
     for name in models:

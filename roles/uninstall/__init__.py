@@ -93,7 +93,7 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
         if keep_models:
             tree_removed(name="Data directory removed, models kept", path=svc.data_dir, keep=cfg.model_dir)
         else:
-            _data_removed(cfg)
+            _data_removed(cfg, ownership.files_in(mine, cfg.model_dir))
 
     account = host.get_fact(Users).get(svc.user)
     # never an account the deploy did not make
@@ -105,22 +105,27 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     if ours(f"dir {svc.cache_dir}"):
         tree_removed(name="Cache directory removed", path=svc.cache_dir)
     record = files.file(name="Ownership record removed", path=ownership.record_path(cfg), present=False)
+    parents = [p for p in ownership.parents_in(mine) if f"parent {p}" not in others]
+    if parents:  # the parents the deploy created for its directories, where nothing else is in them now
+        server.shell(name="Parent directories the deploy created removed (where empty)",
+                     commands=[f"rmdir {shlex.quote(p)} 2>/dev/null || true" for p in parents], _if=record.did_change)
     server.shell(name="Ownership records directory removed (no other service's record in it)",
                  commands=[f"rmdir {shlex.quote(ownership.RECORD_DIR)} 2>/dev/null || true"],
                  _if=[record.did_change, lambda: not others])
 
 
-def _data_removed(cfg: HostConfig) -> None:
-    """The data directory goes; files in the model directory that no release brought stay, with it.
+def _data_removed(cfg: HostConfig, placed: set[str]) -> None:
+    """The data directory goes; files in the model directory that no deploy brought stay, with it.
 
-    What releases brought: every recorded release's model files and the current manifest's
-    (a first deploy that failed its gate is not recorded). An operator's file beside them is
-    theirs, as dpkg leaves a directory it finds other files in.
+    What deploys brought: every recorded release's model files, the current manifest's and what
+    the ownership record names (``placed``: a deploy whose release failed its gate is in no
+    release record). An operator's file beside them is theirs, as dpkg leaves a directory it
+    finds other files in.
     """
     svc = cfg.service
     current = current_release(cfg)
     brought = {n for r in host.get_fact(ReleaseRecords, path=records_dir(cfg)) for n in r.manifest.model_files}
-    brought |= set(current.model_files) if current else set()
+    brought |= (set(current.model_files) if current else set()) | placed
     entries = host.get_fact(Entries, path=cfg.model_dir)
     foreign = foreign_model_entries(entries, brought)
     if not foreign:

@@ -22,7 +22,7 @@ from llamadeploy.bench import PROMPT
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import cli, host_state, merged_data, run_deploy, run_testinfra
+from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, cli, host_state, merged_data, run_deploy, run_testinfra
 
 pytestmark = pytest.mark.e2e
 
@@ -368,10 +368,17 @@ def test_release_that_crashes_at_start_is_rolled_back_by_the_deploy_itself(host,
 def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
     """A first deploy (no release recorded for this service) whose server cannot start: its unit is
     stopped and disabled, so nothing crash-loops, and the run says so. A second service on the same
-    host stands in for a fresh one (its own name, user, directories, records and port)."""
+    host stands in for a fresh one (its own name, user, directories, records and port).
+
+    The failed release's model file is in no release record: the ownership record names it, so
+    the next good deploy (another model) prunes it, and uninstall leaves none of the service's
+    directories (before, the file was no one's: kept by every prune, left as an operator's)."""
     svc = {"name": "llama-first", "user": "llamafirst", "data_dir": "/srv/llama-first/data",
            "config_dir": "/srv/llama-first/etc", "cache_dir": "/srv/llama-first/cache", "prefix": "/opt/llama.cpp"}
+    gemma = merged_data()["llama_model"]
+    (tmp_path / "first-try.gguf").symlink_to(gemma["path"])  # the same weights under another file name
     inv = with_data(host, tmp_path, "first", llama_service=svc,
+                    llama_model={**gemma, "path": str(tmp_path / "first-try.gguf")},
                     llama_server={"port": 8090, "extra_args": ["--lora", "/nonexistent.gguf"]})
     try:
         result = run_deploy(inv)
@@ -385,6 +392,20 @@ def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
         time.sleep(7)  # longer than RestartSec: a crash loop would have restarted it meanwhile
         assert host.ssh(show).stdout == first
         # the service that served before on this host is untouched
+        assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+
+        models = "ls -a /srv/llama-first/data/models"
+        assert "first-try.gguf" in host.ssh(models).stdout.split()
+        good = run_deploy(with_data(host, tmp_path, "first-good", llama_service=svc, llama_server={"port": 8090}))
+        assert good.rc == 0, good.stderr[-4000:]
+        assert httpx.get(f"http://{host.address}:8090/health", timeout=10).status_code == 200
+        left = host.ssh(models).stdout.split()
+        assert "first-try.gguf" not in left and ".first-try.gguf.sha256" not in left, left  # pruned: ours
+        gone = subprocess.run([PYINFRA, "-y", str(tmp_path / "first-good.py"), "llamadeploy.deploy.llama_server_removed"],
+                              cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
+        # nothing of the service stays, not even the parent its directories were created in
+        assert host.ssh("ls -A /srv/llama-first", check=False).returncode != 0
         assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
     finally:
         host.ssh("systemctl disable --now llama-first 2>/dev/null; rm -rf /etc/systemd/system/llama-first.service "

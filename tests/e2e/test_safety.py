@@ -255,6 +255,17 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         result = run_deploy(with_data(host, tmp_path, name, **sections))
         assert result.rc != 0, name
         assert f"preflight refused host {host.address}: {expected}" in result.stderr, (name, result.stderr[-2000:])
+    # a refusal on a later host of the run, after an earlier one's deploy lock was taken: the run
+    # stops and that lock is released too (host_state names a lock left behind)
+    address, conn = host.inventory_entry()
+    two = tmp_path / "two.py"
+    entries = [("good", {**conn, "ssh_hostname": address, **merged_data()}),
+               ("too-big", {**conn, "ssh_hostname": address, **merged_data(llama_limits={"memory": "64T"})})]
+    two.write_text(f"hosts = {entries!r}\n")
+    result = run_deploy(two)
+    assert result.rc != 0
+    assert "preflight refused host too-big: llama_limits.memory = '64T' but this host has " in result.stderr, \
+        result.stderr[-2000:]
     assert host_state(host) == before
     assert host.ssh(foreign).stdout == foreign_before  # mode, owner, size and content of every entry
     assert host.ssh("getent passwd ops").stdout.split(":")[5:7] == ["/home/ops", "/bin/sh\n"]

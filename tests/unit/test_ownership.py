@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from llamadeploy.config import HostConfig
-from llamadeploy.roles.ownership import configured_dirs, ownership_problem, record_lines
+from llamadeploy.roles.ownership import (
+    ancestors,
+    configured_dirs,
+    files_in,
+    ownership_problem,
+    parents_in,
+    record_lines,
+)
 from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
 
 CFG = HostConfig.model_validate({"model": {"path": "/m/m.gguf"}, "server": {"allow_unauthenticated": True},
@@ -58,3 +65,20 @@ def test_facts_parse_records_and_path_states():
     assert OwnershipRecords().process([]) == {}
     states = PathStates().process(["/a\tabsent", "/b\t0 ", "/c\t2 models notes.txt ", "/d\tfile"])
     assert states == {"/a": "absent", "/b": "empty", "/c": "2 models notes.txt", "/d": "file"}
+
+
+def test_model_files_a_run_places_are_recorded_and_read_back_per_directory():
+    lines = record_lines({"f": "/a"}, frozenset({"file /a/models/old.gguf"}), None, ["/a/models/new.gguf"])
+    assert lines == ["dir /a", "file /a/models/new.gguf", "file /a/models/old.gguf"]
+    record = frozenset([*lines, "file /a/models/sub/x.gguf", "file /b/models/y.gguf", "dir /a/models"])
+    assert files_in(record, "/a/models") == {"new.gguf", "old.gguf"}
+    assert files_in(record, "/a/models/") == {"new.gguf", "old.gguf"}
+    assert files_in(None, "/a/models") == set()
+
+
+def test_parents_the_deploy_creates_are_recorded_and_removed_deepest_first():
+    assert ancestors(["/srv/llm/data", "/srv/llm/etc", "/opt/llama.cpp", "/srv/llm/data/"]) == ["/srv/llm", "/opt", "/srv"]
+    lines = record_lines({"f": "/srv/llm/data"}, None, None, parents=["/srv/llm"])
+    assert lines == ["dir /srv/llm/data", "parent /srv/llm"]
+    assert parents_in(frozenset([*lines, "parent /srv", "parent /srv/llm/x"])) == ["/srv/llm/x", "/srv/llm", "/srv"]
+    assert parents_in(None) == []

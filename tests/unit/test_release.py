@@ -40,6 +40,18 @@ def test_prune_keeps_current_and_n_previous_with_their_files():
     assert prune_plan(records, "r4", 3, ["k1", "k2", "k3"], ["a.gguf"]).empty
 
 
+def test_prune_drops_a_file_only_a_failed_release_brought():
+    """A release that failed its gate is in no release record; the ownership record names its
+    model file, so the next prune removes it (and its hash record) instead of keeping it forever."""
+    records = [rec("r1", 1, "k1", "a.gguf"), rec("r2", 2, "k1", "b.gguf")]
+    entries = ["a.gguf", "b.gguf", "failed.gguf", ".failed.gguf.sha256", "operators.gguf"]
+    assert prune_plan(records, "r2", 1, ["k1"], entries).models == []  # before: no one's, kept forever
+    plan = prune_plan(records, "r2", 1, ["k1"], entries, placed=["a.gguf", "b.gguf", "failed.gguf"])
+    assert plan.models == [".failed.gguf.sha256", "failed.gguf"]  # a.gguf: kept release r1 runs it
+    # a file the ownership record names that a kept release runs stays
+    assert "a.gguf" not in prune_plan(records, "r2", 1, ["k1"], entries, placed=["a.gguf"]).models
+
+
 def test_prune_drops_kept_model_content_no_kept_release_runs():
     def with_sha(rid: str, activated: int, sha: str) -> ReleaseRecord:
         r = rec(rid, activated, "k1", "m.gguf")
