@@ -178,13 +178,16 @@ def error_kind(exc: httpx.HTTPError, answered: bool) -> str:
 
 
 async def run_level(url: str, model: str, clients: int, per_client: int, max_tokens: int,
-                    headers: dict[str, str], prompt: str = PROMPT) -> LevelResult:
+                    headers: dict[str, str], prompt: str = PROMPT, keepalive: bool = True) -> LevelResult:
     """``clients`` concurrent clients, each sending ``per_client`` requests back to back
-    over its own kept-alive connection (as an SDK client does)."""
+    over its own kept-alive connection (as an SDK client does); ``keepalive=False``: a new
+    connection per request, which no server-side close can hit (what is left is the server's
+    own speed)."""
     samples: list[Sample] = []
+    limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
 
     async def client_loop(c: int) -> None:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
             for i in range(per_client):
                 samples.append(await _one(client, model, c * 1000 + i, max_tokens, prompt))
 

@@ -136,6 +136,24 @@ def broken_rollout_rolled_back(inventory_with, canary, other, tmp_path: Path) ->
     assert r.status_code == 200
 
 
+def tx_bytes(dev: str) -> int:
+    return int(Path(f"/sys/class/net/{dev}/statistics/tx_bytes").read_text())
+
+
+def nothing_listens(h) -> None:
+    """No peer server, port or fence left on the host."""
+    out = h.ssh("ss -Htln 'sport = :8090'; nft list tables; systemctl list-units --state=active --plain "
+                "--no-legend 'llamadeploy-peer-*'", check=False).stdout
+    assert ":8090" not in out and "llamadeploy_peer" not in out and "llamadeploy-peer-" not in out, (h.name, out)
+    assert h.ssh("test -e /var/cache/llama.cpp/peer", check=False).returncode == 1, h.name
+
+
+def changed_hosts(report: dict, *parts: str) -> list[str]:
+    """Hosts on which an operation whose name contains every one of ``parts`` ran commands."""
+    return sorted(h for op in report["results"]["operations"]
+                  if any(all(p in n for p in parts) for n in op["names"]) for h in op["success"])
+
+
 def veth_bytes(host) -> int:
     """Bytes both ways over a test host's network link so far (its only way to the controller)."""
     stats = Path(f"/sys/class/net/{host.veth}/statistics")

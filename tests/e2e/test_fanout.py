@@ -20,7 +20,17 @@ import pytest
 from llamadeploy.sandbox import assets
 from llamadeploy.sandbox.host import HOSTS_DIR
 from llamadeploy.sandbox.inventory import write_inventory
-from tests.conftest import LOCAL_TIMEOUT, PYINFRA, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy
+from tests.conftest import (
+    LOCAL_TIMEOUT,
+    PYINFRA,
+    REPO,
+    SUBPROCESS_TIMEOUT,
+    changed_hosts,
+    merged_data,
+    nothing_listens,
+    run_deploy,
+    tx_bytes,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +50,6 @@ def lan(testhosts):
     subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], check=False, timeout=LOCAL_TIMEOUT)
 
 
-def tx_bytes(dev: str) -> int:
-    return int(Path(f"/sys/class/net/{dev}/statistics/tx_bytes").read_text())
-
-
 def inventory(path: Path, hosts, mode: str = "fanout") -> Path:
     return write_inventory(path, hosts, merged_data(llama_transfer={"mode": mode}))
 
@@ -58,22 +64,8 @@ def model_sha(h) -> str:
     return h.ssh(f"sha256sum {MODEL} 2>/dev/null | cut -c1-64", check=False).stdout.strip()
 
 
-def nothing_listens(h) -> None:
-    """No peer server, port or fence left on the host."""
-    out = h.ssh("ss -Htln 'sport = :8090'; nft list tables; systemctl list-units --state=active --plain "
-                "--no-legend 'llamadeploy-peer-*'", check=False).stdout
-    assert ":8090" not in out and "llamadeploy_peer" not in out and "llamadeploy-peer-" not in out, (h.name, out)
-    assert h.ssh("test -e /var/cache/llama.cpp/peer", check=False).returncode == 1, h.name
-
-
 def drop_model(h) -> None:
     h.ssh(f"rm -f {MODEL} {MODEL}.partial {MODEL}.partial.aria2 /var/lib/llama-server/models/.*.sha256")
-
-
-def changed_hosts(report: dict, *parts: str) -> list[str]:
-    """Hosts on which an operation whose name contains every one of ``parts`` ran commands."""
-    return sorted(h for op in report["results"]["operations"]
-                  if any(all(p in n for p in parts) for n in op["names"]) for h in op["success"])
 
 
 def test_deploy_sends_model_and_release_once_then_nothing_listens(lan, tmp_path):

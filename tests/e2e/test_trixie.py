@@ -1,7 +1,8 @@
 """Debian 13 (trixie) in every run, without a llama.cpp compile: a trixie front (HAProxy 3.0)
 and a trixie monitor (Prometheus 2.53, node exporters on trixie) over two bookworm servers
 (they receive the release test_native put in the controller's cache), deployed in one run; a
-rollout through the trixie front; docker mode on Debian 13's own engine; a trixie controller.
+rollout through the trixie front; fan-out between two trixie hosts; docker mode on Debian 13's
+own engine; a trixie controller.
 
 A native trixie server compiles llama.cpp (about 8 minutes of both CPUs of the CI machine): that
 and what needs it (the hardened unit on systemd 257, the mixed bookworm/trixie build) are in
@@ -28,11 +29,14 @@ from tests.conftest import (
     REPO,
     SUBPROCESS_TIMEOUT,
     broken_rollout_rolled_back,
+    changed_hosts,
     failure_text,
     host_state,
     merged_data,
+    nothing_listens,
     run_deploy,
     run_testinfra,
+    tx_bytes,
 )
 
 pytestmark = pytest.mark.e2e
@@ -183,6 +187,39 @@ def test_rollout_through_the_trixie_front_rolls_a_broken_canary_back(hosts, flee
     canary, other = hosts["tb1"], hosts["tb2"]
     broken_rollout_rolled_back(lambda path, **sections: write(path, hosts, **sections), canary, other, tmp_path)
     wait_for(lambda: server_up(hosts, canary.address), 60, "the canary back in the front")
+
+
+def test_fanout_between_trixie_hosts(hosts, fleet, tmp_path):
+    """Fan-out's parts on Debian 13 (busybox httpd serving a peer, aria2c pulling from it, the
+    nftables fence between them): a model staged on the two trixie hosts in one run, as before a
+    rollout. The controller sends it once, the other host pulls it from its peer, both verify it,
+    and nothing stays listening. (They are the front and the monitor of the fleet above, here
+    listed as servers: staging needs no build, and a trixie server compiles for 8 minutes.)"""
+    from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
+    from llamadeploy.sandbox.inventory import write_inventory
+
+    pair = [hosts["tfd"], hosts["tmon"]]
+    inv = write_inventory(tmp_path / "stage.py", pair, merged_data(llama_transfer={"mode": "fanout"}))
+    try:
+        before = tx_bytes("vz-trixie")
+        staged = subprocess.run([PYINFRA, "-y", "--json", str(inv), "llamadeploy.deploy.llama_model_staged"],
+                                cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        sent = tx_bytes("vz-trixie") - before
+        assert staged.returncode == 0, (staged.stdout + staged.stderr)[-4000:]
+        print(f"controller sent {sent / MODEL_SIZE:.2f}x the model for two trixie hosts")
+        assert MODEL_SIZE <= sent < 1.5 * MODEL_SIZE, sent
+        report = json.loads(staged.stdout)
+        pushed = changed_hosts(report, "gguf: the controller's one push")
+        assert len(pushed) == 1 and changed_hosts(report, "gguf: round", "pull") == \
+            [h.address for h in pair if h.address not in pushed], report["results"]["operations"]
+        for h in pair:
+            path = "/var/lib/llama-server/models/gemma-3-270m-q4_k_m.gguf"
+            assert h.ssh(f"sha256sum {path}").stdout.split()[0] == MODEL_SHA256, h.name
+            nothing_listens(h)
+        print(versions(pair[1], "busybox", "aria2", "nftables"))
+    finally:
+        for h in pair:
+            h.ssh("rm -rf /var/lib/llama-server", check=False)
 
 
 @pytest.fixture(scope="module")

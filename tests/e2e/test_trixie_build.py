@@ -3,8 +3,8 @@ marker ``trixie_build``, deselected by default (``./scripts/test -m trixie_build
 
 The trixie server compiles llama.cpp with trixie's GCC 14 (no cache holds a trixie release);
 the bookworm server receives the bookworm release that test_native put in the controller's
-cache. Then: the hardened unit on systemd 257, the shipped testinfra suite, and a rollout of a
-broken release rolled back on the trixie canary.
+cache. Then: the hardened unit on systemd 257, the shipped testinfra suite, a rollout of a
+broken release rolled back on the trixie canary, and a trixie RPC worker fenced to its head.
 
 Why behind a marker: a cold llama.cpp compile is about 8 minutes of both CPUs of the CI
 machine, and CI's whole run must stay under 35 minutes; measured in the run that added it, the
@@ -156,3 +156,32 @@ def test_rollout_of_a_broken_release_rolls_the_trixie_canary_back(hosts, fleet, 
     broken_rollout_rolled_back(lambda path, **sections: write(path, hosts, **sections), canary, other, tmp_path)
 
 
+
+
+def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, testhosts, tmp_path):
+    """ggml-rpc-server on Debian 13: a trixie worker receives the trixie release from the
+    controller's cache (no second compile), holds part of the layers of a head that cannot hold
+    the model alone (640M, as in test_rpc), and its nftables fence admits only the head: the
+    bookworm host on the same LAN cannot connect."""
+    tn, tb = hosts["tn"], hosts["tb"]
+    tw = testhosts("tw", 99, lan="trixieb", distro="trixie")
+
+    def entry(h, data):
+        name, conn = h.inventory_entry()
+        return (name, {**conn, **data})
+
+    head = merged_data(llama_rpc={"workers_group": "rpc_workers"}, llama_limits={"memory": "640M"})
+    worker = {**merged_data(), "llama_role": "rpc_worker", "llama_limits": {"memory": "512M"}}
+    inv = tmp_path / "rpc.py"
+    inv.write_text(f"heads = {[entry(tn, head)]!r}\nrpc_workers = {[entry(tw, worker)]!r}\n")
+    result = run_deploy(inv)
+    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    assert op_hosts(result, "Build llama-server") == []  # the worker received trixie's release
+    unit = tn.ssh("cat /etc/systemd/system/llama-server.service").stdout
+    assert f"--rpc {tw.address}:50052" in unit, unit
+    assert chat(f"http://{tn.address}:8080").status_code == 200
+    assert f"{tn.address}:" in tw.ssh("ss -Htn state established 'sport = :50052'").stdout
+    assert compiler(tw) == "14"
+    probe = tb.ssh(f"timeout 5 bash -c 'exec 3<>/dev/tcp/{tw.address}/50052'", check=False)
+    assert probe.returncode != 0, "the bookworm host reached the worker's port"
+    print("trixie worker:", versions(tw, "nftables"), tw.ssh("ps -o rss= -C ggml-rpc-server").stdout.strip(), "KiB")
