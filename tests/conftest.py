@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +155,41 @@ def changed_hosts(report: dict, *parts: str) -> list[str]:
     """Hosts on which an operation whose name contains every one of ``parts`` ran commands."""
     return sorted(h for op in report["results"]["operations"]
                   if any(all(p in n for p in parts) for n in op["names"]) for h in op["success"])
+
+
+def wait_for(pred: Any, seconds: float = 60, what: str = "") -> None:
+    """Until ``pred()`` is true, polled every half second; fails naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_for_table(h: Any, table: str, timeout: float = 15) -> None:
+    """Until ``table inet TABLE`` is in ``h``'s ruleset (its guard loads it within moments)."""
+    deadline = time.monotonic() + timeout
+    while h.ssh(f"nft list table inet {table}", check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"{h.name}: table {table} was not loaded again within {timeout} s"
+        time.sleep(0.5)
+
+
+def front_metrics(front: Any) -> str:
+    """A front's HAProxy exporter, read over HTTP (the test's own channel, not the deploy's)."""
+    return httpx.get(f"http://{front.address}:8405/metrics", timeout=10).text
+
+
+def front_server_up(front: Any, name: str) -> bool:
+    """Whether HAProxy at ``front`` has backend server ``name`` UP."""
+    return re.search(rf'^haproxy_server_status\{{proxy="llama_servers",server="{re.escape(name)}",state="UP"\}} 1$',
+                     front_metrics(front), re.M) is not None
+
+
+def front_served_by(front: Any) -> dict[str, int]:
+    """2xx responses per backend server, from HAProxy's own exporter."""
+    pattern = r'^haproxy_server_http_responses_total\{proxy="llama_servers",server="([^"]+)",code="2xx"\} (\d+)'
+    return {m.group(1): int(m.group(2)) for m in re.finditer(pattern, front_metrics(front), re.M)}
 
 
 def veth_bytes(host) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import socket
 import ssl
 import subprocess
@@ -29,8 +30,11 @@ from tests.conftest import (
     SUBPROCESS_TIMEOUT,
     dashboard_gaps,
     failure_text,
+    front_served_by,
+    front_server_up,
     merged_data,
     run_deploy,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")]
@@ -77,28 +81,11 @@ def front_url(hosts) -> str:
 
 
 def served_by(hosts) -> dict[str, int]:
-    """2xx responses per backend server, from HAProxy's own Prometheus exporter."""
-    text = httpx.get(f"http://{hosts['fd'].address}:8405/metrics", timeout=10).text
-    out = {}
-    for m in re.finditer(r'^haproxy_server_http_responses_total\{proxy="llama_servers",server="([^"]+)",code="2xx"\} (\d+)',
-                         text, re.M):
-        out[m.group(1)] = int(m.group(2))
-    return out
+    return front_served_by(hosts["fd"])
 
 
 def server_up(hosts, name: str) -> bool:
-    text = httpx.get(f"http://{hosts['fd'].address}:8405/metrics", timeout=10).text
-    return re.search(rf'^haproxy_server_status\{{proxy="llama_servers",server="{re.escape(name)}",state="UP"\}} 1$',
-                     text, re.M) is not None
-
-
-def wait_for(pred, seconds: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return front_server_up(hosts["fd"], name)
 
 
 def chat(base: str, **kw) -> httpx.Response:
@@ -497,16 +484,23 @@ def test_dashboards_show_data_from_the_real_metrics(hosts, fleet):
 
 class Receivers:
     """What a person's tools would receive, on this machine at the monitor's LAN gateway: a webhook
-    endpoint (http.server) and a mail relay (aiosmtpd, SMTP without TLS), both recording."""
+    endpoint (http.server) and a mail smarthost (aiosmtpd) as a company's relay runs: STARTTLS
+    required, with a certificate from the company's own CA (``ca``, made here), and SMTP AUTH
+    required over it. Both record what arrived, and the relay every login it accepted."""
 
-    def __init__(self, address: str) -> None:
+    USER, PASSWORD = "alerts", "smtp-pass-0123456789abcdef"
+
+    def __init__(self, address: str, workdir: Path) -> None:
         import http.server
 
         from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
 
         self.hooks: list[tuple[str, dict]] = []  # (Authorization header, body)
         self.mails: list[str] = []
-        hooks = self.hooks
+        self.logins: list[str] = []
+        hooks, logins = self.hooks, self.logins
+        self.ca, cert, key = smtp_certificate(workdir, address)
 
         class Hook(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
@@ -527,10 +521,23 @@ class Receivers:
                 mails.append(envelope.content.decode(errors="replace"))
                 return "250 OK"
 
+        def authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
+            ok = isinstance(auth_data, LoginPassword) and \
+                (auth_data.login, auth_data.password) == (self.USER.encode(), self.PASSWORD.encode())
+            if ok:
+                logins.append(f"{mechanism} {auth_data.login.decode()} tls={session.ssl is not None}")
+            return AuthResult(success=ok)
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
         with socket.socket() as probe:  # a free port (aiosmtpd needs one named)
             probe.bind((address, 0))
             port = probe.getsockname()[1]
-        self.smtp = Controller(Relay(), hostname=address, port=port)
+        # PLAIN only: aiosmtpd's LOGIN prompts ("User Name\\0") are not the "Username:" that
+        # mail servers send and Alertmanager's LOGIN expects; it would cancel the login
+        self.smtp = Controller(Relay(), hostname=address, port=port, tls_context=tls, require_starttls=True,
+                               auth_required=True, auth_require_tls=True, authenticator=authenticator,
+                               auth_exclude_mechanism=["LOGIN"])
         self.smtp.start()
 
     @property
@@ -547,25 +554,51 @@ class Receivers:
         self.smtp.stop()
 
 
+def smtp_certificate(workdir: Path, address: str) -> tuple[str, str, str]:
+    """A CA and a server certificate for ``address`` (an IP SAN) signed by it: (ca, cert, key)."""
+    ca_key, ca, key, csr, cert = (str(workdir / n) for n in ("ca.key", "ca.crt", "smtp.key", "smtp.csr", "smtp.crt"))
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=LOCAL_TIMEOUT)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=llamadeploy test CA",
+            "-keyout", ca_key, "-out", ca)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={address}", "-keyout", key, "-out", csr)
+    ext = workdir / "san.ext"
+    ext.write_text(f"subjectAltName = IP:{address}\n")
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+            "-extfile", str(ext), "-out", cert)
+    return ca, cert, key
+
+
 def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
     """Alertmanager on the monitor, fed by its Prometheus: a stopped server fires LlamaTargetDown,
     which arrives at the webhook (with the bearer token from a 0600 controller file) and as mail
-    through the relay; its slow-tokens alert on the same host is inhibited; Alertmanager listens
-    on the monitor's loopback only. Without receivers, the next deploy stops it again."""
+    through a smarthost that requires STARTTLS and SMTP AUTH (the password from a 0600 controller
+    file; the relay's certificate from a CA the monitor host trusts, as a company's internal CA);
+    its slow-tokens alert on the same host is inhibited; Alertmanager listens on the monitor's
+    loopback only. Without receivers, the next deploy stops it again."""
     mon, be2 = hosts["mon"], hosts["be2"]
-    rx = Receivers(mon.gateway)
+    rx = Receivers(mon.gateway, tmp_path)
     token = tmp_path / "hook-token"
     token.write_text("hook-token-0123456789abcdef\n")
     token.chmod(0o600)
+    password = tmp_path / "smtp-password"
+    password.write_text(rx.PASSWORD + "\n")
+    password.chmod(0o600)
+    # the operator's part: the host trusts the company's CA (Debian's way: ca-certificates)
+    trusted = "/usr/local/share/ca-certificates/llamadeploy-test-ca.crt"
+    mon.ssh("command -v update-ca-certificates >/dev/null || apt-get install -y -q ca-certificates >/dev/null")
+    mon.ssh(f"printf '%s' {shlex.quote(Path(rx.ca).read_text())} > {trusted} && update-ca-certificates >/dev/null")
     try:
         inv = write(tmp_path / "alerts.py", hosts, monitor={"alertmanager": {
             "webhook": {"url": rx.webhook_url, "token_file": str(token)},
             "email": {"to": ["oncall@example.com"], "sender": "alerts@example.com", "smarthost": rx.smarthost,
-                      "require_tls": False},
+                      "require_tls": True, "username": rx.USER, "password_file": str(password)},
             "group_wait": "5s", "group_interval": "10s"}})
         result = run_deploy(inv, "--limit", mon.address)
         assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
-        assert "hook-token-0123456789abcdef" not in result.stdout + result.stderr
+        assert "0123456789abcdef" not in result.stdout + result.stderr  # neither secret
         listening = mon.ssh("ss -Hltn 'sport = :9093 or sport = :9094'").stdout.split("\n")
         assert [ln.split()[3] for ln in listening if ln.strip()] == ["127.0.0.1:9093"], listening
         assert mon.ssh("stat -c '%a %U' /etc/prometheus/alertmanager-webhook-token").stdout.split() == ["600", "prometheus"]
@@ -586,6 +619,9 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
         assert auth == {"Bearer hook-token-0123456789abcdef"}, auth
         wait_for(lambda: any("LlamaTargetDown" in m and "oncall@example.com" in m for m in rx.mails), 60,
                  "the mail at the relay")
+        # delivered only after a login over TLS with the password from the controller's file
+        assert rx.logins and all(login.endswith(f" {rx.USER} tls=True") for login in rx.logins), rx.logins
+        assert "0123456789abcdef" not in mon.ssh("journalctl -u prometheus-alertmanager --no-pager").stdout
         # what follows from the down host on the same host is held back (inhibited), not sent
         mon.ssh("amtool --alertmanager.url=http://127.0.0.1:9093 alert add LlamaTokensPerSecondDropped "
                 f"instance={instance} severity=warning")
@@ -597,6 +633,7 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
                     if a["labels"]["alertname"] == "LlamaTokensPerSecondDropped"], rx.hooks
     finally:
         be2.ssh("systemctl start llama-server", check=False)
+        mon.ssh(f"rm -f {trusted} && update-ca-certificates --fresh >/dev/null", check=False)
         rx.close()
     wait_for(lambda: server_up(hosts, be2.address), 120, "be2 back behind the front")
     # receivers removed: the Alertmanager this deploy installed is stopped, its secret gone
@@ -604,6 +641,7 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
     assert plain.rc == 0, plain.stderr[-3000:]
     assert mon.ssh("systemctl is-active prometheus-alertmanager", check=False).stdout.strip() == "inactive"
     assert mon.ssh("test -e /etc/prometheus/alertmanager-webhook-token", check=False).returncode == 1
+    assert mon.ssh("test -e /etc/prometheus/alertmanager-smtp-password", check=False).returncode == 1
     assert "alerting:" not in mon.ssh("cat /etc/prometheus/prometheus.yml").stdout
 
 

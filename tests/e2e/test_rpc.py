@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LOCAL_TIMEOUT, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy
+from tests.conftest import LOCAL_TIMEOUT, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy, wait_for_table
 
 pytestmark = pytest.mark.e2e
 
@@ -140,16 +140,6 @@ def test_fence_survives_a_firewall_restart_and_a_flushed_ruleset(group, deployed
     assert w1.ssh("systemctl show -p MainPID --value ggml-rpc-server").stdout.strip() == pid
     events = w1.ssh("journalctl -q -u ggml-rpc-server-fence -o cat").stdout
     assert w1.ssh("systemctl is-active ggml-rpc-server-fence").stdout.strip() == "active", events
-
-
-def wait_for_table(h, table: str, timeout: float = 15) -> None:
-    """Until ``table inet TABLE`` is in ``h``'s ruleset (its guard loads it within moments)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while h.ssh(f"nft list table inet {table}", check=False).returncode != 0:
-        assert time.monotonic() < deadline, f"{h.name}: table {table} was not loaded again within {timeout} s"
-        time.sleep(0.5)
 
 
 def httpx_wait_health(head) -> None:

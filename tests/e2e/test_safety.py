@@ -18,7 +18,7 @@ import pytest
 from llamadeploy.bench import wait_healthy
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import cli, host_state, merged_data, run_deploy
+from tests.conftest import cli, host_state, merged_data, run_deploy, wait_for_table
 
 pytestmark = pytest.mark.e2e
 
@@ -465,14 +465,6 @@ def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
     assert result.keepalive_drops <= 0.25 * result.requests, result
     assert result.ok >= 8 and result.tokens > 0
     assert len(result.rss_kib) >= 5 and result.rss_growth is not None and result.rss_growth < 0.10, result.rss_kib
-
-
-def wait_for_table(h, table: str, timeout: float = 15) -> None:
-    """Until ``table inet TABLE`` is in ``h``'s ruleset (its guard loads it within moments)."""
-    deadline = time.monotonic() + timeout
-    while h.ssh(f"nft list table inet {table}", check=False).returncode != 0:
-        assert time.monotonic() < deadline, f"table {table} was not loaded again within {timeout} s"
-        time.sleep(0.5)
 
 
 def wait_until_inactive(h, unit: str, timeout: float = 30) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -31,12 +30,15 @@ from tests.conftest import (
     broken_rollout_rolled_back,
     changed_hosts,
     failure_text,
+    front_served_by,
+    front_server_up,
     host_state,
     merged_data,
     nothing_listens,
     run_deploy,
     run_testinfra,
     tx_bytes,
+    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -71,32 +73,8 @@ def fleet(hosts, tmp_path_factory):
     inv = write(tmp_path_factory.mktemp("trixie") / "inv.py", hosts)
     result = run_deploy(inv)
     assert result.rc == 0, failure_text(result)
-    wait_for(lambda: all(server_up(hosts, hosts[n].address) for n in ("tb1", "tb2")), 90, "both servers up")
+    wait_for(lambda: all(front_server_up(hosts["tfd"], hosts[n].address) for n in ("tb1", "tb2")), 90, "both servers up")
     return inv, result
-
-
-def wait_for(pred, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def exporter(hosts) -> str:
-    return httpx.get(f"http://{hosts['tfd'].address}:8405/metrics", timeout=10).text
-
-
-def server_up(hosts, name: str) -> bool:
-    return re.search(rf'^haproxy_server_status\{{proxy="llama_servers",server="{re.escape(name)}",state="UP"\}} 1$',
-                     exporter(hosts), re.M) is not None
-
-
-def served_by(hosts) -> dict[str, int]:
-    """2xx responses per backend server, from HAProxy's own exporter."""
-    pattern = r'^haproxy_server_http_responses_total\{proxy="llama_servers",server="([^"]+)",code="2xx"\} (\d+)'
-    return {m.group(1): int(m.group(2)) for m in re.finditer(pattern, exporter(hosts), re.M)}
 
 
 def chat(base: str) -> httpx.Response:
@@ -129,13 +107,13 @@ def test_front_on_haproxy_30_checks_and_drains(hosts, fleet):
         state = fd.ssh("echo 'show servers state llama_servers' | socat stdio /run/haproxy/admin.sock").stdout
         assert any(ln.split()[3] == srv.address and ln.split()[6] == "8" for ln in state.splitlines()
                    if len(ln.split()) > 7), state  # srv_admin_state 8: drained
-        before = served_by(hosts)
+        before = front_served_by(hosts["tfd"])
         for _ in range(8):
             assert chat(f"http://{fd.address}:8080").status_code == 200
-        assert served_by(hosts).get(srv.address, 0) == before.get(srv.address, 0)
+        assert front_served_by(hosts["tfd"]).get(srv.address, 0) == before.get(srv.address, 0)
     finally:
         set_state("ready")
-    wait_for(lambda: server_up(hosts, srv.address), 30, "tb1 ready again")
+    wait_for(lambda: front_server_up(hosts["tfd"], srv.address), 30, "tb1 ready again")
 
 
 def test_monitor_on_trixie_scrapes_every_target(hosts, fleet):
@@ -186,7 +164,7 @@ def test_rollout_through_the_trixie_front_rolls_a_broken_canary_back(hosts, flee
     server is never touched."""
     canary, other = hosts["tb1"], hosts["tb2"]
     broken_rollout_rolled_back(lambda path, **sections: write(path, hosts, **sections), canary, other, tmp_path)
-    wait_for(lambda: server_up(hosts, canary.address), 60, "the canary back in the front")
+    wait_for(lambda: front_server_up(hosts["tfd"], canary.address), 60, "the canary back in the front")
 
 
 def test_fanout_between_trixie_hosts(hosts, fleet, tmp_path):
