@@ -316,12 +316,12 @@ def hub_env(tmp_path, monkeypatch):
 #: minutes each e2e module took beside two others on 2 cores (JUnit times, 2026-12-04), only to
 #: hand the longest module left to the next free worker (a module not listed counts as its number
 #: of tests)
-MODULE_MINUTES = {
-    "tests/e2e/test_front.py": 10.6, "tests/e2e/test_rollout.py": 9.5, "tests/e2e/test_safety.py": 9.2,
-    "tests/e2e/test_faults.py": 8.0, "tests/e2e/test_docker.py": 4.5, "tests/e2e/test_fanout.py": 4.4,
-    "tests/e2e/test_router.py": 3.7, "tests/e2e/test_hub.py": 3.2, "tests/e2e/test_front_models.py": 2.5,
-    "tests/e2e/test_rpc.py": 2.1, "tests/e2e/test_uninstall.py": 1.6, "tests/e2e/test_molecule.py": 1.1,
-    "tests/e2e/test_trixie.py": 7.5,  # measured warm beside two other modules; four hosts, docker, a pip install
+MODULE_MINUTES = {  # benchmarks/SUITE.md: the cold run of a974f24, beside two other modules each
+    "tests/e2e/test_front.py": 16.2, "tests/e2e/test_rollout.py": 12.1, "tests/e2e/test_safety.py": 11.6,
+    "tests/e2e/test_trixie.py": 8.5, "tests/e2e/test_faults.py": 6.9, "tests/e2e/test_docker.py": 4.5,
+    "tests/e2e/test_fanout.py": 3.8, "tests/e2e/test_router.py": 3.7, "tests/e2e/test_hub.py": 3.2,
+    "tests/e2e/test_front_models.py": 3.1, "tests/e2e/test_rpc.py": 2.2, "tests/e2e/test_uninstall.py": 1.6,
+    "tests/e2e/test_molecule.py": 1.3,
 }
 
 

@@ -51,8 +51,9 @@ def hosts(testhosts):
             "tmon": testhosts("tmon", 94, lan="trixie", distro="trixie")}
 
 
-def write(path: Path, hosts, **server) -> Path:
-    """The bookworm servers (``canary`` and ``servers`` groups), the trixie front and monitor."""
+def write(path: Path, hosts, monitor: dict | None = None, **server) -> Path:
+    """The bookworm servers (``canary`` and ``servers`` groups), the trixie front and monitor
+    (``monitor``: more of its ``llama_monitor``)."""
     def entry(h, **data):
         name, conn = h.inventory_entry()
         return (name, {**conn, **data})
@@ -63,7 +64,7 @@ def write(path: Path, hosts, **server) -> Path:
         f"canary = {[entry(hosts['tb1'], **sections)]!r}\n"
         f"servers = {[entry(hosts['tb2'], **sections)]!r}\n"
         f"front = {[entry(hosts['tfd'], **merged_data(), llama_role='front', llama_front={'check_interval': 1, 'metrics_allow_from': controller})]!r}\n"
-        f"monitor = {[entry(hosts['tmon'], **merged_data(), llama_role='monitor', llama_monitor={'scrape_interval': '2s', 'allow_from': controller})]!r}\n"
+        f"monitor = {[entry(hosts['tmon'], **merged_data(), llama_role='monitor', llama_monitor={'scrape_interval': '2s', 'allow_from': controller, **(monitor or {})})]!r}\n"
     )
     return path
 
@@ -136,6 +137,36 @@ def test_monitor_on_trixie_scrapes_every_target(hosts, fleet):
     units = httpx.get(f"{api}/query", timeout=10, params={
         "query": 'node_systemd_unit_state{name="haproxy.service",state="active"} == 1'}).json()["data"]["result"]
     assert [r["metric"]["instance"] for r in units] == [f"{hosts['tfd'].address}:9100"], units
+
+
+def test_alertmanager_on_trixie_takes_the_config_and_prometheus_sends_to_it(hosts, fleet, tmp_path):
+    """Trixie's Alertmanager (0.28): the rendered config passes its own ``amtool check-config``
+    (the deploy runs it before the config replaces the old one, and so does this test), it listens
+    on loopback only with the webhook's token in a 0600 file, and Prometheus sends to it. Without
+    receivers the next deploy stops it again. (Delivery to a person is proven on bookworm, in
+    test_front: the same config, rendered by the same template.)"""
+    mon = hosts["tmon"]
+    token = tmp_path / "hook-token"
+    token.write_text("hook-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    am = {"alertmanager": {"webhook": {"url": f"http://{mon.gateway}:9/alerts", "token_file": str(token)},
+                           "email": {"to": ["oncall@example.com"], "sender": "alerts@example.com",
+                                     "smarthost": f"{mon.gateway}:25"}}}
+    result = run_deploy(write(tmp_path / "am.py", hosts, monitor=am), "--limit", mon.address)
+    assert result.rc == 0, failure_text(result)
+    assert "0123456789abcdef" not in result.stdout + result.stderr
+    assert versions(mon, "prometheus-alertmanager")["prometheus-alertmanager"].startswith("0.28"), \
+        versions(mon, "prometheus-alertmanager")
+    assert mon.ssh("amtool check-config /etc/prometheus/alertmanager.yml").returncode == 0
+    listening = mon.ssh("ss -Hltn 'sport = :9093 or sport = :9094'").stdout.split("\n")
+    assert [ln.split()[3] for ln in listening if ln.strip()] == ["127.0.0.1:9093"], listening
+    assert mon.ssh("stat -c '%a %U' /etc/prometheus/alertmanager-webhook-token").stdout.split() == ["600", "prometheus"]
+    api = f"http://{mon.address}:9090/api/v1"
+    wait_for(lambda: [a["url"] for a in httpx.get(f"{api}/alertmanagers", timeout=10).json()["data"]
+                      ["activeAlertmanagers"]] == ["http://127.0.0.1:9093/api/v2/alerts"], 30, "Prometheus -> Alertmanager")
+    plain = run_deploy(write(tmp_path / "plain.py", hosts), "--limit", mon.address)
+    assert plain.rc == 0, failure_text(plain)
+    assert mon.ssh("systemctl is-active prometheus-alertmanager", check=False).stdout.strip() == "inactive"
 
 
 def test_a_system_no_test_covers_is_refused_and_nothing_changes(hosts, fleet):
