@@ -4,9 +4,9 @@ What the product's router depends on, on a lent NVIDIA machine: llama-server b11
 the product's CUDA options (``gpu_device.build``: the ``NvidiaGpus``/``CudaToolkit`` facts and
 ``cuda_cmake_args``), started in router mode from a preset like the one ``roles/router`` renders,
 with the real embedding model of ``test_router_embedding`` (all-MiniLM-L6-v2, f16) twice: one
-instance with every layer on the GPU, one on the CPU (``n-gpu-layers = 0``). It checks that the
-GPU instance offloads all layers and shows in ``nvidia-smi``, that its vectors equal the CPU
-instance's, and times both. It also records the ``nvidia-smi`` query a GPU-metrics textfile
+instance with every layer on the GPU, one with ``n-gpu-layers = 0``, one with ``device = none``.
+It records where each child put its layers and what GPU memory each holds, compares their
+vectors, and times each. It also records the ``nvidia-smi`` query a GPU-metrics textfile
 collector would run. No systemd there, no chat model (the 241 MiB Gemma does not fit the call's
 64 MiB): what it shows is stated in the page it writes.
 
@@ -66,10 +66,12 @@ def run(src: Path, model: Path, out: Path) -> None:
                       f"[embed-gpu]\nmodel = {model.resolve()}\nembeddings = true\npooling = mean\n"
                       f"n-gpu-layers = all\nload-on-startup = true\n\n"
                       f"[embed-cpu]\nmodel = {model.resolve()}\nembeddings = true\npooling = mean\n"
-                      f"n-gpu-layers = 0\nload-on-startup = true\n")
+                      f"n-gpu-layers = 0\nload-on-startup = true\n\n"
+                      f"[embed-none]\nmodel = {model.resolve()}\nembeddings = true\npooling = mean\n"
+                      f"n-gpu-layers = 0\ndevice = none\nload-on-startup = true\n")
     res["preset"] = preset.read_text()
     log = out / "router.log"
-    args = [str(work / "build" / "bin" / "llama-server"), "--models-preset", str(preset), "--models-max", "2",
+    args = [str(work / "build" / "bin" / "llama-server"), "--models-preset", str(preset), "--models-max", "3",
             "--host", "127.0.0.1", "--port", str(PORT), "--metrics"]
     res["args"] = args[1:]
     proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -78,14 +80,14 @@ def run(src: Path, model: Path, out: Path) -> None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/models", timeout=5) as r:
                     models = json.loads(r.read())["data"]
-                if all(m["status"]["value"] == "loaded" for m in models) and len(models) == 2:
+                if all(m["status"]["value"] == "loaded" for m in models) and len(models) == 3:
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         res["models"] = models
         vecs = {}
-        for alias in ("embed-gpu", "embed-cpu"):
+        for alias in ("embed-gpu", "embed-cpu", "embed-none"):
             data = post("/v1/embeddings", {"model": alias, "input": TEXTS})["data"]
             vecs[alias] = [d["embedding"] for d in data]
             t0 = time.perf_counter()
@@ -95,6 +97,7 @@ def run(src: Path, model: Path, out: Path) -> None:
         g = vecs["embed-gpu"]
         res["dims"] = [len(v) for v in g]
         res["gpu_vs_cpu_cosine"] = [round(cosine(a, b), 6) for a, b in zip(g, vecs["embed-cpu"], strict=True)]
+        res["gpu_vs_none_cosine"] = [round(cosine(a, b), 6) for a, b in zip(g, vecs["embed-none"], strict=True)]
         res["retrieval"] = [round(cosine(g[0], v), 4) for v in g[1:]]
         res["compute_apps"] = sh("nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader")
         res["children"] = sh(f"ps -o pid=,args= --ppid {proc.pid}")
@@ -129,30 +132,33 @@ beside this page). Machine: {gpu['name']} ({gpu['memory_total_mib']} MiB, driver
 {b['cuda']}, {b['cores']} cores, no systemd. The build: the product's CUDA options
 (`{b['release_kind']}`), {b['build_s']} s.
 
-One `llama-server` in router mode (`{' '.join(res['args'][:4])} ...`), its preset two instances of
-the real embedding model of `test_router_embedding` (all-MiniLM-L6-v2, f16): `embed-gpu` with
-`n-gpu-layers = all`, `embed-cpu` with `n-gpu-layers = 0`.
+One `llama-server` in router mode (`{' '.join(res['args'][:4])} ...`); its preset holds
+the real embedding model of `test_router_embedding` (all-MiniLM-L6-v2, f16) three times:
+`embed-gpu` with `n-gpu-layers = all`, `embed-cpu` with `n-gpu-layers = 0`, `embed-none` with
+`n-gpu-layers = 0` and `device = none`.
 
 | check | result |
 |---|---|
 | where the children put their layers (their logs) | {'; '.join(placed) or 'no line found'} |
 | GPU memory per child (`nvidia-smi --query-compute-apps`) | {'; '.join(gpu_mem) or 'none'} |
 | dimensions | {res['dims']} |
-| GPU vectors against CPU vectors (cosine, 4 texts) | {res['gpu_vs_cpu_cosine']} ({'same' if ok else 'DIFFERENT'}) |
+| `embed-gpu` vectors against `embed-cpu`'s (cosine, 4 texts) | {res['gpu_vs_cpu_cosine']} ({'same' if ok else 'DIFFERENT'}) |
+| `embed-gpu` vectors against `embed-none`'s | {res['gpu_vs_none_cosine']} |
 | retrieval on the GPU (query against the 3 documents) | {res['retrieval']} |
 | texts/s, 10 requests of 16 texts, GPU | {res['embed-gpu_texts_per_s']} |
 | texts/s, the same, `n-gpu-layers = 0` | {res['embed-cpu_texts_per_s']} |
+| texts/s, the same, `device = none` | {res['embed-none_texts_per_s']} |
 
 What this shows: the router starts a child per preset section, each with its own
-`n-gpu-layers`, and the GPU child's vectors equal the other child's. **`n-gpu-layers = 0` is
-not "off the GPU" on a CUDA build:** that child held GPU memory too, as the table shows (why, this
-run does not say). A model meant to stay off the GPU should get `device = none` (`--device none`,
-what `gpu_device.py`'s CPU bench uses; not checked in this run). What it does not show: the product does not deploy router mode on CUDA hosts yet (docs/router.md,
+`n-gpu-layers`, and the three children give the same vectors. **`n-gpu-layers = 0` is not "off
+the GPU" on a CUDA build:** that child held GPU memory too, and was the slowest of the three.
+The child with `device = none` is not in `nvidia-smi`'s list at all: a model meant to stay off
+the GPU needs `device = none`. What it does not show: the product does not deploy router mode on CUDA hosts yet (docs/router.md,
 "Limits"), no chat model ran (the 241 MiB Gemma does not fit one device call's 64 MiB), and
 nothing ran under systemd.
 
 `tests/unit/data/nvidia-smi/h200-metrics-idle.csv` and `h200-metrics-busy.csv` are the raw output
-of `{res['metrics_query']}`, idle and with both instances loaded: what a GPU-metrics textfile
+of `{res['metrics_query']}`, idle and with the three instances loaded: what a GPU-metrics textfile
 collector would parse (issue 24; not built yet).
 """)
     print(page.read_text())
