@@ -99,8 +99,6 @@ def audit_rows(inv: Path, lines: int = 20) -> list[dict[str, str]]:
 def dashboard_gaps(api: str, names: list[str], values: dict[str, str]) -> list[tuple[str, str, str]]:
     """(dashboard, panel, query) of every panel query that the real Prometheus answers with no
     data, the variables filled with ``values``; an invalid query fails at once."""
-    import httpx
-
     from llamadeploy import dashboards
 
     gaps = []
@@ -118,8 +116,6 @@ def broken_rollout_rolled_back(inventory_with, canary, other, tmp_path: Path) ->
     file): the canary fails its gate and is rolled back to its release, the other host is not
     reached (same release, same process), and the canary answers again. ``inventory_with(path,
     **sections)`` writes the module's inventory with those settings."""
-    import httpx
-
     from llamadeploy.manifest import DEFAULT_PATH, Manifest
 
     def state(h) -> tuple[str, str]:
@@ -173,6 +169,12 @@ def wait_for_table(h: Any, table: str, timeout: float = 15) -> None:
     while h.ssh(f"nft list table inet {table}", check=False).returncode != 0:
         assert time.monotonic() < deadline, f"{h.name}: table {table} was not loaded again within {timeout} s"
         time.sleep(0.5)
+
+
+def package_versions(host: Any, *packages: str) -> dict[str, str]:
+    """Debian package -> installed version on ``host`` (``dpkg-query``)."""
+    out = host.ssh("dpkg-query -W -f '${Package} ${Version}\\n' " + " ".join(packages)).stdout
+    return dict(line.split() for line in out.splitlines())
 
 
 def front_metrics(front: Any) -> str:

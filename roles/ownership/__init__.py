@@ -2,9 +2,9 @@
 
 Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories, the
 account, the model files and the parent directories the deploy created (one ``dir PATH``,
-``account NAME``, ``file PATH`` or ``parent PATH`` per line). Model files are recorded before they are sent: a deploy whose release fails its gate is
-in no release record, and its file would otherwise be no one's, kept by every prune and left by
-uninstall as an operator's. Before anything
+``account NAME``, ``file PATH`` or ``parent PATH`` per line). Model files are recorded before
+they are sent: a deploy whose release fails its gate is in no release record, and its file would
+otherwise be no one's, kept by every prune and left by uninstall as an operator's. Before anything
 changes, a configured directory that exists, holds something and is not in the record is
 refused, naming its field; so is an existing account the record does not name. Uninstall
 removes exactly the recorded set (roles/uninstall). Why: an operator's ``/srv/llm`` with their
@@ -86,6 +86,11 @@ def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str 
     return sorted(lines)
 
 
+def _deepest_first(paths: Iterable[str]) -> list[str]:
+    """The order ``rmdir`` needs: children before their parents."""
+    return sorted(paths, key=lambda p: (-p.count("/"), p))
+
+
 def ancestors(dirs: Iterable[str]) -> list[str]:
     """Every proper ancestor of ``dirs`` below ``/``, deepest first (pure)."""
     out: set[str] = set()
@@ -94,13 +99,12 @@ def ancestors(dirs: Iterable[str]) -> list[str]:
         while parent not in ("/", ""):
             out.add(parent)
             parent = posixpath.dirname(parent)
-    return sorted(out, key=lambda p: (-p.count("/"), p))
+    return _deepest_first(out)
 
 
 def parents_in(record: frozenset[str] | None) -> list[str]:
     """The parent directories a record says the deploy created, deepest first (pure)."""
-    return sorted((line[len("parent "):] for line in record or () if line.startswith("parent ")),
-                  key=lambda p: (-p.count("/"), p))
+    return _deepest_first(line[len("parent "):] for line in record or () if line.startswith("parent "))
 
 
 def files_in(record: frozenset[str] | None, directory: str) -> set[str]:
@@ -111,8 +115,7 @@ def files_in(record: frozenset[str] | None, directory: str) -> set[str]:
 
 def owned_files(cfg: HostConfig, directory: str) -> set[str]:
     """The files this service's record says a deploy placed in ``directory`` (read at prepare time)."""
-    records = host.get_fact(OwnershipRecords, path=RECORD_DIR)
-    return files_in(records.get(posixpath.basename(record_path(cfg))), directory)
+    return files_in(read(cfg)[0], directory)
 
 
 def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:

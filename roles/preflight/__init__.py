@@ -80,8 +80,9 @@ TESTED_PLATFORMS = {("Debian", 12): "bookworm", ("Debian", 13): "trixie"}
 def platform_checked() -> None:
     """Refuse every host of the run whose operating system no test here covers, before anything
     changes on any host and before any host's deploy lock is taken: the first host to prepare
-    checks them all (a refusal of one host raised later would come after other hosts took their
-    locks). Package names, the unit's hardening directives, HAProxy's and Prometheus's config
+    checks them all, so one message names every refused host. (A refusal raised later, after
+    other hosts took their locks, leaves none behind either: pyinfra disconnects every host and
+    llamadeploy.lock releases each lock at disconnect; test_safety shows it.) Package names, the unit's hardening directives, HAProxy's and Prometheus's config
     syntax and the build's toolchain are checked only on these releases."""
     inventory = host.inventory
     if _PLATFORMS_CHECKED.get(inventory):

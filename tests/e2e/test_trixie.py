@@ -35,6 +35,7 @@ from tests.conftest import (
     host_state,
     merged_data,
     nothing_listens,
+    package_versions,
     run_deploy,
     run_testinfra,
     tx_bytes,
@@ -83,17 +84,12 @@ def chat(base: str) -> httpx.Response:
                       json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
 
 
-def versions(host, *packages: str) -> dict[str, str]:
-    out = host.ssh("dpkg-query -W -f '${Package} ${Version}\\n' " + " ".join(packages)).stdout
-    return dict(line.split() for line in out.splitlines())
-
-
 def test_front_on_haproxy_30_checks_and_drains(hosts, fleet):
     """The rendered config passes 3.0's own ``haproxy -c``; drain and ready go through 3.0's
     runtime API, and a drained server gets no request."""
     inv, _ = fleet
     fd, srv = hosts["tfd"], hosts["tb1"]
-    assert versions(fd, "haproxy")["haproxy"].startswith("3.0.")
+    assert package_versions(fd, "haproxy")["haproxy"].startswith("3.0.")
     check = fd.ssh("haproxy -c -f /etc/haproxy/haproxy.cfg 2>&1", check=False)
     assert check.returncode == 0 and "ALERT" not in check.stdout, check.stdout
 
@@ -119,7 +115,7 @@ def test_front_on_haproxy_30_checks_and_drains(hosts, fleet):
 
 def test_monitor_on_trixie_scrapes_every_target(hosts, fleet):
     mon = hosts["tmon"]
-    assert re.match(r"2\.5\d", versions(mon, "prometheus")["prometheus"]), versions(mon, "prometheus")
+    assert re.match(r"2\.5\d", package_versions(mon, "prometheus")["prometheus"]), package_versions(mon, "prometheus")
     api = f"http://{mon.address}:9090/api/v1"
 
     def all_up() -> bool:
@@ -155,8 +151,8 @@ def test_alertmanager_on_trixie_takes_the_config_and_prometheus_sends_to_it(host
     result = run_deploy(write(tmp_path / "am.py", hosts, monitor=am), "--limit", mon.address)
     assert result.rc == 0, failure_text(result)
     assert "0123456789abcdef" not in result.stdout + result.stderr
-    assert versions(mon, "prometheus-alertmanager")["prometheus-alertmanager"].startswith("0.28"), \
-        versions(mon, "prometheus-alertmanager")
+    assert package_versions(mon, "prometheus-alertmanager")["prometheus-alertmanager"].startswith("0.28"), \
+        package_versions(mon, "prometheus-alertmanager")
     assert mon.ssh("amtool check-config /etc/prometheus/alertmanager.yml").returncode == 0
     listening = mon.ssh("ss -Hltn 'sport = :9093 or sport = :9094'").stdout.split("\n")
     assert [ln.split()[3] for ln in listening if ln.strip()] == ["127.0.0.1:9093"], listening
@@ -225,7 +221,7 @@ def test_fanout_between_trixie_hosts(hosts, fleet, tmp_path):
             path = "/var/lib/llama-server/models/gemma-3-270m-q4_k_m.gguf"
             assert h.ssh(f"sha256sum {path}").stdout.split()[0] == MODEL_SHA256, h.name
             nothing_listens(h)
-        print(versions(pair[1], "busybox", "aria2", "nftables"))
+        print(package_versions(pair[1], "busybox", "aria2", "nftables"))
     finally:
         for h in pair:
             h.ssh("rm -rf /var/lib/llama-server", check=False)
@@ -253,7 +249,7 @@ def test_docker_mode_on_debians_own_engine(docker_host):
     box, inv = docker_host
     result = run_deploy(inv)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
-    engine = versions(box, "docker.io")
+    engine = package_versions(box, "docker.io")
     print("trixie docker:", engine, box.ssh("docker compose version 2>&1; docker-compose version 2>&1", check=False).stdout)
     assert not engine["docker.io"].startswith("20.10"), engine  # trixie's engine, not bookworm's
     assert chat(f"http://{box.address}:8080").status_code == 200

@@ -29,6 +29,7 @@ from tests.conftest import (
     SUBPROCESS_TIMEOUT,
     broken_rollout_rolled_back,
     merged_data,
+    package_versions,
     run_deploy,
     run_testinfra,
 )
@@ -118,11 +119,6 @@ def compiler(host) -> str:
     return re.search(r"GCC: \(Debian [^)]*\) (\d+)\.", out).group(1)
 
 
-def versions(host, *packages: str) -> dict[str, str]:
-    out = host.ssh("dpkg-query -W -f '${Package} ${Version}\\n' " + " ".join(packages)).stdout
-    return dict(line.split() for line in out.splitlines())
-
-
 def test_mixed_fleet_each_release_builds_or_receives_its_own(hosts, fleet):
     """One run: the trixie host compiles with GCC 14 and sends its release to the controller's
     cache under a debian13 kind; the bookworm host receives bookworm's (GCC 12) from there."""
@@ -138,14 +134,14 @@ def test_mixed_fleet_each_release_builds_or_receives_its_own(hosts, fleet):
     assert ctlcache_releases() >= {"debian12-x86_64", "debian13-x86_64"}, ctlcache_releases()
     for h in (tn, tb):
         assert chat(f"http://{h.address}:8080").status_code == 200
-    print("trixie:", versions(tn, "gcc-14", "systemd", "libc6"), "bookworm:", versions(tb, "systemd", "libc6"))
+    print("trixie:", package_versions(tn, "gcc-14", "systemd", "libc6"), "bookworm:", package_versions(tb, "systemd", "libc6"))
 
 
 def test_hardened_unit_on_systemd_257(hosts, fleet):
     """Every directive of the unit is known to trixie's systemd (verify prints none unknown) and
     the exposure score is the same as on bookworm (1.3, docs/platforms.md)."""
     tn = hosts["tn"]
-    assert versions(tn, "systemd")["systemd"].startswith("257")
+    assert package_versions(tn, "systemd")["systemd"].startswith("257")
     verify = tn.ssh("systemd-analyze verify /etc/systemd/system/llama-server.service 2>&1", check=False)
     assert verify.returncode == 0 and "Unknown" not in verify.stdout, verify.stdout
     # systemd (PID 1) logs "FILE:LINE: Unknown key name ..., ignoring." for a directive it does not know
@@ -202,4 +198,4 @@ def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, t
     assert compiler(tw) == "14"
     probe = tb.ssh(f"timeout 5 bash -c 'exec 3<>/dev/tcp/{tw.address}/50052'", check=False)
     assert probe.returncode != 0, "the bookworm host reached the worker's port"
-    print("trixie worker:", versions(tw, "nftables"), tw.ssh("ps -o rss= -C ggml-rpc-server").stdout.strip(), "KiB")
+    print("trixie worker:", package_versions(tw, "nftables"), tw.ssh("ps -o rss= -C ggml-rpc-server").stdout.strip(), "KiB")
