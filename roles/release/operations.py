@@ -69,7 +69,7 @@ def _image_id_command(image: str, entry: str) -> str:
 
 @operation()
 def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_dir: str,
-                    current_id: str, keep: int, placed: list[str] | None = None):
+                    current_id: str, keep: int, placed: list[str] | None = None, record: str | None = None):
     """
     Remove releases beyond the current one and ``keep`` previous ones: their records, and the
     builds and model files no kept release uses.
@@ -83,6 +83,8 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
     + keep: how many previous releases stay reinstatable
     + placed: names in ``model_dir`` that the host's ownership record says a deploy placed (a
       release that failed its gate brought them and no record names them)
+    + record: that ownership record; the ``file`` lines of the placed files pruned here leave it
+      in the same change (a later run that dropped them would report a change of its own)
 
     Runs after the gate, so a release is only pruned once a newer one serves.
     """
@@ -101,8 +103,22 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
              + [posixpath.join(model_dir, m) for m in plan.models]
              + [posixpath.join(model_dir, ".kept", k) for k in plan.kept])
     yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
+    gone = [f"file {posixpath.join(model_dir, m)}" for m in plan.models if m in set(placed or ())]
+    if record and gone:
+        yield record_lines_dropped(record, gone)
     for image, refs in plan.images:
         yield untagged_image_removed(image, refs)
+
+
+def record_lines_dropped(record: str, lines: list[str]) -> str:
+    """Shell: rewrite ``record`` without ``lines`` (whole lines, fixed strings), through a staged
+    sibling and a durable rename, so that a crash leaves the old record or the new one."""
+    q = shlex.quote
+    staged = staging_path(record)
+    patterns = " ".join(f"-e {q(line)}" for line in lines)
+    # grep exits 1 when it prints nothing: a record of only these lines becomes empty, not a failure
+    return (f"{{ grep -vxF {patterns} -- {q(record)} > {q(staged)} || [ $? -eq 1 ]; }} && chmod 644 {q(staged)} && "
+            f"{durable_rename(staged, record)}")
 
 
 def untagged_image_removed(image: str, refs: tuple[str, ...] = ()) -> str:

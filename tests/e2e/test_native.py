@@ -401,6 +401,11 @@ def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
         assert httpx.get(f"http://{host.address}:8090/health", timeout=10).status_code == 200
         left = host.ssh(models).stdout.split()
         assert "first-try.gguf" not in left and ".first-try.gguf.sha256" not in left, left  # pruned: ours
+        record = host.ssh("cat /var/lib/llamadeploy/llama-first.owned").stdout.splitlines()
+        assert "file /srv/llama-first/data/models/first-try.gguf" not in record, record  # left with the file
+        assert any(line.startswith("file /srv/llama-first/data/models/") for line in record), record
+        again = run_deploy(with_data(host, tmp_path, "first-good", llama_service=svc, llama_server={"port": 8090}))
+        assert again.rc == 0 and again.changed == 0, again.stdout[-4000:]  # the record is not rewritten again
         gone = subprocess.run([PYINFRA, "-y", str(tmp_path / "first-good.py"), "llamadeploy.deploy.llama_server_removed"],
                               cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
         assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]

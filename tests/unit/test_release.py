@@ -151,3 +151,21 @@ def test_uninstall_leaves_model_files_no_release_brought():
                "mine.gguf", ".mine.gguf.sha256", "notes.txt"]
     assert foreign_model_entries(entries, {"a.gguf", "b.gguf"}) == ["mine.gguf", ".mine.gguf.sha256", "notes.txt"]
     assert foreign_model_entries(["a.gguf", ".kept"], {"a.gguf"}) == []
+
+
+def test_pruned_files_leave_the_ownership_record_whole_lines_only(tmp_path):
+    """The shell that drops pruned files' lines from the ownership record, run on a real file:
+    only the named lines go (not a longer path that starts the same), and a record of only those
+    lines becomes empty instead of failing the operation."""
+    import subprocess
+
+    from llamadeploy.roles.release.operations import record_lines_dropped
+    record = tmp_path / "llama-server.owned"
+    record.write_text("dir /m\nfile /m/a.gguf\nfile /m/a.gguf.bak\nfile /m/b.gguf\n")
+    subprocess.run(["sh", "-c", record_lines_dropped(str(record), ["file /m/a.gguf", "file /m/b.gguf"])],
+                   check=True, timeout=LOCAL_TIMEOUT)
+    assert record.read_text() == "dir /m\nfile /m/a.gguf.bak\n"
+    assert oct(record.stat().st_mode & 0o777) == "0o644"
+    subprocess.run(["sh", "-c", record_lines_dropped(str(record), ["dir /m", "file /m/a.gguf.bak"])],
+                   check=True, timeout=LOCAL_TIMEOUT)
+    assert record.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["llama-server.owned"]
