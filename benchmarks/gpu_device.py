@@ -10,6 +10,7 @@ systemd), so the suite's systemd/user/key-file checks are deselected.
     python3 benchmarks/gpu_device.py build SRC.tar.xz WORK OUT   # facts, configure, build in the background
     python3 benchmarks/gpu_device.py serve WORK MODEL_DIR OUT    # wait, fit, serve, testinfra, bench GPU vs CPU
     python3 benchmarks/gpu_device.py pin WORK MODEL_DIR OUT      # the deploy's pin script, served as systemd would
+    python3 benchmarks/gpu_device.py render                      # GPU.md, whole, from the two JSON files
 
 The second step benches the same binary on the same machine twice, all layers on the GPU vs
 ``--device none`` (CPU only), and reports the ratio. Results: ``OUT/gpu-device.json``.
@@ -244,9 +245,76 @@ def _tps(levels: list[dict[str, object]]) -> list[float]:
     return [float(lv["tok_per_s"]) for lv in levels]  # type: ignore[arg-type]
 
 
+def _committed(path: Path) -> str:
+    """The commit and date that brought ``path`` into the repository (the JSON names no date)."""
+    return subprocess.run(["git", "log", "--diff-filter=A", "--format=%h, %cs", "--", path.name], cwd=path.parent,
+                          capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT).stdout.strip()
+
+
+def render() -> None:
+    """GPU.md, written whole from ``gpu-device-h200.json`` and ``gpu-pin-h200.json`` beside it:
+    every figure on the page is read from them, so the page cannot claim what the runs did not keep."""
+    here = Path(__file__).resolve().parent
+    dev_path, pin_path = here / "gpu-device-h200.json", here / "gpu-pin-h200.json"
+    dev, pin_ = json.loads(dev_path.read_text()), json.loads(pin_path.read_text())
+    g = dev["gpus"][0]
+    apps = dev["compute_apps"].strip().split(", ")
+    pin_apps = pin_["compute_apps"].strip().split(", ")
+    cuda_opts = ", ".join(f"`{k}={v}`" for k, v in dev["cmake"].items() if "CUDA" in k)
+    levels = zip(dev["bench_gpu"], dev["bench_cpu"], strict=True)
+    rows = "\n".join(
+        f"| {a['clients']} | {a['tok_per_s']:.1f} | {b['tok_per_s']:.1f} | **{dev['ratio'][str(a['clients'])]:.2f}x** | "
+        f"{a['ttft_p50'] * 1000:.0f} ms / {b['ttft_p50'] * 1000:.0f} ms | {a['ok']}/{a['requests']}, {b['ok']}/{b['requests']} |"
+        for a, b in levels)
+    errors = sum(sum(lv["errors"].values()) for lv in dev["bench_gpu"] + dev["bench_cpu"])
+    testinfra = ("passed (rc 0)" if dev["testinfra_rc"] == 0 else
+                 f"**failed: rc {dev['testinfra_rc']}**. That run's suite looked for the server's PID with `ss`, "
+                 "which the machine lacks. A run after the fix kept no artifact, so no pass is claimed here")
+    page = here / "GPU.md"
+    page.write_text(f"""# GPU hosts on a real GPU (issue 14)
+
+Written whole by `benchmarks/gpu_device.py render` from the two device runs' JSON, kept beside this
+page: [`gpu-device-h200.json`](gpu-device-h200.json) (commit {_committed(dev_path)}) and
+[`gpu-pin-h200.json`](gpu-pin-h200.json) (commit {_committed(pin_path)}). Every figure below is read
+from them. The steps are `gpu_device.py build`, `serve` and `pin` (see the script's docstring).
+
+Machine: one **{g['name']}** ({g['memory_total_mib']} MiB, driver {g['driver']}, compute capability
+{g['compute_cap']}), CUDA {dev['cuda']} toolkit, {dev['cores']} CPU cores, no systemd. What ran is the
+product's own code: the `NvidiaGpus` / `CudaToolkit` facts' commands and parsers, `cuda_cmake_args` +
+`BuildConfig.cmake_options()`, `fit_params_command` / `parse_fit_params` / `pinned_args`, the shipped
+testinfra suite (local backend) and `llamadeploy.bench`. The machine has no systemd, so the script
+started the server itself, and the suite's systemd, user, key-file and socket checks were deselected.
+
+| step | result |
+| --- | --- |
+| facts | {g['name']}, {g['memory_total_mib']} MiB ({g['memory_free_mib']} free), compute capability {g['compute_cap']}, driver {g['driver']}; nvcc `{dev['nvcc']}` |
+| build | {cuda_opts}, release kind `{dev['release_kind']}`: **{dev['build_s']} s** on {dev['cores']} cores |
+| fit | `{' '.join(Path(dev['fit_command'][0]).name if i == 0 else w for i, w in enumerate(dev['fit_command']))}`: exit {dev['fit_rc']}, fitted `{' '.join(f'{k} {v}' for k, v in dev['fitted'].items())}` |
+| served with | `{' '.join(dev['pinned'])}` |
+| GPU memory (`nvidia-smi --query-compute-apps`) | pid {apps[0]} (`{Path(apps[1]).name}`), **{apps[2]} MiB** |
+| testinfra | {testinfra} |
+| the deploy's pin script (second run) | `gpu.fit_script`, the exact script the `fit_pinned` operation runs, exit {pin_['pin_rc']}; it wrote `{pin_['env_file'].splitlines()[-1]}`. Served with those words: `{'; '.join(line.split(' I ', 1)[-1] for line in pin_['offloaded'])}`, a chat completion answered {pin_['chat_status']} with `usage` {pin_['usage']['prompt_tokens']}+{pin_['usage']['completion_tokens']} tokens, nvidia-smi listed it with {pin_apps[2]} MiB. CUDA build that time: {pin_['build_s']} s |
+
+## Bench: the same binary, all layers on the GPU vs `--device none` (CPU only), one run
+
+Gemma 3 270M Q4_K_M, 128 tokens per request, 3 requests per client, `llamadeploy.bench`:
+
+| clients | GPU tok/s | CPU tok/s ({dev['cores']} cores) | GPU / CPU | TTFT p50 GPU / CPU | ok GPU, CPU |
+| ---: | ---: | ---: | ---: | ---: | ---: |
+{rows}
+
+{errors} errors in all. A 270M model is far too small to load an {g['name'].split()[-1]}: the GPU side is bound by
+per-token launch overhead, not by memory bandwidth, so these ratios say that the offload works, not how
+fast a real model would run. One run per level.
+""")
+    print(page.read_text())
+
+
 if __name__ == "__main__":
     step, *rest = sys.argv[1:]
-    if step == "build":
+    if step == "render":
+        render()
+    elif step == "build":
         build(Path(rest[0]), Path(rest[1]), Path(rest[2]))
     elif step == "pin":
         pin(Path(rest[0]), Path(rest[1]), Path(rest[2]))
