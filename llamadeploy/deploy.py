@@ -104,6 +104,7 @@ def _server(cfg: HostConfig) -> None:
     if gpu.installed(cfg):
         return
     gpus = gpu.gpu_host(cfg)
+    node_exporter.gpu_metrics(cfg, on_gpu_host=gpus is not None)  # nvidia-smi's figures for the exporter
     # 4. The runtime: build the pinned llama.cpp release (native), or the engine and image (docker).
     if cfg.mode == "native":
         runtime = native_build(cfg, gpus)

@@ -353,3 +353,26 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             self._assign_work_unit(node)
 
     return LongestModuleFirst(config, log)
+
+
+#: nvidia-smi's answers recorded on real GPUs (tests/unit/data/nvidia-smi/README.md)
+NVIDIA_SMI_DATA = REPO / "tests" / "unit" / "data" / "nvidia-smi"
+
+
+def gpu_metrics_file(workdir: Path, stand_in: str) -> Path:
+    """Run the shipped GPU metrics collector (templates/node_exporter) here, with ``stand_in`` as
+    the body of the ``nvidia-smi`` it calls (a recorded answer printed back, or a failure), and
+    return the text file it wrote, in its own fresh directory under ``workdir``."""
+    from llamadeploy.render import template_text
+
+    bindir, out = workdir / "bin", workdir / "textfile"
+    bindir.mkdir(parents=True)
+    out.mkdir()
+    (bindir / "nvidia-smi").write_text(f"#!/bin/sh\n{stand_in}\n")
+    (bindir / "nvidia-smi").chmod(0o755)
+    script = workdir / "collector.sh"
+    script.write_text(template_text("node_exporter/llamadeploy-gpu-metrics.sh"))
+    subprocess.run(["sh", str(script), str(out)], check=True, timeout=60,
+                   env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert sorted(p.name for p in out.iterdir()) == ["llamadeploy_gpu.prom"]  # no staging file left
+    return out / "llamadeploy_gpu.prom"

@@ -5,8 +5,13 @@ rules see what a llama-server's own metrics cannot: a disk filling up under the 
 build cache, memory running out, the server's unit restarting again and again. It listens on the
 host's fleet address only, fenced (nftables, as the front's exporter) to the monitors.
 
-GPU hosts: GPU memory and utilization would come from ``nvidia-smi`` written to the node
-exporter's textfile collector; not built yet (no GPU to prove it on).
+GPU hosts (llama_build.backend "cuda"): GPU memory, utilization, temperature and power come from
+``nvidia-smi``, every 15 s by a systemd timer, through the node exporter's textfile collector
+(Debian's exporter reads ``/var/lib/prometheus/node-exporter/*.prom`` by default), as
+``llamadeploy_gpu_*``, with ``llamadeploy_gpu_up`` 0 when nvidia-smi fails: a driver gone after an
+update leaves a server silently on the CPU. No exporter for NVIDIA GPUs is in Debian (NVIDIA's
+dcgm-exporter ships as a container image, utkuozdemir's nvidia_gpu_exporter as a GitHub binary):
+the textfile collector adds no daemon and no port.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.operations import systemd
+from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
+from llamadeploy.render import template_text
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import port_fenced
 from llamadeploy.roles.front import exporter_networks_for, host_port, monitor_addresses
+from llamadeploy.roles.ownership.facts import PathStates
 from llamadeploy.roles.transfer import peer_address
 
 UNIT = "prometheus-node-exporter"
@@ -28,6 +36,12 @@ DEFAULTS = "/etc/default/prometheus-node-exporter"
 #: the exporter's fence (roles/firewall): table and rules file
 TABLE = "llamadeploy_node_exporter"
 FENCE_RULES = "/etc/default/llamadeploy-node-exporter.nft"
+#: GPU hosts: the collector script, its timer and service, the file they write
+GPU_UNIT = "llamadeploy-gpu-metrics"
+GPU_FILES = {f"/usr/local/sbin/{GPU_UNIT}": ("node_exporter/llamadeploy-gpu-metrics.sh", "755"),
+             f"/etc/systemd/system/{GPU_UNIT}.service": (f"node_exporter/{GPU_UNIT}.service", "644"),
+             f"/etc/systemd/system/{GPU_UNIT}.timer": (f"node_exporter/{GPU_UNIT}.timer", "644")}
+GPU_TEXTFILE = "/var/lib/prometheus/node-exporter/llamadeploy_gpu.prom"
 
 
 def node_args(listen: str, units: list[str]) -> str:
@@ -70,3 +84,34 @@ def host_metrics(cfg: HostConfig) -> None:
                               enabled=True)
     systemd.service(name="Restart the node exporter for new arguments", service=f"{UNIT}.service", restarted=True,
                     _if=[args.did_change, lambda: not started.did_change()])
+
+
+@role("GPU metrics (node exporter textfile)")
+def gpu_metrics(cfg: HostConfig, on_gpu_host: bool) -> None:
+    """On a CUDA host with a node exporter: the timer that writes ``nvidia-smi``'s figures for it.
+    Anywhere else (no monitor, a host that left CUDA): what an earlier run installed goes."""
+    if not (on_gpu_host and wanted(cfg)):
+        gpu_metrics_removed()
+        return
+    written = [atomic.put(name=f"GPU metrics: {dest}", src=StringIO(template_text(src)), dest=dest, mode=mode)
+               for dest, (src, mode) in GPU_FILES.items()]
+    systemd.daemon_reload(name="Reload systemd (GPU metrics units)", _if=any_changed(*written[1:]))
+    systemd.service(name="GPU metrics timer enabled and running", service=f"{GPU_UNIT}.timer", running=True,
+                    enabled=True)
+
+
+def gpu_metrics_removed() -> None:
+    """The GPU metrics timer, its units, script and file, where a run installed them (also
+    uninstall's). One fact for all of them: a CPU host's re-run pays one round trip."""
+    paths = [*GPU_FILES, GPU_TEXTFILE]
+    present = [p for p, state in host.get_fact(PathStates, paths=paths).items() if state != "absent"]
+    if not present:
+        host.noop("no GPU metrics timer on this host")
+        return
+    if f"/etc/systemd/system/{GPU_UNIT}.timer" in present:
+        server.shell(name="GPU metrics timer stopped and disabled",
+                     commands=[f"systemctl disable --now {GPU_UNIT}.timer; systemctl stop {GPU_UNIT}.service"])
+    for path in present:
+        files.file(name=f"{path} removed", path=path, present=False)
+    if any(p.startswith("/etc/systemd/") for p in present):
+        systemd.daemon_reload(name="Reload systemd (GPU metrics units removed)")

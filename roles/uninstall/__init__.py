@@ -58,6 +58,7 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     port_unfenced("haproxy", front.EXPORTER_TABLE, front.EXPORTER_RULES)
     port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
     port_unfenced(node_exporter.UNIT, node_exporter.TABLE, node_exporter.FENCE_RULES)  # roles/node_exporter
+    node_exporter.gpu_metrics_removed()  # a CUDA host's (roles/node_exporter)
     for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):  # Alertmanager's (roles/monitor): the purge keeps them
         files.file(name=f"{secret} removed", path=secret, present=False)
 

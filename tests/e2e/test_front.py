@@ -25,13 +25,16 @@ import pytest
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from tests.conftest import (
     LOCAL_TIMEOUT,
+    NVIDIA_SMI_DATA,
     PYINFRA,
     REPO,
     SUBPROCESS_TIMEOUT,
+    DeployResult,
     dashboard_gaps,
     failure_text,
     front_served_by,
     front_server_up,
+    gpu_metrics_file,
     merged_data,
     run_deploy,
     wait_for,
@@ -441,6 +444,10 @@ tests:
         values: '5x60'
       - series: 'node_filesystem_size_bytes{instance="be1:9100",mountpoint="/var/lib/llama-server",fstype="ext4"}'
         values: '100x60'
+      - series: 'llamadeploy_gpu_up{instance="be1:9100"}'
+        values: '1 1 0x20'
+      - series: 'node_textfile_mtime_seconds{instance="be1:9100",file="/var/lib/prometheus/node-exporter/llamadeploy_gpu.prom"}'
+        values: '0x40'
     alert_rule_test:
       - eval_time: 1m
         alertname: LlamaServiceRestarting
@@ -454,6 +461,14 @@ tests:
         alertname: LlamaTargetDown
         exp_alerts: [{exp_labels: {job: llama-server, instance: "be1:8080", severity: critical},
                       exp_annotations: {summary: "llama-server target be1:8080 is down"}}]
+      - eval_time: 3m
+        alertname: LlamaGpuUnreadable
+        exp_alerts: [{exp_labels: {instance: "be1:9100", severity: critical},
+                      exp_annotations: {summary: "be1:9100: nvidia-smi fails, the GPU cannot be read"}}]
+      - eval_time: 5m
+        alertname: LlamaGpuMetricsStale
+        exp_alerts: [{exp_labels: {instance: "be1:9100", file: /var/lib/prometheus/node-exporter/llamadeploy_gpu.prom, severity: warning},
+                      exp_annotations: {summary: "be1:9100: the GPU metrics have not been refreshed for 2 minutes"}}]
       - eval_time: 2m
         alertname: LlamaFrontBackendDown
         exp_alerts: [{exp_labels: {proxy: llama_servers, server: be1, state: DOWN, severity: critical},
@@ -465,7 +480,7 @@ tests:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_dashboards_show_data_from_the_real_metrics(hosts, fleet):
+def test_dashboards_show_data_from_the_real_metrics(hosts, fleet, tmp_path):
     """Every panel of the fleet and per-host dashboards has data in the monitor's Prometheus (the
     host variable as its own query offers it): no panel on a metric nobody exports."""
     from llamadeploy import dashboards
@@ -478,8 +493,69 @@ def test_dashboards_show_data_from_the_real_metrics(hosts, fleet):
     pattern = re.compile(var["regex"].strip("/"))
     hosts_offered = sorted(pattern.match(r["metric"]["instance"]).group(1) for r in offered)
     assert hosts["be1"].address in hosts_offered, hosts_offered
-    time.sleep(5)  # two scrapes (2 s apart) after the requests: every rate() has its points
-    assert dashboard_gaps(api, ["llama-fleet.json", "llama-host.json"], {"host": hosts["be1"].address}) == []
+    # be1 as a CUDA host's collector leaves it: the recorded H200 answer, through the shipped script
+    # (as tests/unit/test_gpu_metrics runs it), put where Debian's node exporter reads text files
+    be1 = hosts["be1"]
+    written = gpu_metrics_file(tmp_path, f"cat {NVIDIA_SMI_DATA / 'h200-metrics-busy.csv'}").read_text()
+    be1.ssh(f"cat > /var/lib/prometheus/node-exporter/llamadeploy_gpu.prom <<'EOF'\n{written}EOF")
+    try:
+        time.sleep(5)  # two scrapes (2 s apart) after the requests: every rate() has its points
+        assert dashboard_gaps(api, ["llama-fleet.json", "llama-host.json"], {"host": be1.address}) == []
+        # the node exporter took the file whole, and the stale-file alert's series exists
+        for query in (f'node_textfile_scrape_error{{instance=~"{be1.address}:.*"}} == 0',
+                      'node_textfile_mtime_seconds{file=~"(.*/)?llamadeploy_gpu[.]prom"}',
+                      'llamadeploy_gpu_memory_total_bytes == 143771 * 1048576'):
+            res = httpx.get(f"{api}/query", params={"query": query}, timeout=10).json()["data"]["result"]
+            assert len(res) == 1, (query, res)
+    finally:
+        be1.ssh("rm -f /var/lib/prometheus/node-exporter/llamadeploy_gpu.prom")
+
+
+def test_gpu_metrics_timer_runs_under_systemd_and_reports_a_host_without_a_driver(hosts, fleet, tmp_path):
+    """The GPU metrics role (roles/node_exporter) as a CUDA host gets it, run on be1, a host with no
+    NVIDIA driver: its units pass systemd's checks with their hardening, the timer runs the script,
+    and the exporter serves ``llamadeploy_gpu_up 0``, what LlamaGpuUnreadable fires on after a
+    driver update gone wrong. Then the role on a host that is no longer a CUDA host removes all of
+    it, and a second such run changes nothing. (The figures of a working GPU: the dashboard test.)"""
+    be1 = hosts["be1"]
+    api = f"http://{hosts['mon'].address}:9090/api/v1"
+
+    def role(on: bool) -> DeployResult:
+        deploy = tmp_path / f"gpu-metrics-{on}.py"
+        deploy.write_text("from pyinfra import host\nfrom llamadeploy.hostdata import validate_inventory\n"
+                          "from llamadeploy.roles import node_exporter\n"
+                          f"node_exporter.gpu_metrics(validate_inventory(host.inventory)[host.name], on_gpu_host={on})\n")
+        proc = subprocess.run([PYINFRA, "-y", "--json", str(fleet), str(deploy), "--limit", be1.address], cwd=REPO,
+                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return DeployResult(proc.returncode, json.loads(proc.stdout), proc.stdout, proc.stderr)
+
+    def gpu_up() -> list[str]:
+        res = httpx.get(f"{api}/query", params={"query": f'llamadeploy_gpu_up{{instance=~"{be1.address}:.*"}}'},
+                        timeout=10).json()["data"]["result"]
+        return [r["value"][1] for r in res]
+
+    try:
+        assert role(True).changed > 0
+        assert be1.ssh("systemctl is-enabled llamadeploy-gpu-metrics.timer").stdout.strip() == "enabled"
+        wait_for(lambda: gpu_up() == ["0"], 60, "llamadeploy_gpu_up 0 from be1's timer")
+        ran = be1.ssh("systemctl show -p Result -p ExecMainStatus llamadeploy-gpu-metrics.service").stdout
+        assert "Result=success" in ran, ran
+        assert be1.ssh("systemd-analyze verify /etc/systemd/system/llamadeploy-gpu-metrics.timer "
+                       "/etc/systemd/system/llamadeploy-gpu-metrics.service 2>&1").stdout.strip() == ""
+        assert role(True).changed == 0
+        assert role(False).changed > 0
+        gone = be1.ssh("ls /usr/local/sbin/llamadeploy-gpu-metrics /etc/systemd/system/llamadeploy-gpu-metrics.timer "
+                       "/etc/systemd/system/llamadeploy-gpu-metrics.service "
+                       "/var/lib/prometheus/node-exporter/llamadeploy_gpu.prom 2>&1; "
+                       "systemctl is-active llamadeploy-gpu-metrics.timer", check=False).stdout
+        assert gone.count("No such file") == 4 and gone.split()[-1] == "inactive", gone
+        wait_for(lambda: gpu_up() == [], 30, "no GPU series from be1 once the timer is gone")
+        assert role(False).changed == 0
+    finally:
+        be1.ssh("systemctl disable --now llamadeploy-gpu-metrics.timer 2>/dev/null; rm -f /usr/local/sbin/llamadeploy-gpu-metrics "
+                "/etc/systemd/system/llamadeploy-gpu-metrics.* /var/lib/prometheus/node-exporter/llamadeploy_gpu.prom; "
+                "systemctl daemon-reload", check=False)
 
 
 class Receivers:

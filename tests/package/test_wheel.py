@@ -52,7 +52,9 @@ def test_wheel_layout(wheel):
     assert tops == {"llamadeploy"}, tops  # no top-level "roles" or "templates" package
     for expected in ("llamadeploy/roles/service/__init__.py", "llamadeploy/roles/docker/operations.py",
                      "llamadeploy/templates/service/llama-server.service.j2",
-                     "llamadeploy/templates/docker/docker-compose.yml.j2", "llamadeploy/sandbox/host.py"):
+                     "llamadeploy/templates/docker/docker-compose.yml.j2", "llamadeploy/sandbox/host.py",
+                     "llamadeploy/templates/node_exporter/llamadeploy-gpu-metrics.sh",
+                     "llamadeploy/templates/node_exporter/llamadeploy-gpu-metrics.timer"):
         assert expected in names, expected
     metadata = next(n for n in names if n.endswith("METADATA"))
     requires = zipfile.ZipFile(wheel).read(metadata).decode()

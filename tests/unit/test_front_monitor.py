@@ -109,7 +109,8 @@ def test_alert_rules_cover_down_queued_deferred_slow_and_backend_down():
     names = {r["alert"]: r for r in rules}
     assert set(names) == {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaRequestsQueuedAtFront",
                           "LlamaTokensPerSecondDropped", "LlamaFrontBackendDown", "LlamaRouterDown",
-                          "LlamaHostDiskFull", "LlamaHostMemoryLow", "LlamaServiceRestarting"}
+                          "LlamaHostDiskFull", "LlamaHostMemoryLow", "LlamaServiceRestarting", "LlamaGpuUnreadable",
+                          "LlamaGpuMetricsStale"}
     assert 'job=~"llama-server|haproxy|llama-node"' in names["LlamaTargetDown"]["expr"]
     assert "llamacpp:requests_deferred" in names["LlamaRequestsDeferred"]["expr"]
     assert "{{ $labels.instance }}" in names["LlamaTargetDown"]["annotations"]["summary"]
