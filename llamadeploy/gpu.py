@@ -582,8 +582,14 @@ def fit_margin(margin_mib: int, held: int) -> int:
 FIT_VAR = "LLAMA_GPU_FIT"
 
 
-def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str, digest: str) -> str:
+def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str, digest: str,
+               run_as: Sequence[str] = ()) -> str:
     """The shell script that pins llama.cpp's fit on a host (run as root, ``_sudo`` included).
+
+    The fit itself runs behind ``run_as`` (``hardening.sandboxed_run``: the service's user and
+    its unit's sandbox): it parses the model, third-party input, as the server does, so it gets
+    no more than the server. Only this script, as root, reads the GPUs, stops and starts the
+    server and writes the result.
 
     ``fit_cmd`` ends in ``--fit-target N``; N is replaced by the margin left after the memory
     the running server holds (the least it holds on any GPU: one value serves every GPU), since
@@ -601,7 +607,7 @@ def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str
     if len(fit_cmd) < 2 or fit_cmd[-2] != "--fit-target":
         raise GpuError("the fit command must end in --fit-target N")
     q = shlex.quote
-    run = " ".join(q(a) for a in fit_cmd[:-1]) + ' "$target"'
+    run = " ".join(q(a) for a in [*run_as, *fit_cmd[:-1]]) + ' "$target"'
     tmp = f"{env_path}.partial"
     return "\n".join([
         "set -u",

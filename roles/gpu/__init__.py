@@ -25,6 +25,7 @@ from pyinfra.operations import apt, files, server
 
 from llamadeploy import gpu
 from llamadeploy.config import HostConfig
+from llamadeploy.hardening import sandboxed_run
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.gpu.facts import CudaToolkit, NvidiaGpus
 from llamadeploy.roles.gpu.operations import docker_runtime, fit_pinned
@@ -213,13 +214,15 @@ def fit_pin(cfg: HostConfig, g: GpuHost | None, planned: list[str], model_path: 
     return FitPin(digest, fit_env_path(cfg, digest), cmd)
 
 
-def pinned(cfg: HostConfig, pin: FitPin | None) -> OperationMeta | None:
-    """Run and pin llama.cpp's fit (:func:`roles.gpu.operations.fit_pinned`) where there is one to pin."""
-    if pin is None:
+def pinned(cfg: HostConfig, pin: FitPin | None, g: GpuHost | None) -> OperationMeta | None:
+    """Run and pin llama.cpp's fit (:func:`roles.gpu.operations.fit_pinned`) where there is one to
+    pin: as the service's user, in its unit's sandbox with its GPUs' devices."""
+    if pin is None or g is None:
         return None
     return fit_pinned(name="Offload pinned from llama-fit-params", fit_cmd=pin.fit_cmd,
                       margin_mib=cfg.gpu.fit_margin_mib, unit=f"{cfg.service.name}.service",
-                      env_path=pin.env_path, digest=pin.digest)
+                      env_path=pin.env_path, digest=pin.digest,
+                      run_as=sandboxed_run(cfg.service.user, gpu.device_allow(list(g.gpus))))
 
 
 def manifest_fields(cfg: HostConfig, g: GpuHost | None, pin: FitPin | None) -> dict[str, object]:

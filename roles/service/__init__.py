@@ -20,6 +20,7 @@ from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gpu import FIT_VAR, device_allow
+from llamadeploy.hardening import hardening
 from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
@@ -44,6 +45,7 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
               gpus: GpuHost | None = None, pin: FitPin | None = None, aliases: list[str] | None = None) -> str:
     """The rendered systemd unit (pure: config, model and argument vector in, text out)."""
     svc = cfg.service
+    devices = device_allow(list(gpus.gpus)) if gpus else []
     return render(
         TEMPLATE,
         unit_name=svc.name,
@@ -58,11 +60,11 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
         exec_start=" ".join(systemd_quote(a) for a in [binary, *args]) + (f" ${FIT_VAR}" if pin else ""),
         environment_file=pin.env_path if pin else None,
         limits=unit_limits(cfg),
-        gpu=cfg.cuda,
-        device_allow=device_allow(list(gpus.gpus)) if gpus else [],
+        device_allow=devices,
+        # a CPU host's devices are private; a CUDA host's closed but for its NVIDIA nodes
+        hardening=hardening(devices if cfg.cuda else None, numa="--numa" in args),
         port=cfg.server.port,
         read_only_paths=[svc.prefix, svc.data_dir, svc.config_dir],
-        numa="--numa" in args,
         firewall=rules_path(cfg) if cfg.server.allow_from is not None else None,
         fence_guard=guard_unit(svc.name) if cfg.server.allow_from is not None else None,
     )
@@ -114,7 +116,7 @@ def service(
     # a CUDA host's offload: llama.cpp's fit with the new release, pinned before anything switches
     # (a model that cannot be fitted fails the host here, with the old release still serving)
     pin = gpu_role.fit_pin(cfg, gpus, args, model_role.load_path(cfg, art.first, staged), art.first.sha256)
-    fit = gpu_role.pinned(cfg, pin)
+    fit = gpu_role.pinned(cfg, pin, gpus)
     pins = [fit] if fit is not None else []
     # the key changes only after the check: a refused release must not leave a new key unread
     if cfg.server.api_key is not None:

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -173,6 +174,46 @@ def test_second_deploy_changes_nothing(host, inventory):
     assert result.report["results"]["totals"]["no_change"] > 0
     # second channel: same process, same binary, same model inode, same unit
     assert host_state(host) == before
+
+
+def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
+    """The fit script a CUDA host runs (gpu.fit_script behind hardening.sandboxed_run, exactly as
+    roles/gpu passes it) on this real systemd host, with a stand-in for llama-fit-params, which
+    only CUDA builds have: it reports who and what it is, and prints a fitted line. It runs as
+    the service's user, reads the model, has no capabilities, no new privileges, a syscall filter,
+    and cannot write /etc or the model directory; its exit status reaches the script through
+    systemd-run, and root writes the result. (On a GPU host the fit itself has not run in this
+    sandbox yet: no GPU machine was at hand.)"""
+    from llamadeploy.gpu import fit_script
+    from llamadeploy.hardening import sandboxed_run
+
+    model = f"/var/lib/llama-server/models/{Path(merged_data()['llama_model']['path']).name}"
+    stand_in = "/usr/local/lib/llamadeploy-test-fit"
+    body = "\n".join([
+        "#!/bin/sh",
+        f'echo "user=$(id -un) model=$(head -c 4 {model})"',
+        "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t' | tr '\\n' ' '; echo",
+        'touch /etc/fit-wrote 2>/dev/null && echo "etc=written" || echo "etc=read-only"',
+        'touch /var/lib/llama-server/models/fit-wrote 2>/dev/null && echo "models=written" || echo "models=read-only"',
+        '[ "$1" = fail ] && exit 3',
+        'echo "-c 4096 -ngl -1"', ""])
+    host.ssh(f"printf '%s' {shlex.quote(body)} > {stand_in} && chmod 755 {stand_in}")
+    env = "/etc/llama-server/gpu-fit/test-sandbox.env"
+    run_as = sandboxed_run("llama", [])  # a CPU host: no NVIDIA device to allow
+    try:
+        failed = host.ssh(fit_script([stand_in, "fail", "--fit-target", "1024"], 1024, "no-such.service", env, "t",
+                                     run_as), check=False)
+        seen = failed.stderr
+        assert failed.returncode == 1 and "llama-fit-params (exit 3)" in seen, seen
+        assert "user=llama model=GGUF" in seen, seen
+        assert "CapEff:0000000000000000" in seen and "NoNewPrivs:1" in seen and "Seccomp:2" in seen, seen
+        assert "etc=read-only" in seen and "models=read-only" in seen, seen
+        assert host.ssh(f"test -e {env}", check=False).returncode != 0  # a failed fit writes nothing
+        host.ssh(fit_script([stand_in, "ok", "--fit-target", "1024"], 1024, "no-such.service", env, "t", run_as))
+        assert host.ssh(f"tail -n 1 {env}").stdout.strip() == "LLAMA_GPU_FIT='-c 4096 -ngl all --fit off'"
+        assert host.ssh("systemctl list-units --all --no-legend 'run-*.service'").stdout.strip() == ""  # collected
+    finally:
+        host.ssh(f"rm -f {stand_in} {env}; rmdir /etc/llama-server/gpu-fit 2>/dev/null; true")
 
 
 def test_server_older_than_its_unit_is_restarted_once(host, inventory):

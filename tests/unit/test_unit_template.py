@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from llamadeploy.hardening import hardening
 from llamadeploy.render import render as render_template
 from tests.conftest import LOCAL_TIMEOUT
 
@@ -18,6 +19,9 @@ def render(**over) -> str:
         environment_file=None, fence_guard=None,
     )
     vars.update(over)
+    # the unit's hardening block, as roles/service computes it from the same three facts
+    vars["hardening"] = hardening(vars.pop("device_allow") if vars.pop("gpu") else None, numa=vars.pop("numa"))
+    vars["device_allow"] = over.get("device_allow", [])
     return render_template("service/llama-server.service.j2", **vars)
 
 
@@ -125,3 +129,29 @@ def test_gpu_unit_exposure_differs_from_the_cpu_unit_only_by_its_devices(tmp_pat
     gpu, gpu_failed = _exposure(render(gpu=True, device_allow=device_allow(gpus)), tmp_path)
     assert cpu <= 1.5 and gpu <= 2.0, (cpu, gpu)
     assert gpu_failed - cpu_failed == {"PrivateDevices"}, gpu_failed - cpu_failed
+
+
+def test_the_roles_unit_carries_the_one_hardening_list_the_fit_runs_under():
+    """roles/service's own unit (not this module's render helper): its sandbox is
+    hardening.hardening's, line for line, and the fit's systemd-run gets the same directives but
+    RemoveIPC (which would take the running server's IPC objects when the fit ends)."""
+    from llamadeploy.config import HostConfig
+    from llamadeploy.hardening import sandboxed_run
+    from llamadeploy.roles import service
+    from llamadeploy.roles.model.source import ModelArtifact, ModelFile
+
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"host": "127.0.0.1"}})
+    text = service.unit_file(cfg, ModelArtifact((ModelFile("m.gguf", "", 1, "a" * 64),), "m"),
+                             "/opt/llama.cpp/current/bin/llama-server", ["--port", "8080"])
+    block = hardening(None)
+    lines = text.splitlines()
+    start = lines.index(block[0])
+    assert lines[start:start + len(block)] == block
+    words = sandboxed_run("llama", ["DeviceAllow=/dev/nvidia0 rw"])
+    props = [words[i + 1] for i, w in enumerate(words) if w == "-p"]
+    assert "RemoveIPC=yes" in block and "RemoveIPC=yes" not in props
+    assert [p for p in props if p.startswith("DeviceAllow")] == ["DeviceAllow=/dev/nvidia0 rw"]
+    assert set(props) >= {line for line in hardening(["DeviceAllow=/dev/nvidia0 rw"])
+                          if not line.startswith("#") and line != "RemoveIPC=yes"}
+    assert words[:words.index("-p")] == ["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
+                                         "--service-type=exec", "--uid=llama", "--gid=llama"]
