@@ -236,8 +236,12 @@ def pin(work: Path, model_dir: Path, out: Path) -> None:
     print(json.dumps(result, indent=2))
 
 
+#: requests per client and tokens per request of the GPU-vs-CPU bench (its page says them)
+PER_CLIENT, MAX_TOKENS = 3, 128
+
+
 def _bench(url: str, levels: list[int]) -> list[dict[str, object]]:
-    report = bench(url, levels, per_client=3, max_tokens=128)
+    report = bench(url, levels, per_client=PER_CLIENT, max_tokens=MAX_TOKENS)
     return [asdict(lv) for lv in report.levels]
 
 
@@ -246,9 +250,13 @@ def _tps(levels: list[dict[str, object]]) -> list[float]:
 
 
 def _committed(path: Path) -> str:
-    """The commit and date that brought ``path`` into the repository (the JSON names no date)."""
-    return subprocess.run(["git", "log", "--diff-filter=A", "--format=%h, %cs", "--", path.name], cwd=path.parent,
-                          capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT).stdout.strip()
+    """The last commit that changed ``path``, and its date (the JSON names no date); refused for a
+    file git does not have, whose numbers no commit backs."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h, %cs", "--", path.name], cwd=path.parent,
+                         capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT).stdout.strip()
+    if not out:
+        raise SystemExit(f"{path} is not committed: commit the device run's JSON before rendering its page")
+    return out
 
 
 def render() -> None:
@@ -268,8 +276,7 @@ def render() -> None:
         for a, b in levels)
     errors = sum(sum(lv["errors"].values()) for lv in dev["bench_gpu"] + dev["bench_cpu"])
     testinfra = ("passed (rc 0)" if dev["testinfra_rc"] == 0 else
-                 f"**failed: rc {dev['testinfra_rc']}**. That run's suite looked for the server's PID with `ss`, "
-                 "which the machine lacks. A run after the fix kept no artifact, so no pass is claimed here")
+                 f"**failed: rc {dev['testinfra_rc']}**, so no testinfra pass on a GPU is claimed here")
     page = here / "GPU.md"
     page.write_text(f"""# GPU hosts on a real GPU (issue 14)
 
@@ -297,7 +304,7 @@ started the server itself, and the suite's systemd, user, key-file and socket ch
 
 ## Bench: the same binary, all layers on the GPU vs `--device none` (CPU only), one run
 
-Gemma 3 270M Q4_K_M, 128 tokens per request, 3 requests per client, `llamadeploy.bench`:
+Gemma 3 270M Q4_K_M, {MAX_TOKENS} tokens per request, {PER_CLIENT} requests per client, `llamadeploy.bench`:
 
 | clients | GPU tok/s | CPU tok/s ({dev['cores']} cores) | GPU / CPU | TTFT p50 GPU / CPU | ok GPU, CPU |
 | ---: | ---: | ---: | ---: | ---: | ---: |

@@ -59,6 +59,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     front_changed = None
     if cfg.role in ("front", "monitor"):  # no longer an RPC worker: its unit and fence go (a server's: rpc.group_step)
         rpc.worker_removed(name="RPC worker")
+        node_exporter.gpu_metrics(cfg, on_gpu_host=False)  # nor a CUDA server: its GPU metrics timer goes
     if cfg.role == "front":
         front_changed = front.front_door(cfg)
     elif cfg.role == "monitor":

@@ -541,6 +541,14 @@ def device_allow(gpus: Sequence[Gpu]) -> list[str]:
     return [f"DeviceAllow={n} rw" for n in nodes]
 
 
+def device_node_commands(indexes: Iterable[int]) -> list[str]:
+    """The commands that create a host's NVIDIA device nodes as root (pure): ``/dev/nvidia-uvm``
+    exists only once the nvidia-uvm module is loaded, which CUDA would do itself through the setuid
+    ``nvidia-modprobe`` that the hardened unit, and the fit's sandbox, forbid. The devices unit
+    runs them before the server (templates/service), the fit script before the fit."""
+    return [f"/usr/bin/nvidia-modprobe -u -c={int(i)}" for i in sorted(set(indexes))]
+
+
 # --- pinning at deploy time -----------------------------------------------------------------
 
 
@@ -583,13 +591,14 @@ FIT_VAR = "LLAMA_GPU_FIT"
 
 
 def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str, digest: str,
-               run_as: Sequence[str] = ()) -> str:
+               run_as: Sequence[str] = (), device_nodes: Sequence[str] = ()) -> str:
     """The shell script that pins llama.cpp's fit on a host (run as root, ``_sudo`` included).
 
-    The fit itself runs behind ``run_as`` (``hardening.sandboxed_run``: the service's user and
-    its unit's sandbox): it parses the model, third-party input, as the server does, so it gets
-    no more than the server. Only this script, as root, reads the GPUs, stops and starts the
-    server and writes the result.
+    The fit itself runs behind ``run_as`` (``hardening.sandboxed_run``: the service's user, its
+    unit's sandbox and limits): it parses the model, third-party input, as the server does. Only
+    this script, as root, creates the device nodes first (``device_nodes``:
+    :func:`device_node_commands`, which the sandbox could not), reads the GPUs, stops and starts
+    the server and writes the result.
 
     ``fit_cmd`` ends in ``--fit-target N``; N is replaced by the margin left after the memory
     the running server holds (the least it holds on any GPU: one value serves every GPU), since
@@ -611,6 +620,7 @@ def fit_script(fit_cmd: Sequence[str], margin_mib: int, unit: str, env_path: str
     tmp = f"{env_path}.partial"
     return "\n".join([
         "set -u",
+        *(f"{cmd} >/dev/null 2>&1 || true" for cmd in device_nodes),
         f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null || echo 0)",
         "held=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null"
         " | awk -F', *' -v p=\"$pid\" '$1 == p {print $2}' | sort -n | head -n 1)",

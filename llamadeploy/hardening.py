@@ -9,11 +9,14 @@ drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-#: directives a transient unit must not get: removing the user's IPC objects when the fit's unit
-#: stops would take them from the server that runs as the same user
+#: directives a side run does not get: it shares its user with the running server, whose IPC
+#: objects are not the side run's to remove when it ends
 _NOT_FOR_A_SIDE_RUN = ("RemoveIPC=",)
+#: seconds a side run may take before systemd stops it (a fit reads metadata and sizes buffers:
+#: seconds; a pathological model must not hold the deploy, or a server stopped for the fit, forever)
+SIDE_RUN_MAX_SEC = 600
 
 
 def hardening(device_allow: Sequence[str] | None, numa: bool = False) -> list[str]:
@@ -40,12 +43,15 @@ def hardening(device_allow: Sequence[str] | None, numa: bool = False) -> list[st
     ]
 
 
-def sandboxed_run(user: str, device_allow: Sequence[str] | None) -> list[str]:
-    """The ``systemd-run`` words that run a command as ``user`` under the unit's hardening, with no
-    capabilities and the unit's umask, and wait for it, its output on this command's (pure).
+def sandboxed_run(user: str, device_allow: Sequence[str] | None, limits: Mapping[str, str] | None = None) -> list[str]:
+    """The ``systemd-run`` words that run a command as ``user`` under the unit's hardening and
+    resource ``limits`` (``tuning.unit_limits``), with no capabilities, the unit's umask and at most
+    :data:`SIDE_RUN_MAX_SEC`, and wait for it, its output on this command's (pure).
 
     ``--wait`` makes systemd-run's exit status the command's; ``--collect`` leaves no failed
     transient unit behind."""
     props = [line for line in hardening(device_allow) if not line.startswith(("#", *_NOT_FOR_A_SIDE_RUN))]
+    props += [f"{k}={v}" for k, v in (limits or {}).items()]
+    props += ["CapabilityBoundingSet=", "UMask=0077", f"RuntimeMaxSec={SIDE_RUN_MAX_SEC}"]
     return ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec", f"--uid={user}",
-            f"--gid={user}", *(w for p in [*props, "CapabilityBoundingSet=", "UMask=0077"] for w in ("-p", p))]
+            f"--gid={user}", *(w for p in props for w in ("-p", p))]

@@ -29,6 +29,7 @@ from llamadeploy.hardening import sandboxed_run
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.gpu.facts import CudaToolkit, NvidiaGpus
 from llamadeploy.roles.gpu.operations import docker_runtime, fit_pinned
+from llamadeploy.tuning import unit_limits
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 
@@ -216,13 +217,15 @@ def fit_pin(cfg: HostConfig, g: GpuHost | None, planned: list[str], model_path: 
 
 def pinned(cfg: HostConfig, pin: FitPin | None, g: GpuHost | None) -> OperationMeta | None:
     """Run and pin llama.cpp's fit (:func:`roles.gpu.operations.fit_pinned`) where there is one to
-    pin: as the service's user, in its unit's sandbox with its GPUs' devices."""
+    pin: as the service's user, in its unit's sandbox and limits, with its GPUs' device nodes
+    created first."""
     if pin is None or g is None:
         return None
     return fit_pinned(name="Offload pinned from llama-fit-params", fit_cmd=pin.fit_cmd,
                       margin_mib=cfg.gpu.fit_margin_mib, unit=f"{cfg.service.name}.service",
                       env_path=pin.env_path, digest=pin.digest,
-                      run_as=sandboxed_run(cfg.service.user, gpu.device_allow(list(g.gpus))))
+                      run_as=sandboxed_run(cfg.service.user, gpu.device_allow(list(g.gpus)), unit_limits(cfg)),
+                      device_nodes=gpu.device_node_commands(x.index for x in g.gpus))
 
 
 def manifest_fields(cfg: HostConfig, g: GpuHost | None, pin: FitPin | None) -> dict[str, object]:

@@ -11,7 +11,7 @@ from llamadeploy import gpu
 
 @operation()
 def fit_pinned(fit_cmd: list[str], margin_mib: int, unit: str, env_path: str, digest: str,
-               run_as: list[str] | None = None):
+               run_as: list[str] | None = None, device_nodes: list[str] | None = None):
     """
     Pin llama.cpp's own offload fit for the unit, so that every restart behaves the same.
 
@@ -21,6 +21,7 @@ def fit_pinned(fit_cmd: list[str], margin_mib: int, unit: str, env_path: str, di
     + env_path: ``<config_dir>/gpu-fit/<digest>.env``, the unit's ``EnvironmentFile``
     + digest: ``gpu.fit_inputs_digest`` of release, model, fit command and GPUs
     + run_as: the words the fit runs behind (``hardening.sandboxed_run``: the service's user and sandbox)
+    + device_nodes: root's commands that create the GPUs' device nodes first (``gpu.device_node_commands``)
 
     The file is named by the digest of the fit's inputs, so it exists exactly when this fit was
     pinned: nothing to do then. Otherwise the fit runs when the operation executes, after the
@@ -29,7 +30,7 @@ def fit_pinned(fit_cmd: list[str], margin_mib: int, unit: str, env_path: str, di
     if host.get_fact(File, path=env_path):
         host.noop(f"offload pinned for these inputs ({digest})")
         return
-    yield gpu.fit_script(fit_cmd, margin_mib, unit, env_path, digest, run_as or ())
+    yield gpu.fit_script(fit_cmd, margin_mib, unit, env_path, digest, run_as or (), device_nodes or ())
 
 
 @operation()

@@ -16,6 +16,7 @@ the textfile collector adds no daemon and no port.
 
 from __future__ import annotations
 
+import posixpath
 from io import StringIO
 
 from pyinfra import host
@@ -59,7 +60,7 @@ def node_args(listen: str, units: list[str]) -> str:
 def watched_units(cfg: HostConfig) -> list[str]:
     """The units of this deploy whose state and restarts are exported."""
     return [f"{cfg.service.name}.service", "ggml-rpc-server.service", "haproxy.service", "prometheus.service",
-            "prometheus-alertmanager.service", "docker.service"]
+            "prometheus-alertmanager.service", "docker.service", f"{GPU_UNIT}.service"]
 
 
 def wanted(cfg: HostConfig) -> bool:
@@ -110,8 +111,12 @@ def gpu_metrics_removed() -> None:
         return
     if f"/etc/systemd/system/{GPU_UNIT}.timer" in present:
         server.shell(name="GPU metrics timer stopped and disabled",
-                     commands=[f"systemctl disable --now {GPU_UNIT}.timer; systemctl stop {GPU_UNIT}.service"])
+                     commands=[f"systemctl disable --now {GPU_UNIT}.timer; systemctl stop {GPU_UNIT}.service; "
+                               f"systemctl reset-failed {GPU_UNIT}.service {GPU_UNIT}.timer 2>/dev/null || true"])
     for path in present:
         files.file(name=f"{path} removed", path=path, present=False)
+    # a run stopped mid-write leaves its staging file (not *.prom, so never read)
+    server.shell(name="GPU metrics staging files removed",
+                 commands=[f"rm -f {posixpath.dirname(GPU_TEXTFILE)}/.{posixpath.basename(GPU_TEXTFILE)}.*"])
     if any(p.startswith("/etc/systemd/") for p in present):
         systemd.daemon_reload(name="Reload systemd (GPU metrics units removed)")

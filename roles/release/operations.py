@@ -116,9 +116,11 @@ def record_lines_dropped(record: str, lines: list[str]) -> str:
     q = shlex.quote
     staged = staging_path(record)
     patterns = " ".join(f"-e {q(line)}" for line in lines)
-    # grep exits 1 when it prints nothing: a record of only these lines becomes empty, not a failure
-    return (f"{{ grep -vxF {patterns} -- {q(record)} > {q(staged)} || [ $? -eq 1 ]; }} && chmod 644 {q(staged)} && "
-            f"{durable_rename(staged, record)}")
+    # grep exits 1 when it prints nothing (a record of only these lines becomes empty, not a
+    # failure); anything worse leaves the record as it was and no staged file; bytes, not a locale
+    return (f"LC_ALL=C grep -vxF {patterns} -- {q(record)} > {q(staged)}; rc=$?; "
+            f"if [ $rc -gt 1 ]; then rm -f {q(staged)}; exit $rc; fi; "
+            f"chmod 644 {q(staged)} && {durable_rename(staged, record)}")
 
 
 def untagged_image_removed(image: str, refs: tuple[str, ...] = ()) -> str:

@@ -19,7 +19,7 @@ from pyinfra.operations.util import any_changed
 from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
-from llamadeploy.gpu import FIT_VAR, device_allow
+from llamadeploy.gpu import FIT_VAR, device_allow, device_node_commands
 from llamadeploy.hardening import hardening
 from llamadeploy.manifest import build_manifest, manifest_path, release_id
 from llamadeploy.render import render
@@ -165,7 +165,8 @@ def service(
                           mode="644")] if router is not None else []
     devices = []
     if gpus:  # the NVIDIA device nodes exist before the server starts (templates/service)
-        text = render(DEVICES_TEMPLATE, unit_name=svc.name, gpu_indexes=sorted({g.index for g in gpus.gpus}))
+        text = render(DEVICES_TEMPLATE, unit_name=svc.name,
+                      device_commands=device_node_commands(g.index for g in gpus.gpus))
         devices = [atomic.put(name="NVIDIA device nodes unit", src=StringIO(text),
                               dest="/etc/systemd/system/llama-nvidia-devices.service", mode="644")]
     # a drop-in an earlier version of this role wrote would override ExecStart: it goes

@@ -8,12 +8,15 @@ dir=${1:-/var/lib/prometheus/node-exporter}
 out="$dir/llamadeploy_gpu.prom"
 tmp="$dir/.llamadeploy_gpu.prom.$$"  # not *.prom: the collector reads only those
 trap 'rm -f "$tmp"' EXIT
-csv=$(timeout 20 nvidia-smi --query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu,temperature.gpu,power.draw \
+trap 'exit 1' INT TERM  # dash runs the EXIT trap only on exit: a stopped run leaves no staging file
+# a hung nvidia-smi (a GPU fallen off the bus) is killed; one that cannot be killed leaves the file
+# unrefreshed, which LlamaGpuMetricsStale reports
+csv=$(timeout -k 5 20 nvidia-smi --query-gpu=index,uuid,name,memory.used,memory.total,utilization.gpu,temperature.gpu,power.draw \
       --format=csv,nounits 2>/dev/null)
 rc=$?
 printf '%s\n' "$csv" | awk -F', ' -v rc="$rc" '
 function num(v) { return v ~ /^[0-9]+([.][0-9]+)?$/ }  # "[N/A]", "[Not Supported]": no sample
-function esc(v) { gsub(/\\/, "\\\\", v); gsub(/"/, "\\\"", v); return v }
+function esc(v) { gsub(/[^A-Za-z0-9 ._:()-]/, "_", v); return v }  # label values: no quote, no backslash
 function put(metric, i, v, fmt, scale) {  # nvidia-smi prints MiB and percent: bytes and ratios here
   if (num(v)) { n[metric]++; s[metric] = s[metric] metric labels[i] " " sprintf(fmt, v * scale) "\n" }
 }

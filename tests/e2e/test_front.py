@@ -448,6 +448,8 @@ tests:
         values: '1 1 0x20'
       - series: 'node_textfile_mtime_seconds{instance="be1:9100",file="/var/lib/prometheus/node-exporter/llamadeploy_gpu.prom"}'
         values: '0x40'
+      - series: 'node_systemd_unit_state{instance="be2:9100",name="llamadeploy-gpu-metrics.service",state="failed"}'
+        values: '1x40'
     alert_rule_test:
       - eval_time: 1m
         alertname: LlamaServiceRestarting
@@ -467,8 +469,10 @@ tests:
                       exp_annotations: {summary: "be1:9100: nvidia-smi fails, the GPU cannot be read"}}]
       - eval_time: 5m
         alertname: LlamaGpuMetricsStale
-        exp_alerts: [{exp_labels: {instance: "be1:9100", file: /var/lib/prometheus/node-exporter/llamadeploy_gpu.prom, severity: warning},
-                      exp_annotations: {summary: "be1:9100: the GPU metrics have not been refreshed for 2 minutes"}}]
+        exp_alerts: [{exp_labels: {instance: "be1:9100", file: /var/lib/prometheus/node-exporter/llamadeploy_gpu.prom, severity: critical},
+                      exp_annotations: {summary: "be1:9100: the GPU metrics have not been refreshed for 2 minutes"}},
+                     {exp_labels: {instance: "be2:9100", name: llamadeploy-gpu-metrics.service, state: failed, severity: critical},
+                      exp_annotations: {summary: "be2:9100: the GPU metrics have not been refreshed for 2 minutes"}}]
       - eval_time: 2m
         alertname: LlamaFrontBackendDown
         exp_alerts: [{exp_labels: {proxy: llama_servers, server: be1, state: DOWN, severity: critical},

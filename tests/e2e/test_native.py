@@ -181,10 +181,11 @@ def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
     roles/gpu passes it) on this real systemd host, with a stand-in for llama-fit-params, which
     only CUDA builds have: it reports who and what it is, and prints a fitted line. It runs as
     the service's user, reads the model, has no capabilities, no new privileges, a syscall filter,
-    and cannot write /etc or the model directory; its exit status reaches the script through
-    systemd-run, and root writes the result. (On a GPU host the fit itself has not run in this
-    sandbox yet: no GPU machine was at hand.)"""
-    from llamadeploy.gpu import fit_script
+    sees a read-only system (not even a directory the service user owns), takes the unit's limits
+    (systemd-run accepts them), and its exit status reaches the script through systemd-run;
+    root writes the result. (On a GPU
+    host the fit itself has not run in this sandbox yet: no GPU machine was at hand.)"""
+    from llamadeploy.gpu import device_node_commands, fit_script
     from llamadeploy.hardening import sandboxed_run
 
     model = f"/var/lib/llama-server/models/{Path(merged_data()['llama_model']['path']).name}"
@@ -195,25 +196,34 @@ def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
         "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t' | tr '\\n' ' '; echo",
         'touch /etc/fit-wrote 2>/dev/null && echo "etc=written" || echo "etc=read-only"',
         'touch /var/lib/llama-server/models/fit-wrote 2>/dev/null && echo "models=written" || echo "models=read-only"',
+        # a directory the service user owns: only the sandbox's read-only system closes it
+        'touch /var/lib/llamadeploy-fit-probe/x 2>/dev/null && echo "own-dir=written" || echo "own-dir=read-only"',
+        "awk '$5 == \"/\" {print \"root=\" $6}' /proc/self/mountinfo",
         '[ "$1" = fail ] && exit 3',
         'echo "-c 4096 -ngl -1"', ""])
-    host.ssh(f"printf '%s' {shlex.quote(body)} > {stand_in} && chmod 755 {stand_in}")
+    host.ssh(f"printf '%s' {shlex.quote(body)} > {stand_in} && chmod 755 {stand_in} && "
+             "install -d -o llama -g llama -m 755 /var/lib/llamadeploy-fit-probe")
+    # outside the sandbox the service user can write there: the probe below means something
+    host.ssh("runuser -u llama -- touch /var/lib/llamadeploy-fit-probe/outside")
     env = "/etc/llama-server/gpu-fit/test-sandbox.env"
-    run_as = sandboxed_run("llama", [])  # a CPU host: no NVIDIA device to allow
+    run_as = sandboxed_run("llama", [], {"MemoryMax": "1G"})  # a CPU host: no NVIDIA device to allow
+    nodes = device_node_commands([0])  # no nvidia-modprobe here: the script goes on without it
     try:
         failed = host.ssh(fit_script([stand_in, "fail", "--fit-target", "1024"], 1024, "no-such.service", env, "t",
-                                     run_as), check=False)
+                                     run_as, nodes), check=False)
         seen = failed.stderr
         assert failed.returncode == 1 and "llama-fit-params (exit 3)" in seen, seen
         assert "user=llama model=GGUF" in seen, seen
         assert "CapEff:0000000000000000" in seen and "NoNewPrivs:1" in seen and "Seccomp:2" in seen, seen
-        assert "etc=read-only" in seen and "models=read-only" in seen, seen
+        assert "etc=read-only" in seen and "models=read-only" in seen and "own-dir=read-only" in seen, seen
+        assert re.search(r"^root=ro\b", seen, re.M), seen
+        assert host.ssh("test -e /var/lib/llamadeploy-fit-probe/x", check=False).returncode != 0
         assert host.ssh(f"test -e {env}", check=False).returncode != 0  # a failed fit writes nothing
-        host.ssh(fit_script([stand_in, "ok", "--fit-target", "1024"], 1024, "no-such.service", env, "t", run_as))
+        host.ssh(fit_script([stand_in, "ok", "--fit-target", "1024"], 1024, "no-such.service", env, "t", run_as, nodes))
         assert host.ssh(f"tail -n 1 {env}").stdout.strip() == "LLAMA_GPU_FIT='-c 4096 -ngl all --fit off'"
         assert host.ssh("systemctl list-units --all --no-legend 'run-*.service'").stdout.strip() == ""  # collected
     finally:
-        host.ssh(f"rm -f {stand_in} {env}; rmdir /etc/llama-server/gpu-fit 2>/dev/null; true")
+        host.ssh(f"rm -f {stand_in} {env}; rm -rf /var/lib/llamadeploy-fit-probe; rmdir /etc/llama-server/gpu-fit 2>/dev/null; true")
 
 
 def test_server_older_than_its_unit_is_restarted_once(host, inventory):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,12 @@ def test_the_timer_runs_the_script_the_role_installs():
     [script] = [dest for dest, (src, _) in node_exporter.GPU_FILES.items() if src.endswith(".sh")]
     assert f"ExecStart={script} {os.path.dirname(node_exporter.GPU_TEXTFILE)}" in service
     assert f"ReadWritePaths={os.path.dirname(node_exporter.GPU_TEXTFILE)}" in service
+
+
+def test_label_values_keep_only_what_needs_no_escaping(tmp_path):
+    """A quote or backslash in a GPU's name would need escaping in the exposition format, which
+    mawk's gsub gets wrong; such characters become ``_`` (no real GPU name has them)."""
+    header = (DATA / "h200-metrics-idle.csv").read_text().splitlines()[0]
+    row = '0, GPU-a, NVIDIA "L4" \\x (test), 512, 23034, 37, 51, 27.21'
+    s = collect(tmp_path, "printf '%s\\n' " + " ".join(shlex.quote(r) for r in [header, row]))
+    assert list(s["llamadeploy_gpu_memory_used_bytes"]) == ['{gpu="0",uuid="GPU-a",name="NVIDIA _L4_ _x (test)"}']

@@ -77,8 +77,8 @@ def test_front_bind_is_an_address():
 def test_renderer_refuses_a_control_character_naming_the_variable():
     with pytest.raises(RenderError, match=r"template service/llama-nvidia-devices.service.j2: the value of "
                                           r"unit_name holds a control character"):
-        render("service/llama-nvidia-devices.service.j2", unit_name="x\n[Service]", gpu_indexes=[0])
-    assert "x-y" in render("service/llama-nvidia-devices.service.j2", unit_name="x-y", gpu_indexes=[0])
+        render("service/llama-nvidia-devices.service.j2", unit_name="x\n[Service]", device_commands=["/usr/bin/nvidia-modprobe -u -c=0"])
+    assert "x-y" in render("service/llama-nvidia-devices.service.j2", unit_name="x-y", device_commands=["/usr/bin/nvidia-modprobe -u -c=0"])
 
 
 def test_control_characters_are_found_inside_objects():
