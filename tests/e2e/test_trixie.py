@@ -249,9 +249,11 @@ def test_docker_mode_on_debians_own_engine(docker_host):
     box, inv = docker_host
     result = run_deploy(inv)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
-    engine = package_versions(box, "docker.io")
-    print("trixie docker:", engine, box.ssh("docker compose version 2>&1; docker-compose version 2>&1", check=False).stdout)
-    assert not engine["docker.io"].startswith("20.10"), engine  # trixie's engine, not bookworm's
+    # trixie's own engine, its separate CLI package and compose v2, as docs/platforms.md's table says
+    engine = package_versions(box, "docker.io", "docker-cli", "docker-compose")
+    assert engine["docker.io"].startswith("26.") and engine["docker-cli"].startswith("26."), engine
+    assert engine["docker-compose"].startswith("2."), engine
+    assert box.ssh("docker-compose version").stdout.startswith("Docker Compose version v2."), engine
     assert chat(f"http://{box.address}:8080").status_code == 200
     proc = run_testinfra(box.address)
     assert proc.returncode == 0, proc.stdout[-4000:]
