@@ -37,7 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, machine  # noqa: E402
+from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, committed, machine  # noqa: E402
 from llamadeploy import gpu  # noqa: E402
 from llamadeploy.bench import bench, wait_healthy  # noqa: E402
 from llamadeploy.config import BuildConfig  # noqa: E402
@@ -249,16 +249,6 @@ def _tps(levels: list[dict[str, object]]) -> list[float]:
     return [float(lv["tok_per_s"]) for lv in levels]  # type: ignore[arg-type]
 
 
-def _committed(path: Path) -> str:
-    """The last commit that changed ``path``, and its date (the JSON names no date); refused for a
-    file git does not have, whose numbers no commit backs."""
-    out = subprocess.run(["git", "log", "-1", "--format=%h, %cs", "--", path.name], cwd=path.parent,
-                         capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT).stdout.strip()
-    if not out:
-        raise SystemExit(f"{path} is not committed: commit the device run's JSON before rendering its page")
-    return out
-
-
 def render() -> None:
     """GPU.md, written whole from ``gpu-device-h200.json`` and ``gpu-pin-h200.json`` beside it:
     every figure on the page is read from them, so the page cannot claim what the runs did not keep."""
@@ -281,8 +271,8 @@ def render() -> None:
     page.write_text(f"""# GPU hosts on a real GPU (issue 14)
 
 Written whole by `benchmarks/gpu_device.py render` from the two device runs' JSON, kept beside this
-page: [`gpu-device-h200.json`](gpu-device-h200.json) (commit {_committed(dev_path)}) and
-[`gpu-pin-h200.json`](gpu-pin-h200.json) (commit {_committed(pin_path)}). Every figure below is read
+page: [`gpu-device-h200.json`](gpu-device-h200.json) (commit {committed(dev_path)}) and
+[`gpu-pin-h200.json`](gpu-pin-h200.json) (commit {committed(pin_path)}). Every figure below is read
 from them. The steps are `gpu_device.py build`, `serve` and `pin` (see the script's docstring).
 
 Machine: one **{g['name']}** ({g['memory_total_mib']} MiB, driver {g['driver']}, compute capability

@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import committed  # noqa: E402
+
 PORT = 8080
 TEXTS = ["When do I have to pay the invoice?", "The invoice is due within 30 days of delivery.",
          "Our office is closed on public holidays.",
@@ -128,7 +130,7 @@ def render(raw: Path) -> None:
     page.write_text(f"""# Router mode on a real GPU
 
 Written whole by `benchmarks/gpu_router.py render` from one device run's JSON (`{raw.name}`, kept
-beside this page). Machine: {gpu['name']} ({gpu['memory_total_mib']} MiB, driver {gpu['driver']}), CUDA
+beside this page; commit {committed(raw)}). Machine: {gpu['name']} ({gpu['memory_total_mib']} MiB, driver {gpu['driver']}), CUDA
 {b['cuda']}, {b['cores']} cores, no systemd. The build: the product's CUDA options
 (`{b['release_kind']}`), {b['build_s']} s.
 
@@ -158,8 +160,8 @@ the GPU needs `device = none`. What it does not show: the product does not deplo
 nothing ran under systemd.
 
 `tests/unit/data/nvidia-smi/h200-metrics-idle.csv` and `h200-metrics-busy.csv` are the raw output
-of `{res['metrics_query']}`, idle and with the three instances loaded: what a GPU-metrics textfile
-collector would parse (issue 24; not built yet).
+of `{res['metrics_query']}`, idle and with the three instances loaded: the input of the GPU metrics
+collector's tests (`tests/unit/test_gpu_metrics.py`, roles/node_exporter).
 """)
     print(page.read_text())
 

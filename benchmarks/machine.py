@@ -62,3 +62,14 @@ def describe(m: Mapping[str, object]) -> str:
     detail = ", ".join(str(m[k]) for k in ("cpu", "kernel") if m.get(k))
     return (f"at commit {m['commit']}, {m['date']}, on {m['cores']} cores / {m['memory_gib']} GiB"
             + (f" ({detail})" if detail else ""))
+
+
+def committed(path: Path) -> str:
+    """The last commit that changed ``path``, and its date: what a page rendered from a raw file
+    names when the file records no commit of its own (a device run's JSON); refused for a file
+    git does not have, whose numbers no commit backs."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h, %cs", "--", path.name], cwd=path.parent,
+                         capture_output=True, text=True, check=True, timeout=GIT_TIMEOUT).stdout.strip()
+    if not out:
+        raise SystemExit(f"{path} is not committed: commit the run's raw file before rendering its page")
+    return out
