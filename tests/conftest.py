@@ -66,10 +66,11 @@ def merged_data(**sections: Any) -> dict:
 
 
 def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None,
-               timeout: float = SUBPROCESS_TIMEOUT) -> DeployResult:
-    """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it."""
+               timeout: float = SUBPROCESS_TIMEOUT, deploy: str = "deploy.py") -> DeployResult:
+    """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it (``deploy``: another
+    deploy file, e.g. one that calls a single role)."""
     proc = subprocess.run(
-        [PYINFRA, "-y", "--json", str(inventory), "deploy.py", *extra],
+        [PYINFRA, "-y", "--json", str(inventory), deploy, *extra],
         cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
     )
     report = None
@@ -372,7 +373,7 @@ def gpu_metrics_file(workdir: Path, stand_in: str) -> Path:
     (bindir / "nvidia-smi").chmod(0o755)
     script = workdir / "collector.sh"
     script.write_text(template_text("node_exporter/llamadeploy-gpu-metrics.sh"))
-    subprocess.run(["sh", str(script), str(out)], check=True, timeout=60,
+    subprocess.run(["sh", str(script), str(out)], check=True, timeout=LOCAL_TIMEOUT,
                    env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
     assert sorted(p.name for p in out.iterdir()) == ["llamadeploy_gpu.prom"]  # no staging file left
     return out / "llamadeploy_gpu.prom"

@@ -39,7 +39,7 @@ TABLE = "llamadeploy_node_exporter"
 FENCE_RULES = "/etc/default/llamadeploy-node-exporter.nft"
 #: GPU hosts: the collector script, its timer and service, the file they write
 GPU_UNIT = "llamadeploy-gpu-metrics"
-GPU_FILES = {f"/usr/local/sbin/{GPU_UNIT}": ("node_exporter/llamadeploy-gpu-metrics.sh", "755"),
+GPU_FILES = {f"/usr/local/sbin/{GPU_UNIT}": (f"node_exporter/{GPU_UNIT}.sh", "755"),
              f"/etc/systemd/system/{GPU_UNIT}.service": (f"node_exporter/{GPU_UNIT}.service", "644"),
              f"/etc/systemd/system/{GPU_UNIT}.timer": (f"node_exporter/{GPU_UNIT}.timer", "644")}
 GPU_TEXTFILE = "/var/lib/prometheus/node-exporter/llamadeploy_gpu.prom"

@@ -103,7 +103,8 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
              + [posixpath.join(model_dir, m) for m in plan.models]
              + [posixpath.join(model_dir, ".kept", k) for k in plan.kept])
     yield f"rm -rf -- {' '.join(q(p) for p in paths)}"
-    gone = [f"file {posixpath.join(model_dir, m)}" for m in plan.models if m in set(placed or ())]
+    ours = set(placed or ())
+    gone = [f"file {posixpath.join(model_dir, m)}" for m in plan.models if m in ours]
     if record and gone:
         yield record_lines_dropped(record, gone)
     for image, refs in plan.images:

@@ -529,10 +529,9 @@ def test_gpu_metrics_timer_runs_under_systemd_and_reports_a_host_without_a_drive
         deploy.write_text("from pyinfra import host\nfrom llamadeploy.hostdata import validate_inventory\n"
                           "from llamadeploy.roles import node_exporter\n"
                           f"node_exporter.gpu_metrics(validate_inventory(host.inventory)[host.name], on_gpu_host={on})\n")
-        proc = subprocess.run([PYINFRA, "-y", "--json", str(fleet), str(deploy), "--limit", be1.address], cwd=REPO,
-                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        return DeployResult(proc.returncode, json.loads(proc.stdout), proc.stdout, proc.stderr)
+        result = run_deploy(fleet, "--limit", be1.address, deploy=str(deploy))
+        assert result.rc == 0, (result.stdout + result.stderr)[-3000:]
+        return result
 
     def gpu_up() -> list[str]:
         res = httpx.get(f"{api}/query", params={"query": f'llamadeploy_gpu_up{{instance=~"{be1.address}:.*"}}'},
