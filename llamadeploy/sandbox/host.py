@@ -191,6 +191,9 @@ class SandboxHost:
     kept: bool = False
     #: the Debian release it runs (:data:`DISTROS`)
     distro: str = DEFAULT_DISTRO
+    #: further ``systemd-nspawn`` options, as given: what a host needs beyond a plain server, such
+    #: as a GPU machine's device nodes and driver (``--bind=/dev/nvidia0``, ``--bind-ro=...``)
+    nspawn_options: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -271,8 +274,7 @@ class SandboxHost:
         """Run systemd-nspawn on the prepared tree, wire its network, wait for SSH."""
         cmd = [
             "systemd-nspawn", "-q", "-D", str(self.root), "-M", self.name, "-b",
-            "--register=no", "--keep-unit",
-            f"--network-zone={self.lan}" if self.lan else "--network-veth",
+            "--register=no", "--keep-unit", *self._network_options(),
         ]
         for src, dst in self.binds.items():
             Path(src).mkdir(parents=True, exist_ok=True)
@@ -289,6 +291,7 @@ class SandboxHost:
                 "--capability=all", "--system-call-filter=@keyring bpf",
                 "--property=DeviceAllow=char-* rwm", "--bind=/sys/fs/cgroup",
             ]
+        cmd += self.nspawn_options
         log = open(CACHE / f"{self.name}.console.log", log_mode)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -305,6 +308,10 @@ class SandboxHost:
             self.stop()
             raise
         return self
+
+    def _network_options(self) -> list[str]:
+        """The host's link: a veth of its own, or a port on its LAN's bridge."""
+        return [f"--network-zone={self.lan}" if self.lan else "--network-veth"]
 
     def _configure_tree(self, key: Path) -> None:
         r = self.root
