@@ -2,7 +2,8 @@
 
 Boots a throwaway sandbox host, deploys the default model with ``deploy.py``, then runs
 ``CLIENTS`` streaming clients back to back for ``SECONDS`` (default 600) against it,
-sampling the server's RSS over SSH every 15 s. Reports requests, failures (must be 0),
+sampling the server's RSS over SSH every 15 s; then again with the prompt cache off
+(:data:`VARIANTS`), so that the page tells the cache's RSS growth from the server's own. Reports requests, failures (must be 0),
 keep-alive drops (counted apart: llama-server closes some kept-alive connections after a
 stream), tok/s, TTFT and RSS over time. Writes ``benchmarks/SOAK.md`` and a JSON file.
 Only test-host addresses are loaded.
@@ -35,35 +36,66 @@ def rss_sampler(host: SandboxHost):
     return sample
 
 
+#: the unit as deployed, then the same with the prompt cache off: RSS grows through the soak, and
+#: the host-RAM prompt cache (``--cache-ram``, filled by every finished prompt up to its cap) is the
+#: suspect; the second soak on the same host shows how much of the growth is the cache
+VARIANTS: list[tuple[str, dict]] = [("the deployed unit", {}), ("llama_server.cache_ram = 0", {"cache_ram": 0})]
+
+
 def main(seconds: float = 600) -> int:
     run = machine()
     host = SandboxHost("soak", 78, binds=dict(SHARED_BINDS))
+    results = []
     try:
         host.boot()
-        inv = write_inventory(Path("/tmp/llamactl-soak-inventory.py"), [host], default_data())
-        subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"],
-                       cwd=REPO, check=True, capture_output=True, timeout=DEPLOY_TIMEOUT)
-        result = soak(f"http://{host.address}:8080", CLIENTS, seconds, max_tokens=64,
-                      sample_rss=rss_sampler(host), interval=15)
+        for label, server in VARIANTS:
+            data = default_data()
+            data["llama_server"] = {**data["llama_server"], **server}
+            inv = write_inventory(Path("/tmp/llamactl-soak-inventory.py"), [host], data)
+            subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"],
+                           cwd=REPO, check=True, capture_output=True, timeout=DEPLOY_TIMEOUT)
+            pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
+            argv = host.ssh(f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout.split()
+            cache = argv[argv.index("--cache-ram") + 1] if "--cache-ram" in argv else "llama-server's default"
+            result = soak(f"http://{host.address}:8080", CLIENTS, seconds, max_tokens=64,
+                          sample_rss=rss_sampler(host), interval=15)
+            results.append((label, cache, result))
     finally:
         host.stop()
     stamp = str(run["date"])[:10]
-    (OUT / f"soak-{stamp}.json").write_text(json.dumps({**run, **asdict(result)}, indent=1) + "\n")
-    rss = result.rss_kib
-    growth = result.rss_growth
-    text = f"""# Soak: {CLIENTS} streaming clients for {result.seconds:.0f} s ({stamp})
+    (OUT / f"soak-{stamp}.json").write_text(json.dumps(
+        {**run, "runs": [{"variant": label, "cache_ram": cache, **asdict(r)} for label, cache, r in results]},
+        indent=1) + "\n")
+
+    def row(label: str, cache: str, r) -> str:
+        rss, growth = r.rss_kib, r.rss_growth
+        return (f"| {label} (`--cache-ram {cache}`) | {r.requests} | {r.ok} | {sum(r.failures.values())} {r.failures or ''} | "
+                f"{r.keepalive_drops} | {r.tok_per_s:.1f} | {r.ttft_p50:.2f} s | {r.ttft_p95:.2f} s | "
+                f"{rss[1][1] // 1024 if len(rss) > 1 else '-'} → {rss[-1][1] // 1024 if rss else '-'} MiB | "
+                f"{f'{growth * 100:+.1f} %' if growth is not None else '-'} |")
+
+    rows = "\n".join(row(*x) for x in results)
+    samples = "\n\n".join(f"RSS samples, {label} (s, MiB): " + ", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in r.rss_kib)
+                          for label, _, r in results)
+    text = f"""# Soak: {CLIENTS} streaming clients for {seconds:.0f} s, twice ({stamp})
 
 Written whole by `benchmarks/soak.py` {describe(run)}.
 
-Gemma 3 270M Q4_K_M, llama.cpp b11434, the tuned unit from `deploy.py`, one sandbox host on
-this machine's veth network; each client sends requests back to back (64 tokens each) over
-its own kept-alive connection, as an SDK client does; nothing is retried.
+Gemma 3 270M Q4_K_M, llama.cpp b11434, one sandbox host on this machine's veth network, soaked
+twice in one run: the unit `deploy.py` renders, then the same deploy with the host-RAM prompt
+cache off (`llama_server.cache_ram = 0`, a restart). Each client sends requests back to back
+(64 tokens each) over its own kept-alive connection, as an SDK client does; nothing is retried.
 
-| requests | ok | failed | keep-alive drops | tok/s | TTFT p50 | TTFT p95 | RSS first warm → last | growth |
-|---|---|---|---|---|---|---|---|---|
-| {result.requests} | {result.ok} | {sum(result.failures.values())} {result.failures or ''} | {result.keepalive_drops} | {result.tok_per_s:.1f} | {result.ttft_p50:.2f} s | {result.ttft_p95:.2f} s | {rss[1][1] // 1024 if len(rss) > 1 else '-'} → {rss[-1][1] // 1024 if rss else '-'} MiB | {f"{growth * 100:+.1f} %" if growth is not None else '-'} |
+| unit | requests | ok | failed | keep-alive drops | tok/s | TTFT p50 | TTFT p95 | RSS first warm → last | growth |
+|---|---|---|---|---|---|---|---|---|---|
+{rows}
 
-RSS samples (s, MiB): {", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in rss)}
+{samples}
+
+The prompt cache keeps the state of finished prompts in host memory, up to `--cache-ram` MiB, so
+that a returning conversation skips its prefill: its share of the RSS grows with every distinct
+prompt until the cap, then stays. The difference between the two rows' growth is what the cache
+takes in {seconds:.0f} s; what the second row still grows is the server's own.
 
 A keep-alive drop is a request that got no response at all because llama-server closed a
 connection it had advertised as kept alive, right after a streamed reply; the request never
@@ -74,7 +106,7 @@ failures, mid-stream aborts, streams without `[DONE]` or a `finish_reason`, HTTP
 """
     (OUT / "SOAK.md").write_text(text)
     print(text)
-    return 0 if not result.failures else 1
+    return 0 if not any(r.failures for _, _, r in results) else 1
 
 
 if __name__ == "__main__":
