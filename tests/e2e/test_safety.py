@@ -458,7 +458,7 @@ def test_short_soak_has_no_failed_requests_and_stable_rss(host, inventory):
     # no connect failure, no mid-stream abort, no stream without [DONE] or finish_reason; drops
     # bounded: a server that closed every kept-alive connection after its stream would fail about
     # every second request (the next one on each connection); "sometimes" stays well under a
-    # quarter (24 of 1184, 2.0 %, in benchmarks/SOAK.md's 10 minutes; 7 of 136 in this test beside
+    # quarter (16 of 1096 and 56 of 1136 in benchmarks/SOAK.md's two 10-minute soaks; 7 of 136 in this test beside
     # another module on 2 cores)
     assert result.failures == {}, result
     assert result.ok + result.keepalive_drops == result.requests
