@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamadeploy.bench import bench, wait_healthy  # noqa: E402
 from llamadeploy.manifest import Manifest  # noqa: E402
-from llamadeploy.sandbox.host import SandboxHost, _alive, reap, rootfs, running, ssh_config  # noqa: E402
+from llamadeploy.sandbox.host import SSH_KEY, SandboxHost, _alive, reap, rootfs, running, ssh_config  # noqa: E402
 from llamadeploy.sandbox.inventory import write_inventory  # noqa: E402
 from tests.conftest import failure_text, run_deploy  # noqa: E402
 
@@ -97,6 +97,30 @@ def prepare_tree(tree: Path) -> None:
     (tree / "etc/ld.so.conf.d/00-nvidia-driver.conf").write_text(f"{DRIVER}/lib\n")
 
 
+def host_ssh_config(h: SandboxHost, work: Path) -> Path:
+    """An ssh_config for the host's own address (the sandbox's covers its private ranges only,
+    not the loopback address of the shared-network fallback)."""
+    ssh_config()  # the key pair
+    path = work / "ssh_config"
+    path.write_text(f"Host {h.address}\n  User root\n  IdentityFile {SSH_KEY}\n  StrictHostKeyChecking yes\n"
+                    f"  UserKnownHostsFile {h.known_hosts}\n  LogLevel ERROR\n")
+    return path
+
+
+def machine_pid(pid: int) -> int | None:
+    """The PID on this machine of the host's process ``pid``: the NVIDIA driver knows no PID
+    namespaces, so nvidia-smi inside the host lists this one, not the host's own (the shipped
+    suite's two GPU checks then look for a PID that nvidia-smi never shows)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ns = next((ln.split()[1:] for ln in status.read_text().splitlines() if ln.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(ns) >= 2 and ns[-1] == str(pid):
+            return int(ns[0])
+    return None
+
+
 def save(out: Path, record: dict[str, Any]) -> None:
     (out / "gpu-host.json").write_text(json.dumps(record, indent=2, default=str))
 
@@ -110,18 +134,19 @@ def veth_works() -> bool:
     return made
 
 
-def host_of(work: Path, cpu: bool) -> SandboxHost:
-    """The booted host: the one a cut-short call left running, else a fresh one."""
+def host_of(work: Path, cpu: bool) -> tuple[SandboxHost, bool]:
+    """The booted host, and whether it is one a cut-short call left running (then its "first"
+    deploy here is a re-run, which the page must not call the first)."""
     state = running().get(NAME)
     kind = OfflineHost if veth_works() else SharedNetworkHost
     h = kind(name=NAME, index=INDEX, nspawn_options=[] if cpu else gpu_options(work))
     if state and _alive(state.get("pid")):
         h.pid = state["pid"]
         h.wait_ssh(60)
-        return h
+        return h, True
     if not cpu:
         prepare_tree(rootfs())
-    return h.boot(timeout=120)
+    return h.boot(timeout=120), False
 
 
 def step(record: dict[str, Any], out: Path, name: str, fn: Any) -> Any:
@@ -141,7 +166,13 @@ def run(work: Path, out: Path, cpu: bool) -> int:
     record: dict[str, Any] = {"commit": os.environ.get("COMMIT", "unknown"), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "backend": "cpu" if cpu else "cuda", "cores": os.cpu_count()}
     save(out, record)
-    h = host_of(work, cpu)
+    try:
+        h, reused = host_of(work, cpu)
+    except Exception as exc:  # recorded: the page says the host did not come up, and why
+        record["boot"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        save(out, record)
+        return 1
+    record["boot"] = {"ok": True, "reused": reused}
     sh = lambda cmd, check=True: h.ssh(cmd, check=check).stdout  # noqa: E731
     record["host"] = {"address": h.address, "os": sh(". /etc/os-release; echo $PRETTY_NAME").strip(),
                       "systemd": sh("systemctl --version | head -1").strip()}
@@ -196,7 +227,7 @@ def run(work: Path, out: Path, cpu: bool) -> int:
                 "device_lines": [ln for ln in unit.splitlines() if ln.startswith(("DevicePolicy", "DeviceAllow", "EnvironmentFile"))],
                 "compute_apps": sh("nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader",
                                    check=False).strip() if not cpu else None,
-                "server": before, "args": manifest.args}
+                "server": before, "server_pid_on_machine": machine_pid(int(before["pid"] or 0)), "args": manifest.args}
 
     step(record, out, "facts", facts)
 
@@ -204,7 +235,8 @@ def run(work: Path, out: Path, cpu: bool) -> int:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", str(REPO / "tests/testinfra"),
              f"--confcutdir={REPO / 'tests/testinfra'}",
-             f"--hosts=ssh://root@{h.address}", f"--ssh-config={ssh_config()}", f"--junitxml={out / 'testinfra.xml'}"],
+             f"--hosts=ssh://root@{h.address}", f"--ssh-config={host_ssh_config(h, work)}",
+             f"--junitxml={out / 'testinfra.xml'}"],
             cwd=REPO, capture_output=True, text=True, timeout=STEP_TIMEOUT)
         (out / "testinfra.txt").write_text(proc.stdout + proc.stderr)
         summary = [ln for ln in proc.stdout.splitlines() if ln.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))]
@@ -228,6 +260,7 @@ def run(work: Path, out: Path, cpu: bool) -> int:
         port = manifest.port + 1
         argv[argv.index("--port") + 1] = str(port)
         argv += ["--device", "none"]
+        sh("systemctl stop llama-bench-cpu; systemctl reset-failed llama-bench-cpu", check=False)  # a cut-short call's
         sh(f"systemd-run --unit=llama-bench-cpu --collect -p User={shlex.quote(before['user'] or 'root')} {shlex.join(argv)}")
         try:
             cpu_url = f"http://{h.address}:{port}"
@@ -247,6 +280,8 @@ def run(work: Path, out: Path, cpu: bool) -> int:
 def section(path: Path) -> str:
     """GPU.md's section on the deploy path, every figure read from the run's JSON (``path``)."""
     r = json.loads(path.read_text())
+    host = r.get("host") or {}
+    raw = {k: f"{path.stem}-{k}.txt" for k in ("testinfra", "unit", "journal")}
 
     def result(name: str, text: str) -> str:
         step_ = r.get(name) or {"ok": False, "error": "the run ended before this step"}
@@ -266,11 +301,12 @@ def section(path: Path) -> str:
     return f"""## The deploy path on the GPU machine, under systemd (issue 26)
 
 From `gpu_host.py run` (commit {r['commit']}, {r['started']}), raw files beside this page: the JSON
-[`{path.name}`]({path.name}) and the run's [`gpu-host-h200-testinfra.txt`](gpu-host-h200-testinfra.txt),
-[`gpu-host-h200-unit.txt`](gpu-host-h200-unit.txt), [`gpu-host-h200-journal.txt`](gpu-host-h200-journal.txt).
+[`{path.name}`]({path.name}) and the run's [`{raw['testinfra']}`]({raw['testinfra']}),
+[`{raw['unit']}`]({raw['unit']}), [`{raw['journal']}`]({raw['journal']}) (`testinfra.txt`, `unit.txt`,
+`journal.txt` of OUT, renamed).
 The machine has no systemd: `benchmarks/gpu_host.sh` brought a Debian bookworm tree and a controller
 tree there in chunks (each device call carries 64 MiB), and booted the tree with `systemd-nspawn -b`
-(systemd {r['host'].get('systemd', '?')} as the host's PID 1), with the machine's `/dev/nvidia*` nodes,
+(systemd {host.get('systemd', '?')} as the host's PID 1), with the machine's `/dev/nvidia*` nodes,
 the driver's libraries and `nvidia-smi` (read-only, as the driver packages would install them) and
 the CUDA toolkit (read-only). The host reaches no mirror: its tree holds every package the deploy
 asks for. Then the user's path, over SSH: `pyinfra -y --json inventory.py deploy.py` with
@@ -278,13 +314,14 @@ asks for. Then the user's path, over SSH: `pyinfra -y --json inventory.py deploy
 
 | step | result |
 | --- | --- |
-| host | {r['host'].get('os', '?')}; `nvidia-smi -L` in it: {r['host'].get('nvidia_smi', '?').splitlines()[0] if r['host'].get('nvidia_smi') else '?'}; nvcc {r['host'].get('nvcc', '?').splitlines()[-1] if r['host'].get('nvcc') else '?'} |
+| host | {host.get('os', '?')}; `nvidia-smi -L` in it: {host.get('nvidia_smi', '?').splitlines()[0] if host.get('nvidia_smi') else '?'}; nvcc {host.get('nvcc', '?').splitlines()[-1] if host.get('nvcc') else '?'} |
+| boot | {result('boot', 'a host left up by a cut-short call, reused: the deploy below is a re-run' if (r.get('boot') or {}).get('reused') else 'a fresh host')} |
 | first deploy (build, fit, unit, gate) | {result('deploy', f"**{d.get('wall_s')} s**, {d.get('changed')} changes")} |
 | the unit's GPU lines | {result('facts', '; '.join(f'`{ln}`' for ln in f.get('device_lines', [])))} |
 | exposure (`systemd-analyze security`) | {result('facts', f"`{f.get('exposure')}`")} |
 | the pin ({server.get('pin_file')}) | {result('facts', f"`{server.get('pin', '').splitlines()[-1] if server.get('pin') else ''}`")} |
 | layers offloaded (the server's journal) | {result('facts', '; '.join(f'`{x}`' for x in f.get('offloaded', [])))} |
-| nvidia-smi's compute processes, in the host | {result('facts', f"`{f.get('compute_apps')}`")} |
+| nvidia-smi's compute processes, in the host | {result('facts', f"`{f.get('compute_apps')}` (the server: PID {server.get('pid')} in the host, {f.get('server_pid_on_machine')} on the machine, which is what the driver reports)")} |
 | the shipped testinfra suite | {result('testinfra', f"rc {t.get('rc')}: {' '.join(t.get('summary', []))}" + (f"; not passed: {'; '.join(failed)}" if failed else ''))} |
 | the same deploy again | {result('redeploy', f"**{a.get('changed')} changes** in {a.get('wall_s')} s; server pid {(a.get('server_before') or {}).get('pid')} before, {after.get('pid')} after ({'restarted' if a.get('restarted') else 'not restarted'}); pin {'unchanged' if after.get('pin') == (a.get('server_before') or {}).get('pin') else 'changed'}")} |
 

@@ -31,6 +31,7 @@ CHUNK=$((60 * 1024 * 1024))
 
 pack() {
     local dir=$1 stage=$1/stage root=$1/stage/rootfs
+    no_mounts_under "$stage"
     mkdir -p "$stage"
     local mirror
     mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
@@ -49,6 +50,8 @@ pack() {
     # install maps)
     mkdir -p "$root/repo"
     mount --bind "$REPO" "$root/repo"
+    # shellcheck disable=SC2064
+    trap "mountpoint -q '$root/repo' && umount '$root/repo'" EXIT
     chroot "$root" env PIP_CERT=/etc/ssl/certs/ca-certificates.crt /opt/ctl/bin/pip install -q --no-compile --no-deps -e /repo \
         || { umount "$root/repo"; return 1; }
     umount "$root/repo"
@@ -79,7 +82,14 @@ pack() {
     tar -C "$stage" -cf - SHA256SUMS rootfs.tar.xz ctl.tar.xz llama-src.tar.gz gemma-3-270m-q4_k_m.gguf \
         | split -b "$CHUNK" -d -a 2 - "$dir/c"
     (cd "$dir" && ls -l c?? && cat stage/SHA256SUMS) > "$dir/bundle.txt"
+    no_mounts_under "$root"
     rm -rf "$root" "$src"
+}
+
+no_mounts_under() {  # DIR: refuse when anything is still mounted below DIR (never rm through a mount)
+    if awk -v t="$1/" 'index($2 "/", t) == 1 {f = 1} END {exit !f}' /proc/mounts; then
+        echo "mounts left under $1: not removing it" >&2; return 1
+    fi
 }
 
 receive() {
@@ -114,12 +124,15 @@ driver() {
     cp -L "$smi" "$dir/bin/nvidia-smi"
 }
 
-bind() {  # SRC DEST: SRC seen at DEST in the controller tree (once)
+bind() {  # SRC DEST: SRC seen at DEST in the controller tree (a stale mount of an older SRC replaced)
     mkdir -p "$2"
-    mountpoint -q "$2" || mount --bind "$1" "$2"
+    [ "$1" -ef "$2" ] && return
+    if mountpoint -q "$2"; then umount -l "$2"; fi
+    mount --bind "$1" "$2"
 }
 
 enter() {
+    [ $# -ge 1 ] || { echo "usage: $0 run OUT [--cpu]" >&2; return 2; }
     local out=$1; shift
     assemble
     [ "${1:-}" = --cpu ] || driver
@@ -147,21 +160,19 @@ enter() {
 }
 
 clean() {
-    if [ -x "$TOOLS/opt/ctl/bin/python" ] && mountpoint -q "$TOOLS/proc"; then
+    if [ -x "$TOOLS/usr/bin/python3" ] && mountpoint -q "$TOOLS/proc"; then
         chroot "$TOOLS" /usr/bin/env -i PATH=/opt/ctl/bin:/usr/sbin:/usr/bin:/sbin:/bin \
             LLAMACTL_CACHE="$WORK/cache" /opt/ctl/bin/python /repo/benchmarks/gpu_host.py stop || true
     fi
-    for m in $(awk -v t="$TOOLS" 'index($2, t) == 1 {print $2}' /proc/mounts | sort -r); do
+    for m in $(awk -v t="$TOOLS/" 'index($2 "/", t) == 1 {print $2}' /proc/mounts | sort -r); do
         umount -l "$m" || true
     done
     # never remove through a mount that is still there (the repository is bound into the tree)
-    if awk -v t="$TOOLS" 'index($2, t) == 1 {f = 1} END {exit !f}' /proc/mounts; then
-        echo "mounts left under $TOOLS: not removing it" >&2; return 1
-    fi
+    no_mounts_under "$TOOLS"
     rm -rf --one-file-system "$TOOLS" "$WORK" "$CHUNKS"
 }
 
-cmd=$1; shift
+cmd=${1:-}; [ $# -gt 0 ] && shift
 case $cmd in
     pack) pack "$@" ;;
     receive) receive ;;

@@ -9,6 +9,7 @@ stream), tok/s, TTFT and RSS over time. Writes ``benchmarks/SOAK.md`` and a JSON
 Only test-host addresses are loaded.
 
     sudo .venv/bin/python -m benchmarks.soak [SECONDS]
+    .venv/bin/python -m benchmarks.soak render benchmarks/soak-DATE.json   # SOAK.md again from a run's JSON
 """
 
 from __future__ import annotations
@@ -63,30 +64,45 @@ def main(seconds: float = 600) -> int:
     finally:
         host.stop()
     stamp = str(run["date"])[:10]
-    (OUT / f"soak-{stamp}.json").write_text(json.dumps(
+    path = OUT / f"soak-{stamp}.json"
+    path.write_text(json.dumps(
         {**run, "runs": [{"variant": label, "cache_ram": cache, **asdict(r)} for label, cache, r in results]},
         indent=1) + "\n")
+    render(path)
+    return 0 if not any(r.failures for _, _, r in results) else 1
 
-    def row(label: str, cache: str, r) -> str:
-        rss, growth = r.rss_kib, r.rss_growth
-        return (f"| {label} (`--cache-ram {cache}`) | {r.requests} | {r.ok} | {sum(r.failures.values())} {r.failures or ''} | "
-                f"{r.keepalive_drops} | {r.tok_per_s:.1f} | {r.ttft_p50:.2f} s | {r.ttft_p95:.2f} s | "
-                f"{rss[1][1] // 1024 if len(rss) > 1 else '-'} → {rss[-1][1] // 1024 if rss else '-'} MiB | "
-                f"{f'{growth * 100:+.1f} %' if growth is not None else '-'} |")
 
-    rows = "\n".join(row(*x) for x in results)
-    samples = "\n\n".join(f"RSS samples, {label} (s, MiB): " + ", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in r.rss_kib)
-                          for label, _, r in results)
+def render(path: Path) -> None:
+    """SOAK.md, written whole from one run's JSON (``path``)."""
+    data = json.loads(path.read_text())
+    run = {k: v for k, v in data.items() if k != "runs"}
+    stamp = str(run["date"])[:10]
+    seconds = max(r["seconds"] for r in data["runs"])
+
+    def row(r: dict) -> str:
+        # the same two samples as the growth: the first once warm (after a tenth of the run), the last
+        warm = [kib for t, kib in r["rss_kib"] if t >= r["seconds"] / 10]
+        growth = f"{(warm[-1] / warm[0] - 1) * 100:+.1f} %" if len(warm) >= 2 and warm[0] else "-"
+        first_last = f"{warm[0] // 1024} → {warm[-1] // 1024} MiB" if len(warm) >= 2 else "-"
+        cache = f"`--cache-ram {r['cache_ram']}`" if r["cache_ram"].isdigit() else r["cache_ram"]
+        return (f"| {r['variant']} ({cache}) | {r['requests']} | {r['ok']} | {sum(r['failures'].values())} {r['failures'] or ''} | "
+                f"{r['keepalive_drops']} | {r['tok_per_s']:.1f} | {r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | "
+                f"{first_last} | {growth} |")
+
+    rows = "\n".join(row(r) for r in data["runs"])
+    samples = "\n\n".join(f"RSS samples, {r['variant']} (s, MiB): " + ", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in r["rss_kib"])
+                          for r in data["runs"])
     text = f"""# Soak: {CLIENTS} streaming clients for {seconds:.0f} s, twice ({stamp})
 
-Written whole by `benchmarks/soak.py` {describe(run)}.
+Written whole by `benchmarks/soak.py` {describe(run)}; raw: [`{path.name}`]({path.name}).
 
 Gemma 3 270M Q4_K_M, llama.cpp b11434, one sandbox host on this machine's veth network, soaked
 twice in one run: the unit `deploy.py` renders, then the same deploy with the host-RAM prompt
 cache off (`llama_server.cache_ram = 0`, a restart). Each client sends requests back to back
 (64 tokens each) over its own kept-alive connection, as an SDK client does; nothing is retried.
+"Once warm" is the first sample after a tenth of the run, the growth's base.
 
-| unit | requests | ok | failed | keep-alive drops | tok/s | TTFT p50 | TTFT p95 | RSS first warm → last | growth |
+| unit | requests | ok | failed | keep-alive drops | tok/s | TTFT p50 | TTFT p95 | RSS once warm → last | growth |
 |---|---|---|---|---|---|---|---|---|---|
 {rows}
 
@@ -106,8 +122,12 @@ failures, mid-stream aborts, streams without `[DONE]` or a `finish_reason`, HTTP
 """
     (OUT / "SOAK.md").write_text(text)
     print(text)
-    return 0 if not any(r.failures for _, _, r in results) else 1
+
+
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["render"]:
+        render(Path(sys.argv[2]))
+        sys.exit(0)
     sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else 600))

@@ -300,7 +300,7 @@ def cache_ram_mib(cfg: HostConfig, plan: MemoryPlan) -> int:
     llama-server saves finished prompts' KV state in host RAM (``--cache-ram``, default
     8192 MiB) to reuse them later; that RAM is on top of weights and KV cache, so an
     unsized cache lets RSS grow until it hits a memory limit the plan said was enough
-    (measured: +22 % RSS in 10 minutes of 8 clients, flat with ``--cache-ram 0``).
+    (benchmarks/SOAK.md: +29 % RSS in 10 minutes of 8 clients, flat with ``--cache-ram 0``).
     A user's value wins but must fit the same limit.
     """
     left = max(0, plan.limit - plan.total) // MIB
