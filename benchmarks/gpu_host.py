@@ -37,11 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import failure_text, run_deploy  # noqa: E402
 from llamadeploy.bench import bench, wait_healthy  # noqa: E402
 from llamadeploy.manifest import Manifest  # noqa: E402
 from llamadeploy.sandbox.host import SSH_KEY, SandboxHost, _alive, reap, rootfs, running, ssh_config  # noqa: E402
 from llamadeploy.sandbox.inventory import write_inventory  # noqa: E402
-from tests.conftest import failure_text, run_deploy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "gpu1"

@@ -8,13 +8,18 @@ time, never a machine assumed in the text.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: pyinfra of the interpreter running this (the project's venv, or a controller tree's)
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 #: seconds for ``git rev-parse``
 GIT_TIMEOUT = 60
 #: seconds for one deploy a benchmark runs: a first one compiles llama.cpp (about 10 minutes on 2
@@ -73,3 +78,40 @@ def committed(path: Path) -> str:
     if not out:
         raise SystemExit(f"{path} is not committed: commit the run's raw file before rendering its page")
     return out
+
+
+@dataclass
+class DeployResult:
+    rc: int
+    report: dict | None
+    stdout: str
+    stderr: str
+
+    @property
+    def changed(self) -> int:
+        """Operation/host pairs that ran commands (pyinfra's own 'success' count)."""
+        assert self.report is not None, self.stderr[-3000:]
+        return self.report["results"]["totals"]["success"]
+
+
+def failure_text(result: DeployResult, tail: int = 3000) -> str:
+    """What a failed deploy said: every line that names an error, with the two lines before it
+    (pyinfra prints a host's error far above the end of a long run), then the end of the output."""
+    lines = (result.stdout + result.stderr).splitlines()
+    picked = [n for n, ln in enumerate(lines) if "Error" in ln or "error:" in ln]
+    errors = [lines[k] for n in picked for k in range(max(n - 2, 0), n + 1)]
+    return "\n".join(errors[-60:]) + "\n--- end of output ---\n" + (result.stdout + result.stderr)[-tail:]
+
+
+def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None,
+               timeout: float = DEPLOY_TIMEOUT, deploy: str = "deploy.py") -> DeployResult:
+    """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it (``deploy``: another
+    deploy file, e.g. one that calls a single role)."""
+    proc = subprocess.run(
+        [PYINFRA, "-y", "--json", str(inventory), deploy, *extra],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+    report = None
+    if proc.returncode == 0:
+        report = json.loads(proc.stdout)
+    return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)

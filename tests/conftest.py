@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+from benchmarks import machine
+from benchmarks.machine import DeployResult
+from benchmarks.machine import failure_text as failure_text  # the test modules take it from here
+
+REPO = machine.REPO
+PYINFRA = machine.PYINFRA
 LLAMADEPLOY = str(Path(sys.executable).with_name("llamadeploy"))
 #: seconds for one deploy, CLI or testinfra run the tests start: below the per-test timeout
 #: (pyproject's ``timeout``), so a hung run fails its test with its own output
@@ -32,29 +34,6 @@ os.environ.setdefault("LLAMADEPLOY_CACHE", os.path.join(os.environ.get("LLAMACTL
                                                         "controller"))
 
 
-@dataclass
-class DeployResult:
-    rc: int
-    report: dict | None
-    stdout: str
-    stderr: str
-
-    @property
-    def changed(self) -> int:
-        """Operation/host pairs that ran commands (pyinfra's own 'success' count)."""
-        assert self.report is not None, self.stderr[-3000:]
-        return self.report["results"]["totals"]["success"]
-
-
-def failure_text(result: DeployResult, tail: int = 3000) -> str:
-    """What a failed deploy said: every line that names an error, with the two lines before it
-    (pyinfra prints a host's error far above the end of a long run), then the end of the output."""
-    lines = (result.stdout + result.stderr).splitlines()
-    picked = [n for n, ln in enumerate(lines) if "Error" in ln or "error:" in ln]
-    errors = [lines[k] for n in picked for k in range(max(n - 2, 0), n + 1)]
-    return "\n".join(errors[-60:]) + "\n--- end of output ---\n" + (result.stdout + result.stderr)[-tail:]
-
-
 def merged_data(**sections: Any) -> dict:
     """The sandbox's default host data with ``sections`` deep-merged in, as pyinfra's layers do."""
     from llamadeploy.sandbox.inventory import default_data
@@ -67,16 +46,8 @@ def merged_data(**sections: Any) -> dict:
 
 def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None,
                timeout: float = SUBPROCESS_TIMEOUT, deploy: str = "deploy.py") -> DeployResult:
-    """``pyinfra -y --json INVENTORY deploy.py``, as an operator runs it (``deploy``: another
-    deploy file, e.g. one that calls a single role)."""
-    proc = subprocess.run(
-        [PYINFRA, "-y", "--json", str(inventory), deploy, *extra],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
-    )
-    report = None
-    if proc.returncode == 0:
-        report = json.loads(proc.stdout)
-    return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)
+    """:func:`benchmarks.machine.run_deploy` within a test's own time limit."""
+    return machine.run_deploy(inventory, *extra, env=env, timeout=timeout, deploy=deploy)
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
