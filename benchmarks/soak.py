@@ -15,18 +15,16 @@ Only test-host addresses are loaded.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
-from llamadeploy.bench import soak
+from benchmarks.machine import describe, failure_text, machine, run_deploy
+from llamadeploy.bench import SoakResult, soak
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
 OUT = Path(__file__).resolve().parent
-REPO = OUT.parent
 CLIENTS = 8
 
 
@@ -53,8 +51,9 @@ def main(seconds: float = 600) -> int:
             data = default_data()
             data["llama_server"] = {**data["llama_server"], **server}
             inv = write_inventory(Path("/tmp/llamactl-soak-inventory.py"), [host], data)
-            subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y", str(inv), "deploy.py"],
-                           cwd=REPO, check=True, capture_output=True, timeout=DEPLOY_TIMEOUT)
+            deployed = run_deploy(inv)
+            if deployed.rc != 0:
+                raise RuntimeError(f"deploy ({label}) failed:\n{failure_text(deployed)}")
             pid = host.ssh("systemctl show -p MainPID --value llama-server").stdout.strip()
             argv = host.ssh(f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout.split()
             cache = argv[argv.index("--cache-ram") + 1] if "--cache-ram" in argv else "llama-server's default"
@@ -80,14 +79,13 @@ def render(path: Path) -> None:
     seconds = max(r["seconds"] for r in data["runs"])
 
     def row(r: dict) -> str:
-        # the same two samples as the growth: the first once warm (after a tenth of the run), the last
-        warm = [kib for t, kib in r["rss_kib"] if t >= r["seconds"] / 10]
-        growth = f"{(warm[-1] / warm[0] - 1) * 100:+.1f} %" if len(warm) >= 2 and warm[0] else "-"
+        res = SoakResult(**{f.name: r[f.name] for f in fields(SoakResult)})
+        warm, growth = res.rss_warm_kib, res.rss_growth  # the same two samples as the growth
         first_last = f"{warm[0] // 1024} → {warm[-1] // 1024} MiB" if len(warm) >= 2 else "-"
         cache = f"`--cache-ram {r['cache_ram']}`" if r["cache_ram"].isdigit() else r["cache_ram"]
-        return (f"| {r['variant']} ({cache}) | {r['requests']} | {r['ok']} | {sum(r['failures'].values())} {r['failures'] or ''} | "
-                f"{r['keepalive_drops']} | {r['tok_per_s']:.1f} | {r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | "
-                f"{first_last} | {growth} |")
+        return (f"| {r['variant']} ({cache}) | {res.requests} | {res.ok} | {sum(res.failures.values())} {res.failures or ''} | "
+                f"{res.keepalive_drops} | {res.tok_per_s:.1f} | {res.ttft_p50:.2f} s | {res.ttft_p95:.2f} s | "
+                f"{first_last} | {f'{growth * 100:+.1f} %' if growth is not None else '-'} |")
 
     rows = "\n".join(row(r) for r in data["runs"])
     samples = "\n\n".join(f"RSS samples, {r['variant']} (s, MiB): " + ", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in r["rss_kib"])
@@ -122,8 +120,6 @@ failures, mid-stream aborts, streams without `[DONE]` or a `finish_reason`, HTTP
 """
     (OUT / "SOAK.md").write_text(text)
     print(text)
-
-
 
 
 if __name__ == "__main__":

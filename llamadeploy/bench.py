@@ -225,9 +225,15 @@ class SoakResult:
     rss_kib: list[tuple[float, int]] = field(default_factory=list)
 
     @property
+    def rss_warm_kib(self) -> list[int]:
+        """The RSS samples once warm: from the first after a tenth of the run (loading and the
+        first requests' allocations come before), the base :attr:`rss_growth` is measured from."""
+        return [kib for t, kib in self.rss_kib if t >= self.seconds / 10]
+
+    @property
     def rss_growth(self) -> float | None:
         """Last RSS over the RSS once warm (the first sample after a tenth of the run), minus 1."""
-        warm = [kib for t, kib in self.rss_kib if t >= self.seconds / 10]
+        warm = self.rss_warm_kib
         return warm[-1] / warm[0] - 1 if len(warm) >= 2 and warm[0] else None
 
 
