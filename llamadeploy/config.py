@@ -444,9 +444,11 @@ class ServerConfig(Section):
         owns: ``--host 0.0.0.0`` here would bypass the bind policy, ``--rpc`` the fence."""
         for arg in v:
             _printable(arg)
-            flag = arg.split("=")[0]
-            if flag in ("--api-key", "--api-key-file", "--hf-token", "-hft"):
+            flag = re.split(r"[=\s]", arg, maxsplit=1)[0]  # "--api-key sk-…" in one word is still --api-key
+            if flag in ("--api-key", "--api-key-file"):
                 raise ValueError(f"{flag} would put a secret on the command line; use llama_server.api_key_file")
+            if flag in ("--hf-token", "-hft"):
+                raise ValueError(f"{flag} would put a secret on the command line; use llama_model.hf_token_file")
             if flag in OWNED_FLAGS:
                 raise ValueError(f"{flag} is set by the deploy; use {OWNED_FLAGS[flag]} instead")
         return v

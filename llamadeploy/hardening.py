@@ -29,7 +29,10 @@ def hardening(device_allow: Sequence[str] | None, numa: bool = False) -> list[st
                ["# the NVIDIA devices and nothing else (PrivateDevices would hide them)", "DevicePolicy=closed",
                 *device_allow])
     return [
-        "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", *devices,
+        "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+        "# /run/lock, a world-writable tmpfs of its own, stayed writable under ProtectSystem=strict",
+        "# (systemd 252, measured); the host's deploy lock lives there",
+        "ReadOnlyPaths=-/run/lock", *devices,
         "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes", "ProtectControlGroups=yes",
         "ProtectClock=yes", "ProtectHostname=yes", "ProtectProc=invisible", "RestrictNamespaces=yes",
         "RestrictRealtime=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes", "RemoveIPC=yes",

@@ -15,6 +15,7 @@ naming host, field, value and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,26 @@ def raw_settings(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+#: llama-server flags whose value is a secret: an ``extra_args`` list that carries one (refused,
+#: with the field to use instead) is shown with that value hidden
+SECRET_FLAGS = ("--api-key", "--hf-token", "-hft")
+
+
+def _hide_secret_args(value: list[Any] | tuple[Any, ...]) -> list[Any]:
+    """``value`` with the word after a secret flag, or what follows the flag in its own word
+    (``--api-key=…``, ``--api-key …``), replaced by ``<hidden>`` (pure)."""
+    out: list[Any] = []
+    for i, word in enumerate(value):
+        flag = re.split(r"[=\s]", word, maxsplit=1)[0] if isinstance(word, str) else None
+        if i and str(value[i - 1]).strip() in SECRET_FLAGS:
+            out.append("<hidden>")
+        elif flag in SECRET_FLAGS and flag != word.strip():
+            out.append(f"{flag}{word[len(flag)]}<hidden>")
+        else:
+            out.append(word)
+    return out
+
+
 def _describe(err: ErrorDetails) -> str:
     if err["type"] == "field_problem":  # a cross-field check naming one field (config.problem)
         ctx = err.get("ctx") or {}
@@ -83,6 +104,10 @@ def _describe(err: ErrorDetails) -> str:
         shown = f"<a {type(value).__name__}>"  # a whole section given as a value may be a pasted key
     elif isinstance(value, dict) and any("key" in str(k) or "token" in str(k) for k in value):
         shown = "{...}"
+    elif isinstance(value, (list, tuple)):
+        shown = repr(_hide_secret_args(value))
+    elif isinstance(value, str) and loc.endswith("extra_args") and any(f in value for f in SECRET_FLAGS):
+        shown = "<hidden>"  # a whole command line given as one string
     else:
         shown = repr(value)
     return f"{field} = {shown}: {err['msg']}"

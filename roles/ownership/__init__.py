@@ -1,12 +1,15 @@
 """Ownership: the deploy changes and removes only what it created on a host.
 
 Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories, the
-account, the model files and the parent directories the deploy created (one ``dir PATH``,
-``account NAME``, ``file PATH`` or ``parent PATH`` per line). Model files are recorded before
+account, the units named after the service, the model files and the parent directories the
+deploy created (one ``dir PATH``, ``account NAME``, ``unit NAME``, ``file PATH`` or ``parent PATH``
+per line). Model files are recorded before
 they are sent: a deploy whose release fails its gate is in no release record, and its file would
 otherwise be no one's, kept by every prune and left by uninstall as an operator's. Before anything
 changes, a configured directory that exists, holds something and is not in the record is
-refused, naming its field; so is an existing account the record does not name. Uninstall
+refused, naming its field; so is an existing account the record does not name, and a service
+name whose unit the host already has from someone else (``ssh``: the deploy would overwrite and
+restart sshd's unit, and uninstall would delete it). Uninstall
 removes exactly the recorded set (roles/uninstall). Why: an operator's ``/srv/llm`` with their
 own files, or ``/etc/nginx`` given as ``config_dir`` by mistake, must never be re-owned,
 re-moded, pruned or deleted by us, as Debian's packages remove only what they installed.
@@ -31,7 +34,8 @@ from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import manifest_path
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
+from llamadeploy.roles.firewall import guard_unit
+from llamadeploy.roles.ownership.facts import UNIT_DIRS, OwnershipRecords, PathStates, UnitFiles
 from llamadeploy.roles.preflight import is_ours
 
 RECORD_DIR = "/var/lib/llamadeploy"
@@ -75,12 +79,39 @@ def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: froze
     return None
 
 
+def service_units(name: str) -> list[str]:
+    """The units the deploy writes under the service's configurable name: the server's and its
+    fence's guard (roles/service, roles/firewall); the others have fixed ``llama``/``ggml`` names."""
+    return [f"{name}.service", guard_unit(name)]
+
+
+def unit_problem(name: str, found: dict[str, list[tuple[str, str]]], owned: frozenset[str]) -> str | None:
+    """Why units named after ``llama_service.name`` are not the deploy's to write, or None (pure).
+
+    ``found``: the ``UnitFiles`` fact. A unit is the deploy's when its only file is a regular file
+    in the operator's directory, ``/etc/systemd/system``, whose first line is the deploy's header
+    (a host deployed before units were recorded too) or which a record names (an edited header).
+    A package's unit, a generated one (a SysV script's), an alias link (``sshd.service``), a mask
+    or an operator's own file is someone else's.
+    """
+    for unit, files_found in found.items():
+        mine = f"{UNIT_DIRS[0]}/{unit}"
+        foreign = [path for path, kind in files_found
+                   if not (path == mine and (kind == "ours" or (kind == "file" and f"unit {unit}" in owned)))]
+        if foreign:
+            return (f"llama_service.name = {name!r}: this host already has {foreign[0]}, a unit this deploy did not "
+                    f"create (it would overwrite, restart and on uninstall remove it); allowed: a name no unit on "
+                    "the host has, or one an earlier deploy created")
+    return None
+
+
 def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str | None,
-                 placed: Iterable[str] = (), parents: Iterable[str] = ()) -> list[str]:
+                 placed: Iterable[str] = (), parents: Iterable[str] = (), units: Iterable[str] = ()) -> list[str]:
     """The record after this run: what it held, plus every configured directory, the account,
-    the files this run places and the absent parents its directories are created in (pure)."""
+    the units, the files this run places and the absent parents its directories are created in
+    (pure)."""
     lines = set(record or ()) | {f"dir {p}" for p in dirs.values()} | {f"file {p}" for p in placed}
-    lines |= {f"parent {p}" for p in parents}
+    lines |= {f"parent {p}" for p in parents} | {f"unit {u}" for u in units}
     if user:
         lines.add(f"account {user}")
     return sorted(lines)
@@ -140,8 +171,10 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     account = host.get_fact(Users).get(user) if user else None
     # a host from before records: the account an earlier deploy made (its home is our data_dir)
     exists = account is not None and not (legacy and is_ours(cfg, account))
-    problem = ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything, legacy,
-                                user, exists)
+    units = service_units(cfg.service.name)
+    problem = (ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything, legacy,
+                                 user, exists)
+               or unit_problem(cfg.service.name, host.get_fact(UnitFiles, names=units), everything))
     if problem:
         raise DeployError(f"preflight refused host {host.name}: {problem}")
     # parents that do not exist yet are made with the directories (``mkdir -p``): recorded, so that
@@ -150,4 +183,6 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     new_parents = [p for p, state in host.get_fact(PathStates, paths=up).items() if state == "absent"] if up else []
     files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
     atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
-        f"{line}\n" for line in record_lines(dirs, record, user, placed, new_parents))), dest=record_path(cfg), mode="644")
+        f"{line}\n" for line in record_lines(dirs, record, user, placed, new_parents,
+                                             units if cfg.mode == "native" and cfg.role == "server" else ()))),
+        dest=record_path(cfg), mode="644")

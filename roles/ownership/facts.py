@@ -58,3 +58,42 @@ class PathStates(FactBase[dict[str, str]]):
             state = state.strip()
             out[path] = "empty" if state.split()[:1] == ["0"] else state
         return out
+
+
+#: where systemd finds unit files, the operator's directory first (systemd.unit(5)); the deploy
+#: writes its units into the first
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/run/systemd/transient", "/run/systemd/generator.early",
+             "/run/systemd/generator", "/run/systemd/generator.late", "/usr/local/lib/systemd/system",
+             "/lib/systemd/system", "/usr/lib/systemd/system")
+#: the first line of every unit the deploy writes (templates/*/*.service*)
+UNIT_HEADER = "# Managed by llamadeploy"
+
+
+class UnitFiles(FactBase[dict[str, list[tuple[str, str]]]]):
+    """For each unit name: the unit files of that name on the host, in systemd's search order
+    (generated ones too: a SysV init script's), each with ``ours`` (a regular file whose first line
+    is the deploy's header), ``file`` (any other regular file) or ``link`` (an alias or a mask);
+    [] when systemd has no unit of that name."""
+
+    def command(self, names: list[str]) -> str:
+        dirs = " ".join(UNIT_DIRS)
+        header = shlex.quote(UNIT_HEADER)
+        return "; ".join(
+            f"n={shlex.quote(n)}; for d in {dirs}; do f=\"$d/$n\"; "
+            "if [ -L \"$f\" ]; then k=link; elif [ -f \"$f\" ]; then "
+            f"case \"$(head -n 1 \"$f\")\" in {header}*) k=ours ;; *) k=file ;; esac; else continue; fi; "
+            "printf '%s\\t%s\\t%s\\n' \"$n\" \"$f\" \"$k\"; done"
+            for n in names
+        ) + "; true"
+
+    @staticmethod
+    def default() -> dict[str, list[tuple[str, str]]]:
+        return {}
+
+    def process(self, output: list[str]) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {}
+        for line in output:
+            name, path, kind = (line.split("\t") + ["", ""])[:3]
+            if name and path:
+                out.setdefault(name, []).append((path, kind.strip()))
+        return out

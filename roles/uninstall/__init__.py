@@ -28,7 +28,7 @@ from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
 from llamadeploy.roles.firewall import keepers_removed, port_unfenced, table_name
 from llamadeploy.roles.firewall.operations import table_removed
-from llamadeploy.roles.ownership.facts import OwnershipRecords
+from llamadeploy.roles.ownership.facts import OwnershipRecords, UnitFiles
 from llamadeploy.roles.preflight import is_ours
 from llamadeploy.roles.release import current_release, records_dir
 from llamadeploy.roles.release.facts import Entries, ReleaseRecords
@@ -42,16 +42,27 @@ from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
 def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     """Everything the deploy installed goes, in the reverse order of the deploy."""
     svc, d = cfg.service, cfg.docker
+    records = host.get_fact(OwnershipRecords, path=ownership.RECORD_DIR)
     unit = f"/etc/systemd/system/{svc.name}.service"
-    if host.get_fact(File, path=unit):
-        server.shell(name="Native service stopped and disabled", commands=[f"systemctl disable --now {svc.name}.service"])
-    gone = files.file(name="systemd unit removed", path=unit, present=False)
+    # units of that name that someone else made (``llama_service.name: sshd`` is an alias of
+    # sshd's unit) are neither stopped nor removed
+    foreign = ownership.unit_problem(svc.name, host.get_fact(UnitFiles, names=ownership.service_units(svc.name)),
+                                     frozenset().union(*records.values()))
+    removed_units = []
+    if foreign:
+        host.noop(f"units named after {svc.name} are not the deploy's, left alone: {foreign}")
+    else:
+        if host.get_fact(File, path=unit):
+            server.shell(name="Native service stopped and disabled",
+                         commands=[f"systemctl disable --now {svc.name}.service"])
+        removed_units.append(files.file(name="systemd unit removed", path=unit, present=False))
     devices = "/etc/systemd/system/llama-nvidia-devices.service"  # a CUDA host's (roles/service)
     if host.get_fact(File, path=devices):
         server.shell(name="NVIDIA device nodes unit disabled", commands=["systemctl disable llama-nvidia-devices.service"])
     pin_gone = files.file(name="NVIDIA device nodes unit removed", path=devices, present=False)
-    systemd.daemon_reload(name="Reload systemd", _if=any_changed(gone, pin_gone))
-    keepers_removed(svc.name, table_name(cfg))
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(*removed_units, pin_gone))
+    if not foreign:
+        keepers_removed(svc.name, table_name(cfg))
     table_removed(name="nftables table removed", table=table_name(cfg))
     worker_removed(name="RPC worker")  # an RPC worker's (roles/rpc)
     # a front's and a monitor's fences (roles/front, roles/monitor): no-ops on any other host
@@ -76,7 +87,6 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
                          commands=[untagged_image_removed(i, refs) for i, refs in left])
     # exactly what this service's ownership record names and no other service's record does;
     # a host deployed before records existed: the configured paths, as then (roles/ownership)
-    records = host.get_fact(OwnershipRecords, path=ownership.RECORD_DIR)
     name = posixpath.basename(ownership.record_path(cfg))
     mine = records.get(name)
     others: frozenset[str] = frozenset().union(*(v for k, v in records.items() if k != name))

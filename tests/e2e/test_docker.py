@@ -78,6 +78,10 @@ def test_switch_native_to_docker(host, docker_inv):
     assert info["HostConfig"]["MemoryReservation"] == 1 << 30
     assert info["HostConfig"]["ReadonlyRootfs"] is True
     assert info["Config"]["User"] == "65534:65534"
+    # the key file: readable by the container's user (65534) alone
+    key_file = "/etc/llama-server/docker-api-key"
+    assert any(m["Source"] == key_file for m in info["Mounts"]), info["Mounts"]
+    assert host.ssh(f"stat -c '%a %u %U' {key_file}").stdout.split() == ["600", "65534", "nobody"]
     assert host.ssh(f"cd {COMPOSE} && docker-compose config -q").returncode == 0
     deadline = time.monotonic() + 90
     while container(host)["State"]["Health"]["Status"] != "healthy" and time.monotonic() < deadline:

@@ -181,7 +181,8 @@ def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
     roles/gpu passes it) on this real systemd host, with a stand-in for llama-fit-params, which
     only CUDA builds have: it reports who and what it is, and prints a fitted line. It runs as
     the service's user, reads the model, has no capabilities, no new privileges, a syscall filter,
-    sees a read-only system (not even a directory the service user owns), takes the unit's limits
+    sees a read-only system (not even a directory the service user owns, nor the world-writable
+    ``/run/lock`` where the deploy lock lives), takes the unit's limits
     (systemd-run accepts them), and its exit status reaches the script through systemd-run;
     root writes the result. (On a GPU
     host the fit itself has not run in this sandbox yet: no GPU machine was at hand.)"""
@@ -198,6 +199,8 @@ def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
         'touch /var/lib/llama-server/models/fit-wrote 2>/dev/null && echo "models=written" || echo "models=read-only"',
         # a directory the service user owns: only the sandbox's read-only system closes it
         'touch /var/lib/llamadeploy-fit-probe/x 2>/dev/null && echo "own-dir=written" || echo "own-dir=read-only"',
+        # world-writable, a tmpfs ProtectSystem leaves open, and the host's deploy lock's directory
+        'touch /run/lock/fit-wrote 2>/dev/null && echo "run-lock=written" || echo "run-lock=read-only"',
         "awk '$5 == \"/\" {print \"root=\" $6}' /proc/self/mountinfo",
         '[ "$1" = fail ] && exit 3',
         'echo "-c 4096 -ngl -1"', ""])
@@ -216,6 +219,7 @@ def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
         assert "user=llama model=GGUF" in seen, seen
         assert "CapEff:0000000000000000" in seen and "NoNewPrivs:1" in seen and "Seccomp:2" in seen, seen
         assert "etc=read-only" in seen and "models=read-only" in seen and "own-dir=read-only" in seen, seen
+        assert "run-lock=read-only" in seen and host.ssh("test -e /run/lock/fit-wrote", check=False).returncode != 0
         assert re.search(r"^root=ro\b", seen, re.M), seen
         assert host.ssh("test -e /var/lib/llamadeploy-fit-probe/x", check=False).returncode != 0
         assert host.ssh(f"test -e {env}", check=False).returncode != 0  # a failed fit writes nothing
@@ -223,7 +227,7 @@ def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
         assert host.ssh(f"tail -n 1 {env}").stdout.strip() == "LLAMA_GPU_FIT='-c 4096 -ngl all --fit off'"
         assert host.ssh("systemctl list-units --all --no-legend 'run-*.service'").stdout.strip() == ""  # collected
     finally:
-        host.ssh(f"rm -f {stand_in} {env}; rm -rf /var/lib/llamadeploy-fit-probe; rmdir /etc/llama-server/gpu-fit 2>/dev/null; true")
+        host.ssh(f"rm -f {stand_in} {env} /run/lock/fit-wrote; rm -rf /var/lib/llamadeploy-fit-probe; rmdir /etc/llama-server/gpu-fit 2>/dev/null; true")
 
 
 def test_server_older_than_its_unit_is_restarted_once(host, inventory):

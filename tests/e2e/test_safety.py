@@ -17,6 +17,7 @@ import pytest
 
 from llamadeploy.bench import wait_healthy
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
+from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 from tests.conftest import cli, host_state, merged_data, run_deploy, wait_for_table
 
@@ -27,6 +28,7 @@ CANARY = "/var/lib/pwned"
 INJECT = f"x'; touch {CANARY}; echo '"
 SUBST = f"$(touch {CANARY})"
 TICKS = f"`touch {CANARY}`"
+GEMMA = {"path": str(gemma_model()), "sha256": MODEL_SHA256}
 
 #: (case, data sections, expected message after "host <case>: "); each case is one inventory host
 BAD_INPUT: list[tuple[str, dict, str]] = [
@@ -115,6 +117,49 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
     ("cpu-gpu-layers", {"llama_server": {"gpu_layers": 20}}, "llama_server.gpu_layers = 20: a CPU build has no GPU"),
     ("cuda-arch", {"llama_build": {"backend": "cuda", "cuda_architectures": "sm_89"}},
      "llama_build.cuda_architectures = 'sm_89'"),
+    # control characters in the other rendered files: the preset INI, the compose file, Prometheus's
+    # and Alertmanager's YAML, haproxy.cfg's exporter bind
+    ("newline-preset-alias", {"llama_models": [{**GEMMA, "alias": "chat\n[evil]"}]},
+     "llama_models.0.alias = 'chat\\n[evil]'"),
+    ("newline-image", {"llama_mode": "docker", "llama_docker": {"image": "llama:1\n    privileged: true"}},
+     "llama_docker.image = 'llama:1\\n    privileged: true'"),
+    ("newline-scrape", {"llama_monitor": {"scrape_interval": "15s\n  - job_name: x"}},
+     "llama_monitor.scrape_interval = '15s\\n"),
+    ("newline-mail-to", {"llama_monitor": {"alertmanager": {"email": {
+        "to": ["a@example.com\nbcc: x@evil.com"], "sender": "s@example.com", "smarthost": "smtp.example.com:587"}}}},
+     "llama_monitor.alertmanager.email.to.0 = 'a@example.com\\nbcc: x@evil.com'"),
+    ("newline-hook", {"llama_monitor": {"alertmanager": {"webhook": {"url": "https://h.example.com/x\n  send_resolved: false"}}}},
+     "llama_monitor.alertmanager.webhook.url = "),
+    ("newline-group-wait", {"llama_monitor": {"alertmanager": {"webhook": {"url": "https://h.example.com/x"},
+                                                               "group_wait": "30s\nroute: x"}}},
+     "llama_monitor.alertmanager.group_wait = '30s\\nroute: x'"),
+    ("newline-metrics-bind", {"llama_front": {"metrics_bind": "0.0.0.0\n  stats enable"}},
+     "llama_front.metrics_bind = '0.0.0.0\\n  stats enable': Value error, must be an IP address"),
+    # the fences' address lists (nft rulesets)
+    ("inject-allow-from", {"llama_server": {"allow_from": ["10.0.0.1; flush ruleset"]}},
+     "llama_server.allow_from.0 = '10.0.0.1; flush ruleset': value is not a valid IPv4 or IPv6 network"),
+    ("bad-metrics-allow", {"llama_front": {"metrics_allow_from": ["10.0.0.0/33"]}}, "llama_front.metrics_allow_from.0 = "),
+    ("bad-monitor-allow", {"llama_monitor": {"allow_from": ["any"]}}, "llama_monitor.allow_from.0 = 'any'"),
+    ("bad-monitor-bind", {"llama_monitor": {"bind": "localhost"}}, "llama_monitor.bind = 'localhost'"),
+    # every other section
+    ("health-timeout", {"llama_health": {"timeout": 0}}, "llama_health.timeout = 0"),
+    ("transfer-mode", {"llama_transfer": {"mode": "torrent"}}, "llama_transfer.mode = 'torrent'"),
+    ("transfer-address", {"llama_transfer": {"address": "peer-1"}}, "llama_transfer.address = 'peer-1'"),
+    ("rpc-port", {"llama_rpc": {"port": 80}}, "llama_rpc.port = 80"),
+    ("rpc-group", {"llama_rpc": {"workers_group": "workers;reboot"}}, "llama_rpc.workers_group = 'workers;reboot'"),
+    ("gpu-install", {"llama_gpu": {"install": "yes"}}, "llama_gpu.install = 'yes'"),
+    ("gpu-repo", {"llama_gpu": {"nvidia_repo": "http://developer.download.nvidia.com/x"}}, "llama_gpu.nvidia_repo = "),
+    ("router-models-max", {"llama_router": {"models_max": -1}}, "llama_router.models_max = -1"),
+    ("models-dup-alias", {"llama_models": [{**GEMMA, "alias": "a"}, {**GEMMA, "alias": "a"}]},
+     "llama_models = ['a', 'a']: aliases must be unique"),
+    ("models-rerank", {"llama_models": [{**GEMMA, "alias": "chat"}, {**GEMMA, "alias": "rr", "kind": "rerank"}]},
+     "llama_models.1 = "),
+    ("role-unknown", {"llama_role": "loadbalancer"}, "llama_role = 'loadbalancer'"),
+    ("verify-unknown", {"llama_verify": "never"}, "llama_verify = 'never'"),
+    ("node-exporter-port", {"llama_node_exporter": {"port": 22}}, "llama_node_exporter.port = 22"),
+    # a secret through extra_args: refused, and the message does not repeat it
+    ("bypass-api-key", {"llama_server": {"extra_args": ["--api-key", "sk-bypass-0123456789"]}},
+     "llama_server.extra_args = ['--api-key', '<hidden>']: Value error, --api-key would put a secret"),
 ]
 
 
@@ -142,13 +187,22 @@ def chat(host) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
+def data(sections: dict) -> dict:
+    """A matrix case's host data: the sandbox's, with ``sections`` merged in; several models
+    (``llama_models``) replace the one model."""
+    merged = merged_data(**sections)
+    if "llama_models" in sections:
+        merged.pop("llama_model")
+    return merged
+
+
 def test_bad_input_matrix_changes_nothing(host, inventory, tmp_path):
-    """45+ bad inventories, each an inventory host on the same machine, in one real pyinfra run:
+    """85+ bad inventories, each an inventory host on the same machine, in one real pyinfra run:
     one message per host naming host, field and value; no file or unit changes; no injection ran."""
-    assert len(BAD_INPUT) >= 60
+    assert len(BAD_INPUT) >= 85
     before = host_state(host) + host.ssh("ls -la /etc/systemd/system /opt /srv /var/lib").stdout
     name, conn = host.inventory_entry()
-    entries = [(case, {**conn, "ssh_hostname": name, **merged_data(**sections)}) for case, sections, _ in BAD_INPUT]
+    entries = [(case, {**conn, "ssh_hostname": name, **data(sections)}) for case, sections, _ in BAD_INPUT]
     inv = tmp_path / "bad.py"
     inv.write_text(f"hosts = {entries!r}\n")
     result = run_deploy(inv, "--parallel", "4")  # one sshd serves all of them
@@ -244,6 +298,10 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
                      "not create (models, notes.txt); allowed: a new or empty directory"),
         "config_dir": ({"llama_service": {"config_dir": "/etc/foreignapp"}},
                        "llama_service.config_dir = '/etc/foreignapp' exists on this host and holds 1 entries"),
+        # a service name whose unit is a package's: the deploy would overwrite and restart sshd's unit
+        "unit": ({"llama_service": {"name": "ssh"}, "llama_server": {"port": 8081}},
+                 "llama_service.name = 'ssh': this host already has /lib/systemd/system/ssh.service, a unit this "
+                 "deploy did not create"),
         # a system account whose home is the data_dir was adopted, then deleted by uninstall
         "account-adopted": ({"llama_service": {"user": "svc", "data_dir": "/srv/llmsvc"}},
                             "llama_service.user = 'svc' is an existing account this deploy did not create"),

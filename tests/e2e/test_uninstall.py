@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from llamadeploy.audit import AUDIT_PATH
 from llamadeploy.lock import LOCK_PATH
 from llamadeploy.manifest import manifest_path
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, audit_rows, cli, run_deploy
+from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, audit_rows, cli, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
 
@@ -51,8 +52,23 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     assert result.rc == 0, result.stderr[-4000:]
     assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
     assert host.ssh(SNAPSHOT).stdout != fresh
-    # an operator's own file beside the deploy's model: not the deploy's to remove
+    # an operator's own file beside the deploy's model: not the deploy's to remove, neither by a
+    # prune nor by the uninstall
     host.ssh("echo weights > /var/lib/llama-server/models/operators-own.gguf")
+    first = Path(default_data()["llama_model"]["path"]).name
+    # a prune that does remove a model file: the same weights under another name serve two releases
+    # (keep_releases 1), and the third pushes the first release, and its file, out
+    renamed = tmp_path / "renamed-copy.gguf"
+    shutil.copyfile(default_data()["llama_model"]["path"], renamed)
+    for threads in (2, 1):
+        models = host.ssh("ls /var/lib/llama-server/models").stdout.split()
+        assert first in models, models  # kept until the third release pushes the first one out
+        moved = write_inventory(tmp_path / f"moved{threads}.py", [host], merged_data(
+            llama_model={"path": str(renamed)}, llama_service={"keep_releases": 1}, llama_server={"threads": threads}))
+        step = run_deploy(moved)
+        assert step.rc == 0, step.stderr[-4000:]
+    models = host.ssh("ls /var/lib/llama-server/models").stdout.split()
+    assert first not in models and "renamed-copy.gguf" in models and "operators-own.gguf" in models, models
     # and a file in the ccache bind-mounted under the cache directory (the same filesystem as the
     # host's tree: rm --one-file-system alone would empty it)
     marker = "/var/cache/llama.cpp/ccache/.uninstall-keeps-this"
@@ -82,6 +98,13 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
 
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]
     host.ssh("rm -r /var/lib/llama-server")  # the operator's to remove
+    assert host.ssh(SNAPSHOT).stdout == fresh
+    # an uninstall under a service name that is someone else's unit: sshd.service is the alias link
+    # of Debian's ssh.service; it is neither stopped nor removed, and the host stays as it was
+    assert host.ssh("readlink /etc/systemd/system/sshd.service").stdout.strip().endswith("/ssh.service")
+    alien = remove(write_inventory(tmp_path / "sshd.py", [host], merged_data(llama_service={"name": "sshd"})))
+    assert alien.returncode == 0, (alien.stdout + alien.stderr)[-3000:]
+    assert host.ssh("systemctl is-active ssh").stdout.strip() == "active"
     assert host.ssh(SNAPSHOT).stdout == fresh
 
 
@@ -133,6 +156,15 @@ def test_one_run_at_a_time_a_dead_runs_lock_released_by_hand_and_the_audit_trail
                 proc.communicate(timeout=60)
     assert host.ssh(f"test -e {LOCK_PATH}", check=False).returncode != 0  # released by each run
 
+    # two deploys started at the same moment: exactly one takes the lock and runs, the other is
+    # refused naming it (link(2) on the host decides, not the order the two were started in)
+    racers = [start_deploy(inventory), start_deploy(inventory)]
+    ends = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in racers]
+    assert sorted(p.returncode != 0 for p in racers) == [False, True], [e[1][-1500:] for e in ends]
+    winner, loser = (0, 1) if racers[0].returncode == 0 else (1, 0)
+    assert f"(pid {racers[winner].pid}), since " in ends[loser][1], ends[loser][1][-3000:]
+    assert "nothing was changed" in ends[loser][1]
+
     # a run that dies holding the lock (SIGKILL: no finally of it runs)
     dying = start_deploy(inventory)
     try:
@@ -154,16 +186,17 @@ def test_one_run_at_a_time_a_dead_runs_lock_released_by_hand_and_the_audit_trail
     # the audit trail: the runs that held the lock, newest first (the refused ones never did)
     rid = json.loads(host.ssh(f"cat {manifest_path('/etc/llama-server')}").stdout)["release_id"]
     assert rid
-    rows = audit_rows(inventory, 4)
+    rows = audit_rows(inventory, 5)
     me = f"root@{socket.gethostname()}"
 
     def cells(r: dict[str, str]) -> list[str]:
         return [r[k] for k in ("host", "operator", "action", "before", "after", "outcome")]
 
-    assert [cells(r) + [r["changes"]] for r in rows[:2]] == [[host.address, me, "deploy", rid, rid, "ok", "0"]] * 2, rows
-    assert cells(rows[2]) == [host.address, me, "deploy", "-", rid, "ok"] and int(rows[2]["changes"]) > 0  # the first
-    assert cells(rows[3]) == [host.address, me, "uninstall", "-", "-", "ok"]  # the first test's second uninstall
-    assert len({r["run"] for r in rows}) == 4 and len(rows) == 4  # four runs
+    # the last run, the race's winner and the waiting third: no change
+    assert [cells(r) + [r["changes"]] for r in rows[:3]] == [[host.address, me, "deploy", rid, rid, "ok", "0"]] * 3, rows
+    assert cells(rows[3]) == [host.address, me, "deploy", "-", rid, "ok"] and int(rows[3]["changes"]) > 0  # the first
+    assert cells(rows[4]) == [host.address, me, "uninstall", "-", "-", "ok"]  # the first test's last uninstall
+    assert len({r["run"] for r in rows}) == 5 and len(rows) == 5  # five runs
     lines = host.ssh(f"cat {AUDIT_PATH}").stdout.splitlines()
     assert all(json.loads(line)["outcome"] in ("ok",) for line in lines[-3:])
     assert host.ssh(f"stat -c '%a %U' {AUDIT_PATH}").stdout.split() == ["640", "root"]

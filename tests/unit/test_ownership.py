@@ -10,8 +10,10 @@ from llamadeploy.roles.ownership import (
     ownership_problem,
     parents_in,
     record_lines,
+    service_units,
+    unit_problem,
 )
-from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
+from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates, UnitFiles
 
 CFG = HostConfig.model_validate({"model": {"path": "/m/m.gguf"}, "server": {"allow_unauthenticated": True},
                                  "service": {"data_dir": "/srv/llm"}})
@@ -82,3 +84,65 @@ def test_parents_the_deploy_creates_are_recorded_and_removed_deepest_first():
     assert lines == ["dir /srv/llm/data", "parent /srv/llm"]
     assert parents_in(frozenset([*lines, "parent /srv", "parent /srv/llm/x"])) == ["/srv/llm/x", "/srv/llm", "/srv"]
     assert parents_in(None) == []
+
+
+def test_a_service_name_whose_unit_someone_else_made_is_refused():
+    """``llama_service.name: ssh`` would overwrite and restart sshd's unit, ``sshd`` is its alias
+    link, a masked name or an operator's own unit file is theirs too."""
+    assert service_units("ssh") == ["ssh.service", "ssh-fence.service"]
+    vendor = {"ssh.service": [("/lib/systemd/system/ssh.service", "file"), ("/usr/lib/systemd/system/ssh.service", "file")]}
+    assert unit_problem("ssh", vendor, frozenset()) == (
+        "llama_service.name = 'ssh': this host already has /lib/systemd/system/ssh.service, a unit this deploy did "
+        "not create (it would overwrite, restart and on uninstall remove it); allowed: a name no unit on the host "
+        "has, or one an earlier deploy created")
+    alias = {"sshd.service": [("/etc/systemd/system/sshd.service", "link")]}
+    assert "/etc/systemd/system/sshd.service" in unit_problem("sshd", alias, frozenset())
+    # a mask over a unit a record names is the operator's now; a SysV script's generated unit
+    masked = {"llama-server.service": [("/etc/systemd/system/llama-server.service", "link")]}
+    assert unit_problem("llama-server", masked, frozenset({"unit llama-server.service"})) is not None
+    sysv = {"apache2.service": [("/run/systemd/generator.late/apache2.service", "file")]}
+    assert "/run/systemd/generator.late/apache2.service" in unit_problem("apache2", sysv, frozenset())
+    # a vendor unit is never ours, even when a record names the unit (ours would only shadow it)
+    shadowing = {"x.service": [("/etc/systemd/system/x.service", "ours"), ("/lib/systemd/system/x.service", "file")]}
+    assert "/lib/systemd/system/x.service" in unit_problem("x", shadowing, frozenset({"unit x.service"}))
+
+
+def test_units_the_deploy_wrote_or_recorded_pass_and_are_recorded():
+    assert unit_problem("llama-server", {}, frozenset()) is None  # a fresh host
+    ours = {"llama-server.service": [("/etc/systemd/system/llama-server.service", "ours")]}
+    assert unit_problem("llama-server", ours, frozenset()) is None  # written before units were recorded
+    edited = {"llama-server.service": [("/etc/systemd/system/llama-server.service", "file")]}
+    assert unit_problem("llama-server", edited, frozenset({"unit llama-server.service"})) is None
+    assert unit_problem("llama-server", edited, frozenset()) is not None  # not recorded, not our header
+    assert "unit llama-server.service" in record_lines(DIRS, None, "llama", units=service_units("llama-server"))
+
+
+def test_unit_files_fact_reads_paths_and_kinds():
+    out = ["ssh.service\t/lib/systemd/system/ssh.service\tfile", "llama-server.service\t"
+           "/etc/systemd/system/llama-server.service\tours", ""]
+    assert UnitFiles().process(out) == {"ssh.service": [("/lib/systemd/system/ssh.service", "file")],
+                                        "llama-server.service": [("/etc/systemd/system/llama-server.service", "ours")]}
+
+
+def test_unit_files_fact_command_on_a_real_tree(tmp_path):
+    """The fact's shell, run here against a made-up tree (its directories replaced by tmp_path's)."""
+    import subprocess
+
+    from llamadeploy.roles.ownership import facts
+
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    etc.mkdir()
+    lib.mkdir()
+    (etc / "ours.service").write_text("# Managed by llamadeploy (pyinfra). Local edits...\n[Unit]\n")
+    (etc / "theirs.service").write_text("[Unit]\nDescription=x\n")
+    (lib / "pkg.service").write_text("[Unit]\n")
+    (etc / "alias.service").symlink_to(lib / "pkg.service")
+    cmd = UnitFiles().command(["ours.service", "theirs.service", "pkg.service", "alias.service", "none.service"])
+    fakes = {facts.UNIT_DIRS[0]: str(etc), "/lib/systemd/system": str(lib)}
+    for n, real in enumerate(facts.UNIT_DIRS):
+        cmd = cmd.replace(f" {real} ", f" {fakes.get(real, f'/nonexistent/{n}')} ").replace(
+            f" {real};", f" {fakes.get(real, f'/nonexistent/{n}')};")
+    out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True, timeout=10).stdout
+    assert UnitFiles().process(out.splitlines()) == {
+        "ours.service": [(f"{etc}/ours.service", "ours")], "theirs.service": [(f"{etc}/theirs.service", "file")],
+        "pkg.service": [(f"{lib}/pkg.service", "file")], "alias.service": [(f"{etc}/alias.service", "link")]}
