@@ -1,5 +1,5 @@
 """The audit trail: on each host, one line per run that held its lock: who, from where, what, the
-release before and after, and how it ended.
+release before and after, the release it tried, and how it ended.
 
 "Who changed this host, and when?" has to be answered from the host, whoever's laptop ran the
 deploy. Each run appends one JSON line to :data:`AUDIT_PATH` when pyinfra disconnects
@@ -37,6 +37,9 @@ class Entry:
     after: str | None  #: ... and when it ended
     outcome: str  #: ok, failed, interrupted, stopped before any change
     changes: int  #: operations that changed something on this host
+    #: the release this run brought (a deploy's new release id, whether or not it passed its gate:
+    #: a failed one's id appears nowhere else once the host is back on ``before``); None: none
+    tried: str | None = None
     host: str = ""  #: filled in when read back (the file itself is per host)
 
     def to_json(self) -> str:
@@ -49,7 +52,8 @@ class Entry:
         try:
             d = json.loads(text)
             return cls(float(d["time"]), str(d["operator"]), str(d["controller"]), str(d["action"]),
-                       str(d["run"]), d.get("before"), d.get("after"), str(d["outcome"]), int(d["changes"]), host)
+                       str(d["run"]), d.get("before"), d.get("after"), str(d["outcome"]), int(d["changes"]),
+                       d.get("tried"), host)
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -88,11 +92,11 @@ def newest_first(batches: list[list[Entry]]) -> list[Entry]:
 def format_table(entries: list[Entry]) -> str:
     from llamadeploy.status import columns
 
-    cells = [["time", "host", "operator", "action", "before", "after", "outcome", "changes", "run"]]
+    cells = [["time", "host", "operator", "action", "before", "after", "tried", "outcome", "changes", "run"]]
     for e in entries:
         t = datetime.fromtimestamp(e.time, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         cells.append([t, e.host, f"{e.operator}@{e.controller}", e.action, e.before or "-", e.after or "-",
-                      e.outcome, str(e.changes), e.run])
+                      e.tried or "-", e.outcome, str(e.changes), e.run])
     return columns(cells)
 
 

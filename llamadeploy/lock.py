@@ -240,6 +240,15 @@ def hold(host: Any, action: str, manifest: str) -> None:
         _watch_sigint()
 
 
+#: host name -> the release this run deployed there (the audit line's ``tried``)
+_TRIED: dict[str, str] = {}
+
+
+def tried(host: Any, release_id: str) -> None:
+    """Note the release this run brings to ``host`` (at prepare time), for its audit line."""
+    _TRIED[host.name] = release_id
+
+
 def _finish(state: Any, host: Any) -> None:
     """At pyinfra's disconnect: the audit line, then the lock released (if this run took it)."""
     from pyinfra.api.state import StateStage
@@ -258,7 +267,7 @@ def _finish(state: Any, host: Any) -> None:
                          state.current_stage == StateStage.Execute, host.name in _OPEN, _INTERRUPTED)
     entry = audit.Entry(time=time.time(), operator=holder.operator, controller=holder.controller,
                         action=holder.action, run=holder.run, before=before, after=after, outcome=outcome,
-                        changes=_executed(state, host))
+                        changes=_executed(state, host), tried=_TRIED.pop(host.name, None))
     commands = [audit.append_command(entry)]
     if taken:
         commands.append(release_command(holder.run))

@@ -62,20 +62,23 @@ def audit_rows(inv: Path, lines: int = 20) -> list[dict[str, str]]:
     assert trail.returncode == 0, trail.stdout + trail.stderr[-3000:]
     rows = []
     for line in trail.stdout.splitlines()[1:]:
-        c = line.split()  # time (2 cells), host, operator, action, before, after, outcome (words), changes, run
-        rows.append({"host": c[2], "operator": c[3], "action": c[4], "before": c[5], "after": c[6],
-                     "outcome": " ".join(c[7:-2]), "changes": c[-2], "run": c[-1]})
+        c = line.split()  # time (2 cells), host, operator, action, before, after, tried, outcome (words), changes, run
+        rows.append({"host": c[2], "operator": c[3], "action": c[4], "before": c[5], "after": c[6], "tried": c[7],
+                     "outcome": " ".join(c[8:-2]), "changes": c[-2], "run": c[-1]})
     return rows
 
 
-def dashboard_gaps(api: str, names: list[str], values: dict[str, str]) -> list[tuple[str, str, str]]:
+def dashboard_gaps(api: str, names: list[str], values: dict[str, str],
+                   boards: dict[str, dict] | None = None) -> list[tuple[str, str, str]]:
     """(dashboard, panel, query) of every panel query that the real Prometheus answers with no
-    data, the variables filled with ``values``; an invalid query fails at once."""
+    data, the variables filled with ``values``; an invalid query fails at once. ``boards`` maps a
+    name to a board to check instead of the shipped one (a mutated copy)."""
     from llamadeploy import dashboards
 
     gaps = []
     for name in names:
-        for title, expr in dashboards.queries(dashboards.dashboard(name)):
+        board = (boards or {}).get(name) or dashboards.dashboard(name)
+        for title, expr in dashboards.queries(board):
             answer = httpx.get(f"{api}/query", params={"query": dashboards.filled(expr, values)}, timeout=10).json()
             assert answer["status"] == "success", (name, title, answer)
             if not answer["data"]["result"]:
@@ -99,6 +102,9 @@ def broken_rollout_rolled_back(inventory_with, canary, other, tmp_path: Path) ->
                          llama_health={"timeout": 20})
     result = cli("rollout", str(inv))
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    # failed as soon as the server exited, not at the gate's timeout
+    assert ("the server restarted (it crashed)" in result.stderr
+            or "the server is not running (it exited)" in result.stderr), result.stderr[-3000:]
     rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[1:] if ln.strip()}
     assert " rolled back " in rows[canary.address] and "not reached" in rows[other.address], result.stdout
     assert state(canary)[0] == before[canary.address][0] and state(other) == before[other.address]

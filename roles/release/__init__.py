@@ -23,7 +23,7 @@ from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import server, systemd
 from pyinfra.operations.util import any_changed
 
-from llamadeploy import atomic
+from llamadeploy import atomic, lock
 from llamadeploy.atomic import VerifiedSha256
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest, manifest_path
@@ -296,6 +296,7 @@ def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
     "Before" is the host's latest recorded release (recorded only after it passed a gate), not
     the manifest, which this run or an interrupted earlier one may have switched already.
     """
+    lock.tried(host, new_id)  # the audit line names it, whether it passes or not
     records = host.get_fact(ReleaseRecords, path=records_dir(cfg))
     head = f"host {host.name}: release {new_id} failed its gate"
     target: ReleaseRecord | None = None

@@ -9,6 +9,7 @@ Prometheus' API, ssh).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -505,6 +506,12 @@ def test_dashboards_show_data_from_the_real_metrics(hosts, fleet, tmp_path):
     try:
         time.sleep(5)  # two scrapes (2 s apart) after the requests: every rate() has its points
         assert dashboard_gaps(api, ["llama-fleet.json", "llama-host.json"], {"host": be1.address}) == []
+        # the check's own mutation: one more panel on a name that community dashboards query and
+        # b11434 does not export (tests/unit/test_dashboards.LLAMACPP) is the one gap found
+        mutated = copy.deepcopy(dashboards.dashboard("llama-fleet.json"))
+        mutated["panels"].append({"title": "KV cache used", "targets": [{"expr": "avg(llamacpp:kv_cache_usage_ratio)"}]})
+        assert dashboard_gaps(api, ["llama-fleet.json"], {"host": be1.address}, {"llama-fleet.json": mutated}) == [
+            ("llama-fleet.json", "KV cache used", "avg(llamacpp:kv_cache_usage_ratio)")]
         # the node exporter took the file whole, and the stale-file alert's series exists
         for query in (f'node_textfile_scrape_error{{instance=~"{be1.address}:.*"}} == 0',
                       'node_textfile_mtime_seconds{file=~"(.*/)?llamadeploy_gpu[.]prom"}',
@@ -655,8 +662,8 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
     which arrives at the webhook (with the bearer token from a 0600 controller file) and as mail
     through a smarthost that requires STARTTLS and SMTP AUTH (the password from a 0600 controller
     file; the relay's certificate from a CA the monitor host trusts, as a company's internal CA);
-    its slow-tokens alert on the same host is inhibited; Alertmanager listens on the monitor's
-    loopback only. Without receivers, the next deploy stops it again."""
+    its slow-tokens alert on the same host is inhibited; a silence holds back a matching alert;
+    Alertmanager listens on the monitor's loopback only. Without receivers, the next deploy stops it again."""
     mon, be2 = hosts["mon"], hosts["be2"]
     rx = Receivers(mon.gateway, tmp_path)
     token = tmp_path / "hook-token"
@@ -710,6 +717,21 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
         assert json.loads(held)[0]["status"]["inhibitedBy"], held
         assert not [a for _, body in rx.hooks for a in body["alerts"]
                     if a["labels"]["alertname"] == "LlamaTokensPerSecondDropped"], rx.hooks
+        # a silence set as docs/front-and-monitor.md shows it, kept through the deploy's reload: a
+        # matching alert is silenced, not sent; the silence ends by hand
+        am = "amtool --alertmanager.url=http://127.0.0.1:9093"
+        silence = mon.ssh(f"{am} silence add {shlex.quote(f'instance=~{be2.address}:.*')} --duration=1h "
+                          "--comment='maintenance'").stdout.strip()
+        mon.ssh("systemctl reload prometheus-alertmanager")
+        assert silence in mon.ssh(f"{am} silence query -q").stdout.split()
+        mon.ssh(f"{am} alert add LlamaHostMemoryLow instance={be2.address}:9100 severity=warning")
+        time.sleep(15)  # group_wait 5s: it would have been sent by now
+        muted = json.loads(mon.ssh(f"{am} -o json alert query --silenced alertname=LlamaHostMemoryLow").stdout)
+        assert [a["status"]["silencedBy"] for a in muted] == [[silence]], muted
+        assert not [a for _, body in rx.hooks for a in body["alerts"]
+                    if a["labels"]["alertname"] == "LlamaHostMemoryLow"], rx.hooks
+        mon.ssh(f"{am} silence expire {silence}")
+        assert silence not in mon.ssh(f"{am} silence query -q").stdout.split()
     finally:
         be2.ssh("systemctl start llama-server", check=False)
         mon.ssh(f"rm -f {trusted} && update-ca-certificates --fresh >/dev/null", check=False)

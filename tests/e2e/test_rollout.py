@@ -222,6 +222,9 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
                       llama_health={"timeout": 20})
     result = cli("rollout", str(inv))
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    # failed as soon as the server exited, not at the gate's timeout (20 s here, 180 s by default)
+    assert ("the server restarted (it crashed)" in result.stderr
+            or "the server is not running (it exited)" in result.stderr), result.stderr[-3000:]
     rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[1:]}
     canary, rest = fleet[0], fleet[1:]
     assert " rolled back " in rows[canary.address], result.stdout
@@ -237,7 +240,11 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
     assert trail[0]["host"] == canary.address and trail[0]["action"].startswith("rollout"), trail[:3]
     ours = [r for r in trail if r["run"] == run]
     assert {r["host"] for r in ours} == {canary.address}, ours
-    assert any(r["action"] == "rollout" and r["outcome"] == "failed" for r in ours), json.dumps(ours)
+    failed = [r for r in ours if r["action"] == "rollout" and r["outcome"] == "failed"]
+    assert failed, json.dumps(ours)
+    # the release that failed is named, beside the one the host is back on
+    assert failed[0]["tried"] not in ("-", before[canary.address][0]), failed
+    assert failed[0]["before"] == failed[0]["after"] == before[canary.address][0], failed
     assert ours[0]["after"] == before[canary.address][0], ours
 
 

@@ -112,7 +112,7 @@ def test_acquire_waits_for_a_held_lock_then_refuses_naming_it(lockfile, monkeypa
 def test_audit_lines_append_and_read_back_newest_first(tmp_path, monkeypatch):
     monkeypatch.setattr(audit, "AUDIT_PATH", str(tmp_path / "log" / "audit.log"))
     first = audit.Entry(100.0, "alice", "ctl", "deploy", "r1", None, "b1-aaa", "ok", 12)
-    second = audit.Entry(200.0, "bob", "ctl", "rollback", "r2", "b1-aaa", "b1-000", "failed", 3)
+    second = audit.Entry(200.0, "bob", "ctl", "rollout", "r2", "b1-aaa", "b1-aaa", "failed", 3, tried="b1-bad")
     sh(audit.append_command(first))
     sh(audit.append_command(second))
     assert oct((tmp_path / "log").stat().st_mode & 0o777) == "0o750"
@@ -124,8 +124,13 @@ def test_audit_lines_append_and_read_back_newest_first(tmp_path, monkeypatch):
     ordered = audit.newest_first([entries, other])
     assert [(e.host, e.run) for e in ordered] == [("h1", "r2"), ("h2", "r2"), ("h1", "r1")]
     table = audit.format_table(ordered).splitlines()
-    assert table[0].split() == ["time", "host", "operator", "action", "before", "after", "outcome", "changes", "run"]
-    assert table[3].split() == ["1970-01-01", "00:01:40Z", "h1", "alice@ctl", "deploy", "-", "b1-aaa", "ok", "12", "r1"]
+    assert table[0].split() == ["time", "host", "operator", "action", "before", "after", "tried", "outcome", "changes",
+                                "run"]
+    # a failed rollout's line names the release that failed, beside the one the host is back on
+    assert table[1].split() == ["1970-01-01", "00:03:20Z", "h1", "bob@ctl", "rollout", "b1-aaa", "b1-aaa", "b1-bad",
+                                "failed", "3", "r2"]
+    assert table[3].split() == ["1970-01-01", "00:01:40Z", "h1", "alice@ctl", "deploy", "-", "b1-aaa", "-", "ok", "12",
+                                "r1"]
 
 
 def test_an_audit_line_with_quotes_and_newlines_stays_one_line(tmp_path, monkeypatch):
