@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
 from llamadeploy.bench import wait_healthy
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -147,7 +147,7 @@ def main() -> int:
         for h in hosts:
             h.stop()
     stamp = str(run["date"])[:10]
-    (OUT / f"affinity-{stamp}.json").write_text(json.dumps({**run, **result}, indent=1) + "\n")
+    raw_path(OUT, "affinity", run).write_text(json.dumps({**run, **result}, indent=1) + "\n")
     lc, af = result["leastconn"], result["affinity"]
     text = f"""# Multi-turn chat through the front: leastconn vs affinity ({stamp})
 

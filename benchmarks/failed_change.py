@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import describe, machine, raw_path
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -111,8 +111,8 @@ def main(rounds: int = 3) -> int:
         host.stop()
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "unavailable_s")} for k, v in runs.items()}
     result = {**machine(), "rounds": rounds, "runs": runs, "median": med}
-    stamp = result["date"][:10]  # type: ignore[index]
-    (OUT / f"failed-change-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    raw = raw_path(OUT, "failed-change", result)
+    raw.write_text(json.dumps(result, indent=1) + "\n")
     base_window = med["good_deploy"]["unavailable_s"] or 0.1
     rows = "\n".join(
         f"| {label} | {med[k]['unavailable_s']:.1f} s | {med[k]['unavailable_s'] / base_window:.1f}x | {med[k]['wall_s']:.1f} s |"
@@ -123,7 +123,7 @@ def main(rounds: int = 3) -> int:
 
 Written whole by `benchmarks/failed_change.py` ({rounds} rounds each, medians)
 {describe(result)}, one sandbox host.
-Raw runs: `failed-change-{stamp}.json`.
+Raw runs: `{raw.name}`.
 
 Unavailable: the longest window in which `/health`, polled every 0.1 s from the controller, did
 not answer 200. The failed change's server exits at start (`--lora /nonexistent.gguf`); the

@@ -308,6 +308,8 @@ fast a real model would run. One run per level.
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or (sys.argv[1] != "render" and len(sys.argv) != 5):
+        sys.exit(__doc__.split("\n\n")[2])  # the usage lines: only "render" runs off a GPU machine
     step, *rest = sys.argv[1:]
     if step == "render":
         render()

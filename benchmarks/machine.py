@@ -69,6 +69,22 @@ def describe(m: Mapping[str, object]) -> str:
             + (f" ({detail})" if detail else ""))
 
 
+def raw_path(out: Path, prefix: str, run: Mapping[str, object]) -> Path:
+    """Where a run's raw JSON goes: ``<prefix>-<date>.json``; when a file of that name is there
+    from another commit (an earlier run of the same day), ``<prefix>-<date>-<commit>.json``, so a
+    second run never overwrites the raw file an earlier page or doc quotes."""
+    date, commit = str(run["date"])[:10], str(run["commit"])
+    path = out / f"{prefix}-{date}.json"
+    if not path.exists():
+        return path
+    try:
+        d = json.loads(path.read_text())
+        earlier = d.get("commit") or (d.get("machine") or {}).get("commit")
+    except (OSError, ValueError, AttributeError):
+        earlier = None  # unreadable: not this run's to overwrite either
+    return path if earlier == commit else out / f"{prefix}-{date}-{commit.replace('+', '-')}.json"
+
+
 def committed(path: Path) -> str:
     """The last commit that changed ``path``, and its date: what a page rendered from a raw file
     names when the file records no commit of its own (a device run's JSON); refused for a file

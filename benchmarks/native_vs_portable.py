@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
 from llamadeploy.bench import bench
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
@@ -62,7 +62,7 @@ def main(rounds: int = 3) -> int:
     finally:
         host.stop()
     stamp = str(run_info["date"])[:10]
-    (OUT / f"native-vs-portable-{stamp}.json").write_text(
+    raw_path(OUT, "native-vs-portable", run_info).write_text(
         json.dumps({**run_info, "ids": ids, "results": results}, indent=1) + "\n")
     rows = []
     for clients in LEVELS:

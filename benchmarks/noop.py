@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
 from benchmarks.widened import widened
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
@@ -112,7 +112,7 @@ def main(rounds: int = 3) -> int:
         for h in hosts:
             h.stop()
     stamp = str(results["date"])[:10]
-    (OUT / f"noop-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+    raw_path(OUT, "noop", results).write_text(json.dumps(results, indent=1) + "\n")
 
     def cell(key: str, row: dict | None = None) -> str:
         v = (row or results)[key]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import describe, machine
+from benchmarks.machine import describe, machine, raw_path
 from llamadeploy.bench import run_level
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
@@ -198,8 +198,8 @@ def main(rounds: int = 2) -> int:
         return round(statistics.median(r[field] for r in res[key]), 3)
 
     result = {**machine(), "rounds": rounds, "runs": res}
-    stamp = str(result["date"])[:10]
-    (OUT / f"router-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    raw = raw_path(OUT, "router", result)
+    raw.write_text(json.dumps(result, indent=1) + "\n")
     s_tok, r_tok = med("single", "tok_per_s"), med("router", "tok_per_s")
     sf_tok, rf_tok = med("single_fresh", "tok_per_s"), med("router_fresh", "tok_per_s")
 
@@ -212,7 +212,7 @@ def main(rounds: int = 2) -> int:
     (OUT / "ROUTER.md").write_text(f"""# Router mode against one-model serving
 
 Written whole by `benchmarks/router.py` {describe(result)}, one sandbox host, Gemma 3 270M
-Q4_K_M (the embedding model is the same GGUF with mean pooling). Raw runs: `router-{stamp}.json`.
+Q4_K_M (the embedding model is the same GGUF with mean pooling). Raw runs: `{raw.name}`.
 
 ## Chat at 8 clients (3 requests each, 64 tokens; {rounds} rounds, alternating, medians)
 

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
 from llamadeploy.bench import bench
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -77,7 +77,7 @@ def main() -> int:
             h.stop()
     stamp = str(run["date"])[:10]
     data = {**run, "setups": results}
-    (OUT / f"rpc-{stamp}.json").write_text(json.dumps(data, indent=1) + "\n")
+    raw_path(OUT, "rpc", run).write_text(json.dumps(data, indent=1) + "\n")
     text = render(data, stamp)
     (OUT / "RPC.md").write_text(text)
     print(text)

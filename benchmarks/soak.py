@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from benchmarks.machine import describe, failure_text, machine, run_deploy
+from benchmarks.machine import describe, failure_text, machine, raw_path, run_deploy
 from llamadeploy.bench import SoakResult, soak
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data, write_inventory
@@ -62,8 +62,7 @@ def main(seconds: float = 600) -> int:
             results.append((label, cache, result))
     finally:
         host.stop()
-    stamp = str(run["date"])[:10]
-    path = OUT / f"soak-{stamp}.json"
+    path = raw_path(OUT, "soak", run)
     path.write_text(json.dumps(
         {**run, "runs": [{"variant": label, "cache_ram": cache, **asdict(r)} for label, cache, r in results]},
         indent=1) + "\n")

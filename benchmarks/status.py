@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine, raw_path
 from llamadeploy.sandbox import SandboxHost
 from llamadeploy.sandbox.inventory import SHARED_BINDS, SHARED_OVERLAYS, default_data, write_inventory
 
@@ -119,8 +119,8 @@ def main(rounds: int = 3) -> int:
         for h in hosts:
             h.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    stamp = str(results["date"])[:10]
-    (OUT / f"status-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+    raw = raw_path(OUT, "status", results)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
 
     def cell(r: dict, k: str) -> str:
         return f"{r[k]['median_s']:.1f} s ({', '.join(f'{x:.1f}' for x in r[k]['runs_s'])})"
@@ -129,7 +129,7 @@ def main(rounds: int = 3) -> int:
     table = "\n".join(f"| {r['hosts']} | {cell(r, 'baseline')} | {cell(r, 'now')} | {r['ratio']:.1f}x |" for r in rows)
     text = f"""# `llamadeploy status`: 1, 3 and 10 hosts
 
-Written whole by `benchmarks/status.py` {describe(results)}. Raw runs: `status-{stamp}.json`.
+Written whole by `benchmarks/status.py` {describe(results)}. Raw runs: `{raw.name}`.
 
 Ten sandbox hosts on this machine's veth network, each serving Gemma 3 270M Q4_K_M (llama.cpp
 b11434, deployed by `deploy.py`). `llamadeploy status INVENTORY --json` on the first N hosts, the

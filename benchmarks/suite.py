@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.machine import GIT_TIMEOUT, describe, machine
+from benchmarks.machine import GIT_TIMEOUT, describe, machine, raw_path
 
 OUT = Path(__file__).resolve().parent
 PHASES = (("pure tests (unit, operation specs, package, Hub)", "junit-pure.xml"),
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             modules[module_of(c["name"])] += c["time_s"]
     slowest = sorted(cases, key=lambda c: c["time_s"], reverse=True)[:10]
     results = {**run, "wall_s": a.wall, "phases": phases}
-    stamp = str(run["date"])[:10]
-    (OUT / f"suite-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+    raw = raw_path(OUT, "suite", run)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
 
     def outcome(ph: dict) -> str:
         passed = ph["tests"] - ph["failures"] - ph["errors"] - ph["skipped"]
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"""# The suite's time
 
 Written whole by `benchmarks/suite.py` from the JUnit reports of one `./scripts/test` run,
-{describe(run)}; {wall}. Raw: `suite-{stamp}.json`.
+{describe(run)}; {wall}. Raw: `{raw.name}`.
 
 | phase | tests | wall time |
 |---|---|---|

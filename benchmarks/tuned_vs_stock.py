@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
 from llamadeploy.bench import (
     BANDWIDTH_PROBE,
     PROMPT,
@@ -139,7 +139,6 @@ def verdict(runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResul
 
 def write_results(run: dict[str, object], runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResult],
                   tuned_args: list[str], version: str, bandwidth: int, per_client: int) -> None:
-    today = str(run["date"])[:10]
     main_load = next(iter(LOADS))
     one_tuned = _median([r.levels[0].tok_per_s for r in runs["tuned"][main_load]])
     tables = "\n\n".join(
@@ -172,7 +171,7 @@ tuned {cold["tuned"].ttft_p50:.2f} / {cold["tuned"].ttft_p95:.2f} s; {cold["stoc
 Why: `RESULTS-notes.md` (hand-written).
 """
     (OUT / "RESULTS.md").write_text(text)
-    (OUT / f"results-{today}.json").write_text(json.dumps(
+    raw_path(OUT, "results", run).write_text(json.dumps(
         {server: {load: [asdict(r) for r in reports] for load, reports in by_load.items()}
          for server, by_load in runs.items()}
         | {"cold_burst": {k: asdict(v) for k, v in cold.items()}, "bandwidth": bandwidth, "machine": run},

@@ -59,8 +59,14 @@ def base_url(host, manifest, request) -> str:
     url = request.config.getoption("--llama-url")
     if url:
         return url.rstrip("/")
-    addr = manifest.host if manifest.host not in ("0.0.0.0", "::") else host.backend.hostname
-    return f"http://{url_host(addr)}:{manifest.port}"
+    return server_url(manifest.host, host.backend.hostname, manifest.port)
+
+
+def server_url(bind: str, ssh_hostname: str, port: int) -> str:
+    """The server's URL as seen from here: its bind address, or the host's own address when it
+    binds every address (``0.0.0.0``, ``::``); IPv6 in brackets."""
+    addr = bind if bind not in ("0.0.0.0", "::") else ssh_hostname
+    return f"http://{url_host(addr)}:{port}"
 
 
 class ThroughHost(httpx.BaseTransport):
@@ -114,7 +120,7 @@ def api(host, base_url, api_key, through_host, manifest):
     """A client that sends the key when one is configured.
 
     One connection per request: llama-server sometimes closes a kept-alive
-    connection right after a stream (see README, "Known behaviour"); this suite
+    connection right after a stream (see docs/testing.md, "Known behaviour"); this suite
     checks API behaviour, the benchmark counts that effect separately.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
