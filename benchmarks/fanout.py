@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine
+from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine, raw_path
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -82,7 +82,7 @@ def main() -> int:
         for h in hosts:
             h.stop()
     results = {**run, "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}
-    (OUT / f"fanout-{str(run['date'])[:10]}.json").write_text(json.dumps(results, indent=1) + "\n")
+    raw_path(OUT, "fanout", run).write_text(json.dumps(results, indent=1) + "\n")
     (OUT / "FANOUT.md").write_text(report(results))
     print(report(results))
     return 0
@@ -112,6 +112,7 @@ def report(r: dict) -> str:
                      f"{row['fanout_s']} | {row['fanout_controller_bytes'] / size:.2f}x | {row['ratio']}x |")
     direct200 = 200 * copy_s
     rounds200 = math.ceil(math.log2(200))
+    gb2 = 2e9 * 8 / 1e9  # seconds for 2 GB over 1 Gbit/s
     # a round moves one file over each receiver's link: with peers no faster than the controller's
     # link it takes at least one copy time, whatever this machine's bridge managed
     round200 = max(per_round, copy_s)
@@ -130,13 +131,17 @@ def report(r: dict) -> str:
         f"- direct: 200 x {copy_s:.1f} s = {direct200 / 60:.0f} min, the controller sending 200x the file;",
         f"- fan-out: {copy_s:.1f} s + {rounds200} x {round200:.1f} s = {fan200 / 60:.1f} min, the controller "
         "sending it once.",
-        "- For a 2 GB model on a 1 Gbit/s uplink the same arithmetic gives 200 x 16 s = 53 min direct, and "
-        "16 s + 8 rounds x 16 s = about 2.4 min fan-out with 1 Gbit/s host links (about 1 min with 10 Gbit/s "
-        "rack links and the few seconds of per-round overhead measured here).",
+        f"- For a 2 GB model on a 1 Gbit/s uplink the same arithmetic gives 200 x {gb2:.0f} s = "
+        f"{200 * gb2 / 60:.0f} min direct, and {gb2:.0f} s + {rounds200} rounds x {gb2:.0f} s = about "
+        f"{(gb2 + rounds200 * gb2) / 60:.1f} min fan-out with 1 Gbit/s host links (not measured: arithmetic "
+        "only).",
         "",
     ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["render"]:  # FANOUT.md again from a run's raw JSON (benchmarks/fanout-DATE.json)
+        (OUT / "FANOUT.md").write_text(report(json.loads(Path(sys.argv[2]).read_text())))
+        sys.exit(0)
     sys.exit(main())

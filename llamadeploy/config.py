@@ -817,7 +817,7 @@ class HostConfig(Section):
 
     @model_validator(mode="after")
     def _router_options(self) -> HostConfig:
-        """Router mode is built for native CPU servers; what it does not cover yet is refused, not guessed."""
+        """Router mode is built for CPU servers, native or docker; what it does not cover yet is refused, not guessed."""
         if not self.models:
             return self
         aliases = [m.alias for m in self.models]
@@ -830,7 +830,6 @@ class HostConfig(Section):
         if dup:
             raise problem("models", aliases, f"aliases must be unique; repeated: {', '.join(dup)}")
         refused = [
-            ("mode", self.mode, self.mode != "native", "docker mode does not run router mode yet; use llama_mode 'native'"),
             ("build.backend", self.build.backend, self.cuda, "router mode is not built for GPU hosts yet (one fit per model)"),
             ("rpc.workers_group", self.rpc.workers_group, bool(self.rpc.workers_group), "an RPC head serves one model"),
             ("role", self.role, self.role != "server", "only a server holds models"),

@@ -137,8 +137,9 @@ def _server(cfg: HostConfig) -> None:
             gpus=gpus, staged=placed.staged, router=routed, reload_on=placed.changed if routed else None)
     else:
         docker.stop_native(cfg)
-        started, restarted, rid = docker.compose_service(cfg, plan, art, restart_on=[*runtime, *placed.changed],
-                                                         gpus=gpus, staged=placed.staged)
+        started, restarted, rid, reloaded = docker.compose_service(
+            cfg, plan, art, restart_on=[*runtime, *([] if routed else placed.changed)], gpus=gpus,
+            staged=placed.staged, router=routed, reload_on=placed.changed if routed else None)
 
     # 7. The gate: /health must answer 200 and one chat completion come back after any (re)start;
     #    a release that fails it is rolled back to the one that served before, and the run fails.

@@ -1,7 +1,7 @@
 """Native build role: llama.cpp from a pinned release, compiled once per kind of host.
 
-Debian/Ubuntu (apt) only for now; other package managers fail early with a
-clear message rather than half-installing. Build once, ship many: ``artifact.py``.
+Debian 12 and 13 (apt) only; other systems are refused early (roles/preflight) with a clear
+message rather than half-installing. Build once, ship many: ``artifact.py``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyinfra import host
 from pyinfra.api.operation import OperationMeta
@@ -41,6 +41,9 @@ from llamadeploy.roles.docker.operations import (
 from llamadeploy.roles.gpu import GpuHost
 from llamadeploy.roles.model.source import ModelArtifact, ModelFile
 from llamadeploy.tuning import MemoryPlan, compose_resources, server_args
+
+if TYPE_CHECKING:
+    from llamadeploy.roles.router import Router
 
 TEMPLATE = "docker/docker-compose.yml.j2"
 #: where llama-server listens inside the container (published on llama_server.host:port)
@@ -159,35 +162,48 @@ def stop_compose(cfg: HostConfig) -> None:
     compose_down(name="Compose project down", project_dir=cfg.docker.project_dir, compose=compose_command(cfg))
 
 
-def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str], key_file: str | None) -> str:
-    """The rendered compose file (pure: config, model, image and argument vector in, text out)."""
+def compose_file(cfg: HostConfig, art: ModelArtifact, image: str, args: list[str], key_file: str | None,
+                 preset_mount: tuple[str, str] | None = None) -> str:
+    """The rendered compose file (pure: config, model, image and argument vector in, text out).
+    ``preset_mount``: router mode's (host directory, container directory) of the preset."""
     d = cfg.docker
     return render(
         TEMPLATE,
         service=COMPOSE_SERVICE, image=image, args=args, bind_host=cfg.server.host, port=cfg.server.port, container_port=CONTAINER_PORT,
         model_dir=cfg.model_dir, models_in_container=MODELS_IN_CONTAINER, api_key_file=key_file,
         resources=compose_resources(cfg), log_max_size=d.log_max_size, log_max_files=d.log_max_files,
-        model_file=art.first.name, model_sha256=art.first.sha256,
+        model_file=art.first.name, model_sha256=art.first.sha256, preset_mount=preset_mount,
     )
 
 
 @role("llama-server in Docker")
 def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, restart_on: list[OperationMeta],
-                    gpus: GpuHost | None = None, staged: tuple[ModelFile, ...] = ()) -> tuple[OperationMeta, OperationMeta, str]:
+                    gpus: GpuHost | None = None, staged: tuple[ModelFile, ...] = (), router: Router | None = None,
+                    reload_on: list[OperationMeta] | None = None,
+                    ) -> tuple[OperationMeta, OperationMeta, str, list[OperationMeta]]:
     """Render the compose file; ``up -d --force-recreate`` when file, image, key or model changed.
 
-    Returns the operations that start and recreate the container, for the health gate, and the
+    Returns the operations that start and recreate the container, for the health gate, the
     release id: image, model and compose file as one release, recorded like a native one
-    (``roles/release``) so that a rollback can reinstate it. ``staged``: model files staged by
-    content (roles/model), linked into place after the manifest, right before the recreate.
+    (``roles/release``) so that a rollback can reinstate it, and router mode's reload.
+    ``staged``: model files staged by content (roles/model), linked into place after the
+    manifest, right before the recreate.
+
+    ``router`` (``llama_models``): the container runs the router, with the preset from a host
+    directory it mounts read-only; a changed preset or model file (``reload_on``) is a reload
+    (``GET /models?reload=1``), as in native mode, not a recreate.
     """
     svc, d = cfg.service, cfg.docker
     files.directory(name="Config directory", path=svc.config_dir, user="root", group="root", mode="755")
     key_file = cfg.host_key_file
-    args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
-                       bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
+    if router is not None:
+        args = router.args
+    else:
+        args = server_args(cfg, host.get_fact(CpuTopology), plan, f"{MODELS_IN_CONTAINER}/{art.first.name}", art.alias,
+                           bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
     ref = image_ref(cfg)
-    check_image_flags(name="Flags known to llama-server in the image", image=ref, args=args)
+    check_image_flags(name="Flags known to llama-server in the image", image=ref,
+                      args=router.check_args if router is not None else args)
     # the key changes only after the check: a refused image must not leave a new key unread
     if cfg.server.api_key is not None:
         key = atomic.put(name="API key file for the container (0600, the container's uid)",
@@ -196,20 +212,46 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
     else:
         key = files.file(name="No API key file", path=key_file, present=False)
 
+    routed: dict[str, Any] = {}
+    mount = None
+    if router is not None:
+        from llamadeploy.roles.router import PRESET_DIR_IN_CONTAINER, preset_dir, preset_path
+
+        routed = {"models": router.served(), "model_files": router.model_files(), "preset_file": preset_path(cfg),
+                  "preset_sha256": router.preset_sha256}
+        mount = (preset_dir(cfg), PRESET_DIR_IN_CONTAINER)
     info = build_manifest(cfg, plan, args, art, compose_project=d.project_dir, compose_service=COMPOSE_SERVICE, image=ref,
                           api_key_file=key_file if cfg.server.api_key else None,
-                          **gpu_role.manifest_fields(cfg, gpus, None))
-    compose_text = compose_file(cfg, art, ref, args, key_file if cfg.server.api_key else None)
+                          **gpu_role.manifest_fields(cfg, gpus, None), **routed)
+    compose_text = compose_file(cfg, art, ref, args, key_file if cfg.server.api_key else None, mount)
     # the same tag from another tarball or digest is another release
     rid = release_id(release_version(ref), info.render(), compose_text + "\0" + image_pin(cfg))
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
     placed = model_role.switched(cfg, staged)
+    presets = []
+    if router is not None and mount is not None:
+        # the model set, read by the router at its start and at a reload (paths and options, no secret)
+        files.directory(name="Router presets directory", path=mount[0], user="root", group="root", mode="755")
+        presets = [atomic.put(name="Router presets (models.ini)", src=StringIO(router.preset),
+                              dest=f"{mount[0]}/{Path(routed['preset_file']).name}", mode="644")]
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
     compose = atomic.put(name="Compose file", src=StringIO(compose_text), dest=compose_path(d.project_dir), mode="644")
-    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *placed, *restart_on))
+    # router mode: new models and presets are a reload (below); one model's file is a recreate
+    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *(placed if router is None else ()), *restart_on))
     running = compose_running(name="Container running", project_dir=d.project_dir, compose=compose_command(cfg))
-    return up, running, rid
+    reloaded = []
+    if router is not None:
+        from llamadeploy.roles.health import health_url  # (the health and router roles import this one)
+        from llamadeploy.roles.router.operations import models_reloaded
+
+        reloaded.append(models_reloaded(
+            name="Router re-reads its presets (only changed models reload)",
+            base=health_url(cfg.server.host, cfg.server.port, ""),
+            startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
+            key_file=key_file if cfg.server.api_key is not None else None,
+            _if=[any_changed(*presets, *placed, *(reload_on or [])), lambda: not up.did_change()]))
+    return up, running, rid, reloaded
 
 
 def recreated(cfg: HostConfig, project_dir: str, _if: Callable[[], bool]) -> OperationMeta:

@@ -1,10 +1,11 @@
-"""Router role: several models behind one llama-server (``llama_models``), native mode.
+"""Router role: several models behind one llama-server (``llama_models``), native or docker mode.
 
 Each model goes through the model role exactly as a one-model host's does (resolved, pinned,
 verified, staged by content), and is planned as one (``roles/preflight``); this role adds what is
 the router's own: the models that can be loaded at once must fit together, the preset INI
 (``templates/router/models.ini.j2``) and the router's command line. The service role writes the
-preset beside the unit, and the release records it, so a rollback reinstates the model set.
+preset beside the unit (docker mode: the docker role, into a directory the container mounts, with
+the paths the container sees), and the release records it, so a rollback reinstates the model set.
 Its pure rules are in :mod:`.plan`.
 """
 
@@ -21,6 +22,7 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.manifest import ServedModel
 from llamadeploy.render import render
 from llamadeploy.roles import model as model_role
+from llamadeploy.roles.docker import CONTAINER_PORT, KEY_IN_CONTAINER, MODELS_IN_CONTAINER
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.preflight import memory_plan
 from llamadeploy.roles.router.plan import (
@@ -36,10 +38,19 @@ from llamadeploy.tuning import MemoryPlan, server_args, threads, threads_batch
 
 TEMPLATE = "router/models.ini.j2"
 PRESET_FILE = "models.ini"
+#: docker mode: where the container sees the host's preset directory (read-only)
+PRESET_DIR_IN_CONTAINER = "/etc/llama-router"
+
+
+def preset_dir(cfg: HostConfig) -> str:
+    """Docker mode: the directory of the preset, which the container mounts. A directory, not the
+    file: a new preset is renamed into place, and a bind mount of the file would keep the old one."""
+    return f"{cfg.service.config_dir}/router"
 
 
 def preset_path(cfg: HostConfig) -> str:
-    return f"{cfg.service.config_dir}/{PRESET_FILE}"
+    """The preset on the host: beside the unit (native) or in :func:`preset_dir` (docker)."""
+    return f"{preset_dir(cfg)}/{PRESET_FILE}" if cfg.mode == "docker" else f"{cfg.service.config_dir}/{PRESET_FILE}"
 
 
 @dataclass(frozen=True)
@@ -110,16 +121,22 @@ def planned(cfg: HostConfig, models: tuple[Model, ...]) -> Router:
                                   f"file named {f.name} with different content (sha256 {other[0][:12]}… and "
                                   f"{f.sha256[:12]}…); allowed: one content per file name")
     cpu = host.get_fact(CpuTopology)
+    docker = cfg.mode == "docker"
     instances = []
     for m in models:
         plan = memory_plan(m.cfg, m.art)
-        path = model_role.model_path(m.cfg, m.art)
+        # the path the router's child opens: in a container, under the model directory's mount
+        path = f"{MODELS_IN_CONTAINER}/{m.art.first.name}" if docker else model_role.model_path(m.cfg, m.art)
         instances.append(instance(m.entry, path, server_args(m.cfg, cpu, plan, path, m.entry.alias), plan))
     instances = with_cache_ram(instances, cfg.server.cache_ram)
     why = resident_problem(instances, cfg.router.models_max, instances[0].plan.limit)
     if why:
         raise DeployError(f"preflight refused host {host.name}: {why}")
-    args = router_args(cfg, preset_path(cfg), threads(cfg, cpu), threads_batch(cfg, cpu))
+    if docker:
+        args = router_args(cfg, f"{PRESET_DIR_IN_CONTAINER}/{PRESET_FILE}", threads(cfg, cpu), threads_batch(cfg, cpu),
+                           bind=("0.0.0.0", CONTAINER_PORT), key_path=KEY_IN_CONTAINER)
+    else:
+        args = router_args(cfg, preset_path(cfg), threads(cfg, cpu), threads_batch(cfg, cpu))
     text = render(TEMPLATE, release_key=cfg.build.release_key(), sections=[(i.alias, i.options) for i in instances])
     return Router(models, tuple(instances), args, text)
 

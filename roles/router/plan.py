@@ -169,11 +169,15 @@ def with_cache_ram(instances: Sequence[Instance], given: int | None = None) -> l
     return out
 
 
-def router_args(cfg: HostConfig, preset_path: str, threads: int, threads_batch: int) -> list[str]:
+def router_args(cfg: HostConfig, preset_path: str, threads: int, threads_batch: int,
+                bind: tuple[str, int] | None = None, key_path: str | None = None) -> list[str]:
     """The router's own argument vector (pure): where it listens, its presets, how many models it
-    holds, and what every child shares (threads, metrics, the user's extra flags)."""
+    holds, and what every child shares (threads, metrics, the user's extra flags). ``bind`` and
+    ``key_path``: where it listens and reads the key when that differs from the host's (in a
+    container), as for :func:`llamadeploy.tuning.server_args`."""
     s, r = cfg.server, cfg.router
-    args = ["--host", s.host, "--port", str(s.port), "--models-preset", preset_path,
+    host, port = bind or (s.host, s.port)
+    args = ["--host", host, "--port", str(port), "--models-preset", preset_path,
             "--models-max", str(r.models_max)]
     if r.sleep_idle_seconds is not None:
         args += ["--sleep-idle-seconds", str(r.sleep_idle_seconds)]
@@ -181,7 +185,7 @@ def router_args(cfg: HostConfig, preset_path: str, threads: int, threads_batch: 
     if s.metrics:
         args.append("--metrics")
     if s.api_key is not None:
-        args += ["--api-key-file", cfg.api_key_path]
+        args += ["--api-key-file", key_path or cfg.api_key_path]
     return args + list(s.extra_args)
 
 

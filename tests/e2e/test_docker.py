@@ -47,10 +47,14 @@ def docker_data(tarball: Path, cpus: float = 1.5) -> dict:
 
 
 @pytest.fixture(scope="module")
-def docker_inv(host, native_inv, tmp_path_factory):
+def tarball(host, native_inv) -> Path:
     result = run_deploy(native_inv)  # builds llama-server (shared ccache) for the image
     assert result.rc == 0, result.stderr[-3000:]
-    tarball = build_image_tarball(host.root)
+    return build_image_tarball(host.root)
+
+
+@pytest.fixture(scope="module")
+def docker_inv(host, tarball, tmp_path_factory):
     return write_inventory(tmp_path_factory.mktemp("dk") / "docker.py", [host], docker_data(tarball))
 
 
@@ -163,6 +167,67 @@ def test_docker_release_that_crashes_at_start_is_rolled_back_by_the_deploy(host,
     assert "--lora" not in container(host)["Args"]
     r = httpx.get(f"http://{host.address}:8080/health", timeout=10)
     assert r.status_code == 200, r.text
+
+
+def test_docker_router_serves_chat_and_embeddings_and_takes_a_model_without_a_recreate(host, docker_inv, tarball,
+                                                                                       tmp_path):
+    """Router mode in a container (``llama_models``): chat and embeddings from one address through
+    the official OpenAI client, the embeddings making sense; a third model is added by a preset
+    reload, in the same container (its id and the router's pid unchanged), the first model still
+    loaded; then back to one model, a recreate."""
+    from openai import OpenAI
+
+    from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
+
+    gemma = {"path": str(gemma_model()), "sha256": MODEL_SHA256}
+    chat = {**gemma, "alias": "chat", "ctx_size": 2048, "parallel": 1}
+    embed = {**gemma, "alias": "embed", "kind": "embedding", "pooling": "mean", "ctx_size": 1024, "parallel": 1}
+    chat_b = {**gemma, "alias": "chat-b", "load": "on_demand", "ctx_size": 1024, "parallel": 1}
+
+    def routed(name: str, models: list[dict]) -> Path:
+        data = docker_data(tarball)
+        data.pop("llama_model")
+        data["llama_models"] = models
+        data["llama_limits"] = {**data["llama_limits"], "memory": "4G"}  # three models at once (preflight)
+        return write_inventory(tmp_path / f"{name}.py", [host], data)
+
+    result = run_deploy(routed("two", [chat, embed]))
+    assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
+    info = container(host)
+    assert "/etc/llama-router/models.ini" in info["Args"] and "--model" not in info["Args"]
+    one_shot = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=120)
+    client = OpenAI(base_url=f"http://{host.address}:8080/v1", api_key=API_KEY, max_retries=0, http_client=one_shot)
+    assert {m.id for m in client.models.list()} == {"chat", "embed"}
+    reply = client.chat.completions.create(model="chat", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Name a colour."}])
+    assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+    texts = ["The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly tax filings are due in April."]
+    v = [d.embedding for d in client.embeddings.create(model="embed", input=texts).data]
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+
+    assert cos(v[0], v[1]) > cos(v[0], v[2]), (cos(v[0], v[1]), cos(v[0], v[2]))
+    cid, pid = info["Id"], info["State"]["Pid"]
+
+    added = run_deploy(routed("three", [chat, embed, chat_b]))
+    assert added.rc == 0, (added.stdout + added.stderr)[-5000:]
+    names = [n for op in added.report["results"]["operations"] if op["success"] for n in op["names"]]
+    assert any("Router re-reads its presets" in n for n in names), names
+    assert not any("docker compose up" in n for n in names), names
+    assert (container(host)["Id"], container(host)["State"]["Pid"]) == (cid, pid)  # no recreate, no restart
+    assert {m.id for m in client.models.list()} == {"chat", "embed", "chat-b"}
+    assert client.chat.completions.create(model="chat-b", max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "Say hi"}]).choices[0].message.content
+    models = httpx.get(f"http://{host.address}:8080/models", headers={"Authorization": f"Bearer {API_KEY}"},
+                       timeout=30).json()["data"]
+    assert {m["id"]: m["status"]["value"] for m in models}["chat"] == "loaded"
+    again = run_deploy(routed("three-again", [chat, embed, chat_b]))
+    assert again.rc == 0 and again.changed == 0, json.dumps(again.report["results"], indent=1)[:4000]
+
+    back = run_deploy(docker_inv)  # one model again: no router, the container recreated
+    assert back.rc == 0, (back.stdout + back.stderr)[-5000:]
+    assert "--model" in container(host)["Args"] and container(host)["Id"] != cid
 
 
 def test_switch_back_to_native(host, native_inv):

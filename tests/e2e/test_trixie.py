@@ -84,6 +84,36 @@ def chat(base: str) -> httpx.Response:
                       json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
 
 
+def test_every_front_config_branch_passes_haproxy_30(hosts, fleet):
+    """The config branches the fleet above does not render (TLS with the redirect, affinity,
+    routing by model with its per-model backends and the 404), rendered by the front role's own
+    function, pass 3.0's ``haproxy -c`` on the trixie front (its certificate made there)."""
+    from llamadeploy.config import HostConfig
+    from llamadeploy.roles.front import Backend, haproxy_config
+
+    fd = hosts["tfd"]
+    pem = "/tmp/llamadeploy-check.pem"
+    fd.ssh(f"openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=front -keyout {pem}.key -out {pem} "
+           f">/dev/null 2>&1 && cat {pem}.key >> {pem}")
+    served = [Backend("b1", "10.0.0.1", 8080, 4, ("chat", "embed")), Backend("b2", "10.0.0.2", 8080, 2, ("chat",))]
+
+    def front(**settings) -> HostConfig:
+        return HostConfig.model_validate({"server": {"allow_unauthenticated": True}, "front": settings})
+
+    variants = {"tls-redirect": (front(tls_pem="/x.pem", redirect_http=True), False),
+                "affinity": (front(balance="affinity"), False),
+                "by-model-affinity": (front(balance="affinity"), True)}
+    try:
+        for name, (cfg, by_model) in variants.items():
+            text = haproxy_config(cfg, served, fd.address, by_model=by_model).replace("/etc/haproxy/llamadeploy.pem", pem)
+            fd.ssh(f"cat > /tmp/llamadeploy-{name}.cfg <<'EOF'\n{text}EOF")
+            check = fd.ssh(f"haproxy -c -f /tmp/llamadeploy-{name}.cfg 2>&1", check=False)
+            assert check.returncode == 0 and "ALERT" not in check.stdout, (name, check.stdout)
+        assert "backend model_embed" in text, text  # the last one rendered the routing branch
+    finally:
+        fd.ssh(f"rm -f {pem} {pem}.key /tmp/llamadeploy-*.cfg", check=False)
+
+
 def test_front_on_haproxy_30_checks_and_drains(hosts, fleet):
     """The rendered config passes 3.0's own ``haproxy -c``; drain and ready go through 3.0's
     runtime API, and a drained server gets no request."""

@@ -15,6 +15,7 @@ in every run.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -134,6 +135,10 @@ def test_mixed_fleet_each_release_builds_or_receives_its_own(hosts, fleet):
     assert ctlcache_releases() >= {"debian12-x86_64", "debian13-x86_64"}, ctlcache_releases()
     for h in (tn, tb):
         assert chat(f"http://{h.address}:8080").status_code == 200
+    # the mixed fleet again, unchanged: nothing built, sent or restarted on either release
+    inv, _ = fleet
+    again = run_deploy(inv)
+    assert again.rc == 0 and again.changed == 0, json.dumps(again.report["results"], indent=1)[:4000]
     print("trixie:", package_versions(tn, "gcc-14", "systemd", "libc6"), "bookworm:", package_versions(tb, "systemd", "libc6"))
 
 

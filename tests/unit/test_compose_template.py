@@ -27,7 +27,7 @@ def render(cfg: HostConfig, **over) -> dict:
         api_key_file="/etc/llama-server/docker-api-key", resources=compose_resources(cfg),
         container_port=8080, models_in_container="/models",
         log_max_size=cfg.docker.log_max_size, log_max_files=cfg.docker.log_max_files,
-        model_file="m.gguf", model_sha256="a" * 64,
+        model_file="m.gguf", model_sha256="a" * 64, preset_mount=None,
     )
     vars.update(over)
     text = render_template("docker/docker-compose.yml.j2", **vars)
@@ -79,3 +79,13 @@ def test_gpu_reserves_nvidia_devices_and_cuda_image():
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     assert c.docker_image == "ghcr.io/ggml-org/llama.cpp:server-cuda-b11434"
     assert cfg().docker_image == "ghcr.io/ggml-org/llama.cpp:server-b11434"
+
+
+def test_router_mode_mounts_the_presets_directory_read_only():
+    """Router mode in a container: the preset's host directory at the path its command line names,
+    read-only, beside the models; valid for docker-compose 1.29's schema."""
+    doc = render(cfg(), args=["--host", "0.0.0.0", "--port", "8080", "--models-preset", "/etc/llama-router/models.ini"],
+                 preset_mount=("/etc/llama-server/router", "/etc/llama-router"))
+    VALIDATOR.validate(doc)
+    assert doc["services"]["llama-server"]["volumes"] == ["/var/lib/llama-server/models:/models:ro",
+                                                          "/etc/llama-server/router:/etc/llama-router:ro"]

@@ -70,12 +70,25 @@ def test_a_model_entry_is_refused_with_what_is_allowed(entry, message):
 
 
 @pytest.mark.parametrize("sections, field", [
-    ({"mode": "docker"}, "docker mode does not run router mode yet"),
     ({"build": {"backend": "cuda"}}, "router mode is not built for GPU hosts yet"),
+    ({"mode": "docker", "server": {"host": "127.0.0.1", "gpu_layers": 20}}, "router mode is not built for GPU hosts yet"),
     ({"router": {"models_max": 1}, "models": [CHAT, {**EMBED, "load": "startup"}]}, "2 models load at startup"),
 ])
 def test_what_router_mode_does_not_cover_is_refused(sections, field):
     assert field in refused(**{"models": [CHAT, EMBED], **sections})
+
+
+def test_docker_mode_runs_the_router_listening_and_reading_inside_its_container():
+    """Docker mode: the router binds the container's port and reads the preset and the key where
+    the compose file mounts them (roles/router.planned passes these)."""
+    cfg = host(mode="docker", server={"host": "127.0.0.1", "api_key": "sk-" + "a" * 30})
+    args = router_args(cfg, "/etc/llama-router/models.ini", 2, 2, bind=("0.0.0.0", 8080), key_path="/run/secrets/api_key")
+    assert args[:6] == ["--host", "0.0.0.0", "--port", "8080", "--models-preset", "/etc/llama-router/models.ini"]
+    assert args[args.index("--api-key-file") + 1] == "/run/secrets/api_key"
+    from llamadeploy.roles.router import preset_path
+
+    assert preset_path(cfg) == "/etc/llama-server/router/models.ini"  # a directory the container mounts
+    assert preset_path(host()) == "/etc/llama-server/models.ini"
 
 
 def test_router_flags_are_the_schemas_in_extra_args():
