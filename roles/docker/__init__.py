@@ -237,8 +237,9 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
                               dest=f"{mount[0]}/{Path(routed['preset_file']).name}", mode="644")]
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
     compose = atomic.put(name="Compose file", src=StringIO(compose_text), dest=compose_path(d.project_dir), mode="644")
-    # router mode: new models and presets are a reload (below); one model's file is a recreate
-    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *(placed if router is None else ()), *restart_on))
+    # new content under a file name a model already uses is a recreate in both modes (a loaded
+    # child keeps the file it opened); router mode's new files and presets are a reload (below)
+    up = recreated(cfg, d.project_dir, _if=any_changed(compose, key, *placed, *restart_on))
     running = compose_running(name="Container running", project_dir=d.project_dir, compose=compose_command(cfg))
     reloaded = []
     if router is not None:
@@ -250,7 +251,8 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
             base=health_url(cfg.server.host, cfg.server.port, ""),
             startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
             key_file=key_file if cfg.server.api_key is not None else None,
-            _if=[any_changed(*presets, *placed, *(reload_on or [])), lambda: not up.did_change()]))
+            _if=[any_changed(*presets, *(reload_on or [])), lambda: not up.did_change(),
+                 lambda: not running.did_change()]))  # a container started just now read the preset
     return up, running, rid, reloaded
 
 

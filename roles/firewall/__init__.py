@@ -36,6 +36,13 @@ from llamadeploy.tuning import systemd_quote
 
 TEMPLATE = "firewall/llama-server.nft.j2"
 GUARD_TEMPLATE = "firewall/nft-fence-guard.service.j2"
+#: the guard's shell (``sh -c GUARD_SHELL NAME TABLE RULES``, or a script file with TABLE RULES):
+#: loads the table when it is missing, then again after every change of the host's tables that
+#: removed it (``nft monitor`` prints one line per change); when it cannot, it exits 1. The
+#: template and a fan-out peer's transient guard (roles/transfer) run this same text.
+GUARD_SHELL = ('ensure() { nft list table inet "$1" >/dev/null 2>&1 || nft -f "$2"; }; ensure "$1" "$2" || exit 1; '
+               'trap "exit 1" USR2; nft monitor tables | { while read -r _; do kill -0 $$ 2>/dev/null || exit 0; '
+               'ensure "$1" "$2" || break; done; kill -USR2 $$; } & wait $!')
 DROPIN_TEMPLATE = "firewall/nftables-dropin.conf.j2"
 BOUND_TEMPLATE = "firewall/bound-to-fence.conf.j2"
 #: the host's nftables service's drop-ins: ours are named after the table
@@ -60,7 +67,8 @@ def guard_paths(unit: str, table: str) -> tuple[str, str]:
 
 def keeper_texts(unit: str, table: str, rules: str) -> tuple[str, str]:
     """The guard unit and the nftables drop-in that keep a fence loaded (pure)."""
-    args = dict(unit_name=unit, table=table, table_arg=systemd_quote(table), rules_arg=systemd_quote(rules))
+    args = dict(unit_name=unit, table=table, table_arg=systemd_quote(table), rules_arg=systemd_quote(rules),
+                guard_shell=GUARD_SHELL.replace("$", "$$"))  # a unit file's $ is written $$
     return render(GUARD_TEMPLATE, **args), render(DROPIN_TEMPLATE, **args)
 
 

@@ -20,6 +20,7 @@ from weakref import WeakKeyDictionary
 from pyinfra.api.inventory import Inventory
 
 from llamadeploy import atomic
+from llamadeploy.roles.firewall import GUARD_SHELL
 from llamadeploy.roles.transfer.plan import plan_round, seed
 
 #: peer servers are transient units ``llamadeploy-peer-<run>.service``: a name of their own per
@@ -176,17 +177,37 @@ class Fleet:
         lines += [f"    tcp dport {self.port} drop", "  }", "}"]
         return "\n".join(lines) + "\n"
 
+    @property
+    def guard_unit(self) -> str:
+        """The transient guard that keeps the peer's fence loaded (see :meth:`serve_command`)."""
+        return self.unit.removesuffix(".service") + "-fence.service"
+
     def serve_command(self, name: str) -> str:
-        """Shell: link the verified copy under its sha256, start the fenced server, wait for it."""
+        """Shell: link the verified copy under its sha256, start the fenced server, wait for it.
+
+        The fence is an nftables table, which anybody may flush (``systemctl restart nftables``,
+        ``nft flush ruleset``) while the peer serves. So a transient guard runs the firewall
+        role's own guard shell (``firewall.GUARD_SHELL``), which loads the table again whenever it
+        goes, and the server is bound to it (``BindsTo=``): when the table cannot be loaded, the
+        server stops. A transient unit outlives no reboot, so no nftables drop-in is needed."""
         q = shlex.quote
         m = self.members[name]
         sha = self.sha256()
         rules = f"{m.serve_dir}/fence.nft"
+        guard_sh = f"{m.serve_dir}/fence-guard.sh"
         link = f"{m.serve_dir}/files/{sha}"
         url = f"http://{_url_host(m.address)}:{self.port}/{sha}"
         verified = atomic.VerifiedSha256().command(m.dest)
+        guard = [
+            "systemd-run", "--quiet", "--collect", f"--unit={self.guard_unit}", f"--property=RuntimeMaxSec={self.timeout}",
+            "--property=After=nftables.service", f"--property=PartOf={self.unit}", "--property=NoNewPrivileges=yes",
+            "--property=ProtectSystem=strict", "--property=ProtectHome=read-only", "--property=PrivateTmp=yes",
+            "--property=CapabilityBoundingSet=CAP_NET_ADMIN", "--property=RestrictAddressFamilies=AF_NETLINK AF_UNIX",
+            "/bin/sh", guard_sh, self.table, rules,
+        ]
         run = [
             "systemd-run", "--quiet", "--collect", f"--unit={self.unit}", "--property=DynamicUser=yes",
+            f"--property=BindsTo={self.guard_unit}", f"--property=After={self.guard_unit}",
             f"--property=RuntimeMaxSec={self.timeout}", "--property=NoNewPrivileges=yes",
             "--property=ProtectSystem=strict", "--property=ProtectHome=yes", "--property=PrivateTmp=yes",
             f"--property=ExecStartPre=+/usr/sbin/nft -f {rules}",
@@ -199,9 +220,11 @@ class Fleet:
             f"mkdir -p {q(m.serve_dir)}/files && chmod 755 {q(m.serve_dir)} {q(m.serve_dir)}/files && "
             f"ln -sfn {q(m.dest)} {q(link)} && "
             f"printf %s {q(self.fence_rules())} > {q(rules)} && "
+            f"printf %s {q(GUARD_SHELL)} > {q(guard_sh)} && "
             # a peer server an earlier, killed run left is stopped first (it stops by itself later)
             f"for u in $(systemctl list-units --plain --no-legend {q(UNIT_GLOB)} | awk '{{print $1}}'); do "
-            f"[ \"$u\" = {q(self.unit)} ] || systemctl stop \"$u\"; done; "
+            f"case \"$u\" in {q(self.unit)}|{q(self.guard_unit)}) ;; *) systemctl stop \"$u\" ;; esac; done; "
+            f"if ! systemctl is-active --quiet {self.guard_unit}; then {' '.join(q(a) for a in guard)}; fi && "
             f"if ! systemctl is-active --quiet {self.unit}; then {' '.join(q(a) for a in run)}; fi && "
             f"for i in $(seq 50); do curl -fsI -o /dev/null {q(url)} && exit 0; sleep 0.1; done; "
             f"echo peer server did not answer at {q(url)} >&2; exit 1"

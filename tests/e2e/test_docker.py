@@ -172,9 +172,9 @@ def test_docker_release_that_crashes_at_start_is_rolled_back_by_the_deploy(host,
 def test_docker_router_serves_chat_and_embeddings_and_takes_a_model_without_a_recreate(host, docker_inv, tarball,
                                                                                        tmp_path):
     """Router mode in a container (``llama_models``): chat and embeddings from one address through
-    the official OpenAI client, the embeddings making sense; a third model is added by a preset
-    reload, in the same container (its id and the router's pid unchanged), the first model still
-    loaded; then back to one model, a recreate."""
+    the official OpenAI client, the embeddings making sense, the key checked by the router; a third
+    model is added by a preset reload, in the same container (its id and the router's pid
+    unchanged), the two models' child processes untouched; then back to one model, a recreate."""
     from openai import OpenAI
 
     from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
@@ -208,7 +208,19 @@ def test_docker_router_serves_chat_and_embeddings_and_takes_a_model_without_a_re
         return sum(x * y for x, y in zip(a, b, strict=True)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
 
     assert cos(v[0], v[1]) > cos(v[0], v[2]), (cos(v[0], v[1]), cos(v[0], v[2]))
-    cid, pid = info["Id"], info["State"]["Pid"]
+    assert httpx.get(f"http://{host.address}:8080/v1/models", timeout=30).status_code == 401  # the router checks the key
+
+    def children() -> dict[str, str]:
+        """Each loaded model's child process in the container (by its --alias): its host pid."""
+        out = {}
+        for line in host.ssh(f"ps -o pid=,args= --ppid {container(host)['State']['Pid']} || true").stdout.splitlines():
+            child, _, args = line.strip().partition(" ")
+            if "--alias " in args:
+                out[args.split("--alias ", 1)[1].split()[0]] = child
+        return out
+
+    cid, pid, before = info["Id"], info["State"]["Pid"], children()
+    assert set(before) == {"chat", "embed"}, before
 
     added = run_deploy(routed("three", [chat, embed, chat_b]))
     assert added.rc == 0, (added.stdout + added.stderr)[-5000:]
@@ -216,12 +228,10 @@ def test_docker_router_serves_chat_and_embeddings_and_takes_a_model_without_a_re
     assert any("Router re-reads its presets" in n for n in names), names
     assert not any("docker compose up" in n for n in names), names
     assert (container(host)["Id"], container(host)["State"]["Pid"]) == (cid, pid)  # no recreate, no restart
+    assert {k: children()[k] for k in ("chat", "embed")} == before  # the two models were never reloaded
     assert {m.id for m in client.models.list()} == {"chat", "embed", "chat-b"}
     assert client.chat.completions.create(model="chat-b", max_tokens=4, temperature=0,
                                           messages=[{"role": "user", "content": "Say hi"}]).choices[0].message.content
-    models = httpx.get(f"http://{host.address}:8080/models", headers={"Authorization": f"Bearer {API_KEY}"},
-                       timeout=30).json()["data"]
-    assert {m["id"]: m["status"]["value"] for m in models}["chat"] == "loaded"
     again = run_deploy(routed("three-again", [chat, embed, chat_b]))
     assert again.rc == 0 and again.changed == 0, json.dumps(again.report["results"], indent=1)[:4000]
 

@@ -30,6 +30,7 @@ from tests.conftest import (
     nothing_listens,
     run_deploy,
     tx_bytes,
+    wait_for_table,
 )
 
 pytestmark = pytest.mark.e2e
@@ -111,7 +112,7 @@ def test_peer_killed_mid_transfer_others_complete_and_it_resumes(lan, tmp_path):
     """Three hosts need the model; the last one's link is slow and its power is cut while it
     pulls: the others complete, and on the next run it finishes from its partial file, from
     the peers (the controller sends almost nothing). While the peers serve, an address that
-    is not a host of the run cannot reach them."""
+    is not a host of the run cannot reach them, also after the firewall was reloaded."""
     inv = inventory(tmp_path / "fanout.py", lan)
     victim = lan[3]
     for h in lan[1:]:
@@ -134,6 +135,14 @@ def test_peer_killed_mid_transfer_others_complete_and_it_resumes(lan, tmp_path):
         member = lan[1].ssh(f"curl -s -m 5 -r 0-0 -o /dev/null -w '%{{http_code}}' {url}", check=False).stdout
         outsider = subprocess.run(["curl", "-s", "-m", "3", "-r", "0-0", "-o", "/dev/null", "-w", "%{http_code}",
                                    url], capture_output=True, text=True, timeout=LOCAL_TIMEOUT).stdout
+        # the fence outlives a firewall reload: Debian's nftables.service flushes the whole ruleset,
+        # the peer's guard loads the table again, and this machine still gets nothing
+        table = lan[0].ssh("nft list tables | awk '$3 ~ /^llamadeploy_peer/ {print $3}'").stdout.strip()
+        assert table, "the serving peer has no fence"
+        lan[0].ssh("systemctl restart nftables")
+        wait_for_table(lan[0], table)
+        after_reload = subprocess.run(["curl", "-s", "-m", "3", "-r", "0-0", "-o", "/dev/null", "-w", "%{http_code}",
+                                       url], capture_output=True, text=True, timeout=LOCAL_TIMEOUT).stdout
         got = tx_bytes(victim.veth) - start
         victim.power_cut()
         victim.power_on()  # its old connections get a reset: pyinfra fails it at once
@@ -141,7 +150,7 @@ def test_peer_killed_mid_transfer_others_complete_and_it_resumes(lan, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert member == "206" and outsider == "000", (member, outsider)
+    assert member == "206" and outsider == "000" and after_reload == "000", (member, outsider, after_reload)
     assert proc.returncode != 0, out[-3000:]
     for h in lan[:3]:
         assert model_sha(h) == assets.MODEL_SHA256, (h.name, out[-3000:])
