@@ -203,6 +203,9 @@ class Fleet:
             "--property=After=nftables.service", f"--property=PartOf={self.unit}", "--property=NoNewPrivileges=yes",
             "--property=ProtectSystem=strict", "--property=ProtectHome=read-only", "--property=PrivateTmp=yes",
             "--property=CapabilityBoundingSet=CAP_NET_ADMIN", "--property=RestrictAddressFamilies=AF_NETLINK AF_UNIX",
+            # its table goes with it: the peer's own ExecStopPost may run while the guard still
+            # watches, and the guard would load the table again
+            f"--property=ExecStopPost=-/usr/sbin/nft delete table inet {self.table}",
             "/bin/sh", guard_sh, self.table, rules,
         ]
         run = [
@@ -219,13 +222,16 @@ class Fleet:
             f"[ \"$({verified} | cut -d' ' -f1)\" = {q(sha)} ] || {{ echo {q(m.dest)} is not verified >&2; exit 1; }}; "
             f"mkdir -p {q(m.serve_dir)}/files && chmod 755 {q(m.serve_dir)} {q(m.serve_dir)}/files && "
             f"ln -sfn {q(m.dest)} {q(link)} && "
-            f"printf %s {q(self.fence_rules())} > {q(rules)} && "
-            f"printf %s {q(GUARD_SHELL)} > {q(guard_sh)} && "
+            # written aside and renamed: a running guard reads the rules (and its script) at any moment
+            f"printf %s {q(self.fence_rules())} > {q(rules)}.new && mv -f {q(rules)}.new {q(rules)} && "
+            f"printf %s {q(GUARD_SHELL)} > {q(guard_sh)}.new && mv -f {q(guard_sh)}.new {q(guard_sh)} && "
             # a peer server an earlier, killed run left is stopped first (it stops by itself later)
             f"for u in $(systemctl list-units --plain --no-legend {q(UNIT_GLOB)} | awk '{{print $1}}'); do "
             f"case \"$u\" in {q(self.unit)}|{q(self.guard_unit)}) ;; *) systemctl stop \"$u\" ;; esac; done; "
-            f"if ! systemctl is-active --quiet {self.guard_unit}; then {' '.join(q(a) for a in guard)}; fi && "
-            f"if ! systemctl is-active --quiet {self.unit}; then {' '.join(q(a) for a in run)}; fi && "
+            # this run's peer (re)started with a guard of its own: a failed one is cleared first
+            f"if ! systemctl is-active --quiet {self.unit}; then systemctl stop {self.guard_unit} 2>/dev/null; "
+            f"systemctl reset-failed {self.unit} {self.guard_unit} 2>/dev/null; "
+            f"{' '.join(q(a) for a in guard)} && {' '.join(q(a) for a in run)}; fi && "
             f"for i in $(seq 50); do curl -fsI -o /dev/null {q(url)} && exit 0; sleep 0.1; done; "
             f"echo peer server did not answer at {q(url)} >&2; exit 1"
         )

@@ -71,7 +71,8 @@ def peers_serving(key: str, round_no: int):
     busybox httpd, bound to the host's fleet address only, run as a transient unit with a
     dynamic user that stops by itself after ``llama_transfer.timeout``; before it starts,
     nftables (table ``inet llamadeploy_peer``) drops the port for every address that is not
-    a host of this run, and the table goes when the unit stops. The file is served under its
+    a host of this run; a transient guard loads it again whenever it goes, the server is bound
+    to the guard, and the table goes when they stop. The file is served under its
     sha256 from a directory of links to verified copies, nothing else.
     """
     if _planning(f"round {round_no}: serve"):

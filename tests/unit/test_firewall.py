@@ -197,3 +197,12 @@ def test_guard_stopped_by_systemd_ends_cleanly_and_loads_nothing_after(tmp_path)
         if guard.poll() is None:
             guard.kill()
             guard.wait(timeout=LOCAL_TIMEOUT)
+
+
+def test_the_guard_shell_holds_nothing_systemd_would_rewrite():
+    """GUARD_SHELL goes into a unit file's ExecStart with only its $ doubled; a % (a specifier) or a
+    backslash (an escape) would be rewritten by systemd there and not in a fan-out peer's script
+    file, so the two guards would differ."""
+    from llamadeploy.roles.firewall import GUARD_SHELL
+
+    assert "%" not in GUARD_SHELL and "\\" not in GUARD_SHELL
