@@ -243,16 +243,10 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
     running = compose_running(name="Container running", project_dir=d.project_dir, compose=compose_command(cfg))
     reloaded = []
     if router is not None:
-        from llamadeploy.roles.health import health_url  # (the health and router roles import this one)
-        from llamadeploy.roles.router.operations import models_reloaded
+        from llamadeploy.roles.router import reloaded as router_reloaded  # (the router role imports this one)
 
-        reloaded.append(models_reloaded(
-            name="Router re-reads its presets (only changed models reload)",
-            base=health_url(cfg.server.host, cfg.server.port, ""),
-            startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
-            key_file=key_file if cfg.server.api_key is not None else None,
-            _if=[any_changed(*presets, *(reload_on or [])), lambda: not up.did_change(),
-                 lambda: not running.did_change()]))  # a container started just now read the preset
+        # a container started just now read the preset
+        reloaded.append(router_reloaded(cfg, router, key_file, [*presets, *(reload_on or [])], running, up))
     return up, running, rid, reloaded
 
 

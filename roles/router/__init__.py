@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations.util import any_changed
 
 from llamadeploy.config import HostConfig, RouterModel
 from llamadeploy.facts import CpuTopology
@@ -23,8 +25,10 @@ from llamadeploy.manifest import ServedModel
 from llamadeploy.render import render
 from llamadeploy.roles import model as model_role
 from llamadeploy.roles.docker import CONTAINER_PORT, KEY_IN_CONTAINER, MODELS_IN_CONTAINER
+from llamadeploy.roles.health import health_url
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.preflight import memory_plan
+from llamadeploy.roles.router.operations import models_reloaded
 from llamadeploy.roles.router.plan import (
     Instance,
     check_args,
@@ -139,6 +143,19 @@ def planned(cfg: HostConfig, models: tuple[Model, ...]) -> Router:
         args = router_args(cfg, preset_path(cfg), threads(cfg, cpu), threads_batch(cfg, cpu))
     text = render(TEMPLATE, release_key=cfg.build.release_key(), sections=[(i.alias, i.options) for i in instances])
     return Router(models, tuple(instances), args, text)
+
+
+def reloaded(cfg: HostConfig, router: Router, key_file: str | None, changed: list[OperationMeta],
+             started: OperationMeta, restarted: OperationMeta) -> OperationMeta:
+    """The router re-reads its presets (``GET /models?reload=1``) when ``changed`` (the preset, new
+    model files) did, unless the server was started or restarted in this run (it read them then).
+    The service role's (native) and the docker role's step alike."""
+    return models_reloaded(
+        name="Router re-reads its presets (only changed models reload)",
+        base=health_url(cfg.server.host, cfg.server.port, ""),
+        startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
+        key_file=key_file if cfg.server.api_key is not None else None,
+        _if=[any_changed(*changed), lambda: not started.did_change(), lambda: not restarted.did_change()])
 
 
 def placed(cfg: HostConfig, models: tuple[Model, ...]) -> model_role.Placed:

@@ -26,12 +26,11 @@ from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import gpu as gpu_role
 from llamadeploy.roles import model as model_role
+from llamadeploy.roles import router as router_role
 from llamadeploy.roles.firewall import guard_unit, rules_path
 from llamadeploy.roles.gpu import FitPin, GpuHost
-from llamadeploy.roles.health import health_url
 from llamadeploy.roles.model.source import ModelArtifact, ModelFile
 from llamadeploy.roles.router import Router, preset_path
-from llamadeploy.roles.router.operations import models_reloaded
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
@@ -196,11 +195,6 @@ def service(
     )
     reloaded = []
     if router is not None:
-        reloaded.append(models_reloaded(
-            name="Router re-reads its presets (only changed models reload)",
-            base=health_url(cfg.server.host, cfg.server.port, ""),
-            startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
-            key_file=cfg.api_key_path if cfg.server.api_key is not None else None,
-            _if=[any_changed(*presets, *(reload_on or [])), lambda: not started.did_change(),
-                 lambda: not restarted.did_change()]))
+        reloaded.append(router_role.reloaded(cfg, router, cfg.api_key_path, [*presets, *(reload_on or [])], started,
+                                             restarted))
     return started, restarted, rid, reloaded
