@@ -234,7 +234,7 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
         # the model set, read by the router at its start and at a reload (paths and options, no secret)
         files.directory(name="Router presets directory", path=mount[0], user="root", group="root", mode="755")
         presets = [atomic.put(name="Router presets (models.ini)", src=StringIO(router.preset),
-                              dest=f"{mount[0]}/{Path(routed['preset_file']).name}", mode="644")]
+                              dest=routed["preset_file"], mode="644")]
     files.directory(name="Compose project directory", path=d.project_dir, mode="755")
     compose = atomic.put(name="Compose file", src=StringIO(compose_text), dest=compose_path(d.project_dir), mode="644")
     # new content under a file name a model already uses is a recreate in both modes (a loaded
