@@ -20,7 +20,7 @@ from weakref import WeakKeyDictionary
 from pyinfra.api.inventory import Inventory
 
 from llamadeploy import atomic
-from llamadeploy.roles.firewall import GUARD_SHELL
+from llamadeploy.roles.firewall import GUARD_SHELL, guard_unit
 from llamadeploy.roles.transfer.plan import plan_round, seed
 
 #: peer servers are transient units ``llamadeploy-peer-<run>.service``: a name of their own per
@@ -180,7 +180,7 @@ class Fleet:
     @property
     def guard_unit(self) -> str:
         """The transient guard that keeps the peer's fence loaded (see :meth:`serve_command`)."""
-        return self.unit.removesuffix(".service") + "-fence.service"
+        return guard_unit(self.unit.removesuffix(".service"))  # every fence's guard is named alike
 
     def serve_command(self, name: str) -> str:
         """Shell: link the verified copy under its sha256, start the fenced server, wait for it.
