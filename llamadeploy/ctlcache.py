@@ -29,7 +29,7 @@ from typing import Any
 from llamadeploy.gguf_meta import ModelMeta
 
 #: bump when ModelMeta's fields or their meaning change: older entries are then ignored
-META_VERSION = 2
+META_VERSION = 3  # 3: embedding_dims
 
 
 def cache_dir() -> Path:

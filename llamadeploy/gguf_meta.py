@@ -31,6 +31,10 @@ class ModelMeta:
     #: which of the built-in templates' marker tokens its vocabulary has (see chat_template);
     #: None = the vocabulary was not read (catalog values)
     marker_tokens: frozenset[str] | None = None
+    #: the length of the vectors the model returns as embeddings: llama.cpp's ``n_embd_out``
+    #: (``<arch>.embedding_length_out`` when a model projects its output, else
+    #: ``<arch>.embedding_length``); None = unknown (catalog values, a header not read)
+    embedding_dims: int | None = None
 
 
 #: every marker token a built-in template writes: all we keep of the vocabulary
@@ -64,4 +68,5 @@ def read_meta(path: str | Path) -> ModelMeta:
         sliding_window=get(f"{arch}.attention.sliding_window"),
         has_chat_template=reader.fields.get("tokenizer.chat_template") is not None,
         marker_tokens=frozenset(get("tokenizer.ggml.tokens", [])) & MARKERS,
+        embedding_dims=int(get(f"{arch}.embedding_length_out") or n_embd) if n_embd else None,
     )

@@ -57,6 +57,9 @@ class ServedModel(BaseModel):
     on_demand: bool = False
     #: file name -> sha256
     files: dict[str, str]
+    #: an embedding model's vector length, read from its GGUF header (the gate asks for exactly
+    #: that many); None = unknown (not read by the controller, or a release from before it was kept)
+    dimensions: int | None = None
 
 
 class Manifest(BaseModel):

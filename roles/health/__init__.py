@@ -23,9 +23,11 @@ from llamadeploy.roles.health.operations import (
 )
 
 #: what the gate asks a model of each kind, and where (router mode)
-ASKED = {"chat": (chat_answers, "/v1/chat/completions", "One chat completion answered by"),
-         "embedding": (embeddings_answer, "/v1/embeddings", "Embeddings that make sense from"),
-         "rerank": (rerank_answers, "/v1/rerank", "The relevant document ranked first by")}
+ASKED: dict[str, tuple[Callable[..., OperationMeta], str, str]] = {
+    "chat": (chat_answers, "/v1/chat/completions", "One chat completion answered by"),
+    "embedding": (embeddings_answer, "/v1/embeddings", "Embeddings that make sense from"),
+    "rerank": (rerank_answers, "/v1/rerank", "The relevant document ranked first by"),
+}
 
 
 def health_url(host: str, port: int, path: str = "/health") -> str:
@@ -100,8 +102,9 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
     # when the gate ends (an on-demand model is unloaded again right after it answered)
     for m in sorted(served, key=lambda m: not m.on_demand):
         op, path, what = ASKED[m.kind]
+        dims = {"dimensions": m.dimensions} if m.kind == "embedding" else {}
         asked.append(op(name=f"{what} {m.alias}", url=health_url(addr, port, path), alias=m.alias,
-                        timeout=cfg.health.timeout, unit=cfg.service.name, key_file=key_file,
+                        timeout=cfg.health.timeout, unit=cfg.service.name, key_file=key_file, **dims,
                         _if=[changed, lambda: health.did_succeed()], _ignore_errors=ignore_errors))
         if m.on_demand:
             unloaded(name=f"{m.alias} unloaded again (it loads on demand)", url=health_url(addr, port, "/models/unload"),

@@ -53,35 +53,41 @@ def _asked(url: str, body: dict, timeout: int, key_file: str | None, verdict: st
 #: two sentences that mean the same, and one that does not: an embedding model must tell them apart
 SIMILAR = ("The cat sits on the mat.", "A cat is sitting on a mat.")
 UNRELATED = "Quarterly tax filings are due in April."
-#: awk over one vector per line (the reply's ``embedding`` arrays, in input order): the dimension
-#: and cosine similarities; exits 1 unless there are three vectors of one dimension and the
-#: similar pair scores higher than the unrelated one
+#: awk over one vector per line (the reply's ``embedding`` arrays, in input order), with ``want``
+#: the model's dimension (0 = unknown): the dimension and cosine similarities; exits 1 unless there
+#: are three vectors of one dimension, that dimension is the model's, and the similar pair scores
+#: higher than the unrelated one
 _COSINES = (
-    "awk -F, 'NR==1{n=NF} NF!=n{bad=1} {for(i=1;i<=NF;i++)v[NR,i]=$i} "
-    "END{if(NR!=3||bad||n<2)exit 1; for(i=1;i<=n;i++){ab+=v[1,i]*v[2,i];ac+=v[1,i]*v[3,i];"
-    "aa+=v[1,i]^2;bb+=v[2,i]^2;cc+=v[3,i]^2} if(aa*bb*cc==0)exit 1; s=ab/sqrt(aa*bb);u=ac/sqrt(aa*cc); "
-    "printf \"%d dimensions, similar %.3f, unrelated %.3f\", n, s, u; exit !(s>u)}'"
+    "awk -F, -v want={want} 'NR==1{{n=NF}} NF!=n{{bad=1}} {{for(i=1;i<=NF;i++)v[NR,i]=$i}} "
+    "END{{if(NR!=3||bad||n<2)exit 1; if(want&&n!=want){{printf \"%d dimensions, the model has %d\", n, want; exit 1}} "
+    "for(i=1;i<=n;i++){{ab+=v[1,i]*v[2,i];ac+=v[1,i]*v[3,i];"
+    "aa+=v[1,i]^2;bb+=v[2,i]^2;cc+=v[3,i]^2}} if(aa*bb*cc==0)exit 1; s=ab/sqrt(aa*bb);u=ac/sqrt(aa*cc); "
+    "printf \"%d dimensions, similar %.3f, unrelated %.3f\", n, s, u; exit !(s>u)}}'"
 )
 
 
 @operation()
-def embeddings_answer(url: str, alias: str, timeout: int, unit: str, key_file: str | None = None):
+def embeddings_answer(url: str, alias: str, timeout: int, unit: str, key_file: str | None = None,
+                      dimensions: int | None = None):
     """
-    ``/v1/embeddings`` must return vectors that make sense: three of one dimension, and two similar
-    sentences closer (cosine) than an unrelated one.
+    ``/v1/embeddings`` must return vectors that make sense: three of the model's dimension, and two
+    similar sentences closer (cosine) than an unrelated one.
 
     + url: ``/v1/embeddings`` as seen from the host itself
     + alias: the embedding model's name
     + timeout: seconds for the whole request (an on-demand model loads first)
     + unit: named in the failure message
     + key_file: host file with the API key, or None
+    + dimensions: the length the model's GGUF header gives its vectors; None = unknown (then three
+      vectors of any one length pass). A client's index is built for that length: vectors of
+      another (a wrong pooling, another model under the alias) would not fit it
 
     A 200 alone would pass a model that returns zeros or a chat model's hidden states with the
     wrong pooling. The check is awk on the host (no Python needed there).
     """
     body = {"model": alias, "input": [*SIMILAR, UNRELATED]}
     vectors = ("tr -d ' \\n' < \"$out\" | grep -o '\"embedding\":\\[[^]]*\\]' | "
-               "sed 's/^\"embedding\":\\[//; s/\\]$//' | " + _COSINES)
+               "sed 's/^\"embedding\":\\[//; s/\\]$//' | " + _COSINES.format(want=int(dimensions or 0)))
     yield _asked(url, body, timeout, key_file, vectors,
                  f"{unit}: embeddings of {alias} at {url} answered")
 

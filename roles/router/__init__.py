@@ -27,7 +27,7 @@ from llamadeploy.roles import model as model_role
 from llamadeploy.roles.docker import CONTAINER_PORT, KEY_IN_CONTAINER, MODELS_IN_CONTAINER
 from llamadeploy.roles.health import health_url
 from llamadeploy.roles.model.source import ModelArtifact
-from llamadeploy.roles.preflight import memory_plan
+from llamadeploy.roles.preflight import memory_plan, meta_for
 from llamadeploy.roles.router.operations import models_reloaded
 from llamadeploy.roles.router.plan import (
     Instance,
@@ -95,8 +95,11 @@ class Router:
         return hashlib.sha256(self.preset.encode()).hexdigest()
 
     def served(self) -> list[ServedModel]:
+        """What the release serves, as its manifest records it and its gate asks it."""
         return [ServedModel(alias=m.entry.alias, kind=m.entry.kind, on_demand=m.entry.load == "on_demand",
-                            files={f.name: f.sha256 for f in m.art.files}) for m in self.models]
+                            files={f.name: f.sha256 for f in m.art.files},
+                            dimensions=meta_for(m.cfg, m.art).embedding_dims if m.entry.kind == "embedding" else None)
+                for m in self.models]
 
     def model_files(self) -> dict[str, str]:
         return {f.name: f.sha256 for m in self.models for f in m.art.files}

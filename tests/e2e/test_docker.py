@@ -232,8 +232,31 @@ def test_docker_router_serves_chat_and_embeddings_and_takes_a_model_without_a_re
     assert {m.id for m in client.models.list()} == {"chat", "embed", "chat-b"}
     assert client.chat.completions.create(model="chat-b", max_tokens=4, temperature=0,
                                           messages=[{"role": "user", "content": "Say hi"}]).choices[0].message.content
-    again = run_deploy(routed("three-again", [chat, embed, chat_b]))
+    three = routed("three-again", [chat, embed, chat_b])
+    again = run_deploy(three)
     assert again.rc == 0 and again.changed == 0, json.dumps(again.report["results"], indent=1)[:4000]
+
+    # status reads every model from the container's router: alias, kind, sha256 prefix, its state
+    proc = cli("status", str(three), "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)
+    sha = MODEL_SHA256[:12]
+    assert {m["alias"]: (m["kind"], m["sha256"], m["state"]) for m in row["models"]} == {
+        "chat": ("chat", sha, "loaded"), "embed": ("embedding", sha, "loaded"), "chat-b": ("chat", sha, "loaded")}
+    assert row["drift"] == [] and row["health"] == "ok", row
+
+    # a rollback reinstates the two-model release: its preset, in a recreated container, with no
+    # model sent again; the inventory's third model is then drift
+    sent = veth_bytes(host)
+    proc = cli("rollback", str(three))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert container(host)["Id"] != cid
+    assert {m.id for m in client.models.list()} == {"chat", "embed"}
+    assert "[chat-b]" not in host.ssh("cat /etc/llama-server/router/models.ini").stdout
+    assert [(m.alias, m.dimensions) for m in manifest(host).models] == [("chat", None), ("embed", 640)]
+    assert veth_bytes(host) - sent < 5_000_000  # the model (253 MB) never travelled again
+    (row,) = json.loads(cli("status", str(three), "--json").stdout)
+    assert row["drift"] == ["model chat-b to be added"] and row["health"] == "ok", row
 
     back = run_deploy(docker_inv)  # one model again: no router, the container recreated
     assert back.rc == 0, (back.stdout + back.stderr)[-5000:]

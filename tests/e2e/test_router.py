@@ -101,6 +101,8 @@ def test_the_router_runs_the_rendered_presets(host, deployed):
     manifest = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
     assert [(m.alias, m.kind, m.on_demand) for m in manifest.models] == [
         ("chat", "chat", False), ("embed", "embedding", True)]
+    # the gate asked the embedding model for vectors of its header's length, as recorded here
+    assert [m.dimensions for m in manifest.models] == [None, EMBED_DIM]
     assert "--model" not in manifest.args and manifest.args[manifest.args.index("--models-preset") + 1] == \
         "/etc/llama-server/models.ini"
     preset = host.ssh("cat /etc/llama-server/models.ini").stdout

@@ -230,6 +230,14 @@ def test_embeddings_must_tell_similar_from_unrelated():
     assert verdict(health_ops.embeddings_answer, {"error": {"code": 400}}).returncode == 1
 
 
+def test_embeddings_must_have_the_models_dimension():
+    alike = embeddings([1, 0.1, 0], [0.9, 0.2, 1e-3], [0, 1, 1])
+    assert verdict(health_ops.embeddings_answer, alike, dimensions=3).returncode == 0
+    wrong = verdict(health_ops.embeddings_answer, alike, dimensions=384)
+    assert wrong.returncode == 1 and "3 dimensions, the model has 384" in wrong.stderr, wrong
+    assert verdict(health_ops.embeddings_answer, alike, dimensions=None).returncode == 0  # unknown: any one length
+
+
 def test_rerank_must_put_the_answering_document_first():
     good = {"results": [{"index": 0, "relevance_score": -3.1}, {"index": 1, "relevance_score": 5.2},
                         {"index": 2, "relevance_score": -0.01}]}
