@@ -6,7 +6,7 @@ own engine; a trixie controller.
 
 A native trixie server compiles llama.cpp (about 8 minutes of both CPUs of the CI machine): that
 and what needs it (the hardened unit on systemd 257, the mixed bookworm/trixie build) are in
-test_trixie_build, marker ``trixie_build``. Every claim is checked over a second channel: ssh,
+test_trixie_build. Every claim is checked over a second channel: ssh,
 HTTP through the front, Prometheus' API, HAProxy's runtime API. docs/platforms.md lists the
 versions read off the hosts.
 """

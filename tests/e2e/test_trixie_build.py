@@ -1,16 +1,15 @@
-"""A native Debian 13 (trixie) server beside a bookworm one, deployed in one pyinfra run:
-marker ``trixie_build``, deselected by default (``./scripts/test -m trixie_build``).
+"""A native Debian 13 (trixie) server beside a bookworm one, deployed in one pyinfra run: in
+every run (marker ``trixie_build``: ``./scripts/test -m trixie_build`` runs it alone).
 
 The trixie server compiles llama.cpp with trixie's GCC 14 (no cache holds a trixie release);
 the bookworm server receives the bookworm release that test_native put in the controller's
 cache. Then: the hardened unit on systemd 257, the shipped testinfra suite, a rollout of a
 broken release rolled back on the trixie canary, and a trixie RPC worker fenced to its head.
 
-Why behind a marker: a cold llama.cpp compile is about 8 minutes of both CPUs of the CI
-machine, and CI's whole run must stay under 35 minutes; measured in the run that added it, the
-suite took 41 min 54 s with it. Run it once per change to the build, the unit or the
-platform checks (docs/platforms.md, docs/testing.md). test_trixie covers the rest of trixie
-in every run.
+Its cold llama.cpp compile is about 8 minutes of both CPUs of the CI machine: the suite's
+scheduler (tests/conftest.py MODULE_MINUTES) hands it out first, so that it compiles while the
+other modules boot their hosts and wait on gates. test_trixie covers the rest of trixie
+(front, monitor, docker, fan-out, a trixie controller) without a compile.
 """
 
 from __future__ import annotations
