@@ -117,6 +117,9 @@ class Manifest(BaseModel):
         for key in ("gpus", "gpu_layers", "gpu_pin_file", "models", "preset_file", "preset_sha256"):
             if not data.get(key):
                 data.pop(key, None)
+        for served in data.get("models", []):  # a chat or rerank model's entry stays as it was
+            if served.get("dimensions") is None:
+                served.pop("dimensions", None)
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod

@@ -180,3 +180,18 @@ def test_several_reads_come_back_from_one_command_each_under_its_name():
     assert proc.returncode == 0
     assert split_parts(proc.stdout) == {"manifest": '{"a": 1}\nsecond line\n', "records": "", "code": "200",
                                         "failing": "partial\n", "last": "x y\n"}
+
+
+def test_a_served_models_dimension_is_written_only_when_known():
+    """A chat (or rerank) model's manifest entry is byte-equal to what earlier versions wrote, so
+    a router host's release id does not change for it; an embedding model's carries its length."""
+    import json
+
+    from llamadeploy.manifest import ServedModel
+
+    routed = manifest(models=[ServedModel(alias="chat", kind="chat", files={"m.gguf": SHA}),
+                              ServedModel(alias="embed", kind="embedding", files={"m.gguf": SHA}, dimensions=640)])
+    entries = json.loads(routed.render())["models"]
+    assert entries[0] == {"alias": "chat", "kind": "chat", "on_demand": False, "files": {"m.gguf": SHA}}
+    assert entries[1]["dimensions"] == 640
+    assert Manifest.parse(routed.render()).models == routed.models
