@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.suite")
     p.add_argument("tree", nargs="?", default=str(OUT.parent))
     p.add_argument("--wall", type=float, help="seconds the whole .ci/run took (time ./.ci/run)")
+    p.add_argument("--caches", default="", help="what the machine had cached when the run began (the controller "
+                   "cache's releases, ccache, the rootfs trees): a cold run and a warm one differ by minutes")
     a = p.parse_args(argv)
     tree = Path(a.tree)
     run = machine()
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if c["name"].startswith("tests.e2e."):
             modules[module_of(c["name"])] += c["time_s"]
     slowest = sorted(cases, key=lambda c: c["time_s"], reverse=True)[:10]
-    results = {**run, "wall_s": a.wall, "phases": phases}
+    results = {**run, "wall_s": a.wall, "caches": a.caches, "phases": phases}
     raw = raw_path(OUT, "suite", run)
     raw.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"""# The suite's time
 
 Written whole by `benchmarks/suite.py` from the JUnit reports of one `./scripts/test` run,
-{describe(run)}; {wall}. Raw: `{raw.name}`.
+{describe(run)}; {wall}. Raw: `{raw.name}`.{f" Caches when it began: {a.caches}." if a.caches else ""}
 
 | phase | tests | wall time |
 |---|---|---|
