@@ -189,10 +189,12 @@ def llama_server_rollback(cfg: HostConfig | None = None, to: str | None = None) 
 
 
 @deploy("llama-server front: server state")
-def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None, by_rollout: str | bool = False) -> None:
+def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None, by_rollout: str | bool = False,
+                        wait: str | bool = True) -> None:
     """On a front host: drain, enable (``ready``) or ``maint`` the named servers (comma-separated
     inventory names) through HAProxy's runtime API. Rollouts call it around each batch, with
-    ``by_rollout=true``: they enable only servers they drained themselves.
+    ``by_rollout=true``: they enable only servers they drained themselves. ``wait=false``: an
+    enable does not wait for the server to be up (its health checks still keep it out until it is).
 
     ``pyinfra INVENTORY llamadeploy.deploy.llama_front_servers servers=llm-01,llm-02 set_to=drain --limit lb1``
     (not ``state=``: pyinfra's CLI keeps that name for itself)
@@ -205,7 +207,8 @@ def llama_front_servers(servers: str, set_to: str, cfg: HostConfig | None = None
         host.noop(f"{host.name} is not a front")
         return
     names = [server_name(host.inventory.get_host(n)) for n in servers.split(",") if n]
-    front.servers_set(cfg, names, set_to, by_rollout=str(by_rollout).lower() in ("true", "1", "yes"))
+    front.servers_set(cfg, names, set_to, by_rollout=str(by_rollout).lower() in ("true", "1", "yes"),
+                      wait=str(wait).lower() in ("true", "1", "yes"))
 
 
 @deploy("llama-server removed")

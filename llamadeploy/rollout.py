@@ -196,13 +196,15 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     workers = [h.name for h in inventory if configs[h.name].role == "rpc_worker"]
     fronts = [h.name for h in inventory if configs[h.name].role == "front"]
 
-    def front_state(hosts: list[str], state: str) -> bool:
+    def front_state(hosts: list[str], state: str, wait: bool = True) -> bool:
         """Drain a batch at every front before its switch (waiting for its running requests to
-        finish), enable it after its gate (waiting until the front sees it up): the seam."""
+        finish), enable it after its gate (waiting until the front sees it up, unless not
+        ``wait``): the seam."""
         if not (fronts and hosts):
             return True
         failed, error = run_deploy(inventory_path, fronts, "llamadeploy.deploy.llama_front_servers",
-                                   [f"servers={','.join(hosts)}", f"set_to={state}", "by_rollout=true"])
+                                   [f"servers={','.join(hosts)}", f"set_to={state}", "by_rollout=true"]
+                                   + ([] if wait else ["wait=false"]))
         if failed:
             log(f"==> fronts {', '.join(sorted(failed))}: could not set {', '.join(hosts)} to {state}"
                 + (f" ({error})" if error else ""))
@@ -224,9 +226,24 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         if failed:
             log("==> stopped: an RPC worker failed; no server was touched")
             return RolloutResult([rows[n] for n in workers + names], False, batches)
-    # servers a killed rollout left drained (its marks on the fronts) are enabled first; servers
-    # the operator drained carry no mark and stay drained
-    if fronts and not front_state(names, "ready"):
+    # the fronts learn every server first (a deploy of the fronts alone: a server they do not know
+    # yet is added, checked down until its own deploy, so its batch's drain has a server to
+    # drain); the servers are not in that run, so each is routed the models it serves now
+    # (roles/front routing_of), and no model moves before its server switches. Only while a
+    # server serves: a front (re)loaded over no healthy server fails its wait for one, so a
+    # fleet's first rollout (or one over a fleet that is down) deploys its fronts at the end only
+    if fronts and any(health == "ok" for _, health in before.values()):
+        log(f"==> fronts first: {', '.join(fronts)} (every server known before any is drained)")
+        failed, error = run_deploy(inventory_path, fronts)
+        if failed:
+            for n in fronts:
+                rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
+            log("==> stopped: a front could not be deployed; no server was touched")
+            return RolloutResult([rows[n] for n in workers + names + fronts], False, batches)
+    # servers a killed rollout left drained (its marks on the fronts) are enabled first, without
+    # waiting for them (one left broken would stop every later rollout; its health checks keep it
+    # out); servers the operator drained carry no mark and stay drained
+    if fronts and not front_state(names, "ready", wait=False):
         log("==> stopped: the fronts could not enable what an earlier rollout left drained")
         return RolloutResult([rows[n] for n in workers + names], False, batches)
     pending: list[str] = []
@@ -280,6 +297,10 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
             serving = [n for n in hosts if rows[n].outcome in ("updated", "unchanged", "rolled back")
                        or rows[n].detail.startswith("stopped before the switch")]
             enabled = front_state(serving, "ready")
+            # a first deploy that failed has nothing to return to and its unit is stopped: its
+            # mark goes too (enabled, it stays down at the front until a deploy makes it serve)
+            stopped = [n for n in hosts if n not in serving and not rows[n].before]
+            enabled = front_state(stopped, "ready", wait=False) and enabled
             pending = []
             if not enabled or any(rows[n].outcome not in ("updated", "unchanged") for n in hosts):
                 log(f"==> stopped after batch {i}: the remaining hosts were not touched")
@@ -310,6 +331,7 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
     inventory = make_inventory(inventory_path, cwd=os.getcwd())
     configs = validate_inventory(inventory)
     names = [h.name for h in inventory if configs[h.name].role == "server" and (not limit or h.name in limit)]
+    others = [h.name for h in inventory if configs[h.name].role in ("front", "monitor")]
     before = read_releases(inventory_path, names)
     log(f"==> rollback on {', '.join(names)}" + (f" to {to}" if to else " to each host's previous release"))
     failed, error = run_deploy(inventory_path, names, ROLLBACK, [f"to={to}"] if to else [])
@@ -320,6 +342,15 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
         row.outcome = "failed" if n in failed else ("rolled back" if row.after != row.before else "unchanged")
         row.detail = error or ""
         rows.append(row)
+    if others and any(r.outcome == "rolled back" for r in rows):
+        # a reinstated release may serve models the inventory has dropped (or not yet those it
+        # added): fronts route, and monitors scrape, what the servers serve now (roles/front
+        # routing_of)
+        log(f"==> fronts and monitors: {', '.join(others)} (routing by the models the servers serve now)")
+        others_failed, others_error = run_deploy(inventory_path, others)
+        rows += [HostOutcome(n, outcome="failed" if n in others_failed else "deployed", detail=others_error or "")
+                 for n in others]
+        failed |= others_failed
     return RolloutResult(rows, not failed)
 
 

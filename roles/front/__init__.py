@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
+from gevent.lock import BoundedSemaphore
 from pyinfra import host
 from pyinfra.api.host import Host
 from pyinfra.facts.files import FileContents
@@ -65,18 +66,46 @@ def model_backend(alias: str) -> str:
     return f"model_{alias}"
 
 
-def models_of(h: Host, cfg: HostConfig) -> tuple[str, ...]:
-    """The aliases a server will serve after this run (its inventory), for routing by model; a
-    one-model server without an alias setting: the alias its manifest says, if deployed."""
-    if cfg.router_mode:
-        return tuple(m.alias for m in cfg.models)
-    if cfg.model.alias:
-        return (cfg.model.alias,)
+#: pyinfra prepares the hosts of a run side by side (a greenlet each). A front and a monitor both
+#: read each server's manifest, and a server outside the run's ``--limit`` is not connected yet:
+#: both would connect it at once, and two greenlets then share one half-made SSH session (seen in
+#: a rollout's fronts step: paramiko "Oops, unhandled type 3", then a hang). One reader at a time.
+_OTHER_HOSTS = BoundedSemaphore(1)
+
+
+def deployed(h: Host, cfg: HostConfig) -> Manifest | None:
+    """Server ``h``'s manifest as it is now (before this run's changes), or None: not deployed
+    yet, or not reachable in this run."""
     try:
-        lines = h.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
-        return (Manifest.parse("\n".join(lines)).alias,) if lines else ()
+        with _OTHER_HOSTS:
+            lines = h.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
+        return Manifest.parse("\n".join(lines)) if lines else None
     except Exception:  # noqa: BLE001 - not deployed yet, or not reachable in this run
-        return ()
+        return None
+
+
+def serves(m: Manifest) -> tuple[str, ...]:
+    """The aliases a deployed release serves: its router's models, else its one alias (pure)."""
+    return tuple(s.alias for s in m.models) or (m.alias,)
+
+
+def routing_of(cfg: HostConfig, now: Manifest | None, in_run: bool) -> tuple[tuple[str, ...], bool]:
+    """The aliases a server serves once this run is over, for routing by model, and whether it
+    runs a router (pure).
+
+    ``in_run`` (the run deploys it, it is in the ``--limit``): what its inventory gives it. Not in
+    the run (a front deployed alone, or by ``llamadeploy rollback``, which reinstates a release
+    whose model set the inventory may no longer have): what its manifest ``now`` says it serves,
+    so that the front neither answers 404 for a model that serves nor routes one that does not.
+    No manifest yet: its inventory's. A one-model server without an alias setting: the alias its
+    manifest says."""
+    if now is not None and not in_run:
+        return serves(now), bool(now.models)
+    if cfg.router_mode:
+        return tuple(m.alias for m in cfg.models), True
+    if cfg.model.alias:
+        return (cfg.model.alias,), False
+    return ((now.alias,) if now else ()), False
 
 
 def model_routes(backends: list[Backend]) -> list[tuple[str, list[Backend]]]:
@@ -123,15 +152,22 @@ def backend_hosts(cfg: HostConfig) -> list[tuple[Host, HostConfig]]:
             if configs[h.name].role == "server" and (members is None or h.name in members)]
 
 
-def slots_of(h: Host, cfg: HostConfig) -> int:
-    """The server's slots from its manifest (what its deploy planned), else its setting, else 8."""
-    try:
-        lines = h.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
-        if lines:
-            return Manifest.parse("\n".join(lines)).memory_plan.parallel
-    except Exception:  # noqa: BLE001 - not deployed yet, or not reachable in this run
-        pass
-    return cfg.server.parallel or DEFAULT_PARALLEL
+def slots_of(cfg: HostConfig, now: Manifest | None) -> int:
+    """The server's slots from its manifest ``now`` (what its deploy planned), else its setting,
+    else 8 (pure)."""
+    return now.memory_plan.parallel if now else (cfg.server.parallel or DEFAULT_PARALLEL)
+
+
+def backends_of(servers: list[tuple[Host, HostConfig]]) -> tuple[list[Backend], bool]:
+    """The front's backends, one manifest read per server, and whether it routes by model (any
+    server runs a router once the run is over)."""
+    backends, by_model = [], False
+    for h, c in servers:
+        now = deployed(h, c)
+        models, router = routing_of(c, now, host.state.is_host_in_limit(h))
+        backends.append(Backend(server_name(h), address(h), c.server.port, slots_of(c, now), models))
+        by_model = by_model or router
+    return backends, by_model
 
 
 def haproxy_config(cfg: HostConfig, backends: list[Backend], metrics_bind: str, by_model: bool = False) -> str:
@@ -174,8 +210,7 @@ def front_door(cfg: HostConfig) -> Callable[[], bool]:
     """HAProxy installed, its config checked and in place, reloaded on change, running. Returns
     "it started or reloaded" for :func:`served`."""
     servers = backend_hosts(cfg)
-    backends = [Backend(server_name(h), address(h), c.server.port, slots_of(h, c), models_of(h, c)) for h, c in servers]
-    by_model = any(c.router_mode for _, c in servers)
+    backends, by_model = backends_of(servers)
     packages.installed(cfg, "front", name="HAProxy and socat (runtime API)", packages=["haproxy", "socat"],
                        update=True, cache_time=24 * 3600, no_recommends=True)
     if cfg.front.tls_pem is not None:
@@ -212,15 +247,17 @@ DRAINED_DIR = "/var/lib/llamadeploy-front/drained"
 
 
 @role("Front door: server state")
-def servers_set(cfg: HostConfig, servers: list[str], state: str, by_rollout: bool = False) -> None:
+def servers_set(cfg: HostConfig, servers: list[str], state: str, by_rollout: bool = False, wait: bool = True) -> None:
     """Drain (finish what runs, take nothing new) or enable servers through the runtime API; a
     drain waits for running streams (up to ``timeout_server``), an enable until the server is up.
 
     ``by_rollout``: a rollout's drain marks the servers it drained, and its enable enables only
     marked ones (see :func:`~llamadeploy.roles.front.operations.server_state`): servers the
     operator drained stay drained, and what a killed rollout drained is enabled by the next.
+    ``wait`` False: an enable returns at once (the server's health checks keep it out until up).
     """
-    wait = cfg.front.timeout_server if state == "drain" else 60 + 3 * cfg.front.check_interval
+    seconds = cfg.front.timeout_server if state == "drain" else 60 + 3 * cfg.front.check_interval
     for name in servers:
         server_state(name=f"{name}: {state}", backend=BACKEND, server=name, state=state, socket=ADMIN_SOCKET,
-                     wait=wait, marker=posixpath.join(DRAINED_DIR, name) if by_rollout else None)
+                     wait=seconds if wait or state == "drain" else 0,
+                     marker=posixpath.join(DRAINED_DIR, name) if by_rollout else None)

@@ -17,6 +17,7 @@ config is checked with ``amtool check-config`` before it replaces the old one.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from io import StringIO
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import port_fenced
-from llamadeploy.roles.front import address, exporter_address, host_port
+from llamadeploy.roles.front import address, deployed, exporter_address, host_port, routing_of
 from llamadeploy.roles.transfer import peer_address
 
 ETC = "/etc/prometheus"
@@ -67,10 +68,13 @@ def secret_text(path: str) -> str:
     return Path(path).read_text().strip()
 
 
-def targets(inventory) -> tuple[list[dict], list[dict], str | None, list[dict]]:
+def targets(inventory, serving: Mapping[str, tuple[tuple[str, ...], bool]] | None = None
+            ) -> tuple[list[dict], list[dict], str | None, list[dict]]:
     """file_sd groups for the servers, the fronts and the models of router-mode servers, and the
     key the servers need (pure but for the inventory). Servers with different keys cannot share
-    one scrape job: refused.
+    one scrape job: refused. ``serving``: server name -> (aliases, runs a router) where that is not
+    what the inventory says (a server this run does not deploy: its release's, as the front routes
+    it, roles/front :func:`routing_of`).
 
     A router answers ``/metrics`` only for a model (``?model=``; without one: 400), and a scrape
     without ``autoload=false`` would load an unloaded model. So each model of a router is a target
@@ -84,10 +88,11 @@ def targets(inventory) -> tuple[list[dict], list[dict], str | None, list[dict]]:
         c = configs[h.name]
         if c.role == "server":
             target = host_port(address(h), c.server.port)
-            if c.router_mode:
-                models += [{"targets": [target], "labels": {"fleet": "llama", "model": m.alias,
-                                                            "__param_model": m.alias, "__param_autoload": "false"}}
-                           for m in c.models]
+            aliases, router = (serving or {}).get(h.name) or (tuple(m.alias for m in c.models), c.router_mode)
+            if router:
+                models += [{"targets": [target], "labels": {"fleet": "llama", "model": alias,
+                                                            "__param_model": alias, "__param_autoload": "false"}}
+                           for alias in aliases]
             else:
                 servers.append(target)
             keys.add(c.server.api_key.get_secret_value() if c.server.api_key else None)
@@ -118,7 +123,11 @@ def node_targets(inventory) -> list[dict]:
 
 @role("Monitor (Prometheus)")
 def monitor(cfg: HostConfig) -> None:
-    servers, fronts, key, models = targets(host.inventory)
+    configs = validate_inventory(host.inventory)
+    # servers this run does not deploy are scraped for the models their release serves now
+    serving = {h.name: routing_of(configs[h.name], deployed(h, configs[h.name]), in_run=False)
+               for h in host.inventory if configs[h.name].role == "server" and not host.state.is_host_in_limit(h)}
+    servers, fronts, key, models = targets(host.inventory, serving)
     m = cfg.monitor
     packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
                        update=True, cache_time=24 * 3600, no_recommends=True)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
-from tests.conftest import dashboard_gaps, failure_text, merged_data, run_deploy
+from tests.conftest import dashboard_gaps, failure_text, merged_data, run_deploy, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -42,8 +42,9 @@ def fleet(hosts, tmp_path_factory):
     return inv
 
 
-def write_fleet(hosts, inv, fm2_models: list[dict]):
-    """The module's inventory: fm1 and fm2 serve their model sets, fmf fronts them, fmm monitors."""
+def write_fleet(hosts, inv, fm2_models: list[dict], with_fm2: bool = True):
+    """The module's inventory: fm1 and fm2 serve their model sets, fmf fronts them, fmm monitors
+    (without fm2: the front over fm1 alone)."""
     def server(h, models):
         name, conn = h.inventory_entry()
         data = merged_data(llama_router={"models_max": 2})
@@ -53,7 +54,7 @@ def write_fleet(hosts, inv, fm2_models: list[dict]):
     name, conn = hosts["fmf"].inventory_entry()
     front = (name, {**conn, **merged_data(), "llama_role": "front",
                     "llama_front": {"check_interval": 1, "metrics_allow_from": [f"{hosts['fmf'].gateway}/32"]}})
-    servers = [server(hosts["fm1"], [CHAT, EMBED, IDLE]), server(hosts["fm2"], fm2_models)]
+    servers = [server(hosts["fm1"], [CHAT, EMBED, IDLE]), server(hosts["fm2"], fm2_models)][:2 if with_fm2 else 1]
     name, conn = hosts["fmm"].inventory_entry()
     monitor = (name, {**conn, **merged_data(), "llama_role": "monitor",
                       "llama_monitor": {"scrape_interval": "2s", "allow_from": [f"{hosts['fmm'].gateway}/32"]}})
@@ -256,6 +257,68 @@ def test_logs_finds_a_request_on_its_host_merged_and_followed(hosts, fleet):
     assert rc == 0, proc.stderr.read() if proc.stderr else rc
 
 
+def front_admin_state(hosts, server: str) -> str | None:
+    """The front's administrative state of ``server`` in its main backend (HAProxy's runtime API);
+    None when the socket did not answer (a reload in progress)."""
+    import subprocess
+
+    try:
+        got = hosts["fmf"].ssh("echo 'show servers state llama_servers' | socat stdio /run/haproxy/admin.sock",
+                               check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    if got.returncode != 0 or not got.stdout.strip():
+        return None
+    out = got.stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 7 and parts[3] == server:
+            return {"0": "ready", "8": "drain", "1": "maint"}.get(parts[6], parts[6])
+    return "absent"
+
+
+def test_a_rollout_makes_the_front_learn_a_server_before_it_drains_it(hosts, fleet, tmp_path):
+    """The front is deployed over fm1 alone, so fm2 (serving) is unknown to it. A rollout of the
+    whole inventory deploys the front first: fm2 is in its config, ready, before its batch, then
+    drained there for its switch and enabled after its gate (each state seen on the front's
+    runtime API while the rollout runs). Without that first step the drain of a server the front
+    does not know is a no-op, and fm2 would reach the front only after the last batch."""
+    import threading
+    import time
+
+    from tests.conftest import cli
+
+    fm2 = hosts["fm2"].inventory_entry()[0]
+    alone = run_deploy(write_fleet(hosts, tmp_path / "fm1-only.py", [CHAT, CHAT2], with_fm2=False),
+                       "--limit", hosts["fmf"].inventory_entry()[0])
+    assert alone.rc == 0, failure_text(alone)
+    assert front_admin_state(hosts, fm2) == "absent"
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            state = front_admin_state(hosts, fm2)
+            if state is not None and (not seen or seen[-1] != state):
+                seen.append(state)
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        proc = cli("rollout", str(fleet))  # the fleet's own inventory: no server changes, each is drained
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.index("==> fronts first") < proc.stderr.index("==> batch 1/"), proc.stderr[-3000:]
+    # unknown, then known and ready before its batch, drained for its switch, never unknown again
+    assert seen[0] == "absent" and "drain" in seen and seen[-1] == "ready", seen
+    drained = seen.index("drain")
+    assert "ready" in seen[:drained] and "absent" not in seen[drained:], seen
+    assert front_admin_state(hosts, fm2) == "ready"
+
+
 def test_a_model_removed_from_the_fleet_gets_404_at_the_front_the_others_serve(hosts, fleet, tmp_path):
     """fm2 drops chat-b (the only server of it) for another model: after the deploy the front
     answers 404 in OpenAI's format for it, lists the fleet's models without it, and chat still
@@ -275,3 +338,44 @@ def test_a_model_removed_from_the_fleet_gets_404_at_the_front_the_others_serve(h
         assert reply.choices[0].message.content is not None
     after = answered(hosts, "chat")
     assert all(after.get(s, 0) > before.get(s, 0) for s in (hosts["fm1"].address, hosts["fm2"].address)), after
+
+
+def test_a_rollback_brings_the_removed_model_back_at_the_front(hosts, fleet, tmp_path):
+    """After the removal above (this test needs it: fm2's previous release is the fleet's first),
+    ``llamadeploy rollback --limit fm2`` reinstates fm2's release with chat-b. The inventory still
+    lacks chat-b: the rollback re-deploys the front, which routes by what the servers serve now,
+    so chat-b answers through the front again and the front lists it; idle-b, which fm2 no
+    longer serves, is gone from the front; the monitor scrapes fm2's chat-b again."""
+    from openai import OpenAI
+
+    from tests.conftest import cli
+
+    inv = write_fleet(hosts, tmp_path / "inv.py", [CHAT, {**IDLE, "alias": "idle-b"}])  # the inventory as above
+    fm2 = hosts["fm2"].inventory_entry()[0]
+    proc = cli("rollback", str(inv), "--limit", fm2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # fm2 went back to the fleet's first release (the test above deployed its second)
+    assert re.search(rf"^{re.escape(fm2)}\s+\S+\s+\S+\s+rolled back", proc.stdout, re.M), proc.stdout
+    for other in ("fmf", "fmm"):  # then the front and the monitor
+        name = re.escape(hosts[other].inventory_entry()[0])
+        assert re.search(rf"^{name}\s+-\s+-\s+deployed", proc.stdout, re.M), proc.stdout
+    assert "routing by the models the servers serve now" in proc.stderr, proc.stderr[-3000:]
+    client = OpenAI(base_url=f"{front(hosts)}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert sorted(m.id for m in client.models.list()) == ["chat", "chat-b", "embed", "idle"]
+    before = answered(hosts, "chat-b")
+    reply = client.chat.completions.create(model="chat-b", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content is not None
+    assert answered(hosts, "chat-b").get(hosts["fm2"].address, 0) > before.get(hosts["fm2"].address, 0)
+    gone = httpx.post(f"{front(hosts)}/v1/chat/completions", timeout=30,
+                      json={"model": "idle-b", "messages": [{"role": "user", "content": "Hi"}]})
+    assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error", gone.text
+    # the monitor, deployed by the rollback too, scrapes fm2 for the models its release serves
+    api = f"http://{hosts['fmm'].address}:9090/api/v1"
+    fm2_address = hosts["fm2"].address
+
+    def fm2_models() -> set[str]:
+        active = httpx.get(f"{api}/targets", timeout=10).json()["data"]["activeTargets"]
+        return {t["labels"]["model"] for t in active if t["labels"]["job"] == "llama-server-models"
+                and t["labels"]["instance"].rsplit(":", 1)[0] == fm2_address}
+
+    wait_for(lambda: fm2_models() == {"chat", "chat-b"}, 90, "Prometheus to scrape fm2's chat and chat-b")

@@ -330,3 +330,77 @@ def test_node_exporter_arguments_bind_the_fleet_address_and_watch_the_deploys_un
     include = next(w for w in text.split() if w.startswith("--collector.systemd.unit-include="))
     assert "'" not in include and "\\" not in include
     assert include.split("=", 1)[1].rstrip('"').startswith("(llama-server[.]service|")
+
+
+# --- which models a front routes to a server: routing_of ----------------------------------------
+
+def _manifest(models: tuple[str, ...] = (), alias: str = "old", parallel: int = 3):
+    from llamadeploy.manifest import Manifest, PlanRecord, ServedModel
+
+    sha = "a" * 64
+    return Manifest(mode="native", unit="llama-server", host="0.0.0.0", port=8080, alias=alias,
+                    model_path="/m.gguf", model_files={"m.gguf": sha}, release="r", args=[],
+                    memory_plan=PlanRecord(limit=1, model_bytes=1, kv_bytes_per_token=1, ctx_size=512,
+                                           parallel=parallel),
+                    models=[ServedModel(alias=a, kind="chat", files={"m.gguf": sha}) for a in models])
+
+
+def _server(models: list[str] | None = None, alias: str | None = None) -> HostConfig:
+    gemma = {"path": "/m.gguf"}
+    if models:
+        return HostConfig.model_validate({"models": [{**gemma, "alias": a} for a in models],
+                                          "server": {"allow_unauthenticated": True}})
+    return HostConfig.model_validate({"model": {**gemma, **({"alias": alias} if alias else {})},
+                                      "server": {"allow_unauthenticated": True}})
+
+
+def test_a_server_this_run_deploys_is_routed_what_its_inventory_gives_it():
+    from llamadeploy.roles.front import routing_of
+
+    rolled_back = _manifest(("chat", "chat-b"))
+    assert routing_of(_server(["chat", "idle-b"]), rolled_back, in_run=True) == (("chat", "idle-b"), True)
+    assert routing_of(_server(alias="one"), rolled_back, in_run=True) == (("one",), False)
+    assert routing_of(_server(), _manifest(alias="served"), in_run=True) == (("served",), False)
+    assert routing_of(_server(), None, in_run=True) == ((), False)
+
+
+def test_a_server_outside_the_run_is_routed_what_its_release_serves_now():
+    """After ``llamadeploy rollback`` the inventory may lack a model the reinstated release
+    serves (or list one it does not): the front follows the release."""
+    from llamadeploy.roles.front import routing_of
+
+    assert routing_of(_server(["chat", "idle-b"]), _manifest(("chat", "chat-b")), in_run=False) == (
+        ("chat", "chat-b"), True)
+    # a router in the inventory, a one-model release on the host: one alias, no routing by model
+    assert routing_of(_server(["chat", "idle-b"]), _manifest(alias="solo"), in_run=False) == (("solo",), False)
+    # a one-model inventory, a router release brought back: routed by model
+    assert routing_of(_server(alias="one"), _manifest(("a", "b")), in_run=False) == (("a", "b"), True)
+    # never deployed: its inventory's
+    assert routing_of(_server(["chat", "idle-b"]), None, in_run=False) == (("chat", "idle-b"), True)
+
+
+def test_slots_come_from_the_release_else_the_setting():
+    from llamadeploy.roles.front import slots_of
+
+    assert slots_of(_server(alias="one"), _manifest(parallel=3)) == 3
+    assert slots_of(_server(alias="one"), None) == 8
+
+
+def test_a_server_outside_the_run_is_scraped_for_the_models_its_release_serves(tmp_path):
+    """The monitor follows a rolled-back release as the front does: ``serving`` (from its
+    manifest, roles/front routing_of) replaces the inventory's models for that server."""
+    from pyinfra.api import Inventory
+
+    from llamadeploy.roles.monitor import targets
+
+    model = tmp_path / "a.gguf"
+    model.write_bytes(b"GGUF")
+    routed = {"llama_server": {"allow_unauthenticated": True},
+              "llama_models": [{"path": str(model), "alias": "chat"}, {"path": str(model), "alias": "idle-b"}]}
+    inv = Inventory((["10.0.0.1", ("10.0.0.2", routed)], {"llama_server": {"allow_unauthenticated": True}}))
+    servers, _, _, models = targets(inv, {"10.0.0.2": (("chat", "chat-b"), True)})
+    assert servers[0]["targets"] == ["10.0.0.1:8080"]
+    assert [m["labels"]["model"] for m in models] == ["chat", "chat-b"]
+    # a one-model release brought back on a server the inventory makes a router: one target, no model job
+    servers, _, _, models = targets(inv, {"10.0.0.2": (("solo",), False)})
+    assert servers[0]["targets"] == ["10.0.0.1:8080", "10.0.0.2:8080"] and models == []

@@ -1,4 +1,5 @@
-"""Rollout batches: canary first, batch by count or percentage, bounded by max-unavailable (pure)."""
+"""Rollout batches: canary first, batch by count or percentage, bounded by max-unavailable (pure);
+rollback's fronts step, with its pyinfra runs faked."""
 
 from __future__ import annotations
 
@@ -73,3 +74,117 @@ def test_before_is_the_latest_recorded_release_not_the_manifest():
     assert serving_release("b1-new", ["b1-old", "b1-prev"]) == "b1-prev"
     assert serving_release("b1-new", []) == "b1-new"  # a host from before release records
     assert serving_release(None, []) is None
+
+
+
+#: rollback() with its pyinfra runs faked, in a child process: importing pyinfra's CLI patches the
+#: interpreter with gevent, which the other tests of this process must not inherit
+ROLLBACK_SCRIPT = """
+import json, sys
+from llamadeploy import rollout
+runs = []
+releases = iter([{"10.9.0.1": ("r2", "ok")}, {"10.9.0.1": (sys.argv[2], "ok")}])
+def fake_run(path, limit, target="deploy", args=None, **_):
+    runs.append([limit, target])
+    return ({"10.9.0.9"} if limit == ["10.9.0.9"] else set()), None
+rollout.run_deploy = fake_run
+rollout.read_releases = lambda *a, **k: next(releases)
+result = rollout.rollback(sys.argv[1], log=lambda _: None)
+print(json.dumps({"runs": runs, "rows": [[r.host, r.outcome] for r in result.rows], "ok": result.ok}))
+"""
+
+
+@pytest.mark.parametrize("after, fronts_run", [("r1", True), ("r2", False)])
+def test_a_rollback_redeploys_the_fronts_only_when_a_server_rolled_back(tmp_path, after, fronts_run):
+    """``rollback``'s last step (the inventory real, its pyinfra runs faked): the fronts follow
+    the release a server now serves (roles/front routing_of); nothing rolled back, no front run."""
+    import json
+    import subprocess
+    import sys
+
+    from llamadeploy import rollout
+    from tests.conftest import LOCAL_TIMEOUT, REPO, merged_data
+
+    inv = tmp_path / "inv.py"
+    inv.write_text(f"servers = {[('10.9.0.1', merged_data())]!r}\n"
+                   f"front = {[('10.9.0.9', {**merged_data(), 'llama_role': 'front'})]!r}\n")
+    proc = subprocess.run([sys.executable, "-c", ROLLBACK_SCRIPT, str(inv), after], cwd=REPO, capture_output=True,
+                          text=True, timeout=LOCAL_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["runs"][0] == [["10.9.0.1"], rollout.ROLLBACK]
+    if fronts_run:
+        assert [run[0] for run in out["runs"][1:]] == [["10.9.0.9"]]
+        assert out["rows"] == [["10.9.0.1", "rolled back"], ["10.9.0.9", "failed"]]
+        assert not out["ok"]  # a front that failed fails the rollback
+    else:
+        assert len(out["runs"]) == 1 and out["rows"] == [["10.9.0.1", "unchanged"]] and out["ok"]
+
+
+
+ROLLOUT_SCRIPT = """
+import json, sys
+from llamadeploy import rollout
+runs = []
+health, fails = sys.argv[2], sys.argv[3].split(",")
+def fake_run(path, limit, target="llamadeploy.deploy.llama_server", args=None, **_):
+    step = target.rsplit(".", 1)[-1]
+    runs.append([limit, step, [a for a in (args or []) if a.startswith(("set_to=", "wait="))]])
+    who = "front" if limit == ["10.9.0.9"] else "server"
+    return (set(limit) if step == "llama_server" and who in fails else set()), None
+def releases(path, names, serving=False):
+    if serving:
+        return {n: (None if health == "nothing deployed" else "r1", health) for n in names}
+    return {n: (None, "nothing deployed") if "server" in fails else ("r2", "ok") for n in names}
+rollout.run_deploy = fake_run
+rollout.read_releases = releases
+result = rollout.rollout(sys.argv[1], log=lambda _: None)
+print(json.dumps({"runs": runs, "ok": result.ok, "rows": [[r.host, r.outcome] for r in result.rows]}))
+"""
+FRONT, SERVER = ["10.9.0.9"], ["10.9.0.1"]
+LEARN = [FRONT, "llama_server", []]
+REPAIR = [FRONT, "llama_front_servers", ["set_to=ready", "wait=false"]]
+DRAIN = [FRONT, "llama_front_servers", ["set_to=drain"]]
+DEPLOY = [SERVER, "llama_server", []]
+ENABLE = [FRONT, "llama_front_servers", ["set_to=ready"]]
+
+
+def rolled_out(tmp_path, health: str, fails: str = "") -> dict:
+    """``rollout`` over one server and one front, its pyinfra runs faked in a child process."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import LOCAL_TIMEOUT, REPO, merged_data
+
+    inv = tmp_path / "inv.py"
+    inv.write_text(f"servers = {[('10.9.0.1', merged_data())]!r}\n"
+                   f"front = {[('10.9.0.9', {**merged_data(), 'llama_role': 'front'})]!r}\n")
+    proc = subprocess.run([sys.executable, "-c", ROLLOUT_SCRIPT, str(inv), health, fails], cwd=REPO,
+                          capture_output=True, text=True, timeout=LOCAL_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("health, first", [("ok", True), ("nothing deployed", False)])
+def test_a_rollout_deploys_the_fronts_before_it_drains_a_server(tmp_path, health, first):
+    """The fronts learn every server before the first drain (a server they do not know has
+    nothing to drain); over a fleet where nothing serves yet they are deployed at the end only.
+    What an earlier rollout left marked is enabled without waiting for it to be up."""
+    out = rolled_out(tmp_path, health)
+    assert out["runs"] == ([LEARN] if first else []) + [REPAIR, DRAIN, DEPLOY, ENABLE, LEARN] and out["ok"], out
+
+
+def test_a_front_that_cannot_learn_the_servers_stops_the_rollout_before_any_server(tmp_path):
+    out = rolled_out(tmp_path, "ok", fails="front")
+    assert out["runs"] == [LEARN] and not out["ok"]
+    assert ["10.9.0.9", "failed"] in out["rows"] and ["10.9.0.1", "not reached"] in out["rows"]
+
+
+def test_a_failed_first_deploy_leaves_no_rollout_mark_at_the_front(tmp_path):
+    """A new server whose first deploy fails has nothing to return to: it is enabled again
+    without a wait (it stays down at the front), so the next rollout's repair has no mark to
+    wait on."""
+    out = rolled_out(tmp_path, "nothing deployed", fails="server")
+    assert out["runs"] == [REPAIR, DRAIN, DEPLOY, REPAIR] and not out["ok"], out
+    assert out["rows"] == [["10.9.0.1", "failed"]]
