@@ -311,11 +311,11 @@ def test_a_rollout_makes_the_front_learn_a_server_before_it_drains_it(hosts, fle
         stop.set()
         watcher.join(timeout=60)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stderr.index("==> fronts first") < proc.stderr.index("==> batch 1/"), proc.stderr[-3000:]
     # unknown, then known and ready before its batch, drained for its switch, never unknown again
     assert seen[0] == "absent" and "drain" in seen and seen[-1] == "ready", seen
     drained = seen.index("drain")
     assert "ready" in seen[:drained] and "absent" not in seen[drained:], seen
+    assert proc.stderr.index("==> fronts first") < proc.stderr.index("==> batch 1/"), proc.stderr[-3000:]
     assert front_admin_state(hosts, fm2) == "ready"
 
 
