@@ -84,6 +84,10 @@ def test_fence_keepers_render_for_the_unit_and_rules():
     assert "PartOf=llama-server.service" in lines
     # not StopWhenUnneeded=: the guard is started before the service is bound to it (roles/firewall)
     assert not any(ln.startswith("StopWhenUnneeded") for ln in lines)
+    # each start of the service starts its guard: no start limit (reproduced on a host with the
+    # default 5 in 10 s: guard restart + service restart three times, and the service's start
+    # failed with "a dependency job failed")
+    assert "StartLimitIntervalSec=0" in lines[lines.index("[Unit]"):lines.index("[Service]")]
     exec_start = next(ln for ln in lines if ln.startswith("ExecStart="))
     assert exec_start.endswith("' nft-fence llamadeploy_llama_server /etc/llama-server/firewall.nft")
     assert "ExecStart=-/usr/sbin/nft -f /etc/llama-server/firewall.nft" in dropin.splitlines()
