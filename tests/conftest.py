@@ -302,7 +302,7 @@ MODULE_MINUTES = {  # benchmarks/SUITE.md: the cold run of a974f24, beside two o
     "tests/e2e/test_fanout.py": 3.8, "tests/e2e/test_router.py": 3.7, "tests/e2e/test_hub.py": 3.2,
     "tests/e2e/test_front_models.py": 4.5, "tests/e2e/test_rpc.py": 2.2, "tests/e2e/test_uninstall.py": 1.6,
     "tests/e2e/test_molecule.py": 1.3,
-    # the longest (SUITE.md at 29f9cfb: 15.0 min, its trixie compile cold): it starts first, so
+    # the longest (15.0 min with its trixie compile cold: benchmarks/suite-2026-12-05.json): it starts first, so
     # that its compile overlaps the other modules' boots and gates
     "tests/e2e/test_trixie_build.py": 17.0,
 }
