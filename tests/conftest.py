@@ -166,6 +166,28 @@ def front_server_up(front: Any, name: str) -> bool:
                      front_metrics(front), re.M) is not None
 
 
+def front_admin_state(front: Any, name: str, tolerant: bool = False) -> str | None:
+    """Backend server ``name``'s administrative state at HAProxy ``front``, read over ssh from its
+    runtime API: ready, drain, maint, or absent when the front does not know it. ``tolerant``: None
+    when the socket did not answer (a reload in progress) instead of raising."""
+    command = "echo 'show servers state llama_servers' | socat stdio /run/haproxy/admin.sock"
+    if not tolerant:
+        out = front.ssh(command).stdout
+    else:
+        try:
+            got = front.ssh(command, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+        if got.returncode != 0 or not got.stdout.strip():
+            return None
+        out = got.stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 7 and parts[3] == name:
+            return {"0": "ready", "8": "drain", "1": "maint"}.get(parts[6], parts[6])
+    return "absent"
+
+
 def front_served_by(front: Any) -> dict[str, int]:
     """2xx responses per backend server, from HAProxy's own exporter."""
     pattern = r'^haproxy_server_http_responses_total\{proxy="llama_servers",server="([^"]+)",code="2xx"\} (\d+)'

@@ -33,6 +33,7 @@ from tests.conftest import (
     DeployResult,
     dashboard_gaps,
     failure_text,
+    front_admin_state,
     front_served_by,
     front_server_up,
     gpu_metrics_file,
@@ -276,14 +277,9 @@ def test_drain_and_enable_through_the_runtime_api(hosts, fleet):
     assert served_by(hosts).get(hosts["be1"].address, 0) > before
 
 
-def admin_state(hosts, server: str) -> str:
-    """The front's administrative state of ``server``, read over ssh from HAProxy's runtime API."""
-    out = hosts["fd"].ssh("echo 'show servers state llama_servers' | socat stdio /run/haproxy/admin.sock").stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) > 7 and parts[3] == server:
-            return {"0": "ready", "8": "drain", "1": "maint"}.get(parts[6], parts[6])
-    return "absent"
+def admin_state(hosts, server: str) -> str | None:
+    """The front's administrative state of ``server`` (conftest :func:`front_admin_state`)."""
+    return front_admin_state(hosts["fd"], server)
 
 
 def test_a_killed_rollout_leaves_no_host_drained_and_the_operators_drain_stays(hosts, fleet, tmp_path):
