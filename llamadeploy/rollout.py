@@ -141,6 +141,13 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
     return set(limit), reason.removeprefix("--> ")
 
 
+def deployed_plainly(inventory_path: str, hosts: list[str]) -> tuple[set[str], list[HostOutcome]]:
+    """One plain deploy of ``hosts`` (RPC workers, fronts, monitors: no gate between them): the
+    hosts that failed, and a row per host, ``deployed`` or ``failed`` with the run's reason."""
+    failed, error = run_deploy(inventory_path, hosts)
+    return failed, [HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "") for n in hosts]
+
+
 def serving_release(manifest_id: str | None, recorded: list[str]) -> str | None:
     """The release a host serves, as a rollout's "before" (pure): the latest in its release
     records (each recorded only after it passed its gate; a rollback marks its target the latest),
@@ -220,9 +227,8 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
         + (f", canary first: {', '.join(canaries)}" if canaries else ""))
     if workers:  # RPC workers before their heads: a head switches only onto workers of its release
         log(f"==> RPC workers first: {', '.join(workers)}")
-        failed, error = run_deploy(inventory_path, workers)
-        for n in workers:
-            rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
+        failed, done = deployed_plainly(inventory_path, workers)
+        rows.update({r.host: r for r in done})
         if failed:
             log("==> stopped: an RPC worker failed; no server was touched")
             return RolloutResult([rows[n] for n in workers + names], False, batches)
@@ -234,10 +240,9 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
     # fleet's first rollout (or one over a fleet that is down) deploys its fronts at the end only
     if fronts and any(health == "ok" for _, health in before.values()):
         log(f"==> fronts first: {', '.join(fronts)} (every server known before any is drained)")
-        failed, error = run_deploy(inventory_path, fronts)
+        failed, done = deployed_plainly(inventory_path, fronts)
         if failed:
-            for n in fronts:
-                rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
+            rows.update({r.host: r for r in done})
             log("==> stopped: a front could not be deployed; no server was touched")
             return RolloutResult([rows[n] for n in workers + names + fronts], False, batches)
     # servers a killed rollout left drained (its marks on the fronts) are enabled first, without
@@ -311,9 +316,8 @@ def rollout(inventory_path: str, batch: str = "1", max_unavailable: str | None =
             front_state(pending, "ready")
     if others:  # fronts and monitors follow the servers they point at
         log(f"==> fronts and monitors: {', '.join(others)}")
-        failed, error = run_deploy(inventory_path, others)
-        for n in others:
-            rows[n] = HostOutcome(n, outcome="failed" if n in failed else "deployed", detail=error or "")
+        failed, done = deployed_plainly(inventory_path, others)
+        rows.update({r.host: r for r in done})
         return RolloutResult([rows[n] for n in workers + names + others], not failed, batches)
     return RolloutResult([rows[n] for n in workers + names], True, batches)
 
@@ -347,9 +351,8 @@ def rollback(inventory_path: str, to: str | None = None, limit: list[str] | None
         # added): fronts route, and monitors scrape, what the servers serve now (roles/front
         # routing_of)
         log(f"==> fronts and monitors: {', '.join(others)} (routing by the models the servers serve now)")
-        others_failed, others_error = run_deploy(inventory_path, others)
-        rows += [HostOutcome(n, outcome="failed" if n in others_failed else "deployed", detail=others_error or "")
-                 for n in others]
+        others_failed, done = deployed_plainly(inventory_path, others)
+        rows += done
         failed |= others_failed
     return RolloutResult(rows, not failed)
 
