@@ -395,13 +395,23 @@ def test_prometheus_scrapes_every_server_and_the_front_with_rules(hosts, fleet):
     assert {"LlamaTargetDown", "LlamaRequestsDeferred", "LlamaFrontBackendDown"} <= names
     q = httpx.get(f"{api}/query", params={"query": 'count(up{job="llama-server"} == 1)'}, timeout=10).json()
     assert q["data"]["result"][0]["value"][1] == "2"
-    # host metrics from every host's node exporter, the deploy's units among them (systemd collector)
-    units = httpx.get(f"{api}/query", timeout=10, params={
-        "query": 'node_systemd_unit_state{name=~"llama-server.service|haproxy.service|prometheus.service",state="active"} == 1'}
-    ).json()["data"]["result"]
-    assert sorted((r["metric"]["instance"].rsplit(":", 1)[0], r["metric"]["name"]) for r in units) == sorted(
-        [(hosts["be1"].address, "llama-server.service"), (hosts["be2"].address, "llama-server.service"),
-         (hosts["fd"].address, "haproxy.service"), (hosts["mon"].address, "prometheus.service")]), units
+    # host metrics from every host's node exporter, the deploy's units among them (systemd collector).
+    # The scrape is every 2 s and the previous test reloads the front: a scrape during that reload
+    # finds haproxy not active (systemd's state is "reloading" while ExecReload runs: CI run of
+    # stop 39), so the states are waited for over a few scrapes, and a failure shows each host's.
+    wanted = sorted([(hosts["be1"].address, "llama-server.service"), (hosts["be2"].address, "llama-server.service"),
+                     (hosts["fd"].address, "haproxy.service"), (hosts["mon"].address, "prometheus.service")])
+    unit_states = 'node_systemd_unit_state{name=~"llama-server.service|haproxy.service|prometheus.service"} == 1'
+
+    def states() -> list[tuple[str, str, str]]:
+        result = httpx.get(f"{api}/query", timeout=10, params={"query": unit_states}).json()["data"]["result"]
+        return sorted((r["metric"]["instance"].rsplit(":", 1)[0], r["metric"]["name"], r["metric"]["state"])
+                      for r in result)
+
+    try:
+        wait_for(lambda: [(a, n) for a, n, state in states() if state == "active"] == wanted, 30, "the units active")
+    except AssertionError:
+        raise AssertionError(("want active", wanted, "reported", states())) from None
     restarts = httpx.get(f"{api}/query", params={"query": 'node_systemd_service_restart_total{name="llama-server.service"}'},
                          timeout=10).json()["data"]["result"]
     assert len(restarts) == 2, restarts  # the counter LlamaServiceRestarting watches
