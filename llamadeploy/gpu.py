@@ -11,8 +11,9 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class GpuError(ValueError):
@@ -657,6 +658,20 @@ def nvidia_repo(debian_major: int, arch: str) -> str:
     """NVIDIA's CUDA repository for a Debian release (12, 13) on ``arch`` (uname -m): each
     release has its own (``debian13`` is there since CUDA 13.0), Arm servers are ``sbsa``."""
     return f"{NVIDIA_REPOS}/debian{debian_major}/{'sbsa' if arch == 'aarch64' else arch}"
+
+
+def package_source(install: str, distro: Mapping[str, Any], arch: str, override: str | None = None) -> str:
+    """Where a host's NVIDIA packages come from, from pyinfra's ``LinuxDistribution`` fact of the
+    host and its ``uname -m`` (pure): for "distro", the apt line that adds Debian's contrib,
+    non-free and non-free-firmware for the host's own codename (trixie's driver is 550,
+    bookworm's 535: the wrong codename would mix releases); for "nvidia", NVIDIA's repository
+    for its major release (``override``: ``llama_gpu.nvidia_repo``). Only Debian 12 and 13 get
+    this far (preflight refuses others), so the bookworm fallbacks are never taken on a host
+    whose os-release names its release."""
+    if install == "distro":
+        codename = (distro.get("release_meta") or {}).get("VERSION_CODENAME") or "bookworm"
+        return f"deb http://deb.debian.org/debian {codename} contrib non-free non-free-firmware\n"
+    return override or nvidia_repo(distro.get("major") or 12, arch)
 
 
 def install_packages(source: str, docker: bool, driver: bool, toolkit: bool, container_toolkit: bool,

@@ -150,14 +150,13 @@ def installed(cfg: HostConfig) -> bool:
                                         "toolkit" in missing, "container_toolkit" in missing, deb_arch)
         except gpu.GpuError as exc:
             raise DeployError(f"preflight refused host {host.name}: llama_gpu.install = {cfg.gpu.install!r}: {exc}") from None
-        distro: Any = host.get_fact(LinuxDistribution)
+        distro: Any = host.get_fact(LinuxDistribution)  # a TypedDict, read as a mapping
+        source = gpu.package_source(cfg.gpu.install, distro, host.get_fact(Arch), cfg.gpu.nvidia_repo)
         if cfg.gpu.install == "distro":
-            codename = (distro.get("release_meta") or {}).get("VERSION_CODENAME", "bookworm")
-            files.put(name="Debian contrib and non-free (NVIDIA driver, CUDA toolkit)",
-                      src=StringIO(f"deb http://deb.debian.org/debian {codename} contrib non-free non-free-firmware\n"),
+            files.put(name="Debian contrib and non-free (NVIDIA driver, CUDA toolkit)", src=StringIO(source),
                       dest="/etc/apt/sources.list.d/llamadeploy-nvidia.list", mode="644")
         else:
-            repo = cfg.gpu.nvidia_repo or gpu.nvidia_repo(distro.get("major") or 12, host.get_fact(Arch))
+            repo = source
             apt.deb(name="NVIDIA's CUDA repository key (cuda-keyring)", src=posixpath.join(repo, gpu.CUDA_KEYRING))
         apt.packages(name=f"NVIDIA packages: {', '.join(pkgs)}", packages=pkgs, update=True, no_recommends=True)
     host.noop(f"{host.name}: installed the NVIDIA {', '.join(missing)}; reboot it if the driver was installed, "

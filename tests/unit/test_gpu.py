@@ -556,6 +556,25 @@ def test_nvidia_repository_follows_the_host_release(major, arch, path):
     assert nvidia_repo(major, arch) == f"https://developer.download.nvidia.com/compute/cuda/repos/{path}"
 
 
+@pytest.mark.parametrize("release, codename, repo", [
+    ("debian-12", "bookworm", "debian12/x86_64"),
+    ("debian-13", "trixie", "debian13/x86_64"),
+])
+def test_the_package_source_follows_the_os_release_the_host_reports(release, codename, repo):
+    """roles/gpu's choice, from the LinuxDistribution fact pyinfra makes of the sandbox trees'
+    recorded os-release (tests/unit/data/os-release): "distro" adds Debian's contrib and
+    non-free of the host's own codename, "nvidia" NVIDIA's repository of its major release,
+    unless llama_gpu.nvidia_repo names another."""
+    from llamadeploy.gpu import package_source
+    from tests.unit.test_platforms import fact
+
+    distro = fact(release)
+    assert package_source("distro", distro, "x86_64") == \
+        f"deb http://deb.debian.org/debian {codename} contrib non-free non-free-firmware\n"
+    assert package_source("nvidia", distro, "x86_64") == f"https://developer.download.nvidia.com/compute/cuda/repos/{repo}"
+    assert package_source("nvidia", distro, "x86_64", "https://mirror.example/cuda") == "https://mirror.example/cuda"
+
+
 def _candidates(policy: str) -> dict[str, str]:
     """package -> candidate version, from recorded ``apt-cache policy`` output (packages apt does
     not know are missing from it)."""
@@ -582,4 +601,7 @@ def test_distro_install_names_packages_each_release_has(release, driver):
     for pkg in install_packages("distro", False, True, True, False):
         assert candidates.get(pkg, "(none)") != "(none)", (release, pkg)
     assert candidates["nvidia-driver"].startswith(driver)
-    assert "nvidia-container-toolkit" not in candidates
+    # asked for (the recorded command's names) and unknown to apt: not merely left out of the query
+    queried = policy.splitlines()[0].removeprefix("# apt-cache policy ").split()
+    for pkg in ("nvidia-container-toolkit", "libnvidia-container1", "libnvidia-container-tools"):
+        assert pkg in queried and pkg not in candidates, (release, pkg)
