@@ -15,14 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 from tests.conftest import cli, run_deploy, run_testinfra, veth_bytes
+from tests.e2e import docker_checks
+from tests.e2e.docker_checks import COMPOSE, container, manifest
 from tests.harness.images import IMAGE_REF, build_image_tarball
 
 pytestmark = pytest.mark.e2e
 API_KEY = "sk-docker-" + "4b2e" * 6
-COMPOSE = "/opt/llama-server-compose"
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +56,6 @@ def tarball(host, native_inv) -> Path:
 @pytest.fixture(scope="module")
 def docker_inv(host, tarball, tmp_path_factory):
     return write_inventory(tmp_path_factory.mktemp("dk") / "docker.py", [host], docker_data(tarball))
-
-
-def container(host) -> dict:
-    cid = host.ssh(f"cd {COMPOSE} && docker-compose ps -q").stdout.strip()
-    return json.loads(host.ssh(f"docker inspect {cid}").stdout)[0]
-
-
-def manifest(host) -> Manifest:
-    return Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
 
 
 def test_switch_native_to_docker(host, docker_inv):
@@ -106,67 +97,11 @@ def test_docker_second_run_changes_nothing(host, docker_inv):
 
 
 def test_docker_rollback_reinstates_the_previous_release_without_transfer(host, docker_inv, tmp_path):
-    """Release B: a rebuilt image under the same tag (another tarball), nothing else changed, so
-    only the image tells A and B apart. ``llamadeploy rollback``: the tag back on A's image, the
-    container recreated, serving with the key; what crossed the host's link is SSH chatter, not
-    an image or a model. Deploying B again then runs B's image again (the tag moved back)."""
-    a, image_a = manifest(host), container(host)["Image"]
-    rebuilt = build_image_tarball(host.root, out=tmp_path / "rebuilt.tar", rebuild="b")
-    inv_b = write_inventory(tmp_path / "b.py", [host], docker_data(rebuilt))
-    result = run_deploy(inv_b)
-    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
-    b, image_b = manifest(host), container(host)["Image"]
-    assert b.release_id != a.release_id and image_b != image_a
-
-    sent = veth_bytes(host)
-    result = cli("rollback", str(docker_inv))
-    moved = veth_bytes(host) - sent
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert manifest(host).release_id == a.release_id
-    assert container(host)["Image"] == image_a
-    assert host.ssh(f"docker image inspect --format '{{{{.Id}}}}' {IMAGE_REF}").stdout.strip() == image_a
-    r = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=60,
-                   headers={"Authorization": f"Bearer {API_KEY}"},
-                   json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8})
-    assert r.status_code == 200, r.text
-    print(f"docker rollback moved {moved} bytes over {host.veth}")
-    assert moved < 2 * 1024 * 1024, moved  # the image tarball alone is far larger, the model 253 MB
-    row = json.loads(cli("status", str(docker_inv), "--json").stdout)[0]
-    assert (row["release_id"], row["previous"][0]) == (a.release_id, b.release_id), row
-
-    # B again, as a rollout would after the rollback: its tarball is on the host and was loaded
-    # once, but the tag names A's image now: B must run B's image, not A's under B's name
-    result = run_deploy(inv_b)
-    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
-    assert (manifest(host).release_id, container(host)["Image"]) == (b.release_id, image_b)
-    result = run_deploy(docker_inv)  # and A again, for the tests after this one
-    assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
-    assert container(host)["Image"] == image_a
+    docker_checks.rollback_reinstates_without_transfer(host, docker_inv, tmp_path, host.root)
 
 
 def test_docker_release_that_crashes_at_start_is_rolled_back_by_the_deploy(host, docker_inv, tmp_path):
-    """Docker mode's gate watches the container: a server that exits at start (Docker restarts it,
-    ``restart: unless-stopped``) fails the gate at once; the deploy reinstates the release that
-    served before (its compose file, recreated) and fails, naming it."""
-    a, image_a = manifest(host), container(host)["Image"]
-    ns: dict = {}
-    exec(docker_inv.read_text(), ns)  # the inventory as written, plus one flag that cannot work
-    (name, data), = ns["hosts"]
-    data["llama_server"] = {**data["llama_server"], "extra_args": ["--lora", "/nonexistent.gguf"]}
-    broken = tmp_path / "broken.py"
-    broken.write_text(f"hosts = {[(name, data)]!r}\n")
-    started = time.monotonic()
-    result = run_deploy(broken)
-    took = time.monotonic() - started
-    out = result.stdout + result.stderr
-    assert result.rc != 0
-    assert "the server restarted (it crashed)" in out or "the server is not running (it exited)" in out, out[-3000:]
-    assert f"rolled back to {a.release_id}, which serves now" in out, out[-3000:]
-    print(f"docker: failed deploy, rollback included: {took:.1f}s")
-    assert (manifest(host).release_id, container(host)["Image"]) == (a.release_id, image_a)
-    assert "--lora" not in container(host)["Args"]
-    r = httpx.get(f"http://{host.address}:8080/health", timeout=10)
-    assert r.status_code == 200, r.text
+    docker_checks.crash_at_start_rolled_back(host, docker_inv, tmp_path)
 
 
 def test_docker_router_serves_chat_and_embeddings_and_takes_a_model_without_a_recreate(host, docker_inv, tarball,

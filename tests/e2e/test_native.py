@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -23,7 +22,9 @@ from llamadeploy.bench import PROMPT
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256, MODEL_SIZE
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, cli, host_state, merged_data, run_deploy, run_testinfra
+from tests.conftest import cli, host_state, run_deploy, run_testinfra
+from tests.e2e import native_checks
+from tests.e2e.native_checks import with_data
 
 pytestmark = pytest.mark.e2e
 
@@ -40,8 +41,6 @@ def inventory(host, tmp_path_factory) -> Path:
     return write_inventory(tmp_path_factory.mktemp("inv") / "native.py", [host], default_data())
 
 
-def with_data(host, tmp_path: Path, name: str, **sections) -> Path:
-    return write_inventory(tmp_path / f"{name}.py", [host], merged_data(**sections))
 
 
 def test_first_deploy_builds_and_serves(host, inventory):
@@ -177,57 +176,7 @@ def test_second_deploy_changes_nothing(host, inventory):
 
 
 def test_the_gpu_fit_runs_as_the_service_user_in_the_units_sandbox(host):
-    """The fit script a CUDA host runs (gpu.fit_script behind hardening.sandboxed_run, exactly as
-    roles/gpu passes it) on this real systemd host, with a stand-in for llama-fit-params, which
-    only CUDA builds have: it reports who and what it is, and prints a fitted line. It runs as
-    the service's user, reads the model, has no capabilities, no new privileges, a syscall filter,
-    sees a read-only system (not even a directory the service user owns, nor the world-writable
-    ``/run/lock`` where the deploy lock lives), takes the unit's limits
-    (systemd-run accepts them), and its exit status reaches the script through systemd-run;
-    root writes the result. (On a GPU
-    host the fit itself has not run in this sandbox yet: no GPU machine was at hand.)"""
-    from llamadeploy.gpu import device_node_commands, fit_script
-    from llamadeploy.hardening import sandboxed_run
-
-    model = f"/var/lib/llama-server/models/{Path(merged_data()['llama_model']['path']).name}"
-    stand_in = "/usr/local/lib/llamadeploy-test-fit"
-    body = "\n".join([
-        "#!/bin/sh",
-        f'echo "user=$(id -un) model=$(head -c 4 {model})"',
-        "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t' | tr '\\n' ' '; echo",
-        'touch /etc/fit-wrote 2>/dev/null && echo "etc=written" || echo "etc=read-only"',
-        'touch /var/lib/llama-server/models/fit-wrote 2>/dev/null && echo "models=written" || echo "models=read-only"',
-        # a directory the service user owns: only the sandbox's read-only system closes it
-        'touch /var/lib/llamadeploy-fit-probe/x 2>/dev/null && echo "own-dir=written" || echo "own-dir=read-only"',
-        # world-writable, a tmpfs ProtectSystem leaves open, and the host's deploy lock's directory
-        'touch /run/lock/fit-wrote 2>/dev/null && echo "run-lock=written" || echo "run-lock=read-only"',
-        "awk '$5 == \"/\" {print \"root=\" $6}' /proc/self/mountinfo",
-        '[ "$1" = fail ] && exit 3',
-        'echo "-c 4096 -ngl -1"', ""])
-    host.ssh(f"printf '%s' {shlex.quote(body)} > {stand_in} && chmod 755 {stand_in} && "
-             "install -d -o llama -g llama -m 755 /var/lib/llamadeploy-fit-probe")
-    # outside the sandbox the service user can write there: the probe below means something
-    host.ssh("runuser -u llama -- touch /var/lib/llamadeploy-fit-probe/outside")
-    env = "/etc/llama-server/gpu-fit/test-sandbox.env"
-    run_as = sandboxed_run("llama", [], {"MemoryMax": "1G"})  # a CPU host: no NVIDIA device to allow
-    nodes = device_node_commands([0])  # no nvidia-modprobe here: the script goes on without it
-    try:
-        failed = host.ssh(fit_script([stand_in, "fail", "--fit-target", "1024"], 1024, "no-such.service", env, "t",
-                                     run_as, nodes), check=False)
-        seen = failed.stderr
-        assert failed.returncode == 1 and "llama-fit-params (exit 3)" in seen, seen
-        assert "user=llama model=GGUF" in seen, seen
-        assert "CapEff:0000000000000000" in seen and "NoNewPrivs:1" in seen and "Seccomp:2" in seen, seen
-        assert "etc=read-only" in seen and "models=read-only" in seen and "own-dir=read-only" in seen, seen
-        assert "run-lock=read-only" in seen and host.ssh("test -e /run/lock/fit-wrote", check=False).returncode != 0
-        assert re.search(r"^root=ro\b", seen, re.M), seen
-        assert host.ssh("test -e /var/lib/llamadeploy-fit-probe/x", check=False).returncode != 0
-        assert host.ssh(f"test -e {env}", check=False).returncode != 0  # a failed fit writes nothing
-        host.ssh(fit_script([stand_in, "ok", "--fit-target", "1024"], 1024, "no-such.service", env, "t", run_as, nodes))
-        assert host.ssh(f"tail -n 1 {env}").stdout.strip() == "LLAMA_GPU_FIT='-c 4096 -ngl all --fit off'"
-        assert host.ssh("systemctl list-units --all --no-legend 'run-*.service'").stdout.strip() == ""  # collected
-    finally:
-        host.ssh(f"rm -f {stand_in} {env} /run/lock/fit-wrote; rm -rf /var/lib/llamadeploy-fit-probe; rmdir /etc/llama-server/gpu-fit 2>/dev/null; true")
+    native_checks.fit_sandbox_holds(host)
 
 
 def test_server_older_than_its_unit_is_restarted_once(host, inventory):
@@ -391,84 +340,8 @@ def test_testinfra_suite_checks_a_loopback_server_through_the_host(host, tmp_pat
 
 
 def test_release_that_crashes_at_start_is_rolled_back_by_the_deploy_itself(host, tmp_path, inventory):
-    """A plain ``pyinfra INVENTORY deploy.py`` whose new server exits at start (a flag --help
-    accepts, a file that is not there): the gate sees the crash at once (not after its timeout),
-    the run reinstates the release that served before and fails, naming host, reason and the
-    release that serves now. Afterwards: health 200, the old release id, its unit."""
-    old = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
-    unit_before = host.ssh("md5sum /etc/systemd/system/llama-server.service").stdout
-    inv = with_data(host, tmp_path, "broken", llama_server={"extra_args": ["--lora", "/nonexistent.gguf"]})
-    started = time.monotonic()
-    result = run_deploy(inv)
-    took = time.monotonic() - started
-    assert result.rc != 0
-    out = result.stdout + result.stderr
-    assert "the server restarted (it crashed)" in out or "the server is not running (it exited)" in out, out[-3000:]
-    assert "last log lines" in out
-    assert f"failed its gate; rolled back to {old}, which serves now (the gate's log lines are above)" in out, \
-        out[-3000:]
-    assert f"host {host.inventory_entry()[0]}: release " in out
-    print(f"failed deploy, rollback included: {took:.1f}s (the gate's timeout: 180s)")
-    # serving the old release right after the failed run, with no other deploy
-    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == old
-    assert host.ssh("md5sum /etc/systemd/system/llama-server.service").stdout == unit_before
-    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
-    assert "--lora" not in host.ssh("cat /proc/$(systemctl show -p MainPID --value llama-server)/cmdline | tr '\\0' ' '").stdout
-    # the re-run of the good inventory changes nothing: the host is where it was
-    again = run_deploy(inventory)
-    assert again.rc == 0, again.stderr[-4000:]
-    assert again.changed == 0
+    native_checks.crash_at_start_rolled_back(host, tmp_path, inventory)
 
 
 def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
-    """A first deploy (no release recorded for this service) whose server cannot start: its unit is
-    stopped and disabled, so nothing crash-loops, and the run says so. A second service on the same
-    host stands in for a fresh one (its own name, user, directories, records and port).
-
-    The failed release's model file is in no release record: the ownership record names it, so
-    the next good deploy (another model) prunes it, and uninstall leaves none of the service's
-    directories (before, the file was no one's: kept by every prune, left as an operator's)."""
-    svc = {"name": "llama-first", "user": "llamafirst", "data_dir": "/srv/llama-first/data",
-           "config_dir": "/srv/llama-first/etc", "cache_dir": "/srv/llama-first/cache", "prefix": "/opt/llama.cpp"}
-    gemma = merged_data()["llama_model"]
-    (tmp_path / "first-try.gguf").symlink_to(gemma["path"])  # the same weights under another file name
-    inv = with_data(host, tmp_path, "first", llama_service=svc,
-                    llama_model={**gemma, "path": str(tmp_path / "first-try.gguf")},
-                    llama_server={"port": 8090, "extra_args": ["--lora", "/nonexistent.gguf"]})
-    try:
-        result = run_deploy(inv)
-        assert result.rc != 0
-        out = result.stdout + result.stderr
-        assert "not rolled back: no earlier release is recorded. Its server is stopped and disabled" in out, out[-3000:]
-        show = "systemctl show -p ActiveState -p UnitFileState -p NRestarts llama-first"
-        first = host.ssh(show).stdout
-        assert "ActiveState=inactive" in first or "ActiveState=failed" in first, first
-        assert "UnitFileState=disabled" in first, first
-        time.sleep(7)  # longer than RestartSec: a crash loop would have restarted it meanwhile
-        assert host.ssh(show).stdout == first
-        # the service that served before on this host is untouched
-        assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
-
-        models = "ls -a /srv/llama-first/data/models"
-        assert "first-try.gguf" in host.ssh(models).stdout.split()
-        good = run_deploy(with_data(host, tmp_path, "first-good", llama_service=svc, llama_server={"port": 8090}))
-        assert good.rc == 0, good.stderr[-4000:]
-        assert httpx.get(f"http://{host.address}:8090/health", timeout=10).status_code == 200
-        left = host.ssh(models).stdout.split()
-        assert "first-try.gguf" not in left and ".first-try.gguf.sha256" not in left, left  # pruned: ours
-        record = host.ssh("cat /var/lib/llamadeploy/llama-first.owned").stdout.splitlines()
-        assert "file /srv/llama-first/data/models/first-try.gguf" not in record, record  # left with the file
-        assert any(line.startswith("file /srv/llama-first/data/models/") for line in record), record
-        again = run_deploy(with_data(host, tmp_path, "first-good", llama_service=svc, llama_server={"port": 8090}))
-        assert again.rc == 0 and again.changed == 0, again.stdout[-4000:]  # the record is not rewritten again
-        gone = subprocess.run([PYINFRA, "-y", str(tmp_path / "first-good.py"), "llamadeploy.deploy.llama_server_removed"],
-                              cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-        assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
-        # nothing of the service stays, not even the parent its directories were created in
-        assert host.ssh("ls -A /srv/llama-first", check=False).returncode != 0
-        assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
-    finally:
-        host.ssh("systemctl disable --now llama-first 2>/dev/null; rm -rf /etc/systemd/system/llama-first.service "
-                 "/srv/llama-first /var/lib/llamadeploy/llama-first.owned; systemctl daemon-reload; "
-                 "userdel llamafirst 2>/dev/null; "
-                 "groupdel llamafirst 2>/dev/null; true")
+    native_checks.failed_first_deploy_stopped(host, tmp_path)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import LOCAL_TIMEOUT, REPO, SUBPROCESS_TIMEOUT, merged_data, run_deploy, wait_for_table
+from tests.e2e import native_checks
 
 pytestmark = pytest.mark.e2e
 
@@ -124,6 +125,19 @@ def test_only_the_head_reaches_a_worker(group, deployed):
     unit = w1.ssh("systemctl show -p DynamicUser -p ExecStart ggml-rpc-server").stdout
     assert "DynamicUser=yes" in unit and f"--host {w1.address}" in unit, unit
     httpx_wait_health(head)
+
+
+def test_every_unit_the_deploy_writes_verifies_on_systemd_252(group, deployed):
+    """As test_trixie_build does on 257: the worker's own units and its fence's drop-in, then the
+    product's renders of the units this fleet does not run (CUDA with its pinned fit and device
+    nodes, --numa, a fenced server and its guard, the GPU metrics timer), on a bookworm worker
+    (it has the release and nft, which verify checks for)."""
+    worker = group[1]
+    native_checks.deployed_units_verify(worker, ["ggml-rpc-server.service", "ggml-rpc-server-fence.service"])
+    assert worker.ssh("ls /etc/systemd/system/nftables.service.d/").stdout.split()
+    scores = native_checks.rendered_units_verify(worker)
+    print("systemd 252 exposure of the renders, offline:", scores)
+    assert max(scores.values()) <= 2.0, scores
 
 
 def test_fence_survives_a_firewall_restart_and_a_flushed_ruleset(group, deployed):

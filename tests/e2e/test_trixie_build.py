@@ -4,7 +4,9 @@ every run (marker ``trixie_build``: ``./scripts/test -m trixie_build`` runs it a
 The trixie server compiles llama.cpp with trixie's GCC 14 (no cache holds a trixie release);
 the bookworm server receives the bookworm release that test_native put in the controller's
 cache. Then: the hardened unit on systemd 257, the shipped testinfra suite, a rollout of a
-broken release rolled back on the trixie canary, and a trixie RPC worker fenced to its head.
+broken release rolled back on the trixie canary, README's first command with ``--distro
+trixie``, test_native's systemd-sensitive checks (tests/e2e/native_checks.py), a trixie RPC
+worker fenced to its head, and ``systemd-analyze verify`` of every unit the deploy writes.
 
 Its cold llama.cpp compile is about 8 minutes of both CPUs of the CI machine: the suite's
 scheduler (tests/conftest.py MODULE_MINUTES) hands it out first, so that it compiles while the
@@ -33,6 +35,7 @@ from tests.conftest import (
     run_deploy,
     run_testinfra,
 )
+from tests.e2e import native_checks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.trixie_build]
 
@@ -176,13 +179,65 @@ def test_rollout_of_a_broken_release_rolls_the_trixie_canary_back(hosts, fleet, 
 
 
 
-def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, testhosts, tmp_path):
+def test_quickstart_on_trixie_serves_what_it_prints_and_goes_down(hosts, fleet):
+    """README's first command with ``--distro trixie``, as a user runs it: ``scripts/quickstart``
+    boots the demo host from trixie's tree (``llamadeploy sandbox up --distro``), receives the
+    trixie release the mixed fleet cached (no second compile), deploys and prints a curl, which
+    answers as printed; ``scripts/quickstart down`` leaves no host behind."""
+    from llamadeploy.sandbox import DEMO
+
+    run = dict(cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    try:
+        up = subprocess.run([str(REPO / "scripts/quickstart"), "--distro", "trixie"], **run)
+        assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
+        curl = up.stdout[up.stdout.index("curl -s "):].split("\n\n")[0]  # the command as printed, three lines
+        answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=LOCAL_TIMEOUT)
+        body = json.loads(answer.stdout)
+        assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0, answer.stdout
+        assert "VERSION_CODENAME=trixie" in DEMO.ssh("cat /etc/os-release").stdout
+        assert DEMO.ssh("command -v cmake", check=False).returncode != 0  # it received the release, built nothing
+    finally:
+        down = subprocess.run([str(REPO / "scripts/quickstart"), "down"], **run)
+    assert down.returncode == 0 and "stopped and removed: demo" in down.stdout, down.stdout + down.stderr
+    nspawns = subprocess.run(["pgrep", "-af", "systemd-nspawn"], capture_output=True, text=True,
+                             timeout=LOCAL_TIMEOUT).stdout
+    assert " -M demo " not in nspawns, nspawns
+
+
+def test_the_fit_sandbox_holds_under_systemd_257(hosts, fleet):
+    """The GPU fit's transient sandbox (systemd-run with the unit's hardening and limits) on
+    trixie, as test_native checks it on bookworm: systemd-run's properties change between releases."""
+    native_checks.fit_sandbox_holds(hosts["tn"])
+
+
+def test_a_release_that_crashes_at_start_is_rolled_back_on_trixie(hosts, fleet, tmp_path):
+    """A plain deploy whose server exits at start, on systemd 257: the gate sees the restart, the
+    run reinstates the release that served and fails (test_native's check, on trixie)."""
+    tn = hosts["tn"]
+    good = native_checks.with_data(tn, tmp_path, "trixie-alone")
+    alone = run_deploy(good)  # the fleet's trixie server, in an inventory of its own: same data
+    assert alone.rc == 0 and alone.changed == 0, json.dumps(alone.report["results"], indent=1)[:4000]
+    native_checks.crash_at_start_rolled_back(tn, tmp_path, good)
+
+
+def test_a_failed_first_deploy_is_stopped_and_disabled_on_trixie(hosts, fleet, tmp_path):
+    """A first deploy whose server cannot start, on systemd 257: stopped and disabled, not
+    crash-looping; the next good deploy prunes its model, uninstall leaves nothing (as on bookworm)."""
+    native_checks.failed_first_deploy_stopped(hosts["tn"], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def worker(testhosts):
+    """A third trixie host, for the RPC worker: booted by the first test that asks for it."""
+    return testhosts("tw", 99, lan="trixieb", distro="trixie")
+
+
+def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, worker, tmp_path):
     """ggml-rpc-server on Debian 13: a trixie worker receives the trixie release from the
     controller's cache (no second compile), holds part of the layers of a head that cannot hold
     the model alone (640M, as in test_rpc), and its nftables fence admits only the head: the
     bookworm host on the same LAN cannot connect."""
-    tn, tb = hosts["tn"], hosts["tb"]
-    tw = testhosts("tw", 99, lan="trixieb", distro="trixie")
+    tn, tb, tw = hosts["tn"], hosts["tb"], worker
 
     def entry(h, data):
         name, conn = h.inventory_entry()
@@ -203,3 +258,34 @@ def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, t
     probe = tb.ssh(f"timeout 5 bash -c 'exec 3<>/dev/tcp/{tw.address}/50052'", check=False)
     assert probe.returncode != 0, "the bookworm host reached the worker's port"
     print("trixie worker:", package_versions(tw, "nftables"), tw.ssh("ps -o rss= -C ggml-rpc-server").stdout.strip(), "KiB")
+
+
+def test_every_unit_the_deploy_writes_verifies_on_systemd_257(hosts, fleet, worker):
+    """``systemd-analyze verify`` on trixie (257) of every unit the deploy writes: the ones this
+    module's hosts run (the server; the RPC worker, its fence guard and the nftables drop-in on the
+    worker, which PID 1 loaded without a warning), and the product's renders of the ones they do
+    not (CUDA with its pinned fit and device nodes, --numa, a fenced server and its guard, the GPU
+    metrics timer). Also records the offline exposure of the CPU and CUDA units on 257, beside the
+    live one (docs/platforms.md)."""
+    tn, tw = hosts["tn"], worker  # the RPC test's worker, with its fence
+    native_checks.deployed_units_verify(tn, ["llama-server.service"])
+    native_checks.deployed_units_verify(tw, ["ggml-rpc-server.service", "ggml-rpc-server-fence.service"])
+    assert tw.ssh("ls /etc/systemd/system/nftables.service.d/").stdout.split()  # the fence's drop-in, loaded
+    # the renders, on the worker: it has both the release and nft, which verify finds executable
+    scores = native_checks.rendered_units_verify(tw)
+    # the deployed unit on each release, scored offline (its file, as the unit tests score
+    # renders on the controller) and live: the offline score bounds the live one. 252's offline
+    # mode fails PrivateMounts=, which a running unit has through its mount namespace (1.4
+    # offline, 1.3 live there; 1.3 both on 257: docs/platforms.md)
+    def failed(out: str) -> set[str]:
+        return {line.split()[1] for line in out.splitlines() if line.startswith("✗")}
+
+    for h in (tn, hosts["tb"]):
+        offline = h.ssh("systemd-analyze security --offline=yes /etc/systemd/system/llama-server.service "
+                        "--no-pager").stdout
+        running = h.ssh("systemd-analyze security llama-server --no-pager").stdout
+        print(h.name, "the deployed unit offline / live:", offline.splitlines()[-1], "/", running.splitlines()[-1])
+        assert failed(offline) - failed(running) <= {"PrivateMounts="} and failed(running) <= failed(offline), \
+            (h.name, failed(offline) ^ failed(running))
+    print("systemd 257 exposure of the renders, offline:", scores)
+    assert max(scores.values()) <= 2.0, scores

@@ -119,8 +119,10 @@ def _exposure(text: str, tmp_path) -> tuple[float, set[str]]:
 
 
 def test_gpu_unit_exposure_differs_from_the_cpu_unit_only_by_its_devices(tmp_path):
-    """Recorded exposure (systemd 252): CPU unit 1.4, GPU unit 1.6 ("OK"); the GPU unit fails only
-    the device checks on top of the CPU unit's."""
+    """Recorded exposure (the controller's systemd 252, offline): CPU unit 1.4, GPU unit 1.6
+    ("OK"); the GPU unit fails only the device checks on top of the CPU unit's. Offline bounds
+    live: 252's offline mode also fails PrivateMounts=, which a running unit has, so the deployed
+    CPU unit scores 1.3 on a host (test_trixie_build compares both on 252 and 257)."""
     from llamadeploy.gpu import device_allow, parse_gpus
     from tests.unit.test_gpu import DATA
 
