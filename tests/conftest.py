@@ -188,6 +188,12 @@ def front_admin_state(front: Any, name: str, tolerant: bool = False) -> str | No
     return "absent"
 
 
+def front_worker(front: Any) -> str:
+    """The PID of the HAProxy worker that answers ``front``'s runtime API: a reload starts another."""
+    return front.ssh("echo 'show info' | socat stdio /run/haproxy/admin.sock | "
+                     "awk -F': ' '$1 == \"Pid\" {print $2}'").stdout.strip()
+
+
 def front_served_by(front: Any) -> dict[str, int]:
     """2xx responses per backend server, from HAProxy's own exporter."""
     pattern = r'^haproxy_server_http_responses_total\{proxy="llama_servers",server="([^"]+)",code="2xx"\} (\d+)'

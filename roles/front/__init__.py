@@ -32,7 +32,7 @@ from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import port_fenced
-from llamadeploy.roles.front.operations import server_state, serving
+from llamadeploy.roles.front.operations import reloaded_keeping_states, server_state, serving
 from llamadeploy.roles.transfer import peer_address
 from llamadeploy.tuning import DEFAULT_PARALLEL
 
@@ -40,6 +40,8 @@ TEMPLATE = "front/haproxy.cfg.j2"
 CONFIG = "/etc/haproxy/haproxy.cfg"
 PEM = "/etc/haproxy/llamadeploy.pem"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
+#: the servers' states across a reload (operations.reloaded_keeping_states); absent otherwise
+STATE_FILE = "/var/lib/haproxy/llamadeploy-server-state"
 BACKEND = "llama_servers"
 #: the exporter's fence (roles/firewall): table and rules file
 EXPORTER_TABLE = "llamadeploy_haproxy_exporter"
@@ -182,10 +184,16 @@ def haproxy_config(cfg: HostConfig, backends: list[Backend], metrics_bind: str, 
         pem_path=PEM, redirect_http=f.redirect_http, balance=f.balance, hash_key=key,
         hash_balance_factor=f.hash_balance_factor, check_interval=f.check_interval,
         timeout_server=f.timeout_server, timeout_queue=f.timeout_queue, metrics_port=f.metrics_port,
-        metrics_bind=metrics_bind, admin_socket=ADMIN_SOCKET, backend_name=BACKEND,
+        metrics_bind=metrics_bind, admin_socket=ADMIN_SOCKET, state_file=STATE_FILE, backend_name=BACKEND,
         routes=[(alias, model_backend(alias), servers) for alias, servers in routes],
         models_json=models_list([alias for alias, _ in routes]), bufsize=MODEL_ROUTING_BUFSIZE,
     )
+
+
+def kept_states(backends: list[Backend]) -> list[str]:
+    """``NAME ADDRESS PORT`` of each server of the new config, the state lines a reload keeps
+    (pure): a server whose address or port changed starts from its config."""
+    return [f"{b.name} {b.address} {b.port}" for b in backends]
 
 
 def monitor_addresses(inventory) -> list[str]:
@@ -227,9 +235,11 @@ def front_door(cfg: HostConfig) -> Callable[[], bool]:
                       dest=CONFIG, mode="644", check="haproxy -c -q -f {path}")
     started = systemd.service(name="HAProxy enabled and running", service="haproxy.service", running=True,
                               enabled=True)
-    reloaded = systemd.service(name="Reload HAProxy (no connection dropped)", service="haproxy.service",
-                               reloaded=True,
-                               _if=[lambda: conf.did_change() or pem.did_change(), lambda: not started.did_change()])
+    # the servers' states carry over: a server the operator drained stays drained
+    reloaded = reloaded_keeping_states(
+        name="Reload HAProxy (no connection dropped, servers' states kept)", service="haproxy.service",
+        socket=ADMIN_SOCKET, state_file=STATE_FILE, backend=BACKEND, keep=kept_states(backends),
+        _if=[lambda: conf.did_change() or pem.did_change(), lambda: not started.did_change()])
     return lambda: started.did_change() or reloaded.did_change()
 
 

@@ -34,6 +34,50 @@ def serving(backend: str, socket: str, timeout: int):
     )
 
 
+#: awk over ``show servers state``: the version line, the header, and the lines of servers whose
+#: "NAME ADDRESS PORT" is in ``keep`` (``|``-separated). The header ("# be_id be_name srv_id
+#: srv_name srv_addr ...", $1 being "#") names the columns, which HAProxy 2.6 and 3.0 share
+STATE_PICK = ('BEGIN {n = split(keep, k, "|"); for (i = 1; i <= n; i++) want[k[i]] = 1} '
+              'NR == 1 {print; next} /^#/ {for (i = 2; i <= NF; i++) c[$i] = i - 1; print; next} '
+              '($c["srv_name"] " " $c["srv_addr"] " " $c["srv_port"]) in want {print}')
+
+
+@operation()
+def reloaded_keeping_states(service: str, socket: str, state_file: str, backend: str, keep: list[str],
+                            timeout: int = 30):
+    """
+    Reload HAProxy with its servers' states carried over: a drain or maintenance set by hand,
+    a server its checks took down.
+
+    + service: the systemd unit (``haproxy.service``)
+    + socket: the admin socket
+    + state_file: the config's ``server-state-file``, read once by the new process
+      (``load-server-state-from-file global``)
+    + backend: the backend whose servers' states are kept (the per-model backends track it)
+    + keep: ``"NAME ADDRESS PORT"`` of each server in the new config
+    + timeout: seconds to wait for the new worker, after which the file goes anyway
+
+    HAProxy applies a state file's address and port over the config's (a known trap:
+    haproxy/haproxy#1412, #3296), so only the lines of servers whose name, address and port
+    are unchanged are kept: a moved server starts from its config. The file is removed once
+    the new worker answers (the new process has read it), and on any exit: an operator's later
+    ``systemctl reload`` finds no stale states to restore.
+    """
+    q = shlex.quote
+    ask = f"socat stdio {q(socket)}"
+    worker = f"echo 'show info' | {ask} 2>/dev/null | awk -F': ' " + q('$1 == "Pid" {print $2}')
+    staged = f"{state_file}.new"
+    yield (
+        f"trap {q(f'rm -f {q(state_file)} {q(staged)}')} EXIT; pid=$({worker}); "
+        f"echo {q('show servers state ' + backend)} | {ask} | awk -v keep={q('|'.join(keep))} {q(STATE_PICK)} "
+        f"> {q(staged)} && mv -f {q(staged)} {q(state_file)}; "
+        f"systemctl reload {q(service)} || exit 1; "
+        f"for i in $(seq {int(timeout) * 10}); do now=$({worker}); "
+        '[ -n "$now" ] && [ "$now" != "$pid" ] && exit 0; sleep 0.1; done; '
+        f"echo {q(f'HAProxy reloaded, but no new worker answered within {int(timeout)}s')} >&2; exit 1"
+    )
+
+
 @operation()
 def server_state(backend: str, server: str, state: str, socket: str, wait: int = 0, marker: str | None = None):
     """

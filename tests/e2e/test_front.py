@@ -36,6 +36,7 @@ from tests.conftest import (
     front_admin_state,
     front_served_by,
     front_server_up,
+    front_worker,
     gpu_metrics_file,
     merged_data,
     run_deploy,
@@ -275,6 +276,36 @@ def test_drain_and_enable_through_the_runtime_api(hosts, fleet):
     for _ in range(12):
         assert chat(front_url(hosts)).status_code == 200
     assert served_by(hosts).get(hosts["be1"].address, 0) > before
+
+
+def test_a_reload_keeps_a_drain_set_by_hand(hosts, fleet, tmp_path):
+    """A server the operator drained through HAProxy's runtime API stays drained across a front
+    deploy that changes haproxy.cfg: the reload carries the servers' states over (roles/front's
+    reloaded_keeping_states; a plain reload forgot the drain, HAProxy 2.6 and 3.0 alike, seen on
+    a probe host). It gets no request until enabled, the other server stays ready, and the
+    state file is gone afterwards."""
+    fd, be1, be2 = hosts["fd"], hosts["be1"].address, hosts["be2"].address
+    runtime = "socat stdio /run/haproxy/admin.sock"
+    fd.ssh(f"echo 'set server llama_servers/{be2} state drain' | {runtime}")
+    try:
+        assert admin_state(hosts, be2) == "drain"
+        before = front_worker(fd)
+        changed = run_deploy(write(tmp_path / "queue.py", hosts, {"timeout_queue": 75}), "--limit", fd.address)
+        assert changed.rc == 0 and changed.changed >= 2, changed.stderr[-3000:]  # config + reload
+        assert "timeout queue 75s" in fd.ssh("cat /etc/haproxy/haproxy.cfg").stdout
+        assert front_worker(fd) not in ("", before)  # reloaded: a new worker answers
+        assert (admin_state(hosts, be2), admin_state(hosts, be1)) == ("drain", "ready")
+        assert fd.ssh("test -e /var/lib/haproxy/llamadeploy-server-state", check=False).returncode != 0
+        wait_for(lambda: server_up(hosts, be1), 30, "be1 up after the reload")
+        served = served_by(hosts).get(be2, 0)
+        for _ in range(6):
+            assert chat(front_url(hosts)).status_code == 200
+        assert served_by(hosts).get(be2, 0) == served
+    finally:
+        fd.ssh(f"echo 'set server llama_servers/{be2} state ready' | {runtime}", check=False)
+    back = run_deploy(fleet, "--limit", fd.address)  # the module's own front config again
+    assert back.rc == 0, back.stderr[-3000:]
+    wait_for(lambda: server_up(hosts, be1) and server_up(hosts, be2), 60, "both up")
 
 
 def admin_state(hosts, server: str) -> str | None:

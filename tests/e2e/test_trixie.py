@@ -30,8 +30,10 @@ from tests.conftest import (
     broken_rollout_rolled_back,
     changed_hosts,
     failure_text,
+    front_admin_state,
     front_served_by,
     front_server_up,
+    front_worker,
     host_state,
     merged_data,
     nothing_listens,
@@ -53,9 +55,9 @@ def hosts(testhosts):
             "tmon": testhosts("tmon", 94, lan="trixie", distro="trixie")}
 
 
-def write(path: Path, hosts, monitor: dict | None = None, **server) -> Path:
+def write(path: Path, hosts, monitor: dict | None = None, front: dict | None = None, **server) -> Path:
     """The bookworm servers (``canary`` and ``servers`` groups), the trixie front and monitor
-    (``monitor``: more of its ``llama_monitor``)."""
+    (``monitor``, ``front``: more of its ``llama_monitor``, ``llama_front``)."""
     def entry(h, **data):
         name, conn = h.inventory_entry()
         return (name, {**conn, **data})
@@ -65,7 +67,7 @@ def write(path: Path, hosts, monitor: dict | None = None, **server) -> Path:
     path.write_text(
         f"canary = {[entry(hosts['tb1'], **sections)]!r}\n"
         f"servers = {[entry(hosts['tb2'], **sections)]!r}\n"
-        f"front = {[entry(hosts['tfd'], **merged_data(), llama_role='front', llama_front={'check_interval': 1, 'metrics_allow_from': controller})]!r}\n"
+        f"front = {[entry(hosts['tfd'], **merged_data(), llama_role='front', llama_front={'check_interval': 1, 'metrics_allow_from': controller, **(front or {})})]!r}\n"
         f"monitor = {[entry(hosts['tmon'], **merged_data(), llama_role='monitor', llama_monitor={'scrape_interval': '2s', 'allow_from': controller, **(monitor or {})})]!r}\n"
     )
     return path
@@ -115,9 +117,10 @@ def test_every_front_config_branch_passes_haproxy_30(hosts, fleet):
         fd.ssh(f"rm -f {pem} {pem}.key /tmp/llamadeploy-*.cfg", check=False)
 
 
-def test_front_on_haproxy_30_checks_and_drains(hosts, fleet):
+def test_front_on_haproxy_30_checks_and_drains(hosts, fleet, tmp_path):
     """The rendered config passes 3.0's own ``haproxy -c``; drain and ready go through 3.0's
-    runtime API, and a drained server gets no request."""
+    runtime API, and a drained server gets no request, also after a front deploy that changed
+    the config and reloaded 3.0 (the servers' states carried over, as test_front checks on 2.6)."""
     inv, _ = fleet
     fd, srv = hosts["tfd"], hosts["tb1"]
     assert package_versions(fd, "haproxy")["haproxy"].startswith("3.0.")
@@ -139,8 +142,20 @@ def test_front_on_haproxy_30_checks_and_drains(hosts, fleet):
         for _ in range(8):
             assert chat(f"http://{fd.address}:8080").status_code == 200
         assert front_served_by(hosts["tfd"]).get(srv.address, 0) == before.get(srv.address, 0)
+        worker = front_worker(fd)
+        reload = run_deploy(write(tmp_path / "queue.py", hosts, front={"timeout_queue": 75}), "--limit", fd.address)
+        assert reload.rc == 0 and "timeout queue 75s" in fd.ssh("cat /etc/haproxy/haproxy.cfg").stdout, \
+            reload.stderr[-3000:]
+        assert front_worker(fd) not in ("", worker)  # reloaded: a new worker answers
+        assert front_admin_state(fd, srv.address) == "drain"
+        before = front_served_by(hosts["tfd"])
+        for _ in range(8):
+            assert chat(f"http://{fd.address}:8080").status_code == 200
+        assert front_served_by(hosts["tfd"]).get(srv.address, 0) == before.get(srv.address, 0)
     finally:
         set_state("ready")
+    back = run_deploy(inv, "--limit", fd.address)  # the module's own front config again
+    assert back.rc == 0, back.stderr[-3000:]
     wait_for(lambda: front_server_up(hosts["tfd"], srv.address), 30, "tb1 ready again")
 
 

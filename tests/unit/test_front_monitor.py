@@ -20,6 +20,41 @@ def lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
+def test_a_reload_reads_the_servers_states_from_the_file_the_deploy_writes():
+    """HAProxy loads the servers' states at a (re)start from the file roles/front writes just
+    before its reload; the lines it keeps are those of the new config's servers."""
+    from llamadeploy.roles.front import STATE_FILE, kept_states
+
+    text = haproxy_config(cfg(), BACKENDS, "10.0.0.5")
+    glob, defaults = text.split("\ndefaults\n")[0], text.split("\ndefaults\n")[1].split("\nfrontend ")[0]
+    assert f"    server-state-file {STATE_FILE}" in glob.splitlines()
+    assert "    load-server-state-from-file global" in defaults.splitlines()
+    assert kept_states(BACKENDS) == ["be1 10.0.0.1 8080", "be2 10.0.0.2 8081"]
+
+
+@pytest.mark.parametrize("version", ["2.6", "3.0"])
+def test_a_reload_keeps_the_state_of_unchanged_servers_only(version):
+    """``show servers state`` recorded on HAProxy 2.6.12 (bookworm) and 3.0.11 (trixie) after
+    ``set server llama_servers/s1 state drain`` (tests/unit/data/haproxy), through the reload's
+    awk with a new config whose s2 moved to port 8083: s1 keeps its line (and its drain), s2
+    loses its own, so HAProxy takes s2's port from the config. A state line's port and address
+    win over the config's (haproxy/haproxy#1412, #3296: seen on both versions with the whole
+    file, 2026-12-05)."""
+    import subprocess
+    from pathlib import Path
+
+    from llamadeploy.roles.front.operations import STATE_PICK
+
+    recorded = (Path(__file__).parent / "data" / "haproxy" / f"show-servers-state-{version}.txt").read_text()
+    kept = subprocess.run(["awk", "-v", "keep=s1 127.0.0.1 8081|s2 127.0.0.1 8083", STATE_PICK], input=recorded,
+                          capture_output=True, text=True, check=True, timeout=10).stdout.splitlines()
+    assert kept[:2] == recorded.splitlines()[:2]  # the version line and the header
+    assert [(line.split()[3], line.split()[6]) for line in kept[2:]] == [("s1", "8")]  # admin state 8: drain
+    everything = subprocess.run(["awk", "-v", "keep=s1 127.0.0.1 8081|s2 127.0.0.1 8082", STATE_PICK],
+                                input=recorded, capture_output=True, text=True, check=True, timeout=10).stdout
+    assert everything.splitlines() == recorded.splitlines()[:4]
+
+
 def test_backends_checked_with_slots_as_maxconn_and_leastconn():
     c = lines(haproxy_config(cfg(), BACKENDS, "10.0.0.5"))
     assert "balance leastconn" in c
