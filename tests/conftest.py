@@ -125,6 +125,22 @@ def nothing_listens(h) -> None:
     assert h.ssh("test -e /var/cache/llama.cpp/peer", check=False).returncode == 1, h.name
 
 
+def failed_units_text(*hosts: Any) -> str:
+    """Each host's units that failed since it booted (restarted since, or not), with the end of
+    their journals (an ExecStartPre's output included): what a failed fleet deploy's own output
+    does not show, for its assertion message."""
+    show = ("for u in $(journalctl -b _PID=1 -o cat --no-pager | sed -n 's/^\\([^ ]*\\): Failed with result.*/\\1/p' "
+            '| sort -u); do echo "== $u"; journalctl -u "$u" --no-pager -o short-monotonic | '
+            "grep -v 'level=info collector=' | tail -n 40; done")
+    parts = []
+    for h in hosts:
+        try:
+            parts.append(f"--- {h.name}\n" + h.ssh(show, check=False).stdout[-3000:])
+        except subprocess.TimeoutExpired:
+            parts.append(f"--- {h.name}: no answer")
+    return "\n".join(parts)
+
+
 def changed_hosts(report: dict, *parts: str) -> list[str]:
     """Hosts on which an operation whose name contains every one of ``parts`` ran commands."""
     return sorted(h for op in report["results"]["operations"]

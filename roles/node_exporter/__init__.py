@@ -73,18 +73,23 @@ def host_metrics(cfg: HostConfig) -> None:
     if not wanted(cfg):
         host.noop("no monitor in the inventory (or llama_node_exporter.enabled false): no node exporter")
         return
-    packages.installed(cfg, "node", name="Node exporter", packages=["prometheus-node-exporter"], update=True,
-                       cache_time=24 * 3600, no_recommends=True)
+    # the fence and the arguments come before the package, whose postinst starts the exporter at
+    # once: it starts fenced, on the fleet address, and is not restarted seconds later (Debian's
+    # default listens on every address until then; and such a restart failed in the sandbox, one
+    # run in three: "Failed to kill control group ... Input/output error", then its ExecStartPre
+    # exited 219/CGROUP). apt keeps an /etc/default file that is already there (--force-confold)
     port_fenced(cfg, UNIT, TABLE, FENCE_RULES, cfg.node_exporter.port,
                 exporter_networks_for(monitor_addresses(host.inventory), []))
     args = atomic.put(name="Node exporter on the fleet address, systemd collector (/etc/default)",
                       src=StringIO(node_args(host_port(peer_address(cfg, host), cfg.node_exporter.port),
                                              watched_units(cfg))),
                       dest=DEFAULTS, mode="644")
+    installed = packages.installed(cfg, "node", name="Node exporter", packages=["prometheus-node-exporter"],
+                                   update=True, cache_time=24 * 3600, no_recommends=True)
     started = systemd.service(name="Node exporter enabled and running", service=f"{UNIT}.service", running=True,
                               enabled=True)
     systemd.service(name="Restart the node exporter for new arguments", service=f"{UNIT}.service", restarted=True,
-                    _if=[args.did_change, lambda: not started.did_change()])
+                    _if=[args.did_change, lambda: not installed.did_change(), lambda: not started.did_change()])
 
 
 @role("GPU metrics (node exporter textfile)")

@@ -32,6 +32,7 @@ from tests.conftest import (
     SUBPROCESS_TIMEOUT,
     DeployResult,
     dashboard_gaps,
+    failed_units_text,
     failure_text,
     front_admin_state,
     front_served_by,
@@ -76,7 +77,7 @@ def write(path: Path, hosts, front: dict | None = None, server: dict | None = No
 def fleet(hosts, tmp_path_factory):
     inv = write(tmp_path_factory.mktemp("front") / "inv.py", hosts)
     result = run_deploy(inv)  # four hosts at once: each has its own apt lock (its layer over the shared archive)
-    assert result.rc == 0, failure_text(result)
+    assert result.rc == 0, failure_text(result) + "\n" + failed_units_text(*hosts.values())
     # the deploy waits until one server is up behind the front; the tests want both
     wait_for(lambda: server_up(hosts, hosts["be1"].address) and server_up(hosts, hosts["be2"].address), 60, "both up")
     return inv
