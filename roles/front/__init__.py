@@ -41,7 +41,8 @@ CONFIG = "/etc/haproxy/haproxy.cfg"
 PEM = "/etc/haproxy/llamadeploy.pem"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 #: the servers' states across a reload (operations.reloaded_keeping_states); absent otherwise
-STATE_FILE = "/var/lib/haproxy/llamadeploy-server-state"
+#: (under /run: a file a killed reload left behind is gone at the next boot)
+STATE_FILE = "/run/haproxy/llamadeploy-server-state"
 BACKEND = "llama_servers"
 #: the exporter's fence (roles/firewall): table and rules file
 EXPORTER_TABLE = "llamadeploy_haproxy_exporter"

@@ -60,15 +60,17 @@ def reloaded_keeping_states(service: str, socket: str, state_file: str, backend:
     HAProxy applies a state file's address and port over the config's (a known trap:
     haproxy/haproxy#1412, #3296), so only the lines of servers whose name, address and port
     are unchanged are kept: a moved server starts from its config. The file is removed once
-    the new worker answers (the new process has read it), and on any exit: an operator's later
-    ``systemctl reload`` finds no stale states to restore.
+    the new worker answers (the new process has read it), and on exit or a signal: an
+    operator's later ``systemctl reload`` finds no stale states to restore (a SIGKILL leaves it
+    until the next deploy's reload or the next boot: it lives under /run).
     """
     q = shlex.quote
     ask = f"socat stdio {q(socket)}"
     worker = f"echo 'show info' | {ask} 2>/dev/null | awk -F': ' " + q('$1 == "Pid" {print $2}')
     staged = f"{state_file}.new"
     yield (
-        f"trap {q(f'rm -f {q(state_file)} {q(staged)}')} EXIT; pid=$({worker}); "
+        f"trap {q(f'rm -f {q(state_file)} {q(staged)}')} EXIT; trap 'exit 1' HUP INT TERM; pid=$({worker}); "
+        f"[ -n \"$pid\" ] || {{ echo {q('HAProxy runtime API did not answer: not reloaded')} >&2; exit 1; }}; "
         f"echo {q('show servers state ' + backend)} | {ask} | awk -v keep={q('|'.join(keep))} {q(STATE_PICK)} "
         f"> {q(staged)} && mv -f {q(staged)} {q(state_file)}; "
         f"systemctl reload {q(service)} || exit 1; "

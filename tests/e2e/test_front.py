@@ -296,7 +296,7 @@ def test_a_reload_keeps_a_drain_set_by_hand(hosts, fleet, tmp_path):
         assert "timeout queue 75s" in fd.ssh("cat /etc/haproxy/haproxy.cfg").stdout
         assert front_worker(fd) not in ("", before)  # reloaded: a new worker answers
         assert (admin_state(hosts, be2), admin_state(hosts, be1)) == ("drain", "ready")
-        assert fd.ssh("test -e /var/lib/haproxy/llamadeploy-server-state", check=False).returncode != 0
+        assert fd.ssh("test -e /run/haproxy/llamadeploy-server-state", check=False).returncode != 0
         wait_for(lambda: server_up(hosts, be1), 30, "be1 up after the reload")
         served = served_by(hosts).get(be2, 0)
         for _ in range(6):
@@ -304,7 +304,7 @@ def test_a_reload_keeps_a_drain_set_by_hand(hosts, fleet, tmp_path):
         assert served_by(hosts).get(be2, 0) == served
     finally:
         fd.ssh(f"echo 'set server llama_servers/{be2} state ready' | {runtime}", check=False)
-    back = run_deploy(fleet, "--limit", fd.address)  # the module's own front config again
+        back = run_deploy(fleet, "--limit", fd.address)  # the module's own front config again
     assert back.rc == 0, back.stderr[-3000:]
     wait_for(lambda: server_up(hosts, be1) and server_up(hosts, be2), 60, "both up")
 

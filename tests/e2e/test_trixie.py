@@ -154,7 +154,7 @@ def test_front_on_haproxy_30_checks_and_drains(hosts, fleet, tmp_path):
         assert front_served_by(hosts["tfd"]).get(srv.address, 0) == before.get(srv.address, 0)
     finally:
         set_state("ready")
-    back = run_deploy(inv, "--limit", fd.address)  # the module's own front config again
+        back = run_deploy(inv, "--limit", fd.address)  # the module's own front config again
     assert back.rc == 0, back.stderr[-3000:]
     wait_for(lambda: front_server_up(hosts["tfd"], srv.address), 30, "tb1 ready again")
 
