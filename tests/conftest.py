@@ -206,8 +206,10 @@ def front_admin_state(front: Any, name: str, tolerant: bool = False) -> str | No
 
 def front_worker(front: Any) -> str:
     """The PID of the HAProxy worker that answers ``front``'s runtime API: a reload starts another."""
-    return front.ssh("echo 'show info' | socat stdio /run/haproxy/admin.sock | "
-                     "awk -F': ' '$1 == \"Pid\" {print $2}'").stdout.strip()
+    from llamadeploy.roles.front import ADMIN_SOCKET
+    from llamadeploy.roles.front.operations import worker_pid
+
+    return front.ssh(worker_pid(ADMIN_SOCKET)).stdout.strip()
 
 
 def front_served_by(front: Any) -> dict[str, int]:

@@ -42,6 +42,13 @@ STATE_PICK = ('BEGIN {n = split(keep, k, "|"); for (i = 1; i <= n; i++) want[k[i
               '($c["srv_name"] " " $c["srv_addr"] " " $c["srv_port"]) in want {print}')
 
 
+def worker_pid(socket: str) -> str:
+    """Shell printing the PID of the HAProxy worker that answers the admin ``socket`` (nothing
+    when none answers): a reload starts another."""
+    return f"echo 'show info' | socat stdio {shlex.quote(socket)} 2>/dev/null | awk -F': ' " + \
+        shlex.quote('$1 == "Pid" {print $2}')
+
+
 @operation()
 def reloaded_keeping_states(service: str, socket: str, state_file: str, backend: str, keep: list[str],
                             timeout: int = 30):
@@ -66,7 +73,7 @@ def reloaded_keeping_states(service: str, socket: str, state_file: str, backend:
     """
     q = shlex.quote
     ask = f"socat stdio {q(socket)}"
-    worker = f"echo 'show info' | {ask} 2>/dev/null | awk -F': ' " + q('$1 == "Pid" {print $2}')
+    worker = worker_pid(socket)
     staged = f"{state_file}.new"
     yield (
         f"trap {q(f'rm -f {q(state_file)} {q(staged)}')} EXIT; trap 'exit 1' HUP INT TERM; pid=$({worker}); "

@@ -156,8 +156,7 @@ def installed(cfg: HostConfig) -> bool:
             files.put(name="Debian contrib and non-free (NVIDIA driver, CUDA toolkit)", src=StringIO(source),
                       dest="/etc/apt/sources.list.d/llamadeploy-nvidia.list", mode="644")
         else:
-            repo = source
-            apt.deb(name="NVIDIA's CUDA repository key (cuda-keyring)", src=posixpath.join(repo, gpu.CUDA_KEYRING))
+            apt.deb(name="NVIDIA's CUDA repository key (cuda-keyring)", src=posixpath.join(source, gpu.CUDA_KEYRING))
         apt.packages(name=f"NVIDIA packages: {', '.join(pkgs)}", packages=pkgs, update=True, no_recommends=True)
     host.noop(f"{host.name}: installed the NVIDIA {', '.join(missing)}; reboot it if the driver was installed, "
               "then deploy again (this run changes nothing else on it)")

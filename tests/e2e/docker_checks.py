@@ -28,11 +28,17 @@ def manifest(host) -> Manifest:
     return Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout)
 
 
-def variant(inv: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """The one-host inventory ``inv`` as written, with its host data changed by ``edit``."""
+def the_host(inv: Path) -> tuple[str, dict[str, Any]]:
+    """The one host of inventory ``inv`` (``hosts = [(name, data)]``), as written."""
     ns: dict = {}
     exec(inv.read_text(), ns)
     (name, data), = ns["hosts"]
+    return name, data
+
+
+def variant(inv: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """The one-host inventory ``inv`` as written, with its host data changed by ``edit``."""
+    name, data = the_host(inv)
     edit(data)
     out.write_text(f"hosts = {[(name, data)]!r}\n")
     return out
@@ -40,9 +46,7 @@ def variant(inv: Path, out: Path, edit: Callable[[dict[str, Any]], None]) -> Pat
 
 def key_header(inv: Path) -> dict[str, str]:
     """The bearer header for the inventory's key, if it sets one."""
-    ns: dict = {}
-    exec(inv.read_text(), ns)
-    key = ns["hosts"][0][1].get("llama_server", {}).get("api_key")
+    key = the_host(inv)[1].get("llama_server", {}).get("api_key")
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
