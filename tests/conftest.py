@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -139,6 +140,18 @@ def failed_units_text(*hosts: Any) -> str:
         except subprocess.TimeoutExpired:
             parts.append(f"--- {h.name}: no answer")
     return "\n".join(parts)
+
+
+# systemd's "unit started" message (sd-messages.h SD_MESSAGE_UNIT_STARTED)
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
+
+
+def starts_since_boot(h: Any, unit: str) -> int:
+    """How often systemd started ``unit`` since the host booted: a package that the deploy
+    installed and did not restart afterwards was started once, by its postinst."""
+    out = h.ssh(f"journalctl -b -q --no-pager -o cat _PID=1 UNIT={shlex.quote(unit)} MESSAGE_ID={UNIT_STARTED}",
+                check=False).stdout
+    return len([ln for ln in out.splitlines() if ln.strip()])
 
 
 def changed_hosts(report: dict, *parts: str) -> list[str]:

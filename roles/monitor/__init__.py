@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.systemd import SystemdEnabled
 from pyinfra.operations import files, systemd
@@ -129,9 +130,17 @@ def monitor(cfg: HostConfig) -> None:
                for h in host.inventory if configs[h.name].role == "server" and not host.state.is_host_in_limit(h)}
     servers, fronts, key, models = targets(host.inventory, serving)
     m = cfg.monitor
-    packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
-                       update=True, cache_time=24 * 3600, no_recommends=True)
     listen = listen_address(cfg, host)
+    # the fence and the arguments come before the package, whose postinst starts Prometheus at
+    # once: it starts fenced, on the fleet address (Debian's default is every address), and is
+    # not restarted seconds later, the pattern that failed the node exporter with 219/CGROUP
+    # (see roles/node_exporter). apt keeps an /etc/default file that is already there
+    port_fenced(cfg, "prometheus", TABLE, FENCE_RULES, m.port, [str(n) for n in m.allow_from])
+    args = atomic.put(name="Prometheus listen address and retention (/etc/default/prometheus)",
+                      src=StringIO(f'ARGS="--web.listen-address={listen} --storage.tsdb.retention.time={m.retention}"\n'),
+                      dest="/etc/default/prometheus", mode="644")
+    installed = packages.installed(cfg, "monitor", name="Prometheus (with promtool)", packages=["prometheus"],
+                                   update=True, cache_time=24 * 3600, no_recommends=True)
     if key is not None:
         key_op = atomic.put(name="API key for scraping (0600, prometheus)", src=StringIO(key + "\n"), dest=KEY,
                             user="prometheus", group="prometheus", mode="600", secret=True)
@@ -163,18 +172,10 @@ def monitor(cfg: HostConfig) -> None:
         # promtool resolves rule_files relative to the checked file: check the staged copy in place
         check="promtool check config --syntax-only {path} >/dev/null",
     )
-    # on the fleet address, fenced to allow_from: nothing open by default
-    port_fenced(cfg, "prometheus", TABLE, FENCE_RULES, m.port, [str(n) for n in m.allow_from])
-    args = atomic.put(name="Prometheus listen address and retention (/etc/default/prometheus)",
-                      src=StringIO(f'ARGS="--web.listen-address={listen} --storage.tsdb.retention.time={m.retention}"\n'),
-                      dest="/etc/default/prometheus", mode="644")
     started = systemd.service(name="Prometheus enabled and running", service="prometheus.service", running=True,
                               enabled=True)
-    systemd.service(name="Restart Prometheus for new arguments", service="prometheus.service", restarted=True,
-                    _if=[args.did_change, lambda: not started.did_change()])
-    systemd.service(name="Reload Prometheus (config, rules, key)", service="prometheus.service", reloaded=True,
-                    _if=[lambda: any(op.did_change() for op in (conf, rules, key_op)),
-                         lambda: not started.did_change() and not args.did_change()])
+    restarted_or_reloaded(service="prometheus.service", what="Prometheus", installed=installed, started=started,
+                          args=args, configs=(conf, rules, key_op), configs_label="config, rules, key")
 
 
 def alertmanager(cfg: HostConfig) -> bool:
@@ -185,8 +186,13 @@ def alertmanager(cfg: HostConfig) -> bool:
     restart.
     """
     am = cfg.monitor.alertmanager
-    packages.installed(cfg, "monitor", name="Alertmanager (with amtool)", packages=["prometheus-alertmanager"],
-                       update=True, cache_time=24 * 3600, no_recommends=True)
+    # the arguments before the package, as for Prometheus: its postinst starts Alertmanager on
+    # the loopback with no cluster port, and nothing restarts it in the same run
+    args = atomic.put(name="Alertmanager on the loopback, no cluster (/etc/default/prometheus-alertmanager)",
+                      src=StringIO(alertmanager_args(am.port)), dest=AM_DEFAULTS, mode="644")
+    installed = packages.installed(cfg, "monitor", name="Alertmanager (with amtool)",
+                                   packages=["prometheus-alertmanager"], update=True, cache_time=24 * 3600,
+                                   no_recommends=True)
     token = am.webhook.token_file if am.webhook else None
     password = am.email.password_file if am.email else None
     secrets = []
@@ -201,15 +207,27 @@ def alertmanager(cfg: HostConfig) -> bool:
         src=StringIO(render("monitor/alertmanager.yml.j2", am=am, token_file=AM_TOKEN if token else None,
                             password_file=AM_PASSWORD if password else None)),
         dest=AM_CONFIG, mode="644", check="amtool check-config {path} >/dev/null")
-    args = atomic.put(name="Alertmanager on the loopback, no cluster (/etc/default/prometheus-alertmanager)",
-                      src=StringIO(alertmanager_args(am.port)), dest=AM_DEFAULTS, mode="644")
     started = systemd.service(name="Alertmanager enabled and running", service=AM_SERVICE, running=True, enabled=True)
-    systemd.service(name="Restart Alertmanager for new arguments", service=AM_SERVICE, restarted=True,
-                    _if=[args.did_change, lambda: not started.did_change()])
-    systemd.service(name="Reload Alertmanager (config, secrets)", service=AM_SERVICE, reloaded=True,
-                    _if=[lambda: any(op.did_change() for op in (conf, *secrets)),
-                         lambda: not started.did_change() and not args.did_change()])
+    restarted_or_reloaded(service=AM_SERVICE, what="Alertmanager", installed=installed, started=started, args=args,
+                          configs=(conf, *secrets), configs_label="config, secrets")
     return True
+
+
+def restarted_or_reloaded(service: str, what: str, installed: OperationMeta, started: OperationMeta,
+                          args: OperationMeta, configs: tuple[OperationMeta, ...], configs_label: str) -> None:
+    """New arguments restart the service, new configs reload it; neither right after a start.
+
+    A package installed in this run was started by its postinst with the arguments already in
+    place (they are written before it), so only its config is reloaded: a stop seconds after
+    that first start is what failed the node exporter with 219/CGROUP in the sandbox.
+    """
+    def restart() -> bool:
+        return args.did_change() and not installed.did_change() and not started.did_change()
+
+    systemd.service(name=f"Restart {what} for new arguments", service=service, restarted=True, _if=restart)
+    systemd.service(name=f"Reload {what} ({configs_label})", service=service, reloaded=True,
+                    _if=[lambda: any(op.did_change() for op in configs),
+                         lambda: not started.did_change() and not restart()])
 
 
 def alertmanager_off(cfg: HostConfig) -> bool:

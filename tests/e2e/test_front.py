@@ -41,6 +41,7 @@ from tests.conftest import (
     gpu_metrics_file,
     merged_data,
     run_deploy,
+    starts_since_boot,
     wait_for,
 )
 
@@ -78,6 +79,12 @@ def fleet(hosts, tmp_path_factory):
     inv = write(tmp_path_factory.mktemp("front") / "inv.py", hosts)
     result = run_deploy(inv)  # four hosts at once: each has its own apt lock (its layer over the shared archive)
     assert result.rc == 0, failure_text(result) + "\n" + failed_units_text(*hosts.values())
+    # the packages' postinsts started the exporters and Prometheus with the deploy's arguments
+    # already in place, and nothing restarted them in the same run (a stop seconds after such a
+    # start failed with 219/CGROUP: roles/node_exporter)
+    starts = {(name, unit): starts_since_boot(h, unit) for name, h in hosts.items()
+              for unit in ["prometheus-node-exporter.service"] + (["prometheus.service"] if name == "mon" else [])}
+    assert set(starts.values()) == {1}, starts
     # the deploy waits until one server is up behind the front; the tests want both
     wait_for(lambda: server_up(hosts, hosts["be1"].address) and server_up(hosts, hosts["be2"].address), 60, "both up")
     return inv
@@ -723,6 +730,8 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
         result = run_deploy(inv, "--limit", mon.address)
         assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
         assert "0123456789abcdef" not in result.stdout + result.stderr  # neither secret
+        # started by its postinst, with the arguments in place; only its config was reloaded
+        assert starts_since_boot(mon, "prometheus-alertmanager.service") == 1
         listening = mon.ssh("ss -Hltn 'sport = :9093 or sport = :9094'").stdout.split("\n")
         assert [ln.split()[3] for ln in listening if ln.strip()] == ["127.0.0.1:9093"], listening
         assert mon.ssh("stat -c '%a %U' /etc/prometheus/alertmanager-webhook-token").stdout.split() == ["600", "prometheus"]
