@@ -211,6 +211,8 @@ def rendered_units_verify(host) -> dict[str, float]:
     # deploy on a host without GPU metrics removes that script, which would count as a change
     script = host.root / "usr/local/sbin/llamadeploy-gpu-metrics"
     work = host.root / "root" / "llamadeploy-units"
+    # the host must not have a script of its own there: this one removes what it wrote
+    assert not script.exists(), f"{host.name} has GPU metrics deployed; verify the renders on a host without"
     scores = {}
     try:
         script.write_text((REPO / "templates/node_exporter/llamadeploy-gpu-metrics.sh").read_text())

@@ -227,27 +227,29 @@ def test_a_failed_first_deploy_is_stopped_and_disabled_on_trixie(hosts, fleet, t
 
 
 @pytest.fixture(scope="module")
-def worker(testhosts):
-    """A third trixie host, for the RPC worker: booted by the first test that asks for it."""
-    return testhosts("tw", 99, lan="trixieb", distro="trixie")
-
-
-def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, worker, tmp_path):
-    """ggml-rpc-server on Debian 13: a trixie worker receives the trixie release from the
-    controller's cache (no second compile), holds part of the layers of a head that cannot hold
-    the model alone (640M, as in test_rpc), and its nftables fence admits only the head: the
-    bookworm host on the same LAN cannot connect."""
-    tn, tb, tw = hosts["tn"], hosts["tb"], worker
+def worker(hosts, fleet, testhosts, tmp_path_factory):
+    """A third trixie host, an RPC worker for the trixie server (640M, as in test_rpc), deployed
+    in one run with its head: booted and deployed by the first test that asks for it."""
+    tn, tw = hosts["tn"], testhosts("tw", 99, lan="trixieb", distro="trixie")
 
     def entry(h, data):
         name, conn = h.inventory_entry()
         return (name, {**conn, **data})
 
     head = merged_data(llama_rpc={"workers_group": "rpc_workers"}, llama_limits={"memory": "640M"})
-    worker = {**merged_data(), "llama_role": "rpc_worker", "llama_limits": {"memory": "512M"}}
-    inv = tmp_path / "rpc.py"
-    inv.write_text(f"heads = {[entry(tn, head)]!r}\nrpc_workers = {[entry(tw, worker)]!r}\n")
-    result = run_deploy(inv)
+    data = {**merged_data(), "llama_role": "rpc_worker", "llama_limits": {"memory": "512M"}}
+    inv = tmp_path_factory.mktemp("rpc") / "rpc.py"
+    inv.write_text(f"heads = {[entry(tn, head)]!r}\nrpc_workers = {[entry(tw, data)]!r}\n")
+    return tw, run_deploy(inv)
+
+
+def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, worker):
+    """ggml-rpc-server on Debian 13: a trixie worker receives the trixie release from the
+    controller's cache (no second compile), holds part of the layers of a head that cannot hold
+    the model alone, and its nftables fence admits only the head: the bookworm host on the same
+    LAN cannot connect."""
+    tn, tb = hosts["tn"], hosts["tb"]
+    tw, result = worker
     assert result.rc == 0, (result.stdout + result.stderr)[-5000:]
     assert op_hosts(result, "Build llama-server") == []  # the worker received trixie's release
     unit = tn.ssh("cat /etc/systemd/system/llama-server.service").stdout
@@ -260,14 +262,15 @@ def test_rpc_worker_on_trixie_takes_its_share_fenced_to_its_head(hosts, fleet, w
     print("trixie worker:", package_versions(tw, "nftables"), tw.ssh("ps -o rss= -C ggml-rpc-server").stdout.strip(), "KiB")
 
 
-def test_every_unit_the_deploy_writes_verifies_on_systemd_257(hosts, fleet, worker):
+def test_every_unit_the_deploy_writes_verifies_on_systemd_257(hosts, worker):
     """``systemd-analyze verify`` on trixie (257) of every unit the deploy writes: the ones this
     module's hosts run (the server; the RPC worker, its fence guard and the nftables drop-in on the
     worker, which PID 1 loaded without a warning), and the product's renders of the ones they do
     not (CUDA with its pinned fit and device nodes, --numa, a fenced server and its guard, the GPU
     metrics timer). Also records the offline exposure of the CPU and CUDA units on 257, beside the
     live one (docs/platforms.md)."""
-    tn, tw = hosts["tn"], worker  # the RPC test's worker, with its fence
+    (tw, deployed), tn = worker, hosts["tn"]  # the RPC worker, with its fence
+    assert deployed.rc == 0, (deployed.stdout + deployed.stderr)[-3000:]
     native_checks.deployed_units_verify(tn, ["llama-server.service"])
     native_checks.deployed_units_verify(tw, ["ggml-rpc-server.service", "ggml-rpc-server-fence.service"])
     assert tw.ssh("ls /etc/systemd/system/nftables.service.d/").stdout.split()  # the fence's drop-in, loaded
