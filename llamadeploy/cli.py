@@ -154,6 +154,16 @@ def _status(a: argparse.Namespace) -> int:
     return 1 if any(r.error or r.health != "ok" for r in rows) else 0
 
 
+def _terminate_as_interrupt() -> None:
+    """A SIGTERM (a supervisor, ``kill``, a CI job's timeout) ends a rollout as Ctrl-C does: its
+    ``finally`` re-enables the hosts it drained and its lock is released. Python's default for
+    SIGTERM is to die at once, which leaves both to the operator (``lock release``, the next
+    rollout), as a SIGKILL must."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def _fleet_run(run: Any, refused: tuple[type[Exception], ...], action: str, a: argparse.Namespace) -> int:
     """A rollout or rollback under the fleet's lock: progress on stderr, the host table on stdout;
     2 when refused up front (settings, or the lock held by another run)."""
@@ -164,12 +174,16 @@ def _fleet_run(run: Any, refused: tuple[type[Exception], ...], action: str, a: a
         print(m, file=sys.stderr, flush=True)
 
     caught: tuple[type[Exception], ...] = (LockHeld, *refused)
+    _terminate_as_interrupt()
     try:
         with fleet_held(a.inventory, action, wait=a.lock_wait, log=log):
             result = run(log)
     except caught as exc:
         print(exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        log(f"==> {action} interrupted: what it drained is enabled again, its lock released")
+        return 130
     print(format_table(result.rows))
     return 0 if result.ok else 1
 

@@ -119,12 +119,16 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
     with tempfile.TemporaryFile(mode="w+") as report_file:  # a file: a big report never blocks the pipe
         proc = subprocess.Popen(cmd, stdout=report_file, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
-        for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
-            sys.stderr.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
-            if fell_back is not None:
-                fell_back.update(fell_back_hosts(line, limit))
-        rc = proc.wait()
+        try:
+            for line in proc.stderr:  # pyinfra's own progress, passed through as it comes
+                sys.stderr.write(line)
+                tail = (tail + [line.rstrip()])[-40:]
+                if fell_back is not None:
+                    fell_back.update(fell_back_hosts(line, limit))
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            interrupted(proc)
+            raise
         report_file.seek(0)
         out = report_file.read()
     if rc == 0:
@@ -139,6 +143,25 @@ def run_deploy(inventory_path: str, limit: list[str], target: str = "llamadeploy
         pass
     reason = next((ln.strip() for ln in reversed(tail) if ln.strip() and not ln.startswith("    ")), "pyinfra failed")
     return set(limit), reason.removeprefix("--> ")
+
+
+def interrupted(proc: subprocess.Popen[str], grace: float = 120.0) -> None:
+    """Our run was interrupted while ``proc``, a pyinfra run, goes on: it ends before we do.
+
+    A Ctrl-C at a terminal reached it too (one process group); a SIGTERM sent to us alone did
+    not. pyinfra ends its operations on a Ctrl-C of its own and disconnects, so that its hosts
+    are left between operations, not inside one, before our caller re-enables them at the fronts
+    and releases the lock it ran under. One that does not end within ``grace`` is killed.
+    """
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def deployed_plainly(inventory_path: str, hosts: list[str]) -> tuple[set[str], list[HostOutcome]]:

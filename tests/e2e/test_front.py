@@ -376,6 +376,44 @@ def test_a_killed_rollout_leaves_no_host_drained_and_the_operators_drain_stays(h
         wait_for(lambda: server_up(hosts, be1) and server_up(hosts, be2), 60, "both up again")
 
 
+def test_a_terminated_rollout_enables_what_it_drained_and_releases_its_lock(hosts, fleet, tmp_path):
+    """A supervisor stops the rollout (SIGTERM to the controller's process alone, not its
+    pyinfra run) while be1 is drained: before it exits (130) the rollout ends its pyinfra run,
+    enables be1 at the front and releases its deploy lock on every host. No operator step."""
+    import os
+    import signal
+
+    from tests.conftest import LLAMADEPLOY, cli
+
+    be1 = hosts["be1"].address
+    changed = write(tmp_path / "threads.py", hosts, server={"llama_server": {"threads": 1}})
+    err = tmp_path / "rollout.err"
+    try:
+        with err.open("w") as stderr:
+            proc = subprocess.Popen([LLAMADEPLOY, "rollout", str(changed)], cwd=REPO, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                wait_for(lambda: admin_state(hosts, be1) == "drain", 180, "the rollout to drain be1")
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+        text = err.read_text()
+        assert proc.returncode == 130, text[-3000:]
+        assert f"==> enabling {be1} at the fronts again" in text and "rollout interrupted" in text, text[-3000:]
+        assert admin_state(hosts, be1) == "ready"
+        assert hosts["fd"].ssh("ls -A /var/lib/llamadeploy-front/drained").stdout == ""
+        status = cli("lock", "status", str(changed))
+        assert status.returncode == 0 and status.stdout.count(": free") == len(hosts), status.stdout
+    finally:
+        cli("lock", "release", str(changed), "--force")  # whatever the test stopped at
+        back = run_deploy(fleet)
+        assert back.rc == 0, back.stderr[-3000:]
+        wait_for(lambda: server_up(hosts, be1) and server_up(hosts, hosts["be2"].address), 60, "both up again")
+
+
 def test_reload_keeps_a_running_stream(hosts, fleet, tmp_path):
     """A config change is checked (haproxy -c) and reloaded; a stream that was running before the
     reload receives bytes after it (the reload's time from the front's journal) and completes."""
