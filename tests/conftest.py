@@ -331,6 +331,8 @@ def hub(tmp_path_factory):
         "llamactl-test/corrupt": Repo({TINY: model}, faults={TINY: "corrupt"}),
         "llamactl-test/flaky": Repo({TINY: model}, faults={TINY: "drop_once"}),
         "llamactl-test/other-name": Repo({"gemma-other.gguf": model}),
+        # a listing is third-party input: a name no inventory could give, picked by its quant
+        "llamactl-test/hostile-name": Repo({"gemma$(reboot)-Q8_0.gguf": model}),
     }
     server = HubServer(repos, token=HUB_TOKEN, port=HUB_PORT).start()
     try:

@@ -33,6 +33,16 @@ def test_resolve_pins_commit_and_lfs_sha256(hub, hub_env):
     assert art.alias == "gemma-3-270m-q4_k_m"
 
 
+def test_a_listed_name_no_inventory_could_give_is_refused_before_any_download(hub, hub_env):
+    """The name comes from the Hub's listing (picked by quant), not the inventory: it is checked
+    as an inventory's llama_model.filename is, before it reaches a unit or a shell."""
+    before = len(gets(hub, "llamactl-test/hostile-name"))
+    with pytest.raises(ModelError, match=r"^llamactl-test/hostile-name: the listed file 'gemma\$\(reboot\)-Q8_0.gguf' "
+                                         r"must be a relative path of letters, digits"):
+        resolve(spec(hub_env, repo_id="llamactl-test/hostile-name", quant="Q8_0"))
+    assert len(gets(hub, "llamactl-test/hostile-name")) == before
+
+
 def test_download_once_verified_then_cached(hub, hub_env):
     s = spec(hub_env, repo_id="llamactl-test/gemma-3-270m-GGUF", filename=TINY)
     before = len(gets(hub, "llamactl-test/gemma-3-270m-GGUF"))
