@@ -52,8 +52,21 @@ def hub_download(repo_id: str, repo_path: str, commit: str, sha256: str, dest: s
         "print(d(sys.argv[1], sys.argv[2], revision=sys.argv[3], local_dir=sys.argv[4]))"
     )
     yield f"mkdir -p {q(work_dir)} && find {q(work_dir)} -name '*.incomplete' -delete"
-    yield f"env {env} {q(python)} -c {q(script)} {q(repo_id)} {q(repo_path)} {q(commit)} {q(work_dir)} >/dev/null"
-    yield install_if_hash_matches(f"{work_dir}/{repo_path}", dest, sha256, "0644", what=f"{repo_id}/{repo_path}")
+    yield _token_gone_on_failure(
+        f"env {env} {q(python)} -c {q(script)} {q(repo_id)} {q(repo_path)} {q(commit)} {q(work_dir)} >/dev/null",
+        token_file)
+    yield _token_gone_on_failure(
+        install_if_hash_matches(f"{work_dir}/{repo_path}", dest, sha256, "0644", what=f"{repo_id}/{repo_path}"),
+        token_file)
+
+
+def _token_gone_on_failure(command: str, token_file: str | None) -> str:
+    """Shell: ``command``, and when it fails, the token file goes before the run stops. A failed
+    step ends pyinfra's run on the host before the operation that removes the token, which would
+    then stay on the host until the next successful download (pure)."""
+    if not token_file:
+        return command
+    return f"( {command} ) || {{ rm -f {shlex.quote(token_file)}; exit 1; }}"
 
 
 def kept_path(kept_dir: str, sha256: str, name: str) -> str:

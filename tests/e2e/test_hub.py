@@ -174,3 +174,23 @@ def test_host_mode_gated_split_model_with_token(host, hub, controller_env, tmp_p
     again = run_deploy(inv, env=controller_env)
     assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
     assert hub_gets(hub, SPLIT_REPO) == before + 2
+
+
+def test_host_mode_download_that_fails_takes_its_token_away(host, hub, controller_env, tmp_path):
+    """A host-mode download that fails (the Hub serves the file with one byte flipped: its sha256
+    does not match the listing's) fails the run, and the token put there for it is gone all the
+    same; the host serves what it served."""
+    inv = inventory(host, tmp_path, "corrupt-host",
+                    {"repo_id": "llamactl-test/corrupt", "filename": TINY, "distribution": "host",
+                     "hf_token_file": controller_env["TOKEN_FILE"], "alias": "corrupt"},
+                    llama_server={"ctx_size": 8192, "parallel": 4, "chat_template": "gemma"})
+    serving = host.ssh("readlink /opt/llama.cpp/current", check=False).stdout
+    result = run_deploy(inv, env=controller_env)
+    out = result.stdout + result.stderr
+    assert result.rc != 0
+    assert f"sha256 mismatch for llamactl-test/corrupt/{TINY}: expected {MODEL_SHA256}, got " in out, out[-3000:]
+    assert "Hub token file (0600), for this run's download" in out  # it was there for the download
+    assert host.ssh("test -e /var/cache/llama.cpp/hf-token", check=False).returncode == 1
+    assert HUB_TOKEN not in out
+    assert host.ssh("readlink /opt/llama.cpp/current", check=False).stdout == serving
+    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
