@@ -35,7 +35,7 @@ from llamadeploy.roles import (
 from llamadeploy.roles.build import native_build
 from llamadeploy.roles.firewall import firewall, firewall_off
 from llamadeploy.roles.health import health_gate
-from llamadeploy.roles.preflight import memory_plan, platform_checked
+from llamadeploy.roles.preflight import memory_plan, platform_checked, ports_checked
 
 
 @deploy("llama-server")
@@ -52,6 +52,7 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     cfg = cfg or validate_inventory(host.inventory)[host.name]
     platform_checked()  # a release no test covers (Debian 12 and 13 are) is refused, as a bad setting is
     _locked(cfg, "deploy")
+    ports_checked(cfg)  # each port this host's role listens on: free, or held by our own unit
     # Host metrics on every host when the inventory has a monitor (the node exporter, fenced to it).
     node_exporter.host_metrics(cfg)
 

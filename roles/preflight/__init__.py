@@ -57,8 +57,7 @@ def memory_plan(cfg: HostConfig, art: ModelArtifact) -> MemoryPlan:
     mem = host.get_fact(HostMemory)
     cpu = host.get_fact(CpuTopology)
     try:
-        problem = (host_limit_problem(cfg, cpu.logical, mem.total) or account_problem(cfg, host.get_fact(Users))
-                   or port_problem(cfg, host.get_fact(PortHolders, port=cfg.server.port)))
+        problem = host_limit_problem(cfg, cpu.logical, mem.total) or account_problem(cfg, host.get_fact(Users))
         if problem:
             raise PreflightError(problem)
         meta = meta_for(cfg, art)
@@ -148,18 +147,45 @@ def is_ours(cfg: HostConfig, user: dict) -> bool:
     return user.get("home") == cfg.service.data_dir
 
 
-def port_problem(cfg: HostConfig, holders: list[PortHolder]) -> str | None:
-    """The server's port held by another process would make the new server fail to bind, after
-    the old one stopped; refused before anything changes, naming the process (pure).
+def listened_ports(cfg: HostConfig) -> list[tuple[str, int, tuple[str, ...]]]:
+    """What this host's role will listen on: (field, port, the units whose processes may hold
+    it: ours, restarted or reloaded by the deploy) (pure). A server in docker mode publishes
+    through Docker's proxy."""
+    if cfg.role == "front":
+        f, ours = cfg.front, ("haproxy.service",)
+        plain = [("llama_front.port", f.port, ours)] if not f.tls_pem or f.redirect_http else []
+        tls = [("llama_front.tls_port", f.tls_port, ours)] if f.tls_pem else []
+        return [*plain, *tls, ("llama_front.metrics_port", f.metrics_port, ours)]
+    if cfg.role == "monitor":
+        am = cfg.monitor.alertmanager
+        return [("llama_monitor.port", cfg.monitor.port, ("prometheus.service",)),
+                *([("llama_monitor.alertmanager.port", am.port, ("prometheus-alertmanager.service",))]
+                  if am.enabled else [])]
+    if cfg.role == "rpc_worker":
+        return [("llama_rpc.port", cfg.rpc.port, ("ggml-rpc-server.service",))]
+    return [("llama_server.port", cfg.server.port, (f"{cfg.service.name}.service", "docker.service"))]
 
-    Ours: a process in this deploy's unit's cgroup, or Docker's proxy (its published port; a
-    mode switch stops one before the other starts).
-    """
-    unit = f"/{cfg.service.name}.service"
+
+def port_problem(field: str, port: int, ours: tuple[str, ...], holders: list[PortHolder]) -> str | None:
+    """A port held by another process would make the new service fail to bind, after the old
+    one stopped (or HAProxy's and Prometheus's first start fail); refused before anything
+    changes, naming the process (pure). Ours: a process in the cgroup of one of ``ours`` (for
+    ``docker.service``, only its ``docker-proxy``: a mode switch stops one server before the
+    other starts)."""
     for h in holders:
-        if h.cgroup.endswith(unit) or (h.name == "docker-proxy" and h.cgroup.endswith("/docker.service")):
+        unit = h.cgroup.rsplit("/", 1)[-1]
+        if unit in ours and (unit != "docker.service" or h.name == "docker-proxy"):
             continue
         where = f", {h.cgroup}" if h.cgroup else ""
-        return (f"llama_server.port = {cfg.server.port}: {h.address} is held by {h.name} (pid {h.pid}{where}) on "
-                "this host; allowed: a port no other service listens on")
+        return (f"{field} = {port}: {h.address} is held by {h.name} (pid {h.pid}{where}) on this host; "
+                "allowed: a port no other service listens on")
     return None
+
+
+def ports_checked(cfg: HostConfig) -> None:
+    """Every port this host's role listens on is free, or held by our own unit; else the run
+    stops here, while pyinfra prepares, before anything changes on any host."""
+    for field, port, ours in listened_ports(cfg):
+        problem = port_problem(field, port, ours, host.get_fact(PortHolders, port=port))
+        if problem:
+            raise DeployError(f"preflight refused host {host.name}: {problem}")

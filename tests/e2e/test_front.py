@@ -831,6 +831,24 @@ def test_an_alert_reaches_a_person_by_webhook_and_mail(hosts, fleet, tmp_path):
     assert "alerting:" not in mon.ssh("cat /etc/prometheus/prometheus.yml").stdout
 
 
+def test_a_port_another_process_holds_is_refused_on_the_front_and_the_monitor(hosts, fleet, tmp_path):
+    """The front's exporter and the monitor's Prometheus set to sshd's port: preflight refuses
+    each host naming the field and sshd, before anything changes (their configs and HAProxy's
+    worker as they were)."""
+    fd, mon = hosts["fd"], hosts["mon"]
+    state = "md5sum /etc/haproxy/haproxy.cfg /etc/prometheus/prometheus.yml /etc/default/prometheus 2>/dev/null"
+    before = {h.name: h.ssh(state, check=False).stdout for h in (fd, mon)}
+    worker = front_worker(fd)
+    inv = write(tmp_path / "held.py", hosts, front={"metrics_port": 22}, monitor={"port": 22})
+    for h, field in ((fd, "llama_front.metrics_port"), (mon, "llama_monitor.port")):
+        result = run_deploy(inv, "--limit", h.address)
+        out = result.stdout + result.stderr
+        assert result.rc != 0
+        assert f"preflight refused host {h.address}: {field} = 22: 0.0.0.0:22 is held by sshd (pid " in out, out[-3000:]
+    assert {h.name: h.ssh(state, check=False).stdout for h in (fd, mon)} == before
+    assert front_worker(fd) == worker
+
+
 def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
     pem = tmp_path / "front.pem"
     key = tmp_path / "key.pem"

@@ -11,7 +11,7 @@ from llamadeploy.config import OWNED_FLAGS, HostConfig
 from llamadeploy.hostdata import parse_config
 from llamadeploy.render import RenderError, control_characters, render
 from llamadeploy.roles.model.source import listed_name_problem
-from llamadeploy.roles.preflight import port_problem
+from llamadeploy.roles.preflight import listened_ports, port_problem
 from llamadeploy.roles.preflight.facts import PortHolder, PortHolders
 
 from .test_config import problems
@@ -116,16 +116,51 @@ def test_hub_listing_names_are_validated_like_inventory_names(name, ok):
 def test_port_held_by_another_process_is_refused_naming_it():
     cfg = HostConfig.model_validate({"model": {"path": "/m/m.gguf"}, "server": {"port": 22,
                                                                                "allow_unauthenticated": True}})
+    [(field, port, ours)] = listened_ports(cfg)
     sshd = PortHolder(612, "sshd", "/system.slice/ssh.service", "0.0.0.0:22")
-    msg = port_problem(cfg, [sshd])
+    msg = port_problem(field, port, ours, [sshd])
     assert msg == ("llama_server.port = 22: 0.0.0.0:22 is held by sshd (pid 612, /system.slice/ssh.service) on this "
                    "host; allowed: a port no other service listens on")
-    ours = PortHolder(700, "llama-server", "/system.slice/llama-server.service", "0.0.0.0:22")
+    mine = PortHolder(700, "llama-server", "/system.slice/llama-server.service", "0.0.0.0:22")
     proxy = PortHolder(800, "docker-proxy", "/system.slice/docker.service", "0.0.0.0:22")
-    assert port_problem(cfg, [ours, proxy]) is None
-    assert port_problem(cfg, []) is None
+    assert port_problem(field, port, ours, [mine, proxy]) is None
+    assert port_problem(field, port, ours, []) is None
     other_unit = PortHolder(701, "llama-server", "/system.slice/llama-server-b.service", "0.0.0.0:22")
-    assert port_problem(cfg, [other_unit]) is not None
+    assert port_problem(field, port, ours, [other_unit]) is not None
+    dockerd = PortHolder(801, "dockerd", "/system.slice/docker.service", "0.0.0.0:22")  # not its proxy
+    assert port_problem(field, port, ours, [dockerd]) is not None
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    ({"role": "front"}, [("llama_front.port", 8080, "haproxy.service"),
+                         ("llama_front.metrics_port", 8405, "haproxy.service")]),
+    ({"role": "front", "front": {"tls_pem": "PEM"}}, [("llama_front.tls_port", 8443, "haproxy.service"),
+                                                      ("llama_front.metrics_port", 8405, "haproxy.service")]),
+    ({"role": "front", "front": {"tls_pem": "PEM", "redirect_http": True, "port": 80, "tls_port": 443}},
+     [("llama_front.port", 80, "haproxy.service"), ("llama_front.tls_port", 443, "haproxy.service"),
+      ("llama_front.metrics_port", 8405, "haproxy.service")]),
+    ({"role": "monitor"}, [("llama_monitor.port", 9090, "prometheus.service")]),
+    ({"role": "monitor", "monitor": {"alertmanager": {"webhook": {"url": "https://h.example.com/x"}}}},
+     [("llama_monitor.port", 9090, "prometheus.service"),
+      ("llama_monitor.alertmanager.port", 9093, "prometheus-alertmanager.service")]),
+    ({"role": "rpc_worker"}, [("llama_rpc.port", 50052, "ggml-rpc-server.service")]),
+])
+def test_every_role_checks_the_ports_it_listens_on(tmp_path, data, want):
+    """Fronts, monitors and RPC workers fail to bind on a held port as a server does: each
+    port its role listens on is checked, with its field, and only its own unit may hold it."""
+    if "front" in data and "tls_pem" in data["front"]:
+        cert, key = _pem(tmp_path, "front")
+        pem = tmp_path / "front.pem"
+        pem.write_text(cert + key)
+        pem.chmod(0o600)
+        data["front"]["tls_pem"] = str(pem)
+    cfg = HostConfig.model_validate(data)
+    got = listened_ports(cfg)
+    assert [(f, p, ours[0]) for f, p, ours in got] == want
+    nginx = PortHolder(9, "nginx", "/system.slice/nginx.service", "0.0.0.0:1")
+    for field, port, ours in got:
+        assert port_problem(field, port, ours, [nginx]).startswith(f"{field} = {port}: 0.0.0.0:1 is held by nginx")
+        assert port_problem(field, port, ours, [PortHolder(10, "x", f"/system.slice/{ours[0]}", "0.0.0.0:1")]) is None
 
 
 def test_port_holders_parsed_from_ss():

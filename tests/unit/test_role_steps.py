@@ -129,6 +129,7 @@ def test_a_host_that_becomes_a_front_or_a_monitor_loses_its_rpc_worker(monkeypat
     monkeypatch.setattr(d, "_server", lambda cfg: calls.append("server steps"))
     monkeypatch.setattr(d, "_locked", lambda cfg, action: None)  # the lock needs a connected host
     monkeypatch.setattr(d, "platform_checked", lambda: None)  # so does the operating system's fact
+    monkeypatch.setattr(d, "ports_checked", lambda cfg: None)  # and the ports' holders
     monkeypatch.setattr(d.node_exporter, "host_metrics", lambda cfg: None)  # and the inventory's monitors
     gpu_metrics: list[bool] = []  # a front or monitor is no CUDA server: its GPU metrics timer goes too
     monkeypatch.setattr(d.node_exporter, "gpu_metrics", lambda cfg, on_gpu_host: gpu_metrics.append(on_gpu_host))
