@@ -342,6 +342,7 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     elsewhere = with_data(host, tmp_path, "fw-other", llama_server={"allow_from": ["192.0.2.0/24"]})
     result = run_deploy(elsewhere)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    other_id = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     with pytest.raises(httpx.ConnectTimeout):  # dropped, not refused: the controller is not listed
         httpx.get(url, timeout=3)
     assert host.ssh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200"
@@ -391,6 +392,19 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert httpx.get(url, timeout=10).status_code == 200  # the controller, never listed, reaches it
     host.ssh("systemctl restart nftables")  # and nothing loads the fence again
     assert httpx.get(url, timeout=10).status_code == 200
+    # a rollback to a fenced release brings its fence back, as it passed its gate: its rules
+    # (192.0.2.0/24 only: the controller is dropped again), its guard and drop-in
+    rolled = cli("rollback", str(inventory), "--to", other_id)
+    assert rolled.returncode == 0, (rolled.stdout + rolled.stderr)[-3000:]
+    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == other_id
+    assert "192.0.2.0/24" in host.ssh(f"nft list table inet {table}").stdout
+    with pytest.raises(httpx.ConnectTimeout):
+        httpx.get(url, timeout=3)
+    assert host.ssh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200"
+    host.ssh("systemctl restart nftables")  # its guard is back too: the table comes back
+    wait_for_table(host, table)
+    with pytest.raises(httpx.ConnectTimeout):
+        httpx.get(url, timeout=3)
 
     result = run_deploy(inventory)
     assert result.rc == 0, result.stderr[-3000:]
