@@ -8,14 +8,21 @@ The first deploy also keeps the list of every package the host had
 (``<cache_dir>/packages-before-deploy``): the dependencies apt pulled in with ours are
 removed at uninstall only when nothing needs them any more *and* they were not there
 before, because apt's own autoremove keeps anything another package merely suggests.
+
+A service package the deploy configures (HAProxy, Prometheus, Alertmanager, the node exporter)
+that the host has and no deploy installed is someone else's: its config would be replaced and
+its service restarted, so the run is refused before anything changes (:func:`refuse_foreign`).
+The record is written before apt runs, so that an install cut off halfway is still ours.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from io import StringIO
 from typing import Any
 
 from pyinfra import host
+from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
@@ -51,10 +58,26 @@ def installed(cfg: HostConfig, role: str, name: str, packages: list[str], **apt_
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name="Record the packages the host had before the first deploy",
                    src=StringIO("\n".join(sorted(have)) + "\n"), dest=before_path, mode="644")
-    op = apt.packages(name=name, packages=packages, **apt_kwargs)
     after = sorted(set(before) | set(missing))
-    if after != before:
+    if after != before:  # before apt: a package it installs is ours even if the run stops there
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name=f"Record packages installed for {role}", src=StringIO("\n".join(after) + "\n"),
                    dest=path, mode="644")
-    return op
+    return apt.packages(name=name, packages=packages, **apt_kwargs)
+
+
+def foreign(packages: list[str], have: Mapping[str, Any], mine: list[str]) -> list[str]:
+    """Of ``packages``, those the host has and no deploy of ours installed (pure)."""
+    return [p for p in packages if p in have and p not in mine]
+
+
+def refuse_foreign(cfg: HostConfig, role: str, packages: list[str], setting: str, allowed: str) -> None:
+    """Stop the run while pyinfra prepares when the host has one of ``packages`` that this role's
+    record does not list: an operator's HAProxy or Prometheus would have its config replaced and
+    its service restarted. ``setting`` is what asks for it, ``allowed`` what the operator can do."""
+    theirs = foreign(packages, host.get_fact(DebPackages) or {},
+                     recorded(host.get_fact(FileContents, path=record_path(cfg, role))))
+    if theirs:
+        raise DeployError(
+            f"preflight refused host {host.name}: {setting}: {', '.join(theirs)} is installed and this deploy did not "
+            f"install it (its config would be replaced, its service restarted); allowed: {allowed}")

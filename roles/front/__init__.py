@@ -218,6 +218,8 @@ def exporter_networks_for(monitors: list[str], allow_from: list) -> list[str]:
 def front_door(cfg: HostConfig) -> Callable[[], bool]:
     """HAProxy installed, its config checked and in place, reloaded on change, running. Returns
     "it started or reloaded" for :func:`served`."""
+    packages.refuse_foreign(cfg, "front", ["haproxy"], "llama_role = 'front'",
+                            "a host whose HAProxy this deploy installs (remove the other one first)")
     servers = backend_hosts(cfg)
     backends, by_model = backends_of(servers)
     packages.installed(cfg, "front", name="HAProxy and socat (runtime API)", packages=["haproxy", "socat"],

@@ -130,6 +130,9 @@ def monitor(cfg: HostConfig) -> None:
                for h in host.inventory if configs[h.name].role == "server" and not host.state.is_host_in_limit(h)}
     servers, fronts, key, models = targets(host.inventory, serving)
     m = cfg.monitor
+    packages.refuse_foreign(cfg, "monitor", ["prometheus", *(["prometheus-alertmanager"] if m.alertmanager.enabled else [])],
+                            "llama_role = 'monitor'", "a host whose Prometheus and Alertmanager this deploy installs "
+                            "(remove the other ones first)")
     listen = listen_address(cfg, host)
     # the fence and the arguments come before the package, whose postinst starts Prometheus at
     # once: it starts fenced, on the fleet address (Debian's default is every address), and is

@@ -78,6 +78,9 @@ def host_metrics(cfg: HostConfig) -> None:
     # default listens on every address until then; and such a restart failed in the sandbox, one
     # run in three: "Failed to kill control group ... Input/output error", then its ExecStartPre
     # exited 219/CGROUP). apt keeps an /etc/default file that is already there (--force-confold)
+    packages.refuse_foreign(cfg, "node", ["prometheus-node-exporter"], "llama_node_exporter.enabled = true",
+                            "llama_node_exporter.enabled false (and scrape the host's own exporter), or a host "
+                            "without one")
     port_fenced(cfg, UNIT, TABLE, FENCE_RULES, cfg.node_exporter.port,
                 exporter_networks_for(monitor_addresses(host.inventory), []))
     args = atomic.put(name="Node exporter on the fleet address, systemd collector (/etc/default)",

@@ -849,6 +849,31 @@ def test_a_port_another_process_holds_is_refused_on_the_front_and_the_monitor(ho
     assert front_worker(fd) == worker
 
 
+def test_a_haproxy_or_node_exporter_the_deploy_did_not_install_is_refused(hosts, fleet):
+    """A host that has HAProxy (or the node exporter) which no deploy of ours installed, as the
+    deploy sees it: the package is there and the role's package record does not list it (moved
+    aside here). The run is refused, naming the setting and the package, before anything changes;
+    with the record back, the same inventory deploys with no change."""
+    fd, be2 = hosts["fd"], hosts["be2"]
+    state = "md5sum /etc/haproxy/haproxy.cfg /etc/default/prometheus-node-exporter 2>/dev/null"
+    for h, role, setting, package in ((fd, "front", "llama_role = 'front'", "haproxy"),
+                                      (be2, "node", "llama_node_exporter.enabled = true", "prometheus-node-exporter")):
+        record = f"/var/cache/llama.cpp/installed-packages.{role}"
+        before = h.ssh(state, check=False).stdout
+        h.ssh(f"mv {record} {record}.away")
+        try:
+            result = run_deploy(fleet, "--limit", h.address)
+        finally:
+            h.ssh(f"mv {record}.away {record}")
+        out = result.stdout + result.stderr
+        assert result.rc != 0
+        assert (f"preflight refused host {h.address}: {setting}: {package} is installed and this deploy did not "
+                "install it") in out, out[-3000:]
+        assert h.ssh(state, check=False).stdout == before
+        again = run_deploy(fleet, "--limit", h.address)
+        assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
+
+
 def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
     pem = tmp_path / "front.pem"
     key = tmp_path / "key.pem"

@@ -226,3 +226,15 @@ def test_front_pem_is_checked_with_openssl_and_secret_files_must_be_private(tmp_
                                      "server": {"allow_unauthenticated": True}})
     (msg,) = controller_file_problems("h1", cfg)
     assert msg == f"host h1: llama_model.hf_token_file = '{token}': mode 640 lets others read the secret; chmod 600 {token}"
+
+
+def test_a_service_package_the_host_has_is_ours_only_when_recorded():
+    from llamadeploy.packages import foreign
+
+    have = {"haproxy": {"2.6.12-1"}, "socat": {"1.7"}}
+    assert foreign(["haproxy"], have, []) == ["haproxy"]  # the operator's: refused
+    assert foreign(["haproxy"], have, ["haproxy", "socat"]) == []  # installed by a deploy of ours
+    assert foreign(["haproxy"], {}, []) == []  # not there: the deploy installs (and records) it
+    assert foreign(["prometheus", "prometheus-alertmanager"], {"prometheus-alertmanager": {"0.25"}},
+                   ["prometheus"]) == ["prometheus-alertmanager"]
+
