@@ -7,7 +7,7 @@ and wall time, per e2e module the time its tests took, and the ten slowest tests
 commit the suite ran at and the machine. ``--wall`` adds the whole ``.ci/run``'s time as
 measured around it (``time ./.ci/run``), which no report holds.
 
-    .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS]
+    .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS] [--caches TEXT] [--note TEXT]
 
 TREE is the checkout the suite ran in (default: this one); its ``test-results/`` is read and its
 commit recorded.
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wall", type=float, help="seconds the whole .ci/run took (time ./.ci/run)")
     p.add_argument("--caches", default="", help="what the machine had cached when the run began (the controller "
                    "cache's releases, ccache, the rootfs trees): a cold run and a warm one differ by minutes")
+    p.add_argument("--note", default="", help="one sentence the page adds, kept in the raw JSON too (how this run "
+                   "relates to others: a cold run's file, CI's time)")
     a = p.parse_args(argv)
     tree = Path(a.tree)
     run = machine()
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if c["name"].startswith("tests.e2e."):
             modules[module_of(c["name"])] += c["time_s"]
     slowest = sorted(cases, key=lambda c: c["time_s"], reverse=True)[:10]
-    results = {**run, "wall_s": a.wall, "caches": a.caches, "phases": phases}
+    results = {**run, "wall_s": a.wall, "caches": a.caches, "note": a.note, "phases": phases}
     raw = raw_path(OUT, "suite", run)
     raw.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 Written whole by `benchmarks/suite.py` from the JUnit reports of one `./scripts/test` run,
 {describe(run)}; {wall}. Raw: `{raw.name}`.{f" Caches when it began: {a.caches}." if a.caches else ""}
-
+{f"{a.note}" + chr(10) if a.note else ""}
 | phase | tests | wall time |
 |---|---|---|
 {phase_rows}

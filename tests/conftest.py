@@ -354,18 +354,17 @@ def hub_env(tmp_path, monkeypatch):
     return {"endpoint": f"http://127.0.0.1:{HUB_PORT}", "token_file": str(token), "cache": tmp_path / "hf-cache"}
 
 
-#: minutes each e2e module took beside two others on 2 cores (JUnit times, 2026-12-04), only to
-#: hand the longest module left to the next free worker (a module not listed counts as its number
-#: of tests)
-MODULE_MINUTES = {  # benchmarks/SUITE.md: the cold run of a974f24, beside two other modules each
-    "tests/e2e/test_front.py": 16.2, "tests/e2e/test_rollout.py": 12.1, "tests/e2e/test_safety.py": 11.6,
-    "tests/e2e/test_trixie.py": 8.5, "tests/e2e/test_faults.py": 6.9, "tests/e2e/test_docker.py": 4.5,
-    "tests/e2e/test_fanout.py": 3.8, "tests/e2e/test_router.py": 3.7, "tests/e2e/test_hub.py": 3.2,
-    "tests/e2e/test_front_models.py": 4.5, "tests/e2e/test_rpc.py": 2.2, "tests/e2e/test_uninstall.py": 1.6,
-    "tests/e2e/test_molecule.py": 1.3,
-    # the longest (15.0 min with its trixie compile cold: benchmarks/suite-2026-12-05.json): it starts first, so
-    # that its compile overlaps the other modules' boots and gates
-    "tests/e2e/test_trixie_build.py": 17.0,
+#: minutes each e2e module's tests took beside two others on 2 cores, only to hand the longest
+#: module left to the next free worker (a module not listed counts as its number of tests): the
+#: cold run of 29f9cfb, benchmarks/suite-2026-12-05.json ("phases", summed per module). The
+#: longest, test_trixie_build with its trixie compile cold, starts first, so that its compile
+#: overlaps the other modules' boots and gates
+MODULE_MINUTES = {
+    "tests/e2e/test_trixie_build.py": 15.0, "tests/e2e/test_front.py": 13.4, "tests/e2e/test_rollout.py": 9.8,
+    "tests/e2e/test_trixie.py": 6.2, "tests/e2e/test_safety.py": 5.6, "tests/e2e/test_faults.py": 5.5,
+    "tests/e2e/test_docker.py": 4.6, "tests/e2e/test_fanout.py": 3.6, "tests/e2e/test_router.py": 3.2,
+    "tests/e2e/test_hub.py": 2.7, "tests/e2e/test_front_models.py": 2.6, "tests/e2e/test_uninstall.py": 2.1,
+    "tests/e2e/test_rpc.py": 2.0, "tests/e2e/test_molecule.py": 1.2,
 }
 
 
