@@ -1,9 +1,10 @@
 """The controller's persistent cache: what is derived from a file, kept across runs.
 
 A no-op deploy must be fast, and two things derived from a model dominated it:
-its sha256 (seconds per GB) and its GGUF header (``gguf.GGUFReader`` builds every
+its sha256 (seconds per GB) and its GGUF header (``gguf.GGUFReader`` built every
 field, the whole vocabulary included: 36 of 40 s of a profiled no-op run on a 253 MB
-model with a 262k-token vocabulary, to read a dozen keys). Both are stored here:
+model with a 262k-token vocabulary, to read a dozen keys; gguf_meta now walks the header
+itself in well under a second). Both are stored here:
 
 * ``hashes/``: a file's sha256 under its path, with the size, mtime, ctime and inode it
   had when hashed; any of them differing means hash again;
