@@ -341,16 +341,18 @@ def test_secret_files_of_receivers_must_be_the_operators_alone(tmp_path):
 
 
 def test_every_host_of_a_monitored_inventory_is_a_node_target():
-    """Servers, fronts and the monitor itself, at their fleet addresses; a host that turned its
-    node exporter off is not scraped."""
+    """Servers, fronts, RPC workers and the monitor itself, at their fleet addresses; a host that
+    turned its node exporter off is not scraped."""
     from pyinfra.api import Inventory
 
     from llamadeploy.roles.monitor import node_targets
 
     open_server = {"llama_server": {"allow_unauthenticated": True}}
     inv = Inventory((["10.0.0.1", ("10.0.0.2", {"llama_node_exporter": {"enabled": False}, **open_server}),
-                      ("10.0.0.3", {"llama_role": "front"}), ("10.0.0.4", {"llama_role": "monitor"})], open_server))
-    assert node_targets(inv) == [{"targets": ["10.0.0.1:9100", "10.0.0.3:9100", "10.0.0.4:9100"],
+                      ("10.0.0.3", {"llama_role": "front"}), ("10.0.0.4", {"llama_role": "monitor"}),
+                      ("10.0.0.5", {"llama_role": "rpc_worker", "llama_transfer": {"address": "192.168.7.5"}})],
+                     open_server))
+    assert node_targets(inv) == [{"targets": ["10.0.0.1:9100", "10.0.0.3:9100", "10.0.0.4:9100", "192.168.7.5:9100"],
                                   "labels": {"fleet": "llama"}}]
 
 

@@ -169,3 +169,75 @@ def test_a_run_ended_by_an_operations_exception_is_failed_not_interrupted():
     assert lock.outcome_of(True, False, False, False, False) == "failed"
     assert lock.outcome_of(False, True, False, False, False) == "stopped before any change"
     assert lock.outcome_of(False, False, False, False, False) == "ok"
+
+
+def test_the_fleet_lock_is_all_or_nothing_and_waits_as_asked(tmp_path, monkeypatch):
+    """``fleet_held`` (a rollout's, a rollback's) on three hosts, each its own lock file: one held
+    by another run refuses the whole command and the locks taken before it go again; with a wait
+    it takes them once the other run has let go; held, the pyinfra runs it starts find its run
+    id; at the end every lock it took goes."""
+    from contextlib import contextmanager
+
+    import llamadeploy.status
+
+    monkeypatch.setattr(lock, "LOCK_PATH", "/LOCKDIR/llamadeploy.lock")
+    hosts = []
+    for i in (1, 2, 3):
+        h = FakeHost()
+        h.name, h.dir = f"h{i}", tmp_path / f"h{i}"  # type: ignore[attr-defined]
+        hosts.append(h)
+
+    def on(h, command: str) -> str:
+        return sh(command.replace("/LOCKDIR", str(h.dir)))
+
+    @contextmanager
+    def connected(inventory, **_kw):
+        yield hosts, {}
+
+    monkeypatch.setattr(lock, "run_on", on)
+    monkeypatch.setattr(llamadeploy.status, "connected", connected)
+    monkeypatch.delenv(lock.ENV_RUN, raising=False)
+    held = [h.dir / "llamadeploy.lock" for h in hosts]
+    on(hosts[2], lock.take_command(holder("other")))
+    with pytest.raises(lock.LockHeld, match=r"h3: locked by deploy by alice@"):
+        with lock.fleet_held("inv.py", "rollout", log=lambda m: None):
+            pytest.fail("ran without the fleet's lock")
+    assert [p.exists() for p in held] == [False, False, True]  # h1's and h2's taken, then released
+
+    import threading
+
+    monkeypatch.setattr(lock, "POLL", 0.05)
+    let_go = threading.Timer(0.5, lambda: on(hosts[2], lock.release_command("other")))  # the other run ends
+    let_go.start()
+    started = time.monotonic()
+    try:
+        with lock.fleet_held("inv.py", "rollout", wait=60, log=lambda m: None) as run:
+            assert time.monotonic() - started >= 0.5  # it waited for the other run
+            assert all(p.exists() for p in held)
+            assert all(lock.Holder.from_json(p.read_text()).run == run for p in held)
+            assert os.environ[lock.ENV_RUN] == run
+    finally:
+        let_go.cancel()
+    assert not any(p.exists() for p in held) and lock.ENV_RUN not in os.environ
+
+
+@pytest.mark.parametrize("command", ["rollout", "rollback"])
+def test_lock_wait_reaches_the_fleet_lock(monkeypatch, command):
+    """``--lock-wait SECONDS`` on rollout and rollback is the wait fleet_held is given."""
+    from contextlib import contextmanager
+
+    from llamadeploy import cli
+
+    asked: list[tuple[str, str, float]] = []
+
+    @contextmanager
+    def fleet_held(inventory, action, wait=0.0, log=print):
+        asked.append((inventory, action, wait))
+        raise lock.LockHeld("h1: locked by someone; nothing was changed")
+        yield "run"
+
+    monkeypatch.setattr(lock, "fleet_held", fleet_held)
+    monkeypatch.setattr(cli, "_terminate_as_interrupt", lambda: None)  # not this test process's SIGTERM
+    assert cli.main([command, "inv.py", "--lock-wait", "90"]) == 2
+    assert cli.main([command, "inv.py"]) == 2
+    assert asked == [("inv.py", command, 90.0), ("inv.py", command, 0.0)]

@@ -130,13 +130,15 @@ def test_a_host_that_becomes_a_front_or_a_monitor_loses_its_rpc_worker(monkeypat
     monkeypatch.setattr(d, "_locked", lambda cfg, action: None)  # the lock needs a connected host
     monkeypatch.setattr(d, "platform_checked", lambda: None)  # so does the operating system's fact
     monkeypatch.setattr(d, "ports_checked", lambda cfg: None)  # and the ports' holders
-    monkeypatch.setattr(d.node_exporter, "host_metrics", lambda cfg: None)  # and the inventory's monitors
+    host_metrics: list[str] = []  # every role gets its host metrics (a node exporter, when there is a monitor)
+    monkeypatch.setattr(d.node_exporter, "host_metrics", lambda cfg: host_metrics.append(cfg.role))
     gpu_metrics: list[bool] = []  # a front or monitor is no CUDA server: its GPU metrics timer goes too
     monkeypatch.setattr(d.node_exporter, "gpu_metrics", lambda cfg, on_gpu_host: gpu_metrics.append(on_gpu_host))
     cfg = HostConfig.model_validate({"role": role} if role in ("front", "monitor") else {
         "role": role, "model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
     d.llama_server._inner(cfg)
     assert ("worker_removed RPC worker" in calls) is removed
+    assert host_metrics == [role]
     assert gpu_metrics == ([False] if removed else [])
     if removed:  # before the role's own steps
         assert calls[0] == "worker_removed RPC worker" and calls[1] == role.replace("front", "front_door")
