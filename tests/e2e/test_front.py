@@ -528,6 +528,14 @@ tests:
         values: '5x60'
       - series: 'node_filesystem_size_bytes{instance="be1:9100",mountpoint="/var/lib/llama-server",fstype="ext4"}'
         values: '100x60'
+      - series: 'node_memory_MemAvailable_bytes{instance="be1:9100"}'
+        values: '5x60'
+      - series: 'node_memory_MemTotal_bytes{instance="be1:9100"}'
+        values: '100x60'
+      - series: 'node_memory_MemAvailable_bytes{instance="be2:9100"}'
+        values: '50x60'
+      - series: 'node_memory_MemTotal_bytes{instance="be2:9100"}'
+        values: '100x60'
       - series: 'llamadeploy_gpu_up{instance="be1:9100"}'
         values: '1 1 0x20'
       - series: 'node_textfile_mtime_seconds{instance="be1:9100",file="/var/lib/prometheus/node-exporter/llamadeploy_gpu.prom"}'
@@ -543,6 +551,13 @@ tests:
         alertname: LlamaHostDiskFull
         exp_alerts: [{exp_labels: {instance: "be1:9100", mountpoint: /var/lib/llama-server, fstype: ext4, severity: warning},
                       exp_annotations: {summary: "be1:9100: /var/lib/llama-server has under 10% free"}}]
+      - eval_time: 11m
+        alertname: LlamaHostMemoryLow
+        exp_alerts: [{exp_labels: {instance: "be1:9100", severity: warning},
+                      exp_annotations: {summary: "be1:9100 has under 10% of its memory available"}}]
+      - eval_time: 9m
+        alertname: LlamaHostMemoryLow
+        exp_alerts: []
       - eval_time: 2m
         alertname: LlamaTargetDown
         exp_alerts: [{exp_labels: {job: llama-server, instance: "be1:8080", severity: critical},

@@ -215,6 +215,11 @@ def test_logs_finds_a_request_on_its_host_merged_and_followed(hosts, fleet):
     fm1, fmf = hosts["fm1"].address, hosts["fmf"].address
     assert len(lines) == 1 and lines[0].startswith(f"{fmf} ") and " haproxy: " in lines[0], found.stdout
     assert "model_chat" in lines[0], lines[0]  # the backend the front chose, by the body's model
+    # --since (journalctl's time syntax): the request is in the last 10 minutes, not in the next hour
+    recent = cli("logs", str(fleet), "--grep", probe, "--since=-10min", timeout=300)
+    assert recent.returncode == 0 and recent.stdout.splitlines() == lines, recent.stdout + recent.stderr[-3000:]
+    later = cli("logs", str(fleet), "--grep", probe, "--since=+1h", timeout=300)
+    assert later.returncode == 0 and later.stdout == "", later.stdout + later.stderr[-3000:]
 
     one = cli("logs", str(fleet), "--limit", fm1, "-n", "20", timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]

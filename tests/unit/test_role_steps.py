@@ -142,3 +142,34 @@ def test_a_host_that_becomes_a_front_or_a_monitor_loses_its_rpc_worker(monkeypat
     assert gpu_metrics == ([False] if removed else [])
     if removed:  # before the role's own steps
         assert calls[0] == "worker_removed RPC worker" and calls[1] == role.replace("front", "front_door")
+
+
+@pytest.mark.parametrize(("installed", "args", "config", "restart", "reload"), [
+    (True, True, True, False, True),  # first install: its postinst started it with the arguments in place
+    (False, True, True, True, False),  # new arguments later: a restart (which reads the config too)
+    (False, False, True, False, True),  # a new config: a reload
+    (False, False, False, False, False),
+])
+def test_alertmanager_checks_its_config_and_is_not_restarted_after_its_first_start(
+        monkeypatch, installed, args, config, restart, reload):
+    """``amtool check-config`` checks the staged config before it replaces the running one; the
+    arguments are written before the package, so the postinst's start is the only one."""
+    import llamadeploy.roles.monitor as mon
+
+    rec = Recorder()
+    for name in ("atomic", "files", "systemd", "packages"):
+        monkeypatch.setattr(mon, name, rec.module(name))
+    cfg = HostConfig.model_validate({"role": "monitor",
+                                     "monitor": {"alertmanager": {"webhook": {"url": "https://h.example.com/x"}}}})
+    assert mon.alertmanager(cfg) is True
+    conf = rec.find("atomic.put", dest=mon.AM_CONFIG)
+    assert conf.kwargs["check"] == "amtool check-config {path} >/dev/null"
+    arguments = rec.find("atomic.put", dest=mon.AM_DEFAULTS)
+    package = rec.find("packages.installed", packages=["prometheus-alertmanager"])
+    assert rec.index(arguments) < rec.index(package) < rec.index(conf)
+    package.changed, arguments.changed, conf.changed = installed, args, config
+    assert rec.find("systemd.service", restarted=True).runs() is restart
+    assert rec.find("systemd.service", reloaded=True).runs() is reload
+    rec.find("systemd.service", running=True).changed = True  # started by this run: neither
+    assert not rec.find("systemd.service", restarted=True).runs()
+    assert not rec.find("systemd.service", reloaded=True).runs()
