@@ -11,6 +11,7 @@ to first token (streaming). Same run, same hosts, leastconn first then affinity.
 ``benchmarks/AFFINITY.md`` and a JSON file.
 
     sudo .venv/bin/python -m benchmarks.affinity
+    .venv/bin/python -m benchmarks.affinity --render benchmarks/affinity-DATE.json   # the page again, no host
 """
 
 from __future__ import annotations
@@ -146,16 +147,28 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
-    stamp = str(run["date"])[:10]
-    raw_path(OUT, "affinity", run).write_text(json.dumps({**run, **result}, indent=1) + "\n")
-    lc, af = result["leastconn"], result["affinity"]
+    raw = raw_path(OUT, "affinity", run)
+    results = {**run, "conversations": CONVERSATIONS, "turns": TURNS, **result}
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    text = page(results, raw.name)
+    (OUT / "AFFINITY.md").write_text(text)
+    print(text)
+    return 0
+
+
+def page(results: dict, raw_name: str) -> str:
+    """AFFINITY.md from one run's raw JSON alone (``main`` and ``--render`` alike), so the page can
+    be written again, and checked, without a host."""
+    stamp = str(results["date"])[:10]
+    lc, af = results["leastconn"], results["affinity"]
+    conversations, turns = conversation_shape(results)
     text = f"""# Multi-turn chat through the front: leastconn vs affinity ({stamp})
 
-Written whole by `benchmarks/affinity.py` {describe(run)}.
+Written whole by `benchmarks/affinity.py` {describe(results)}. Raw: `{raw_name}`.
 
 Two backends (Gemma 3 270M Q4_K_M, llama.cpp b11434, the tuned unit with one thread), one HAProxy
 front, sandbox hosts on this machine: each backend pinned to a core of its own
-(`--cpu-affinity`), the front and this client on both. {CONVERSATIONS} conversations side by side, {TURNS} turns each, every
+(`--cpu-affinity`), the front and this client on both. {conversations} conversations side by side, {turns} turns each, every
 turn resending the history (a ~90-token system prompt, the questions and answers); turns after
 the first counted. Same run, leastconn first, then affinity (`X-Session-Id` per conversation);
 backends restarted (cold prompt caches) before each.
@@ -168,7 +181,7 @@ backends restarted (cold prompt caches) before each.
 | TTFT p95 | {lc['ttft_p95']:.3f} s | {af['ttft_p95']:.3f} s | {af['ttft_p95'] / lc['ttft_p95']:.2f} |
 | failed requests (counted, never retried) | {len(lc['errors'])} | {len(af['errors'])} | |
 """
-    one, two = result["one_backend"]["tok_per_s"], result["two_backends"]["tok_per_s"]
+    one, two = results["one_backend"]["tok_per_s"], results["two_backends"]["tok_per_s"]
     text += f"""
 ## Aggregate tok/s at 16 clients through the front: 1 backend vs 2
 
@@ -176,15 +189,31 @@ backends restarted (cold prompt caches) before each.
 |---|---|---|
 | {one:.1f} tok/s | {two:.1f} tok/s | **{two / one:.2f}x** |
 
-Each backend has one core of this machine's {run['cores']} to itself (cores 0 and 1); the front, the load
+Each backend has one core of this machine's {results['cores']} to itself (cores 0 and 1); the front, the load
 generator and the kernel may run on every core, theirs included, so the second backend need not get
 a whole core's worth of extra work done.
-Failed requests at 16 clients: {sum(result['one_backend']['errors'].values())} with 1 backend, {sum(result['two_backends']['errors'].values())} with 2.
+Failed requests at 16 clients: {sum(results['one_backend']['errors'].values())} with 1 backend, {sum(results['two_backends']['errors'].values())} with 2.
 """
-    (OUT / "AFFINITY.md").write_text(text)
-    print(text)
-    return 0
+    return text
+
+
+def conversation_shape(results: dict) -> tuple[int, int]:
+    """Conversations and turns: recorded since the page names its raw file; a run before that
+    kept only the requests, so its shape is this script's CONVERSATIONS x TURNS (unchanged since
+    296c7d3, 2026-11-26), checked against its request count (answered + failed, per balance)."""
+    if "conversations" in results:
+        return int(results["conversations"]), int(results["turns"])
+    for balance in ("leastconn", "affinity"):
+        sent = results[balance]["requests"] + len(results[balance]["errors"])
+        if sent != CONVERSATIONS * TURNS:
+            raise SystemExit(f"{balance}: {sent} requests, not {CONVERSATIONS} x {TURNS}: "
+                             "this run's conversations and turns are not recorded")
+    return CONVERSATIONS, TURNS
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
+        raw = Path(sys.argv[2])
+        (OUT / "AFFINITY.md").write_text(page(json.loads(raw.read_text()), raw.name))
+        sys.exit(0)
     sys.exit(main())

@@ -10,6 +10,7 @@ counter), the ratio direct/fanout, and an extrapolation to 200 hosts (assumption
 report). Writes ``benchmarks/FANOUT.md`` and a JSON file. Only test-host addresses are used.
 
     sudo .venv/bin/python -m benchmarks.fanout
+    .venv/bin/python -m benchmarks.fanout --render benchmarks/fanout-DATE.json   # the page again, no host
 """
 
 from __future__ import annotations
@@ -82,13 +83,17 @@ def main() -> int:
         for h in hosts:
             h.stop()
     results = {**run, "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}
-    raw_path(OUT, "fanout", run).write_text(json.dumps(results, indent=1) + "\n")
-    (OUT / "FANOUT.md").write_text(report(results))
-    print(report(results))
+    raw = raw_path(OUT, "fanout", run)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    text = page(results, raw.name)
+    (OUT / "FANOUT.md").write_text(text)
+    print(text)
     return 0
 
 
-def report(r: dict) -> str:
+def page(r: dict, raw_name: str) -> str:
+    """FANOUT.md from one run's raw JSON alone (``main`` and ``--render`` alike), so the page can be
+    written again, and checked, without a host."""
     rows, size, rate = r["rows"], r["model_bytes"], r["rate_mbit"]
     copy_s = size * 8 / (rate * 1e6)
     # fan-out: one push, then a round per doubling; fit seconds per round from the largest run
@@ -97,7 +102,7 @@ def report(r: dict) -> str:
     lines = [
         f"# Direct push vs fan-out ({r['date'][:10]})",
         "",
-        f"Written whole by `benchmarks/fanout.py` {describe(r)}.",
+        f"Written whole by `benchmarks/fanout.py` {describe(r)}. Raw: `{raw_name}`.",
         "",
         f"`sudo .venv/bin/python -m benchmarks.fanout`: the test model ({size / MIB:.0f} MiB) staged on N sandbox "
         f"hosts (`llamadeploy.deploy.llama_model_staged`) over a controller link throttled to {rate} Mbit/s "
@@ -141,7 +146,8 @@ def report(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["render"]:  # FANOUT.md again from a run's raw JSON (benchmarks/fanout-DATE.json)
-        (OUT / "FANOUT.md").write_text(report(json.loads(Path(sys.argv[2]).read_text())))
+    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
+        raw = Path(sys.argv[2])
+        (OUT / "FANOUT.md").write_text(page(json.loads(raw.read_text()), raw.name))
         sys.exit(0)
     sys.exit(main())

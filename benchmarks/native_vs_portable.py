@@ -9,6 +9,7 @@ compile), alternating which goes first, ``ROUNDS`` rounds; generation tok/s at 1
 clients with the test model. Writes ``benchmarks/NATIVE-vs-PORTABLE.md`` and a JSON file.
 
     sudo .venv/bin/python -m benchmarks.native_vs_portable [ROUNDS]
+    .venv/bin/python -m benchmarks.native_vs_portable --render benchmarks/native-vs-portable-DATE.json
 """
 
 from __future__ import annotations
@@ -61,24 +62,36 @@ def main(rounds: int = 3) -> int:
                 results[variant].append({lv.clients: lv.tok_per_s for lv in report.levels})
     finally:
         host.stop()
-    stamp = str(run_info["date"])[:10]
-    raw_path(OUT, "native-vs-portable", run_info).write_text(
-        json.dumps({**run_info, "ids": ids, "results": results}, indent=1) + "\n")
+    raw = raw_path(OUT, "native-vs-portable", run_info)
+    recorded = {**run_info, "ids": ids, "results": results}
+    raw.write_text(json.dumps(recorded, indent=1) + "\n")
+    text = page(recorded, raw.name)
+    (OUT / "NATIVE-vs-PORTABLE.md").write_text(text)
+    print(text)
+    return 0
+
+
+def page(data: dict, raw_name: str) -> str:
+    """NATIVE-vs-PORTABLE.md from one run's raw JSON alone (``main`` and ``--render`` alike), so
+    the page can be written again, and checked, without a host. The levels and the rounds are
+    the JSON's own (its keys are strings: the clients, as the page prints them)."""
+    stamp = str(data["date"])[:10]
+    results = data["results"]
     rows = []
-    for clients in LEVELS:
+    for clients in results["native"][0]:
         nat = statistics.median(r[clients] for r in results["native"])
         por = statistics.median(r[clients] for r in results["portable"])
         each = ", ".join(f"{n[clients] / p[clients]:.2f}" for n, p in zip(results["native"], results["portable"], strict=True))
         rows.append(f"| {clients} | {nat:.1f} | {por:.1f} | **{nat / por:.2f}** ({each}) |")
-    text = f"""# GGML_NATIVE vs portable build ({stamp})
+    return f"""# GGML_NATIVE vs portable build ({stamp})
 
-Written whole by `benchmarks/native_vs_portable.py` {describe(run_info)}.
+Written whole by `benchmarks/native_vs_portable.py` {describe(data)}. Raw: `{raw_name}`.
 
 Gemma 3 270M Q4_K_M, llama.cpp b11434, one sandbox host on this machine, the same
 tuned unit; only the build differs: `native = true` (GGML_NATIVE=ON, this CPU's instruction
 set) vs `native = false` (GGML_NATIVE=OFF). Both releases stay on the host; each round
 switches with `llamadeploy rollback --to` and runs `bench` (64 tokens, 4 requests per
-client); {rounds} rounds alternating which goes first; medians, then every round's ratio.
+client); {len(results['native'])} rounds alternating which goes first; medians, then every round's ratio.
 
 | clients | native tok/s | portable tok/s | native / portable |
 |---|---|---|---|
@@ -89,10 +102,11 @@ upstream's portable recipe that keeps native speed (`GGML_BACKEND_DL` + `GGML_CP
 a CPU backend per instruction-set level chosen at run time) needs shared libraries. A fleet of
 identical machines still builds once; each distinct CPU model builds once more.
 """
-    (OUT / "NATIVE-vs-PORTABLE.md").write_text(text)
-    print(text)
-    return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
+        raw = Path(sys.argv[2])
+        (OUT / "NATIVE-vs-PORTABLE.md").write_text(page(json.loads(raw.read_text()), raw.name))
+        sys.exit(0)
     sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

@@ -15,6 +15,7 @@ Boots three throwaway sandbox hosts, deploys the test model on them, then measur
 Writes ``benchmarks/NOOP.md`` and a JSON file. Only test-host addresses are used.
 
     sudo .venv/bin/python -m benchmarks.noop [ROUNDS]
+    .venv/bin/python -m benchmarks.noop --render benchmarks/noop-DATE.json   # the page again, no host
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from llamadeploy.sandbox.inventory import default_data, write_inventory
 OUT = Path(__file__).resolve().parent
 REPO = OUT.parent
 BIN = Path(sys.executable).parent
+NOTES = OUT / "NOOP-notes.md"
 
 
 def timed(*cmd: str, env: dict[str, str] | None = None) -> float:
@@ -74,7 +76,6 @@ def main(rounds: int = 3) -> int:
     hosts = [SandboxHost(f"nop{i}", 80 + i, binds=dict(SHARED_BINDS)) for i in range(1, 4)]
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-noop-"))
     results: dict[str, object] = {**machine(), "rounds": rounds}
-    size_rows: list[dict] = []
     try:
         for h in hosts:
             h.boot()
@@ -106,13 +107,28 @@ def main(rounds: int = 3) -> int:
             h.ssh(f"rm -rf {shlex.quote(cfg.release_dir)}")
         results["new_release_rollout_3_hosts_cached_s"] = timed(
             str(BIN / "llamadeploy"), "rollout", str(inv), "--batch", "100%", env=env)
-        size_rows = model_sizes(hosts[0], tmp, rounds)
-        results["sizes"] = size_rows
+        results["sizes"] = model_sizes(hosts[0], tmp, rounds)
     finally:
         for h in hosts:
             h.stop()
+    raw = raw_path(OUT, "noop", results)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    print(write_page(results, raw.name))
+    return 0
+
+
+def write_page(results: dict, raw_name: str) -> str:
+    """NOOP.md: the page, then ``NOOP-notes.md`` (hand-written, no figure of its own) where there
+    is one; returns the page."""
+    text = page(results, raw_name)
+    (OUT / "NOOP.md").write_text(text + NOTES.read_text() if NOTES.exists() else text)
+    return text
+
+
+def page(results: dict, raw_name: str) -> str:
+    """NOOP.md from one run's raw JSON alone (``main`` and ``--render`` alike), so the page can be
+    written again, and checked, without a host."""
     stamp = str(results["date"])[:10]
-    raw_path(OUT, "noop", results).write_text(json.dumps(results, indent=1) + "\n")
 
     def cell(key: str, row: dict | None = None) -> str:
         v = (row or results)[key]
@@ -121,14 +137,14 @@ def main(rounds: int = 3) -> int:
     sizes = "\n".join(
         f"| {r['label']} | {r['bytes'] / 1e6:.0f} MB | {cell('noop_deploy_s', r)} | {cell('noop_rollout_s', r)} | "
         f"{cell('full_verify_deploy_s', r)} | {r['full_verify_deploy_s'][0] / r['noop_deploy_s'][0]:.1f}x |"
-        for r in size_rows)
+        for r in results["sizes"])
 
-    text = f"""# No-op runs, rollouts and the artifact cache ({stamp})
+    return f"""# No-op runs, rollouts and the artifact cache ({stamp})
 
-Written whole by `benchmarks/noop.py` {describe(results)}.
+Written whole by `benchmarks/noop.py` {describe(results)}. Raw: `{raw_name}`.
 
 Gemma 3 270M Q4_K_M (253 MB), llama.cpp b11434, sandbox hosts on this machine;
-median of {rounds} runs (each run in brackets). Same input every time: nothing changes.
+median of {results['rounds']} runs (each run in brackets). Same input every time: nothing changes.
 
 | what | 1 host | 3 hosts |
 |---|---|---|
@@ -151,9 +167,6 @@ every run did before sizes, inodes and mtimes were recorded; the ratio is baseli
 |---|---|---|---|---|---|
 {sizes}
 """
-    (OUT / "NOOP.md").write_text(text + (OUT / "NOOP-notes.md").read_text() if (OUT / "NOOP-notes.md").exists() else text)
-    print(text)
-    return 0
 
 
 def model_sizes(h: SandboxHost, tmp: Path, rounds: int) -> list[dict]:
@@ -179,4 +192,8 @@ def model_sizes(h: SandboxHost, tmp: Path, rounds: int) -> list[dict]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
+        raw = Path(sys.argv[2])
+        write_page(json.loads(raw.read_text()), raw.name)
+        sys.exit(0)
     sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

@@ -12,6 +12,7 @@ so RPC can only cost here: it pays when the model does not fit one host at all. 
 ``benchmarks/RPC.md`` and a JSON file.
 
     sudo .venv/bin/python -m benchmarks.rpc
+    .venv/bin/python -m benchmarks.rpc --render benchmarks/rpc-DATE.json   # the page again, no host
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
-    stamp = str(run["date"])[:10]
     data = {**run, "setups": results}
-    raw_path(OUT, "rpc", run).write_text(json.dumps(data, indent=1) + "\n")
-    text = render(data, stamp)
+    raw = raw_path(OUT, "rpc", run)
+    raw.write_text(json.dumps(data, indent=1) + "\n")
+    text = page(data, raw.name)
     (OUT / "RPC.md").write_text(text)
     print(text)
     return 0
@@ -93,13 +94,15 @@ def errors_text(errors: dict) -> str:
     return "; ".join(parts)
 
 
-def render(data: dict, stamp: str) -> str:
-    """RPC.md from one run's results (also from its JSON: ``python -m benchmarks.rpc --render FILE``):
-    the machine's keys and ``setups``; a JSON from before the machine was recorded holds the setups alone."""
+def page(data: dict, raw_name: str) -> str:
+    """RPC.md from one run's raw JSON alone (``main`` and ``--render`` alike), so the page can be
+    written again, and checked, without a host: the machine's keys and ``setups``; a JSON from
+    before the machine was recorded holds the setups alone, its date only in its name."""
     results: dict[str, dict] = data.get("setups", data)
     recorded = "commit" in data
+    stamp = str(data["date"])[:10] if recorded else raw_name.removeprefix("rpc-")[:10]
     measured = (f"Written whole by `benchmarks/rpc.py` {describe(data)}." if recorded
-                else "The machine of this run was not recorded.")
+                else "The machine of this run was not recorded.") + f" Raw: `{raw_name}`."
     cores = f"this machine's {data['cores']} cores" if recorded else "this machine's cores"
     base = results["head alone"]["tok_per_s"]
     rows = "\n".join(
@@ -133,7 +136,7 @@ upstream measured 63 -> 42 t/s through one remote server on 1 GbE (llama.cpp PR 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--render"]:  # the page again from a run's JSON, no host booted
-        path = Path(sys.argv[2])
-        (OUT / "RPC.md").write_text(render(json.loads(path.read_text()), path.stem.removeprefix("rpc-")))
+        raw = Path(sys.argv[2])
+        (OUT / "RPC.md").write_text(page(json.loads(raw.read_text()), raw.name))
         sys.exit(0)
     sys.exit(main())

