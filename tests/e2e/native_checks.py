@@ -233,13 +233,20 @@ def rendered_units_verify(host) -> dict[str, float]:
     return scores
 
 
-def deployed_units_verify(host, units: list[str]) -> None:
-    """The deploy's ``units`` on ``host`` pass ``systemd-analyze verify``, and PID 1, which logs
-    "FILE:LINE: Unknown key name ..., ignoring." (or "Unknown section") for what it does not
-    know, logged nothing of them or of the nftables drop-ins a fence adds."""
-    verify = host.ssh(f"systemd-analyze verify {' '.join(f'/etc/systemd/system/{u}' for u in units)} 2>&1",
-                      check=False)
+def deployed_units_verify(host, units: list[str], packaged: tuple[str, ...] = ()) -> None:
+    """The deploy's ``units`` on ``host`` pass ``systemd-analyze verify``, and so do the
+    distribution's ``packaged`` units with the drop-ins the deploy adds to them (a fence's
+    binding); PID 1, which logs "FILE:LINE: Unknown key name ..., ignoring." (or "Unknown
+    section") for what it does not know, logged nothing of them or of the nftables drop-ins a
+    fence adds."""
+    paths = [f"/etc/systemd/system/{u}" for u in units] + [f"/lib/systemd/system/{u}" for u in packaged]
+    # --man=no: Debian's units name man pages (Documentation=man:haproxy(1)) that a host without
+    # man-db cannot open; our units name none
+    verify = host.ssh(f"systemd-analyze verify --man=no {' '.join(paths)} 2>&1", check=False)
     assert verify.returncode == 0 and not verify.stdout.strip(), (host.name, verify.stdout)
+    for unit in packaged:  # its drop-ins as PID 1 loaded them: the fence's binding among them
+        dropins = host.ssh(f"systemctl show -p DropInPaths --value {unit}").stdout
+        assert f"/etc/systemd/system/{unit}.d/llamadeploy-fence.conf" in dropins, (host.name, unit, dropins)
     journal = host.ssh("journalctl -b _PID=1 --no-pager -o cat | grep -E "
-                       "'(llama-server|ggml-rpc-server|nftables.service.d)[^ ]*:[0-9]+:' || true").stdout
+                       "'(llama-server|ggml-rpc-server|-fence|[.]service[.]d)[^ ]*:[0-9]+:' || true").stdout
     assert not journal.strip(), (host.name, journal)

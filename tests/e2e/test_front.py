@@ -583,6 +583,18 @@ tests:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_fences_of_front_monitor_and_node_exporters_verify_on_systemd_252(hosts, fleet):
+    """``systemd-analyze verify`` on bookworm of the guards that fence HAProxy's exporter,
+    Prometheus and the node exporter, and of Debian's units with the drop-ins that bind them to
+    their guards (test_trixie does the same on 257)."""
+    from tests.e2e import native_checks
+
+    node = "prometheus-node-exporter"
+    for h, service in ((hosts["fd"], "haproxy"), (hosts["mon"], "prometheus")):
+        native_checks.deployed_units_verify(h, [f"{service}-fence.service", f"{node}-fence.service"],
+                                            packaged=(f"{service}.service", f"{node}.service"))
+
+
 def test_dashboards_show_data_from_the_real_metrics(hosts, fleet, tmp_path):
     """Every panel of the fleet and per-host dashboards has data in the monitor's Prometheus (the
     host variable as its own query offers it): no panel on a metric nobody exports."""

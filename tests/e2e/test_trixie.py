@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,7 @@ from tests.conftest import (
     tx_bytes,
     wait_for,
 )
-from tests.e2e import docker_checks
+from tests.e2e import docker_checks, native_checks
 
 pytestmark = pytest.mark.e2e
 
@@ -188,6 +189,16 @@ def test_monitor_on_trixie_scrapes_every_target(hosts, fleet):
         raise AssertionError(active()) from None
 
 
+def test_the_fences_of_front_monitor_and_node_exporters_verify_on_systemd_257(hosts, fleet):
+    """``systemd-analyze verify`` on trixie of the guards that fence HAProxy's exporter,
+    Prometheus and the node exporter, and of Debian's units with the drop-ins that bind them to
+    their guards (loaded by PID 1 without a warning)."""
+    node = "prometheus-node-exporter"
+    for h, service in ((hosts["tfd"], "haproxy"), (hosts["tmon"], "prometheus")):
+        native_checks.deployed_units_verify(h, [f"{service}-fence.service", f"{node}-fence.service"],
+                                            packaged=(f"{service}.service", f"{node}.service"))
+
+
 def test_alertmanager_on_trixie_takes_the_config_and_prometheus_sends_to_it(hosts, fleet, tmp_path):
     """Trixie's Alertmanager (0.28): the rendered config passes its own ``amtool check-config``
     (the deploy runs it before the config replaces the old one, and so does this test), it listens
@@ -243,8 +254,19 @@ def test_rollout_through_the_trixie_front_rolls_a_broken_canary_back(hosts, flee
     HAProxy 3.0's runtime API, fails its gate and is rolled back, and enabled again; the other
     server is never touched."""
     canary, other = hosts["tb1"], hosts["tb2"]
+    started = time.time()
     broken_rollout_rolled_back(lambda path, **sections: write(path, hosts, **sections), canary, other, tmp_path)
     wait_for(lambda: front_server_up(hosts["tfd"], canary.address), 60, "the canary back in the front")
+    # the front's own audit trail: the rollout drained the canary there, and enabled it again, each ok
+    from llamadeploy.audit import AUDIT_PATH
+
+    lines = [json.loads(line) for line in hosts["tfd"].ssh(f"cat {AUDIT_PATH}").stdout.splitlines()]
+    steps = [(e["action"], e["outcome"]) for e in lines if e["time"] >= started and e["action"].startswith("rollout/front")]
+    drained = [i for i, (action, outcome) in enumerate(steps)
+               if action.startswith("rollout/front: drain") and canary.address in action and outcome == "ok"]
+    assert drained and any(action.startswith("rollout/front: ready") and canary.address in action and outcome == "ok"
+                           for action, outcome in steps[drained[0] + 1:]), steps
+    assert not [a for a, _ in steps if "drain" in a and other.address in a], steps  # the other was never drained
 
 
 def test_fanout_between_trixie_hosts(hosts, fleet, tmp_path):

@@ -61,3 +61,42 @@ def test_docker_engine_packages_per_release(name: str, expected: list[str]) -> N
     from llamadeploy.roles.docker import distro_engine_packages
 
     assert distro_engine_packages(fact(name)["major"]) == expected
+
+
+def test_a_mixed_fleet_builds_once_per_distribution(monkeypatch) -> None:
+    """Two bookworm and two trixie hosts of one release key in one run: exactly one builder per
+    distribution (each kind's first host without the release), and no host builds for the
+    other kind; every host of a kind is told the same builder."""
+    from llamadeploy.config import HostConfig
+    from llamadeploy.roles import build
+
+    bookworm, trixie = "debian12-x86_64-abc", "debian13-x86_64-abc"
+    have_release = {"b1"}  # b1 has bookworm's release already: b2 builds it
+
+    class FakeHost:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def get_fact(self, _fact, path: str) -> bool:
+            assert path.endswith("/bin/llama-server")
+            return self.name in have_release
+
+    hosts = [FakeHost(n) for n in ("b1", "t1", "b2", "t2")]
+
+    class FakeInventory:  # hashable, as pyinfra's is (the builders are kept per inventory)
+        def __iter__(self):
+            return iter(hosts)
+
+        def get_active_hosts(self) -> list[FakeHost]:
+            return list(hosts)
+
+    inventory = FakeInventory()
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
+    kinds = {"b1": bookworm, "b2": bookworm, "t1": trixie, "t2": trixie}
+    monkeypatch.setattr(build, "validate_inventory", lambda inv: {h.name: cfg for h in inv})
+    monkeypatch.setattr(build, "kind_of", lambda h, _cfg: kinds[h.name])
+    told = {}
+    for h in hosts:  # each host asks while pyinfra prepares its operations
+        monkeypatch.setattr(build, "host", type("Current", (), {"inventory": inventory, "name": h.name})())
+        told[h.name] = build.builder_for(cfg, kinds[h.name])
+    assert told == {"b1": "b2", "b2": "b2", "t1": "t1", "t2": "t1"}
