@@ -241,7 +241,7 @@ def deployed_units_verify(host, units: list[str], packaged: tuple[str, ...] = ()
     fence adds."""
     paths = [f"/etc/systemd/system/{u}" for u in units] + [f"/lib/systemd/system/{u}" for u in packaged]
     # --man=no: Debian's units name man pages (Documentation=man:haproxy(1)) that a host without
-    # man-db cannot open; our units name none
+    # man-db cannot open; ours name URLs, which verify does not open
     verify = host.ssh(f"systemd-analyze verify --man=no {' '.join(paths)} 2>&1", check=False)
     assert verify.returncode == 0 and not verify.stdout.strip(), (host.name, verify.stdout)
     for unit in packaged:  # its drop-ins as PID 1 loaded them: the fence's binding among them
