@@ -15,10 +15,12 @@ measures, each against its baseline on the same host in the same run:
   (the answer quotes the given context), greedy: tok/s vs the same model without it, and whether
   the outputs are identical.
 
-The embedding model is Gemma itself with mean pooling (no embedding GGUF can be had here).
+The embedding model is Gemma itself with mean pooling (all-MiniLM-L6-v2 needs converting with torch:
+test_router_embedding, behind its marker, does that).
 Writes ``benchmarks/ROUTER.md`` and a JSON file beside it, whole, from this run.
 
     sudo .venv/bin/python -m benchmarks.router [ROUNDS]
+    .venv/bin/python -m benchmarks.router --render benchmarks/router-DATE.json   # the page again, no host
 """
 
 from __future__ import annotations
@@ -123,6 +125,81 @@ def child_args(host: SandboxHost, alias: str) -> list[str]:
     raise RuntimeError(f"no child for {alias}")
 
 
+def page(result: dict, raw_name: str) -> str:
+    """ROUTER.md from one run's raw JSON alone (``main`` and ``--render`` alike), so the page can be
+    written again, and checked against its JSON, without a host."""
+    res, rounds = result["runs"], result["rounds"]
+
+    def med(key: str, field: str) -> float:
+        return round(statistics.median(r[field] for r in res[key]), 3)
+
+    s_tok, r_tok = med("single", "tok_per_s"), med("router", "tok_per_s")
+    sf_tok, rf_tok = med("single_fresh", "tok_per_s"), med("router_fresh", "tok_per_s")
+
+    def row(name: str, key: str) -> str:
+        return (f"| {name} | {med(key, 'tok_per_s')} | {med(key, 'ttft_p50')} s | {med(key, 'ttft_p95')} s | "
+                f"{sum(r['errors'] for r in res[key])} |")
+
+    # JSON keys are text: the client counts as numbers again
+    e_r, e_s = ({int(k): v for k, v in res[key].items()} for key in ("embed_router", "embed_stock"))
+    sw, sp = res["swap"], res["spec"]
+    return f"""# Router mode against one-model serving
+
+Written whole by `benchmarks/router.py` {describe(result)}, one sandbox host, Gemma 3 270M
+Q4_K_M (the embedding model is the same GGUF with mean pooling). Raw: `{raw_name}`.
+
+## Chat at 8 clients (3 requests each, 64 tokens; {rounds} rounds, alternating, medians)
+
+Each client either keeps its connection alive between requests, as the OpenAI SDK does, or
+opens a new one per request. Both runs of each server are in the same round.
+
+| server, connections | tok/s | p50 TTFT | p95 TTFT | failed requests |
+|---|---|---|---|---|
+{row('one-model unit (baseline), kept alive', 'single')}
+{row('router, its chat model, kept alive', 'router')}
+{row('one-model unit (baseline), one per request', 'single_fresh')}
+{row('router, its chat model, one per request', 'router_fresh')}
+
+Router / one-model, kept-alive connections: **{r_tok / s_tok:.3f}x** tok/s; one connection per
+request: **{rf_tok / sf_tok:.3f}x** (the goal: 0.95 or more). Failed requests by kind, kept alive:
+one-model {[r['error_kinds'] for r in res['single']]}, router {[r['error_kinds'] for r in res['router']]};
+one per request: one-model {[r['error_kinds'] for r in res['single_fresh']]}, router
+{[r['error_kinds'] for r in res['router_fresh']]}. tok/s counts answered requests only: a request
+that a kept-alive drop ends yields no tokens, so the first ratio includes the drops and the second
+is the router's own speed.
+
+## Embeddings ({len(TEXTS)} texts, one per request)
+
+| clients | router (texts/s) | stock llama-server, same arguments (texts/s) | ratio |
+|---|---|---|---|
+| 1 | {e_r[1]['texts_per_s']} | {e_s[1]['texts_per_s']} | {e_r[1]['texts_per_s'] / e_s[1]['texts_per_s']:.3f}x |
+| 8 | {e_r[8]['texts_per_s']} | {e_s[8]['texts_per_s']} | {e_r[8]['texts_per_s'] / e_s[8]['texts_per_s']:.3f}x |
+
+Kept-alive connections the server closed without an answer (counted, not retried): router
+{e_r[1]['drops'] + e_r[8]['drops']}, stock {e_s[1]['drops'] + e_s[8]['drops']}, of {2 * len(TEXTS)} requests each. texts/s counts
+answered texts only; a dropped request ends at once, so with drops the ratio is not a clean
+comparison of the two.
+
+Cold start of the on-demand embedding model (first request after an unload): {res['embed_cold_s']} s;
+the next request: {res['embed_warm_s']} s.
+
+## Swap (`models_max = 1`, two chat models, 1-token replies, medians)
+
+Same model again: {sw['same_model_s']} s. The other model (unloads this one, loads that one):
+{sw['swap_s']} s, **{sw['swap_s'] / sw['same_model_s']:.1f}x**.
+
+## n-gram speculative decoding (1 client, RAG-shaped prompt, 160 tokens, greedy, 3 runs, medians)
+
+| setting | tok/s |
+|---|---|
+| off (baseline) | {sp['off']} |
+| `spec_type: ngram-map-k` | {sp['ngram_map_k']} |
+
+Speed-up: **{sp['ngram_map_k'] / sp['off']:.2f}x** (the goal: 1.3x or more). Identical output across all runs
+and both settings: {'yes' if sp['identical'] else 'NO'}.
+"""
+
+
 def main(rounds: int = 2) -> int:
     host = SandboxHost("rtb", 92, binds=dict(SHARED_BINDS))
     tmp = Path(tempfile.mkdtemp(prefix="llamactl-router-bench-"))
@@ -194,79 +271,18 @@ def main(rounds: int = 2) -> int:
     finally:
         host.stop()
 
-    def med(key: str, field: str) -> float:
-        return round(statistics.median(r[field] for r in res[key]), 3)
-
     result = {**machine(), "rounds": rounds, "runs": res}
     raw = raw_path(OUT, "router", result)
     raw.write_text(json.dumps(result, indent=1) + "\n")
-    s_tok, r_tok = med("single", "tok_per_s"), med("router", "tok_per_s")
-    sf_tok, rf_tok = med("single_fresh", "tok_per_s"), med("router_fresh", "tok_per_s")
-
-    def row(name: str, key: str) -> str:
-        return (f"| {name} | {med(key, 'tok_per_s')} | {med(key, 'ttft_p50')} s | {med(key, 'ttft_p95')} s | "
-                f"{sum(r['errors'] for r in res[key])} |")
-
-    e_r, e_s = res["embed_router"], res["embed_stock"]
-    sw, sp = res["swap"], res["spec"]
-    (OUT / "ROUTER.md").write_text(f"""# Router mode against one-model serving
-
-Written whole by `benchmarks/router.py` {describe(result)}, one sandbox host, Gemma 3 270M
-Q4_K_M (the embedding model is the same GGUF with mean pooling). Raw runs: `{raw.name}`.
-
-## Chat at 8 clients (3 requests each, 64 tokens; {rounds} rounds, alternating, medians)
-
-Each client either keeps its connection alive between requests, as the OpenAI SDK does, or
-opens a new one per request. Both runs of each server are in the same round.
-
-| server, connections | tok/s | p50 TTFT | p95 TTFT | failed requests |
-|---|---|---|---|---|
-{row('one-model unit (baseline), kept alive', 'single')}
-{row('router, its chat model, kept alive', 'router')}
-{row('one-model unit (baseline), one per request', 'single_fresh')}
-{row('router, its chat model, one per request', 'router_fresh')}
-
-Router / one-model, kept-alive connections: **{r_tok / s_tok:.3f}x** tok/s; one connection per
-request: **{rf_tok / sf_tok:.3f}x** (the goal: 0.95 or more). Failed requests by kind, kept alive:
-one-model {[r['error_kinds'] for r in res['single']]}, router {[r['error_kinds'] for r in res['router']]};
-one per request: one-model {[r['error_kinds'] for r in res['single_fresh']]}, router
-{[r['error_kinds'] for r in res['router_fresh']]}. tok/s counts answered requests only: a request
-that a kept-alive drop ends yields no tokens, so the first ratio includes the drops and the second
-is the router's own speed.
-
-## Embeddings ({len(TEXTS)} texts, one per request)
-
-| clients | router (texts/s) | stock llama-server, same arguments (texts/s) | ratio |
-|---|---|---|---|
-| 1 | {e_r[1]['texts_per_s']} | {e_s[1]['texts_per_s']} | {e_r[1]['texts_per_s'] / e_s[1]['texts_per_s']:.3f}x |
-| 8 | {e_r[8]['texts_per_s']} | {e_s[8]['texts_per_s']} | {e_r[8]['texts_per_s'] / e_s[8]['texts_per_s']:.3f}x |
-
-Kept-alive connections the server closed without an answer (counted, not retried): router
-{e_r[1]['drops'] + e_r[8]['drops']}, stock {e_s[1]['drops'] + e_s[8]['drops']}, of {2 * len(TEXTS)} requests each. texts/s counts
-answered texts only; a dropped request ends at once, so with drops the ratio is not a clean
-comparison of the two.
-
-Cold start of the on-demand embedding model (first request after an unload): {res['embed_cold_s']} s;
-the next request: {res['embed_warm_s']} s.
-
-## Swap (`models_max = 1`, two chat models, 1-token replies, medians)
-
-Same model again: {sw['same_model_s']} s. The other model (unloads this one, loads that one):
-{sw['swap_s']} s, **{sw['swap_s'] / sw['same_model_s']:.1f}x**.
-
-## n-gram speculative decoding (1 client, RAG-shaped prompt, 160 tokens, greedy, 3 runs, medians)
-
-| setting | tok/s |
-|---|---|
-| off (baseline) | {sp['off']} |
-| `spec_type: ngram-map-k` | {sp['ngram_map_k']} |
-
-Speed-up: **{sp['ngram_map_k'] / sp['off']:.2f}x** (the goal: 1.3x or more). Identical output across all runs
-and both settings: {'yes' if sp['identical'] else 'NO'}.
-""")
+    (OUT / "ROUTER.md").write_text(page(json.loads(raw.read_text()), raw.name))
+    print((OUT / "ROUTER.md").read_text())
     print((OUT / "ROUTER.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--render"]:  # the page again from a raw JSON, no host
+        path = Path(sys.argv[2])
+        (OUT / "ROUTER.md").write_text(page(json.loads(path.read_text()), path.name))
+        sys.exit(0)
     sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 2))
