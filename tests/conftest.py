@@ -329,6 +329,9 @@ def hub(tmp_path_factory):
         "llamactl-test/gemma-3-270m-GGUF": Repo({TINY: model, "README.md": Path(__file__)}),
         "llamactl-test/gemma-3-270m-gated": Repo({p.name: p for p in parts}, gated=True),
         "llamactl-test/corrupt": Repo({TINY: model}, faults={TINY: "corrupt"}),
+        # the same, under a name no other test puts on a host: a host-mode deploy downloads it
+        "llamactl-test/corrupt-elsewhere": Repo({"gemma-elsewhere.gguf": model},
+                                                faults={"gemma-elsewhere.gguf": "corrupt"}),
         "llamactl-test/flaky": Repo({TINY: model}, faults={TINY: "drop_once"}),
         "llamactl-test/other-name": Repo({"gemma-other.gguf": model}),
         # a listing is third-party input: a name no inventory could give, picked by its quant

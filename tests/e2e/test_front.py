@@ -886,6 +886,8 @@ def test_a_haproxy_or_node_exporter_the_deploy_did_not_install_is_refused(hosts,
     for h, role, setting, package in ((fd, "front", "llama_role = 'front'", "haproxy"),
                                       (be2, "node", "llama_node_exporter.enabled = true", "prometheus-node-exporter")):
         record = f"/var/cache/llama.cpp/installed-packages.{role}"
+        settled = run_deploy(fleet, "--limit", h.address)  # as the module's inventory has it (earlier tests vary it)
+        assert settled.rc == 0, settled.stderr[-3000:]
         before = h.ssh(state, check=False).stdout
         h.ssh(f"mv {record} {record}.away")
         try:

@@ -180,15 +180,18 @@ def test_host_mode_download_that_fails_takes_its_token_away(host, hub, controlle
     """A host-mode download that fails (the Hub serves the file with one byte flipped: its sha256
     does not match the listing's) fails the run, and the token put there for it is gone all the
     same; the host serves what it served."""
+    # a file name the host has from no other test: with the right content present under its
+    # name, the deploy would download nothing
     inv = inventory(host, tmp_path, "corrupt-host",
-                    {"repo_id": "llamactl-test/corrupt", "filename": TINY, "distribution": "host",
+                    {"repo_id": "llamactl-test/corrupt-elsewhere", "filename": "gemma-elsewhere.gguf", "distribution": "host",
                      "hf_token_file": controller_env["TOKEN_FILE"], "alias": "corrupt"},
                     llama_server={"ctx_size": 8192, "parallel": 4, "chat_template": "gemma"})
     serving = host.ssh("readlink /opt/llama.cpp/current", check=False).stdout
     result = run_deploy(inv, env=controller_env)
     out = result.stdout + result.stderr
     assert result.rc != 0
-    assert f"sha256 mismatch for llamactl-test/corrupt/{TINY}: expected {MODEL_SHA256}, got " in out, out[-3000:]
+    assert (f"sha256 mismatch for llamactl-test/corrupt-elsewhere/gemma-elsewhere.gguf: expected {MODEL_SHA256}, got "
+            in out), out[-3000:]
     assert "Hub token file (0600), for this run's download" in out  # it was there for the download
     assert host.ssh("test -e /var/cache/llama.cpp/hf-token", check=False).returncode == 1
     assert HUB_TOKEN not in out
