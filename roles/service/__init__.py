@@ -53,8 +53,10 @@ def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
         # router mode: not the aliases, which change with the model set (a reload, not a restart)
         alias=f"several models (router mode, {ROUTER_PRESET_NOTE})" if aliases else art.alias,
         release_key=cfg.build.release_key(),
-        model_file=art.first.name,
-        model_sha256=art.first.sha256,
+        # router mode: the models are the preset's; its first one named here would make a re-pin
+        # of that model a restart of every model, not a reload of that one
+        model_file=None if aliases else art.first.name,
+        model_sha256=None if aliases else art.first.sha256,
         # a pinned fit is appended from the environment file (its values, split at whitespace)
         exec_start=" ".join(systemd_quote(a) for a in [binary, *args]) + (f" ${FIT_VAR}" if pin else ""),
         environment_file=pin.env_path if pin else None,

@@ -2,8 +2,10 @@
 
 The chat and the embedding model are the same real GGUF (Gemma 3 270M) run as two instances:
 one chats, one pools its hidden states into sentence vectors (``--embedding --pooling mean``).
-No embedding or rerank model file can be had here yet (see docs/router.md); the router, the
-preset, the gate per kind and the rollback of a model set are what is under test. Checks go
+A real embedding model (all-MiniLM-L6-v2, converted with torch from its PyPI wheel) is
+test_router_embedding's, behind the embedding_model marker; no rerank model can be had here
+(docs/router.md). Here the router, the preset, the gate per kind and the rollback of a model set
+are what is under test. Checks go
 through the official OpenAI client, the router's own ``/models`` and ssh, never the deploy code.
 """
 
@@ -271,6 +273,35 @@ def test_a_repinned_model_reloads_alone(host, deployed, tmp_path):
     children = host.ssh(f"ps -o args= --ppid {after['router']}").stdout
     embed_args = next(line for line in children.splitlines() if "--alias embed" in line)
     assert "--ctx-size 1024" in embed_args, embed_args
+
+
+def test_a_new_file_for_the_first_model_reloads_it_alone(host, deployed, tmp_path):
+    """The chat model, the preset's first, pinned to another file (the same bytes under another
+    name): the unit does not change (it names no model in router mode), the preset does; the
+    router keeps its process, and chat comes back from the new file."""
+    import shutil
+
+    result = run_deploy(deployed)
+    assert result.rc == 0, result.stderr[-5000:]
+    httpx.post(f"http://{host.address}:8080/v1/embeddings", timeout=120, json={"model": "embed", "input": "x"})
+    before = pids(host)
+    assert set(before) >= {"router", "chat", "embed"}, before
+    unit = host.ssh("md5sum /etc/systemd/system/llama-server.service").stdout
+    again = tmp_path / "gemma-again.gguf"
+    shutil.copyfile(gemma_model(), again)
+    result = run_deploy(inventory(host, tmp_path, "chat-file", [{**CHAT, "path": str(again)}, EMBED]))
+    assert result.rc == 0, result.stderr[-5000:]
+    assert host.ssh("md5sum /etc/systemd/system/llama-server.service").stdout == unit
+    reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120,
+                       json={"model": "chat", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200, reply.text
+    after = pids(host)
+    # the router kept its process (no restart); the embedding model is on demand, so the gate
+    # unloaded it after its check, as after any deploy
+    assert after["router"] == before["router"], (before, after)
+    assert after["chat"] != before["chat"]
+    chat_args = host.ssh(f"ps -o args= -p {after['chat']}").stdout
+    assert "gemma-again.gguf" in chat_args, chat_args
 
 
 def test_one_model_to_several_and_back_by_rollback(host, tmp_path):

@@ -157,3 +157,23 @@ def test_the_roles_unit_carries_the_one_hardening_list_the_fit_runs_under():
                           if not line.startswith("#") and line != "RemoveIPC=yes"}
     assert words[:words.index("-p")] == ["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
                                          "--service-type=exec", "--uid=llama", "--gid=llama"]
+
+
+def test_a_router_unit_names_no_model_so_a_new_first_model_is_no_restart():
+    """In router mode the unit is the same whatever its models are (they are the preset's): a
+    re-pinned first model changes the preset, which the router re-reads for that model alone,
+    not the unit, whose change would restart every model. A single-model unit names its model."""
+    from llamadeploy.config import HostConfig
+    from llamadeploy.roles import service
+    from llamadeploy.roles.model.source import ModelArtifact, ModelFile
+
+    cfg = HostConfig.model_validate({"model": {"path": "/m.gguf"}, "server": {"host": "127.0.0.1"}})
+
+    def unit(name: str, sha: str, aliases: list[str] | None) -> str:
+        return service.unit_file(cfg, ModelArtifact((ModelFile(name, "", 1, sha),), "m"),
+                                 "/opt/llama.cpp/current/bin/llama-server", ["--port", "8080"], aliases=aliases)
+
+    assert unit("a.gguf", "a" * 64, ["chat", "embed"]) == unit("b.gguf", "b" * 64, ["chat", "embed"])
+    assert "Models: in the preset (router mode)" in unit("a.gguf", "a" * 64, ["chat", "embed"]).splitlines()[1]
+    assert "Model: a.gguf (sha256 aaaaaaaaaaaaaaaa…)" in unit("a.gguf", "a" * 64, None).splitlines()[1]
+    assert unit("a.gguf", "a" * 64, None) != unit("b.gguf", "b" * 64, None)
