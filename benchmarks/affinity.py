@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, publish, render_or_run
 from llamadeploy.bench import wait_healthy
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -147,12 +147,8 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
-    raw = raw_path(OUT, "affinity", run)
-    results = {**run, "conversations": CONVERSATIONS, "turns": TURNS, **result}
-    raw.write_text(json.dumps(results, indent=1) + "\n")
-    text = page(results, raw.name)
-    (OUT / "AFFINITY.md").write_text(text)
-    print(text)
+    publish(OUT / "AFFINITY.md", "affinity", run, {**run, "conversations": CONVERSATIONS, "turns": TURNS, **result},
+            page)
     return 0
 
 
@@ -212,8 +208,4 @@ def conversation_shape(results: dict) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
-        raw = Path(sys.argv[2])
-        (OUT / "AFFINITY.md").write_text(page(json.loads(raw.read_text()), raw.name))
-        sys.exit(0)
-    sys.exit(main())
+    sys.exit(render_or_run(OUT / "AFFINITY.md", page, lambda: main()))

@@ -15,7 +15,6 @@ report). Writes ``benchmarks/FANOUT.md`` and a JSON file. Only test-host address
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine, raw_path
+from benchmarks.machine import COMMAND_TIMEOUT, DEPLOY_TIMEOUT, describe, machine, publish, render_or_run
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost, assets
 from llamadeploy.sandbox.inventory import default_data, write_inventory
 
@@ -83,11 +82,7 @@ def main() -> int:
         for h in hosts:
             h.stop()
     results = {**run, "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}
-    raw = raw_path(OUT, "fanout", run)
-    raw.write_text(json.dumps(results, indent=1) + "\n")
-    text = page(results, raw.name)
-    (OUT / "FANOUT.md").write_text(text)
-    print(text)
+    publish(OUT / "FANOUT.md", "fanout", run, results, page)
     return 0
 
 
@@ -146,8 +141,4 @@ def page(r: dict, raw_name: str) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
-        raw = Path(sys.argv[2])
-        (OUT / "FANOUT.md").write_text(page(json.loads(raw.read_text()), raw.name))
-        sys.exit(0)
-    sys.exit(main())
+    sys.exit(render_or_run(OUT / "FANOUT.md", page, lambda: main()))

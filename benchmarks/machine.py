@@ -13,7 +13,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +131,25 @@ def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None,
     if proc.returncode == 0:
         report = json.loads(proc.stdout)
     return DeployResult(proc.returncode, report, proc.stdout, proc.stderr)
+
+
+def publish(md: Path, prefix: str, run: Mapping[str, object], results: dict,
+            page: Callable[[dict, str], str]) -> str:
+    """A run's end, the same for every writer: its raw JSON beside the page (``raw_path``: never
+    over another commit's file), then the page from those results, naming that file; printed."""
+    raw = raw_path(md.parent, prefix, run)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    text = page(results, raw.name)
+    md.write_text(text)
+    print(text)
+    return text
+
+
+def render_or_run(md: Path, page: Callable[[dict, str], str], run: Callable[[], int]) -> int:
+    """A writer's command line: ``--render RAW.json`` writes ``md`` again from a run's raw JSON,
+    no host booted (what tests/unit/test_benchmark_pages checks); anything else is a run."""
+    if sys.argv[1:2] == ["--render"]:
+        raw = Path(sys.argv[2])
+        md.write_text(page(json.loads(raw.read_text()), raw.name))
+        return 0
+    return run()

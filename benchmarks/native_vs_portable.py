@@ -14,14 +14,13 @@ clients with the test model. Writes ``benchmarks/NATIVE-vs-PORTABLE.md`` and a J
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, publish, render_or_run
 from llamadeploy.bench import bench
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
@@ -62,12 +61,8 @@ def main(rounds: int = 3) -> int:
                 results[variant].append({lv.clients: lv.tok_per_s for lv in report.levels})
     finally:
         host.stop()
-    raw = raw_path(OUT, "native-vs-portable", run_info)
-    recorded = {**run_info, "ids": ids, "results": results}
-    raw.write_text(json.dumps(recorded, indent=1) + "\n")
-    text = page(recorded, raw.name)
-    (OUT / "NATIVE-vs-PORTABLE.md").write_text(text)
-    print(text)
+    publish(OUT / "NATIVE-vs-PORTABLE.md", "native-vs-portable", run_info, {**run_info, "ids": ids, "results": results},
+            page)
     return 0
 
 
@@ -105,8 +100,4 @@ identical machines still builds once; each distinct CPU model builds once more.
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
-        raw = Path(sys.argv[2])
-        (OUT / "NATIVE-vs-PORTABLE.md").write_text(page(json.loads(raw.read_text()), raw.name))
-        sys.exit(0)
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3))
+    sys.exit(render_or_run(OUT / "NATIVE-vs-PORTABLE.md", page, lambda: main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)))

@@ -20,7 +20,6 @@ Writes ``benchmarks/NOOP.md`` and a JSON file. Only test-host addresses are used
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import statistics
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, publish, render_or_run
 from benchmarks.widened import widened
 from llamadeploy.artifacts import file_sha256
 from llamadeploy.config import HostConfig
@@ -111,18 +110,14 @@ def main(rounds: int = 3) -> int:
     finally:
         for h in hosts:
             h.stop()
-    raw = raw_path(OUT, "noop", results)
-    raw.write_text(json.dumps(results, indent=1) + "\n")
-    print(write_page(results, raw.name))
+    publish(OUT / "NOOP.md", "noop", results, results, with_notes)
     return 0
 
 
-def write_page(results: dict, raw_name: str) -> str:
-    """NOOP.md: the page, then ``NOOP-notes.md`` (hand-written, no figure of its own) where there
-    is one; returns the page."""
+def with_notes(results: dict, raw_name: str) -> str:
+    """NOOP.md: the page, then ``NOOP-notes.md`` (hand-written, no figure of its own) where there is one."""
     text = page(results, raw_name)
-    (OUT / "NOOP.md").write_text(text + NOTES.read_text() if NOTES.exists() else text)
-    return text
+    return text + NOTES.read_text() if NOTES.exists() else text
 
 
 def page(results: dict, raw_name: str) -> str:
@@ -192,8 +187,4 @@ def model_sizes(h: SandboxHost, tmp: Path, rounds: int) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
-        raw = Path(sys.argv[2])
-        write_page(json.loads(raw.read_text()), raw.name)
-        sys.exit(0)
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3))
+    sys.exit(render_or_run(OUT / "NOOP.md", with_notes, lambda: main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)))

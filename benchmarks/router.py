@@ -26,7 +26,6 @@ Writes ``benchmarks/ROUTER.md`` and a JSON file beside it, whole, from this run.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.machine import describe, machine, raw_path
+from benchmarks.machine import describe, machine, publish, render_or_run
 from llamadeploy.bench import run_level
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
@@ -272,17 +271,10 @@ def main(rounds: int = 2) -> int:
         host.stop()
 
     result = {**machine(), "rounds": rounds, "runs": res}
-    raw = raw_path(OUT, "router", result)
-    raw.write_text(json.dumps(result, indent=1) + "\n")
-    (OUT / "ROUTER.md").write_text(page(json.loads(raw.read_text()), raw.name))
-    print((OUT / "ROUTER.md").read_text())
+    publish(OUT / "ROUTER.md", "router", result, result, page)
     print((OUT / "ROUTER.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a raw JSON, no host
-        path = Path(sys.argv[2])
-        (OUT / "ROUTER.md").write_text(page(json.loads(path.read_text()), path.name))
-        sys.exit(0)
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 2))
+    sys.exit(render_or_run(OUT / "ROUTER.md", page, lambda: main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)))

@@ -17,14 +17,13 @@ so RPC can only cost here: it pays when the model does not fit one host at all. 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, publish, render_or_run
 from llamadeploy.bench import bench
 from llamadeploy.sandbox import SHARED_BINDS, SandboxHost
 from llamadeploy.sandbox.inventory import default_data
@@ -77,11 +76,7 @@ def main() -> int:
         for h in hosts:
             h.stop()
     data = {**run, "setups": results}
-    raw = raw_path(OUT, "rpc", run)
-    raw.write_text(json.dumps(data, indent=1) + "\n")
-    text = page(data, raw.name)
-    (OUT / "RPC.md").write_text(text)
-    print(text)
+    publish(OUT / "RPC.md", "rpc", run, data, page)
     return 0
 
 
@@ -135,8 +130,4 @@ upstream measured 63 -> 42 t/s through one remote server on 1 GbE (llama.cpp PR 
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a run's JSON, no host booted
-        raw = Path(sys.argv[2])
-        (OUT / "RPC.md").write_text(page(json.loads(raw.read_text()), raw.name))
-        sys.exit(0)
-    sys.exit(main())
+    sys.exit(render_or_run(OUT / "RPC.md", page, main))

@@ -15,14 +15,13 @@ no figure) and a JSON file.
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, raw_path
+from benchmarks.machine import DEPLOY_TIMEOUT, describe, machine, publish, render_or_run
 from llamadeploy.bench import (
     BANDWIDTH_PROBE,
     PROMPT,
@@ -147,11 +146,7 @@ def write_results(run: dict[str, object], runs: dict[str, dict[str, list[Report]
                 for server, by_load in runs.items()}
                | {"cold_burst": {k: asdict(v) for k, v in cold.items()}, "bandwidth": bandwidth, "machine": run,
                   "version": version, "tuned_args": tuned_args, "model_bytes": MODEL_SIZE, "stock_command": STOCK})
-    raw = raw_path(OUT, "results", run)
-    raw.write_text(json.dumps(results, indent=1))
-    text = page(results, raw.name)
-    (OUT / "RESULTS.md").write_text(text)
-    print(text)
+    publish(OUT / "RESULTS.md", "results", run, results, page)
 
 
 def levels_of(reports: list[dict]) -> list[int]:
@@ -202,8 +197,4 @@ Why: `RESULTS-notes.md` (hand-written).
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--render"]:  # the page again from a run's raw JSON, no host booted
-        raw = Path(sys.argv[2])
-        (OUT / "RESULTS.md").write_text(page(json.loads(raw.read_text()), raw.name))
-        sys.exit(0)
-    sys.exit(main())
+    sys.exit(render_or_run(OUT / "RESULTS.md", page, lambda: main()))
