@@ -27,7 +27,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from llamadeploy import atomic, packages
+from llamadeploy import atomic, packages, units
 from llamadeploy.config import HostConfig
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
@@ -109,11 +109,12 @@ def keepers_removed(unit: str, table: str, when: list[Callable[[], bool]] | None
     run executes (a rollback's), all of which must hold."""
     cond = list(when or [])
     guard_path, dropin_path = guard_paths(unit, table)
-    if host.get_fact(File, path=guard_path):
-        server.shell(name=f"Fence guard of {unit} stopped",
-                     commands=[f"systemctl stop {shlex.quote(guard_unit(unit))}"], _if=cond)
-    gone = [files.file(name=f"Fence guard of {unit} removed", path=guard_path, present=False, _if=cond),
-            files.file(name=f"nftables drop-in of {unit} removed", path=dropin_path, present=False, _if=cond)]
+    gone = [files.file(name=f"nftables drop-in of {unit} removed", path=dropin_path, present=False, _if=cond)]
+    if not units.left_alone(guard_unit(unit)):  # an operator's unit of that name is not ours to remove
+        if host.get_fact(File, path=guard_path):
+            server.shell(name=f"Fence guard of {unit} stopped",
+                         commands=[f"systemctl stop {shlex.quote(guard_unit(unit))}"], _if=cond)
+        gone.insert(0, files.file(name=f"Fence guard of {unit} removed", path=guard_path, present=False, _if=cond))
     server.shell(name="nftables drop-in directory removed when empty",
                  commands=[f"rmdir {NFTABLES_DROPINS} 2>/dev/null || true"], _if=[*cond, any_changed(*gone)])
     systemd.daemon_reload(name="Reload systemd", _if=[*cond, any_changed(*gone)])
@@ -145,16 +146,19 @@ def fence_rules(table: str, unit: str, port: int, networks: list[str]) -> tuple[
 
 
 @role("Fence")
-def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, networks: list[str]) -> None:
+def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, networks: list[str],
+                setting: str) -> None:
     """A distribution's service (HAProxy's exporter, Prometheus) reached only by ``networks`` and
     the host itself: our table, kept loaded (:func:`kept`), and a drop-in that binds ``unit`` to
-    the fence's guard and loads the rules before every start, as our own units do.
+    the fence's guard and loads the rules before every start, as our own units do. ``setting``:
+    what asks for the fence, named when the host has a guard unit of that name that is not ours.
 
     The guard runs its current definition before ``unit`` is bound to it (see :func:`_keepers`).
     Nothing restarts ``unit`` when the guard changes (HAProxy is reloaded, never restarted), so
     a changed guard is restarted here, alone: ``--job-mode=ignore-requirements``, since a plain
     restart of a unit that others are bound to restarts them too (systemd.unit(5), Requires=).
     While its restart job runs, systemd does not stop the units bound to it."""
+    units.refuse_foreign({guard_unit(unit): setting}, "a host without a unit of that name")
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = fence_rules(table, unit, port, networks)

@@ -231,7 +231,7 @@ def front_door(cfg: HostConfig) -> Callable[[], bool]:
         pem = files.file(name="No TLS certificate", path=PEM, present=False)
     # the exporter: on the fleet address, fenced to the monitors (and metrics_allow_from)
     port_fenced(cfg, "haproxy", EXPORTER_TABLE, EXPORTER_RULES, cfg.front.metrics_port,
-                exporter_networks(cfg, monitor_addresses(host.inventory)))
+                exporter_networks(cfg, monitor_addresses(host.inventory)), "llama_role = 'front'")
     metrics_bind = exporter_address(cfg, host)
     conf = atomic.put(name="haproxy.cfg (checked with haproxy -c)",
                       src=StringIO(haproxy_config(cfg, backends, metrics_bind, by_model)),

@@ -138,7 +138,7 @@ def monitor(cfg: HostConfig) -> None:
     # once: it starts fenced, on the fleet address (Debian's default is every address), and is
     # not restarted seconds later, the pattern that failed the node exporter with 219/CGROUP
     # (see roles/node_exporter). apt keeps an /etc/default file that is already there
-    port_fenced(cfg, "prometheus", TABLE, FENCE_RULES, m.port, [str(n) for n in m.allow_from])
+    port_fenced(cfg, "prometheus", TABLE, FENCE_RULES, m.port, [str(n) for n in m.allow_from], "llama_role = 'monitor'")
     args = atomic.put(name="Prometheus listen address and retention (/etc/default/prometheus)",
                       src=StringIO(f'ARGS="--web.listen-address={listen} --storage.tsdb.retention.time={m.retention}"\n'),
                       dest="/etc/default/prometheus", mode="644")

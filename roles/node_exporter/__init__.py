@@ -82,7 +82,7 @@ def host_metrics(cfg: HostConfig) -> None:
                             "llama_node_exporter.enabled false (and scrape the host's own exporter), or a host "
                             "without one")
     port_fenced(cfg, UNIT, TABLE, FENCE_RULES, cfg.node_exporter.port,
-                exporter_networks_for(monitor_addresses(host.inventory), []))
+                exporter_networks_for(monitor_addresses(host.inventory), []), "llama_node_exporter.enabled = true")
     args = atomic.put(name="Node exporter on the fleet address, systemd collector (/etc/default)",
                       src=StringIO(node_args(host_port(peer_address(cfg, host), cfg.node_exporter.port),
                                              watched_units(cfg))),

@@ -35,8 +35,9 @@ from llamadeploy.config import HostConfig
 from llamadeploy.manifest import manifest_path
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall import guard_unit
-from llamadeploy.roles.ownership.facts import UNIT_DIRS, OwnershipRecords, PathStates, UnitFiles
+from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
 from llamadeploy.roles.preflight import is_ours
+from llamadeploy.units import UnitFiles, foreign
 
 RECORD_DIR = "/var/lib/llamadeploy"
 
@@ -81,7 +82,8 @@ def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: froze
 
 def service_units(name: str) -> list[str]:
     """The units the deploy writes under the service's configurable name: the server's and its
-    fence's guard (roles/service, roles/firewall); the others have fixed ``llama``/``ggml`` names."""
+    fence's guard (roles/service, roles/firewall); units with fixed names are checked by their
+    header (llamadeploy.units)."""
     return [f"{name}.service", guard_unit(name)]
 
 
@@ -95,11 +97,9 @@ def unit_problem(name: str, found: dict[str, list[tuple[str, str]]], owned: froz
     or an operator's own file is someone else's.
     """
     for unit, files_found in found.items():
-        mine = f"{UNIT_DIRS[0]}/{unit}"
-        foreign = [path for path, kind in files_found
-                   if not (path == mine and (kind == "ours" or (kind == "file" and f"unit {unit}" in owned)))]
-        if foreign:
-            return (f"llama_service.name = {name!r}: this host already has {foreign[0]}, a unit this deploy did not "
+        theirs = foreign(unit, files_found, owned)
+        if theirs:
+            return (f"llama_service.name = {name!r}: this host already has {theirs[0]}, a unit this deploy did not "
                     f"create (it would overwrite, restart and on uninstall remove it); allowed: a name no unit on "
                     "the host has, or one an earlier deploy created")
     return None

@@ -30,7 +30,7 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from llamadeploy import atomic, packages
+from llamadeploy import atomic, packages, units
 from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuTopology
 from llamadeploy.hostdata import validate_inventory
@@ -230,12 +230,14 @@ def group_step(cfg: HostConfig, runtime: list) -> None:
 
 def worker_removed(name: str) -> None:
     """A host that is no RPC worker (any more: its ``llama_role`` changed) runs none: the unit,
-    its fence and the fence's keepers go. Nothing to do on a host that never was one."""
+    its fence and the fence's keepers go. Nothing to do on a host that never was one; an
+    operator's own unit of that name (one they run by hand) is left alone (llamadeploy.units)."""
     unit = f"/etc/systemd/system/{UNIT}.service"
-    if host.get_fact(File, path=unit):
-        server.shell(name=f"{name} stopped and disabled", commands=[f"systemctl disable --now {UNIT}.service"])
-    gone = files.file(name=f"{name} unit removed", path=unit, present=False)
-    systemd.daemon_reload(name="Reload systemd", _if=gone.did_change)
+    if not units.left_alone(f"{UNIT}.service"):
+        if host.get_fact(File, path=unit):
+            server.shell(name=f"{name} stopped and disabled", commands=[f"systemctl disable --now {UNIT}.service"])
+        gone = files.file(name=f"{name} unit removed", path=unit, present=False)
+        systemd.daemon_reload(name="Reload systemd", _if=gone.did_change)
     keepers_removed(UNIT, TABLE)
     table_removed(name=f"{name} fence removed", table=TABLE)
 
@@ -246,6 +248,8 @@ def _worker(cfg: HostConfig, runtime: list) -> None:
         raise DeployError(f"host {host.name}: RPC worker of {len(heads)} heads ({', '.join(h.name for h in heads)}); "
                           "allowed: one (ggml-rpc-server serves one client at a time)")
     head_addresses = [head_address(validate_inventory(host.inventory)[h.name], h) for h in heads]
+    units.refuse_foreign({f"{UNIT}.service": "llama_role = 'rpc_worker'", guard_unit(UNIT): "llama_role = 'rpc_worker'"},
+                         "a host without units of those names")
     packages.installed(cfg, "rpc", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     rules = f"{cfg.service.config_dir}/rpc-worker.nft"

@@ -16,7 +16,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from llamadeploy import atomic
+from llamadeploy import atomic, units
 from llamadeploy.config import HostConfig
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gpu import FIT_VAR, device_allow, device_node_commands
@@ -38,6 +38,8 @@ from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limi
 TEMPLATE = "service/llama-server.service.j2"
 ROUTER_PRESET_NOTE = "models.ini"
 DEVICES_TEMPLATE = "service/llama-nvidia-devices.service.j2"
+#: the unit that makes a CUDA host's device nodes before the server starts (a fixed name)
+DEVICES_UNIT = "llama-nvidia-devices.service"
 
 
 def unit_file(cfg: HostConfig, art: ModelArtifact, binary: str, args: list[str],
@@ -166,19 +168,21 @@ def service(
                           mode="644")] if router is not None else []
     devices = []
     if gpus:  # the NVIDIA device nodes exist before the server starts (templates/service)
+        units.refuse_foreign({DEVICES_UNIT: "llama_build.backend = 'cuda'"},
+                             "a host without a unit of that name, or llama_build.backend 'cpu'")
         text = render(DEVICES_TEMPLATE, unit_name=svc.name,
                       device_commands=device_node_commands(g.index for g in gpus.gpus))
         devices = [atomic.put(name="NVIDIA device nodes unit", src=StringIO(text),
-                              dest="/etc/systemd/system/llama-nvidia-devices.service", mode="644")]
+                              dest=f"/etc/systemd/system/{DEVICES_UNIT}", mode="644")]
     # a drop-in an earlier version of this role wrote would override ExecStart: it goes
     legacy = f"{unit_path}.d/gpu-fit.conf"
     if host.get_fact(File, path=legacy):
         devices.append(files.file(name="Old pinned-fit drop-in removed", path=legacy, present=False))
     systemd.daemon_reload(name="Reload systemd", _if=any_changed(unit, *devices))
     if gpus:
-        nodes = systemd.service(name="NVIDIA device nodes", service="llama-nvidia-devices.service", running=True,
+        nodes = systemd.service(name="NVIDIA device nodes", service=DEVICES_UNIT, running=True,
                                 enabled=True)
-        systemd.service(name="NVIDIA device nodes for changed GPUs", service="llama-nvidia-devices.service",
+        systemd.service(name="NVIDIA device nodes for changed GPUs", service=DEVICES_UNIT,
                         restarted=True, _if=[any_changed(*devices), lambda: not nodes.did_change()])
     started = systemd.service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True

@@ -28,14 +28,16 @@ from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import compose_down
 from llamadeploy.roles.firewall import keepers_removed, port_unfenced, table_name
 from llamadeploy.roles.firewall.operations import table_removed
-from llamadeploy.roles.ownership.facts import OwnershipRecords, UnitFiles
+from llamadeploy.roles.ownership.facts import OwnershipRecords
 from llamadeploy.roles.preflight import is_ours
 from llamadeploy.roles.release import current_release, records_dir
 from llamadeploy.roles.release.facts import Entries, ReleaseRecords
 from llamadeploy.roles.release.operations import untagged_image_removed
 from llamadeploy.roles.release.plan import foreign_model_entries, image_refs
 from llamadeploy.roles.rpc import worker_removed
+from llamadeploy.roles.service import DEVICES_UNIT
 from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
+from llamadeploy.units import UnitFiles, left_alone
 
 
 @role("Remove llama-server")
@@ -56,11 +58,12 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
             server.shell(name="Native service stopped and disabled",
                          commands=[f"systemctl disable --now {svc.name}.service"])
         removed_units.append(files.file(name="systemd unit removed", path=unit, present=False))
-    devices = "/etc/systemd/system/llama-nvidia-devices.service"  # a CUDA host's (roles/service)
-    if host.get_fact(File, path=devices):
-        server.shell(name="NVIDIA device nodes unit disabled", commands=["systemctl disable llama-nvidia-devices.service"])
-    pin_gone = files.file(name="NVIDIA device nodes unit removed", path=devices, present=False)
-    systemd.daemon_reload(name="Reload systemd", _if=any_changed(*removed_units, pin_gone))
+    devices = f"/etc/systemd/system/{DEVICES_UNIT}"  # a CUDA host's (roles/service)
+    if not left_alone(DEVICES_UNIT):
+        if host.get_fact(File, path=devices):
+            server.shell(name="NVIDIA device nodes unit disabled", commands=[f"systemctl disable {DEVICES_UNIT}"])
+        removed_units.append(files.file(name="NVIDIA device nodes unit removed", path=devices, present=False))
+    systemd.daemon_reload(name="Reload systemd", _if=any_changed(*removed_units))
     if not foreign:
         keepers_removed(svc.name, table_name(cfg))
     table_removed(name="nftables table removed", table=table_name(cfg))

@@ -45,13 +45,24 @@ def remove(inventory: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
 
 
+#: an operator's own units under the fixed names of the RPC worker and its fence guard (one they
+#: run by hand): not the deploy's, so no deploy and no uninstall stops or removes them
+OPERATORS_UNITS = ("ggml-rpc-server.service", "ggml-rpc-server-fence.service")
+
+
 def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
+    for unit in OPERATORS_UNITS:
+        host.ssh(f"printf '%s\\n' '[Unit]' 'Description=the operator s own' '[Service]' 'ExecStart=/bin/sleep infinity' "
+                 f"'[Install]' 'WantedBy=multi-user.target' > /etc/systemd/system/{unit}")
+    host.ssh(f"systemctl daemon-reload && systemctl enable --now {' '.join(OPERATORS_UNITS)}")
     fresh = host.ssh(SNAPSHOT).stdout
     inventory = write_inventory(tmp_path / "un.py", [host], default_data())
     result = run_deploy(inventory)
     assert result.rc == 0, result.stderr[-4000:]
     assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
     assert host.ssh(SNAPSHOT).stdout != fresh
+    operators = f"systemctl is-active {' '.join(OPERATORS_UNITS)}"
+    assert host.ssh(operators, check=False).stdout.split() == ["active", "active"]  # a server's deploy removes no RPC worker's
     # an operator's own file beside the deploy's model: not the deploy's to remove, neither by a
     # prune nor by the uninstall
     host.ssh("echo weights > /var/lib/llama-server/models/operators-own.gguf")
@@ -80,6 +91,7 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
         host.ssh(f"rm -f {marker}", check=False)
     assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
     after = host.ssh(SNAPSHOT).stdout
+    assert host.ssh(operators, check=False).stdout.split() == ["active", "active"], gone.stdout[-3000:]
     import difflib
 
     diff = "\n".join(difflib.unified_diff(fresh.splitlines(), after.splitlines(), "fresh", "after", lineterm="", n=0))

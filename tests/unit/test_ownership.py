@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from pyinfra.api import DeployError
+
+from llamadeploy import units
 from llamadeploy.config import HostConfig
 from llamadeploy.roles.ownership import (
     ancestors,
@@ -13,7 +17,8 @@ from llamadeploy.roles.ownership import (
     service_units,
     unit_problem,
 )
-from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates, UnitFiles
+from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
+from llamadeploy.units import UnitFiles, foreign
 
 CFG = HostConfig.model_validate({"model": {"path": "/m/m.gguf"}, "server": {"allow_unauthenticated": True},
                                  "service": {"data_dir": "/srv/llm"}})
@@ -128,7 +133,7 @@ def test_unit_files_fact_command_on_a_real_tree(tmp_path):
     """The fact's shell, run here against a made-up tree (its directories replaced by tmp_path's)."""
     import subprocess
 
-    from llamadeploy.roles.ownership import facts
+    from llamadeploy import units as facts
 
     etc, lib = tmp_path / "etc", tmp_path / "lib"
     etc.mkdir()
@@ -146,3 +151,52 @@ def test_unit_files_fact_command_on_a_real_tree(tmp_path):
     assert UnitFiles().process(out.splitlines()) == {
         "ours.service": [(f"{etc}/ours.service", "ours")], "theirs.service": [(f"{etc}/theirs.service", "file")],
         "pkg.service": [(f"{lib}/pkg.service", "file")], "alias.service": [(f"{etc}/alias.service", "link")]}
+
+
+class UnitHost:
+    """The current host, as :mod:`llamadeploy.units` reads it: its ``UnitFiles`` fact and no-ops."""
+
+    name = "h1"
+
+    def __init__(self, found: dict[str, list[tuple[str, str]]]):
+        self.found, self.noops = found, []
+
+    def get_fact(self, fact, names):
+        assert fact is UnitFiles
+        return {n: self.found[n] for n in names if n in self.found}
+
+    def noop(self, text: str) -> None:
+        self.noops.append(text)
+
+
+RPC = "/etc/systemd/system/ggml-rpc-server.service"
+
+
+def test_a_fixed_name_unit_is_the_deploys_only_with_its_header():
+    """``ggml-rpc-server.service`` or ``haproxy-fence.service`` may be an operator's own: the
+    deploy's is the file in /etc/systemd/system that begins with its header (or a record names)."""
+    assert foreign("ggml-rpc-server.service", [(RPC, "ours")]) == []
+    assert foreign("ggml-rpc-server.service", [(RPC, "file")]) == [RPC]  # one run by hand
+    assert foreign("ggml-rpc-server.service", [(RPC, "file")], frozenset({"unit ggml-rpc-server.service"})) == []
+    assert foreign("ggml-rpc-server.service", [(RPC, "link")]) == [RPC]  # a mask
+    vendor = "/lib/systemd/system/ggml-rpc-server.service"
+    assert foreign("ggml-rpc-server.service", [(RPC, "ours"), (vendor, "file")]) == [vendor]
+    assert foreign("ggml-rpc-server.service", []) == []
+
+
+def test_someone_elses_unit_is_refused_before_it_is_written_and_left_alone_when_removing(monkeypatch):
+    fake = UnitHost({"ggml-rpc-server.service": [(RPC, "file")]})
+    monkeypatch.setattr(units, "host", fake)
+    with pytest.raises(DeployError, match=r"^preflight refused host h1: llama_role = 'rpc_worker': this host already "
+                                          r"has /etc/systemd/system/ggml-rpc-server.service, a unit this deploy did "
+                                          r"not create .*; allowed: a host without one$"):
+        units.refuse_foreign({"ggml-rpc-server.service": "llama_role = 'rpc_worker'", "other.service": "x"},
+                             "a host without one")
+    assert units.left_alone("ggml-rpc-server.service") is True
+    assert fake.noops == [f"{RPC} is not the deploy's (its first line is not '# Managed by llamadeploy'): left alone"]
+    fake.found = {"ggml-rpc-server.service": [(RPC, "ours")]}
+    units.refuse_foreign({"ggml-rpc-server.service": "llama_role = 'rpc_worker'"}, "a host without one")
+    assert units.left_alone("ggml-rpc-server.service") is False
+    fake.found = {}  # none at all: written, nothing to leave alone
+    units.refuse_foreign({"ggml-rpc-server.service": "llama_role = 'rpc_worker'"}, "a host without one")
+    assert units.left_alone("ggml-rpc-server.service") is False

@@ -69,12 +69,12 @@ def fenced(monkeypatch) -> Recorder:
     import llamadeploy.roles.firewall as fw
 
     rec = Recorder()
-    for name in ("atomic", "files", "server", "systemd", "packages"):
+    for name in ("atomic", "files", "server", "systemd", "packages", "units"):
         monkeypatch.setattr(fw, name, rec.module(name))
     monkeypatch.setattr(fw, "table_loaded", rec.op("table_loaded"))
     cfg = HostConfig.model_validate({"role": "front"})
     fw.port_fenced._inner(cfg, "haproxy", "llamadeploy_haproxy_exporter",
-                          "/etc/haproxy/llamadeploy-exporter.nft", 8405, ["10.0.0.9/32"])
+                          "/etc/haproxy/llamadeploy-exporter.nft", 8405, ["10.0.0.9/32"], "llama_role = 'front'")
     return rec
 
 
@@ -173,3 +173,43 @@ def test_alertmanager_checks_its_config_and_is_not_restarted_after_its_first_sta
     rec.find("systemd.service", running=True).changed = True  # started by this run: neither
     assert not rec.find("systemd.service", restarted=True).runs()
     assert not rec.find("systemd.service", reloaded=True).runs()
+
+
+class UnitsSaying:
+    """``llamadeploy.units`` as a host answers it: whether a unit of that name is someone else's."""
+
+    def __init__(self, theirs: bool):
+        self.theirs, self.asked = theirs, []
+
+    def left_alone(self, unit: str) -> bool:
+        self.asked.append(unit)
+        return self.theirs
+
+
+@pytest.mark.parametrize("theirs", [False, True])
+def test_an_rpc_worker_unit_and_a_fence_guard_that_are_not_ours_are_neither_stopped_nor_removed(monkeypatch, theirs):
+    """A server's every deploy (and uninstall) removes a former RPC worker's unit and its fence's
+    guard; an operator's own ``ggml-rpc-server.service`` (one run by hand) stays, running."""
+    import llamadeploy.roles.firewall as fw
+    from llamadeploy.roles import rpc
+
+    rec = Recorder()
+    said = UnitsSaying(theirs)
+    for mod in (rpc, fw):
+        for name in ("files", "server", "systemd"):
+            monkeypatch.setattr(mod, name, rec.module(name))
+        monkeypatch.setattr(mod, "units", said)
+        monkeypatch.setattr(mod, "host", type("H", (), {"get_fact": lambda self, fact, **kw: True})())
+    monkeypatch.setattr(rpc, "table_removed", rec.op("table_removed"))
+    rpc.worker_removed("RPC worker")
+    assert said.asked == ["ggml-rpc-server.service", "ggml-rpc-server-fence.service"]
+    touched = [o for o in rec.ops if o.call in ("files.file", "server.shell")]
+    unit_ops = [o for o in touched if "ggml-rpc-server.service" in repr(o.kwargs)]
+    guard_ops = [o for o in touched if "ggml-rpc-server-fence.service" in repr(o.kwargs)]
+    assert (unit_ops == []) is theirs and (guard_ops == []) is theirs, rec.ops
+    if not theirs:
+        assert {o.kwargs["commands"][0] for o in unit_ops + guard_ops if o.call == "server.shell"} == {
+            "systemctl disable --now ggml-rpc-server.service", "systemctl stop ggml-rpc-server-fence.service"}
+    # the fence's own parts are named for the deploy (llamadeploy_*): they go either way
+    rec.find("files.file", path="/etc/systemd/system/nftables.service.d/llamadeploy_rpc.conf", present=False)
+    rec.find("table_removed", table="llamadeploy_rpc")
