@@ -42,9 +42,9 @@ def fleet(hosts, tmp_path_factory):
     return inv
 
 
-def write_fleet(hosts, inv, fm2_models: list[dict], with_fm2: bool = True):
+def write_fleet(hosts, inv, fm2_models: list[dict], with_fm2: bool = True, front_extra: dict | None = None):
     """The module's inventory: fm1 and fm2 serve their model sets, fmf fronts them, fmm monitors
-    (without fm2: the front over fm1 alone)."""
+    (without fm2: the front over fm1 alone; ``front_extra``: more ``llama_front`` settings)."""
     def server(h, models):
         name, conn = h.inventory_entry()
         data = merged_data(llama_router={"models_max": 2})
@@ -53,7 +53,8 @@ def write_fleet(hosts, inv, fm2_models: list[dict], with_fm2: bool = True):
 
     name, conn = hosts["fmf"].inventory_entry()
     front = (name, {**conn, **merged_data(), "llama_role": "front",
-                    "llama_front": {"check_interval": 1, "metrics_allow_from": [f"{hosts['fmf'].gateway}/32"]}})
+                    "llama_front": {"check_interval": 1, "metrics_allow_from": [f"{hosts['fmf'].gateway}/32"],
+                                    **(front_extra or {})}})
     servers = [server(hosts["fm1"], [CHAT, EMBED, IDLE]), server(hosts["fm2"], fm2_models)][:2 if with_fm2 else 1]
     name, conn = hosts["fmm"].inventory_entry()
     monitor = (name, {**conn, **merged_data(), "llama_role": "monitor",
@@ -106,6 +107,38 @@ def test_each_request_reaches_a_server_that_serves_its_model(hosts, fleet):
     assert set(answered(hosts, "chat-b")) == {fm2} and answered(hosts, "chat-b")[fm2] >= 6
     chat = answered(hosts, "chat")
     assert chat.get(fm1, 0) > 0 and chat.get(fm2, 0) > 0, chat  # both serve chat: both get some
+
+
+def test_affinity_keeps_each_conversation_on_one_server_of_its_model(hosts, fleet, tmp_path):
+    """``balance: affinity`` within a model's servers: every request of a conversation (its
+    ``X-Session-Id``) reaches the same one of the two servers that serve ``chat``, and the
+    conversations spread over both. Which server answered is read from HAProxy's counters of the
+    model's own backend."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{front(hosts)}/v1", api_key="unused", max_retries=0, timeout=120)
+    fm1, fm2 = hosts["fm1"].address, hosts["fm2"].address
+    inv = write_fleet(hosts, tmp_path / "affinity.py", [CHAT, CHAT2], front_extra={"balance": "affinity"})
+    try:
+        step = run_deploy(inv, "--limit", hosts["fmf"].address)
+        assert step.rc == 0, failure_text(step)
+        config = hosts["fmf"].ssh("cat /etc/haproxy/haproxy.cfg").stdout
+        assert "backend model_chat\n" in config and "balance hdr(X-Session-Id)" in config.split("backend model_chat\n")[1]
+        placed = {}
+        for n in range(8):
+            session = f"conversation-{n}"
+            before = answered(hosts, "chat")
+            for _ in range(3):
+                client.chat.completions.create(model="chat", max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
+                                               extra_headers={"X-Session-Id": session})
+            after = answered(hosts, "chat")
+            grew = {s: after[s] - before.get(s, 0) for s in after if after[s] != before.get(s, 0)}
+            assert list(grew.values()) == [3], (session, grew)  # all three on one server
+            placed[session] = next(iter(grew))
+        assert set(placed.values()) == {fm1, fm2}, placed  # and the conversations spread
+    finally:  # leastconn again, for the tests that follow
+        back = run_deploy(fleet, "--limit", hosts["fmf"].address)
+        assert back.rc == 0, failure_text(back)
 
 
 def test_an_unknown_model_gets_404_from_the_front_in_openais_format(hosts, fleet):
