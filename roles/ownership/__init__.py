@@ -2,8 +2,8 @@
 
 Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories, the
 account, the units named after the service, the model files and the parent directories the
-deploy created (one ``dir PATH``, ``account NAME``, ``unit NAME``, ``file PATH`` or ``parent PATH``
-per line). Model files are recorded before
+deploy created (one ``dir PATH``, ``account NAME``, ``unit NAME``, ``file PATH``, ``parent PATH``
+or ``image REF`` per line: docker mode's image, when the host did not have it). Model files are recorded before
 they are sent: a deploy whose release fails its gate is in no release record, and its file would
 otherwise be no one's, kept by every prune and left by uninstall as an operator's. Before anything
 changes, a configured directory that exists, holds something and is not in the record is
@@ -34,6 +34,7 @@ from llamadeploy import atomic
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import manifest_path
 from llamadeploy.roledeploy import role
+from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.firewall import guard_unit
 from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
 from llamadeploy.roles.preflight import is_ours
@@ -106,12 +107,13 @@ def unit_problem(name: str, found: dict[str, list[tuple[str, str]]], owned: froz
 
 
 def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str | None,
-                 placed: Iterable[str] = (), parents: Iterable[str] = (), units: Iterable[str] = ()) -> list[str]:
+                 placed: Iterable[str] = (), parents: Iterable[str] = (), units: Iterable[str] = (),
+                 images: Iterable[str] = ()) -> list[str]:
     """The record after this run: what it held, plus every configured directory, the account,
-    the units, the files this run places and the absent parents its directories are created in
-    (pure)."""
+    the units, the files this run places, the absent parents its directories are created in and
+    the docker images it brings (pure)."""
     lines = set(record or ()) | {f"dir {p}" for p in dirs.values()} | {f"file {p}" for p in placed}
-    lines |= {f"parent {p}" for p in parents} | {f"unit {u}" for u in units}
+    lines |= {f"parent {p}" for p in parents} | {f"unit {u}" for u in units} | {f"image {i}" for i in images}
     if user:
         lines.add(f"account {user}")
     return sorted(lines)
@@ -149,6 +151,13 @@ def owned_files(cfg: HostConfig, directory: str) -> set[str]:
     return files_in(read(cfg)[0], directory)
 
 
+def owned_images(cfg: HostConfig) -> set[str] | None:
+    """The docker image references this service's record says a deploy brought (read at prepare
+    time); None for a host without a record (a host deployed before records: every one, as then)."""
+    record = read(cfg)[0]
+    return None if record is None else {line[len("image "):] for line in record if line.startswith("image ")}
+
+
 def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:
     """This service's record (None: none yet), what every record on the host names, and whether
     the host is an earlier deploy's without records (adopted)."""
@@ -181,8 +190,13 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     # uninstall removes them again when they are empty (``rmdir``, never their content)
     up = ancestors(dirs.values())
     new_parents = [p for p, state in host.get_fact(PathStates, paths=up).items() if state == "absent"] if up else []
+    # docker mode: the image, when this run brings it (loads or pulls it); one the host had before
+    # (the operator's, another service's) is not ours to remove
+    ref = cfg.docker_image
+    images = [ref] if cfg.mode == "docker" and not host.get_fact(DockerImageId, ref=ref) else []
     files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
     atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
         f"{line}\n" for line in record_lines(dirs, record, user, placed, new_parents,
-                                             units if cfg.mode == "native" and cfg.role == "server" else ()))),
+                                             units if cfg.mode == "native" and cfg.role == "server" else (),
+                                             images))),
         dest=record_path(cfg), mode="644")

@@ -85,7 +85,12 @@ def recorded(cfg: HostConfig, current_id: str) -> None:
     releases_pruned(name=f"Releases beyond {cfg.service.keep_releases} previous pruned", records_dir=records_dir(cfg),
                     builds_dir=f"{cfg.service.prefix}/releases", current_link=cfg.current_link,
                     model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases,
-                    placed=sorted(ownership.owned_files(cfg, cfg.model_dir)), record=ownership.record_path(cfg))
+                    placed=sorted(ownership.owned_files(cfg, cfg.model_dir)), record=ownership.record_path(cfg),
+                    images=_sorted_or_none(ownership.owned_images(cfg)))
+
+
+def _sorted_or_none(values: set[str] | None) -> list[str] | None:
+    return None if values is None else sorted(values)
 
 
 def build_dir(cfg: HostConfig, m: Manifest) -> str:

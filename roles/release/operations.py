@@ -69,7 +69,8 @@ def _image_id_command(image: str, entry: str) -> str:
 
 @operation()
 def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_dir: str,
-                    current_id: str, keep: int, placed: list[str] | None = None, record: str | None = None):
+                    current_id: str, keep: int, placed: list[str] | None = None, record: str | None = None,
+                    images: list[str] | None = None):
     """
     Remove releases beyond the current one and ``keep`` previous ones: their records, and the
     builds and model files no kept release uses.
@@ -85,6 +86,9 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
       release that failed its gate brought them and no record names them)
     + record: that ownership record; the ``file`` lines of the placed files pruned here leave it
       in the same change (a later run that dropped them would report a change of its own)
+    + images: the image tags the ownership record says a deploy brought (``image REF``); a pruned
+      release's tag that is not among them (the operator's, another service's) is not removed,
+      and neither is its image. None: no record (a host from before records), every tag as then
 
     Runs after the gate, so a release is only pruned once a newer one serves.
     """
@@ -108,7 +112,7 @@ def releases_pruned(records_dir: str, builds_dir: str, current_link: str, model_
     if record and gone:
         yield record_lines_dropped(record, gone)
     for image, refs in plan.images:
-        yield untagged_image_removed(image, refs)
+        yield untagged_image_removed(image, refs if images is None else tuple(r for r in refs if r in images))
 
 
 def record_lines_dropped(record: str, lines: list[str]) -> str:

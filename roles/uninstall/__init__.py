@@ -76,18 +76,6 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):  # Alertmanager's (roles/monitor): the purge keeps them
         files.file(name=f"{secret} removed", path=secret, present=False)
 
-    has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
-    if has_docker:
-        compose_down(name="Compose project down", project_dir=d.project_dir, compose=compose_command(cfg))
-        if host.get_fact(DockerImageId, ref=cfg.docker_image):
-            server.shell(name=f"Image {cfg.docker_image} removed",
-                         commands=[f"docker image rm {shlex.quote(cfg.docker_image)}"])
-        # images earlier releases ran, kept for rollbacks (roles/release); untagged ones go
-        recorded = image_refs(host.get_fact(ReleaseRecords, path=records_dir(cfg)))
-        left = [(i, tuple(sorted(refs))) for i, refs in sorted(recorded.items()) if host.get_fact(DockerImageId, ref=i)]
-        if left:
-            server.shell(name="Images of recorded releases removed",
-                         commands=[untagged_image_removed(i, refs) for i, refs in left])
     # exactly what this service's ownership record names and no other service's record does;
     # a host deployed before records existed: the configured paths, as then (roles/ownership)
     name = posixpath.basename(ownership.record_path(cfg))
@@ -97,6 +85,27 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     def ours(line: str) -> bool:
         return (mine is None or line in mine) and line not in others
 
+    has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
+    if has_docker:
+        compose_down(name="Compose project down", project_dir=d.project_dir, compose=compose_command(cfg))
+        if host.get_fact(DockerImageId, ref=cfg.docker_image):
+            if ours(f"image {cfg.docker_image}"):
+                ref = shlex.quote(cfg.docker_image)
+                # unless a container still uses it (another service's, started from the image this
+                # one brought): docker would refuse, and that service would lose its image
+                server.shell(name=f"Image {cfg.docker_image} removed (unless a container uses it)",
+                             commands=[f'if [ -z "$(docker ps -aq --filter ancestor={ref})" ]; then '
+                                       f"docker image rm {ref}; else echo 'the image stays: a container uses it'; fi"])
+            else:  # the host had it before the deploy (or another service brought it): not ours
+                host.noop(f"image {cfg.docker_image} stays: no deploy of this service brought it")
+        # images earlier releases ran, kept for rollbacks (roles/release); untagged ones go
+        recorded = image_refs(host.get_fact(ReleaseRecords, path=records_dir(cfg)))
+        # (only tags a deploy of this service brought: an image the host had keeps its tag, and so stays)
+        left = [(i, tuple(sorted(r for r in refs if ours(f"image {r}")))) for i, refs in sorted(recorded.items())
+                if host.get_fact(DockerImageId, ref=i)]
+        if left:
+            server.shell(name="Images of recorded releases removed",
+                         commands=[untagged_image_removed(i, refs) for i, refs in left])
     if ours(f"dir {d.project_dir}"):
         tree_removed(name="Compose project directory removed", path=d.project_dir)
     if ours(f"dir {svc.prefix}"):

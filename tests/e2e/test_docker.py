@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import cli, run_deploy, run_testinfra, veth_bytes
+from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, cli, run_deploy, run_testinfra, veth_bytes
 from tests.e2e import docker_checks
 from tests.e2e.docker_checks import COMPOSE, container, manifest
 from tests.harness.images import IMAGE_REF, build_image_tarball
@@ -206,3 +207,35 @@ def test_switch_back_to_native(host, native_inv):
     assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
     proc = run_testinfra(host.address)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_uninstall_removes_the_image_a_deploy_brought_and_not_one_the_host_had(host, docker_inv, tarball, tmp_path):
+    """The image is a service's only when its deploy loaded it: ``image REF`` in its ownership
+    record. A second service that finds the image on the host does not record it, and its
+    uninstall leaves it (the first service's deploy brought it); the first one's removes it."""
+    record = "/var/lib/llamadeploy/{}.owned"
+    assert f"image {IMAGE_REF}" in host.ssh(f"cat {record.format('llama-server')}").stdout.splitlines()
+    data = docker_data(tarball)
+    data["llama_service"] = {"name": "other-llm", "data_dir": "/var/lib/other-llm", "config_dir": "/etc/other-llm",
+                             "cache_dir": "/var/cache/other-llm"}
+    data["llama_docker"]["project_dir"] = "/opt/other-llm-compose"
+    data["llama_server"]["port"] = 8081
+    other = write_inventory(tmp_path / "other.py", [host], data)
+    deployed = run_deploy(other)
+    assert deployed.rc == 0, (deployed.stdout + deployed.stderr)[-5000:]
+    assert not [line for line in host.ssh(f"cat {record.format('other-llm')}").stdout.splitlines()
+                if line.startswith("image ")]
+
+    def uninstall(inv: Path) -> str:
+        gone = subprocess.run([PYINFRA, "-y", "-v", str(inv), "llamadeploy.deploy.llama_server_removed"], cwd=REPO,
+                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert gone.returncode == 0, (gone.stdout + gone.stderr)[-5000:]
+        return gone.stdout + gone.stderr
+
+    step = f"Image {IMAGE_REF} removed"
+    said = uninstall(other)
+    assert step not in said and "stays: no deploy of this service brought it" in said, said[-5000:]
+    assert host.ssh(f"docker image inspect {IMAGE_REF}", check=False).returncode == 0, "the other service took the image"
+    assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
+    said = uninstall(docker_inv)  # the service whose deploy loaded it: its uninstall removes it
+    assert f"{step} (unless a container uses it)" in said, said[-5000:]

@@ -200,3 +200,13 @@ def test_someone_elses_unit_is_refused_before_it_is_written_and_left_alone_when_
     fake.found = {}  # none at all: written, nothing to leave alone
     units.refuse_foreign({"ggml-rpc-server.service": "llama_role = 'rpc_worker'"}, "a host without one")
     assert units.left_alone("ggml-rpc-server.service") is False
+
+
+def test_a_docker_image_is_recorded_only_when_the_run_brings_it():
+    """``image REF``: the deploy loaded or pulled it. Uninstall removes only an image a record
+    names, so the operator's image, or one another service brought, stays."""
+    ref = "llamadeploy/llama.cpp:server-b11434"
+    assert f"image {ref}" in record_lines(DIRS, None, None, images=[ref])
+    assert not [line for line in record_lines(DIRS, None, None) if line.startswith("image ")]
+    # an image recorded by an earlier run stays recorded when this run finds it on the host
+    assert f"image {ref}" in record_lines(DIRS, frozenset({f"image {ref}"}), None)
