@@ -163,7 +163,8 @@ def failed_first_deploy_stopped(host, tmp_path: Path) -> None:
 
 def rendered_units(name: str) -> dict[str, dict[str, str]]:
     """The units the deploy writes for what this fleet does not run (a CUDA server with its pinned
-    fit and device nodes, --numa, a fenced server with its guard, the GPU metrics timer), each set
+    fit and device nodes, --numa, a fenced server with its guard, the GPU metrics timer; and the
+    plain CPU unit, whose exposure benchmarks/platforms.py scores beside theirs), each set
     rendered by the product's own functions into a directory of its own: the unit names repeat."""
     from llamadeploy.gpu import device_node_commands, parse_gpus
     from llamadeploy.hostdata import parse_config
@@ -189,6 +190,7 @@ def rendered_units(name: str) -> dict[str, dict[str, str]]:
     guard, _ = keeper_texts("llama-server", "llama_server", f"{fenced.service.config_dir}/firewall.nft")
     metrics = REPO / "templates/node_exporter"
     return {
+        "cpu": {"llama-server.service": service.unit_file(config(), art, binary, args)},
         "gpu": {"llama-server.service": service.unit_file(cuda, art, binary, args, gpus, pin),
                 "llama-nvidia-devices.service": render("service/llama-nvidia-devices.service.j2",
                                                        unit_name="llama-server",
