@@ -133,7 +133,7 @@ def page(results: dict, raw_name: str) -> str:
     return "\n".join([
         "# Platforms: component versions and unit exposure per Debian release",
         "",
-        f"Written by `benchmarks/platforms.py` {describe(results)}; raw results: `{raw_name}`.",
+        f"Written by `benchmarks/platforms.py` {describe(results)}. Raw: `{raw_name}`.",
         "",
         "Each release is a fresh sandbox host booted from its debootstrap tree, with contrib and non-free",
         "turned on for its own codename. A version is what apt would install there (`apt-cache policy`'s",

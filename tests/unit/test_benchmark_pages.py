@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import affinity, fanout, native_vs_portable, noop, router, rpc, tuned_vs_stock
+from benchmarks import affinity, fanout, native_vs_portable, noop, platforms, router, rpc, tuned_vs_stock
 
 OUT = Path(noop.__file__).resolve().parent
 
@@ -24,6 +24,7 @@ PAGES: list[tuple[str, str, Callable[[dict, str], str]]] = [
     ("FANOUT.md", "fanout-2026-12-04.json", fanout.page),
     ("RPC.md", "rpc-2026-12-04.json", rpc.page),
     ("ROUTER.md", "router-2026-12-04.json", router.page),
+    ("PLATFORMS.md", "platforms-2026-12-05.json", platforms.page),
 ]
 
 

@@ -127,3 +127,36 @@ def test_readme_links_every_page():
     linked = {Path(t.split("#", 1)[0]).name for t in _links(README) if t.startswith("docs/")}
     missing = [p.name for p in PAGES if p.name not in linked]
     assert missing == [], f"README.md does not link these docs pages: {missing}"
+
+
+#: docs/platforms.md's version rows (the first cell's start) -> the packages whose versions they name
+PLATFORM_ROWS = {
+    "GCC": ("gcc",), "systemd": ("systemd",), "HAProxy": ("haproxy",), "Prometheus (monitor)": ("prometheus",),
+    "Docker engine": ("docker.io", "docker-cli"), "Compose": ("docker-compose",), "nftables": ("nftables",),
+    "aria2, busybox": ("aria2", "busybox"), "Python": ("python3",), "NVIDIA driver": ("nvidia-driver",),
+    "CUDA toolkit": ("nvidia-cuda-toolkit",),
+    "Prometheus Alertmanager, node exporter": ("prometheus-alertmanager", "prometheus-node-exporter"),
+}
+
+
+def test_the_platform_versions_in_the_docs_are_the_recorded_ones():
+    """Every version docs/platforms.md names for a release is, to the digits it gives, what
+    benchmarks/platforms.py recorded there (the raw JSON PLATFORMS.md names): a number in the docs
+    traces to a file a script wrote."""
+    import json
+
+    page = (ROOT / "benchmarks" / "PLATFORMS.md").read_text()
+    raw = json.loads((ROOT / "benchmarks" / re.search(r"Raw: `([^`]+)`", page).group(1)).read_text())
+    recorded = {rel: {p: re.sub(r"^\d+:", "", v or "") for p, v in r["versions"].items()}
+                for rel, r in raw["releases"].items()}
+    rows = [line.split(" | ") for line in (ROOT / "docs" / "platforms.md").read_text().splitlines()
+            if line.startswith("| ")]
+    checked = 0
+    for start, packages in PLATFORM_ROWS.items():
+        row = next(r for r in rows if r[0][2:].startswith(start))
+        for rel, cell in (("bookworm", row[1]), ("trixie", row[2])):
+            for number in re.findall(r"(?<![\w.`])(\d+(?:\.\d+)*)(?![\w.])", cell):
+                assert any(re.match(rf"{re.escape(number)}(?!\d)", recorded[rel][p]) for p in packages), \
+                    (start, rel, number, {p: recorded[rel][p] for p in packages})
+                checked += 1
+    assert checked >= 24, checked
