@@ -228,7 +228,7 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
     rid = release_id(release_version(ref), info.render(), compose_text + "\0" + image_pin(cfg))
     info = info.model_copy(update={"release_id": rid})
     atomic.put(name="Deploy manifest", src=StringIO(info.render()), dest=manifest_path(svc.config_dir), mode="644")
-    placed = model_role.switched(cfg, staged)
+    placed = model_role.switched(cfg, staged, stop=stopped_command(cfg))
     presets = []
     if router is not None and mount is not None:
         # the model set, read by the router at its start and at a reload (paths and options, no secret)
@@ -248,6 +248,11 @@ def compose_service(cfg: HostConfig, plan: MemoryPlan, art: ModelArtifact, resta
         # a container started just now read the preset
         reloaded.append(router_reloaded(cfg, router, key_file, [*presets, *(reload_on or [])], running, up))
     return up, running, rid, reloaded
+
+
+def stopped_command(cfg: HostConfig) -> str:
+    """Shell: stop the compose project's container (before a same-name model switches under it)."""
+    return f"cd {shlex.quote(cfg.docker.project_dir)} && {compose_command(cfg)} stop"
 
 
 def recreated(cfg: HostConfig, project_dir: str, _if: Callable[[], bool]) -> OperationMeta:

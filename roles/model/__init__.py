@@ -178,11 +178,14 @@ def model_files(cfg: HostConfig, art: ModelArtifact, on_host: OnHost) -> Placed:
     return Placed(sent, staged)
 
 
-def switched(cfg: HostConfig, staged: tuple[ModelFile, ...]) -> list[OperationMeta]:
+def switched(cfg: HostConfig, staged: tuple[ModelFile, ...], stop: str) -> list[OperationMeta]:
     """At the switch: each staged file linked into place from ``.kept/<sha256>/`` (what the name
-    held is kept aside by content first, for the releases that ran it). No byte is copied."""
-    return [restored(name=f"Model {f.name} switched to sha256 {f.sha256[:12]}… (a link from its staged content)",
-                     dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg))
+    held is kept aside by content first, for the releases that ran it). No byte is copied. The
+    server is stopped first (``stop``), so the old release never runs with the new content under
+    its name; the caller's start or restart, which a new model content needs anyway, follows."""
+    return [restored(name=f"Model {f.name} switched to sha256 {f.sha256[:12]}… (a link from its staged content; "
+                          "the server stopped first)",
+                     dest=f"{cfg.model_dir}/{f.name}", sha256=f.sha256, kept_dir=kept_dir(cfg), stop=stop)
             for f in staged]
 
 

@@ -82,7 +82,7 @@ def _keep_command(path: str, sha256: str, kept_dir: str) -> str:
 
 
 @operation()
-def restored(dest: str, sha256: str, kept_dir: str):
+def restored(dest: str, sha256: str, kept_dir: str, stop: str | None = None):
     """
     Put the kept content ``sha256`` back at ``dest`` by link and rename (a rollback, or a deploy
     of a model the host kept); what ``dest`` holds now is kept aside first, so going back and
@@ -91,6 +91,10 @@ def restored(dest: str, sha256: str, kept_dir: str):
     + dest: the model file path the release's unit or compose file names
     + sha256: the content the release ran
     + kept_dir: ``<model_dir>/.kept``
+    + stop: the command that stops the server reading ``dest`` (its unit, its container), run
+      first when the content changes: the release running now never has other content under the
+      name it loaded (a crash before its restart would load it with its own flags, ungated); the
+      start or restart that follows the switch brings up the release that runs this content
     """
     now = host.get_fact(VerifiedSha256, path=dest)
     if now is not None and now.sha256 == sha256:
@@ -110,4 +114,6 @@ def restored(dest: str, sha256: str, kept_dir: str):
     records = [record_command(dest, sha256), record_command(k, sha256)]
     if now is not None:
         records.append(record_command(kept_path(kept_dir, now.sha256, posixpath.basename(dest)), now.sha256))
+    if stop:  # stopped or not (none running), the switch goes on: the start that follows is the same
+        yield f"{stop} || true"
     yield f"{aside}ln -f {q(k)} {q(tmp)} && {durable_rename(tmp, dest)} && {' && '.join(records)}"

@@ -172,8 +172,11 @@ def models_restored(cfg: HostConfig, target: ReleaseRecord, when: Conditions = (
     (a deploy's own fallback); the operation reads the file again when it executes.
     """
     wanted = ("kept", "in place") if replaced else ("kept",)
-    return [restored(name=f"Model {name} of the release back in place (a link, no transfer)",
-                     dest=f"{cfg.model_dir}/{name}", sha256=sha, kept_dir=kept_dir(cfg), _if=list(when))
+    # the server that runs now stops before its file name gets other content (see ``restored``)
+    stop = (docker.stopped_command(cfg) if cfg.mode == "docker"
+            else f"systemctl stop {shlex.quote(cfg.service.name + '.service')}")
+    return [restored(name=f"Model {name} of the release back in place (a link, no transfer; the server stopped first)",
+                     dest=f"{cfg.model_dir}/{name}", sha256=sha, kept_dir=kept_dir(cfg), stop=stop, _if=list(when))
             for name, sha in target.manifest.model_files.items() if _model_source(cfg, name, sha) in wanted]
 
 

@@ -7,6 +7,7 @@ installed binary does not know before the unit changes.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from io import StringIO
 
@@ -153,7 +154,7 @@ def service(
     # the old release stays on disk; switching back is a link change
     # a same-name model's new content reaches its name only now (a crash before this point restarts
     # the old release on the weights it ran)
-    placed = model_role.switched(cfg, staged)
+    placed = model_role.switched(cfg, staged, stop=f"systemctl stop {shlex.quote(svc.name + '.service')}")
     switched = atomic.link(name="Point current at the release", path=cfg.current_link, target=cfg.release_dir)
     unit_path = f"/etc/systemd/system/{svc.name}.service"
     unit = atomic.put(

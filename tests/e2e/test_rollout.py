@@ -8,7 +8,9 @@ every later test moves the fleet with the real CLI (``llamadeploy rollout`` /
 
 from __future__ import annotations
 
+import datetime
 import json
+import posixpath
 import shutil
 import subprocess
 import threading
@@ -340,10 +342,19 @@ def test_rollback_past_a_newer_model_of_the_same_name_transfers_nothing(fleet, b
 
     inv_newer = write_fleet(tmp_path / "newer.py", fleet, llama_model=newer_model)
     sent = veth_bytes(h)
+    started = h.ssh("date +%s.%N").stdout.strip()
     result = run_deploy(inv_newer, "--limit", h.address)
     moved = veth_bytes(h) - sent
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     print(f"deploying the staged newer model moved {moved} bytes over {h.veth}")
+    # the old server had stopped before the new content reached its file name (the name's hash
+    # record stamps the switch's rename: its ctime), so no crash of it in between could load the
+    # new weights with the old release's flags, ungated
+    stamp = h.ssh(f"sed -n 1p {posixpath.dirname(before.model_path)}/.{src.name}.sha256").stdout.split()
+    switched_at = datetime.datetime.fromisoformat(f"{stamp[5]}T{stamp[6][:15]}{stamp[7]}").timestamp()
+    journal = h.ssh(f"journalctl -u llama-server -o short-unix --no-pager --since @{started}").stdout
+    stopped = [float(line.split()[0]) for line in journal.splitlines() if "Stopped " in line]
+    assert stopped and min(stopped) <= switched_at, (switched_at, journal[-3000:])
     assert moved < 2 * 1024 * 1024, moved  # staged by the failed run: linked, not sent again
     after = manifest(h)
     assert after.model_sha256 != before.model_sha256 and after.model_path == before.model_path
