@@ -15,7 +15,8 @@ own files, or ``/etc/nginx`` given as ``config_dir`` by mistake, must never be r
 re-moded, pruned or deleted by us, as Debian's packages remove only what they installed.
 
 A host deployed before records existed (no record, our manifest in ``config_dir``) is adopted
-once: its configured directories and account are recorded as ours.
+once: the configured directories that deploy evidently made (:func:`adopted_dirs`) and its account
+are recorded as ours; any other configured directory is checked as on a fresh host.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import DeployError
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Users
 from pyinfra.operations import files
 
-from llamadeploy import atomic
+from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
-from llamadeploy.manifest import manifest_path
+from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.firewall import guard_unit
@@ -55,16 +56,41 @@ def configured_dirs(cfg: HostConfig) -> dict[str, str]:
             "llama_docker.project_dir": cfg.docker.project_dir}
 
 
+def adopted_dirs(dirs: dict[str, str], manifest: Manifest | None, packages_recorded: bool) -> frozenset[str]:
+    """On a host an earlier deploy served before records existed (no record, its manifest in
+    ``config_dir``): the configured directories that deploy evidently made, which are adopted as
+    ours (pure). The config directory holds its manifest; the prefix holds the binary it names; the
+    data directory the model it names; the compose project directory is the one it names; the
+    cache directory holds its package records (``packages_recorded``; also without a manifest:
+    a front's or a monitor's, which keep no record). Any other configured directory is checked
+    like on any host: an inventory that now points ``data_dir`` at an
+    operator's ``/srv/llm`` is refused there too."""
+    if manifest is None:  # no earlier deploy of a server here; a front's or monitor's cache directory
+        return frozenset(path for field, path in dirs.items() if field.endswith(".cache_dir") and packages_recorded)
+
+    def under(path: str | None, d: str) -> bool:
+        return bool(path) and posixpath.normpath(str(path)).startswith(posixpath.normpath(d).rstrip("/") + "/")
+
+    svc = {field.split(".")[-1]: path for field, path in dirs.items()}
+    evidence = {"config_dir": True, "prefix": under(manifest.binary, svc["prefix"]),
+                "data_dir": under(manifest.model_path, svc["data_dir"]),
+                "project_dir": bool(manifest.compose_project)
+                and posixpath.normpath(manifest.compose_project or "") == posixpath.normpath(svc["project_dir"]),
+                "cache_dir": packages_recorded}
+    return frozenset(svc[k] for k, ok in evidence.items() if ok)
+
+
 def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: frozenset[str],
-                      legacy: bool, user: str | None, user_exists: bool) -> str | None:
+                      adopted: frozenset[str], user: str | None, user_exists: bool) -> str | None:
     """Why this host's configured paths or account are not ours to use, or None (pure).
 
     ``owned``: what the host's records (this service's and any other's the deploy made) name;
-    ``legacy``: no record, but an earlier deploy's manifest is there (adopted); ``user``: the
-    service account (native mode), ``user_exists``: on the host now.
+    ``adopted``: the directories an earlier deploy without records evidently made
+    (:func:`adopted_dirs`); ``user``: the service account (native mode), ``user_exists``: on the
+    host now (False for an account such a deploy made).
     """
     for field, path in dirs.items():
-        if f"dir {path}" in owned or legacy:
+        if f"dir {path}" in owned or path in adopted:
             continue
         state = states.get(path, "absent")
         if state in ("absent", "empty"):
@@ -167,6 +193,17 @@ def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:
     return mine, frozenset().union(*records.values()), legacy
 
 
+def adopted(cfg: HostConfig) -> frozenset[str]:
+    """:func:`adopted_dirs` of this host, read from it."""
+    lines = host.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
+    try:
+        manifest = Manifest.parse("\n".join(lines)) if lines else None
+    except ValueError:
+        manifest = None
+    recorded = bool(host.get_fact(File, path=posixpath.join(cfg.service.cache_dir, packages.BEFORE)))
+    return adopted_dirs(configured_dirs(cfg), manifest, recorded)
+
+
 @role("Ownership")
 def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     """Refuse paths and an account the deploy did not create (while pyinfra prepares, before any
@@ -181,8 +218,8 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     # a host from before records: the account an earlier deploy made (its home is our data_dir)
     exists = account is not None and not (legacy and is_ours(cfg, account))
     units = service_units(cfg.service.name)
-    problem = (ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything, legacy,
-                                 user, exists)
+    problem = (ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything,
+                                 adopted(cfg) if legacy else frozenset(), user, exists)
                or unit_problem(cfg.service.name, host.get_fact(UnitFiles, names=units), everything))
     if problem:
         raise DeployError(f"preflight refused host {host.name}: {problem}")

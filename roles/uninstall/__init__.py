@@ -76,14 +76,19 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):  # Alertmanager's (roles/monitor): the purge keeps them
         files.file(name=f"{secret} removed", path=secret, present=False)
 
-    # exactly what this service's ownership record names and no other service's record does;
-    # a host deployed before records existed: the configured paths, as then (roles/ownership)
+    # exactly what this service's ownership record names and no other service's record does; a
+    # host an earlier deploy served before records existed, or a front or monitor (they keep none):
+    # the directories it evidently made (roles/ownership); a host never deployed: none of them
     name = posixpath.basename(ownership.record_path(cfg))
     mine = records.get(name)
     others: frozenset[str] = frozenset().union(*(v for k, v in records.items() if k != name))
+    legacy = mine is None and ownership.read(cfg)[2]
+    legacy_dirs = ownership.adopted(cfg) if mine is None else frozenset()
 
     def ours(line: str) -> bool:
-        return (mine is None or line in mine) and line not in others
+        if mine is None:
+            return (line[len("dir "):] in legacy_dirs if line.startswith("dir ") else legacy) and line not in others
+        return line in mine and line not in others
 
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:

@@ -313,6 +313,17 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         result = run_deploy(with_data(host, tmp_path, name, **sections))
         assert result.rc != 0, name
         assert f"preflight refused host {host.address}: {expected}" in result.stderr, (name, result.stderr[-2000:])
+    # a host an earlier deploy served before ownership records existed (its records moved aside):
+    # the directories its manifest shows are adopted, not a data_dir the inventory now points at
+    # an operator's directory (adopting every configured one would re-own and prune /srv/llm)
+    host.ssh("mkdir /root/owned-aside && mv /var/lib/llamadeploy/*.owned /root/owned-aside/")
+    try:
+        result = run_deploy(with_data(host, tmp_path, "legacy", llama_service={"data_dir": "/srv/llm"}))
+    finally:
+        host.ssh("mv /root/owned-aside/*.owned /var/lib/llamadeploy/ && rmdir /root/owned-aside")
+    assert result.rc != 0
+    assert (f"preflight refused host {host.address}: llama_service.data_dir = '/srv/llm' exists on this host"
+            in result.stderr), result.stderr[-2000:]
     # a refusal on a later host of the run, after an earlier one's deploy lock was taken: the run
     # stops and that lock is released too (host_state names a lock left behind)
     address, conn = host.inventory_entry()

@@ -27,7 +27,7 @@ FRESH = dict.fromkeys(DIRS.values(), "absent")
 
 
 def test_a_fresh_host_passes_and_everything_is_recorded():
-    assert ownership_problem(DIRS, FRESH, frozenset(), False, "llama", False) is None
+    assert ownership_problem(DIRS, FRESH, frozenset(), frozenset(), "llama", False) is None
     assert record_lines(DIRS, None, "llama") == sorted(
         ["account llama", "dir /opt/llama.cpp", "dir /srv/llm", "dir /etc/llama-server", "dir /var/cache/llama.cpp",
          "dir /opt/llama-server-compose"])
@@ -35,29 +35,29 @@ def test_a_fresh_host_passes_and_everything_is_recorded():
 
 def test_a_foreign_directory_with_content_is_refused_naming_the_field():
     states = {**FRESH, "/srv/llm": "2 models notes.txt "}
-    assert ownership_problem(DIRS, states, frozenset(), False, "llama", False) == (
+    assert ownership_problem(DIRS, states, frozenset(), frozenset(), "llama", False) == (
         "llama_service.data_dir = '/srv/llm' exists on this host and holds 2 entries this deploy did not create "
         "(models, notes.txt); allowed: a new or empty directory, or one an earlier deploy created")
     many = {**FRESH, "/etc/llama-server": "7 a b c "}
     assert "holds 7 entries this deploy did not create (a, b, c, ...)" in str(
-        ownership_problem(DIRS, many, frozenset(), False, None, False))
+        ownership_problem(DIRS, many, frozenset(), frozenset(), None, False))
     assert "is a file on this host" in str(ownership_problem(DIRS, {**FRESH, "/srv/llm": "file"}, frozenset(),
-                                                             False, None, False))
+                                                             frozenset(), None, False))
 
 
 def test_empty_recorded_or_adopted_directories_pass():
     states = {**FRESH, "/srv/llm": "2 models notes.txt "}
-    assert ownership_problem(DIRS, {**FRESH, "/srv/llm": "empty"}, frozenset(), False, None, False) is None
-    assert ownership_problem(DIRS, states, frozenset({"dir /srv/llm"}), False, None, False) is None
-    assert ownership_problem(DIRS, states, frozenset(), True, None, False) is None  # an earlier deploy's host
+    assert ownership_problem(DIRS, {**FRESH, "/srv/llm": "empty"}, frozenset(), frozenset(), None, False) is None
+    assert ownership_problem(DIRS, states, frozenset({"dir /srv/llm"}), frozenset(), None, False) is None
+    assert ownership_problem(DIRS, states, frozenset(), frozenset({"/srv/llm"}), None, False) is None  # adopted
 
 
 def test_an_existing_account_is_refused_unless_recorded():
-    msg = ownership_problem(DIRS, FRESH, frozenset(), False, "svc", True)
+    msg = ownership_problem(DIRS, FRESH, frozenset(), frozenset(), "svc", True)
     assert msg == ("llama_service.user = 'svc' is an existing account this deploy did not create; allowed: a new "
                    "account (the deploy creates and records it), or one an earlier deploy created")
-    assert ownership_problem(DIRS, FRESH, frozenset({"account svc"}), False, "svc", True) is None
-    assert ownership_problem(DIRS, FRESH, frozenset(), False, None, True) is None  # docker mode: no account
+    assert ownership_problem(DIRS, FRESH, frozenset({"account svc"}), frozenset(), "svc", True) is None
+    assert ownership_problem(DIRS, FRESH, frozenset(), frozenset(), None, True) is None  # docker mode: no account
 
 
 def test_record_keeps_what_it_held():
@@ -210,3 +210,32 @@ def test_a_docker_image_is_recorded_only_when_the_run_brings_it():
     assert not [line for line in record_lines(DIRS, None, None) if line.startswith("image ")]
     # an image recorded by an earlier run stays recorded when this run finds it on the host
     assert f"image {ref}" in record_lines(DIRS, frozenset({f"image {ref}"}), None)
+
+
+def test_an_earlier_deploy_without_records_is_adopted_only_where_its_manifest_shows_it():
+    """A host deployed before records existed: the config directory (its manifest is there), the
+    prefix holding the binary it ran, the data directory holding its model, the compose project it
+    names and a cache directory with package records are the earlier deploy's. A data_dir the
+    inventory now points at an operator's directory is not: it is checked like on a fresh host."""
+    from llamadeploy.manifest import Manifest, PlanRecord
+    from llamadeploy.roles.ownership import adopted_dirs
+
+    plan = PlanRecord(limit=1, model_bytes=1, kv_bytes_per_token=1, ctx_size=512, parallel=1)
+    old = Manifest(mode="native", host="127.0.0.1", port=8080, alias="m", args=[], memory_plan=plan,
+                   model_path="/var/lib/llama-server/models/m.gguf", model_files={"m.gguf": "a" * 64},
+                   binary="/opt/llama.cpp/current/bin/llama-server")
+    default = configured_dirs(HostConfig.model_validate({"model": {"path": "/m/m.gguf"},
+                                                         "server": {"allow_unauthenticated": True}}))
+    assert adopted_dirs(default, old, True) == {"/etc/llama-server", "/opt/llama.cpp", "/var/lib/llama-server",
+                                                 "/var/cache/llama.cpp"}
+    assert adopted_dirs(default, old, False) == {"/etc/llama-server", "/opt/llama.cpp", "/var/lib/llama-server"}
+    # the inventory now says data_dir /srv/llm: the earlier deploy's model was elsewhere
+    assert "/srv/llm" not in adopted_dirs(DIRS, old, True)
+    states = {**FRESH, "/srv/llm": "2 models notes.txt "}
+    assert "llama_service.data_dir = '/srv/llm'" in str(ownership_problem(DIRS, states, frozenset(),
+                                                                          adopted_dirs(DIRS, old, True), None, False))
+    docker = old.model_copy(update={"mode": "docker", "binary": None, "compose_project": "/opt/llama-server-compose"})
+    assert "/opt/llama-server-compose" in adopted_dirs(default, docker, False)
+    # no manifest: no server deployed here; a front's or monitor's cache directory with its package records
+    assert adopted_dirs(default, None, True) == {"/var/cache/llama.cpp"}
+    assert adopted_dirs(default, None, False) == frozenset()
