@@ -18,13 +18,16 @@ from importlib.resources import files
 from typing import Any
 
 import jinja2
+from pyinfra.api import DeployError
 
 #: C0 controls and DEL, tab excepted
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-class RenderError(ValueError):
-    """A value that would change the structure of the rendered file."""
+class RenderError(DeployError, ValueError):
+    """A value that would change the structure of the rendered file. A ``DeployError``: raised while
+    pyinfra prepares, it is one pyinfra error naming the template and the variable, no traceback,
+    and nothing has changed on any host."""
 
 
 def _checked(value: Any) -> Any:

@@ -215,11 +215,13 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     record, everything, legacy = read(cfg)
     user = cfg.service.user if cfg.mode == "native" else None
     account = host.get_fact(Users).get(user) if user else None
-    # a host from before records: the account an earlier deploy made (its home is our data_dir)
-    exists = account is not None and not (legacy and is_ours(cfg, account))
+    # a host from before records: the account an earlier deploy made (its home is our data_dir,
+    # which that deploy's manifest shows it made)
+    adopted_set = adopted(cfg) if legacy else frozenset()
+    exists = account is not None and not (cfg.service.data_dir in adopted_set and is_ours(cfg, account))
     units = service_units(cfg.service.name)
     problem = (ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything,
-                                 adopted(cfg) if legacy else frozenset(), user, exists)
+                                 adopted_set, user, exists)
                or unit_problem(cfg.service.name, host.get_fact(UnitFiles, names=units), everything))
     if problem:
         raise DeployError(f"preflight refused host {host.name}: {problem}")

@@ -15,11 +15,12 @@ import posixpath
 import shlex
 
 from pyinfra import host
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Command, Users
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
+from llamadeploy import packages
 from llamadeploy.config import HostConfig
 from llamadeploy.roledeploy import role
 from llamadeploy.roles import front, monitor, node_exporter, ownership
@@ -73,8 +74,14 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
     port_unfenced(node_exporter.UNIT, node_exporter.TABLE, node_exporter.FENCE_RULES)  # roles/node_exporter
     node_exporter.gpu_metrics_removed()  # a CUDA host's (roles/node_exporter)
-    for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):  # Alertmanager's (roles/monitor): the purge keeps them
-        files.file(name=f"{secret} removed", path=secret, present=False)
+    # Alertmanager's secrets (roles/monitor; the purge keeps them), where the deploy installed it:
+    # on any other host a file of that name is someone else's
+    if "prometheus-alertmanager" in packages.recorded(
+            host.get_fact(FileContents, path=packages.record_path(cfg, "monitor"))):
+        for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):
+            files.file(name=f"{secret} removed", path=secret, present=False)
+    # a front's marks of the servers a rollout drained (roles/front)
+    tree_removed(name="Rollout drain marks removed", path=posixpath.dirname(front.DRAINED_DIR))
 
     # exactly what this service's ownership record names and no other service's record does; a
     # host an earlier deploy served before records existed, or a front or monitor (they keep none):
@@ -125,7 +132,8 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
 
     account = host.get_fact(Users).get(svc.user)
     # never an account the deploy did not make
-    if account is not None and (is_ours(cfg, account) if mine is None else ours(f"account {svc.user}")):
+    if account is not None and (is_ours(cfg, account) and svc.data_dir in legacy_dirs if mine is None
+                                else ours(f"account {svc.user}")):
         server.user(name="Service user removed", user=svc.user, present=False)
         server.group(name="Service group removed", group=svc.user, present=False)
     # the records of what to purge live in the cache directory: purge first, then remove it

@@ -958,6 +958,8 @@ def test_uninstall_takes_the_fences_of_front_and_monitor_away(hosts, fleet):
         assert deleted and h.address in deleted[0]["success"], deleted
         assert "llamadeploy_" not in h.ssh("if command -v nft >/dev/null; then nft list tables; fi").stdout
         assert h.ssh(f"systemctl is-active {unit}-fence.service", check=False).stdout.strip() != "active"
+    # the front's marks of what rollouts drained go too
+    assert hosts["fd"].ssh("test -e /var/lib/llamadeploy-front", check=False).returncode != 0
     again = remove()
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]

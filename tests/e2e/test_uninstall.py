@@ -55,6 +55,9 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
         host.ssh(f"printf '%s\\n' '[Unit]' 'Description=the operator s own' '[Service]' 'ExecStart=/bin/sleep infinity' "
                  f"'[Install]' 'WantedBy=multi-user.target' > /etc/systemd/system/{unit}")
     host.ssh(f"systemctl daemon-reload && systemctl enable --now {' '.join(OPERATORS_UNITS)}")
+    # and a file of theirs where a monitor's Alertmanager keeps its webhook token: this host runs no
+    # Alertmanager the deploy installed, so no uninstall of it removes that file
+    host.ssh("mkdir -p /etc/prometheus && echo theirs > /etc/prometheus/alertmanager-webhook-token")
     fresh = host.ssh(SNAPSHOT).stdout
     inventory = write_inventory(tmp_path / "un.py", [host], default_data())
     result = run_deploy(inventory)
@@ -110,6 +113,16 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
 
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]
     host.ssh("rm -r /var/lib/llama-server")  # the operator's to remove
+    assert host.ssh(SNAPSHOT).stdout == fresh
+    # an uninstall on a host without a record or an earlier deploy's manifest (never deployed)
+    # takes no account, not even a system account whose home is the configured data_dir
+    host.ssh("useradd -r -d /var/lib/llama-server -s /usr/sbin/nologin llama")
+    try:
+        bare = remove(inventory)
+        assert bare.returncode == 0, (bare.stdout + bare.stderr)[-3000:]
+        assert host.ssh("getent passwd llama", check=False).returncode == 0, "the operator's account was removed"
+    finally:
+        host.ssh("userdel llama", check=False)
     assert host.ssh(SNAPSHOT).stdout == fresh
     # an uninstall under a service name that is someone else's unit: sshd.service is the alias link
     # of Debian's ssh.service; it is neither stopped nor removed, and the host stays as it was

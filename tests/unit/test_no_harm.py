@@ -81,6 +81,15 @@ def test_renderer_refuses_a_control_character_naming_the_variable():
     assert "x-y" in render("service/llama-nvidia-devices.service.j2", unit_name="x-y", device_commands=["/usr/bin/nvidia-modprobe -u -c=0"])
 
 
+def test_a_render_refusal_is_a_pyinfra_error():
+    """Raised while pyinfra prepares, a refused value is one pyinfra error (a ``DeployError``, as a
+    config error is), not a traceback, and it names the template and the variable."""
+    from pyinfra.api import DeployError
+
+    with pytest.raises(DeployError, match=r"template service/llama-nvidia-devices.service.j2: the value of "):
+        render("service/llama-nvidia-devices.service.j2", unit_name="x\n[Service]", device_commands=[])
+
+
 def test_control_characters_are_found_inside_objects():
     @dataclass
     class Backend:
