@@ -156,6 +156,22 @@ def test_fence_survives_a_firewall_restart_and_a_flushed_ruleset(group, deployed
     assert w1.ssh("systemctl is-active ggml-rpc-server-fence").stdout.strip() == "active", events
 
 
+def test_a_deploy_restores_a_fence_nothing_keeps_loaded(group, deployed):
+    """The guard stopped (the worker is bound to it: it stops too) and the table deleted: nothing
+    loads the fence again and nothing serves on the port. The next deploy brings the table, the
+    guard and the worker back, and the other worker still cannot connect."""
+    inv, _ = deployed
+    head, w1, w2 = group
+    w1.ssh("systemctl stop ggml-rpc-server-fence && nft delete table inet llamadeploy_rpc")
+    assert w1.ssh("systemctl is-active ggml-rpc-server", check=False).stdout.strip() != "active"
+    again = run_deploy(inv)
+    assert again.rc == 0, again.stderr[-3000:]
+    wait_for_table(w1, "llamadeploy_rpc")
+    assert w1.ssh("systemctl is-active ggml-rpc-server ggml-rpc-server-fence").stdout.split() == ["active", "active"]
+    probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{w1.address}/50052' && echo open || echo closed"
+    assert w2.ssh(probe).stdout.strip() == "closed"
+
+
 def httpx_wait_health(head) -> None:
     from llamadeploy.bench import wait_healthy
 
