@@ -482,6 +482,10 @@ def _stop(name: str, pid: int | None, veth: str, network: str, lan: str | None =
     if info is None:
         with _state() as state:
             info = state.pop(name, {})
+    if lan and not any(e.get("lan") == lan for e in _load_state().values()):
+        # the last host of its LAN: the zone's bridge goes too. systemd-nspawn removes it when its
+        # last container exits normally; one that was killed leaves it behind (seen: vz-trixie)
+        _run("ip", "link", "del", host.uplink, check=False)
     _merge_back(name, info.get("overlays") or {})
 
 

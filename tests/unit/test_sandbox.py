@@ -110,3 +110,18 @@ def test_a_host_runs_the_debian_release_asked_for_and_no_other():
         sandbox.host("tx", 9, distro="jammy")
     with pytest.raises(ValueError, match="allowed bookworm, trixie"):
         rootfs("sid")
+
+
+@pytest.mark.parametrize(("others", "bridge_removed"), [({}, True), ({"lp2": {"lan": "lprobe"}}, False),
+                                                         ({"x": {"lan": "other"}}, True)])
+def test_the_last_host_of_a_lan_removes_its_bridge(monkeypatch, others, bridge_removed):
+    """systemd-nspawn removes a zone's bridge when its last container exits normally, not when it
+    was killed: the last host of the LAN that stops removes it, and no earlier one does (the others
+    still use it)."""
+    h = importlib.import_module("llamadeploy.sandbox.host")
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(h, "_run", lambda *cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(h, "_load_state", lambda: others)
+    monkeypatch.setattr(h, "_merge_back", lambda name, overlays: None)
+    h._stop("lp1", None, "vb-lp1", "10.232.231.0/24", lan="lprobe", index=231, claimed={})
+    assert (("ip", "link", "del", "vz-lprobe") in calls) is bridge_removed, calls
