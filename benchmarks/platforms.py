@@ -18,12 +18,16 @@ Writes ``benchmarks/PLATFORMS.md`` and its raw JSON; ``--render RAW.json`` write
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from pathlib import Path
 
 from benchmarks.machine import describe, machine, publish, render_or_run
+from llamadeploy.gpu import Gpu
+from llamadeploy.roles.gpu import GpuHost
 from llamadeploy.sandbox import SandboxHost
+from llamadeploy.sandbox.renders import rendered_units
 
 OUT = Path(__file__).resolve().parent
 MD = OUT / "PLATFORMS.md"
@@ -67,10 +71,11 @@ def candidates(host: SandboxHost, packages: list[str]) -> dict[str, str | None]:
 
 
 def unit_renders() -> dict[str, str]:
-    """The server unit of each variant, rendered by the product's own functions."""
-    from tests.e2e.native_checks import rendered_units
-
-    return {variant: units["llama-server.service"] for variant, units in rendered_units("plb").items()
+    """The server unit of each variant, rendered by the product's own functions (the same renders
+    the e2e tests verify); the CUDA unit for the H200 that benchmarks/gpu_device.py's run recorded."""
+    recorded = json.loads((OUT / "gpu-device-h200.json").read_text())
+    gpus = GpuHost(tuple(Gpu(**g) for g in recorded["gpus"]), "13.0", "90")
+    return {variant: units["llama-server.service"] for variant, units in rendered_units("plb", gpus).items()
             if "llama-server.service" in units}
 
 

@@ -17,6 +17,7 @@ import pytest
 from benchmarks import machine
 from benchmarks.machine import DeployResult
 from benchmarks.machine import failure_text as failure_text  # the test modules take it from here
+from llamadeploy.sandbox.inventory import merged_data as merged_data  # the test modules take it from here
 
 REPO = machine.REPO
 PYINFRA = machine.PYINFRA
@@ -33,16 +34,6 @@ LOCAL_TIMEOUT = 60
 # and ships it to every other host; a test that needs an empty cache passes its own
 os.environ.setdefault("LLAMADEPLOY_CACHE", os.path.join(os.environ.get("LLAMACTL_CACHE", "/var/cache/llamactl-ci"),
                                                         "controller"))
-
-
-def merged_data(**sections: Any) -> dict:
-    """The sandbox's default host data with ``sections`` deep-merged in, as pyinfra's layers do."""
-    from llamadeploy.sandbox.inventory import default_data
-
-    data = default_data()
-    for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    return data
 
 
 def run_deploy(inventory: Path, *extra: str, env: dict[str, str] | None = None,

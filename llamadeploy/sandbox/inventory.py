@@ -51,3 +51,11 @@ def write_inventory(path: Path, hosts: list[SandboxHost], data: dict[str, Any] |
         f"hosts = {entries!r}\n"
     )
     return path
+
+
+def merged_data(**sections: Any) -> dict:
+    """The sandbox's default host data with ``sections`` deep-merged in, as pyinfra's layers do."""
+    data = default_data()
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    return data

@@ -162,45 +162,14 @@ def failed_first_deploy_stopped(host, tmp_path: Path) -> None:
 
 
 def rendered_units(name: str) -> dict[str, dict[str, str]]:
-    """The units the deploy writes for what this fleet does not run (a CUDA server with its pinned
-    fit and device nodes, --numa, a fenced server with its guard, the GPU metrics timer; and the
-    plain CPU unit, whose exposure benchmarks/platforms.py scores beside theirs), each set
-    rendered by the product's own functions into a directory of its own: the unit names repeat."""
-    from llamadeploy.gpu import device_node_commands, parse_gpus
-    from llamadeploy.hostdata import parse_config
-    from llamadeploy.render import render
-    from llamadeploy.roles import service
-    from llamadeploy.roles.firewall import guard_unit, keeper_texts
-    from llamadeploy.roles.gpu import FitPin, GpuHost
-    from llamadeploy.roles.model.source import ModelArtifact, ModelFile
+    """:func:`llamadeploy.sandbox.renders.rendered_units`, for the H200 nvidia-smi recorded."""
+    from llamadeploy.gpu import parse_gpus
+    from llamadeploy.roles.gpu import GpuHost
+    from llamadeploy.sandbox.renders import rendered_units as renders
     from tests.unit.test_gpu import DATA
 
-    def config(**sections):
-        cfg, problems = parse_config(name, [merged_data(**sections)])
-        assert not problems, problems
-        return cfg
-
-    art = ModelArtifact((ModelFile("m.gguf", "", 1, "a" * 64),), "m")
-    binary = "/opt/llama.cpp/current/bin/llama-server"
-    args = ["--port", "8080", "--threads", "2"]
-    cuda = config(llama_build={"backend": "cuda"})
-    gpus = GpuHost(tuple(parse_gpus((DATA / "h200-recorded.csv").read_text().splitlines())), "13.0", "90")
-    pin = FitPin("d" * 16, f"{cuda.service.config_dir}/gpu-fit/{'d' * 16}.env", [])
-    fenced = config(llama_server={"allow_from": ["10.0.0.0/8"]})
-    guard, _ = keeper_texts("llama-server", "llama_server", f"{fenced.service.config_dir}/firewall.nft")
-    metrics = REPO / "templates/node_exporter"
-    return {
-        "cpu": {"llama-server.service": service.unit_file(config(), art, binary, args)},
-        "gpu": {"llama-server.service": service.unit_file(cuda, art, binary, args, gpus, pin),
-                "llama-nvidia-devices.service": render("service/llama-nvidia-devices.service.j2",
-                                                       unit_name="llama-server",
-                                                       device_commands=device_node_commands([0]))},
-        "numa": {"llama-server.service": service.unit_file(config(), art, binary, [*args, "--numa", "distribute"])},
-        "fenced": {"llama-server.service": service.unit_file(fenced, art, binary, args),
-                   guard_unit("llama-server"): guard},
-        "gpu-metrics": {name: (metrics / name).read_text()
-                        for name in ("llamadeploy-gpu-metrics.service", "llamadeploy-gpu-metrics.timer")},
-    }
+    return renders(name, GpuHost(tuple(parse_gpus((DATA / "h200-recorded.csv").read_text().splitlines())), "13.0",
+                                 "90"))
 
 
 def rendered_units_verify(host) -> dict[str, float]:
