@@ -351,11 +351,22 @@ def test_docker_release_that_crashes_at_start_is_rolled_back_on_compose_v2(docke
     docker_checks.crash_at_start_rolled_back(box, inv, tmp_path)
 
 
-def test_controller_tools_run_on_trixie(testhosts):
-    """A Debian 13 machine as the controller: ``scripts/setup`` installs the tools (apt, the venv
-    from PyPI on Python 3.13) and the unit tests pass there. The repository goes over as git
-    lists it (tracked and new files, nothing ignored: no .venv, no caches)."""
-    box = testhosts("tctl", 96, distro="trixie")
+@pytest.fixture(scope="module")
+def controller(testhosts):
+    """A Debian 13 machine as the controller, with the repository as git lists it (tracked and new
+    files, nothing ignored: no .venv, no caches) and ``scripts/setup`` run there (apt, the venv from
+    PyPI on Python 3.13).
+
+    The quickstart boots its demo host inside it, so it gets what a nested ``systemd-nspawn``
+    needs: every capability and access to character devices. Not the cgroup tree a Docker host
+    gets (``--bind=/sys/fs/cgroup``): this machine's is cgroup v1, which trixie's systemd-nspawn
+    257 refuses ("Failed to determine supported controllers"); the tree nspawn sets up for its
+    own container serves it. The PyPI artifacts (the llama.cpp sdist, the model's part wheels) are
+    this machine's, read-only: the same files, not a second 300 MB download."""
+    from llamadeploy.sandbox.assets import PYPI
+
+    box = testhosts("tctl", 96, distro="trixie",
+                    nspawn_options=["--capability=all", "--property=DeviceAllow=char-* rwm", f"--bind-ro={PYPI}:{PYPI}"])
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                             check=True, timeout=LOCAL_TIMEOUT).stdout
     tree = subprocess.run(["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", "-"], input=listed, capture_output=True,
@@ -364,8 +375,53 @@ def test_controller_tools_run_on_trixie(testhosts):
                    check=True, timeout=LOCAL_TIMEOUT)
     setup = box.ssh("cd /root/llamadeploy && scripts/setup 2>&1", check=False, timeout=SUBPROCESS_TIMEOUT)
     assert setup.returncode == 0, setup.stdout[-3000:]
+    return box
+
+
+def test_controller_tools_run_on_trixie(controller):
+    """On the trixie controller the venv runs Python 3.13 and the unit tests pass there."""
+    box = controller
     assert box.ssh("/root/llamadeploy/.venv/bin/python -V").stdout.startswith("Python 3.13")
     unit = box.ssh("cd /root/llamadeploy && .venv/bin/pytest -q -p no:cacheprovider tests/unit 2>&1", check=False,
                    timeout=SUBPROCESS_TIMEOUT)
     assert unit.returncode == 0, unit.stdout[-4000:]
     assert re.search(r"\b\d{3,} passed\b", unit.stdout), unit.stdout[-1000:]
+
+
+def test_quickstart_on_a_trixie_controller_serves_what_it_prints_and_goes_down(controller):
+    """README's first command, ``./scripts/quickstart``, run on the Debian 13 controller as a user
+    runs it: it debootstraps bookworm there, boots the demo host with trixie's systemd-nspawn,
+    wires its NAT with trixie's iptables, deploys, and prints a curl that answers as printed from
+    that controller; ``scripts/quickstart down`` leaves no host, link or NAT rule there.
+
+    The controller's release cache is seeded with the bookworm release test_native cached (as a
+    second run of the quickstart on one machine finds it), so nothing compiles: the compile on a
+    trixie host is test_trixie_build's."""
+    from llamadeploy import ctlcache
+    from llamadeploy.config import BuildConfig
+
+    box = controller
+    key = BuildConfig(**default_data()["llama_build"]).release_key()
+    cached = sorted(p.name for p in (ctlcache.cache_dir() / "releases" / key).glob("debian12-*"))
+    assert cached, f"no bookworm release {key} in {ctlcache.cache_dir()}: test_native caches it"
+    seed = subprocess.run(["tar", "-C", str(ctlcache.cache_dir()), "-cf", "-", *(f"releases/{key}/{n}" for n in cached)],
+                          capture_output=True, check=True, timeout=LOCAL_TIMEOUT).stdout
+    subprocess.run([*box.ssh_args(), "mkdir -p /root/.cache/llamadeploy && tar -C /root/.cache/llamadeploy -xf -"],
+                   input=seed, check=True, timeout=LOCAL_TIMEOUT)
+    demo = "ssh -F /var/cache/llamactl-ci/ssh/config 10.231.200.2"
+    try:
+        up = box.ssh("cd /root/llamadeploy && ./scripts/quickstart 2>&1", check=False, timeout=SUBPROCESS_TIMEOUT)
+        assert up.returncode == 0, up.stdout[-5000:]
+        curl = up.stdout[up.stdout.index("curl -s "):].split("\n\n")[0]  # the command as printed
+        answer = box.ssh(curl, check=False)
+        body = json.loads(answer.stdout)
+        assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0, answer.stdout
+        seen = box.ssh(f"{demo} 'grep ^VERSION_CODENAME= /etc/os-release; command -v cmake || echo no-cmake'").stdout
+        assert seen.split() == ["VERSION_CODENAME=bookworm", "no-cmake"], seen  # it received the release
+    finally:
+        down = box.ssh("cd /root/llamadeploy && ./scripts/quickstart down 2>&1", check=False,
+                       timeout=SUBPROCESS_TIMEOUT)
+    assert down.returncode == 0 and "stopped and removed: demo" in down.stdout, down.stdout
+    left = box.ssh("pgrep -ax systemd-nspawn; ip -br link | grep -E '^(ve|vb|vz)-'; iptables -t nat -S | grep 10.231",
+                   check=False).stdout
+    assert left == "", left
