@@ -109,6 +109,58 @@ def test_each_request_reaches_a_server_that_serves_its_model(hosts, fleet):
     assert chat.get(fm1, 0) > 0 and chat.get(fm2, 0) > 0, chat  # both serve chat: both get some
 
 
+def server_state(hosts, backend: str, name: str) -> tuple[int, int]:
+    """(operational, administrative) state of ``name`` in ``backend``, from the runtime API:
+    operational 0 is down, 2 up; administrative bits 0x1 maintenance, 0x8 drain, and 0x2, 0x10
+    the same inherited from the server it tracks."""
+    out = hosts["fmf"].ssh(f"echo 'show servers state {backend}' | socat stdio /run/haproxy/admin.sock").stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 7 and parts[1] == backend and parts[3] == name:
+            return int(parts[5]), int(parts[6])
+    raise AssertionError(f"{name} is not in {backend}: {out}")
+
+
+def test_a_server_drained_or_down_in_the_main_backend_gets_no_request_for_any_model(hosts, fleet):
+    """The per-model backends ``track`` the main one's servers, so the two things that act there
+    reach every model: a rollout's drain (the runtime API's ``set server llama_servers/X state
+    drain``) and a failed health check. Requests for ``chat``, which both servers serve, then
+    all go to fm1; ``chat-b``, which only fm2 serves, gets 503 while fm2 is down."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{front(hosts)}/v1", api_key="unused", max_retries=0, timeout=120)
+    fm1, fm2, fmf = hosts["fm1"].address, hosts["fm2"].address, hosts["fmf"]
+    runtime = "socat stdio /run/haproxy/admin.sock"
+
+    def chats(n: int) -> dict[str, int]:
+        before = answered(hosts, "chat")
+        for _ in range(n):
+            client.chat.completions.create(model="chat", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        after = answered(hosts, "chat")
+        return {s: after.get(s, 0) - before.get(s, 0) for s in (fm1, fm2)}
+
+    try:
+        fmf.ssh(f"echo 'set server llama_servers/{fm2} state drain' | {runtime}")
+        assert server_state(hosts, "model_chat", fm2)[1] & 0x10, "drain not inherited by model_chat"
+        assert chats(6) == {fm1: 6, fm2: 0}
+        fmf.ssh(f"echo 'set server llama_servers/{fm2} state ready' | {runtime}")
+        assert server_state(hosts, "model_chat", fm2)[1] == 0
+
+        hosts["fm2"].ssh("systemctl stop llama-server")
+        wait_for(lambda: server_state(hosts, "model_chat-b", fm2)[0] == 0, 30, "fm2 down in model_chat-b")
+        assert server_state(hosts, "model_chat", fm2)[0] == 0
+        assert chats(6) == {fm1: 6, fm2: 0}
+        refused = httpx.post(f"{front(hosts)}/v1/chat/completions", timeout=30,
+                             json={"model": "chat-b", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert refused.status_code == 503, refused.text
+    finally:
+        fmf.ssh(f"echo 'set server llama_servers/{fm2} state ready' | {runtime}", check=False)
+        hosts["fm2"].ssh("systemctl start llama-server", check=False)
+    wait_for(lambda: server_state(hosts, "model_chat-b", fm2)[0] == 2, 60, "fm2 up again in model_chat-b")
+    reply = client.chat.completions.create(model="chat-b", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert reply.model == "chat-b"
+
+
 def test_affinity_keeps_each_conversation_on_one_server_of_its_model(hosts, fleet, tmp_path):
     """``balance: affinity`` within a model's servers: every request of a conversation (its
     ``X-Session-Id``) reaches the same one of the two servers that serve ``chat``, and the

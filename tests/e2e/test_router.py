@@ -21,7 +21,7 @@ import pytest
 from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
 from llamadeploy.sandbox.inventory import write_inventory
-from tests.conftest import host_state, merged_data, run_deploy, veth_bytes
+from tests.conftest import cli, host_state, merged_data, run_deploy, veth_bytes, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -217,7 +217,6 @@ def test_a_third_model_is_added_during_a_stream_then_removed_without_a_restart(h
 
 
 def test_a_removed_model_comes_back_by_rollback_with_no_transfer(host, deployed):
-    from tests.conftest import cli
 
     sent = veth_bytes(host)
     proc = cli("rollback", str(deployed))
@@ -253,6 +252,41 @@ def test_with_models_max_1_alternating_requests_swap_the_models(host, tmp_path):
         assert reply.status_code == 200, reply.text
         states = router_models(host)
         assert (states[alias], states[other]) == ("loaded", "unloaded"), states
+
+
+def test_ngram_drafts_and_idle_sleep_take_effect_and_a_redeploy_wakes_nothing(host, tmp_path):
+    """Two router options the benchmark alone deployed before, shown on the host.
+
+    * ``spec_type`` (per model): the chat instance drafts tokens by n-grams. llama-server's reply
+      ``timings`` has ``draft_n`` only when speculative decoding ran for the request.
+    * ``sleep_idle_seconds`` (host-wide): an idle instance goes to sleep; the router says
+      ``sleeping``, and ``llamadeploy status`` shows it. A re-deploy with the same input changes
+      nothing and wakes nothing. The next request wakes it in the same process (sleep frees the
+      weights, not the child)."""
+    # the benchmark's RAG-shaped prompt (benchmarks/router.py): the reply quotes the context, which
+    # the n-gram drafts predict
+    context = ("The Haldor valve, introduced in 1987, regulates coolant flow in marine engines. It has three "
+               "parts: the brass housing, the spring-loaded piston and the ceramic seat. Maintenance requires "
+               "replacing the ceramic seat every 4,000 operating hours and checking the spring tension yearly.")
+    prompt = f"Context:\n{context}\n\nQuote the context word for word, then list its three parts."
+    inv = inventory(host, tmp_path, "sleepy", [{**CHAT, "spec_type": "ngram-map-k"}, EMBED],
+                    llama_router={"models_max": 2, "sleep_idle_seconds": 3})
+    result = run_deploy(inv)
+    assert result.rc == 0, result.stderr[-5000:]
+    wait_for(lambda: router_models(host)["chat"] == "sleeping", 60, "the idle chat instance to sleep")
+    asleep = pids(host)
+    (row,) = json.loads(cli("status", str(inv), "--json").stdout)
+    assert {m["alias"]: m["state"] for m in row["models"]} == {"chat": "sleeping", "embed": "unloaded"}, row
+    again = run_deploy(inv)
+    assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
+    assert router_models(host)["chat"] == "sleeping"
+    reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120, json={
+        "model": "chat", "max_tokens": 160, "temperature": 0, "messages": [{"role": "user", "content": prompt}]})
+    assert reply.status_code == 200, reply.text
+    timings = reply.json()["timings"]
+    assert "--spec-type ngram-map-k" in host.ssh(f"ps -o args= -p {asleep['chat']}").stdout
+    assert timings.get("draft_n", 0) > 0 and timings.get("draft_n_accepted", 0) > 0, timings
+    assert pids(host)["chat"] == asleep["chat"], "the sleeping instance woke in its own process"
 
 
 def test_a_repinned_model_reloads_alone(host, deployed, tmp_path):
@@ -307,7 +341,6 @@ def test_a_new_file_for_the_first_model_reloads_it_alone(host, deployed, tmp_pat
 def test_one_model_to_several_and_back_by_rollback(host, tmp_path):
     """A host switches from today's single-model unit to router mode as one release, and a
     rollback brings the single-model server back: no preset, its one model answering."""
-    from tests.conftest import cli
 
     single = merged_data()
     result = run_deploy(write_inventory(tmp_path / "single.py", [host], single))
