@@ -151,6 +151,18 @@ def changed_hosts(report: dict, *parts: str) -> list[str]:
                   if any(all(p in n for p in parts) for n in op["names"]) for h in op["success"])
 
 
+#: what a host "is" for "the uninstall leaves it as it was": its files, users, groups and unit
+#: files. Left out: apt and dpkg state, logs, systemd's own state, caches (the test host
+#: bind-mounts the shared ccache and .deb cache under /var/cache) and the linker cache, which
+#: package installs rewrite by design
+SNAPSHOT = (
+    "find /etc /opt /srv /usr /var/lib -xdev \\( -path /var/lib/apt -o -path /var/lib/dpkg "
+    "-o -path /var/lib/systemd -o -path /var/lib/ucf -o -path /etc/ld.so.cache \\) -prune -o -print | sort; "
+    "echo '## users'; getent passwd | cut -d: -f1,3,6,7 | sort; echo '## groups'; getent group | cut -d: -f1 | sort; "
+    "echo '## units'; systemctl list-unit-files --no-legend --no-pager | awk '{print $1, $2}' | sort"
+)
+
+
 def wait_for(pred: Any, seconds: float = 60, what: str = "") -> None:
     """Until ``pred()`` is true, polled every half second; fails naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds

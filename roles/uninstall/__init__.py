@@ -37,7 +37,8 @@ from llamadeploy.roles.release.operations import untagged_image_removed
 from llamadeploy.roles.release.plan import foreign_model_entries, image_refs
 from llamadeploy.roles.rpc import worker_removed
 from llamadeploy.roles.service import DEVICES_UNIT
-from llamadeploy.roles.uninstall.operations import packages_purged, tree_removed
+from llamadeploy.roles.uninstall.operations import engine_state_removed, packages_purged, tree_removed
+from llamadeploy.roles.uninstall.plan import ENGINE_LISTING, ENGINE_PACKAGES, foreign_engine_objects
 from llamadeploy.units import UnitFiles, left_alone
 
 
@@ -136,8 +137,23 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
                                 else ours(f"account {svc.user}")):
         server.user(name="Service user removed", user=svc.user, present=False)
         server.group(name="Service group removed", group=svc.user, present=False)
-    # the records of what to purge live in the cache directory: purge first, then remove it
-    packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir)
+    # the records of what to purge live in the cache directory: purge first, then remove it. A
+    # Docker engine the deploy installed goes with its state, unless it holds someone else's
+    # containers, images or volumes: then it stays, with its packages
+    engine = ENGINE_PACKAGES & set(packages.recorded(host.get_fact(FileContents, path=packages.record_path(cfg, "docker"))))
+    theirs: list[str] = []
+    if engine and has_docker:
+        listing = (host.get_fact(Command, command=ENGINE_LISTING) or "").splitlines()
+        our_images = {cfg.docker_image} if ours(f"image {cfg.docker_image}") else set()
+        our_images |= {r for refs in recorded.values() for r in refs if ours(f"image {r}")}
+        theirs = foreign_engine_objects(listing, d.project_dir, our_images)
+    if theirs:
+        host.noop(f"the Docker engine the deploy installed stays, with its packages: it holds what this service "
+                  f"did not make ({', '.join(theirs)})")
+    purged = packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir,
+                             kept_roles=("docker",) if theirs else ())
+    if engine and not theirs:
+        engine_state_removed(name="State of the Docker engine the deploy installed removed", _if=purged.did_change)
     if ours(f"dir {svc.cache_dir}"):
         tree_removed(name="Cache directory removed", path=svc.cache_dir)
     record = files.file(name="Ownership record removed", path=ownership.record_path(cfg), present=False)

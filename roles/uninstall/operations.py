@@ -8,7 +8,8 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FactBase, operation
-from pyinfra.facts.files import Directory, FileContents
+from pyinfra.facts.files import Directory, File, FileContents
+from pyinfra.facts.server import Groups
 
 from llamadeploy.packages import BEFORE, RECORD_PREFIX, RECORDING_ROLES, recorded
 
@@ -84,14 +85,17 @@ def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, Non
 
 
 @operation()
-def packages_purged(cache_dir: str) -> Generator[Any, None, None]:
+def packages_purged(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> Generator[Any, None, None]:
     """
     Purge the packages the deploy recorded as installed by it, then their unused dependencies.
 
     + cache_dir: where the ``installed-packages.<role>`` records are
+    + kept_roles: roles whose packages stay (a Docker engine that holds an operator's containers)
     """
     names: set[str] = set()
     for role in RECORDING_ROLES:
+        if role in kept_roles:
+            continue
         names |= set(recorded(host.get_fact(FileContents, path=f"{cache_dir}/{RECORD_PREFIX}{role}")))
     if not names:
         host.noop("no packages were installed by the deploy")
@@ -116,3 +120,31 @@ def packages_purged(cache_dir: str) -> Generator[Any, None, None]:
         f"awk '/^Remv /{{print $2}}' | grep -vxF -f {before} || true); "
         f'if [ -n "$extra" ]; then {apt} purge $extra; fi'
     )
+
+
+#: what a Docker engine leaves behind after its packages are purged: its images, containers and
+#: state, the key dockerd makes, the empty CNI directory; and the ``docker`` group its postinst adds
+ENGINE_STATE = ("/var/lib/docker", "/var/lib/containerd")
+
+
+@operation()
+def engine_state_removed() -> Generator[Any, None, None]:
+    """
+    Remove the state of a Docker engine the deploy installed and has just purged.
+
+    Called only where nothing on that engine was anyone else's (roles/uninstall/plan.py):
+    Debian's purge keeps ``/var/lib/docker`` and ``/var/lib/containerd`` (GBs of images), the key
+    dockerd wrote and the group, which no one uses once the engine is gone.
+    """
+    q = shlex.quote
+    commands = [f"rm -rf --one-file-system -- {q(d)}" for d in ENGINE_STATE if host.get_fact(Directory, path=d)]
+    if host.get_fact(File, path="/etc/docker/key.json"):
+        commands.append("rm -f /etc/docker/key.json && rmdir /etc/docker 2>/dev/null || true")
+    if host.get_fact(Directory, path="/etc/cni"):
+        commands.append("rmdir /etc/cni/net.d /etc/cni 2>/dev/null || true")
+    if "docker" in host.get_fact(Groups):
+        commands.append("groupdel docker")
+    if not commands:
+        host.noop("the Docker engine left no state")
+        return
+    yield from commands

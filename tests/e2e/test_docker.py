@@ -239,3 +239,55 @@ def test_uninstall_removes_the_image_a_deploy_brought_and_not_one_the_host_had(h
     assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
     said = uninstall(docker_inv)  # the service whose deploy loaded it: its uninstall removes it
     assert f"{step} (unless a container uses it)" in said, said[-5000:]
+
+
+def test_a_docker_deploy_then_uninstall_leaves_the_fresh_host_and_an_operators_engine(testhosts, tarball, tmp_path):
+    """test_uninstall's snapshot check in docker mode, on a host of its own that had no engine.
+
+    The deploy installs Debian's engine, loads the image and runs the compose project. The
+    uninstall removes the container, the image, the project, the records, the engine packages it
+    installed with what apt pulled in for them, and the engine's state (``/var/lib/docker``,
+    ``/var/lib/containerd``, its key, the ``docker`` group). The host's files, users, groups and
+    unit files are then what they were before the deploy, but for ``/etc/hosts``: netbase's
+    postinst writes it when it is missing (a debootstrap tree has none; a Debian install does),
+    and no purge removes it. A second uninstall changes nothing.
+
+    Deployed again, the engine gets a container of the operator's. Purging the engine would take it
+    down, so the uninstall leaves the engine and its packages, and says why."""
+    import difflib
+
+    from tests.conftest import SNAPSHOT
+
+    box = testhosts("dk8", 8, docker=True)
+    fresh = box.ssh(SNAPSHOT).stdout
+    inv = write_inventory(tmp_path / "fresh-docker.py", [box], docker_data(tarball))
+
+    def deploy() -> None:
+        deployed = run_deploy(inv)
+        assert deployed.rc == 0, (deployed.stdout + deployed.stderr)[-5000:]
+        assert box.ssh(f"docker image inspect {IMAGE_REF} >/dev/null && docker ps -q").stdout.strip()
+
+    def uninstall() -> subprocess.CompletedProcess:
+        gone = subprocess.run([PYINFRA, "-y", "-v", "--json", str(inv), "llamadeploy.deploy.llama_server_removed"], cwd=REPO,
+                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert gone.returncode == 0, (gone.stdout + gone.stderr)[-5000:]
+        return gone
+
+    deploy()
+    uninstall()
+    after = box.ssh(SNAPSHOT).stdout
+    diff = [line for line in difflib.unified_diff(fresh.splitlines(), after.splitlines(), "fresh", "after",
+                                                  lineterm="", n=0)][2:]
+    assert [line for line in diff if not line.startswith("@@")] == ["+/etc/hosts"], "\n".join(diff)[:6000]
+    assert box.ssh("command -v docker dockerd containerd", check=False).stdout == ""
+    again = uninstall()
+    assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]
+
+    deploy()
+    box.ssh(f"docker tag {IMAGE_REF} theirs:1 && docker run -d --name theirs --entrypoint sleep theirs:1 infinity")
+    kept = uninstall()
+    running = box.ssh("docker inspect -f '{{.State.Running}}' theirs", check=False)
+    assert running.stdout.strip() == "true", (running.stdout + running.stderr)[-2000:]
+    assert "the Docker engine the deploy installed stays" in kept.stderr, kept.stderr[-5000:]
+    assert "container theirs" in kept.stderr and "image theirs:1" in kept.stderr, kept.stderr[-5000:]
+    assert box.ssh("docker ps -aq --filter label=com.docker.compose.project.working_dir").stdout.strip() == ""

@@ -19,19 +19,9 @@ from llamadeploy.audit import AUDIT_PATH
 from llamadeploy.lock import LOCK_PATH
 from llamadeploy.manifest import manifest_path
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, SUBPROCESS_TIMEOUT, audit_rows, cli, merged_data, run_deploy
+from tests.conftest import PYINFRA, REPO, SNAPSHOT, SUBPROCESS_TIMEOUT, audit_rows, cli, merged_data, run_deploy
 
 pytestmark = pytest.mark.e2e
-
-#: what a host "is" for this comparison. Left out: apt and dpkg state, logs, systemd's own state,
-#: caches (the test host bind-mounts the shared ccache and .deb cache under /var/cache) and the
-#: linker cache, which package installs rewrite by design
-SNAPSHOT = (
-    "find /etc /opt /srv /usr /var/lib -xdev \\( -path /var/lib/apt -o -path /var/lib/dpkg "
-    "-o -path /var/lib/systemd -o -path /var/lib/ucf -o -path /etc/ld.so.cache \\) -prune -o -print | sort; "
-    "echo '## users'; getent passwd | cut -d: -f1,3,6,7 | sort; echo '## groups'; getent group | cut -d: -f1 | sort; "
-    "echo '## units'; systemctl list-unit-files --no-legend --no-pager | awk '{print $1, $2}' | sort"
-)
 
 
 @pytest.fixture(scope="module")
