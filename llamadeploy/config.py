@@ -374,7 +374,8 @@ class RouterConfig(Section):
 
     #: the most models loaded at once (0: no limit); the memory check sizes for this many
     models_max: Annotated[int, Field(ge=0, le=64)] = 4
-    #: unload a model after this many idle seconds (its next request loads it again); None: never
+    #: put a model to sleep after this many idle seconds: its weights are freed, its process stays, and
+    #: its next request wakes it (the router says ``sleeping``); None: never
     sleep_idle_seconds: Annotated[int, Field(ge=1, le=7 * 86400)] | None = None
 
 

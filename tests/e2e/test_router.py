@@ -270,15 +270,18 @@ def test_ngram_drafts_and_idle_sleep_take_effect_and_a_redeploy_wakes_nothing(ho
                "replacing the ceramic seat every 4,000 operating hours and checking the spring tension yearly.")
     prompt = f"Context:\n{context}\n\nQuote the context word for word, then list its three parts."
     inv = inventory(host, tmp_path, "sleepy", [{**CHAT, "spec_type": "ngram-map-k"}, EMBED],
-                    llama_router={"models_max": 2, "sleep_idle_seconds": 3})
+                    llama_router={"models_max": 2, "sleep_idle_seconds": 30})
     result = run_deploy(inv)
     assert result.rc == 0, result.stderr[-5000:]
-    wait_for(lambda: router_models(host)["chat"] == "sleeping", 60, "the idle chat instance to sleep")
+    wait_for(lambda: router_models(host)["chat"] == "sleeping", 90, "the idle chat instance to sleep")
     asleep = pids(host)
+
     (row,) = json.loads(cli("status", str(inv), "--json").stdout)
     assert {m["alias"]: m["state"] for m in row["models"]} == {"chat": "sleeping", "embed": "unloaded"}, row
     again = run_deploy(inv)
     assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
+    # a wake-up by the status or the re-deploy (seconds each) would show: the idle time to fall asleep
+    # again is 30 s
     assert router_models(host)["chat"] == "sleeping"
     reply = httpx.post(f"http://{host.address}:8080/v1/chat/completions", timeout=120, json={
         "model": "chat", "max_tokens": 160, "temperature": 0, "messages": [{"role": "user", "content": prompt}]})
