@@ -151,6 +151,11 @@ def changed_hosts(report: dict, *parts: str) -> list[str]:
                   if any(all(p in n for p in parts) for n in op["names"]) for h in op["success"])
 
 
+def printed_curl(output: str) -> str:
+    """The ``curl`` command the quickstart prints for its demo host, as printed (three lines)."""
+    return output[output.index("curl -s "):].split("\n\n")[0]
+
+
 #: what a host "is" for "the uninstall leaves it as it was": its files, users, groups and unit
 #: files. Left out: apt and dpkg state, logs, systemd's own state, caches (the test host
 #: bind-mounts the shared ccache and .deb cache under /var/cache) and the linker cache, which

@@ -122,8 +122,7 @@ def packages_purged(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> Generat
     )
 
 
-#: what a Docker engine leaves behind after its packages are purged: its images, containers and
-#: state, the key dockerd makes, the empty CNI directory; and the ``docker`` group its postinst adds
+#: where a Docker engine keeps its images, containers and state, which its purge leaves behind
 ENGINE_STATE = ("/var/lib/docker", "/var/lib/containerd")
 
 

@@ -209,6 +209,15 @@ def test_switch_back_to_native(host, native_inv):
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
+def uninstalled(inv: Path) -> subprocess.CompletedProcess:
+    """The uninstall, as an operator runs it (``-v``: its log, on stderr, says what it left and
+    why; stdout is pyinfra's JSON report), asserted to succeed."""
+    gone = subprocess.run([PYINFRA, "-y", "-v", "--json", str(inv), "llamadeploy.deploy.llama_server_removed"],
+                          cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert gone.returncode == 0, (gone.stdout + gone.stderr)[-5000:]
+    return gone
+
+
 def test_uninstall_removes_the_image_a_deploy_brought_and_not_one_the_host_had(host, docker_inv, tarball, tmp_path):
     """The image is a service's only when its deploy loaded it: ``image REF`` in its ownership
     record. A second service that finds the image on the host does not record it, and its
@@ -226,18 +235,12 @@ def test_uninstall_removes_the_image_a_deploy_brought_and_not_one_the_host_had(h
     assert not [line for line in host.ssh(f"cat {record.format('other-llm')}").stdout.splitlines()
                 if line.startswith("image ")]
 
-    def uninstall(inv: Path) -> str:
-        gone = subprocess.run([PYINFRA, "-y", "-v", str(inv), "llamadeploy.deploy.llama_server_removed"], cwd=REPO,
-                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-        assert gone.returncode == 0, (gone.stdout + gone.stderr)[-5000:]
-        return gone.stdout + gone.stderr
-
     step = f"Image {IMAGE_REF} removed"
-    said = uninstall(other)
+    said = uninstalled(other).stderr
     assert step not in said and "stays: no deploy of this service brought it" in said, said[-5000:]
     assert host.ssh(f"docker image inspect {IMAGE_REF}", check=False).returncode == 0, "the other service took the image"
     assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"
-    said = uninstall(docker_inv)  # the service whose deploy loaded it: its uninstall removes it
+    said = uninstalled(docker_inv).stderr  # the service whose deploy loaded it: its uninstall removes it
     assert f"{step} (unless a container uses it)" in said, said[-5000:]
 
 
@@ -267,25 +270,19 @@ def test_a_docker_deploy_then_uninstall_leaves_the_fresh_host_and_an_operators_e
         assert deployed.rc == 0, (deployed.stdout + deployed.stderr)[-5000:]
         assert box.ssh(f"docker image inspect {IMAGE_REF} >/dev/null && docker ps -q").stdout.strip()
 
-    def uninstall() -> subprocess.CompletedProcess:
-        gone = subprocess.run([PYINFRA, "-y", "-v", "--json", str(inv), "llamadeploy.deploy.llama_server_removed"], cwd=REPO,
-                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-        assert gone.returncode == 0, (gone.stdout + gone.stderr)[-5000:]
-        return gone
-
     deploy()
-    uninstall()
+    uninstalled(inv)
     after = box.ssh(SNAPSHOT).stdout
     diff = [line for line in difflib.unified_diff(fresh.splitlines(), after.splitlines(), "fresh", "after",
                                                   lineterm="", n=0)][2:]
     assert [line for line in diff if not line.startswith("@@")] == ["+/etc/hosts"], "\n".join(diff)[:6000]
     assert box.ssh("command -v docker dockerd containerd", check=False).stdout == ""
-    again = uninstall()
+    again = uninstalled(inv)
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]
 
     deploy()
     box.ssh(f"docker tag {IMAGE_REF} theirs:1 && docker run -d --name theirs --entrypoint sleep theirs:1 infinity")
-    kept = uninstall()
+    kept = uninstalled(inv)
     running = box.ssh("docker inspect -f '{{.State.Running}}' theirs", check=False)
     assert running.stdout.strip() == "true", (running.stdout + running.stderr)[-2000:]
     assert "the Docker engine the deploy installed stays" in kept.stderr, kept.stderr[-5000:]

@@ -39,6 +39,7 @@ from tests.conftest import (
     merged_data,
     nothing_listens,
     package_versions,
+    printed_curl,
     run_deploy,
     run_testinfra,
     tx_bytes,
@@ -415,7 +416,7 @@ def test_quickstart_on_a_trixie_controller_serves_what_it_prints_and_goes_down(c
     try:
         up = box.ssh("cd /root/llamadeploy && ./scripts/quickstart 2>&1", check=False, timeout=SUBPROCESS_TIMEOUT)
         assert up.returncode == 0, up.stdout[-5000:]
-        curl = up.stdout[up.stdout.index("curl -s "):].split("\n\n")[0]  # the command as printed
+        curl = printed_curl(up.stdout)
         answer = box.ssh(curl, check=False)
         body = json.loads(answer.stdout)
         assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0, answer.stdout

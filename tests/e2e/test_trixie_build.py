@@ -32,6 +32,7 @@ from tests.conftest import (
     broken_rollout_rolled_back,
     merged_data,
     package_versions,
+    printed_curl,
     run_deploy,
     run_testinfra,
 )
@@ -190,7 +191,7 @@ def test_quickstart_on_trixie_serves_what_it_prints_and_goes_down(hosts, fleet):
     try:
         up = subprocess.run([str(REPO / "scripts/quickstart"), "--distro", "trixie"], **run)
         assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
-        curl = up.stdout[up.stdout.index("curl -s "):].split("\n\n")[0]  # the command as printed, three lines
+        curl = printed_curl(up.stdout)
         answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=LOCAL_TIMEOUT)
         body = json.loads(answer.stdout)
         assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0, answer.stdout
