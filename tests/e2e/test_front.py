@@ -57,13 +57,13 @@ def hosts(testhosts):
 
 
 def write(path: Path, hosts, front: dict | None = None, server: dict | None = None,
-          monitor: dict | None = None) -> Path:
+          monitor: dict | None = None, servers_listed: tuple[str, ...] = ("be1", "be2")) -> Path:
     def entry(h, **data):
         name, conn = h.inventory_entry()
         return (name, {**conn, **merged_data(), **data})
 
     sections = merged_data(**server) if server else {}
-    servers = [entry(hosts["be1"], **sections), entry(hosts["be2"], **sections)]
+    servers = [entry(hosts[name], **sections) for name in servers_listed]
     # the controller (this test) reaches the exporter and Prometheus: listed, as an operator's network would be
     controller = [f"{hosts['mon'].gateway}/32"]
     fronts = [entry(hosts["fd"], llama_role="front",
@@ -412,6 +412,47 @@ def test_a_terminated_rollout_enables_what_it_drained_and_releases_its_lock(host
         back = run_deploy(fleet)
         assert back.rc == 0, back.stderr[-3000:]
         wait_for(lambda: server_up(hosts, be1) and server_up(hosts, hosts["be2"].address), 60, "both up again")
+
+
+def test_a_rollout_that_adds_a_server_teaches_the_fronts_before_it_drains_it(hosts, fleet, tmp_path):
+    """The fleet grows: the front was deployed from an inventory that lists be1 only, and be2 is
+    added to it. The rollout deploys the fronts first, so the front knows be2 before be2's batch:
+    be2 is seen drained there during the rollout (a drain of a server HAProxy does not know
+    failed, "No such server", and stopped the rollout; skipped, it would switch be2 undrained).
+    Both serve behind the front afterwards, and no drain mark is left."""
+    from tests.conftest import cli
+
+    fd, be2 = hosts["fd"], hosts["be2"].address
+    one = run_deploy(write(tmp_path / "be1-only.py", hosts, servers_listed=("be1",)), "--limit", fd.address)
+    try:
+        assert one.rc == 0, one.stderr[-3000:]
+        assert admin_state(hosts, be2) == "absent"  # the front does not know be2
+        seen: set[str | None] = set()
+        stop = threading.Event()
+
+        def watch() -> None:  # be2's state at the front, while the rollout runs
+            while not stop.is_set():
+                seen.add(front_admin_state(fd, be2, tolerant=True))
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            result = cli("rollout", str(fleet))
+        finally:
+            stop.set()
+            watcher.join(timeout=30)
+        out = result.stdout + result.stderr
+        assert "drain" in seen, seen  # be2 was drained at the front for its batch
+        assert result.returncode == 0, out[-4000:]
+        assert f"==> fronts first: {fd.address}" in out, out[-4000:]
+        assert out.index("==> fronts first") < out.index(f"==> batch 2/2: {be2}"), out[-4000:]
+        assert admin_state(hosts, be2) == "ready"
+        wait_for(lambda: server_up(hosts, hosts["be1"].address) and server_up(hosts, be2), 60, "both up")
+        assert fd.ssh(f"ls -A {shlex.quote('/var/lib/llamadeploy-front/drained')}").stdout == ""
+    finally:
+        back = run_deploy(fleet)
+        assert back.rc == 0, back.stderr[-3000:]
 
 
 def test_reload_keeps_a_running_stream(hosts, fleet, tmp_path):
@@ -903,7 +944,11 @@ def test_a_haproxy_or_node_exporter_the_deploy_did_not_install_is_refused(hosts,
         assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
 
 
-def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
+def test_tls_at_the_front_12_or_later_with_redirect_and_a_bad_pem_replaces_nothing(hosts, fleet, tmp_path):
+    """TLS 1.2 or later at the front, HTTP redirected. Then a PEM whose key is not its
+    certificate's (an operator's slip when a certificate is renewed) is refused before any host
+    changes, naming the field: the front's PEM keeps its hash and HTTPS keeps answering with the
+    certificate it had (HAProxy would refuse the bad one at the reload and at every restart)."""
     pem = tmp_path / "front.pem"
     key = tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=front",
@@ -932,6 +977,25 @@ def test_tls_at_the_front_12_or_later_with_redirect(hosts, fleet, tmp_path):
             httpx.get(f"https://{fd.address}:8443/health", verify=client(old), timeout=10)
         # refused by the server (protocol version alert), not a client unable to offer it
         assert "no protocols available" not in str(refused.value).lower(), refused.value
+
+    # a renewal gone wrong: the new certificate, with the old key appended
+    bad = tmp_path / "renewed.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=front",
+                    "-keyout", str(tmp_path / "new-key.pem"), "-out", str(bad)], check=True, capture_output=True,
+                   timeout=LOCAL_TIMEOUT)
+    bad.write_text(bad.read_text() + key.read_text())
+    bad.chmod(0o600)
+    sha = "sha256sum /etc/haproxy/llamadeploy.pem"
+    before = fd.ssh(sha).stdout
+    served = ssl.get_server_certificate((fd.address, 8443), timeout=10)
+    refused = run_deploy(write(tmp_path / "bad.py", hosts, {"tls_pem": str(bad), "redirect_http": True}),
+                         "--limit", fd.address)
+    out = refused.stdout + refused.stderr
+    assert refused.rc != 0 and "llama_front.tls_pem" in out and "does not belong to its (first) certificate" in out, \
+        out[-3000:]
+    assert fd.ssh(sha).stdout == before
+    assert ssl.get_server_certificate((fd.address, 8443), timeout=10) == served
+    assert httpx.get(f"https://{fd.address}:8443/health", verify=False, timeout=10).status_code == 200
 
 
 def test_uninstall_takes_the_fences_of_front_and_monitor_away(hosts, fleet):

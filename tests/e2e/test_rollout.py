@@ -250,6 +250,62 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
     assert ours[0]["after"] == before[canary.address][0], ours
 
 
+def test_max_unavailable_rounds_down_and_counts_a_host_already_down(fleet, baseline):
+    """``--max-unavailable 50%`` of three hosts is one host, never two: with ``--batch 2`` the
+    rollout still switches one host at a time (the canary, then ro2, then ro3). With ro3's server
+    stopped by hand, that one host is used up already: the rollout is refused before it drains or
+    switches anything, naming ro3, and ro1 and ro2 keep their release and their process."""
+    inv, _, _ = baseline
+    ro3 = fleet[2]
+    paced = cli("rollout", str(inv), "--batch", "2", "--max-unavailable", "50%")
+    assert paced.returncode == 0, paced.stdout + paced.stderr[-3000:]
+    log = paced.stdout + paced.stderr
+    assert "==> rollout of 3 host(s) in 3 batch(es)" in log, log[-3000:]
+    assert f"==> batch 3/3: {ro3.address}" in log, log[-3000:]
+    before = {h.address: (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout)
+              for h in fleet[:2]}
+    ro3.ssh("systemctl stop llama-server")
+    try:
+        refused = cli("rollout", str(inv), "--batch", "2", "--max-unavailable", "50%")
+        assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
+        assert (f"--max-unavailable 50% allows 1 of 3 host(s) unavailable, and 1 already are ({ro3.address}): "
+                "nothing was switched") in refused.stderr, refused.stderr[-3000:]
+        assert "==> batch" not in refused.stdout + refused.stderr
+        assert {h.address: (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout)
+                for h in fleet[:2]} == before
+    finally:
+        ro3.ssh("systemctl start llama-server")
+        deadline = time.monotonic() + 120
+        while not healthy(ro3) and time.monotonic() < deadline:
+            time.sleep(1)
+    assert healthy(ro3)
+
+
+def test_before_is_the_last_release_that_passed_its_gate_not_an_interrupted_runs(fleet, baseline, tmp_path):
+    """A run killed between its switch and its gate leaves the manifest naming a release that never
+    passed a gate, and no release record of it (records are written after the gate). Made here
+    the way such a run leaves it: the canary switched to a release, whose record is then taken
+    away. A rollout of a release that cannot start then reports, as the canary's "before", the
+    release it served last after a gate, and that is the release the canary serves again."""
+    canary = fleet[0]
+    served = manifest(canary).release_id
+    moved = run_deploy(write_fleet(tmp_path / "threads1.py", fleet, llama_server={"threads": 1}),
+                       "--limit", canary.address)
+    assert moved.rc == 0, moved.stderr[-3000:]
+    interrupted = manifest(canary).release_id
+    assert interrupted != served
+    records = posixpath.join(posixpath.dirname(DEFAULT_PATH), "releases")
+    canary.ssh(f"rm -rf -- {records}/{interrupted}")  # what a killed run leaves: no record of it
+    inv = write_fleet(tmp_path / "broken.py", fleet, llama_server={"threads": 1, "extra_args": ["--lora", "/nonexistent.gguf"]},
+                      llama_health={"timeout": 20})
+    result = cli("rollout", str(inv))
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    row = next(ln.split() for ln in result.stdout.splitlines()[1:] if ln.split()[:1] == [canary.address])
+    assert row[1] == served and row[3:5] == ["rolled", "back"], result.stdout
+    assert manifest(canary).release_id == served
+    assert isinstance(chat(canary), str)
+
+
 def test_rollback_reinstates_the_previous_release_without_transfer(fleet, baseline, tmp_path):
     """``llamadeploy rollback --limit``: the previous release (kept on the host) serves again;
     what crossed the host's network link is SSH chatter, not a model or a build."""
