@@ -7,7 +7,9 @@ each role reads its own record at prepare time and adds what it is about to inst
 The first deploy also keeps the list of every package the host had
 (``<cache_dir>/packages-before-deploy``): the dependencies apt pulled in with ours are
 removed at uninstall only when nothing needs them any more *and* they were not there
-before, because apt's own autoremove keeps anything another package merely suggests.
+before, because apt's own autoremove keeps anything another package merely suggests. Beside
+it, the users and groups the host had (``accounts-before-deploy``): the accounts our packages'
+postinsts create are removed at uninstall, those the host had stay.
 
 A service package the deploy configures (HAProxy, Prometheus, Alertmanager, the node exporter)
 that the host has and no deploy installed is someone else's: its config would be replaced and
@@ -26,6 +28,7 @@ from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import Groups, Users
 from pyinfra.operations import apt, files
 
 from llamadeploy import atomic
@@ -33,8 +36,16 @@ from llamadeploy.config import HostConfig
 
 RECORD_PREFIX = "installed-packages."
 BEFORE = "packages-before-deploy"
+#: the system accounts (users and groups) the host had before the first deploy: a package's
+#: postinst creates its account (``prometheus``) and Debian's purge keeps it; uninstall removes
+#: only one that is not listed here (roles/uninstall/plan.py)
+ACCOUNTS_BEFORE = "accounts-before-deploy"
 #: the roles that install packages (each keeps its own record)
-RECORDING_ROLES = ("build", "docker", "model", "firewall", "front", "monitor", "transfer", "rpc", "node")
+RECORDING_ROLES = ("build", "docker", "model", "firewall", "front", "monitor", "transfer", "rpc", "node", "gpu")
+
+
+#: (run, host, record) -> the packages this run has recorded there so far
+_RECORDED: dict[tuple[int, str, str], set[str]] = {}
 
 
 def record_path(cfg: HostConfig, role: str) -> str:
@@ -48,22 +59,45 @@ def recorded(lines: list[str] | None) -> list[str]:
 
 def installed(cfg: HostConfig, role: str, name: str, packages: list[str], **apt_kwargs: Any) -> OperationMeta:
     """``apt.packages`` that remembers which of ``packages`` were missing before it ran."""
+    recording(cfg, role, packages)
+    return apt.packages(name=name, packages=packages, **apt_kwargs)
+
+
+def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
+    """Record which of ``packages`` the host lacks, before something installs them (``apt.packages``,
+    or ``apt.deb`` for a package that comes as a file)."""
     have = host.get_fact(DebPackages) or {}
     missing = [p for p in packages if p not in have]
     assert role in RECORDING_ROLES, role
     path = record_path(cfg, role)
-    before = recorded(host.get_fact(FileContents, path=path))
+    # what an earlier call of this run recorded there too: facts are read while pyinfra prepares,
+    # so each call sees the record as the run found it, and would write over the one before
+    this_run = _RECORDED.setdefault((id(host.state), host.name, path), set())
+    before = sorted(set(recorded(host.get_fact(FileContents, path=path))) | this_run)
     before_path = f"{cfg.service.cache_dir}/{BEFORE}"
     if host.get_fact(FileContents, path=before_path) is None:
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name="Record the packages the host had before the first deploy",
                    src=StringIO("\n".join(sorted(have)) + "\n"), dest=before_path, mode="644")
+    accounts_path = f"{cfg.service.cache_dir}/{ACCOUNTS_BEFORE}"
+    # (a host first deployed before this record: its accounts now, the deploy's among them, so
+    # that none of them is ever taken for ours)
+    if host.get_fact(FileContents, path=accounts_path) is None:
+        files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
+        atomic.put(name="Record the accounts the host had before the first deploy",
+                   src=StringIO(accounts_text(host.get_fact(Users) or {}, host.get_fact(Groups) or [])),
+                   dest=accounts_path, mode="644")
     after = sorted(set(before) | set(missing))
+    this_run.update(after)
     if after != before:  # before apt: a package it installs is ours even if the run stops there
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name=f"Record packages installed for {role}", src=StringIO("\n".join(after) + "\n"),
                    dest=path, mode="644")
-    return apt.packages(name=name, packages=packages, **apt_kwargs)
+
+
+def accounts_text(users: Mapping[str, Any], groups: list[str]) -> str:
+    """The accounts record: ``user NAME`` and ``group NAME`` lines (pure)."""
+    return "".join([f"user {u}\n" for u in sorted(users)] + [f"group {g}\n" for g in sorted(groups)])
 
 
 def foreign(packages: list[str], have: Mapping[str, Any], mine: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ this file.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import shlex
 from collections.abc import Callable
@@ -97,6 +98,12 @@ def image_pin(cfg: HostConfig) -> str:
     return d.image_digest or ""
 
 
+#: Docker's apt key and source (``engine = docker-ce``); recorded as the deploy's where the host
+#: had neither (roles/ownership), so that uninstall removes them
+APT_KEY = "/etc/apt/keyrings/docker.asc"
+APT_SOURCE = "/etc/apt/sources.list.d/docker.list"
+
+
 @role("Docker engine")
 def engine(cfg: HostConfig) -> None:
     """Docker Engine and Compose from the distribution, or from Docker's apt repository."""
@@ -106,14 +113,13 @@ def engine(cfg: HostConfig) -> None:
         packages.installed(cfg, "docker", name=f"Docker engine from distro packages ({', '.join(pkgs)})",
                            packages=[*pkgs, "curl"], update=True, cache_time=24 * 3600, no_recommends=True)
     else:
-        apt.packages(name="Prerequisites for Docker's apt repository", packages=["ca-certificates", "curl"],
-                     update=True, cache_time=24 * 3600)
+        packages.installed(cfg, "docker", name="Prerequisites for Docker's apt repository",
+                           packages=["ca-certificates", "curl"], update=True, cache_time=24 * 3600)
         files.download(name="Docker's apt key", src="https://download.docker.com/linux/debian/gpg",
-                       dest="/etc/apt/keyrings/docker.asc", mode="644")
+                       dest=APT_KEY, mode="644")
         apt.repo(name="Docker's apt repository",
-                 src="deb [signed-by=/etc/apt/keyrings/docker.asc] https://download.docker.com/linux/debian "
-                     f"{_codename()} stable",
-                 filename="docker")
+                 src=f"deb [signed-by={APT_KEY}] https://download.docker.com/linux/debian {_codename()} stable",
+                 filename=posixpath.splitext(posixpath.basename(APT_SOURCE))[0])
         packages.installed(cfg, "docker", name="Docker engine from Docker's repository (docker-ce, compose plugin)",
                            packages=["docker-ce", "docker-ce-cli", "containerd.io", "docker-compose-plugin"],
                            update=True)

@@ -23,7 +23,7 @@ from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Arch, LinuxDistribution
 from pyinfra.operations import apt, files, server
 
-from llamadeploy import gpu
+from llamadeploy import gpu, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.hardening import sandboxed_run
 from llamadeploy.roledeploy import role
@@ -121,6 +121,11 @@ def gpu_host(cfg: HostConfig) -> GpuHost | None:
     return GpuHost(tuple(gpus), cuda, archs)
 
 
+#: the apt source ``install = "distro"`` adds; recorded as the deploy's where the host had none
+#: (roles/ownership), so that uninstall removes it
+APT_SOURCE = "/etc/apt/sources.list.d/llamadeploy-nvidia.list"
+
+
 @role("NVIDIA driver and CUDA toolkit")
 def installed(cfg: HostConfig) -> bool:
     """Install what a CUDA host lacks (``llama_gpu.install`` / ``packages_dir``); True when this run
@@ -154,10 +159,12 @@ def installed(cfg: HostConfig) -> bool:
         source = gpu.package_source(cfg.gpu.install, distro, host.get_fact(Arch), cfg.gpu.nvidia_repo)
         if cfg.gpu.install == "distro":
             files.put(name="Debian contrib and non-free (NVIDIA driver, CUDA toolkit)", src=StringIO(source),
-                      dest="/etc/apt/sources.list.d/llamadeploy-nvidia.list", mode="644")
+                      dest=APT_SOURCE, mode="644")
         else:
+            packages.recording(cfg, "gpu", ["cuda-keyring"])  # apt.deb installs it: recorded before, as apt's are
             apt.deb(name="NVIDIA's CUDA repository key (cuda-keyring)", src=posixpath.join(source, gpu.CUDA_KEYRING))
-        apt.packages(name=f"NVIDIA packages: {', '.join(pkgs)}", packages=pkgs, update=True, no_recommends=True)
+        packages.installed(cfg, "gpu", name=f"NVIDIA packages: {', '.join(pkgs)}", packages=pkgs, update=True,
+                           no_recommends=True)
     host.noop(f"{host.name}: installed the NVIDIA {', '.join(missing)}; reboot it if the driver was installed, "
               "then deploy again (this run changes nothing else on it)")
     return True

@@ -54,6 +54,9 @@ AM_CONFIG = f"{ETC}/alertmanager.yml"
 AM_DEFAULTS = "/etc/default/prometheus-alertmanager"
 AM_TOKEN = f"{ETC}/alertmanager-webhook-token"
 AM_PASSWORD = f"{ETC}/alertmanager-smtp-password"
+#: the files the deploy adds beside Prometheus' own: no package ships them, so its purge keeps
+#: them (and /etc/prometheus); uninstall removes them where the deploy installed Prometheus
+OWN_FILES = (SERVERS, FRONTS, MODELS, NODES, RULES, KEY, AM_TOKEN, AM_PASSWORD)
 AM_SERVICE = "prometheus-alertmanager.service"
 
 

@@ -3,7 +3,8 @@
 Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories, the
 account, the units named after the service, the model files and the parent directories the
 deploy created (one ``dir PATH``, ``account NAME``, ``unit NAME``, ``file PATH``, ``parent PATH``
-or ``image REF`` per line: docker mode's image, when the host did not have it). Model files are recorded before
+or ``image REF`` per line: docker mode's image, when the host did not have it; the apt sources
+and keys it writes, when the host had none). Model files are recorded before
 they are sent: a deploy whose release fails its gate is in no release record, and its file would
 otherwise be no one's, kept by every prune and left by uninstall as an operator's. Before anything
 changes, a configured directory that exists, holds something and is not in the record is
@@ -35,6 +36,7 @@ from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
+from llamadeploy.roles import docker, gpu
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.firewall import guard_unit
 from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
@@ -145,6 +147,27 @@ def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str 
     return sorted(lines)
 
 
+def apt_files(cfg: HostConfig) -> list[str]:
+    """The apt sources and keys the deploy writes for these settings (pure): Docker's repository
+    (``llama_docker.engine = "docker-ce"``) and Debian's non-free for NVIDIA's packages
+    (``llama_gpu.install = "distro"``). Recorded where the host had none, so uninstall removes
+    them after it purged what came from them."""
+    out = []
+    if cfg.mode == "docker" and cfg.docker.engine != "distro":
+        out += [docker.APT_KEY, docker.APT_SOURCE]
+    if cfg.cuda and cfg.gpu.install == "distro" and not cfg.gpu.packages_dir:
+        out.append(gpu.APT_SOURCE)
+    return out
+
+
+def files_outside(record: frozenset[str] | None, directory: str) -> list[str]:
+    """The files a record names that are not under ``directory`` (the data directory, removed
+    with it): the apt sources and keys (pure)."""
+    prefix = directory.rstrip("/") + "/"
+    return sorted(line[len("file "):] for line in record or ()
+                  if line.startswith("file ") and not line[len("file "):].startswith(prefix))
+
+
 def _deepest_first(paths: Iterable[str]) -> list[str]:
     """The order ``rmdir`` needs: children before their parents."""
     return sorted(paths, key=lambda p: (-p.count("/"), p))
@@ -233,9 +256,11 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     # (the operator's, another service's) is not ours to remove
     ref = cfg.docker_image
     images = [ref] if cfg.mode == "docker" and not host.get_fact(DockerImageId, ref=ref) else []
+    # the apt sources and keys this host's settings have the deploy write, where the host has none
+    apt_written = [p for p in apt_files(cfg) if not host.get_fact(File, path=p)]
     files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
     atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
-        f"{line}\n" for line in record_lines(dirs, record, user, placed, new_parents,
+        f"{line}\n" for line in record_lines(dirs, record, user, [*placed, *apt_written], new_parents,
                                              units if cfg.mode == "native" and cfg.role == "server" else (),
                                              images))),
         dest=record_path(cfg), mode="644")

@@ -37,7 +37,12 @@ from llamadeploy.roles.release.operations import untagged_image_removed
 from llamadeploy.roles.release.plan import foreign_model_entries, image_refs
 from llamadeploy.roles.rpc import worker_removed
 from llamadeploy.roles.service import DEVICES_UNIT
-from llamadeploy.roles.uninstall.operations import engine_state_removed, packages_purged, tree_removed
+from llamadeploy.roles.uninstall.operations import (
+    engine_state_removed,
+    package_leftovers_removed,
+    packages_purged,
+    tree_removed,
+)
 from llamadeploy.roles.uninstall.plan import ENGINE_LISTING, ENGINE_PACKAGES, foreign_engine_objects
 from llamadeploy.units import UnitFiles, left_alone
 
@@ -75,12 +80,18 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
     port_unfenced(node_exporter.UNIT, node_exporter.TABLE, node_exporter.FENCE_RULES)  # roles/node_exporter
     node_exporter.gpu_metrics_removed()  # a CUDA host's (roles/node_exporter)
-    # Alertmanager's secrets (roles/monitor; the purge keeps them), where the deploy installed it:
-    # on any other host a file of that name is someone else's
-    if "prometheus-alertmanager" in packages.recorded(
-            host.get_fact(FileContents, path=packages.record_path(cfg, "monitor"))):
-        for secret in (monitor.AM_TOKEN, monitor.AM_PASSWORD):
-            files.file(name=f"{secret} removed", path=secret, present=False)
+    # the files the monitor adds beside Prometheus' and Alertmanager's own (roles/monitor; the
+    # purge keeps them), where the deploy installed those: on any other host a file of that name
+    # is someone else's
+    on_monitor = set(packages.recorded(host.get_fact(FileContents, path=packages.record_path(cfg, "monitor"))))
+    for path in monitor.OWN_FILES:
+        secret = path in (monitor.AM_TOKEN, monitor.AM_PASSWORD)
+        if ("prometheus-alertmanager" if secret else "prometheus") in on_monitor:
+            files.file(name=f"{path} removed", path=path, present=False)
+    # the front's TLS certificate and key (roles/front), where the deploy installed its HAProxy: the
+    # purge keeps a file no package shipped, and /etc/haproxy with it
+    if "haproxy" in packages.recorded(host.get_fact(FileContents, path=packages.record_path(cfg, "front"))):
+        files.file(name=f"{front.PEM} removed", path=front.PEM, present=False)
     # a front's marks of the servers a rollout drained (roles/front)
     tree_removed(name="Rollout drain marks removed", path=posixpath.dirname(front.DRAINED_DIR))
 
@@ -154,6 +165,12 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
                              kept_roles=("docker",) if theirs else ())
     if engine and not theirs:
         engine_state_removed(name="State of the Docker engine the deploy installed removed", _if=purged.did_change)
+    package_leftovers_removed(name="What the purged packages left removed (state, the accounts they created)",
+                              cache_dir=svc.cache_dir, kept_roles=("docker",) if theirs else (), _if=purged.did_change)
+    # the apt sources and keys the deploy wrote (Docker's, NVIDIA's), now that what came from them is purged
+    for path in ownership.files_outside(mine, svc.data_dir):
+        if ours(f"file {path}"):
+            files.file(name=f"{path} removed", path=path, present=False)
     if ours(f"dir {svc.cache_dir}"):
         tree_removed(name="Cache directory removed", path=svc.cache_dir)
     record = files.file(name="Ownership record removed", path=ownership.record_path(cfg), present=False)

@@ -9,9 +9,10 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 from pyinfra.facts.files import Directory, File, FileContents
-from pyinfra.facts.server import Groups
+from pyinfra.facts.server import Groups, Users
 
-from llamadeploy.packages import BEFORE, RECORD_PREFIX, RECORDING_ROLES, recorded
+from llamadeploy.packages import ACCOUNTS_BEFORE, BEFORE, RECORD_PREFIX, RECORDING_ROLES, recorded
+from llamadeploy.roles.uninstall.plan import leftovers
 
 
 class LeftToRemove(FactBase[tuple[bool, str | None]]):
@@ -84,6 +85,15 @@ def tree_removed(path: str, keep: str | None = None) -> Generator[Any, None, Non
            "/proc/self/mountinfo; }")
 
 
+def recorded_packages(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> set[str]:
+    """Every package the records in ``cache_dir`` say the deploy installed, but ``kept_roles``'."""
+    names: set[str] = set()
+    for role in RECORDING_ROLES:
+        if role not in kept_roles:
+            names |= set(recorded(host.get_fact(FileContents, path=f"{cache_dir}/{RECORD_PREFIX}{role}")))
+    return names
+
+
 @operation()
 def packages_purged(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> Generator[Any, None, None]:
     """
@@ -92,11 +102,7 @@ def packages_purged(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> Generat
     + cache_dir: where the ``installed-packages.<role>`` records are
     + kept_roles: roles whose packages stay (a Docker engine that holds an operator's containers)
     """
-    names: set[str] = set()
-    for role in RECORDING_ROLES:
-        if role in kept_roles:
-            continue
-        names |= set(recorded(host.get_fact(FileContents, path=f"{cache_dir}/{RECORD_PREFIX}{role}")))
+    names = recorded_packages(cache_dir, kept_roles)
     if not names:
         host.noop("no packages were installed by the deploy")
         return
@@ -145,5 +151,36 @@ def engine_state_removed() -> Generator[Any, None, None]:
         commands.append("groupdel docker")
     if not commands:
         host.noop("the Docker engine left no state")
+        return
+    yield from commands
+
+
+@operation()
+def package_leftovers_removed(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> Generator[Any, None, None]:
+    """
+    Remove what the purge of the packages the deploy installed left (roles/uninstall/plan.py).
+
+    + cache_dir: where the package records and the record of the accounts before are
+    + kept_roles: roles whose packages stayed (as in :func:`packages_purged`)
+
+    An account goes only where the host did not have it before the first deploy, no process
+    runs as it and no file on the host's own filesystems is still its (another package's, an
+    operator's); its group goes with it.
+    """
+    paths, accounts = leftovers(recorded_packages(cache_dir, kept_roles),
+                                host.get_fact(FileContents, path=f"{cache_dir}/{ACCOUNTS_BEFORE}"))
+    q = shlex.quote
+    commands = [f"rm -rf --one-file-system -- {q(p)}" for p in paths if host.get_fact(Directory, path=p)]
+    users, groups = host.get_fact(Users) or {}, host.get_fact(Groups) or []
+    for name in accounts:
+        if name in users:
+            commands.append(
+                f"if pgrep -u {q(name)} >/dev/null || [ -n \"$(find /etc /var /opt /srv /home -xdev -user {q(name)} "
+                f"-print -quit 2>/dev/null)\" ]; then echo {q(f'the account {name} stays: it still owns something')}; "
+                f"else userdel {q(name)}; getent group {q(name)} >/dev/null && groupdel {q(name)} || true; fi")
+        elif name in groups:
+            commands.append(f"groupdel {q(name)}")
+    if not commands:
+        host.noop("the purged packages left nothing")
         return
     yield from commands

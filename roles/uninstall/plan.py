@@ -1,8 +1,10 @@
-"""Pure rules of the uninstall: what on a Docker engine the deploy installed is not its own."""
+"""Pure rules of the uninstall: what on a Docker engine the deploy installed is not its own, and
+what the purge of a package the deploy installed leaves behind."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 #: the engine packages whose runtime state (images, containers, keys) the uninstall removes with
 #: them, where the deploy installed them
@@ -39,3 +41,41 @@ def foreign_engine_objects(listing: Iterable[str], project_dir: str, our_images:
         elif kind == "volume" and rest:
             foreign.append(f"volume {rest}")
     return foreign
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What a package's purge keeps on Debian although only that package made it."""
+
+    #: directories that hold only what its service made (removed whole)
+    paths: tuple[str, ...] = ()
+    #: the system account (user, and its group) its postinst created: Debian never removes one
+    accounts: tuple[str, ...] = ()
+
+
+#: seen on the front's and the monitor's hosts (test_front's snapshot after uninstall): HAProxy's
+#: chroot keeps ``dev/log``, the mount point its unit's ``BindReadOnlyPaths`` made; the
+#: ``prometheus`` account of Prometheus, Alertmanager and the node exporter stays
+PACKAGE_LEFTOVERS: dict[str, Leftovers] = {
+    "haproxy": Leftovers(paths=("/var/lib/haproxy",)),
+    "prometheus": Leftovers(accounts=("prometheus",)),
+    "prometheus-alertmanager": Leftovers(accounts=("prometheus",)),
+    "prometheus-node-exporter": Leftovers(accounts=("prometheus",)),
+}
+
+
+def leftovers(purged: Iterable[str], accounts_before: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    """The directories and accounts to remove after purging ``purged`` (pure).
+
+    ``accounts_before``: the lines of the record of the accounts the host had before the first
+    deploy (``user NAME``, ``group NAME``); an account named there was the host's and stays.
+    Without that record (a host first deployed before it existed) no account is removed: nothing
+    shows which of them the deploy made.
+    """
+    names = set(purged)
+    paths = sorted({p for n in names & PACKAGE_LEFTOVERS.keys() for p in PACKAGE_LEFTOVERS[n].paths})
+    if accounts_before is None:
+        return paths, []
+    had = {line.split(" ", 1)[1].strip() for line in accounts_before if " " in line}
+    accounts = {a for n in names & PACKAGE_LEFTOVERS.keys() for a in PACKAGE_LEFTOVERS[n].accounts}
+    return paths, sorted(accounts - had)

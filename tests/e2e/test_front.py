@@ -10,6 +10,7 @@ Prometheus' API, ssh).
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
 import shlex
@@ -29,6 +30,7 @@ from tests.conftest import (
     NVIDIA_SMI_DATA,
     PYINFRA,
     REPO,
+    SNAPSHOT,
     SUBPROCESS_TIMEOUT,
     DeployResult,
     dashboard_gaps,
@@ -74,8 +76,19 @@ def write(path: Path, hosts, front: dict | None = None, server: dict | None = No
     return path
 
 
+#: the front's and the monitor's hosts as booted, before the module's first deploy (read by the
+#: last test: uninstall leaves each as it was)
+FRESH: dict[str, str] = {}
+
+
+def trust_store_aside(snapshot: str) -> str:
+    """A host's snapshot without the entries of /etc/ssl/certs (see the uninstall test)."""
+    return "".join(line for line in snapshot.splitlines(keepends=True) if not line.startswith("/etc/ssl/certs/"))
+
+
 @pytest.fixture(scope="module")
 def fleet(hosts, tmp_path_factory):
+    FRESH.update({name: trust_store_aside(hosts[name].ssh(SNAPSHOT).stdout) for name in ("fd", "mon")})
     inv = write(tmp_path_factory.mktemp("front") / "inv.py", hosts)
     result = run_deploy(inv)  # four hosts at once: each has its own apt lock (its layer over the shared archive)
     assert result.rc == 0, failure_text(result) + "\n" + failed_units_text(*hosts.values())
@@ -1001,7 +1014,8 @@ def test_tls_at_the_front_12_or_later_with_redirect_and_a_bad_pem_replaces_nothi
 def test_uninstall_takes_the_fences_of_front_and_monitor_away(hosts, fleet):
     """The last test of the module: uninstall on the front and the monitor removes what their
     fences put there (the service's drop-in, the guard, the nftables drop-in, the table, the rules
-    file), the services unbound first; a second uninstall changes nothing."""
+    file), the services unbound first, and leaves each host as it was before the module's first
+    deploy (files, users, groups, units); a second uninstall changes nothing."""
     def remove() -> subprocess.CompletedProcess:
         return subprocess.run([PYINFRA, "-y", "--json", str(fleet), "llamadeploy.deploy.llama_server_removed",
                                "--limit", hosts["fd"].address, "--limit", hosts["mon"].address],
@@ -1024,6 +1038,15 @@ def test_uninstall_takes_the_fences_of_front_and_monitor_away(hosts, fleet):
         assert h.ssh(f"systemctl is-active {unit}-fence.service", check=False).stdout.strip() != "active"
     # the front's marks of what rollouts drained go too
     assert hosts["fd"].ssh("test -e /var/lib/llamadeploy-front", check=False).returncode != 0
+    # nothing else of the deploy's is left, and nothing of the host's went. Except the host's own
+    # trust store: a package install runs ca-certificates' trigger, whose update-ca-certificates
+    # links the CAs the host already trusts (/usr/local/share/ca-certificates, the sandbox's) into
+    # /etc/ssl/certs; a cache of the host's trust, not the deploy's, and never to be removed
+    after = {name: trust_store_aside(hosts[name].ssh(SNAPSHOT).stdout) for name in ("fd", "mon")}
+    assert after == FRESH, "\n".join(
+        f"{name}:\n" + "\n".join(difflib.unified_diff(FRESH[name].splitlines(), after[name].splitlines(), "fresh",
+                                                     "after uninstall", lineterm="", n=0))
+        for name in after if after[name] != FRESH[name])
     again = remove()
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["results"]["totals"]["success"] == 0, again.stdout[-3000:]

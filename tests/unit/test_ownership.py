@@ -9,8 +9,10 @@ from llamadeploy import units
 from llamadeploy.config import HostConfig
 from llamadeploy.roles.ownership import (
     ancestors,
+    apt_files,
     configured_dirs,
     files_in,
+    files_outside,
     ownership_problem,
     parents_in,
     record_lines,
@@ -239,3 +241,19 @@ def test_an_earlier_deploy_without_records_is_adopted_only_where_its_manifest_sh
     # no manifest: no server deployed here; a front's or monitor's cache directory with its package records
     assert adopted_dirs(default, None, True) == {"/var/cache/llama.cpp"}
     assert adopted_dirs(default, None, False) == frozenset()
+
+
+def test_apt_sources_and_keys_the_settings_write_are_recorded_and_removed_outside_the_data_dir():
+    """Docker's repository (``engine = "docker-ce"``) and Debian's non-free for NVIDIA
+    (``install = "distro"``) are files the deploy writes; recorded where the host had none, they
+    are what uninstall removes besides the data directory (the model files go with that)."""
+    base = {"server": {"allow_unauthenticated": True}}
+    assert apt_files(CFG) == []
+    docker_ce = HostConfig.model_validate({**base, "mode": "docker", "docker": {"engine": "docker-ce"}})
+    assert apt_files(docker_ce) == ["/etc/apt/keyrings/docker.asc", "/etc/apt/sources.list.d/docker.list"]
+    assert apt_files(HostConfig.model_validate({**base, "mode": "docker"})) == []
+    cuda = HostConfig.model_validate({**base, "build": {"backend": "cuda"}, "gpu": {"install": "distro"}})
+    assert apt_files(cuda) == ["/etc/apt/sources.list.d/llamadeploy-nvidia.list"]
+    record = frozenset(record_lines(DIRS, None, "llama", placed=["/srv/llm/models/m.gguf", *apt_files(docker_ce)]))
+    assert files_outside(record, "/srv/llm") == apt_files(docker_ce)
+    assert files_in(record, "/srv/llm/models") == {"m.gguf"}

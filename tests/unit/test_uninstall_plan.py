@@ -1,8 +1,12 @@
-"""What on a Docker engine the deploy installed is someone else's (roles/uninstall/plan.py)."""
+"""What on a Docker engine the deploy installed is someone else's, and what the purge of a
+package the deploy installed leaves behind (roles/uninstall/plan.py)."""
 
 from __future__ import annotations
 
-from llamadeploy.roles.uninstall.plan import foreign_engine_objects
+import pytest
+
+from llamadeploy.packages import accounts_text
+from llamadeploy.roles.uninstall.plan import foreign_engine_objects, leftovers
 
 PROJECT = "/opt/llama-server-compose"
 OURS = {"llamadeploy/llama-server:b11434"}
@@ -30,3 +34,26 @@ def test_an_image_the_host_had_before_the_deploy_is_foreign():
 
 def test_no_docker_command_lists_nothing():
     assert foreign_engine_objects([], PROJECT, OURS) == []
+
+
+@pytest.mark.parametrize(("purged", "before", "expected"), [
+    # a front's host the deploy made: HAProxy's chroot and the node exporter's account go
+    (["haproxy", "socat", "prometheus-node-exporter"], ["user root", "group root"],
+     (["/var/lib/haproxy"], ["prometheus"])),
+    # the host had the account before the first deploy: it stays
+    (["prometheus", "prometheus-alertmanager"], ["user root", "user prometheus", "group prometheus"], ([], [])),
+    # no record of the accounts before (a host deployed before it existed): no account is ours
+    (["prometheus"], None, ([], [])),
+    # packages that leave nothing, and packages not purged
+    (["cmake", "build-essential"], [], ([], [])),
+    ([], [], ([], [])),
+])
+def test_leftovers_of_purged_packages(purged, before, expected):
+    assert leftovers(purged, before) == expected
+
+
+def test_accounts_record_names_users_and_groups():
+    assert accounts_text({"root": {}, "llama": {}}, ["root", "docker"]) == \
+        "user llama\nuser root\ngroup docker\ngroup root\n"
+    lines = accounts_text({"prometheus": {}}, ["prometheus"]).splitlines()
+    assert leftovers(["prometheus"], lines) == ([], [])  # what the record holds is read back as the host's
