@@ -19,6 +19,7 @@ The record is written before apt runs, so that an install cut off halfway is sti
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from io import StringIO
 from typing import Any
@@ -44,8 +45,8 @@ ACCOUNTS_BEFORE = "accounts-before-deploy"
 RECORDING_ROLES = ("build", "docker", "model", "firewall", "front", "monitor", "transfer", "rpc", "node", "gpu")
 
 
-#: (run, host, record) -> the packages this run has recorded there so far
-_RECORDED: dict[tuple[int, str, str], set[str]] = {}
+#: a run's state -> (host, record) -> the packages this run has recorded there so far (gone with the run)
+_RECORDED: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], set[str]]] = weakref.WeakKeyDictionary()
 
 
 def record_path(cfg: HostConfig, role: str) -> str:
@@ -72,7 +73,7 @@ def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
     path = record_path(cfg, role)
     # what an earlier call of this run recorded there too: facts are read while pyinfra prepares,
     # so each call sees the record as the run found it, and would write over the one before
-    this_run = _RECORDED.setdefault((id(host.state), host.name, path), set())
+    this_run = _RECORDED.setdefault(host.state, {}).setdefault((host.name, path), set())
     before = sorted(set(recorded(host.get_fact(FileContents, path=path))) | this_run)
     before_path = f"{cfg.service.cache_dir}/{BEFORE}"
     if host.get_fact(FileContents, path=before_path) is None:
@@ -82,11 +83,12 @@ def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
     accounts_path = f"{cfg.service.cache_dir}/{ACCOUNTS_BEFORE}"
     # (a host first deployed before this record: its accounts now, the deploy's among them, so
     # that none of them is ever taken for ours)
-    if host.get_fact(FileContents, path=accounts_path) is None:
+    users = host.get_fact(Users) or {}
+    # (never a record without root: a listing that failed would make every account look like ours)
+    if host.get_fact(FileContents, path=accounts_path) is None and "root" in users:
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name="Record the accounts the host had before the first deploy",
-                   src=StringIO(accounts_text(host.get_fact(Users) or {}, host.get_fact(Groups) or [])),
-                   dest=accounts_path, mode="644")
+                   src=StringIO(accounts_text(users, host.get_fact(Groups) or [])), dest=accounts_path, mode="644")
     after = sorted(set(before) | set(missing))
     this_run.update(after)
     if after != before:  # before apt: a package it installs is ours even if the run stops there

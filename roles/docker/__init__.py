@@ -9,7 +9,6 @@ this file.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import re
 import shlex
 from collections.abc import Callable
@@ -101,7 +100,8 @@ def image_pin(cfg: HostConfig) -> str:
 #: Docker's apt key and source (``engine = docker-ce``); recorded as the deploy's where the host
 #: had neither (roles/ownership), so that uninstall removes them
 APT_KEY = "/etc/apt/keyrings/docker.asc"
-APT_SOURCE = "/etc/apt/sources.list.d/docker.list"
+APT_SOURCE_NAME = "docker"
+APT_SOURCE = f"/etc/apt/sources.list.d/{APT_SOURCE_NAME}.list"
 
 
 @role("Docker engine")
@@ -119,7 +119,7 @@ def engine(cfg: HostConfig) -> None:
                        dest=APT_KEY, mode="644")
         apt.repo(name="Docker's apt repository",
                  src=f"deb [signed-by={APT_KEY}] https://download.docker.com/linux/debian {_codename()} stable",
-                 filename=posixpath.splitext(posixpath.basename(APT_SOURCE))[0])
+                 filename=APT_SOURCE_NAME)
         packages.installed(cfg, "docker", name="Docker engine from Docker's repository (docker-ce, compose plugin)",
                            packages=["docker-ce", "docker-ce-cli", "containerd.io", "docker-compose-plugin"],
                            update=True)

@@ -37,8 +37,9 @@ from llamadeploy.roles.transfer import peer_address
 from llamadeploy.tuning import DEFAULT_PARALLEL
 
 TEMPLATE = "front/haproxy.cfg.j2"
-CONFIG = "/etc/haproxy/haproxy.cfg"
-PEM = "/etc/haproxy/llamadeploy.pem"
+ETC = "/etc/haproxy"
+CONFIG = f"{ETC}/haproxy.cfg"
+PEM = f"{ETC}/llamadeploy.pem"
 ADMIN_SOCKET = "/run/haproxy/admin.sock"
 #: the servers' states across a reload (operations.reloaded_keeping_states); absent otherwise
 #: (under /run: a file a killed reload left behind is gone at the next boot)

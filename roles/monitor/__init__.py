@@ -54,9 +54,11 @@ AM_CONFIG = f"{ETC}/alertmanager.yml"
 AM_DEFAULTS = "/etc/default/prometheus-alertmanager"
 AM_TOKEN = f"{ETC}/alertmanager-webhook-token"
 AM_PASSWORD = f"{ETC}/alertmanager-smtp-password"
-#: the files the deploy adds beside Prometheus' own: no package ships them, so its purge keeps
-#: them (and /etc/prometheus); uninstall removes them where the deploy installed Prometheus
-OWN_FILES = (SERVERS, FRONTS, MODELS, NODES, RULES, KEY, AM_TOKEN, AM_PASSWORD)
+#: the files the deploy adds beside Prometheus' and Alertmanager's own: no package ships them, so
+#: the purge keeps them (and /etc/prometheus); uninstall removes them where the deploy installed
+#: those packages (roles/uninstall/plan.py)
+PROMETHEUS_FILES = (SERVERS, FRONTS, MODELS, NODES, RULES, KEY)
+ALERTMANAGER_FILES = (AM_TOKEN, AM_PASSWORD)
 AM_SERVICE = "prometheus-alertmanager.service"
 
 

@@ -160,12 +160,12 @@ def apt_files(cfg: HostConfig) -> list[str]:
     return out
 
 
-def files_outside(record: frozenset[str] | None, directory: str) -> list[str]:
-    """The files a record names that are not under ``directory`` (the data directory, removed
-    with it): the apt sources and keys (pure)."""
-    prefix = directory.rstrip("/") + "/"
-    return sorted(line[len("file "):] for line in record or ()
-                  if line.startswith("file ") and not line[len("file "):].startswith(prefix))
+def apt_files_in(record: frozenset[str] | None, kept_engine: bool = False) -> list[str]:
+    """The apt sources and keys (:func:`apt_files`) a record names (pure); with ``kept_engine``
+    (uninstall keeps a Docker engine that holds someone else's containers) not Docker's, which
+    that engine still updates from."""
+    known = [gpu.APT_SOURCE] + ([] if kept_engine else [docker.APT_KEY, docker.APT_SOURCE])
+    return sorted(p for p in known if f"file {p}" in (record or ()))
 
 
 def _deepest_first(paths: Iterable[str]) -> list[str]:

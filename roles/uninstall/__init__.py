@@ -2,8 +2,10 @@
 
 What goes: the service (unit stopped, disabled, removed) or the compose project and its
 image, the releases, config, cache and data directories (models kept with
-``keep_models``), the service user and group, and the system packages the deploy
-recorded as installed by it (``llamadeploy.packages``), with their unused dependencies.
+``keep_models``), the service user and group, the system packages the deploy
+recorded as installed by it (``llamadeploy.packages``), with their unused dependencies, what
+their purge leaves (roles/uninstall/plan.py: files the deploy added beside theirs, state, the
+accounts their postinsts created) and the apt sources and keys the deploy wrote.
 What stays: anything that was on the host before the first deploy, and mount points.
 
     pyinfra INVENTORY llamadeploy.deploy.llama_server_removed [keep_models=true]
@@ -80,18 +82,6 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
     port_unfenced(node_exporter.UNIT, node_exporter.TABLE, node_exporter.FENCE_RULES)  # roles/node_exporter
     node_exporter.gpu_metrics_removed()  # a CUDA host's (roles/node_exporter)
-    # the files the monitor adds beside Prometheus' and Alertmanager's own (roles/monitor; the
-    # purge keeps them), where the deploy installed those: on any other host a file of that name
-    # is someone else's
-    on_monitor = set(packages.recorded(host.get_fact(FileContents, path=packages.record_path(cfg, "monitor"))))
-    for path in monitor.OWN_FILES:
-        secret = path in (monitor.AM_TOKEN, monitor.AM_PASSWORD)
-        if ("prometheus-alertmanager" if secret else "prometheus") in on_monitor:
-            files.file(name=f"{path} removed", path=path, present=False)
-    # the front's TLS certificate and key (roles/front), where the deploy installed its HAProxy: the
-    # purge keeps a file no package shipped, and /etc/haproxy with it
-    if "haproxy" in packages.recorded(host.get_fact(FileContents, path=packages.record_path(cfg, "front"))):
-        files.file(name=f"{front.PEM} removed", path=front.PEM, present=False)
     # a front's marks of the servers a rollout drained (roles/front)
     tree_removed(name="Rollout drain marks removed", path=posixpath.dirname(front.DRAINED_DIR))
 
@@ -161,14 +151,16 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     if theirs:
         host.noop(f"the Docker engine the deploy installed stays, with its packages: it holds what this service "
                   f"did not make ({', '.join(theirs)})")
-    purged = packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir,
-                             kept_roles=("docker",) if theirs else ())
+    # (a kept engine keeps what it runs on: its NVIDIA runtime and driver, its apt source and key)
+    kept = ("docker", "gpu") if theirs else ()
+    purged = packages_purged(name="Packages the deploy installed purged", cache_dir=svc.cache_dir, kept_roles=kept)
     if engine and not theirs:
         engine_state_removed(name="State of the Docker engine the deploy installed removed", _if=purged.did_change)
-    package_leftovers_removed(name="What the purged packages left removed (state, the accounts they created)",
-                              cache_dir=svc.cache_dir, kept_roles=("docker",) if theirs else (), _if=purged.did_change)
+    # after the purge: a purge that fails leaves a front or a monitor with every file its service reads
+    package_leftovers_removed(name="What the purged packages left removed (files, state, the accounts they created)",
+                              cache_dir=svc.cache_dir, kept_roles=kept, _if=purged.did_change)
     # the apt sources and keys the deploy wrote (Docker's, NVIDIA's), now that what came from them is purged
-    for path in ownership.files_outside(mine, svc.data_dir):
+    for path in ownership.apt_files_in(mine, kept_engine=bool(theirs)):
         if ours(f"file {path}"):
             files.file(name=f"{path} removed", path=path, present=False)
     if ours(f"dir {svc.cache_dir}"):

@@ -155,6 +155,11 @@ def engine_state_removed() -> Generator[Any, None, None]:
     yield from commands
 
 
+#: where the account check looks for files still the account's; an engine's layers (the images'
+#: own files, with their own uids) are not the host's
+ACCOUNT_SEARCH = "find /etc /var /opt /srv /home -xdev \\( -path /var/lib/docker -o -path /var/lib/containerd \\) -prune -o"
+
+
 @operation()
 def package_leftovers_removed(cache_dir: str, kept_roles: tuple[str, ...] = ()) -> Generator[Any, None, None]:
     """
@@ -163,23 +168,31 @@ def package_leftovers_removed(cache_dir: str, kept_roles: tuple[str, ...] = ()) 
     + cache_dir: where the package records and the record of the accounts before are
     + kept_roles: roles whose packages stayed (as in :func:`packages_purged`)
 
-    An account goes only where the host did not have it before the first deploy, no process
-    runs as it and no file on the host's own filesystems is still its (another package's, an
-    operator's); its group goes with it.
+    The files the deploy added beside a package's own, the package's directory once they are gone
+    (where nothing else is in it), its service's state, and the account its postinst created.
+    An account or a group goes only where the host did not have it before the first deploy, no
+    process runs as it and no file under /etc, /var, /opt, /srv or /home (an engine's layers
+    aside) is still its user's or its group's: another package's, an operator's.
     """
-    paths, accounts = leftovers(recorded_packages(cache_dir, kept_roles),
-                                host.get_fact(FileContents, path=f"{cache_dir}/{ACCOUNTS_BEFORE}"))
+    left = leftovers(recorded_packages(cache_dir, kept_roles),
+                     host.get_fact(FileContents, path=f"{cache_dir}/{ACCOUNTS_BEFORE}"))
     q = shlex.quote
-    commands = [f"rm -rf --one-file-system -- {q(p)}" for p in paths if host.get_fact(Directory, path=p)]
+    commands = [f"rm -f -- {q(f)}" for f in left.files if host.get_fact(File, path=f)]
+    commands += [f"[ ! -d {q(d)} ] || rmdir --ignore-fail-on-non-empty -- {q(d)}"
+                 for d in left.dirs_if_empty if host.get_fact(Directory, path=d)]
+    commands += [f"rm -rf --one-file-system -- {q(p)}" for p in left.paths if host.get_fact(Directory, path=p)]
     users, groups = host.get_fact(Users) or {}, host.get_fact(Groups) or []
-    for name in accounts:
-        if name in users:
-            commands.append(
-                f"if pgrep -u {q(name)} >/dev/null || [ -n \"$(find /etc /var /opt /srv /home -xdev -user {q(name)} "
-                f"-print -quit 2>/dev/null)\" ]; then echo {q(f'the account {name} stays: it still owns something')}; "
-                f"else userdel {q(name)}; getent group {q(name)} >/dev/null && groupdel {q(name)} || true; fi")
-        elif name in groups:
-            commands.append(f"groupdel {q(name)}")
+    for name in left.accounts:
+        if name not in users and name not in groups:
+            continue
+        n = q(name)
+        in_use = (f"pgrep -u {n} >/dev/null || [ -n \"$({ACCOUNT_SEARCH} \\( -user {n} -o -group {n} \\) -print -quit "
+                  "2>/dev/null)\" ]" if name in users else
+                  f"[ -n \"$({ACCOUNT_SEARCH} -group {n} -print -quit 2>/dev/null)\" ]")
+        remove = (f"userdel {n}; getent group {n} >/dev/null && groupdel {n} || true" if name in users
+                  else f"groupdel {n} || echo {q(f'the group {name} stays: an account has it as its group')}")
+        commands.append(f"if {in_use}; then echo {q(f'the account {name} stays: it still owns something')}; "
+                        f"else {remove}; fi")
     if not commands:
         host.noop("the purged packages left nothing")
         return

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from llamadeploy.roles import front, monitor
+
 #: the engine packages whose runtime state (images, containers, keys) the uninstall removes with
 #: them, where the deploy installed them
 ENGINE_PACKAGES = frozenset({"docker.io", "docker-ce"})
@@ -45,37 +47,47 @@ def foreign_engine_objects(listing: Iterable[str], project_dir: str, our_images:
 
 @dataclass(frozen=True)
 class Leftovers:
-    """What a package's purge keeps on Debian although only that package made it."""
+    """What a package's purge keeps on Debian although only that package, or the deploy for it, made it."""
 
+    #: files the deploy adds beside the package's own (no package ships them, so the purge keeps
+    #: them, and their directory with them)
+    files: tuple[str, ...] = ()
+    #: the package's configuration directory, which its purge could not remove while those were in it
+    dirs_if_empty: tuple[str, ...] = ()
     #: directories that hold only what its service made (removed whole)
     paths: tuple[str, ...] = ()
     #: the system account (user, and its group) its postinst created: Debian never removes one
     accounts: tuple[str, ...] = ()
 
 
-#: seen on the front's and the monitor's hosts (test_front's snapshot after uninstall): HAProxy's
-#: chroot keeps ``dev/log``, the mount point its unit's ``BindReadOnlyPaths`` made; the
-#: ``prometheus`` account of Prometheus, Alertmanager and the node exporter stays
+#: seen on the front's and the monitor's hosts (test_front's snapshot after uninstall): the
+#: front's PEM and the monitor's targets, rules and keys; HAProxy's chroot keeps ``dev/log``, the
+#: mount point its unit's ``BindReadOnlyPaths`` made; the ``prometheus`` account of Prometheus,
+#: Alertmanager and the node exporter stays
 PACKAGE_LEFTOVERS: dict[str, Leftovers] = {
-    "haproxy": Leftovers(paths=("/var/lib/haproxy",)),
-    "prometheus": Leftovers(accounts=("prometheus",)),
-    "prometheus-alertmanager": Leftovers(accounts=("prometheus",)),
+    "haproxy": Leftovers(files=(front.PEM,), dirs_if_empty=(front.ETC,), paths=("/var/lib/haproxy",)),
+    "prometheus": Leftovers(files=monitor.PROMETHEUS_FILES, dirs_if_empty=(monitor.ETC,), accounts=("prometheus",)),
+    "prometheus-alertmanager": Leftovers(files=monitor.ALERTMANAGER_FILES, dirs_if_empty=(monitor.ETC,),
+                                         accounts=("prometheus",)),
     "prometheus-node-exporter": Leftovers(accounts=("prometheus",)),
 }
 
 
-def leftovers(purged: Iterable[str], accounts_before: Iterable[str] | None) -> tuple[list[str], list[str]]:
-    """The directories and accounts to remove after purging ``purged`` (pure).
+def leftovers(purged: Iterable[str], accounts_before: Iterable[str] | None) -> Leftovers:
+    """What to remove after purging ``purged`` (pure), in the order it goes: files, then the
+    directories they kept, then state, then accounts.
 
     ``accounts_before``: the lines of the record of the accounts the host had before the first
     deploy (``user NAME``, ``group NAME``); an account named there was the host's and stays.
     Without that record (a host first deployed before it existed) no account is removed: nothing
     shows which of them the deploy made.
     """
-    names = set(purged)
-    paths = sorted({p for n in names & PACKAGE_LEFTOVERS.keys() for p in PACKAGE_LEFTOVERS[n].paths})
-    if accounts_before is None:
-        return paths, []
-    had = {line.split(" ", 1)[1].strip() for line in accounts_before if " " in line}
-    accounts = {a for n in names & PACKAGE_LEFTOVERS.keys() for a in PACKAGE_LEFTOVERS[n].accounts}
-    return paths, sorted(accounts - had)
+    found = [PACKAGE_LEFTOVERS[n] for n in sorted(set(purged) & PACKAGE_LEFTOVERS.keys())]
+
+    def union(field: str) -> tuple[str, ...]:
+        return tuple(sorted({v for lo in found for v in getattr(lo, field)}))
+
+    had = {line.split(" ", 1)[1].strip() for line in accounts_before or () if " " in line}
+    accounts = () if accounts_before is None else tuple(a for a in union("accounts") if a not in had)
+    return Leftovers(files=union("files"), dirs_if_empty=union("dirs_if_empty"), paths=union("paths"),
+                     accounts=accounts)

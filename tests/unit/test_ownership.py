@@ -10,9 +10,9 @@ from llamadeploy.config import HostConfig
 from llamadeploy.roles.ownership import (
     ancestors,
     apt_files,
+    apt_files_in,
     configured_dirs,
     files_in,
-    files_outside,
     ownership_problem,
     parents_in,
     record_lines,
@@ -243,10 +243,10 @@ def test_an_earlier_deploy_without_records_is_adopted_only_where_its_manifest_sh
     assert adopted_dirs(default, None, False) == frozenset()
 
 
-def test_apt_sources_and_keys_the_settings_write_are_recorded_and_removed_outside_the_data_dir():
+def test_apt_sources_and_keys_the_settings_write_are_recorded_and_read_back_by_name():
     """Docker's repository (``engine = "docker-ce"``) and Debian's non-free for NVIDIA
     (``install = "distro"``) are files the deploy writes; recorded where the host had none, they
-    are what uninstall removes besides the data directory (the model files go with that)."""
+    are what uninstall removes by name, and nothing else a record names as a file."""
     base = {"server": {"allow_unauthenticated": True}}
     assert apt_files(CFG) == []
     docker_ce = HostConfig.model_validate({**base, "mode": "docker", "docker": {"engine": "docker-ce"}})
@@ -255,5 +255,8 @@ def test_apt_sources_and_keys_the_settings_write_are_recorded_and_removed_outsid
     cuda = HostConfig.model_validate({**base, "build": {"backend": "cuda"}, "gpu": {"install": "distro"}})
     assert apt_files(cuda) == ["/etc/apt/sources.list.d/llamadeploy-nvidia.list"]
     record = frozenset(record_lines(DIRS, None, "llama", placed=["/srv/llm/models/m.gguf", *apt_files(docker_ce)]))
-    assert files_outside(record, "/srv/llm") == apt_files(docker_ce)
+    assert apt_files_in(record) == apt_files(docker_ce)
+    assert apt_files_in(record, kept_engine=True) == []  # a kept engine keeps its source and key
     assert files_in(record, "/srv/llm/models") == {"m.gguf"}
+    # a model file outside today's data directory (recorded before data_dir changed) is no apt file
+    assert apt_files_in(frozenset(record_lines(DIRS, None, None, placed=["/old/models/x.gguf"]))) == []

@@ -3,6 +3,7 @@ and operations are replaced, so the record each call would write can be read bac
 
 from __future__ import annotations
 
+import weakref
 from io import StringIO
 from typing import Any
 
@@ -20,8 +21,11 @@ class FakeHost:
 
     name = "10.0.0.5"
 
+    class State:
+        """One pyinfra run."""
+
     def __init__(self) -> None:
-        self.state = object()  # one pyinfra run
+        self.state = self.State()
 
     def get_fact(self, fact: type, **kwargs: Any) -> Any:
         return {DebPackages: {"curl": ["8.5.0"]}, FileContents: None, Users: {"root": {}}, Groups: ["root"]}[fact]
@@ -42,6 +46,7 @@ def written(monkeypatch) -> dict[str, str]:
             return lambda *args, **kwargs: None
 
     monkeypatch.setattr(packages, "host", FakeHost())
+    monkeypatch.setattr(packages, "_RECORDED", weakref.WeakKeyDictionary())
     monkeypatch.setattr(packages, "atomic", Put)
     monkeypatch.setattr(packages, "files", Quiet())
     monkeypatch.setattr(packages, "apt", Quiet())
@@ -68,3 +73,22 @@ def test_a_package_installed_from_a_file_is_recorded_with_the_role_s_others(writ
     packages.recording(cfg, "gpu", ["cuda-keyring"])
     packages.installed(cfg, "gpu", name="NVIDIA", packages=["cuda-toolkit-12-8"])
     assert written[packages.record_path(cfg, "gpu")].split() == ["cuda-keyring", "cuda-toolkit-12-8"]
+
+
+def test_a_new_run_starts_from_the_record_it_finds(written, monkeypatch):
+    """What one run recorded is not carried into the next: each starts from the host's record."""
+    cfg = HostConfig.model_validate({"role": "monitor"})
+    packages.installed(cfg, "monitor", name="Prometheus", packages=["prometheus"])
+    monkeypatch.setattr(packages, "host", FakeHost())  # the next run, whose host found no record
+    packages.installed(cfg, "monitor", name="Alertmanager", packages=["prometheus-alertmanager"])
+    assert written[packages.record_path(cfg, "monitor")].split() == ["prometheus-alertmanager"]
+
+
+def test_no_accounts_record_from_a_listing_without_root(written, monkeypatch):
+    """An empty or failed listing of the accounts would make every package's account look like
+    the deploy's at uninstall: no record then (uninstall removes no account without one)."""
+    host = FakeHost()
+    monkeypatch.setattr(host, "get_fact", lambda fact, **kw: {} if fact is Users else FakeHost().get_fact(fact))
+    monkeypatch.setattr(packages, "host", host)
+    packages.installed(HostConfig.model_validate({"role": "monitor"}), "monitor", name="P", packages=["prometheus"])
+    assert not [d for d in written if d.endswith(packages.ACCOUNTS_BEFORE)]
