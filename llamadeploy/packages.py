@@ -83,9 +83,10 @@ def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
     accounts_path = f"{cfg.service.cache_dir}/{ACCOUNTS_BEFORE}"
     # (a host first deployed before this record: its accounts now, the deploy's among them, so
     # that none of them is ever taken for ours)
-    users = host.get_fact(Users) or {}
-    # (never a record without root: a listing that failed would make every account look like ours)
-    if host.get_fact(FileContents, path=accounts_path) is None and "root" in users:
+    # the accounts are read only while there is no record: a re-deploy pays for no listing. Never
+    # a record without root: a listing that failed would make every account look like ours
+    users = host.get_fact(Users) or {} if host.get_fact(FileContents, path=accounts_path) is None else {}
+    if "root" in users:
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name="Record the accounts the host had before the first deploy",
                    src=StringIO(accounts_text(users, host.get_fact(Groups) or [])), dest=accounts_path, mode="644")
