@@ -34,6 +34,7 @@ from llamadeploy.roles.model.source import ModelArtifact, ModelFile
 from llamadeploy.roles.router import Router, preset_path
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
+from llamadeploy.roles.service.operations import restarted as restarted_op
 from llamadeploy.tuning import MemoryPlan, server_args, systemd_quote, unit_limits
 
 TEMPLATE = "service/llama-server.service.j2"
@@ -193,10 +194,9 @@ def service(
     stale = host.get_fact(StartedBefore, unit=f"{svc.name}.service", paths=[
         unit_path, *(f"{cfg.model_dir}/{name}" for name in info.model_files if router is None), binary,
         *([pin.env_path] if pin else []), *([cfg.api_key_path] if cfg.server.api_key is not None else [])])
-    restarted = systemd.service(
+    restarted = restarted_op(
         name="Restart for changed binary, model, key or unit",
-        service=f"{svc.name}.service",
-        restarted=True,
+        unit=f"{svc.name}.service",
         _if=[lambda: stale or any_changed(unit, key, switched, *pins, *placed, *restart_on)() or bool(restart_if and restart_if()),
              lambda: not started.did_change()],
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Generator
 from typing import Any
 
@@ -51,3 +52,28 @@ def check_flags(binary: str, args: list[str]) -> Generator[Any, None, None]:
         raise OperationError(problem)
     host.noop(f"all {len(flag_names(args))} flags are known to {binary}")
     yield from ()  # an operation is a generator even when it has no command
+
+
+@operation()
+def restarted(unit: str, lines: int = 30) -> Generator[Any, None, None]:
+    """
+    Restart ``unit``; when systemd's start job fails, fail with the unit's state and its journal's
+    last lines, so the run names why (``systemctl`` alone says only "see systemctl status").
+
+    + unit: the systemd unit
+    + lines: how many journal lines the failure shows
+
+    Always a change when it runs: callers gate it with ``_if`` (an input changed). The state is
+    read on the host at the moment of the failure; by the time an operator looks, the unit may
+    have been restarted by its own ``Restart=`` and the journal moved on.
+
+    **Example:**
+
+    .. code:: python
+
+        restarted(name="Restart for a changed unit", unit="llama-server.service")
+    """
+    u = shlex.quote(unit)
+    yield (f"systemctl restart {u} && exit 0; rc=$?; {{ echo {shlex.quote(unit + ' did not start; its state and last log lines:')}; "
+           f"systemctl show -p ActiveState -p SubState -p Result -p ExecMainStatus -p NRestarts {u}; "
+           f"journalctl -u {u} -n {int(lines)} --no-pager -o short-precise; }} >&2; exit $rc")

@@ -250,18 +250,55 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
     assert ours[0]["after"] == before[canary.address][0], ours
 
 
+def down_watch(fleet, stop: threading.Event, seen: list[set[str]]) -> threading.Thread:
+    """Every 0.2 s, the hosts whose ``/health`` is not 200 (refused, 503 while loading, or no
+    answer within 1 s), asked one after the other; each round's set is appended to ``seen``."""
+
+    def run() -> None:
+        with httpx.Client(timeout=1) as c:
+            while not stop.is_set():
+                down = set()
+                for h in fleet:
+                    try:
+                        if c.get(f"http://{h.address}:8080/health").status_code != 200:
+                            down.add(h.address)
+                    except httpx.HTTPError:
+                        down.add(h.address)
+                seen.append(down)
+                time.sleep(0.2)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def test_max_unavailable_rounds_down_and_counts_a_host_already_down(fleet, baseline):
     """``--max-unavailable 50%`` of three hosts is one host, never two: with ``--batch 2`` the
-    rollout still switches one host at a time (the canary, then ro2, then ro3). With ro3's server
-    stopped by hand, that one host is used up already: the rollout is refused before it drains or
-    switches anything, naming ro3, and ro1 and ro2 keep their release and their process."""
+    rollout (back to the baseline from the earlier tests' threads=1, so every host restarts) still
+    switches one host at a time, the canary, then ro2, then ro3, and a watcher asking every host's
+    /health meanwhile never finds two down at once. With ro3's server stopped by hand, that one
+    host is used up already: the rollout is refused before it drains or switches anything, naming
+    ro3, and ro1 and ro2 keep their release and their process."""
     inv, _, _ = baseline
     ro3 = fleet[2]
-    paced = cli("rollout", str(inv), "--batch", "2", "--max-unavailable", "50%")
+    before = {h.address: manifest(h).release_id for h in fleet}
+    stop, seen = threading.Event(), []
+    watcher = down_watch(fleet, stop, seen)
+    try:
+        paced = cli("rollout", str(inv), "--batch", "2", "--max-unavailable", "50%")
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
     assert paced.returncode == 0, paced.stdout + paced.stderr[-3000:]
     log = paced.stdout + paced.stderr
     assert "==> rollout of 3 host(s) in 3 batch(es)" in log, log[-3000:]
     assert f"==> batch 3/3: {ro3.address}" in log, log[-3000:]
+    assert all(manifest(h).release_id != before[h.address] for h in fleet), "the rollout switched no host"
+    went_down = set().union(*seen)
+    print(f"{len(seen)} rounds of /health; hosts seen down: {sorted(went_down)}; "
+          f"most down at once: {max(map(len, seen), default=0)}")
+    assert went_down, "no restart was seen: the watcher proves nothing"
+    assert max(map(len, seen)) <= 1, [sorted(d) for d in seen if len(d) > 1]
     before = {h.address: (manifest(h).release_id, h.ssh("systemctl show -p MainPID --value llama-server").stdout)
               for h in fleet[:2]}
     ro3.ssh("systemctl stop llama-server")
