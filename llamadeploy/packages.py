@@ -28,7 +28,7 @@ from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
-from pyinfra.facts.files import FileContents
+from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import Groups, Users
 from pyinfra.operations import apt, files
 
@@ -90,7 +90,12 @@ def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
         atomic.put(name="Record the accounts the host had before the first deploy",
                    src=StringIO(accounts_text(users, host.get_fact(Groups) or [])), dest=accounts_path, mode="644")
-    after = sorted(set(before) | set(missing))
+    _record(cfg, role, path, before, missing, this_run)
+
+
+def _record(cfg: HostConfig, role: str, path: str, before: list[str], names: list[str], this_run: set[str]) -> None:
+    """Write ``role``'s record with ``names`` added, when that adds something."""
+    after = sorted(set(before) | set(names))
     this_run.update(after)
     if after != before:  # before apt: a package it installs is ours even if the run stops there
         files.directory(name="Cache directory", path=cfg.service.cache_dir, mode="755")
@@ -108,12 +113,37 @@ def foreign(packages: list[str], have: Mapping[str, Any], mine: list[str]) -> li
     return [p for p in packages if p in have and p not in mine]
 
 
+def lost(packages: list[str], have: Mapping[str, Any], mine: list[str] | None, had: list[str] | None) -> list[str]:
+    """Of ``packages``, those a deploy of ours installed although the role's record lost them (pure).
+
+    Releases before 2026-12-05 wrote a role's record once per install, from the record as the run
+    found it: a monitor's first deploy installed Prometheus, then Alertmanager, and the second
+    record replaced the first. Such a package is on the host, not in the role's record, and not
+    in the list of what the host had before the first deploy (``had``), while the role's record
+    exists (``mine`` not None: this role ran here). That is ours; without ``had`` (a host first
+    deployed before that list existed) nothing is inferred."""
+    if mine is None or had is None:
+        return []
+    return [p for p in foreign(packages, have, mine) if p not in had]
+
+
 def refuse_foreign(cfg: HostConfig, role: str, packages: list[str], setting: str, allowed: str) -> None:
     """Stop the run while pyinfra prepares when the host has one of ``packages`` that this role's
     record does not list: an operator's HAProxy or Prometheus would have its config replaced and
-    its service restarted. ``setting`` is what asks for it, ``allowed`` what the operator can do."""
-    theirs = foreign(packages, host.get_fact(DebPackages) or {},
-                     recorded(host.get_fact(FileContents, path=record_path(cfg, role))))
+    its service restarted. ``setting`` is what asks for it, ``allowed`` what the operator can do.
+    A package an earlier release of ours installed and then dropped from the record (:func:`lost`)
+    is put back in the record instead, so that uninstall removes it."""
+    have = host.get_fact(DebPackages) or {}
+    path = record_path(cfg, role)
+    lines = host.get_fact(FileContents, path=path)
+    had = host.get_fact(FileContents, path=f"{cfg.service.cache_dir}/{BEFORE}")
+    mine = recorded(lines)
+    this_run = _RECORDED.setdefault(host.state, {}).setdefault((host.name, path), set())
+    exists = lines is not None or host.get_fact(File, path=path) is not None  # an empty record reads as None
+    ours = lost(packages, have, sorted(set(mine) | this_run) if exists else None, recorded(had) if had else None)
+    if ours:
+        _record(cfg, role, path, sorted(set(mine) | this_run), ours, this_run)
+    theirs = [p for p in foreign(packages, have, sorted(set(mine) | this_run)) if p not in ours]
     if theirs:
         raise DeployError(
             f"preflight refused host {host.name}: {setting}: {', '.join(theirs)} is installed and this deploy did not "

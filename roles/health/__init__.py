@@ -66,7 +66,13 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
     asked what its kind serves (a chat completion, embeddings that tell similar from unrelated,
     a ranking), which loads an on-demand one; those are unloaded again after their check.
     """
-    changed = any_changed(*after)
+    # a (re)start that failed with its error ignored (roles/service: systemd refused the start job)
+    # is judged here too, as a server that exited
+    started = any_changed(*after)
+
+    def changed() -> bool:
+        return started() or any(op.did_error() for op in after)
+
     addr, port = (release.host, release.port) if release else (cfg.server.host, cfg.server.port)
     if release is not None:
         key_file = release.api_key_file

@@ -36,7 +36,7 @@ from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.model import kept_dir
 from llamadeploy.roles.model.operations import kept_path, restored
-from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords
+from llamadeploy.roles.release.facts import ReleaseRecord, ReleaseRecords, records_dir
 from llamadeploy.roles.release.operations import (
     copied,
     gate_failed,
@@ -56,10 +56,6 @@ KEY_FILE = "api-key"
 RULES_FILE = "firewall.nft"
 #: router mode: the model set (roles/router)
 PRESET_FILE = "models.ini"
-
-
-def records_dir(cfg: HostConfig) -> str:
-    return f"{cfg.service.config_dir}/releases"
 
 
 def unit_path(cfg: HostConfig) -> str:

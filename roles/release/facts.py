@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from pyinfra.api import FactBase
 
+from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest
+
+
+def records_dir(cfg: HostConfig) -> str:
+    """Where a host keeps its release records (one directory per release that passed a gate)."""
+    return f"{cfg.service.config_dir}/releases"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from llamadeploy.roles import router as router_role
 from llamadeploy.roles.firewall import guard_unit, rules_path
 from llamadeploy.roles.gpu import FitPin, GpuHost
 from llamadeploy.roles.model.source import ModelArtifact, ModelFile
+from llamadeploy.roles.release.facts import ReleaseRecords, records_dir
 from llamadeploy.roles.router import Router, preset_path
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
@@ -186,8 +187,17 @@ def service(
                                 enabled=True)
         systemd.service(name="NVIDIA device nodes for changed GPUs", service=DEVICES_UNIT,
                         restarted=True, _if=[any_changed(*devices), lambda: not nodes.did_change()])
+    # a start that systemd itself refuses (its start job fails: an ExecStartPre, a sandbox it
+    # cannot set up, a server that exits before systemd saw it run) is what the gate sees when a
+    # server exits after it started: the run goes on to the gate, which fails at once, and the
+    # release that served before is reinstated (roles/release fell_back), which timing alone
+    # would otherwise decide. Not for the release that served already (a restart for its workers,
+    # its key): nothing else to go back to, so the run fails here and systemd's Restart= retries
+    records = host.get_fact(ReleaseRecords, path=records_dir(cfg))
+    gate_judges = not records or records[-1].id != rid
     started = systemd.service(
-        name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True
+        name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True,
+        _ignore_errors=gate_judges,
     )
     # a server older than its files (a deploy that failed between writing and restarting)
     # (router mode: model files and the preset change under a running router by design, see above)
@@ -197,6 +207,7 @@ def service(
     restarted = restarted_op(
         name="Restart for changed binary, model, key or unit",
         unit=f"{svc.name}.service",
+        _ignore_errors=gate_judges,
         _if=[lambda: stale or any_changed(unit, key, switched, *pins, *placed, *restart_on)() or bool(restart_if and restart_if()),
              lambda: not started.did_change()],
     )

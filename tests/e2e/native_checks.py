@@ -4,6 +4,7 @@ transient sandboxed unit, a unit stopped and disabled, a restart seen by the gat
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 import shutil
@@ -105,6 +106,38 @@ def crash_at_start_rolled_back(host, tmp_path: Path, inventory: Path) -> None:
     again = run_deploy(inventory)
     assert again.rc == 0, again.stderr[-4000:]
     assert again.changed == 0
+
+
+def refused_start_rolled_back(host, tmp_path: Path, inventory: Path) -> None:
+    """A new release whose start systemd itself refuses: the start job fails, before the gate,
+    the way a sandbox that cannot be set up or a server that exits before systemd saw it run
+    fails it. Made deterministic here by a site's own drop-in whose ``ExecStartPre`` refuses a
+    unit that runs with ``--threads 7``. The run still goes to the gate, which fails at once, and
+    the release that served before is reinstated (its unit passes the drop-in's check) and
+    serves; the restart's failure names the unit's state. Without that, the run stopped at the
+    restart and left the new unit failing its start every 5 s: no server."""
+    old = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
+    dropin = "/etc/systemd/system/llama-server.service.d/zz-site-policy.conf"
+    policy = ("[Service]\n"
+              "ExecStartPre=/bin/sh -c '! grep -q -- \"--threads 7 \" /etc/systemd/system/llama-server.service'\n")
+    host.ssh(f"mkdir -p {posixpath.dirname(dropin)} && printf %s {shlex.quote(policy)} > {dropin} "
+             "&& systemctl daemon-reload")
+    try:
+        assert host.ssh("systemctl restart llama-server", check=False).returncode == 0  # the old unit passes it
+        inv = with_data(host, tmp_path, "threads7", llama_server={"threads": 7})
+        result = run_deploy(inv)
+        out = result.stdout + result.stderr
+        assert result.rc != 0
+        assert "llama-server.service did not start; its state and last log lines:" in out, out[-3000:]
+        assert f"failed its gate; rolled back to {old}, which serves now (the gate's log lines are above)" in out, \
+            out[-3000:]
+        assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == old
+        assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+        assert "--threads 7 " not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
+    finally:
+        host.ssh(f"rm -f {dropin}; rmdir {posixpath.dirname(dropin)} 2>/dev/null; systemctl daemon-reload")
+    again = run_deploy(inventory)
+    assert again.rc == 0 and again.changed == 0, again.stderr[-4000:]
 
 
 def failed_first_deploy_stopped(host, tmp_path: Path) -> None:

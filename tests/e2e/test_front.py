@@ -957,6 +957,25 @@ def test_a_haproxy_or_node_exporter_the_deploy_did_not_install_is_refused(hosts,
         assert again.rc == 0 and again.changed == 0, again.stderr[-3000:]
 
 
+def test_a_monitor_whose_record_lost_prometheus_deploys_and_records_it_again(hosts, fleet):
+    """The record a release before 2026-12-05 left on a monitor: its first deploy installed
+    Prometheus, then Alertmanager, and Alertmanager's record replaced Prometheus'. Made here by
+    writing the record without ``prometheus``. The host did not have Prometheus before the first
+    deploy (packages-before-deploy), so it is ours: the deploy goes ahead and puts it back in the
+    record, and Prometheus keeps running (uninstall then purges it: the module's last test)."""
+    mon = hosts["mon"]
+    record = "/var/cache/llama.cpp/installed-packages.monitor"
+    listed = mon.ssh(f"cat {record}").stdout.split()
+    assert "prometheus" in listed and "prometheus" not in mon.ssh("cat /var/cache/llama.cpp/packages-before-deploy").stdout.split()
+    pid = mon.ssh("systemctl show -p MainPID --value prometheus").stdout.strip()
+    mon.ssh(f"sed -i '/^prometheus$/d' {record}")
+    assert "prometheus" not in mon.ssh(f"cat {record}").stdout.split()
+    result = run_deploy(fleet, "--limit", mon.address)
+    assert result.rc == 0, failure_text(result)
+    assert sorted(mon.ssh(f"cat {record}").stdout.split()) == sorted(listed)
+    assert mon.ssh("systemctl show -p MainPID --value prometheus").stdout.strip() == pid
+
+
 def test_tls_at_the_front_12_or_later_with_redirect_and_a_bad_pem_replaces_nothing(hosts, fleet, tmp_path):
     """TLS 1.2 or later at the front, HTTP redirected. Then a PEM whose key is not its
     certificate's (an operator's slip when a certificate is renewed) is refused before any host

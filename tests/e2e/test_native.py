@@ -343,5 +343,9 @@ def test_release_that_crashes_at_start_is_rolled_back_by_the_deploy_itself(host,
     native_checks.crash_at_start_rolled_back(host, tmp_path, inventory)
 
 
+def test_a_start_systemd_refuses_is_rolled_back_too(host, tmp_path, inventory):
+    native_checks.refused_start_rolled_back(host, tmp_path, inventory)
+
+
 def test_failed_first_deploy_is_stopped_not_crash_looping(host, tmp_path):
     native_checks.failed_first_deploy_stopped(host, tmp_path)

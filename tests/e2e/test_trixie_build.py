@@ -213,12 +213,14 @@ def test_the_fit_sandbox_holds_under_systemd_257(hosts, fleet):
 
 def test_a_release_that_crashes_at_start_is_rolled_back_on_trixie(hosts, fleet, tmp_path):
     """A plain deploy whose server exits at start, on systemd 257: the gate sees the restart, the
-    run reinstates the release that served and fails (test_native's check, on trixie)."""
+    run reinstates the release that served and fails (test_native's check, on trixie); and one
+    whose start systemd refuses (test_native's second check)."""
     tn = hosts["tn"]
     good = native_checks.with_data(tn, tmp_path, "trixie-alone")
     alone = run_deploy(good)  # the fleet's trixie server, in an inventory of its own: same data
     assert alone.rc == 0 and alone.changed == 0, json.dumps(alone.report["results"], indent=1)[:4000]
     native_checks.crash_at_start_rolled_back(tn, tmp_path, good)
+    native_checks.refused_start_rolled_back(tn, tmp_path, good)  # its start job refused: the same outcome
 
 
 def test_a_failed_first_deploy_is_stopped_and_disabled_on_trixie(hosts, fleet, tmp_path):

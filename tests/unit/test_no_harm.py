@@ -247,3 +247,19 @@ def test_a_service_package_the_host_has_is_ours_only_when_recorded():
     assert foreign(["prometheus", "prometheus-alertmanager"], {"prometheus-alertmanager": {"0.25"}},
                    ["prometheus"]) == ["prometheus-alertmanager"]
 
+
+
+def test_a_package_an_earlier_release_dropped_from_its_record_is_ours_again():
+    """The record overwrite of releases before 2026-12-05: Prometheus installed by the monitor's
+    first deploy, then missing from its record. Ours when the role's record exists and the host
+    did not have it before the first deploy; an operator's otherwise."""
+    from llamadeploy.packages import lost
+
+    have = {"prometheus": {"2.42"}, "prometheus-alertmanager": {"0.25"}}
+    pkgs = ["prometheus", "prometheus-alertmanager"]
+    assert lost(pkgs, have, ["prometheus-alertmanager"], ["curl"]) == ["prometheus"]
+    assert lost(pkgs, have, ["prometheus-alertmanager"], ["curl", "prometheus"]) == []  # the host had it: theirs
+    assert lost(pkgs, have, None, ["curl"]) == []  # this role never ran here: an operator's install
+    assert lost(pkgs, have, ["prometheus-alertmanager"], None) == []  # no list of what the host had: no inference
+    assert lost(pkgs, have, pkgs, ["curl"]) == []  # recorded: nothing lost
+    assert lost(pkgs, {}, [], ["curl"]) == []  # not installed: the deploy installs and records it
