@@ -113,26 +113,33 @@ def foreign(packages: list[str], have: Mapping[str, Any], mine: list[str]) -> li
     return [p for p in packages if p in have and p not in mine]
 
 
-def lost(packages: list[str], have: Mapping[str, Any], mine: list[str] | None, had: list[str] | None) -> list[str]:
-    """Of ``packages``, those a deploy of ours installed although the role's record lost them (pure).
+#: role -> (package, the package whose record replaced its own): the record overwrite of releases
+#: before 2026-12-05, when a role installed two packages in one run (a monitor: Prometheus, then
+#: Alertmanager) and the second install's record replaced the first's
+OVERWRITTEN: dict[str, tuple[tuple[str, str], ...]] = {"monitor": (("prometheus", "prometheus-alertmanager"),)}
 
-    Releases before 2026-12-05 wrote a role's record once per install, from the record as the run
-    found it: a monitor's first deploy installed Prometheus, then Alertmanager, and the second
-    record replaced the first. Such a package is on the host, not in the role's record, and not
-    in the list of what the host had before the first deploy (``had``), while the role's record
-    exists (``mine`` not None: this role ran here). That is ours; without ``had`` (a host first
-    deployed before that list existed) nothing is inferred."""
+
+def lost(role: str, packages: list[str], have: Mapping[str, Any], mine: list[str] | None,
+         had: list[str] | None) -> list[str]:
+    """Of ``packages``, those a deploy of ours installed although that overwrite dropped them from
+    ``role``'s record (pure): exactly its pattern, nothing wider. The package is on the host and
+    not in the record, the package whose record replaced it is (``mine``, None when the role has
+    no record), and the list of what the host had before the first deploy (``had``) does not name
+    it. Without ``had`` (a host first deployed before that list existed) nothing is inferred; any
+    other package missing from a record stays someone else's (an Alertmanager an operator
+    installed after a deploy without one is refused, as before)."""
     if mine is None or had is None:
         return []
-    return [p for p in foreign(packages, have, mine) if p not in had]
+    return [p for p, by in OVERWRITTEN.get(role, ())
+            if p in packages and p in have and p not in mine and by in mine and p not in had]
 
 
 def refuse_foreign(cfg: HostConfig, role: str, packages: list[str], setting: str, allowed: str) -> None:
     """Stop the run while pyinfra prepares when the host has one of ``packages`` that this role's
     record does not list: an operator's HAProxy or Prometheus would have its config replaced and
     its service restarted. ``setting`` is what asks for it, ``allowed`` what the operator can do.
-    A package an earlier release of ours installed and then dropped from the record (:func:`lost`)
-    is put back in the record instead, so that uninstall removes it."""
+    A package an earlier release of ours installed and then dropped from the record by its known
+    overwrite (:func:`lost`) is put back in the record instead, so that uninstall removes it."""
     have = host.get_fact(DebPackages) or {}
     path = record_path(cfg, role)
     lines = host.get_fact(FileContents, path=path)
@@ -140,8 +147,10 @@ def refuse_foreign(cfg: HostConfig, role: str, packages: list[str], setting: str
     mine = recorded(lines)
     this_run = _RECORDED.setdefault(host.state, {}).setdefault((host.name, path), set())
     exists = lines is not None or host.get_fact(File, path=path) is not None  # an empty record reads as None
-    ours = lost(packages, have, sorted(set(mine) | this_run) if exists else None, recorded(had) if had else None)
+    ours = lost(role, packages, have, sorted(set(mine) | this_run) if exists else None, recorded(had) if had else None)
     if ours:
+        host.noop(f"{', '.join(ours)}: installed by an earlier deploy of ours and missing from its record (the "
+                  "record overwrite of releases before 2026-12-05); recorded again")
         _record(cfg, role, path, sorted(set(mine) | this_run), ours, this_run)
     theirs = [p for p in foreign(packages, have, sorted(set(mine) | this_run)) if p not in ours]
     if theirs:

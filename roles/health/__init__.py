@@ -68,10 +68,15 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
     """
     # a (re)start that failed with its error ignored (roles/service: systemd refused the start job)
     # is judged here too, as a server that exited
+    # is judged here too, as a server that exited: the gate fails whatever it then sees (systemd's
+    # Restart= may have brought the server up meanwhile; the release still did not start when asked)
     started = any_changed(*after)
 
+    def errored() -> bool:
+        return any(op.did_error() for op in after)
+
     def changed() -> bool:
-        return started() or any(op.did_error() for op in after)
+        return started() or errored()
 
     addr, port = (release.host, release.port) if release else (cfg.server.host, cfg.server.port)
     if release is not None:
@@ -101,7 +106,7 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
             _if=[changed, lambda: health.did_succeed()],
             _ignore_errors=ignore_errors,
         )
-        return lambda: health.did_error() or chat.did_error()
+        return lambda: errored() or health.did_error() or chat.did_error()
     asked = []
     # on-demand models first: asking one loads it, and at models_max the router unloads the model
     # used least recently, a startup one too; asked last, the startup models are the ones loaded
@@ -116,4 +121,4 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
             unloaded(name=f"{m.alias} unloaded again (it loads on demand)", url=health_url(addr, port, "/models/unload"),
                      alias=m.alias, key_file=key_file, _if=[changed, lambda: health.did_succeed()],
                      _ignore_errors=ignore_errors)
-    return lambda: health.did_error() or any(op.did_error() for op in asked)
+    return lambda: errored() or health.did_error() or any(op.did_error() for op in asked)

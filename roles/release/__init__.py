@@ -208,10 +208,12 @@ def rolled_back(cfg: HostConfig, to: str | None = None) -> None:
 
 
 def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMeta], when: Conditions = (),
-                ignore_errors: bool = False) -> Callable[[], bool]:
+                ignore_errors: bool = False, restart: bool = False) -> Callable[[], bool]:
     """The switch back to ``target`` shared by a rollback and a deploy's fallback: manifest, model
     files, link and unit or compose file, restart, gate, marked the latest. Every operation runs only
-    when all of ``when`` hold (evaluated as the run executes). Returns "its gate failed"."""
+    when all of ``when`` hold (evaluated as the run executes). ``restart``: restart the server even
+    when none of its files changed (a fallback: the failed release's server is down or not well,
+    whatever the two releases share). Returns "its gate failed"."""
     m = target.manifest
     entry = posixpath.join(records_dir(cfg), target.id)
     # the manifest first: whatever fails later, it never claims the old release while current moved
@@ -220,7 +222,7 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
            dest=manifest_path(cfg.service.config_dir), _if=list(when))
     models = [*models, *_files_reinstated(cfg, target, entry, list(when))]
     switch = _docker_switched if m.mode == "docker" else _native_switched
-    restarted = switch(cfg, target, entry, models, list(when))
+    restarted = switch(cfg, target, entry, models, list(when), restart)
     if m.mode == "native" and not host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
         # a release that ran without allow_from: once its unit (not bound to a guard) runs, the
         # fence a later release added goes, guard and drop-in first (else the port stays fenced)
@@ -256,7 +258,7 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
 
 
 def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
-                     when: list[Callable[[], bool]]) -> OperationMeta:
+                     when: list[Callable[[], bool]], restart: bool = False) -> OperationMeta:
     """Native mode's switch: ``current`` to the release's build, its unit, restart."""
     m = target.manifest
     switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir(cfg, m),
@@ -265,11 +267,11 @@ def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models:
     systemd.daemon_reload(name="Reload systemd", _if=[*when, unit.did_change])
     return systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
                            running=True, restarted=True, enabled=True,
-                           _if=[*when, any_changed(unit, switched, *models)])
+                           _if=[*when, lambda: restart or any_changed(unit, switched, *models)()])
 
 
 def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
-                     when: list[Callable[[], bool]]) -> OperationMeta:
+                     when: list[Callable[[], bool]], restart: bool = False) -> OperationMeta:
     """Docker mode's switch: the recorded image under the release's tag, its compose file, recreate."""
     m = target.manifest
     project = m.compose_project or cfg.docker.project_dir
@@ -280,7 +282,7 @@ def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models:
     compose = copied(name="Compose file of the release", src=f"{entry}/{docker.COMPOSE_FILE}",
                      dest=docker.compose_path(project), _if=when)
     changed = any_changed(compose, *tagged, *models)
-    return docker.recreated(cfg, project, _if=lambda: all(c() for c in when) and changed())
+    return docker.recreated(cfg, project, _if=lambda: all(c() for c in when) and (restart or changed()))
 
 
 def fell_back_reason(host_name: str, new_id: str, serving_id: str) -> str:
@@ -324,7 +326,7 @@ def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
                     _if=failed)
         return
     models = models_restored(cfg, target, when=[failed], replaced=True)
-    again = _reinstated(cfg, target, models, when=[failed], ignore_errors=True)
+    again = _reinstated(cfg, target, models, when=[failed], ignore_errors=True, restart=True)
     gate_failed(name="Run fails: the new release did not pass its gate",
                 reason=fell_back_reason(host.name, new_id, target.id), _if=[failed, lambda: not again()])
     gate_failed(name="Run fails: the new release did not pass its gate, nor the one before it",

@@ -158,7 +158,9 @@ def reloaded(cfg: HostConfig, router: Router, key_file: str | None, changed: lis
         base=health_url(cfg.server.host, cfg.server.port, ""),
         startup=[m.entry.alias for m in router.models if m.entry.load == "startup"],
         key_file=key_file if cfg.server.api_key is not None else None,
-        _if=[any_changed(*changed), lambda: not started.did_change(), lambda: not restarted.did_change()])
+        _if=[any_changed(*changed), lambda: not started.did_change(), lambda: not restarted.did_change(),
+             # a (re)start systemd refused: no server to ask; the gate judges it (roles/service)
+             lambda: not started.did_error(), lambda: not restarted.did_error()])
 
 
 def placed(cfg: HostConfig, models: tuple[Model, ...]) -> model_role.Placed:

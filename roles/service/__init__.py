@@ -209,7 +209,7 @@ def service(
         unit=f"{svc.name}.service",
         _ignore_errors=gate_judges,
         _if=[lambda: stale or any_changed(unit, key, switched, *pins, *placed, *restart_on)() or bool(restart_if and restart_if()),
-             lambda: not started.did_change()],
+             lambda: not started.did_change(), lambda: not started.did_error()],
     )
     reloaded = []
     if router is not None:

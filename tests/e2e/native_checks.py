@@ -108,14 +108,15 @@ def crash_at_start_rolled_back(host, tmp_path: Path, inventory: Path) -> None:
     assert again.changed == 0
 
 
-def refused_start_rolled_back(host, tmp_path: Path, inventory: Path) -> None:
+def refused_start_rolled_back(host, tmp_path: Path, inventory: Path, threads7: Path | None = None) -> None:
     """A new release whose start systemd itself refuses: the start job fails, before the gate,
     the way a sandbox that cannot be set up or a server that exits before systemd saw it run
     fails it. Made deterministic here by a site's own drop-in whose ``ExecStartPre`` refuses a
     unit that runs with ``--threads 7``. The run still goes to the gate, which fails at once, and
     the release that served before is reinstated (its unit passes the drop-in's check) and
     serves; the restart's failure names the unit's state. Without that, the run stopped at the
-    restart and left the new unit failing its start every 5 s: no server."""
+    restart and left the new unit failing its start every 5 s: no server. ``threads7``: the
+    inventory with ``llama_server.threads = 7`` (default: ``inventory``'s host with it)."""
     old = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     dropin = "/etc/systemd/system/llama-server.service.d/zz-site-policy.conf"
     policy = ("[Service]\n"
@@ -124,7 +125,7 @@ def refused_start_rolled_back(host, tmp_path: Path, inventory: Path) -> None:
              "&& systemctl daemon-reload")
     try:
         assert host.ssh("systemctl restart llama-server", check=False).returncode == 0  # the old unit passes it
-        inv = with_data(host, tmp_path, "threads7", llama_server={"threads": 7})
+        inv = threads7 or with_data(host, tmp_path, "threads7", llama_server={"threads": 7})
         result = run_deploy(inv)
         out = result.stdout + result.stderr
         assert result.rc != 0

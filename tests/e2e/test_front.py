@@ -960,19 +960,28 @@ def test_a_haproxy_or_node_exporter_the_deploy_did_not_install_is_refused(hosts,
 def test_a_monitor_whose_record_lost_prometheus_deploys_and_records_it_again(hosts, fleet):
     """The record a release before 2026-12-05 left on a monitor: its first deploy installed
     Prometheus, then Alertmanager, and Alertmanager's record replaced Prometheus'. Made here by
-    writing the record without ``prometheus``. The host did not have Prometheus before the first
-    deploy (packages-before-deploy), so it is ours: the deploy goes ahead and puts it back in the
-    record, and Prometheus keeps running (uninstall then purges it: the module's last test)."""
+    writing the record as that left it: ``prometheus-alertmanager`` where ``prometheus`` was.
+    The host did not have Prometheus before the first deploy (packages-before-deploy), so it is
+    ours: the deploy goes ahead and puts it back in the record, and Prometheus keeps
+    running (uninstall then purges it: the module's last test). The same record without
+    Alertmanager's line is not that pattern: refused, as an operator's Prometheus is."""
     mon = hosts["mon"]
     record = "/var/cache/llama.cpp/installed-packages.monitor"
     listed = mon.ssh(f"cat {record}").stdout.split()
     assert "prometheus" in listed and "prometheus" not in mon.ssh("cat /var/cache/llama.cpp/packages-before-deploy").stdout.split()
     pid = mon.ssh("systemctl show -p MainPID --value prometheus").stdout.strip()
-    mon.ssh(f"sed -i '/^prometheus$/d' {record}")
+    mon.ssh(f"cp {record} {record}.kept && sed -i '/^prometheus$/d' {record}")
+    try:
+        refused = run_deploy(fleet, "--limit", mon.address)
+    finally:
+        mon.ssh(f"mv {record}.kept {record}")
+    assert refused.rc != 0 and "prometheus is installed and this deploy did not install it" in refused.stderr, \
+        failure_text(refused)
+    mon.ssh(f"sed -i 's/^prometheus$/prometheus-alertmanager/' {record}")
     assert "prometheus" not in mon.ssh(f"cat {record}").stdout.split()
     result = run_deploy(fleet, "--limit", mon.address)
     assert result.rc == 0, failure_text(result)
-    assert sorted(mon.ssh(f"cat {record}").stdout.split()) == sorted(listed)
+    assert set(mon.ssh(f"cat {record}").stdout.split()) == {*listed, "prometheus-alertmanager"}
     assert mon.ssh("systemctl show -p MainPID --value prometheus").stdout.strip() == pid
 
 

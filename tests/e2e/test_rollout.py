@@ -252,7 +252,11 @@ def test_canary_that_fails_its_gate_is_rolled_back_and_the_rest_untouched(fleet,
 
 def down_watch(fleet, stop: threading.Event, seen: list[set[str]]) -> threading.Thread:
     """Every 0.2 s, the hosts whose ``/health`` is not 200 (refused, 503 while loading, or no
-    answer within 1 s), asked one after the other; each round's set is appended to ``seen``."""
+    answer within 1 s), asked one after the other; each round's set is appended to ``seen``.
+    A sample, not a proof of every instant: an overlap shorter than a round can be missed, and
+    two hosts down at different moments of one round count as down at once. A batch of two
+    restarts both hosts in the same operation, down together for seconds (shown with the
+    rounding mutation: 2 at once)."""
 
     def run() -> None:
         with httpx.Client(timeout=1) as c:

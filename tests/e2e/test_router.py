@@ -22,6 +22,7 @@ from llamadeploy.manifest import DEFAULT_PATH, Manifest
 from llamadeploy.sandbox.assets import MODEL_SHA256, gemma_model
 from llamadeploy.sandbox.inventory import write_inventory
 from tests.conftest import cli, host_state, merged_data, run_deploy, veth_bytes, wait_for
+from tests.e2e import native_checks
 
 pytestmark = pytest.mark.e2e
 
@@ -127,6 +128,16 @@ def test_second_deploy_changes_nothing(host, deployed):
     assert result.rc == 0, result.stderr[-3000:]
     assert result.changed == 0
     assert host_state(host) == before
+
+
+def test_a_router_whose_start_systemd_refuses_is_rolled_back(host, deployed, tmp_path):
+    """test_native's refused start, in router mode, where the same change also adds a model, so
+    the presets change too: their re-read must not run against the server that did not start (it
+    would fail the host before its gate and fallback), and the release that served is reinstated
+    with its own model set."""
+    native_checks.refused_start_rolled_back(
+        host, tmp_path, deployed, inventory(host, tmp_path, "threads7", [CHAT, EMBED, CHAT2], llama_server={"threads": 7}))
+    assert set(router_models(host)) == {"chat", "embed"}
 
 
 def test_preflight_refuses_models_that_cannot_be_loaded_together(host, tmp_path):

@@ -251,15 +251,20 @@ def test_a_service_package_the_host_has_is_ours_only_when_recorded():
 
 def test_a_package_an_earlier_release_dropped_from_its_record_is_ours_again():
     """The record overwrite of releases before 2026-12-05: Prometheus installed by the monitor's
-    first deploy, then missing from its record. Ours when the role's record exists and the host
-    did not have it before the first deploy; an operator's otherwise."""
+    first deploy, then Alertmanager's record replaced Prometheus'. Ours exactly in that pattern
+    (the role's record lists Alertmanager, the host did not have Prometheus before the first
+    deploy); any other package missing from a record stays an operator's."""
     from llamadeploy.packages import lost
 
     have = {"prometheus": {"2.42"}, "prometheus-alertmanager": {"0.25"}}
     pkgs = ["prometheus", "prometheus-alertmanager"]
-    assert lost(pkgs, have, ["prometheus-alertmanager"], ["curl"]) == ["prometheus"]
-    assert lost(pkgs, have, ["prometheus-alertmanager"], ["curl", "prometheus"]) == []  # the host had it: theirs
-    assert lost(pkgs, have, None, ["curl"]) == []  # this role never ran here: an operator's install
-    assert lost(pkgs, have, ["prometheus-alertmanager"], None) == []  # no list of what the host had: no inference
-    assert lost(pkgs, have, pkgs, ["curl"]) == []  # recorded: nothing lost
-    assert lost(pkgs, {}, [], ["curl"]) == []  # not installed: the deploy installs and records it
+    assert lost("monitor", pkgs, have, ["prometheus-alertmanager"], ["curl"]) == ["prometheus"]
+    assert lost("monitor", pkgs, have, ["prometheus-alertmanager"], ["curl", "prometheus"]) == []  # the host had it
+    assert lost("monitor", pkgs, have, None, ["curl"]) == []  # this role never ran here: an operator's install
+    assert lost("monitor", pkgs, have, ["prometheus-alertmanager"], None) == []  # no list of what the host had
+    assert lost("monitor", pkgs, have, pkgs, ["curl"]) == []  # recorded: nothing lost
+    assert lost("monitor", pkgs, {}, ["prometheus-alertmanager"], ["curl"]) == []  # not installed: installed anew
+    # an Alertmanager the operator installed after a deploy without one: not the overwrite's pattern
+    assert lost("monitor", pkgs, have, ["prometheus"], ["curl"]) == []
+    assert lost("monitor", pkgs, have, [], ["curl"]) == []  # an empty record: nothing says which
+    assert lost("front", ["haproxy"], {"haproxy": {"2.6"}}, [], ["curl"]) == []  # no such overwrite for a front
