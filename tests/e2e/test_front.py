@@ -963,14 +963,15 @@ def test_a_monitor_whose_record_lost_prometheus_deploys_and_records_it_again(hos
     writing the record as that left it: ``prometheus-alertmanager`` where ``prometheus`` was.
     The host did not have Prometheus before the first deploy (packages-before-deploy), so it is
     ours: the deploy goes ahead and puts it back in the record, and Prometheus keeps
-    running (uninstall then purges it: the module's last test). The same record without
-    Alertmanager's line is not that pattern: refused, as an operator's Prometheus is."""
+    running (uninstall then purges it: the module's last test). The record without either line
+    is not that pattern: refused, as an operator's Prometheus is."""
     mon = hosts["mon"]
     record = "/var/cache/llama.cpp/installed-packages.monitor"
     listed = mon.ssh(f"cat {record}").stdout.split()
     assert "prometheus" in listed and "prometheus" not in mon.ssh("cat /var/cache/llama.cpp/packages-before-deploy").stdout.split()
     pid = mon.ssh("systemctl show -p MainPID --value prometheus").stdout.strip()
-    mon.ssh(f"cp {record} {record}.kept && sed -i '/^prometheus$/d' {record}")
+    # neither line (an earlier test may have installed and recorded Alertmanager): not the pattern
+    mon.ssh(f"cp {record} {record}.kept && sed -i '/^prometheus$/d; /^prometheus-alertmanager$/d' {record}")
     try:
         refused = run_deploy(fleet, "--limit", mon.address)
     finally:
