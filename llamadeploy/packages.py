@@ -73,7 +73,7 @@ def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
     path = record_path(cfg, role)
     # what an earlier call of this run recorded there too: facts are read while pyinfra prepares,
     # so each call sees the record as the run found it, and would write over the one before
-    this_run = _RECORDED.setdefault(host.state, {}).setdefault((host.name, path), set())
+    this_run = _this_run(path)
     before = sorted(set(recorded(host.get_fact(FileContents, path=path))) | this_run)
     before_path = f"{cfg.service.cache_dir}/{BEFORE}"
     if host.get_fact(FileContents, path=before_path) is None:
@@ -91,6 +91,11 @@ def recording(cfg: HostConfig, role: str, packages: list[str]) -> None:
         atomic.put(name="Record the accounts the host had before the first deploy",
                    src=StringIO(accounts_text(users, host.get_fact(Groups) or [])), dest=accounts_path, mode="644")
     _record(cfg, role, path, before, missing, this_run)
+
+
+def _this_run(path: str) -> set[str]:
+    """The packages this run has recorded in ``path`` on this host so far."""
+    return _RECORDED.setdefault(host.state, {}).setdefault((host.name, path), set())
 
 
 def _record(cfg: HostConfig, role: str, path: str, before: list[str], names: list[str], this_run: set[str]) -> None:
@@ -144,15 +149,15 @@ def refuse_foreign(cfg: HostConfig, role: str, packages: list[str], setting: str
     path = record_path(cfg, role)
     lines = host.get_fact(FileContents, path=path)
     had = host.get_fact(FileContents, path=f"{cfg.service.cache_dir}/{BEFORE}")
-    mine = recorded(lines)
-    this_run = _RECORDED.setdefault(host.state, {}).setdefault((host.name, path), set())
+    this_run = _this_run(path)
+    mine = sorted(set(recorded(lines)) | this_run)
     exists = lines is not None or host.get_fact(File, path=path) is not None  # an empty record reads as None
-    ours = lost(role, packages, have, sorted(set(mine) | this_run) if exists else None, recorded(had) if had else None)
+    ours = lost(role, packages, have, mine if exists else None, recorded(had) if had else None)
     if ours:
         host.noop(f"{', '.join(ours)}: installed by an earlier deploy of ours and missing from its record (the "
                   "record overwrite of releases before 2026-12-05); recorded again")
-        _record(cfg, role, path, sorted(set(mine) | this_run), ours, this_run)
-    theirs = [p for p in foreign(packages, have, sorted(set(mine) | this_run)) if p not in ours]
+        _record(cfg, role, path, mine, ours, this_run)
+    theirs = [p for p in foreign(packages, have, mine) if p not in ours]
     if theirs:
         raise DeployError(
             f"preflight refused host {host.name}: {setting}: {', '.join(theirs)} is installed and this deploy did not "

@@ -67,7 +67,6 @@ def health_gate(cfg: HostConfig, alias: str, after: list[OperationMeta], release
     a ranking), which loads an on-demand one; those are unloaded again after their check.
     """
     # a (re)start that failed with its error ignored (roles/service: systemd refused the start job)
-    # is judged here too, as a server that exited
     # is judged here too, as a server that exited: the gate fails whatever it then sees (systemd's
     # Restart= may have brought the server up meanwhile; the release still did not start when asked)
     started = any_changed(*after)
