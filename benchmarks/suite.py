@@ -2,12 +2,12 @@
 
 ``scripts/test`` runs three phases, each with its own report in ``test-results/``: the pure
 tests, ``test_native`` (the compile) and the other e2e modules on pytest-xdist workers beside it.
-This reads those reports and writes ``benchmarks/SUITE.md`` whole: per phase its tests, outcome
+This reads those reports and writes ``benchmarks/SUITE.md`` (or ``--page``) whole: per phase its tests, outcome
 and wall time, per e2e module the time its tests took, and the ten slowest tests, with the
 commit the suite ran at and the machine. ``--wall`` adds the whole ``.ci/run``'s time as
 measured around it (``time ./.ci/run``), which no report holds.
 
-    .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS] [--caches TEXT] [--note TEXT]
+    .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS] [--caches TEXT] [--note TEXT] [--page NAME]
 
 TREE is the checkout the suite ran in (default: this one); its ``test-results/`` is read and its
 commit recorded.
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                    "cache's releases, ccache, the rootfs trees): a cold run and a warm one differ by minutes")
     p.add_argument("--note", default="", help="one sentence the page adds, kept in the raw JSON too (how this run "
                    "relates to others: a cold run's file, CI's time)")
+    p.add_argument("--page", default="SUITE.md", help="the page to write under benchmarks/ (a cold-cache run's "
+                   "beside the warm one: SUITE-COLD.md)")
     a = p.parse_args(argv)
     tree = Path(a.tree)
     run = machine()
@@ -106,7 +108,7 @@ The ten slowest tests:
 |---|---|
 {slow_rows}
 """
-    (OUT / "SUITE.md").write_text(text)
+    (OUT / Path(a.page).name).write_text(text)
     print(text)
     return 0
 

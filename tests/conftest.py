@@ -160,6 +160,23 @@ def printed_curl(output: str) -> str:
 #: files. Left out: apt and dpkg state, logs, systemd's own state, caches (the test host
 #: bind-mounts the shared ccache and .deb cache under /var/cache) and the linker cache, which
 #: package installs rewrite by design
+def stub_deb(directory: Path, package: str, file_name: str | None = None) -> Path:
+    """A real .deb built by ``dpkg-deb`` with one file, ``/usr/share/PACKAGE/marker``: a stand-in
+    for a package the deploy installs from files (``llama_gpu.packages_dir``), where what is
+    checked is that it is recorded by its name and purged again, not what it holds."""
+    root = directory / f".{package}-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(f"Package: {package}\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: tests <tests@example.org>\nDescription: stand-in\n")
+    (root / "usr" / "share" / package).mkdir(parents=True)
+    (root / "usr" / "share" / package / "marker").write_text("stand-in\n")
+    out = directory / (file_name or f"{package}_1.0_all.deb")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", "-Zxz", str(root), str(out)], check=True,
+                   capture_output=True, timeout=60)
+    subprocess.run(["rm", "-rf", str(root)], check=True, timeout=60)
+    return out
+
+
 SNAPSHOT = (
     "find /etc /opt /srv /usr /var/lib -xdev \\( -path /var/lib/apt -o -path /var/lib/dpkg "
     "-o -path /var/lib/systemd -o -path /var/lib/ucf -o -path /etc/ld.so.cache \\) -prune -o -print | sort; "

@@ -261,10 +261,12 @@ def stopped_command(cfg: HostConfig) -> str:
     return f"cd {shlex.quote(cfg.docker.project_dir)} && {compose_command(cfg)} stop"
 
 
-def recreated(cfg: HostConfig, project_dir: str, _if: Callable[[], bool]) -> OperationMeta:
-    """``up -d --force-recreate`` of the compose project in ``project_dir``, when ``_if`` says so."""
+def recreated(cfg: HostConfig, project_dir: str, _if: Callable[[], bool], ignore_errors: bool = False) -> OperationMeta:
+    """``up -d --force-recreate`` of the compose project in ``project_dir``, when ``_if`` says so
+    (``ignore_errors``: a failure is left to the gate that follows, as a fallback's is)."""
     return server.shell(
         name="docker compose up -d (changed file, image, key or model)",
         commands=[f"cd {shlex.quote(project_dir)} && {compose_command(cfg)} up -d --force-recreate --remove-orphans"],
         _if=_if,
+        _ignore_errors=ignore_errors,
     )

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from io import StringIO
 
 from pyinfra import host
+from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
@@ -31,7 +32,8 @@ from llamadeploy import atomic, packages, units
 from llamadeploy.config import HostConfig
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall.operations import table_loaded, table_removed
+from llamadeploy.roles.firewall.facts import NftTableComment
+from llamadeploy.roles.firewall.operations import MARK, dropin_removed, is_ours, table_loaded, table_removed
 from llamadeploy.tuning import systemd_quote
 
 TEMPLATE = "firewall/llama-server.nft.j2"
@@ -109,7 +111,7 @@ def keepers_removed(unit: str, table: str, when: list[Callable[[], bool]] | None
     run executes (a rollback's), all of which must hold."""
     cond = list(when or [])
     guard_path, dropin_path = guard_paths(unit, table)
-    gone = [files.file(name=f"nftables drop-in of {unit} removed", path=dropin_path, present=False, _if=cond)]
+    gone = [dropin_removed(name=f"nftables drop-in of {unit} removed", path=dropin_path, _if=cond)]
     if not units.left_alone(guard_unit(unit)):  # an operator's unit of that name is not ours to remove
         if host.get_fact(File, path=guard_path):
             server.shell(name=f"Fence guard of {unit} stopped",
@@ -141,8 +143,20 @@ def fence_rules(table: str, unit: str, port: int, networks: list[str]) -> tuple[
     nets = [ipaddress.ip_network(n, strict=False) for n in networks]
     v4 = sorted({str(n) for n in nets if n.version == 4})
     v6 = sorted({str(n) for n in nets if n.version == 6})
-    digest = "llamadeploy " + hashlib.sha256(repr((table, port, v4, v6)).encode()).hexdigest()[:16]
+    digest = MARK + hashlib.sha256(repr((table, port, v4, v6)).encode()).hexdigest()[:16]
     return render(TEMPLATE, table=table, unit_name=unit, port=port, v4=v4, v6=v6, digest=digest), digest
+
+
+def refuse_foreign_table(table: str, setting: str) -> None:
+    """Stop the run while pyinfra prepares when the host already has a table of the name a fence
+    needs that is not the deploy's (no :data:`MARK` in its comment): loading the fence replaces a
+    table of that name whole, and uninstall would delete it. ``setting``: what asks for the fence."""
+    comment = host.get_fact(NftTableComment, table=table)
+    if comment is not None and not is_ours(comment):
+        raise DeployError(
+            f"preflight refused host {host.name}: {setting}: this host already has nftables table inet {table}, "
+            f"which this deploy did not create (its comment {comment!r} lacks {MARK.strip()!r}; loading the fence "
+            "would replace it, and uninstall would delete it); allowed: a host without a table of that name")
 
 
 @role("Fence")
@@ -159,6 +173,7 @@ def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, n
     restart of a unit that others are bound to restarts them too (systemd.unit(5), Requires=).
     While its restart job runs, systemd does not stop the units bound to it."""
     units.refuse_foreign({guard_unit(unit): setting}, "a host without a unit of that name")
+    refuse_foreign_table(table, setting)
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = fence_rules(table, unit, port, networks)
@@ -181,7 +196,7 @@ def port_unfenced(unit: str, table: str, rules: str) -> None:
     """Undo :func:`port_fenced` (uninstall): ``unit`` unbound from its guard first (so stopping the
     guard cannot stop it), then the guard, its drop-in, the table and the rules file."""
     dropins, dropin = bound_dropin(unit)
-    bound = files.file(name=f"{unit} no longer bound to a fence", present=False, path=dropin)
+    bound = dropin_removed(name=f"{unit} no longer bound to a fence", path=dropin)
     server.shell(name=f"{unit} drop-in directory removed when empty",
                  commands=[f"rmdir {shlex.quote(dropins)} 2>/dev/null || true"],
                  _if=bound.did_change)
@@ -198,6 +213,7 @@ def firewall(cfg: HostConfig) -> list[OperationMeta]:
     path = rules_path(cfg)
     if cfg.server.allow_from is None:
         return []
+    refuse_foreign_table(table_name(cfg), "llama_server.allow_from")
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = rules(cfg)

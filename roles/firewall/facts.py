@@ -18,8 +18,10 @@ class NftTableComment(FactBase[str | None]):
     def process(self, output: list[str]) -> str | None:
         if not output:
             return None
+        depth = 0  # the table's own comment is at depth 1: a set's or a chain's is deeper
         for line in output:
             m = re.match(r'\s*comment\s+"([^"]*)"', line)
-            if m:
+            if m and depth == 1:
                 return m.group(1)
+            depth += line.count("{") - line.count("}")
         return ""

@@ -15,6 +15,8 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from debian.arfile import ArError
+from debian.debfile import DebError, DebFile
 from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.host import Host
@@ -141,6 +143,8 @@ def installed(cfg: HostConfig) -> bool:
         if not debs:
             raise DeployError(f"preflight refused host {host.name}: llama_gpu.packages_dir = "
                               f"{cfg.gpu.packages_dir!r} holds no .deb file")
+        # recorded before they are installed, as apt's are: uninstall purges what this run brought
+        packages.recording(cfg, "gpu", deb_names(debs, "llama_gpu.packages_dir"))
         stage = f"{cfg.service.cache_dir}/gpu-debs"
         files.directory(name="GPU packages directory", path=stage, mode="755")
         for deb in debs:
@@ -168,6 +172,21 @@ def installed(cfg: HostConfig) -> bool:
     host.noop(f"{host.name}: installed the NVIDIA {', '.join(missing)}; reboot it if the driver was installed, "
               "then deploy again (this run changes nothing else on it)")
     return True
+
+
+def deb_names(debs: list[Path], field: str) -> list[str]:
+    """The package names in ``debs`` (.deb files on the controller), read from their control files
+    with python-debian: what ``apt-get install ./x.deb`` will install, known before it runs, so
+    that the package record names them as it names apt's. A file that is no Debian package is
+    refused, naming ``field``."""
+    names = set()
+    for deb in debs:
+        try:
+            names.add(str(DebFile(str(deb)).debcontrol()["Package"]))
+        except (OSError, KeyError, ValueError, DebError, ArError) as exc:
+            raise DeployError(f"preflight refused host {host.name}: {field}: {deb.name} is not a Debian package "
+                              f"with a name ({type(exc).__name__}: {exc}); allowed: .deb files") from None
+    return sorted(names)
 
 
 def container_runtime(cfg: HostConfig, g: GpuHost | None) -> None:

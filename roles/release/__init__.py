@@ -78,11 +78,33 @@ def recorded(cfg: HostConfig, current_id: str) -> None:
     release_recorded(name=f"Release {current_id} recorded", records_dir=records_dir(cfg), release_id=current_id,
                      sources={**served, MANIFEST_FILE: manifest_path(cfg.service.config_dir)},
                      image=docker.image_ref(cfg) if cfg.mode == "docker" else None)
+    _record_refreshed(cfg, current_id, served)
     releases_pruned(name=f"Releases beyond {cfg.service.keep_releases} previous pruned", records_dir=records_dir(cfg),
                     builds_dir=f"{cfg.service.prefix}/releases", current_link=cfg.current_link,
                     model_dir=cfg.model_dir, current_id=current_id, keep=cfg.service.keep_releases,
                     placed=sorted(ownership.owned_files(cfg, cfg.model_dir)), record=ownership.record_path(cfg),
                     images=_sorted_or_none(ownership.owned_images(cfg)))
+
+
+def _record_refreshed(cfg: HostConfig, current_id: str, served: dict[str, str]) -> None:
+    """A release recorded before keeps the key file and fence rules it serves with now.
+
+    Both can change under the same release id (the unit names the key file and the rules file,
+    not what they hold): a rotated key, other ``allow_from`` networks. A rollback or a deploy's
+    fallback reinstates what the record holds, so a record left as first written would bring a
+    key rotated away from (one that leaked) or a fence's old networks back. Compared on the host
+    (``cmp``: no hash of the key), replaced by rename; nothing runs when they are equal. A new
+    record copies them whole (``release_recorded``)."""
+    if not any(r.id == current_id for r in host.get_fact(ReleaseRecords, path=records_dir(cfg))):
+        return
+    entry = posixpath.join(records_dir(cfg), current_id)
+    if KEY_FILE in served:
+        owner, group = (cfg.service.user, cfg.service.user) if cfg.mode == "native" else ("nobody", "nogroup")
+        secret_copied(name=f"Record of {current_id}: the key it serves with now", src=served[KEY_FILE],
+                      dest=f"{entry}/{KEY_FILE}", user=owner, group=group)
+    if RULES_FILE in served:
+        copied(name=f"Record of {current_id}: the fence rules it serves with now", src=served[RULES_FILE],
+               dest=f"{entry}/{RULES_FILE}", mode="600")
 
 
 def _sorted_or_none(values: set[str] | None) -> list[str] | None:
@@ -222,7 +244,7 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
            dest=manifest_path(cfg.service.config_dir), _if=list(when))
     models = [*models, *_files_reinstated(cfg, target, entry, list(when))]
     switch = _docker_switched if m.mode == "docker" else _native_switched
-    restarted = switch(cfg, target, entry, models, list(when), restart)
+    restarted = switch(cfg, target, entry, models, list(when), restart, ignore_errors)
     if m.mode == "native" and not host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
         # a release that ran without allow_from: once its unit (not bound to a guard) runs, the
         # fence a later release added goes, guard and drop-in first (else the port stays fenced)
@@ -238,7 +260,7 @@ def _reinstated(cfg: HostConfig, target: ReleaseRecord, models: list[OperationMe
 
 def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
                       when: list[Callable[[], bool]]) -> list[OperationMeta]:
-    """The release's key file and firewall rules as recorded when it passed its gate (a later
+    """The release's key file and firewall rules as recorded when it last deployed (a later
     deploy may have removed or replaced them); a change restarts the server like a model's."""
     m = target.manifest
     ops = []
@@ -258,20 +280,23 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
 
 
 def _native_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
-                     when: list[Callable[[], bool]], restart: bool = False) -> OperationMeta:
-    """Native mode's switch: ``current`` to the release's build, its unit, restart."""
+                     when: list[Callable[[], bool]], restart: bool = False,
+                     ignore_errors: bool = False) -> OperationMeta:
+    """Native mode's switch: ``current`` to the release's build, its unit, restart (a restart
+    systemd refuses, with ``ignore_errors``, is judged by the gate: the run names what failed)."""
     m = target.manifest
     switched = atomic.link(name=f"Point current at {m.release}", path=cfg.current_link, target=build_dir(cfg, m),
                            _if=when)
     unit = copied(name="systemd unit of the release", src=f"{entry}/{UNIT_FILE}", dest=unit_path(cfg), _if=when)
     systemd.daemon_reload(name="Reload systemd", _if=[*when, unit.did_change])
     return systemd.service(name="Restart on the reinstated release", service=f"{cfg.service.name}.service",
-                           running=True, restarted=True, enabled=True,
+                           running=True, restarted=True, enabled=True, _ignore_errors=ignore_errors,
                            _if=[*when, lambda: restart or any_changed(unit, switched, *models)()])
 
 
 def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models: list[OperationMeta],
-                     when: list[Callable[[], bool]], restart: bool = False) -> OperationMeta:
+                     when: list[Callable[[], bool]], restart: bool = False,
+                     ignore_errors: bool = False) -> OperationMeta:
     """Docker mode's switch: the recorded image under the release's tag, its compose file, recreate."""
     m = target.manifest
     project = m.compose_project or cfg.docker.project_dir
@@ -282,14 +307,19 @@ def _docker_switched(cfg: HostConfig, target: ReleaseRecord, entry: str, models:
     compose = copied(name="Compose file of the release", src=f"{entry}/{docker.COMPOSE_FILE}",
                      dest=docker.compose_path(project), _if=when)
     changed = any_changed(compose, *tagged, *models)
-    return docker.recreated(cfg, project, _if=lambda: all(c() for c in when) and (restart or changed()))
+    return docker.recreated(cfg, project, _if=lambda: all(c() for c in when) and (restart or changed()),
+                            ignore_errors=ignore_errors)
 
 
 def fell_back_reason(host_name: str, new_id: str, serving_id: str) -> str:
     """The line a run fails with after its deploy rolled a host back (pure); ``llamadeploy rollout``
-    reads it (:data:`llamadeploy.rollout.FELL_BACK`)."""
-    return (f"host {host_name}: release {new_id} failed its gate; rolled back to {serving_id}, which serves now "
-            "(the gate's log lines are above)")
+    reads it (:data:`llamadeploy.rollout.FELL_BACK`). The same id twice: the release that served
+    already failed its gate after this run restarted it (a rotated key, changed workers), and its
+    files as recorded when it last deployed were reinstated."""
+    recorded = (" as recorded when it last deployed (its recorded key file and fence rules replace this run's)"
+                if new_id == serving_id else "")
+    return (f"host {host_name}: release {new_id} failed its gate; rolled back to {serving_id}{recorded}, which "
+            "serves now (the gate's log lines are above)")
 
 
 @role("Fallback")
@@ -300,16 +330,18 @@ def fell_back(cfg: HostConfig, new_id: str, failed: Callable[[], bool]) -> None:
     loop), then fail. Nothing here runs when the gate passed.
 
     "Before" is the host's latest recorded release (recorded only after it passed a gate), not
-    the manifest, which this run or an interrupted earlier one may have switched already.
+    the manifest, which this run or an interrupted earlier one may have switched already. When
+    that is this run's release itself (this run restarted it for a new key, changed workers),
+    it is reinstated as it was recorded when it last deployed: its recorded key file and fence
+    rules replace this run's, so a rotated key the server refuses leaves the old key serving,
+    where stopping and disabling it would have taken down a release that served.
     """
     lock.tried(host, new_id)  # the audit line names it, whether it passes or not
     records = host.get_fact(ReleaseRecords, path=records_dir(cfg))
     head = f"host {host.name}: release {new_id} failed its gate"
     target: ReleaseRecord | None = None
     why: str | None = "no earlier release is recorded"
-    if records and records[-1].id == new_id:
-        why = f"{new_id} is the latest recorded release itself (reinstate another: llamadeploy rollback --to ID)"
-    elif records:
+    if records:
         target, why = refusal(cfg, records[-1].id, mode=cfg.mode)
     if target is None:
         if cfg.mode == "docker":

@@ -31,7 +31,6 @@ from llamadeploy.roles import router as router_role
 from llamadeploy.roles.firewall import guard_unit, rules_path
 from llamadeploy.roles.gpu import FitPin, GpuHost
 from llamadeploy.roles.model.source import ModelArtifact, ModelFile
-from llamadeploy.roles.release.facts import ReleaseRecords, records_dir
 from llamadeploy.roles.router import Router, preset_path
 from llamadeploy.roles.service.facts import StartedBefore
 from llamadeploy.roles.service.operations import check_flags
@@ -191,13 +190,11 @@ def service(
     # cannot set up, a server that exits before systemd saw it run) is what the gate sees when a
     # server exits after it started: the run goes on to the gate, which fails at once, and the
     # release that served before is reinstated (roles/release fell_back), which timing alone
-    # would otherwise decide. Not for the release that served already (a restart for its workers,
-    # its key): nothing else to go back to, so the run fails here and systemd's Restart= retries
-    records = host.get_fact(ReleaseRecords, path=records_dir(cfg))
-    gate_judges = not records or records[-1].id != rid
+    # would otherwise decide. That holds for a restart of the release that served already (its
+    # key, its workers changed) too: it is reinstated as recorded when it last deployed
     started = systemd.service(
         name="Service enabled and running", service=f"{svc.name}.service", running=True, enabled=True,
-        _ignore_errors=gate_judges,
+        _ignore_errors=True,
     )
     # a server older than its files (a deploy that failed between writing and restarting)
     # (router mode: model files and the preset change under a running router by design, see above)
@@ -207,7 +204,7 @@ def service(
     restarted = restarted_op(
         name="Restart for changed binary, model, key or unit",
         unit=f"{svc.name}.service",
-        _ignore_errors=gate_judges,
+        _ignore_errors=True,
         _if=[lambda: stale or any_changed(unit, key, switched, *pins, *placed, *restart_on)() or bool(restart_if and restart_if()),
              lambda: not started.did_change(), lambda: not started.did_error()],
     )

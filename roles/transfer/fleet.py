@@ -21,6 +21,7 @@ from pyinfra.api.inventory import Inventory
 
 from llamadeploy import atomic
 from llamadeploy.roles.firewall import GUARD_SHELL, guard_unit
+from llamadeploy.roles.firewall.operations import MARK
 from llamadeploy.roles.transfer.plan import plan_round, seed
 
 #: peer servers are transient units ``llamadeploy-peer-<run>.service``: a name of their own per
@@ -168,6 +169,7 @@ class Fleet:
         v6 = ", ".join(sorted(str(a) for a in addrs if a.version == 6))
         # declare-then-delete: loading the file replaces the table as a whole (nft -f is atomic)
         lines = [f"table inet {self.table} {{}}", f"delete table inet {self.table}", f"table inet {self.table} {{",
+                 f'  comment "{MARK}fan-out {self.port}"',  # the deploy's mark: only such tables are removed
                  "  chain input {",
                  "    type filter hook input priority -10; policy accept;"]
         if v4:
@@ -259,7 +261,8 @@ class Fleet:
         units = q(UNIT_GLOB)
         return (f"systemctl stop {units} 2>/dev/null; systemctl reset-failed {units} 2>/dev/null; "
                 f"for t in $(nft list tables 2>/dev/null | awk '$3 ~ /^{TABLE_PREFIX}/ {{print $3}}'); do "
-                f"nft delete table inet \"$t\"; done; rm -rf {q(self.members[name].serve_dir)}; "
+                f"nft list table inet \"$t\" | grep -q {q('comment ' + chr(34) + MARK)} && nft delete table inet \"$t\"; "
+                f"done; rm -rf {q(self.members[name].serve_dir)}; "
                 f"! systemctl is-active --quiet {units}")
 
 

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -315,6 +316,55 @@ def test_rollback_reinstates_the_releases_key(host, inventory):
                    timeout=10)
     assert ok.status_code == 200
     assert API_KEY not in result.stdout + result.stderr
+    back = run_deploy(inventory)  # the keyless release again, for the tests after this one
+    assert back.rc == 0, back.stderr[-4000:]
+    assert host.ssh("test -e /etc/llama-server/api-key", check=False).returncode == 1
+
+
+def test_a_rotated_key_the_server_refuses_leaves_the_old_key_serving(host, tmp_path, inventory):
+    """A restart of the release that serves, not a new release: a rotated key keeps the release id
+    (the unit names the key file, not the key). A first rotation passes, and the release's record
+    now holds that key. A second is refused by a site's own drop-in whose ``ExecStartPre`` rejects
+    keys of its prefix: the deploy reinstates the release as recorded when it last deployed, so the
+    key of the first rotation serves again, enabled; the key rotated away from stays refused.
+    Before, that run stopped at the restart and left the unit failing its start every 5 s (a gate
+    failure after a restart that worked stopped and disabled a release that had served), and a
+    record kept the key it was first written with."""
+    keyed = with_data(host, tmp_path, "key", llama_server={"api_key": API_KEY})
+    first = run_deploy(keyed)
+    assert first.rc == 0, first.stderr[-4000:]
+    rid = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
+    second = "sk-second-" + "a0b1" * 8
+    rotated = run_deploy(with_data(host, tmp_path, "second", llama_server={"api_key": second}))
+    assert rotated.rc == 0, rotated.stderr[-4000:]
+    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == rid
+    assert host.ssh(f"cmp /etc/llama-server/api-key /etc/llama-server/releases/{rid}/api-key",
+                    check=False).returncode == 0  # the record holds the key it serves with
+    refused = "sk-refused-" + "5e1d" * 8
+    dropin = "/etc/systemd/system/llama-server.service.d/zz-site-key-policy.conf"
+    policy = "[Service]\nExecStartPre=+/bin/sh -c '! grep -q sk-refused- /etc/llama-server/api-key'\n"
+    host.ssh(f"mkdir -p /etc/systemd/system/llama-server.service.d && printf %s {shlex.quote(policy)} > {dropin} "
+             "&& systemctl daemon-reload")
+    try:
+        assert host.ssh("systemctl restart llama-server", check=False).returncode == 0  # the serving key passes it
+        result = run_deploy(with_data(host, tmp_path, "refused", llama_server={"api_key": refused}))
+        out = result.stdout + result.stderr
+        assert result.rc != 0
+        assert "llama-server.service did not start; its state and last log lines:" in out, out[-3000:]
+        assert (f"release {rid} failed its gate; rolled back to {rid} as recorded when it last deployed"
+                in out), out[-3000:]
+        assert all(k not in out for k in (API_KEY, second, refused))
+        assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == rid
+        url = f"http://{host.address}:8080/v1/models"
+        answers = {k: httpx.get(url, headers={"Authorization": f"Bearer {k}"}, timeout=10).status_code
+                   for k in (API_KEY, second, refused)}
+        assert answers == {API_KEY: 401, second: 200, refused: 401}, answers
+        state = host.ssh("systemctl show -p ActiveState -p UnitFileState llama-server").stdout
+        assert "ActiveState=active" in state and "UnitFileState=enabled" in state, state
+        assert host.ssh("stat -c '%a %U' /etc/llama-server/api-key").stdout.split() == ["600", "llama"]
+    finally:
+        host.ssh(f"rm -f {dropin}; rmdir /etc/systemd/system/llama-server.service.d 2>/dev/null; "
+                 "systemctl daemon-reload")
     back = run_deploy(inventory)  # the keyless release again, for the tests after this one
     assert back.rc == 0, back.stderr[-4000:]
     assert host.ssh("test -e /etc/llama-server/api-key", check=False).returncode == 1

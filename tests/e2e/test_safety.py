@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -377,6 +378,11 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     result = run_deploy(mine)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     assert httpx.get(url, timeout=10).status_code == 200
+    # the same release (its unit names the rules file, not the networks): its record now holds the
+    # rules it serves with, not the ones it was first recorded with
+    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == other_id
+    assert host.ssh(f"cmp /etc/llama-server/firewall.nft /etc/llama-server/releases/{other_id}/firewall.nft",
+                    check=False).returncode == 0
     assert run_deploy(mine).changed == 0
 
     host.ssh(f"systemctl stop llama-server && nft delete table inet {table}")  # no guard runs: the deploy restores it
@@ -403,24 +409,56 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert httpx.get(url, timeout=10).status_code == 200  # the controller, never listed, reaches it
     host.ssh("systemctl restart nftables")  # and nothing loads the fence again
     assert httpx.get(url, timeout=10).status_code == 200
-    # a rollback to a fenced release brings its fence back, as it passed its gate: its rules
-    # (192.0.2.0/24 only: the controller is dropped again), its guard and drop-in
+    # a rollback to a fenced release brings its fence back, as it last deployed: its rules (the
+    # controller's network and fd00::/8, not 192.0.2.0/24, which the same release was first
+    # recorded with: a fence's old networks never come back), its guard and drop-in
     rolled = cli("rollback", str(inventory), "--to", other_id)
     assert rolled.returncode == 0, (rolled.stdout + rolled.stderr)[-3000:]
     assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == other_id
-    assert "192.0.2.0/24" in host.ssh(f"nft list table inet {table}").stdout
-    with pytest.raises(httpx.ConnectTimeout):
-        httpx.get(url, timeout=3)
-    assert host.ssh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200"
+    listed = host.ssh(f"nft list table inet {table}").stdout
+    assert f"{host.gateway}" in listed and "192.0.2.0/24" not in listed, listed
+    assert httpx.get(url, timeout=10).status_code == 200
     host.ssh("systemctl restart nftables")  # its guard is back too: the table comes back
     wait_for_table(host, table)
-    with pytest.raises(httpx.ConnectTimeout):
-        httpx.get(url, timeout=3)
+    assert f"{host.gateway}" in host.ssh(f"nft list table inet {table}").stdout
 
     result = run_deploy(inventory)
     assert result.rc == 0, result.stderr[-3000:]
     unfenced()
     assert httpx.get(url, timeout=10).status_code in (200, 503)
+
+
+def test_a_table_of_the_fences_name_that_the_deploy_did_not_make_is_left_alone(host, inventory, tmp_path):
+    """An operator's own nftables table under the name the fence would use (no ``llamadeploy``
+    mark in its comment): a deploy with ``allow_from`` is refused before anything changes (loading
+    the fence would replace that table whole), and a deploy without it, whose fence removal runs
+    on every host, leaves it. Before, that removal deleted any table of the name."""
+    table = "llamadeploy_llama_server"
+    theirs = (f'table inet {table} {{\n\tcomment "site firewall"\n\tset blocked {{\n\t\ttype ipv4_addr\n'
+              "\t\telements = { 198.51.100.7 }\n\t}\n\tchain input {\n"
+              "\t\ttype filter hook input priority filter; policy accept;\n\t\tip saddr @blocked drop\n\t}\n}\n")
+    # (nftables is there after the firewall test before this one; run alone, the operator installs it)
+    made = host.ssh("command -v nft >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables "
+                    f">/dev/null; printf %s {shlex.quote(theirs)} > /root/site.nft && nft -f /root/site.nft && "
+                    "rm /root/site.nft", check=False)
+    assert made.returncode == 0, made.stderr
+    before = host.ssh(f"nft list table inet {table}").stdout
+    release = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
+    try:
+        fenced = with_data(host, tmp_path, "fw-theirs", llama_server={"allow_from": [f"{host.gateway}/32"]})
+        refused = run_deploy(fenced)
+        out = refused.stdout + refused.stderr
+        assert refused.rc != 0
+        assert (f"preflight refused host {host.address}: llama_server.allow_from: this host already has nftables "
+                f"table inet {table}, which this deploy did not create") in out, out[-3000:]
+        assert host.ssh(f"nft list table inet {table}").stdout == before
+        assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == release
+        plain = run_deploy(inventory, "-v")  # no allow_from: the fence's table "goes", on every run (-v: no-ops)
+        assert plain.rc == 0, plain.stderr[-3000:]
+        assert f"nftables table {table} is not the deploy's" in plain.stdout + plain.stderr
+        assert host.ssh(f"nft list table inet {table}").stdout == before
+    finally:
+        host.ssh(f"nft delete table inet {table}", check=False)
 
 
 def test_secrets_through_a_sudo_user_never_readable_or_printed(host, inventory, tmp_path):

@@ -19,7 +19,17 @@ from llamadeploy.audit import AUDIT_PATH
 from llamadeploy.lock import LOCK_PATH
 from llamadeploy.manifest import manifest_path
 from llamadeploy.sandbox.inventory import default_data, write_inventory
-from tests.conftest import PYINFRA, REPO, SNAPSHOT, SUBPROCESS_TIMEOUT, audit_rows, cli, merged_data, run_deploy
+from tests.conftest import (
+    PYINFRA,
+    REPO,
+    SNAPSHOT,
+    SUBPROCESS_TIMEOUT,
+    audit_rows,
+    cli,
+    merged_data,
+    run_deploy,
+    stub_deb,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -73,6 +83,21 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
         assert step.rc == 0, step.stderr[-4000:]
     models = host.ssh("ls /var/lib/llama-server/models").stdout.split()
     assert first not in models and "renamed-copy.gguf" in models and "operators-own.gguf" in models, models
+    # a CUDA host's packages pushed from llama_gpu.packages_dir (air-gapped): recorded by the names
+    # in their control data before apt installs them, so that the uninstall purges them. This host
+    # has no GPU: the run installs them, then stops for the reboot a new driver needs (roles/gpu);
+    # the package is a stand-in built here by dpkg-deb, under a file name that is not its own
+    debs = tmp_path / "gpu-debs"
+    debs.mkdir()
+    stub_deb(debs, "llamadeploy-e2e-gpu-stub", "driver.deb")
+    cuda = write_inventory(tmp_path / "cuda.py", [host], merged_data(
+        llama_model={"path": str(renamed)}, llama_service={"keep_releases": 1}, llama_server={"threads": 1},
+        llama_build={"backend": "cuda"}, llama_gpu={"packages_dir": str(debs)}))
+    step = run_deploy(cuda)
+    assert step.rc == 0, (step.stdout + step.stderr)[-4000:]
+    assert host.ssh("dpkg-query -W -f '${Status}' llamadeploy-e2e-gpu-stub").stdout == "install ok installed"
+    assert "llamadeploy-e2e-gpu-stub" in host.ssh("cat /var/cache/llama.cpp/installed-packages.gpu").stdout.split()
+    assert host.ssh("systemctl is-active llama-server").stdout.strip() == "active"  # the CPU release serves on
     # and a file in the ccache bind-mounted under the cache directory (the same filesystem as the
     # host's tree: rm --one-file-system alone would empty it)
     marker = "/var/cache/llama.cpp/ccache/.uninstall-keeps-this"
@@ -83,6 +108,8 @@ def test_deploy_then_uninstall_leaves_the_fresh_host(host, tmp_path):
     finally:
         host.ssh(f"rm -f {marker}", check=False)
     assert gone.returncode == 0, (gone.stdout + gone.stderr)[-4000:]
+    assert host.ssh("dpkg-query -W -f '${Status}' llamadeploy-e2e-gpu-stub", check=False).stdout.strip() in (
+        "", "unknown ok not-installed"), "the package the deploy installed from packages_dir was not purged"
     after = host.ssh(SNAPSHOT).stdout
     assert host.ssh(operators, check=False).stdout.split() == ["active", "active"], gone.stdout[-3000:]
     import difflib

@@ -304,6 +304,9 @@ def test_fanout_fence_lists_only_the_fleet():
     assert rules.splitlines()[:3] == ["table inet llamadeploy_peer_abcd1234 {}",
                                       "delete table inet llamadeploy_peer_abcd1234",
                                       "table inet llamadeploy_peer_abcd1234 {"]
+    # the deploy's mark: a run's cleanup removes only tables carrying it (roles/firewall MARK)
+    assert rules.splitlines()[3] == '  comment "llamadeploy fan-out 8090"'
+    assert "grep -q 'comment \"llamadeploy ' && nft delete table inet \"$t\"" in f.stop_command("h0")
     assert "ip saddr { 10.0.0.1, 10.0.0.2 } tcp dport 8090 accept" in rules
     assert "ip6 saddr { fd00::7 } tcp dport 8090 accept" in rules
     assert rules.index("accept") < rules.index("tcp dport 8090 drop")

@@ -210,3 +210,19 @@ def test_the_guard_shell_holds_nothing_systemd_would_rewrite():
     from llamadeploy.roles.firewall import GUARD_SHELL
 
     assert "%" not in GUARD_SHELL and "\\" not in GUARD_SHELL
+
+
+def test_the_mark_is_read_from_the_tables_own_comment_not_a_sets():
+    """``nft list table`` prints the table's comment at its top level; a set or chain of
+    someone else's table may carry a comment that reads like the deploy's mark: not the table's."""
+    from llamadeploy.roles.firewall.facts import NftTableComment
+
+    fact = NftTableComment()
+    ours = ["table inet llamadeploy_llama_server {", '\tcomment "llamadeploy 0123456789abcdef"',
+            "\tset allowed_v4 {", "\t\ttype ipv4_addr", "\t\tflags interval", "\t\telements = { 10.0.0.0/8 }", "\t}",
+            "\tchain input {", "\t\ttype filter hook input priority filter; policy accept;", "\t}", "}"]
+    assert fact.process(ours) == "llamadeploy 0123456789abcdef"
+    theirs = ["table inet llamadeploy_llama_server {", "\tset blocked {", "\t\ttype ipv4_addr",
+              '\t\tcomment "llamadeploy 0123456789abcdef"', "\t}", "}"]
+    assert fact.process(theirs) == ""
+    assert fact.process([]) is None

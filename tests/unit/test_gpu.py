@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -605,3 +606,23 @@ def test_distro_install_names_packages_each_release_has(release, driver):
     queried = policy.splitlines()[0].removeprefix("# apt-cache policy ").split()
     for pkg in ("nvidia-container-toolkit", "libnvidia-container1", "libnvidia-container-tools"):
         assert pkg in queried and pkg not in candidates, (release, pkg)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb builds the test's .deb files (Debian)")
+def test_packages_dir_debs_are_recorded_by_their_package_names(tmp_path, monkeypatch):
+    """llama_gpu.packages_dir: the names come from the files' control data (not their file
+    names), so the package record names what apt installs and uninstall purges it."""
+    from pyinfra.api import DeployError
+
+    import llamadeploy.roles.gpu as role
+    from tests.conftest import stub_deb
+
+    monkeypatch.setattr(role, "host", type("H", (), {"name": "g1"})())
+    debs = [stub_deb(tmp_path, "nvidia-driver-stub"), stub_deb(tmp_path, "cuda-toolkit-stub")]
+    renamed = debs[0].rename(tmp_path / "driver.deb")  # the file name is not the package's
+    assert role.deb_names([renamed, debs[1]], "llama_gpu.packages_dir") == ["cuda-toolkit-stub", "nvidia-driver-stub"]
+    junk = tmp_path / "notes.deb"
+    junk.write_text("not an archive\n")
+    with pytest.raises(DeployError, match=r"preflight refused host g1: llama_gpu.packages_dir: notes.deb is not a "
+                                          r"Debian package with a name"):
+        role.deb_names([debs[1], junk], "llama_gpu.packages_dir")

@@ -72,6 +72,7 @@ def fenced(monkeypatch) -> Recorder:
     for name in ("atomic", "files", "server", "systemd", "packages", "units"):
         monkeypatch.setattr(fw, name, rec.module(name))
     monkeypatch.setattr(fw, "table_loaded", rec.op("table_loaded"))
+    monkeypatch.setattr(fw, "refuse_foreign_table", rec.op("refuse_foreign_table"))
     cfg = HostConfig.model_validate({"role": "front"})
     fw.port_fenced._inner(cfg, "haproxy", "llamadeploy_haproxy_exporter",
                           "/etc/haproxy/llamadeploy-exporter.nft", 8405, ["10.0.0.9/32"], "llama_role = 'front'")
@@ -90,6 +91,38 @@ def test_the_guard_runs_before_a_running_service_is_bound_to_it(fenced):
     assert any(fenced.index(guard_file) < i < fenced.index(guard_running) for i in reloads)
     assert any(i > fenced.index(bound) for i in reloads)
     assert not [o for o in fenced.ops if o.call == "systemd.service" and o is not guard_running]
+
+
+def test_a_fence_checks_its_tables_name_before_it_loads_anything(fenced):
+    """A table of the fence's name that the deploy did not make is refused while pyinfra prepares:
+    the check comes before the first operation of the fence."""
+    asked = fenced.find("refuse_foreign_table")
+    assert asked.args == ("llamadeploy_haproxy_exporter", "llama_role = 'front'")
+    assert fenced.index(asked) < fenced.index(fenced.find("table_loaded"))
+    assert all(fenced.index(asked) < fenced.index(o) for o in fenced.ops if o.call.startswith(("atomic.", "files.")))
+
+
+@pytest.mark.parametrize(("comment", "refused"), [
+    (None, False),  # no table of that name
+    ("llamadeploy 0123456789abcdef", False),  # the deploy's (a server's fence)
+    ("llamadeploy rpc 50052 10.0.0.1", False),  # the deploy's (an RPC worker's)
+    ("site firewall", True),
+    ("", True),  # a table without a comment
+])
+def test_a_table_without_the_deploys_mark_is_refused(monkeypatch, comment, refused):
+    from pyinfra.api import DeployError
+
+    import llamadeploy.roles.firewall as fw
+
+    monkeypatch.setattr(fw, "host", type("H", (), {"name": "h1", "get_fact": lambda self, fact, **kw: comment})())
+    if not refused:
+        fw.refuse_foreign_table("llamadeploy_llama_server", "llama_server.allow_from")
+        return
+    with pytest.raises(DeployError) as err:
+        fw.refuse_foreign_table("llamadeploy_llama_server", "llama_server.allow_from")
+    assert str(err.value).startswith(
+        "preflight refused host h1: llama_server.allow_from: this host already has nftables table inet "
+        f"llamadeploy_llama_server, which this deploy did not create (its comment {comment!r} lacks 'llamadeploy'")
 
 
 @pytest.mark.parametrize(("changed", "started", "restarted"), [
@@ -201,6 +234,7 @@ def test_an_rpc_worker_unit_and_a_fence_guard_that_are_not_ours_are_neither_stop
         monkeypatch.setattr(mod, "units", said)
         monkeypatch.setattr(mod, "host", type("H", (), {"get_fact": lambda self, fact, **kw: True})())
     monkeypatch.setattr(rpc, "table_removed", rec.op("table_removed"))
+    monkeypatch.setattr(fw, "dropin_removed", rec.op("dropin_removed"))
     rpc.worker_removed("RPC worker")
     assert said.asked == ["ggml-rpc-server.service", "ggml-rpc-server-fence.service"]
     touched = [o for o in rec.ops if o.call in ("files.file", "server.shell")]
@@ -210,6 +244,7 @@ def test_an_rpc_worker_unit_and_a_fence_guard_that_are_not_ours_are_neither_stop
     if not theirs:
         assert {o.kwargs["commands"][0] for o in unit_ops + guard_ops if o.call == "server.shell"} == {
             "systemctl disable --now ggml-rpc-server.service", "systemctl stop ggml-rpc-server-fence.service"}
-    # the fence's own parts are named for the deploy (llamadeploy_*): they go either way
-    rec.find("files.file", path="/etc/systemd/system/nftables.service.d/llamadeploy_rpc.conf", present=False)
+    # the fence's own parts are named for the deploy (llamadeploy_*): asked to go either way, and
+    # each goes only when it carries the deploy's mark (a header, a table comment: their operations)
+    rec.find("dropin_removed", path="/etc/systemd/system/nftables.service.d/llamadeploy_rpc.conf")
     rec.find("table_removed", table="llamadeploy_rpc")

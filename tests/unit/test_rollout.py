@@ -64,6 +64,12 @@ def test_the_rollout_reads_the_line_a_deploy_fails_with_after_its_own_rollback()
         "10.231.1.2": "release b11434-new failed its gate; rolled back to b11434-old, which serves now "
                       "(the gate's log lines are above)"}
     assert fell_back_hosts("    [10.231.1.2] Error: something else\n", ["10.231.1.2"]) == {}
+    # the release that served, reinstated as recorded after this run's change to it failed: the
+    # rollout reads it as rolled back too, and the line says what was undone
+    same = fell_back_hosts(f"Error: {fell_back_reason('h1', 'b11434-cur', 'b11434-cur')}", ["h1"])
+    assert same["h1"] == ("release b11434-cur failed its gate; rolled back to b11434-cur as recorded when it last "
+                          "deployed (its recorded key file and fence rules replace this run's), which serves now "
+                          "(the gate's log lines are above)"), same
 
 
 def test_before_is_the_latest_recorded_release_not_the_manifest():
