@@ -99,12 +99,18 @@ def _record_refreshed(cfg: HostConfig, current_id: str, served: dict[str, str]) 
         return
     entry = posixpath.join(records_dir(cfg), current_id)
     if KEY_FILE in served:
-        owner, group = (cfg.service.user, cfg.service.user) if cfg.mode == "native" else ("nobody", "nogroup")
+        owner, group = _key_owner(cfg, cfg.mode)
         secret_copied(name=f"Record of {current_id}: the key it serves with now", src=served[KEY_FILE],
                       dest=f"{entry}/{KEY_FILE}", user=owner, group=group)
     if RULES_FILE in served:
         copied(name=f"Record of {current_id}: the fence rules it serves with now", src=served[RULES_FILE],
                dest=f"{entry}/{RULES_FILE}", mode="600")
+
+
+def _key_owner(cfg: HostConfig, mode: str) -> tuple[str, str]:
+    """Owner and group of the host's key file in ``mode``: the service's account (roles/service),
+    or the container's ``nobody:nogroup`` (roles/docker); a record's copy keeps them (``cp -p``)."""
+    return (cfg.service.user, cfg.service.user) if mode == "native" else ("nobody", "nogroup")
 
 
 def _sorted_or_none(values: set[str] | None) -> list[str] | None:
@@ -265,9 +271,9 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
     m = target.manifest
     ops = []
     if m.api_key_file and host.get_fact(File, path=f"{entry}/{KEY_FILE}"):
-        owner = cfg.service.user if m.mode == "native" else "nobody"
+        owner, group = _key_owner(cfg, m.mode)
         ops.append(secret_copied(name="API key of the release", src=f"{entry}/{KEY_FILE}", dest=m.api_key_file,
-                                 user=owner, group=owner if m.mode == "native" else "nogroup", _if=when))
+                                 user=owner, group=group, _if=when))
     if m.preset_file and host.get_fact(File, path=f"{entry}/{PRESET_FILE}"):
         ops.append(copied(name="Router presets of the release (its model set)", src=f"{entry}/{PRESET_FILE}",
                           dest=m.preset_file, mode="644", _if=when))

@@ -259,9 +259,10 @@ class Fleet:
         """Shell: the server stopped (its fence goes with it), the links removed; fails if it still runs."""
         q = shlex.quote
         units = q(UNIT_GLOB)
+        marked = q(f'comment "{MARK}')  # a table the deploy loaded (roles/firewall MARK): only those go
         return (f"systemctl stop {units} 2>/dev/null; systemctl reset-failed {units} 2>/dev/null; "
                 f"for t in $(nft list tables 2>/dev/null | awk '$3 ~ /^{TABLE_PREFIX}/ {{print $3}}'); do "
-                f"nft list table inet \"$t\" | grep -q {q('comment ' + chr(34) + MARK)} && nft delete table inet \"$t\"; "
+                f"nft list table inet \"$t\" | grep -q {marked} && nft delete table inet \"$t\"; "
                 f"done; rm -rf {q(self.members[name].serve_dir)}; "
                 f"! systemctl is-active --quiet {units}")
 
