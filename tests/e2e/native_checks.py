@@ -4,12 +4,13 @@ transient sandboxed unit, a unit stopped and disabled, a restart seen by the gat
 
 from __future__ import annotations
 
-import posixpath
 import re
 import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -108,6 +109,19 @@ def crash_at_start_rolled_back(host, tmp_path: Path, inventory: Path) -> None:
     assert again.changed == 0
 
 
+@contextmanager
+def site_dropin(host, name: str, text: str) -> Iterator[str]:
+    """A site's own drop-in for llama-server (an operator's policy, not the deploy's), in place
+    and read by systemd while the block runs, removed again even when the test fails."""
+    dropins = "/etc/systemd/system/llama-server.service.d"
+    path = f"{dropins}/{name}"
+    host.ssh(f"mkdir -p {dropins} && printf %s {shlex.quote(text)} > {path} && systemctl daemon-reload")
+    try:
+        yield path
+    finally:
+        host.ssh(f"rm -f {path}; rmdir {dropins} 2>/dev/null; systemctl daemon-reload")
+
+
 def refused_start_rolled_back(host, tmp_path: Path, inventory: Path, threads7: Path | None = None) -> None:
     """A new release whose start systemd itself refuses: the start job fails, before the gate,
     the way a sandbox that cannot be set up or a server that exits before systemd saw it run
@@ -118,12 +132,9 @@ def refused_start_rolled_back(host, tmp_path: Path, inventory: Path, threads7: P
     restart and left the new unit failing its start every 5 s: no server. ``threads7``: the
     inventory with ``llama_server.threads = 7`` (default: ``inventory``'s host with it)."""
     old = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
-    dropin = "/etc/systemd/system/llama-server.service.d/zz-site-policy.conf"
     policy = ("[Service]\n"
               "ExecStartPre=/bin/sh -c '! grep -q -- \"--threads 7 \" /etc/systemd/system/llama-server.service'\n")
-    host.ssh(f"mkdir -p {posixpath.dirname(dropin)} && printf %s {shlex.quote(policy)} > {dropin} "
-             "&& systemctl daemon-reload")
-    try:
+    with site_dropin(host, "zz-site-policy.conf", policy):
         assert host.ssh("systemctl restart llama-server", check=False).returncode == 0  # the old unit passes it
         inv = threads7 or with_data(host, tmp_path, "threads7", llama_server={"threads": 7})
         result = run_deploy(inv)
@@ -135,8 +146,6 @@ def refused_start_rolled_back(host, tmp_path: Path, inventory: Path, threads7: P
         assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == old
         assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
         assert "--threads 7 " not in host.ssh("cat /etc/systemd/system/llama-server.service").stdout
-    finally:
-        host.ssh(f"rm -f {dropin}; rmdir {posixpath.dirname(dropin)} 2>/dev/null; systemctl daemon-reload")
     again = run_deploy(inventory)
     assert again.rc == 0 and again.changed == 0, again.stderr[-4000:]
 

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -341,11 +340,8 @@ def test_a_rotated_key_the_server_refuses_leaves_the_old_key_serving(host, tmp_p
     assert host.ssh(f"cmp /etc/llama-server/api-key /etc/llama-server/releases/{rid}/api-key",
                     check=False).returncode == 0  # the record holds the key it serves with
     refused = "sk-refused-" + "5e1d" * 8
-    dropin = "/etc/systemd/system/llama-server.service.d/zz-site-key-policy.conf"
     policy = "[Service]\nExecStartPre=+/bin/sh -c '! grep -q sk-refused- /etc/llama-server/api-key'\n"
-    host.ssh(f"mkdir -p /etc/systemd/system/llama-server.service.d && printf %s {shlex.quote(policy)} > {dropin} "
-             "&& systemctl daemon-reload")
-    try:
+    with native_checks.site_dropin(host, "zz-site-key-policy.conf", policy):
         assert host.ssh("systemctl restart llama-server", check=False).returncode == 0  # the serving key passes it
         result = run_deploy(with_data(host, tmp_path, "refused", llama_server={"api_key": refused}))
         out = result.stdout + result.stderr
@@ -362,9 +358,6 @@ def test_a_rotated_key_the_server_refuses_leaves_the_old_key_serving(host, tmp_p
         state = host.ssh("systemctl show -p ActiveState -p UnitFileState llama-server").stdout
         assert "ActiveState=active" in state and "UnitFileState=enabled" in state, state
         assert host.ssh("stat -c '%a %U' /etc/llama-server/api-key").stdout.split() == ["600", "llama"]
-    finally:
-        host.ssh(f"rm -f {dropin}; rmdir /etc/systemd/system/llama-server.service.d 2>/dev/null; "
-                 "systemctl daemon-reload")
     back = run_deploy(inventory)  # the keyless release again, for the tests after this one
     assert back.rc == 0, back.stderr[-4000:]
     assert host.ssh("test -e /etc/llama-server/api-key", check=False).returncode == 1
