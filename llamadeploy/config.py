@@ -145,6 +145,23 @@ OWNED_FLAGS: dict[str, str] = {
     **dict.fromkeys(["--swa-full"], "llama_server.swa_full"),
 }
 
+#: llama-server flags no setting offers, because they open what the deploy keeps closed -> why.
+#: In ``extra_args`` they would hand every client that holds the key a shell or the host's files,
+#: fetch unpinned files, or move the API off the paths the gate, the fronts and Prometheus call.
+DENIED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(["--tools", "--tools-runtime", "-ag", "--agent", "--mcp-servers-config", "--mcp-servers-json",
+                     "--ui-mcp-proxy", "--webui-mcp-proxy"],
+                    "gives every client tools that run commands, read and write files or reach other hosts as "
+                    "the service's account (llama-server: 'do not enable in untrusted environments')"),
+    **dict.fromkeys(["--path", "--media-path"], "serves or reads the host's files for clients"),
+    **dict.fromkeys(["--props"], "lets any client change the server's settings (POST /props)"),
+    **dict.fromkeys(["-mmu", "--mmproj-url", "--spec-draft-hf", "-hfd", "-hfrd", "--hf-repo-draft"],
+                    "downloads a file at start that no sha256 pins (give a local file: --mmproj FILE, "
+                    "--model-draft FILE)"),
+    **dict.fromkeys(["--reuse-port"], "lets another process bind the same port, which preflight refuses"),
+    **dict.fromkeys(["--api-prefix"], "moves the API off the paths the gate, the fronts and Prometheus call"),
+}
+
 
 def parse_size(size: str) -> int:
     """Bytes of a :data:`Size` (``"8G"`` is 8 GiB)."""
@@ -170,10 +187,13 @@ class Section(BaseModel):
 class BuildConfig(Section):
     """How llama.cpp is fetched and compiled on the host (native mode)."""
 
+    #: llama.cpp release tag (``b<number>``)
     version: Annotated[str, Field(pattern=r"^b[0-9]+$")] = "b11434"
     #: commit hash or name recorded in ``llama-server --version``; defaults to the version
     commit: Ref | None = None
+    #: ``git`` (clone the tag) or ``tarball`` (push a controller file: air-gapped hosts)
     source: Literal["git", "tarball"] = "git"
+    #: repository for ``source: git``
     git_url: GitUrl = "https://github.com/ggml-org/llama.cpp.git"
     #: controller path of a source tarball (air-gapped hosts, CI)
     tarball: ControllerPath | None = None
@@ -181,9 +201,11 @@ class BuildConfig(Section):
     tarball_subdir: RelPath = "."
     #: GGML_NATIVE: tune for the build host's CPU; turn off for portable builds
     native: bool = True
+    #: ``none`` or ``openblas``
     blas: Literal["none", "openblas"] = "none"
     #: extra ``-D`` options, e.g. ``{"GGML_AVX512": "OFF"}``
     cmake_args: dict[str, CMakeValue] = {}
+    #: compile through ccache (``/var/cache/llama.cpp/ccache``)
     ccache: bool = True
     #: build once per kind of host (distribution + version, CPU architecture, and with
     #: ``native`` the CPU's feature flags): the first host of a kind compiles, the release
@@ -382,7 +404,9 @@ class RouterConfig(Section):
 class ServerConfig(Section):
     """llama-server flags. ``None`` means: computed from host facts (see tuning)."""
 
+    #: address to bind
     host: BindAddress = "0.0.0.0"
+    #: port
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     #: generation threads; default: physical cores of the host
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
@@ -414,6 +438,7 @@ class ServerConfig(Section):
     repack: bool | None = None
     #: NUMA policy: auto = "distribute" on hosts with several NUMA nodes, nothing otherwise
     numa: Literal["auto", "off", "distribute", "isolate", "numactl"] = "auto"
+    #: Prometheus ``/metrics``
     metrics: bool = True
     #: host-RAM prompt cache in MiB (``--cache-ram``; 0 = off); default: what the memory limit
     #: leaves after weights, KV cache and overhead, at most llama-server's own 8192. Unsized, the
@@ -434,15 +459,18 @@ class ServerConfig(Section):
     #: networks (CIDRs) that may reach the port; others are dropped by our own nftables table
     #: (native mode); the host itself always may. None = no firewall rules
     allow_from: list[IPvAnyNetwork] | None = None
-    #: extra arguments appended verbatim (escape hatch); never a key (use api_key_file)
+    #: extra arguments appended verbatim (escape hatch); never a key (use api_key_file), a flag a
+    #: setting owns, or one that opens what the deploy keeps closed (--tools, --path, --reuse-port...:
+    #: docs/security.md)
     extra_args: list[str] = []
 
 
     @field_validator("extra_args")
     @classmethod
     def _not_owned(cls, v: list[str]) -> list[str]:
-        """Printable values only (one reaches the unit's ExecStart line), and no flag the schema
-        owns: ``--host 0.0.0.0`` here would bypass the bind policy, ``--rpc`` the fence."""
+        """Printable values only (one reaches the unit's ExecStart line), no flag the schema owns
+        (``--host 0.0.0.0`` here would bypass the bind policy, ``--rpc`` the fence) and none that
+        opens what the deploy keeps closed (:data:`DENIED_FLAGS`: ``--tools`` is a shell)."""
         for arg in v:
             _printable(arg)
             flag = re.split(r"[=\s]", arg, maxsplit=1)[0]  # "--api-key sk-…" in one word is still --api-key
@@ -452,6 +480,8 @@ class ServerConfig(Section):
                 raise ValueError(f"{flag} would put a secret on the command line; use llama_model.hf_token_file")
             if flag in OWNED_FLAGS:
                 raise ValueError(f"{flag} is set by the deploy; use {OWNED_FLAGS[flag]} instead")
+            if flag in DENIED_FLAGS:
+                raise ValueError(f"{flag} is not allowed: it {DENIED_FLAGS[flag]}")
         return v
 
     @field_validator("api_key")
@@ -475,6 +505,7 @@ class LimitsConfig(Section):
     cpus_reserved: Annotated[float, Field(gt=0, le=1024)] | None = None
     #: LimitMEMLOCK: "infinity" or a size; needed for load_mode "mlock"
     memlock: Size | Literal["infinity"] = "infinity"
+    #: ``TasksMax``
     tasks: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
 
     @model_validator(mode="after")
@@ -491,12 +522,17 @@ class LimitsConfig(Section):
 class ServiceConfig(Section):
     """Names and paths on the host."""
 
+    #: systemd unit name
     name: Name = "llama-server"
     #: a system account of the service's own; never root (an existing login account is refused at preflight)
     user: Name = "llama"
+    #: releases and the ``current`` link
     prefix: AbsPath = "/opt/llama.cpp"
+    #: models live in ``<data_dir>/models``
     data_dir: AbsPath = "/var/lib/llama-server"
+    #: key file and deploy manifest
     config_dir: AbsPath = "/etc/llama-server"
+    #: sources, build trees, ccache
     cache_dir: AbsPath = "/var/cache/llama.cpp"
     #: previous releases kept on the host besides the current one (build, model files, unit);
     #: ``llamadeploy rollback`` reinstates any of them with no transfer and no compile
@@ -539,12 +575,14 @@ class DockerConfig(Section):
     project_dir: AbsPath = "/opt/llama-server-compose"
     #: json-file log rotation
     log_max_size: Size = "50M"
+    #: json-file log files kept
     log_max_files: Annotated[int, Field(ge=1, le=100)] = 3
 
 
 class HealthConfig(Section):
     """The gate after a (re)start: /health must answer 200 within the timeout."""
 
+    #: seconds to wait for ``/health`` 200 after a (re)start
     timeout: Annotated[int, Field(ge=1, le=3600)] = 180
 
 
@@ -553,6 +591,7 @@ class FrontConfig(Section):
 
     #: address and port clients call (plain HTTP; with ``tls_pem`` see ``tls_port``)
     bind: BindAddress = "0.0.0.0"
+    #: plain-HTTP port clients call
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     #: inventory group whose hosts are the backends; default: every host with llama_role "server"
     backends_group: Name | None = None
@@ -572,6 +611,7 @@ class FrontConfig(Section):
     timeout_queue: Annotated[int, Field(ge=1, le=3600)] = 120
     #: controller path of a PEM with certificate chain and key: TLS is terminated at the front
     tls_pem: ControllerPath | None = None
+    #: HTTPS port with ``tls_pem``
     tls_port: Annotated[int, Field(ge=1, le=65535)] = 8443
     #: with TLS: answer plain HTTP on ``port`` with a redirect to HTTPS
     redirect_http: bool = False
@@ -639,6 +679,7 @@ class AlertmanagerConfig(Section):
 class MonitorConfig(Section):
     """The monitor (hosts with ``llama_role = "monitor"``): Prometheus from the distribution."""
 
+    #: Prometheus web/API port
     port: Annotated[int, Field(ge=1, le=65535)] = 9090
     #: Prometheus's address; default: the monitor's fleet address (``llama_transfer.address``,
     #: else its inventory address), not every address
@@ -646,7 +687,9 @@ class MonitorConfig(Section):
     #: who reaches Prometheus (its API and UI: a Grafana, the operators' network) besides the
     #: monitor itself (nftables); ``["0.0.0.0/0", "::/0"]`` opens it to every address, on purpose
     allow_from: list[IPvAnyNetwork] = []
+    #: scrape and rule evaluation interval
     scrape_interval: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "15s"
+    #: TSDB retention
     retention: Annotated[str, Field(pattern=r"^[0-9]+[hdwy]$")] = "15d"
     #: where alerts go (Alertmanager on this host); nothing is installed without a receiver
     alertmanager: AlertmanagerConfig = AlertmanagerConfig()
@@ -674,6 +717,7 @@ class TransferConfig(Section):
     doubling the holders every round: about log2(N) copy times instead of N over one uplink.
     """
 
+    #: ``fanout``: the controller sends each model/release once, hosts serve each other (see [fan-out](fanout.md))
     mode: Literal["direct", "fanout"] = "direct"
     #: TCP port peers serve on (bound to ``address`` only, open to the run's hosts only)
     port: Annotated[int, Field(ge=1024, le=65535)] = 8090
@@ -734,6 +778,7 @@ class GpuConfig(Section):
 class HostConfig(Section):
     """Everything about one host. Build with :func:`config_for`."""
 
+    #: ``native`` (built on the host, systemd unit) or ``docker`` (Docker Compose)
     mode: Literal["native", "docker"] = "native"
     build: BuildConfig = BuildConfig()
     docker: DockerConfig = DockerConfig()

@@ -4,7 +4,7 @@
 walks it and writes one markdown table per ``llama_<section>`` (field, type, default,
 description), plus the top-level settings that are not sections (``llama_mode``,
 ``llama_role``, ...). Descriptions are the ``#:`` comments above each field in
-``llamadeploy/config.py`` (else :data:`UNCOMMENTED`, else a ``Field(description=...)``);
+``llamadeploy/config.py`` (else a ``Field(description=...)``);
 types are the annotations as written there, with ``Annotated`` constraints shown inline, and
 the named types (``AbsPath``, ``Size``, ...) are explained in a table of their own.
 
@@ -28,36 +28,6 @@ from llamadeploy import config
 
 #: where ``scripts/config-reference`` writes the reference, relative to the checkout
 REFERENCE = Path("docs/configuration-reference.md")
-
-#: what a field without a ``#:`` comment in config.py is described as, taken from the README's
-#: hand-written table this reference replaced. A ``#:`` comment in config.py wins, and
-#: tests/unit/test_docs.py fails when an entry here is no longer needed (or names no field)
-UNCOMMENTED: dict[str, str] = {
-    "mode": "`native` (built on the host, systemd unit) or `docker` (Docker Compose)",
-    "build.version": "llama.cpp release tag (`b<number>`)",
-    "build.source": "`git` (clone the tag) or `tarball` (push a controller file: air-gapped hosts)",
-    "build.git_url": "repository for `source: git`",
-    "build.blas": "`none` or `openblas`",
-    "build.ccache": "compile through ccache (`/var/cache/llama.cpp/ccache`)",
-    "docker.log_max_files": "json-file log files kept",
-    "server.host": "address to bind",
-    "server.port": "port",
-    "server.metrics": "Prometheus `/metrics`",
-    "limits.tasks": "`TasksMax`",
-    "service.name": "systemd unit name",
-    "service.prefix": "releases and the `current` link",
-    "service.data_dir": "models live in `<data_dir>/models`",
-    "service.config_dir": "key file and deploy manifest",
-    "service.cache_dir": "sources, build trees, ccache",
-    "health.timeout": "seconds to wait for `/health` 200 after a (re)start",
-    "transfer.mode": "`fanout`: the controller sends each model/release once, hosts serve each other "
-                     "(see [fan-out](fanout.md))",
-    "front.port": "plain-HTTP port clients call",
-    "front.tls_port": "HTTPS port with `tls_pem`",
-    "monitor.port": "Prometheus web/API port",
-    "monitor.scrape_interval": "scrape and rule evaluation interval",
-    "monitor.retention": "TSDB retention",
-}
 
 #: the docs page that explains a section, relative to docs/
 PAGES: dict[str, str] = {
@@ -178,8 +148,8 @@ def _default(info: FieldInfo) -> str:
 
 
 def _description(key: str, info: FieldInfo, comment: str) -> str:
-    """The field's ``#:`` comment; else :data:`UNCOMMENTED`; else a description its type carries."""
-    return _rst_to_md(comment or UNCOMMENTED.get(key, "") or info.description or "")
+    """The field's ``#:`` comment, else a description its type carries."""
+    return _rst_to_md(comment or info.description or "")
 
 
 def _table(rows: list[tuple[str, str, str, str]], first: str = "field") -> list[str]:
@@ -217,20 +187,6 @@ def documented_fields() -> dict[str, str]:
         parsed = _fields(cls, tree, lines)
         for name, info in cls.model_fields.items():
             out[f"{section}.{name}"] = _description(f"{section}.{name}", info, parsed.get(name, ("", ""))[1])
-    return out
-
-
-def commented_fields() -> set[str]:
-    """``section.field`` keys (or top-level names) that have a ``#:`` comment in config.py."""
-    tree, lines = _module_tree()
-    top, sections = _sections()
-    host = _fields(config.HostConfig, tree, lines)
-    out = {n for n in top if host[n][1]}
-    for section in sections:
-        cls = config.HostConfig.model_fields[section].annotation
-        assert isinstance(cls, type) and issubclass(cls, BaseModel)
-        parsed = _fields(cls, tree, lines)
-        out |= {f"{section}.{n}" for n in cls.model_fields if parsed.get(n, ("", ""))[1]}
     return out
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -35,6 +35,7 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles.firewall.facts import NftTableComment
 from llamadeploy.roles.firewall.operations import MARK, dropin_removed, is_ours, table_loaded, table_removed
 from llamadeploy.tuning import systemd_quote
+from llamadeploy.units import UNIT_HEADER
 
 TEMPLATE = "firewall/llama-server.nft.j2"
 GUARD_TEMPLATE = "firewall/nft-fence-guard.service.j2"
@@ -159,6 +160,28 @@ def refuse_foreign_table(table: str, setting: str) -> None:
             "would replace it, and uninstall would delete it); allowed: a host without a table of that name")
 
 
+def foreign_dropins(found: Mapping[str, list[str] | None]) -> list[str]:
+    """The drop-ins among ``found`` (path -> its lines, None when absent or empty) that are
+    someone else's: a file whose first line is not the header every file the deploy writes under
+    ``/etc/systemd/system`` begins with (pure)."""
+    return [path for path, lines in found.items() if lines and not lines[0].startswith(UNIT_HEADER)]
+
+
+def refuse_foreign_fence(table: str, setting: str, dropins: Iterable[str]) -> None:
+    """Stop the run while pyinfra prepares when a fence would replace what is not the deploy's:
+    a table of its name without the mark (:func:`refuse_foreign_table`), or a file where it writes
+    a drop-in (``dropins``: the host's nftables service's, a distribution unit's binding) whose
+    first line is not the deploy's header. Writing would overwrite the operator's file, and the
+    next removal of the fence would delete it as ours. ``setting``: what asks for the fence."""
+    refuse_foreign_table(table, setting)
+    theirs = foreign_dropins({path: host.get_fact(FileContents, path=path) for path in dropins})
+    if theirs:
+        raise DeployError(
+            f"preflight refused host {host.name}: {setting}: this host already has {theirs[0]}, a drop-in this "
+            f"deploy did not create (its first line is not {UNIT_HEADER!r}; the fence would overwrite it, and "
+            "removing the fence would delete it); allowed: a host without a file of that name")
+
+
 @role("Fence")
 def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, networks: list[str],
                 setting: str) -> None:
@@ -173,7 +196,8 @@ def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, n
     restart of a unit that others are bound to restarts them too (systemd.unit(5), Requires=).
     While its restart job runs, systemd does not stop the units bound to it."""
     units.refuse_foreign({guard_unit(unit): setting}, "a host without a unit of that name")
-    refuse_foreign_table(table, setting)
+    dropins, dropin = bound_dropin(unit)
+    refuse_foreign_fence(table, setting, [guard_paths(unit, table)[1], dropin])
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = fence_rules(table, unit, port, networks)
@@ -183,7 +207,6 @@ def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, n
     server.shell(name=f"Fence guard of {unit} restarted (its definition changed; {unit} keeps running)",
                  commands=[f"systemctl restart --job-mode=ignore-requirements {shlex.quote(guard_unit(unit))}"],
                  _if=[any_changed(*keepers), lambda: not running.did_change()])
-    dropins, dropin = bound_dropin(unit)
     files.directory(name=f"{unit} drop-in directory", path=dropins, mode="755")
     bound = atomic.put(name=f"{unit} bound to its fence", dest=dropin, mode="644",
                        src=StringIO(render(BOUND_TEMPLATE, unit_name=unit, guard=guard_unit(unit),
@@ -213,7 +236,7 @@ def firewall(cfg: HostConfig) -> list[OperationMeta]:
     path = rules_path(cfg)
     if cfg.server.allow_from is None:
         return []
-    refuse_foreign_table(table_name(cfg), "llama_server.allow_from")
+    refuse_foreign_fence(table_name(cfg), "llama_server.allow_from", [guard_paths(cfg.service.name, table_name(cfg))[1]])
     packages.installed(cfg, "firewall", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     text, digest = rules(cfg)

@@ -14,6 +14,7 @@ from weakref import WeakKeyDictionary
 
 from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import LinuxDistribution, Users
 
 from llamadeploy import ctlcache
@@ -21,6 +22,7 @@ from llamadeploy.catalog import CATALOG
 from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
+from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.preflight.facts import HostMemory, PortHolder, PortHolders
 from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
@@ -147,10 +149,11 @@ def is_ours(cfg: HostConfig, user: dict) -> bool:
     return user.get("home") == cfg.service.data_dir
 
 
-def listened_ports(cfg: HostConfig) -> list[tuple[str, int, tuple[str, ...]]]:
+def listened_ports(cfg: HostConfig, docker_serves: bool = False) -> list[tuple[str, int, tuple[str, ...]]]:
     """What this host's role will listen on: (field, port, the units whose processes may hold
-    it: ours, restarted or reloaded by the deploy) (pure). A server in docker mode publishes
-    through Docker's proxy."""
+    it: ours, restarted or reloaded by the deploy) (pure). ``docker_serves``: the release that
+    serves now is the deploy's docker-mode one (the host's manifest says so), which publishes
+    through Docker's proxy; any other ``docker-proxy`` on the port is an operator's container."""
     if cfg.role == "front":
         f, ours = cfg.front, ("haproxy.service",)
         plain = [("llama_front.port", f.port, ours)] if not f.tls_pem or f.redirect_http else []
@@ -163,7 +166,8 @@ def listened_ports(cfg: HostConfig) -> list[tuple[str, int, tuple[str, ...]]]:
                   if am.enabled else [])]
     if cfg.role == "rpc_worker":
         return [("llama_rpc.port", cfg.rpc.port, ("ggml-rpc-server.service",))]
-    return [("llama_server.port", cfg.server.port, (f"{cfg.service.name}.service", "docker.service"))]
+    return [("llama_server.port", cfg.server.port,
+             (f"{cfg.service.name}.service", *(("docker.service",) if docker_serves else ())))]
 
 
 def port_problem(field: str, port: int, ours: tuple[str, ...], holders: list[PortHolder]) -> str | None:
@@ -182,10 +186,27 @@ def port_problem(field: str, port: int, ours: tuple[str, ...], holders: list[Por
     return None
 
 
+def _docker_serves(cfg: HostConfig) -> bool:
+    """Whether the deploy's docker-mode server may hold the server's port now: the host's
+    manifest names a docker release on that port, or, with no such manifest, the deploy's compose
+    file is there (a run that died between ``compose up`` and its manifest; ownership refuses a
+    project directory the deploy did not make). Another port's proxy is someone's container."""
+    from llamadeploy.roles.docker import compose_path
+
+    lines = host.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
+    try:
+        m = Manifest.parse("\n".join(lines)) if lines else None
+    except ValueError:
+        m = None
+    if m is not None and m.mode == "docker":
+        return m.port == cfg.server.port
+    return bool(host.get_fact(File, path=compose_path(cfg.docker.project_dir)))
+
+
 def ports_checked(cfg: HostConfig) -> None:
     """Every port this host's role listens on is free, or held by our own unit; else the run
     stops here, while pyinfra prepares, before anything changes on any host."""
-    for field, port, ours in listened_ports(cfg):
+    for field, port, ours in listened_ports(cfg, cfg.role == "server" and _docker_serves(cfg)):
         problem = port_problem(field, port, ours, host.get_fact(PortHolders, port=port))
         if problem:
             raise DeployError(f"preflight refused host {host.name}: {problem}")

@@ -31,7 +31,7 @@ from llamadeploy.roledeploy import role
 from llamadeploy.roles import docker, ownership
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.docker.operations import check_image_flags, compose_down, image_tagged
-from llamadeploy.roles.firewall import keepers_removed, kept, rules_path, table_name
+from llamadeploy.roles.firewall import guard_paths, keepers_removed, kept, refuse_foreign_fence, rules_path, table_name
 from llamadeploy.roles.firewall.operations import table_removed
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.model import kept_dir
@@ -278,6 +278,10 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
         ops.append(copied(name="Router presets of the release (its model set)", src=f"{entry}/{PRESET_FILE}",
                           dest=m.preset_file, mode="644", _if=when))
     if m.mode == "native" and host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
+        # its unit loads the rules (ExecStartPre), which replace a table of the fence's name whole:
+        # an operator's table or drop-in made since a later release dropped the fence stays theirs
+        refuse_foreign_fence(table_name(cfg), f"release {target.id}, which ran with llama_server.allow_from",
+                             [guard_paths(cfg.service.name, table_name(cfg))[1]])
         ops.append(copied(name="Firewall rules of the release", src=f"{entry}/{RULES_FILE}", dest=rules_path(cfg),
                           mode="600", _if=when))
         # its unit is bound to the fence's guard (BindsTo=): a later deploy without allow_from removed it

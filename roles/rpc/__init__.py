@@ -36,7 +36,7 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall import guard_unit, keepers_removed, kept, refuse_foreign_table
+from llamadeploy.roles.firewall import guard_paths, guard_unit, keepers_removed, kept, refuse_foreign_fence
 from llamadeploy.roles.firewall.operations import table_loaded, table_removed
 from llamadeploy.roles.preflight.facts import HostMemory
 from llamadeploy.roles.rpc.facts import RpcConnected, RpcReachable
@@ -250,7 +250,7 @@ def _worker(cfg: HostConfig, runtime: list) -> None:
     head_addresses = [head_address(validate_inventory(host.inventory)[h.name], h) for h in heads]
     units.refuse_foreign({f"{UNIT}.service": "llama_role = 'rpc_worker'", guard_unit(UNIT): "llama_role = 'rpc_worker'"},
                          "a host without units of those names")
-    refuse_foreign_table(TABLE, "llama_role = 'rpc_worker'")
+    refuse_foreign_fence(TABLE, "llama_role = 'rpc_worker'", [guard_paths(UNIT, TABLE)[1]])
     packages.installed(cfg, "rpc", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
     rules = f"{cfg.service.config_dir}/rpc-worker.nft"

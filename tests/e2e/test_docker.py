@@ -209,6 +209,30 @@ def test_switch_back_to_native(host, native_inv):
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
+def test_a_port_an_operators_container_publishes_is_refused_naming_docker_proxy(host, tmp_path):
+    """Docker's proxy holds the port of every container that publishes one; it is the deploy's
+    only while the deploy's own docker release serves. On this host, native again, an operator's
+    container publishes the port a deploy asks for: the deploy is refused before anything
+    changes, naming docker-proxy. Before, any docker-proxy passed, and the new server failed to
+    bind at its gate."""
+    data = default_data()
+    data["llama_server"] = {**data["llama_server"], "port": 8081}
+    inv = write_inventory(tmp_path / "port.py", [host], data)
+    unit = "md5sum /etc/systemd/system/llama-server.service /etc/llama-server/deploy.json"
+    before = host.ssh(unit).stdout
+    host.ssh(f"docker run -d --name theirs -p 8081:80 --entrypoint sleep {IMAGE_REF} infinity")
+    try:
+        refused = run_deploy(inv)
+        out = refused.stdout + refused.stderr
+        assert refused.rc != 0
+        assert f"preflight refused host {host.address}: llama_server.port = 8081: " in out, out[-3000:]
+        assert "is held by docker-proxy (pid " in out, out[-3000:]
+        assert host.ssh(unit).stdout == before
+        assert host.ssh("docker inspect -f '{{.State.Running}}' theirs").stdout.strip() == "true"
+    finally:
+        host.ssh("docker rm -f theirs", check=False)
+
+
 def uninstalled(inv: Path) -> subprocess.CompletedProcess:
     """The uninstall, as an operator runs it (``-v``: its log, on stderr, says what it left and
     why; stdout is pyinfra's JSON report), asserted to succeed."""

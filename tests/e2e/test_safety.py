@@ -11,6 +11,7 @@ import hashlib
 import re
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -90,6 +91,12 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
     ("bypass-tls", {"llama_server": {"extra_args": ["--ssl-key-file", "/k"]}}, "llama_server.extra_args = "),
     ("bypass-slots", {"llama_server": {"extra_args": ["--slot-save-path", "/tmp"]}}, "llama_server.extra_args = "),
     ("bypass-log", {"llama_server": {"extra_args": ["--log-file", "/tmp/x"]}}, "llama_server.extra_args = "),
+    # flags no setting offers, which open what the deploy keeps closed: a shell for every client, a
+    # download no sha256 pins
+    ("bypass-tools", {"llama_server": {"extra_args": ["--tools", "exec_shell_command"]}},
+     "llama_server.extra_args = ['--tools', 'exec_shell_command']: Value error, --tools is not allowed"),
+    ("bypass-mmproj-url", {"llama_server": {"extra_args": ["-mmu", "https://example.com/p.gguf"]}},
+     "llama_server.extra_args = ['-mmu', 'https://example.com/p.gguf']: Value error, -mmu is not allowed"),
     # control characters in values that reach a rendered file
     ("newline-extra", {"llama_server": {"extra_args": ["--lora", "/x.gguf\nExecStartPre=/bin/touch /var/lib/pwned"]}},
      "llama_server.extra_args = ['--lora', '/x.gguf\\nExecStartPre="),
@@ -113,6 +120,8 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
      "llama_build.tarball = '/nonexistent/src.tar.gz': no such file on the controller"),
     ("missing-key-file", {"llama_server": {"api_key_file": "/nonexistent/key"}},
      "llama_server.api_key_file = '/nonexistent/key': No such file or directory on the controller"),
+    ("missing-pem", {"llama_role": "front", "llama_front": {"tls_pem": "/nonexistent/x.pem"}},
+     "llama_front.tls_pem = '/nonexistent/x.pem': No such file or directory on the controller"),
     ("sha-mismatch", {"llama_model": {"sha256": "0" * 64}}, "llama_model.sha256 = '000"),
     # GPU settings that cannot work
     ("cpu-gpu-layers", {"llama_server": {"gpu_layers": 20}}, "llama_server.gpu_layers = 20: a CPU build has no GPU"),
@@ -139,6 +148,9 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
     # the fences' address lists (nft rulesets)
     ("inject-allow-from", {"llama_server": {"allow_from": ["10.0.0.1; flush ruleset"]}},
      "llama_server.allow_from.0 = '10.0.0.1; flush ruleset': value is not a valid IPv4 or IPv6 network"),
+    ("newline-allow-from", {"llama_server": {"allow_from": ["10.0.0.0/8\nflush ruleset"]}},
+     "llama_server.allow_from.0 = '10.0.0.0/8\\nflush ruleset': value is not a valid IPv4 or IPv6 network"),
+    ("nul-alias", {"llama_model": {"alias": "a\x00b"}}, "llama_model.alias = 'a\\x00b': String should match"),
     ("bad-metrics-allow", {"llama_front": {"metrics_allow_from": ["10.0.0.0/33"]}}, "llama_front.metrics_allow_from.0 = "),
     ("bad-monitor-allow", {"llama_monitor": {"allow_from": ["any"]}}, "llama_monitor.allow_from.0 = 'any'"),
     ("bad-monitor-bind", {"llama_monitor": {"bind": "localhost"}}, "llama_monitor.bind = 'localhost'"),
@@ -198,9 +210,9 @@ def data(sections: dict) -> dict:
 
 
 def test_bad_input_matrix_changes_nothing(host, inventory, tmp_path):
-    """85+ bad inventories, each an inventory host on the same machine, in one real pyinfra run:
+    """90+ bad inventories, each an inventory host on the same machine, in one real pyinfra run:
     one message per host naming host, field and value; no file or unit changes; no injection ran."""
-    assert len(BAD_INPUT) >= 85
+    assert len(BAD_INPUT) >= 90
     before = host_state(host) + host.ssh("ls -la /etc/systemd/system /opt /srv /var/lib").stdout
     name, conn = host.inventory_entry()
     entries = [(case, {**conn, "ssh_hostname": name, **data(sections)}) for case, sections, _ in BAD_INPUT]
@@ -409,6 +421,20 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert httpx.get(url, timeout=10).status_code == 200  # the controller, never listed, reaches it
     host.ssh("systemctl restart nftables")  # and nothing loads the fence again
     assert httpx.get(url, timeout=10).status_code == 200
+    # an operator's table of the fence's name, made while no release uses it: a rollback to the
+    # fenced release, whose unit would load its rules over that table, is refused, changing nothing
+    theirs = f'table inet {table} {{\n\tcomment "site firewall"\n}}\n'
+    host.ssh(f"printf %s {shlex.quote(theirs)} > /root/site.nft && nft -f /root/site.nft && rm /root/site.nft")
+    try:
+        refused = cli("rollback", str(inventory), "--to", other_id)
+        out = refused.stdout + refused.stderr
+        assert refused.returncode != 0
+        assert (f"release {other_id}, which ran with llama_server.allow_from: this host already has nftables table "
+                f"inet {table}, which this deploy did not create") in out, out[-3000:]
+        assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == base_id
+        assert 'comment "site firewall"' in host.ssh(f"nft list table inet {table}").stdout
+    finally:
+        host.ssh(f"nft delete table inet {table}", check=False)
     # a rollback to a fenced release brings its fence back, as it last deployed: its rules (the
     # controller's network and fd00::/8, not 192.0.2.0/24, which the same release was first
     # recorded with: a fence's old networks never come back), its guard and drop-in
@@ -428,6 +454,27 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert httpx.get(url, timeout=10).status_code in (200, 503)
 
 
+def fenced_then_left(host, inventory: Path, tmp_path: Path, name: str, theirs: str, noop: str,
+                     state: Callable[[], str]) -> None:
+    """What the host has under a fence's name that is not the deploy's (``theirs``, as the refusal
+    names it; ``state``: how it reads): a deploy with ``allow_from`` is refused before anything
+    changes, and a deploy without it, whose fence removal runs on every host, says ``noop`` (``-v``:
+    pyinfra prints no-ops only then) and leaves it."""
+    before = state()
+    release = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
+    refused = run_deploy(with_data(host, tmp_path, name, llama_server={"allow_from": [f"{host.gateway}/32"]}))
+    out = refused.stdout + refused.stderr
+    assert refused.rc != 0
+    assert f"preflight refused host {host.address}: llama_server.allow_from: this host already has {theirs}" in out, \
+        out[-3000:]
+    assert state() == before
+    assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == release
+    plain = run_deploy(inventory, "-v")
+    assert plain.rc == 0, plain.stderr[-3000:]
+    assert noop in plain.stdout + plain.stderr
+    assert state() == before
+
+
 def test_a_table_of_the_fences_name_that_the_deploy_did_not_make_is_left_alone(host, inventory, tmp_path):
     """An operator's own nftables table under the name the fence would use (no ``llamadeploy``
     mark in its comment): a deploy with ``allow_from`` is refused before anything changes (loading
@@ -442,23 +489,31 @@ def test_a_table_of_the_fences_name_that_the_deploy_did_not_make_is_left_alone(h
                     f">/dev/null; printf %s {shlex.quote(theirs)} > /root/site.nft && nft -f /root/site.nft && "
                     "rm /root/site.nft", check=False)
     assert made.returncode == 0, made.stderr
-    before = host.ssh(f"nft list table inet {table}").stdout
-    release = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     try:
-        fenced = with_data(host, tmp_path, "fw-theirs", llama_server={"allow_from": [f"{host.gateway}/32"]})
-        refused = run_deploy(fenced)
-        out = refused.stdout + refused.stderr
-        assert refused.rc != 0
-        assert (f"preflight refused host {host.address}: llama_server.allow_from: this host already has nftables "
-                f"table inet {table}, which this deploy did not create") in out, out[-3000:]
-        assert host.ssh(f"nft list table inet {table}").stdout == before
-        assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == release
-        plain = run_deploy(inventory, "-v")  # no allow_from: the fence's table "goes", on every run (-v: no-ops)
-        assert plain.rc == 0, plain.stderr[-3000:]
-        assert f"nftables table {table} is not the deploy's" in plain.stdout + plain.stderr
-        assert host.ssh(f"nft list table inet {table}").stdout == before
+        fenced_then_left(host, inventory, tmp_path, "fw-theirs", f"nftables table inet {table}, which this deploy "
+                         "did not create", f"nftables table {table} is not the deploy's",
+                         lambda: host.ssh(f"nft list table inet {table}").stdout)
     finally:
         host.ssh(f"nft delete table inet {table}", check=False)
+
+
+def test_a_dropin_where_the_fence_writes_one_that_the_deploy_did_not_make_is_left_alone(host, inventory, tmp_path):
+    """An operator's own file where the fence writes the host's nftables service's drop-in (named
+    after the fence's table): a deploy with ``allow_from`` is refused before anything changes
+    (writing the fence would overwrite that file), and a deploy without it, whose fence removal
+    runs on every host, leaves it. Before, the fence wrote over it."""
+    dropins = "/etc/systemd/system/nftables.service.d"
+    dropin = f"{dropins}/llamadeploy_llama_server.conf"
+    policy = "# site policy: log each load of the host's firewall\n[Service]\nExecStartPost=/usr/bin/logger site-nft\n"
+    made = host.ssh(f"test ! -e {dropin} && install -d {dropins} && printf %s {shlex.quote(policy)} > {dropin}",
+                    check=False)
+    assert made.returncode == 0, made.stderr
+    try:
+        # (the table's absence too: the refusal comes before the fence is loaded)
+        fenced_then_left(host, inventory, tmp_path, "fw-dropin", f"{dropin}, a drop-in this deploy did not create",
+                         f"{dropin} is not the deploy's", lambda: host.ssh(f"cat {dropin}; nft list tables").stdout)
+    finally:
+        host.ssh(f"rm -f {dropin}; rmdir {dropins} 2>/dev/null; systemctl daemon-reload", check=False)
 
 
 def test_secrets_through_a_sudo_user_never_readable_or_printed(host, inventory, tmp_path):

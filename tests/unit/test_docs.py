@@ -59,14 +59,6 @@ def test_every_field_has_a_description():
     assert blank == [], f"give these a #: comment above them in llamadeploy/config.py: {blank}"
 
 
-def test_fallback_descriptions_are_still_needed():
-    """A field that gets its ``#:`` comment in config.py leaves configref.UNCOMMENTED."""
-    fields = set(all_fields())
-    assert [k for k in configref.UNCOMMENTED if k not in fields] == [], "UNCOMMENTED names fields that do not exist"
-    stale = sorted(set(configref.UNCOMMENTED) & configref.commented_fields())
-    assert stale == [], f"config.py comments these now; remove them from configref.UNCOMMENTED: {stale}"
-
-
 def test_type_rendering():
     import ast
 

@@ -38,6 +38,33 @@ def test_flags_the_schema_owns_are_refused_in_extra_args_naming_the_field(args, 
     assert f"{flag} is set by the deploy; use {field}" in msg
 
 
+@pytest.mark.parametrize("args,why", [
+    (["--tools", "exec_shell_command"], "gives every client tools that run commands"),
+    (["--tools-runtime", "ssh:ops@db1"], "gives every client tools that run commands"),
+    (["-ag"], "gives every client tools"),
+    (["--mcp-servers-json", "{}"], "gives every client tools"),
+    (["--webui-mcp-proxy"], "gives every client tools"),
+    (["--path", "/etc"], "serves or reads the host's files"),
+    (["--media-path=/home"], "serves or reads the host's files"),
+    (["--props"], "lets any client change the server's settings"),
+    (["-mmu", "https://example.com/p.gguf"], "downloads a file at start that no sha256 pins"),
+    (["-hfd", "someone/draft"], "downloads a file at start that no sha256 pins"),
+    (["--reuse-port"], "lets another process bind the same port"),
+    (["--api-prefix", "/llm"], "moves the API off the paths the gate"),
+])
+def test_flags_that_open_what_the_deploy_keeps_closed_are_refused(args, why):
+    (msg,) = problems(llama_server={"extra_args": ["--no-webui", *args]})
+    flag = args[0].split("=")[0]
+    assert msg.startswith("host h1: llama_server.extra_args = ")
+    assert f"{flag} is not allowed: it {why}" in msg
+
+
+@pytest.mark.parametrize("args", [["--no-agent"], ["--no-webui-mcp-proxy"], ["--mmproj", "/m/proj.gguf"],
+                                  ["--lora", "/m/a.gguf"]])
+def test_their_off_switches_and_local_files_stay_allowed(args):
+    assert problems(llama_server={"extra_args": args}) == []
+
+
 def test_owned_flags_cover_what_the_deploy_renders():
     """Every flag server_args renders for the default host is owned: none can be overridden."""
     from llamadeploy.facts import CpuInfo
@@ -125,14 +152,20 @@ def test_hub_listing_names_are_validated_like_inventory_names(name, ok):
 def test_port_held_by_another_process_is_refused_naming_it():
     cfg = HostConfig.model_validate({"model": {"path": "/m/m.gguf"}, "server": {"port": 22,
                                                                                "allow_unauthenticated": True}})
-    [(field, port, ours)] = listened_ports(cfg)
+    [(field, port, ours)] = listened_ports(cfg, docker_serves=True)
     sshd = PortHolder(612, "sshd", "/system.slice/ssh.service", "0.0.0.0:22")
     msg = port_problem(field, port, ours, [sshd])
     assert msg == ("llama_server.port = 22: 0.0.0.0:22 is held by sshd (pid 612, /system.slice/ssh.service) on this "
                    "host; allowed: a port no other service listens on")
     mine = PortHolder(700, "llama-server", "/system.slice/llama-server.service", "0.0.0.0:22")
     proxy = PortHolder(800, "docker-proxy", "/system.slice/docker.service", "0.0.0.0:22")
-    assert port_problem(field, port, ours, [mine, proxy]) is None
+    assert port_problem(field, port, ours, [mine, proxy]) is None  # the deploy's docker release serves
+    # no docker release of the deploy's serves: a docker-proxy there publishes someone's container
+    [(field, port, ours)] = listened_ports(cfg)
+    assert port_problem(field, port, ours, [mine]) is None
+    assert port_problem(field, port, ours, [proxy]) == (
+        "llama_server.port = 22: 0.0.0.0:22 is held by docker-proxy (pid 800, /system.slice/docker.service) on this "
+        "host; allowed: a port no other service listens on")
     assert port_problem(field, port, ours, []) is None
     other_unit = PortHolder(701, "llama-server", "/system.slice/llama-server-b.service", "0.0.0.0:22")
     assert port_problem(field, port, ours, [other_unit]) is not None

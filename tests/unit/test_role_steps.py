@@ -72,7 +72,7 @@ def fenced(monkeypatch) -> Recorder:
     for name in ("atomic", "files", "server", "systemd", "packages", "units"):
         monkeypatch.setattr(fw, name, rec.module(name))
     monkeypatch.setattr(fw, "table_loaded", rec.op("table_loaded"))
-    monkeypatch.setattr(fw, "refuse_foreign_table", rec.op("refuse_foreign_table"))
+    monkeypatch.setattr(fw, "refuse_foreign_fence", rec.op("refuse_foreign_fence"))
     cfg = HostConfig.model_validate({"role": "front"})
     fw.port_fenced._inner(cfg, "haproxy", "llamadeploy_haproxy_exporter",
                           "/etc/haproxy/llamadeploy-exporter.nft", 8405, ["10.0.0.9/32"], "llama_role = 'front'")
@@ -94,10 +94,12 @@ def test_the_guard_runs_before_a_running_service_is_bound_to_it(fenced):
 
 
 def test_a_fence_checks_its_tables_name_before_it_loads_anything(fenced):
-    """A table of the fence's name that the deploy did not make is refused while pyinfra prepares:
-    the check comes before the first operation of the fence."""
-    asked = fenced.find("refuse_foreign_table")
-    assert asked.args == ("llamadeploy_haproxy_exporter", "llama_role = 'front'")
+    """A table of the fence's name, or a file where it writes a drop-in, that the deploy did not
+    make is refused while pyinfra prepares: the check comes before the first operation of the fence."""
+    asked = fenced.find("refuse_foreign_fence")
+    assert asked.args == ("llamadeploy_haproxy_exporter", "llama_role = 'front'",
+                          ["/etc/systemd/system/nftables.service.d/llamadeploy_haproxy_exporter.conf",
+                           "/etc/systemd/system/haproxy.service.d/llamadeploy-fence.conf"])
     assert fenced.index(asked) < fenced.index(fenced.find("table_loaded"))
     assert all(fenced.index(asked) < fenced.index(o) for o in fenced.ops if o.call.startswith(("atomic.", "files.")))
 
@@ -123,6 +125,32 @@ def test_a_table_without_the_deploys_mark_is_refused(monkeypatch, comment, refus
     assert str(err.value).startswith(
         "preflight refused host h1: llama_server.allow_from: this host already has nftables table inet "
         f"llamadeploy_llama_server, which this deploy did not create (its comment {comment!r} lacks 'llamadeploy'")
+
+
+@pytest.mark.parametrize(("lines", "theirs"), [
+    (None, False),  # no file there (or an empty one: nothing in it to lose)
+    (["# Managed by llamadeploy (pyinfra). Local edits are overwritten on the next deploy.", "[Service]"], False),
+    (["# site policy: log every firewall load", "[Service]", "ExecStartPost=/usr/bin/logger nft"], True),
+    (["[Service]", "# Managed by llamadeploy"], True),  # the header anywhere but the first line is not ours
+])
+def test_a_dropin_without_the_deploys_header_is_refused(monkeypatch, lines, theirs):
+    from pyinfra.api import DeployError
+
+    import llamadeploy.roles.firewall as fw
+
+    path = "/etc/systemd/system/nftables.service.d/llamadeploy_llama_server.conf"
+    facts = {"NftTableComment": None, "FileContents": lines}
+    monkeypatch.setattr(fw, "host", type("H", (), {"name": "h1",
+                                                   "get_fact": lambda self, fact, **kw: facts[fact.__name__]})())
+    assert fw.foreign_dropins({path: lines, "/other.conf": None}) == ([path] if theirs else [])
+    if not theirs:
+        fw.refuse_foreign_fence("llamadeploy_llama_server", "llama_server.allow_from", [path])
+        return
+    with pytest.raises(DeployError) as err:
+        fw.refuse_foreign_fence("llamadeploy_llama_server", "llama_server.allow_from", [path])
+    assert str(err.value).startswith(
+        f"preflight refused host h1: llama_server.allow_from: this host already has {path}, a drop-in this deploy "
+        "did not create (its first line is not '# Managed by llamadeploy'")
 
 
 @pytest.mark.parametrize(("changed", "started", "restarted"), [
@@ -248,3 +276,37 @@ def test_an_rpc_worker_unit_and_a_fence_guard_that_are_not_ours_are_neither_stop
     # each goes only when it carries the deploy's mark (a header, a table comment: their operations)
     rec.find("dropin_removed", path="/etc/systemd/system/nftables.service.d/llamadeploy_rpc.conf")
     rec.find("table_removed", table="llamadeploy_rpc")
+
+
+@pytest.mark.parametrize(("mode", "recorded", "owner"), [
+    ("native", True, ("llama", "llama")),
+    ("docker", True, ("nobody", "nogroup")),  # the container's user reads the key
+    ("native", False, None),  # a new release: release_recorded copies both whole
+])
+def test_a_recorded_release_keeps_the_key_and_rules_it_serves_with(monkeypatch, mode, recorded, owner):
+    """A deploy of a release recorded before (a rotated key, other allow_from networks under the
+    same release id) copies what serves now into its record, so that a later rollback or fallback
+    never brings back a key rotated away from or a fence's old networks."""
+    import llamadeploy.roles.release as rel
+
+    rec = Recorder()
+    monkeypatch.setattr(rel, "secret_copied", rec.op("secret_copied"))
+    monkeypatch.setattr(rel, "copied", rec.op("copied"))
+    records = [type("R", (), {"id": "r1"})(), type("R", (), {"id": "r2"})()] if recorded else []
+    monkeypatch.setattr(rel, "host", type("H", (), {"name": "h1", "get_fact": lambda self, fact, **kw: records})())
+    cfg = HostConfig.model_validate({"mode": mode, "model": {"path": "/m.gguf"}, "server": {"host": "127.0.0.1"}})
+    served = {rel.KEY_FILE: "/etc/llama-server/api-key", rel.RULES_FILE: "/etc/llama-server/firewall.nft"}
+    rel._record_refreshed(cfg, "r2", served)
+    if not recorded:
+        assert rec.ops == []
+        return
+    entry = f"{rel.records_dir(cfg)}/r2"
+    key = rec.find("secret_copied")
+    assert (key.kwargs["src"], key.kwargs["dest"]) == ("/etc/llama-server/api-key", f"{entry}/{rel.KEY_FILE}")
+    assert (key.kwargs["user"], key.kwargs["group"]) == owner
+    rules = rec.find("copied")
+    assert (rules.kwargs["src"], rules.kwargs["dest"], rules.kwargs["mode"]) == (
+        "/etc/llama-server/firewall.nft", f"{entry}/{rel.RULES_FILE}", "600")
+    rec.ops.clear()
+    rel._record_refreshed(cfg, "r2", {})  # neither a key nor a fence: nothing to copy
+    assert rec.ops == []
