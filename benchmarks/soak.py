@@ -72,7 +72,14 @@ def main(seconds: float = 600) -> int:
 
 def render(path: Path) -> None:
     """SOAK.md, written whole from one run's JSON (``path``)."""
-    data = json.loads(path.read_text())
+    text = page(json.loads(path.read_text()), path.name)
+    (OUT / "SOAK.md").write_text(text)
+    print(text)
+
+
+def page(data: dict, raw_name: str) -> str:
+    """SOAK.md from one run's raw JSON alone (a run and ``render`` alike), so the page can be
+    checked against that file (tests/unit/test_benchmark_pages)."""
     run = {k: v for k, v in data.items() if k != "runs"}
     stamp = str(run["date"])[:10]
     seconds = max(r["seconds"] for r in data["runs"])
@@ -89,9 +96,9 @@ def render(path: Path) -> None:
     rows = "\n".join(row(r) for r in data["runs"])
     samples = "\n\n".join(f"RSS samples, {r['variant']} (s, MiB): " + ", ".join(f"{t:.0f}:{kib // 1024}" for t, kib in r["rss_kib"])
                           for r in data["runs"])
-    text = f"""# Soak: {CLIENTS} streaming clients for {seconds:.0f} s, twice ({stamp})
+    return f"""# Soak: {CLIENTS} streaming clients for {seconds:.0f} s, twice ({stamp})
 
-Written whole by `benchmarks/soak.py` {describe(run)}; raw: [`{path.name}`]({path.name}).
+Written whole by `benchmarks/soak.py` {describe(run)}; raw: [`{raw_name}`]({raw_name}).
 
 Gemma 3 270M Q4_K_M, llama.cpp b11434, one sandbox host on this machine's veth network, soaked
 twice in one run: the unit `deploy.py` renders, then the same deploy with the host-RAM prompt
@@ -117,8 +124,6 @@ reached the server. They are counted here and never retried; behind the HAProxy 
 no error (tests/e2e/test_front.py). Failed requests are every other kind of error: connect
 failures, mid-stream aborts, streams without `[DONE]` or a `finish_reason`, HTTP errors.
 """
-    (OUT / "SOAK.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

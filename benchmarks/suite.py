@@ -8,6 +8,7 @@ commit the suite ran at and the machine. ``--wall`` adds the whole ``.ci/run``'s
 measured around it (``time ./.ci/run``), which no report holds.
 
     .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS] [--caches TEXT] [--note TEXT] [--page NAME]
+    .venv/bin/python -m benchmarks.suite --render benchmarks/suite-DATE-COMMIT.json [--page NAME]  # no reports
 
 TREE is the checkout the suite ran in (default: this one); its ``test-results/`` is read and its
 commit recorded.
@@ -49,32 +50,16 @@ def module_of(name: str) -> str:
     return name.split("::")[0].replace(".", "/") + ".py"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.suite")
-    p.add_argument("tree", nargs="?", default=str(OUT.parent))
-    p.add_argument("--wall", type=float, help="seconds the whole .ci/run took (time ./.ci/run)")
-    p.add_argument("--caches", default="", help="what the machine had cached when the run began (the controller "
-                   "cache's releases, ccache, the rootfs trees): a cold run and a warm one differ by minutes")
-    p.add_argument("--note", default="", help="one sentence the page adds, kept in the raw JSON too (how this run "
-                   "relates to others: a cold run's file, CI's time)")
-    p.add_argument("--page", default="SUITE.md", help="the page to write under benchmarks/ (a cold-cache run's "
-                   "beside the warm one: SUITE-COLD.md)")
-    a = p.parse_args(argv)
-    tree = Path(a.tree)
-    run = machine()
-    run["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
-                                   check=True, timeout=GIT_TIMEOUT).stdout.strip()
-    phases = {label: read(tree / "test-results" / name) for label, name in PHASES
-              if (tree / "test-results" / name).exists()}
-    cases = [c for ph in phases.values() for c in ph["cases"]]  # type: ignore[attr-defined]
+def page(results: dict, raw_name: str) -> str:
+    """The page from one run's raw JSON alone (a run and ``--render`` alike), so it can be checked
+    against that file (tests/unit/test_benchmark_pages)."""
+    phases: dict[str, dict] = results["phases"]
+    cases = [c for ph in phases.values() for c in ph["cases"]]
     modules: dict[str, float] = defaultdict(float)
     for c in cases:
         if c["name"].startswith("tests.e2e."):
             modules[module_of(c["name"])] += c["time_s"]
     slowest = sorted(cases, key=lambda c: c["time_s"], reverse=True)[:10]
-    results = {**run, "wall_s": a.wall, "caches": a.caches, "note": a.note, "phases": phases}
-    raw = raw_path(OUT, "suite", run)
-    raw.write_text(json.dumps(results, indent=1) + "\n")
 
     def outcome(ph: dict) -> str:
         passed = ph["tests"] - ph["failures"] - ph["errors"] - ph["skipped"]
@@ -83,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     phase_rows = "\n".join(f"| {label} | {outcome(ph)} | {ph['wall_s'] / 60:.1f} min |" for label, ph in phases.items())
     module_rows = "\n".join(f"| `{m}` | {s / 60:.1f} min |" for m, s in sorted(modules.items(), key=lambda kv: -kv[1]))
     slow_rows = "\n".join(f"| `{c['name'].split('.')[-1]}` | {c['time_s']:.0f} s |" for c in slowest)
-    wall = f"**{a.wall / 60:.1f} min** for the whole `.ci/run` (setup, lint and the three phases)" if a.wall else \
+    wall_s, caches, note = results.get("wall_s"), results.get("caches"), results.get("note")
+    wall = f"**{wall_s / 60:.1f} min** for the whole `.ci/run` (setup, lint and the three phases)" if wall_s else \
         "the whole `.ci/run` was not timed"
-    text = f"""# The suite's time
+    return f"""# The suite's time
 
 Written whole by `benchmarks/suite.py` from the JUnit reports of one `./scripts/test` run,
-{describe(run)}; {wall}. Raw: `{raw.name}`.{f" Caches when it began: {a.caches}." if a.caches else ""}
-{f"{a.note}" + chr(10) if a.note else ""}
+{describe(results)}; {wall}. Raw: `{raw_name}`.{f" Caches when it began: {caches}." if caches else ""}
+{f"{note}" + chr(10) if note else ""}
 | phase | tests | wall time |
 |---|---|---|
 {phase_rows}
@@ -108,7 +94,36 @@ The ten slowest tests:
 |---|---|
 {slow_rows}
 """
-    (OUT / Path(a.page).name).write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.suite")
+    p.add_argument("tree", nargs="?", default=str(OUT.parent))
+    p.add_argument("--wall", type=float, help="seconds the whole .ci/run took (time ./.ci/run)")
+    p.add_argument("--caches", default="", help="what the machine had cached when the run began (the controller "
+                   "cache's releases, ccache, the rootfs trees): a cold run and a warm one differ by minutes")
+    p.add_argument("--note", default="", help="one sentence the page adds, kept in the raw JSON too (how this run "
+                   "relates to others: which page holds a cold run); no figure from another run")
+    p.add_argument("--page", default="SUITE.md", help="the page to write under benchmarks/ (a cold-cache run's "
+                   "beside the warm one: SUITE-COLD.md)")
+    p.add_argument("--render", metavar="RAW.json", help="write the page again from a run's raw JSON (no reports read)")
+    a = p.parse_args(argv)
+    md = OUT / Path(a.page).name
+    if a.render:
+        raw = Path(a.render)
+        md.write_text(page(json.loads(raw.read_text()), raw.name))
+        return 0
+    tree = Path(a.tree)
+    run = machine()
+    run["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True,
+                                   check=True, timeout=GIT_TIMEOUT).stdout.strip()
+    phases = {label: read(tree / "test-results" / name) for label, name in PHASES
+              if (tree / "test-results" / name).exists()}
+    results = {**run, "wall_s": a.wall, "caches": a.caches, "note": a.note, "phases": phases}
+    raw = raw_path(OUT, "suite", run)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    text = page(results, raw.name)
+    md.write_text(text)
     print(text)
     return 0
 

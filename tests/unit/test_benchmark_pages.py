@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import affinity, fanout, native_vs_portable, noop, platforms, router, rpc, tuned_vs_stock
+from benchmarks import affinity, fanout, native_vs_portable, noop, platforms, router, rpc, soak, suite, tuned_vs_stock
 
 OUT = Path(noop.__file__).resolve().parent
 
@@ -25,6 +25,9 @@ PAGES: list[tuple[str, str, Callable[[dict, str], str]]] = [
     ("RPC.md", "rpc-2026-12-04.json", rpc.page),
     ("ROUTER.md", "router-2026-12-04.json", router.page),
     ("PLATFORMS.md", "platforms-2026-12-05.json", platforms.page),
+    ("SOAK.md", "soak-2026-12-04.json", soak.page),
+    ("SUITE.md", "suite-2026-12-06-9771949.json", suite.page),
+    ("SUITE-COLD.md", "suite-2026-12-06-02e43f8.json", suite.page),
 ]
 
 
@@ -42,5 +45,5 @@ def test_the_page_names_its_raw_json_and_its_run(name: str, raw: str):
     text = (OUT / name).read_text()
     data = json.loads((OUT / raw).read_text())
     run = data.get("machine", data)
-    assert f"Raw: `{raw}`." in text.split("\n\n")[1]
+    assert f"Raw: `{raw}`." in text.split("\n\n")[1] or f"raw: [`{raw}`]({raw})." in text.split("\n\n")[1]
     assert re.search(rf"at commit {re.escape(run['commit'])}, {re.escape(run['date'])}, ", text)
