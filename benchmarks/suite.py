@@ -8,7 +8,7 @@ commit the suite ran at and the machine. ``--wall`` adds the whole ``.ci/run``'s
 measured around it (``time ./.ci/run``), which no report holds.
 
     .venv/bin/python -m benchmarks.suite [TREE] [--wall SECONDS] [--caches TEXT] [--note TEXT] [--page NAME]
-    .venv/bin/python -m benchmarks.suite --render benchmarks/suite-DATE-COMMIT.json [--page NAME]  # no reports
+    .venv/bin/python -m benchmarks.suite --render benchmarks/suite-DATE-COMMIT.json --page NAME  # no reports
 
 TREE is the checkout the suite ran in (default: this one); its ``test-results/`` is read and its
 commit recorded.
@@ -104,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                    "cache's releases, ccache, the rootfs trees): a cold run and a warm one differ by minutes")
     p.add_argument("--note", default="", help="one sentence the page adds, kept in the raw JSON too (how this run "
                    "relates to others: which page holds a cold run); no figure from another run")
-    p.add_argument("--page", default="SUITE.md", help="the page to write under benchmarks/ (a cold-cache run's "
-                   "beside the warm one: SUITE-COLD.md)")
+    p.add_argument("--page", help="the page to write under benchmarks/ (default SUITE.md; a cold-cache run's "
+                   "beside the warm one: SUITE-COLD.md; required with --render, which knows no page of its own)")
     p.add_argument("--render", metavar="RAW.json", help="write the page again from a run's raw JSON (no reports read)")
     a = p.parse_args(argv)
-    md = OUT / Path(a.page).name
+    if a.render and not a.page:
+        p.error("--render needs --page: which page that raw file's run wrote (SUITE.md, SUITE-COLD.md)")
+    md = OUT / Path(a.page or "SUITE.md").name
     if a.render:
         raw = Path(a.render)
         md.write_text(page(json.loads(raw.read_text()), raw.name))

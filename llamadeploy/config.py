@@ -161,6 +161,12 @@ DENIED_FLAGS: dict[str, str] = {
     **dict.fromkeys(["--reuse-port"], "lets another process bind the same port, which preflight refuses"),
     **dict.fromkeys(["--api-prefix"], "moves the API off the paths the gate, the fronts and Prometheus call"),
 }
+#: llama-server's model presets (``--gpt-oss-20b-default``, ``--fim-qwen-7b-spec``, ...; releases add
+#: more): each sets a Hub repository to download at start, which no sha256 pins, and the port, the
+#: context, the slots and the chat template, which the deploy sets (common/arg.cpp). Not
+#: ``--spec-default``, which only turns on n-gram speculative decoding.
+PRESET_FLAG = re.compile(r"--[a-z0-9.-]+-(default|spec)")
+PRESET_ALLOWED = frozenset({"--spec-default"})
 
 
 def parse_size(size: str) -> int:
@@ -482,6 +488,10 @@ class ServerConfig(Section):
                 raise ValueError(f"{flag} is set by the deploy; use {OWNED_FLAGS[flag]} instead")
             if flag in DENIED_FLAGS:
                 raise ValueError(f"{flag} is not allowed: it {DENIED_FLAGS[flag]}")
+            if PRESET_FLAG.fullmatch(flag) and flag not in PRESET_ALLOWED:
+                raise ValueError(f"{flag} is not allowed: it is a model preset of llama-server's, which downloads "
+                                 "a model that no sha256 pins and sets the port, context and slots the deploy sets; "
+                                 "use llama_model")
         return v
 
     @field_validator("api_key")

@@ -20,11 +20,13 @@ import ipaddress
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from io import StringIO
+from typing import Any
+from weakref import WeakKeyDictionary
 
 from pyinfra import host
 from pyinfra.api import DeployError
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -32,7 +34,7 @@ from llamadeploy import atomic, packages, units
 from llamadeploy.config import HostConfig
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall.facts import NftTableComment
+from llamadeploy.roles.firewall.facts import FirstLines, NftTableComment
 from llamadeploy.roles.firewall.operations import MARK, dropin_removed, is_ours, table_loaded, table_removed
 from llamadeploy.tuning import systemd_quote
 from llamadeploy.units import UNIT_HEADER
@@ -160,11 +162,18 @@ def refuse_foreign_table(table: str, setting: str) -> None:
             "would replace it, and uninstall would delete it); allowed: a host without a table of that name")
 
 
-def foreign_dropins(found: Mapping[str, list[str] | None]) -> list[str]:
-    """The drop-ins among ``found`` (path -> its lines, None when absent or empty) that are
+def foreign_dropins(found: Mapping[str, str]) -> list[str]:
+    """The drop-ins among ``found`` (path -> its first line: the ``FirstLines`` fact) that are
     someone else's: a file whose first line is not the header every file the deploy writes under
-    ``/etc/systemd/system`` begins with (pure)."""
-    return [path for path, lines in found.items() if lines and not lines[0].startswith(UNIT_HEADER)]
+    ``/etc/systemd/system`` begins with (pure). An empty file holds nothing to lose: the fence
+    writes over it, and the file is the deploy's from then on (``dropin_removed`` removes only a
+    file with the header)."""
+    return sorted(path for path, first in found.items() if first and not first.startswith(UNIT_HEADER))
+
+
+#: the fences already checked in this run, per inventory: (host, table, drop-ins). A deploy whose
+#: fallback would reinstate a fenced release checks what its own fence checked moments before
+_FENCES_CHECKED: WeakKeyDictionary[Any, set[tuple[str, str, tuple[str, ...]]]] = WeakKeyDictionary()
 
 
 def refuse_foreign_fence(table: str, setting: str, dropins: Iterable[str]) -> None:
@@ -173,13 +182,19 @@ def refuse_foreign_fence(table: str, setting: str, dropins: Iterable[str]) -> No
     a drop-in (``dropins``: the host's nftables service's, a distribution unit's binding) whose
     first line is not the deploy's header. Writing would overwrite the operator's file, and the
     next removal of the fence would delete it as ours. ``setting``: what asks for the fence."""
+    key = (host.name, table, tuple(sorted(dropins)))
+    checked = _FENCES_CHECKED.setdefault(host.inventory, set())
+    if key in checked:
+        return
     refuse_foreign_table(table, setting)
-    theirs = foreign_dropins({path: host.get_fact(FileContents, path=path) for path in dropins})
+    first_lines = host.get_fact(FirstLines, paths=list(key[2]))
+    theirs = foreign_dropins(first_lines)
     if theirs:
         raise DeployError(
             f"preflight refused host {host.name}: {setting}: this host already has {theirs[0]}, a drop-in this "
             f"deploy did not create (its first line is not {UNIT_HEADER!r}; the fence would overwrite it, and "
             "removing the fence would delete it); allowed: a host without a file of that name")
+    checked.add(key)
 
 
 @role("Fence")

@@ -7,6 +7,7 @@ executes, so a refused host leaves every host untouched.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -14,7 +15,7 @@ from weakref import WeakKeyDictionary
 
 from pyinfra import host
 from pyinfra.api import DeployError
-from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import LinuxDistribution, Users
 
 from llamadeploy import ctlcache
@@ -22,7 +23,6 @@ from llamadeploy.catalog import CATALOG
 from llamadeploy.config import HostConfig, parse_size
 from llamadeploy.facts import CpuTopology
 from llamadeploy.gguf_meta import ModelMeta, read_meta
-from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roles.model.source import ModelArtifact
 from llamadeploy.roles.preflight.facts import HostMemory, PortHolder, PortHolders
 from llamadeploy.tuning import MemoryPlan, PreflightError, plan_memory
@@ -151,9 +151,9 @@ def is_ours(cfg: HostConfig, user: dict) -> bool:
 
 def listened_ports(cfg: HostConfig, docker_serves: bool = False) -> list[tuple[str, int, tuple[str, ...]]]:
     """What this host's role will listen on: (field, port, the units whose processes may hold
-    it: ours, restarted or reloaded by the deploy) (pure). ``docker_serves``: the release that
-    serves now is the deploy's docker-mode one (the host's manifest says so), which publishes
-    through Docker's proxy; any other ``docker-proxy`` on the port is an operator's container."""
+    it: ours, restarted or reloaded by the deploy) (pure). ``docker_serves``: the deploy's own
+    container publishes the port (:func:`_docker_serves`), through Docker's proxy; any other
+    ``docker-proxy`` on the port is an operator's container."""
     if cfg.role == "front":
         f, ours = cfg.front, ("haproxy.service",)
         plain = [("llama_front.port", f.port, ours)] if not f.tls_pem or f.redirect_http else []
@@ -186,21 +186,23 @@ def port_problem(field: str, port: int, ours: tuple[str, ...], holders: list[Por
     return None
 
 
+def compose_publishes(lines: list[str] | None) -> set[int]:
+    """The host ports a compose file of the deploy's publishes (``- "ADDRESS:PORT:PORT"``,
+    templates/docker) (pure)."""
+    found = (re.fullmatch(r'\s*-\s*"[^"]*:(\d+):\d+"\s*', line) for line in lines or ())
+    return {int(m.group(1)) for m in found if m}
+
+
 def _docker_serves(cfg: HostConfig) -> bool:
-    """Whether the deploy's docker-mode server may hold the server's port now: the host's
-    manifest names a docker release on that port, or, with no such manifest, the deploy's compose
-    file is there (a run that died between ``compose up`` and its manifest; ownership refuses a
-    project directory the deploy did not make). Another port's proxy is someone's container."""
+    """Whether the deploy's own container may hold the server's port now: the deploy's compose
+    file publishes that port. It is there from before ``compose up`` until after ``compose down``
+    (a switch to native mode removes it), so a run that died anywhere between is covered too;
+    ownership refuses a project directory the deploy did not make. Any other ``docker-proxy`` on
+    the port publishes someone's container."""
     from llamadeploy.roles.docker import compose_path
 
-    lines = host.get_fact(FileContents, path=manifest_path(cfg.service.config_dir))
-    try:
-        m = Manifest.parse("\n".join(lines)) if lines else None
-    except ValueError:
-        m = None
-    if m is not None and m.mode == "docker":
-        return m.port == cfg.server.port
-    return bool(host.get_fact(File, path=compose_path(cfg.docker.project_dir)))
+    return cfg.server.port in compose_publishes(host.get_fact(FileContents,
+                                                              path=compose_path(cfg.docker.project_dir)))
 
 
 def ports_checked(cfg: HostConfig) -> None:

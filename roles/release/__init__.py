@@ -280,7 +280,9 @@ def _files_reinstated(cfg: HostConfig, target: ReleaseRecord, entry: str,
     if m.mode == "native" and host.get_fact(File, path=f"{entry}/{RULES_FILE}"):
         # its unit loads the rules (ExecStartPre), which replace a table of the fence's name whole:
         # an operator's table or drop-in made since a later release dropped the fence stays theirs
-        refuse_foreign_fence(table_name(cfg), f"release {target.id}, which ran with llama_server.allow_from",
+        # (a deploy's fallback is prepared in every deploy, whether its gate will fail or not)
+        what = "this deploy's fallback" if when else "the rollback"
+        refuse_foreign_fence(table_name(cfg), f"{what} to release {target.id}, which ran with llama_server.allow_from",
                              [guard_paths(cfg.service.name, table_name(cfg))[1]])
         ops.append(copied(name="Firewall rules of the release", src=f"{entry}/{RULES_FILE}", dest=rules_path(cfg),
                           mode="600", _if=when))

@@ -220,8 +220,8 @@ def test_a_port_an_operators_container_publishes_is_refused_naming_docker_proxy(
     inv = write_inventory(tmp_path / "port.py", [host], data)
     unit = "md5sum /etc/systemd/system/llama-server.service /etc/llama-server/deploy.json"
     before = host.ssh(unit).stdout
-    host.ssh(f"docker run -d --name theirs -p 8081:80 --entrypoint sleep {IMAGE_REF} infinity")
     try:
+        host.ssh(f"docker run -d --name theirs -p 8081:80 --entrypoint sleep {IMAGE_REF} infinity")
         refused = run_deploy(inv)
         out = refused.stdout + refused.stderr
         assert refused.rc != 0

@@ -97,6 +97,13 @@ BAD_INPUT: list[tuple[str, dict, str]] = [
      "llama_server.extra_args = ['--tools', 'exec_shell_command']: Value error, --tools is not allowed"),
     ("bypass-mmproj-url", {"llama_server": {"extra_args": ["-mmu", "https://example.com/p.gguf"]}},
      "llama_server.extra_args = ['-mmu', 'https://example.com/p.gguf']: Value error, -mmu is not allowed"),
+    ("bypass-reuse-port", {"llama_server": {"extra_args": ["--reuse-port"]}},
+     "llama_server.extra_args = ['--reuse-port']: Value error, --reuse-port is not allowed"),
+    ("bypass-api-prefix", {"llama_server": {"extra_args": ["--api-prefix", "/llm"]}},
+     "llama_server.extra_args = ['--api-prefix', '/llm']: Value error, --api-prefix is not allowed"),
+    ("bypass-preset", {"llama_server": {"extra_args": ["--gpt-oss-20b-default"]}},
+     "llama_server.extra_args = ['--gpt-oss-20b-default']: Value error, --gpt-oss-20b-default is not allowed: it is "
+     "a model preset"),
     # control characters in values that reach a rendered file
     ("newline-extra", {"llama_server": {"extra_args": ["--lora", "/x.gguf\nExecStartPre=/bin/touch /var/lib/pwned"]}},
      "llama_server.extra_args = ['--lora', '/x.gguf\\nExecStartPre="),
@@ -429,7 +436,8 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
         refused = cli("rollback", str(inventory), "--to", other_id)
         out = refused.stdout + refused.stderr
         assert refused.returncode != 0
-        assert (f"release {other_id}, which ran with llama_server.allow_from: this host already has nftables table "
+        assert (f"the rollback to release {other_id}, which ran with llama_server.allow_from: this host already has "
+                f"nftables table "
                 f"inet {table}, which this deploy did not create") in out, out[-3000:]
         assert Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id == base_id
         assert 'comment "site firewall"' in host.ssh(f"nft list table inet {table}").stdout
@@ -464,6 +472,8 @@ def fenced_then_left(host, inventory: Path, tmp_path: Path, name: str, theirs: s
     release = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     refused = run_deploy(with_data(host, tmp_path, name, llama_server={"allow_from": [f"{host.gateway}/32"]}))
     out = refused.stdout + refused.stderr
+    if refused.rc == 0:  # a regression put the fence on: a plain deploy takes it off for the tests after this one
+        run_deploy(inventory)
     assert refused.rc != 0
     assert f"preflight refused host {host.address}: llama_server.allow_from: this host already has {theirs}" in out, \
         out[-3000:]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
 from llamadeploy.config import HostConfig
@@ -89,3 +90,19 @@ def test_router_mode_mounts_the_presets_directory_read_only():
     VALIDATOR.validate(doc)
     assert doc["services"]["llama-server"]["volumes"] == ["/var/lib/llama-server/models:/models:ro",
                                                           "/etc/llama-server/router:/etc/llama-router:ro"]
+
+
+@pytest.mark.parametrize(("host", "port"), [("0.0.0.0", 8080), ("10.0.0.5", 9001), ("::", 8081)])
+def test_the_port_preflight_reads_the_port_the_compose_file_publishes(host, port):
+    """The port preflight counts a docker-proxy as the deploy's only on a port its compose file
+    publishes (roles/preflight): read from the rendered file, not the container's own port or the
+    health check's URL."""
+    from llamadeploy.roles.preflight import compose_publishes
+
+    c = cfg(server={"host": host, "port": port})
+    text = render_template("docker/docker-compose.yml.j2", **{
+        **dict(service="llama-server", image="i:1", args=[], bind_host=host, port=port, model_dir="/m",
+               api_key_file=None, resources=compose_resources(c), container_port=8080, models_in_container="/models",
+               log_max_size="50M", log_max_files=3, model_file="m.gguf", model_sha256="a" * 64, preset_mount=None)})
+    assert compose_publishes(text.splitlines()) == {port}
+    assert compose_publishes(None) == set()

@@ -226,3 +226,23 @@ def test_the_mark_is_read_from_the_tables_own_comment_not_a_sets():
               '\t\tcomment "llamadeploy 0123456789abcdef"', "\t}", "}"]
     assert fact.process(theirs) == ""
     assert fact.process([]) is None
+
+
+def test_first_lines_fact_reads_each_regular_file_in_one_command(tmp_path):
+    """The drop-ins' first lines in one shell command, run here as on a host: an empty file reads
+    "", a missing path or a directory is left out, and a name with a space or a quote stays one
+    argument."""
+    from llamadeploy.roles.firewall.facts import FirstLines
+
+    ours = tmp_path / "ours.conf"
+    ours.write_text("# Managed by llamadeploy (pyinfra).\n[Service]\n")
+    odd = tmp_path / "it's a site.conf"
+    odd.write_text("# site policy\n[Service]\n")
+    empty = tmp_path / "empty.conf"
+    empty.write_text("")
+    paths = [str(p) for p in (ours, odd, empty, tmp_path / "missing.conf", tmp_path)]
+    fact = FirstLines()
+    out = subprocess.run(["sh", "-c", fact.command(paths)], capture_output=True, text=True, check=True,
+                         timeout=LOCAL_TIMEOUT)
+    assert fact.process(out.stdout.splitlines()) == {str(ours): "# Managed by llamadeploy (pyinfra).",
+                                                      str(odd): "# site policy", str(empty): ""}

@@ -4,10 +4,12 @@ from a Hub listing, and the port preflight (issue 21)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from llamadeploy.config import OWNED_FLAGS, HostConfig
+from llamadeploy.config import DENIED_FLAGS, OWNED_FLAGS, HostConfig
+from llamadeploy.facts import parse_help_flags
 from llamadeploy.hostdata import parse_config
 from llamadeploy.render import RenderError, control_characters, render
 from llamadeploy.roles.model.source import listed_name_problem
@@ -59,10 +61,23 @@ def test_flags_that_open_what_the_deploy_keeps_closed_are_refused(args, why):
     assert f"{flag} is not allowed: it {why}" in msg
 
 
-@pytest.mark.parametrize("args", [["--no-agent"], ["--no-webui-mcp-proxy"], ["--mmproj", "/m/proj.gguf"],
-                                  ["--lora", "/m/a.gguf"]])
+@pytest.mark.parametrize("args", [["--no-agent"], ["-no-ag"], ["--no-webui-mcp-proxy"], ["--mmproj", "/m/proj.gguf"],
+                                  ["--lora", "/m/a.gguf"], ["--spec-default"]])
 def test_their_off_switches_and_local_files_stay_allowed(args):
     assert problems(llama_server={"extra_args": args}) == []
+
+
+def test_every_refused_flag_is_a_real_one_and_every_preset_is_refused():
+    """The lists name flags the binary has (a typo would refuse nothing), and each of its model
+    presets (a Hub download, with its own port, context and slots) is refused."""
+    flags = set(parse_help_flags((Path(__file__).parent / "data/llama-server-b11434-help.txt").read_text().splitlines()))
+    assert (set(OWNED_FLAGS) | set(DENIED_FLAGS)) - flags == set()
+    presets = {f for f in flags if f.endswith(("-default", "-spec"))} - {"--spec-default"}
+    presets.add("--fim-qwen-1.5b-default")  # in the help too; the help parser reads no "." in a name
+    assert len(presets) >= 11, presets
+    for flag in sorted(presets):
+        (msg,) = problems(llama_server={"extra_args": [flag]})
+        assert f"{flag} is not allowed: it is a model preset of llama-server's" in msg, msg
 
 
 def test_owned_flags_cover_what_the_deploy_renders():

@@ -127,24 +127,38 @@ def test_a_table_without_the_deploys_mark_is_refused(monkeypatch, comment, refus
         f"llamadeploy_llama_server, which this deploy did not create (its comment {comment!r} lacks 'llamadeploy'")
 
 
-@pytest.mark.parametrize(("lines", "theirs"), [
-    (None, False),  # no file there (or an empty one: nothing in it to lose)
-    (["# Managed by llamadeploy (pyinfra). Local edits are overwritten on the next deploy.", "[Service]"], False),
-    (["# site policy: log every firewall load", "[Service]", "ExecStartPost=/usr/bin/logger nft"], True),
-    (["[Service]", "# Managed by llamadeploy"], True),  # the header anywhere but the first line is not ours
+@pytest.mark.parametrize(("first", "theirs"), [
+    (None, False),  # no file there
+    ("", False),  # an empty one: nothing in it to lose
+    ("# Managed by llamadeploy (pyinfra). Local edits are overwritten on the next deploy.", False),
+    ("# site policy: log every firewall load", True),
+    ("[Service]", True),  # the header anywhere but the first line is not ours
 ])
-def test_a_dropin_without_the_deploys_header_is_refused(monkeypatch, lines, theirs):
+def test_a_dropin_without_the_deploys_header_is_refused(monkeypatch, first, theirs):
     from pyinfra.api import DeployError
 
     import llamadeploy.roles.firewall as fw
 
     path = "/etc/systemd/system/nftables.service.d/llamadeploy_llama_server.conf"
-    facts = {"NftTableComment": None, "FileContents": lines}
-    monkeypatch.setattr(fw, "host", type("H", (), {"name": "h1",
-                                                   "get_fact": lambda self, fact, **kw: facts[fact.__name__]})())
-    assert fw.foreign_dropins({path: lines, "/other.conf": None}) == ([path] if theirs else [])
+    found = {} if first is None else {path: first}
+    asked: list[str] = []
+
+    class Inventory:  # (weak-referenceable, as pyinfra's is)
+        pass
+
+    class Host:
+        name, inventory = "h1", Inventory()
+
+        def get_fact(self, fact, **kw):
+            asked.append(fact.__name__)
+            return {"NftTableComment": None, "FirstLines": found}[fact.__name__]
+
+    monkeypatch.setattr(fw, "host", Host())
+    assert fw.foreign_dropins({**found, "/other.conf": "# Managed by llamadeploy"}) == ([path] if theirs else [])
     if not theirs:
         fw.refuse_foreign_fence("llamadeploy_llama_server", "llama_server.allow_from", [path])
+        fw.refuse_foreign_fence("llamadeploy_llama_server", "this deploy's fallback to release r1", [path])
+        assert asked == ["NftTableComment", "FirstLines"]  # checked once per run: the fallback's is the same
         return
     with pytest.raises(DeployError) as err:
         fw.refuse_foreign_fence("llamadeploy_llama_server", "llama_server.allow_from", [path])
