@@ -448,7 +448,7 @@ class ServerConfig(Section):
     metrics: bool = True
     #: host-RAM prompt cache in MiB (``--cache-ram``; 0 = off); default: what the memory limit
     #: leaves after weights, KV cache and overhead, at most llama-server's own 8192. Unsized, the
-    #: cache grows with every distinct prompt up to 8 GiB (benchmarks/SOAK.md: RSS +29 % in a 10-minute
+    #: cache grows with every distinct prompt up to 8 GiB (benchmarks/SOAK.md: RSS +29.3 % in a 10-minute
     #: soak), which the memory plan would not have counted
     cache_ram: Annotated[int, Field(ge=0, le=1048576)] | None = None
     #: llama-server built-in chat template (``--no-jinja --chat-template NAME``); default: the
@@ -536,7 +536,7 @@ class ServiceConfig(Section):
     name: Name = "llama-server"
     #: a system account of the service's own; never root (an existing login account is refused at preflight)
     user: Name = "llama"
-    #: releases and the ``current`` link
+    #: releases and the ``current`` link; one native service's own (another native service's on the host is refused)
     prefix: AbsPath = "/opt/llama.cpp"
     #: models live in ``<data_dir>/models``
     data_dir: AbsPath = "/var/lib/llama-server"

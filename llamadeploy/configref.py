@@ -147,7 +147,7 @@ def _default(info: FieldInfo) -> str:
     return repr(value)
 
 
-def _description(key: str, info: FieldInfo, comment: str) -> str:
+def _description(info: FieldInfo, comment: str) -> str:
     """The field's ``#:`` comment, else a description its type carries."""
     return _rst_to_md(comment or info.description or "")
 
@@ -180,13 +180,13 @@ def documented_fields() -> dict[str, str]:
     tree, lines = _module_tree()
     top, sections = _sections()
     host = _fields(config.HostConfig, tree, lines)
-    out = {name: _description(name, config.HostConfig.model_fields[name], host[name][1]) for name in top}
+    out = {name: _description(config.HostConfig.model_fields[name], host[name][1]) for name in top}
     for section in sections:
         cls = config.HostConfig.model_fields[section].annotation
         assert isinstance(cls, type) and issubclass(cls, BaseModel)
         parsed = _fields(cls, tree, lines)
         for name, info in cls.model_fields.items():
-            out[f"{section}.{name}"] = _description(f"{section}.{name}", info, parsed.get(name, ("", ""))[1])
+            out[f"{section}.{name}"] = _description(info, parsed.get(name, ("", ""))[1])
     return out
 
 
@@ -232,7 +232,7 @@ def reference_markdown() -> str:
         info = config.HostConfig.model_fields[name]
         type_, comment = host[name]
         used.update(re.findall(r"[A-Za-z_]\w*", type_))
-        rows.append((f"{config.PREFIX}{name}", type_, _default(info), _description(name, info, comment)))
+        rows.append((f"{config.PREFIX}{name}", type_, _default(info), _description(info, comment)))
     out += _table(rows, first="key") + [""]
 
     for section in sections:
@@ -248,7 +248,7 @@ def reference_markdown() -> str:
         for name, info in cls.model_fields.items():
             type_, comment = parsed.get(name, (str(info.annotation), ""))
             used.update(re.findall(r"[A-Za-z_]\w*", type_))
-            rows.append((name, type_, _default(info), _description(f"{section}.{name}", info, comment)))
+            rows.append((name, type_, _default(info), _description(info, comment)))
         out += _table(rows) + [""]
 
     named = _named_types(used, tree, lines)

@@ -33,7 +33,7 @@ from llamadeploy.roles import (
     uninstall,
 )
 from llamadeploy.roles.build import native_build
-from llamadeploy.roles.firewall import firewall, firewall_off
+from llamadeploy.roles.firewall import fence_entries, firewall, firewall_off, rules_path, table_name
 from llamadeploy.roles.health import health_gate
 from llamadeploy.roles.preflight import memory_plan, platform_checked, ports_checked
 
@@ -53,6 +53,8 @@ def llama_server(cfg: HostConfig | None = None) -> None:
     platform_checked()  # a release no test covers (Debian 12 and 13 are) is refused, as a bad setting is
     _locked(cfg, "deploy")
     ports_checked(cfg)  # each port this host's role listens on: free, or held by our own unit
+    if cfg.role in ("front", "monitor"):  # what it creates is recorded (a server's: in _server, with its models)
+        ownership.owned(cfg, fixed=_fixed_paths(cfg))
     # Host metrics on every host when the inventory has a monitor (the node exporter, fenced to it).
     node_exporter.host_metrics(cfg)
 
@@ -78,6 +80,22 @@ def _locked(cfg: HostConfig, action: str) -> None:
     hold(host, action, manifest_path(cfg.service.config_dir))
 
 
+def _fixed_paths(cfg: HostConfig) -> list[str]:
+    """The ownership record's lines for what this host's roles write at fixed paths: the node
+    exporter's fence (every host of an inventory with a monitor), a front's, a monitor's or an
+    RPC worker's files and fence, a server's ``allow_from`` fence."""
+    lines = node_exporter.owned_entries(node_exporter.wanted(cfg), on_gpu_host=cfg.cuda)
+    if cfg.role == "front":
+        return lines + front.owned_entries(cfg)
+    if cfg.role == "monitor":
+        return lines + monitor.owned_entries(cfg)
+    if cfg.role == "rpc_worker":
+        return lines + rpc.owned_entries(cfg)
+    if cfg.server.allow_from is not None:
+        return lines + fence_entries(cfg.service.name, table_name(cfg), rules_path(cfg), bound=False)
+    return lines
+
+
 def _server(cfg: HostConfig) -> None:
     """Steps 2-9 of a server (and an RPC worker's part of them)."""
     routed = None
@@ -99,7 +117,7 @@ def _server(cfg: HostConfig) -> None:
     # What the deploy creates is recorded on the host, this run's model files included; configured
     # paths or an account it did not create are refused here, before any host changes.
     names = routed.model_files() if routed else [] if cfg.role == "rpc_worker" else [f.name for f in art.files]
-    ownership.owned(cfg, placed=[posixpath.join(cfg.model_dir, n) for n in names])
+    ownership.owned(cfg, placed=[posixpath.join(cfg.model_dir, n) for n in names], fixed=_fixed_paths(cfg))
 
     # GPU hosts (llama_build.backend "cuda"): driver and toolkit present (or installed by this run,
     # which then stops here for a reboot), GPUs read and checked against the build.

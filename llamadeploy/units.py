@@ -29,6 +29,13 @@ UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/run/systemd/transie
 UNIT_HEADER = "# Managed by llamadeploy"
 
 
+def is_ours(first_line: str) -> bool:
+    """A unit or drop-in file whose first line is this is the deploy's (pure): every file it
+    writes under ``/etc/systemd/system`` begins with :data:`UNIT_HEADER`. (:class:`UnitFiles`
+    makes the same test in the host's shell, one command for every unit.)"""
+    return first_line.startswith(UNIT_HEADER)
+
+
 class UnitFiles(FactBase[dict[str, list[tuple[str, str]]]]):
     """For each unit name: the unit files of that name on the host, in systemd's search order
     (generated ones too: a SysV init script's), each with ``ours`` (a regular file whose first line

@@ -70,6 +70,16 @@ def guard_paths(unit: str, table: str) -> tuple[str, str]:
     return f"/etc/systemd/system/{guard_unit(unit)}", f"{NFTABLES_DROPINS}/{table}.conf"
 
 
+def fence_entries(unit: str, table: str, rules: str, bound: bool = True) -> list[str]:
+    """The ownership record's lines for a fence (pure; roles/ownership): its rules file, its
+    guard unit, the nftables drop-in that loads it, its table and, for a distribution's unit
+    (``bound``, :func:`port_fenced`), the drop-in that binds that unit to the guard. Our own units
+    (the server's, the RPC worker's) name the guard themselves."""
+    guard, nft_dropin = guard_paths(unit, table)
+    lines = [f"file {rules}", f"unit {guard_unit(unit)}", f"file {nft_dropin}", f"table inet {table}"]
+    return lines + ([f"file {bound_dropin(unit)[1]}"] if bound else [])
+
+
 def keeper_texts(unit: str, table: str, rules: str) -> tuple[str, str]:
     """The guard unit and the nftables drop-in that keep a fence loaded (pure)."""
     args = dict(unit_name=unit, table=table, table_arg=systemd_quote(table), rules_arg=systemd_quote(rules),
@@ -168,7 +178,7 @@ def foreign_dropins(found: Mapping[str, str]) -> list[str]:
     ``/etc/systemd/system`` begins with (pure). An empty file holds nothing to lose: the fence
     writes over it, and the file is the deploy's from then on (``dropin_removed`` removes only a
     file with the header)."""
-    return sorted(path for path, first in found.items() if first and not first.startswith(UNIT_HEADER))
+    return sorted(path for path, first in found.items() if first and not units.is_ours(first))
 
 
 #: the fences already checked in this run, per inventory: (host, table, drop-ins). A deploy whose

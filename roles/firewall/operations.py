@@ -8,6 +8,7 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.facts.files import FileContents
 
+from llamadeploy import units
 from llamadeploy.roles.firewall.facts import NftTableComment
 from llamadeploy.units import UNIT_HEADER
 
@@ -75,7 +76,7 @@ def dropin_removed(path: str):
     if not lines:  # absent (or empty: not ours either)
         host.noop(f"no drop-in {path} of the deploy's")
         return
-    if not lines[0].startswith(UNIT_HEADER):
+    if not units.is_ours(lines[0]):
         host.noop(f"{path} is not the deploy's (its first line is not {UNIT_HEADER!r}): left alone")
         return
     yield f"rm -f -- {shlex.quote(path)}"

@@ -31,7 +31,7 @@ from llamadeploy.hostdata import validate_inventory
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall import port_fenced
+from llamadeploy.roles.firewall import fence_entries, port_fenced
 from llamadeploy.roles.front.operations import reloaded_keeping_states, server_state, serving
 from llamadeploy.roles.transfer import peer_address
 from llamadeploy.tuning import DEFAULT_PARALLEL
@@ -213,6 +213,14 @@ def exporter_networks_for(monitors: list[str], allow_from: list) -> list[str]:
     """Who reaches an exporter (the front's, a node exporter): the monitors' addresses as host
     networks, then ``allow_from`` (pure)."""
     return [*(f"{a}/{32 if ':' not in a else 128}" for a in monitors), *(str(n) for n in allow_from)]
+
+
+def owned_entries(cfg: HostConfig) -> list[str]:
+    """What a front's deploy writes that no package ships, for its ownership record (pure;
+    roles/ownership): the TLS certificate, the rollouts' drain marks and the exporter's fence.
+    ``haproxy.cfg`` is HAProxy's own conffile, which its purge removes."""
+    return [*([f"file {PEM}"] if cfg.front.tls_pem is not None else []), f"dir {posixpath.dirname(DRAINED_DIR)}",
+            *fence_entries("haproxy", EXPORTER_TABLE, EXPORTER_RULES)]
 
 
 @role("Front door (HAProxy)")

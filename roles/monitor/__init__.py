@@ -33,7 +33,7 @@ from llamadeploy.config import HostConfig
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall import port_fenced
+from llamadeploy.roles.firewall import fence_entries, port_fenced
 from llamadeploy.roles.front import address, deployed, exporter_address, host_port, routing_of
 from llamadeploy.roles.transfer import peer_address
 
@@ -125,6 +125,14 @@ def node_targets(inventory) -> list[dict]:
     nodes = [host_port(peer_address(configs[h.name], h), configs[h.name].node_exporter.port)
              for h in inventory if configs[h.name].node_exporter.enabled]
     return [{"targets": nodes, "labels": {"fleet": "llama"}}] if nodes else []
+
+
+def owned_entries(cfg: HostConfig) -> list[str]:
+    """What a monitor's deploy writes beside Prometheus' and Alertmanager's own files, for its
+    ownership record (pure; roles/ownership): the targets, rules and key files it may write,
+    Alertmanager's secret files when it runs one, and Prometheus' fence."""
+    written = [*PROMETHEUS_FILES, *(ALERTMANAGER_FILES if cfg.monitor.alertmanager.enabled else ())]
+    return [*(f"file {p}" for p in written), *fence_entries("prometheus", TABLE, FENCE_RULES)]
 
 
 @role("Monitor (Prometheus)")

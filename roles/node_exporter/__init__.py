@@ -27,7 +27,7 @@ from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.render import template_text
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall import port_fenced
+from llamadeploy.roles.firewall import fence_entries, port_fenced
 from llamadeploy.roles.front import exporter_networks_for, host_port, monitor_addresses
 from llamadeploy.roles.ownership.facts import PathStates
 from llamadeploy.roles.transfer import peer_address
@@ -66,6 +66,17 @@ def watched_units(cfg: HostConfig) -> list[str]:
 def wanted(cfg: HostConfig) -> bool:
     """Installed when the inventory has a monitor to scrape it (and it is not turned off)."""
     return cfg.node_exporter.enabled and bool(monitor_addresses(host.inventory))
+
+
+def owned_entries(monitored: bool, on_gpu_host: bool) -> list[str]:
+    """What the node exporter's part of a deploy writes that no package ships, for the host's
+    ownership record (pure; roles/ownership): its fence (``monitored``: :func:`wanted`) and, on a
+    CUDA host, the GPU metrics timer's units, script and file."""
+    if not monitored:
+        return []
+    gpu = [*(f"file {p}" for p in GPU_FILES), f"file {GPU_TEXTFILE}", f"unit {GPU_UNIT}.service",
+           f"unit {GPU_UNIT}.timer"] if on_gpu_host else []
+    return [*fence_entries(UNIT, TABLE, FENCE_RULES), *gpu]
 
 
 @role("Host metrics (node exporter)")

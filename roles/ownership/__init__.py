@@ -2,9 +2,13 @@
 
 Each host keeps a record, ``/var/lib/llamadeploy/<service>.owned``, of the directories, the
 account, the units named after the service, the model files and the parent directories the
-deploy created (one ``dir PATH``, ``account NAME``, ``unit NAME``, ``file PATH``, ``parent PATH``
-or ``image REF`` per line: docker mode's image, when the host did not have it; the apt sources
-and keys it writes, when the host had none). Model files are recorded before
+deploy created (one ``dir PATH``, ``account NAME``, ``unit NAME``, ``file PATH``, ``parent PATH``,
+``table FAMILY NAME`` or ``image REF`` per line: docker mode's image, when the host did not have
+it; the apt sources and keys it writes, when the host had none), and what its roles write at
+fixed paths: every fence's rules, guard unit, drop-ins and nftables table, a front's certificate
+and drain marks, a monitor's targets, rules and secrets (each role's ``owned_entries``). Fronts
+and monitors keep one too. The packages are recorded beside it, per role (llamadeploy.packages).
+Model files are recorded before
 they are sent: a deploy whose release fails its gate is in no release record, and its file would
 otherwise be no one's, kept by every prune and left by uninstall as an operator's. Before anything
 changes, a configured directory that exists, holds something and is not in the record is
@@ -23,7 +27,7 @@ are recorded as ours; any other configured directory is checked as on a fresh ho
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from io import StringIO
 
 from pyinfra import host
@@ -51,11 +55,19 @@ def record_path(cfg: HostConfig) -> str:
 
 
 def configured_dirs(cfg: HostConfig) -> dict[str, str]:
-    """Inventory field -> directory the deploy creates and owns on the host."""
+    """Inventory field -> directory the deploy creates and owns on the host. A front and a monitor
+    keep only their package records (``cache_dir``); a server and an RPC worker all of them."""
     svc = cfg.service
+    if not serving(cfg):
+        return {"llama_service.cache_dir": svc.cache_dir}
     return {"llama_service.prefix": svc.prefix, "llama_service.data_dir": svc.data_dir,
             "llama_service.config_dir": svc.config_dir, "llama_service.cache_dir": svc.cache_dir,
             "llama_docker.project_dir": cfg.docker.project_dir}
+
+
+def serving(cfg: HostConfig) -> bool:
+    """A server or an RPC worker (it runs llama.cpp from a release), not a front or a monitor."""
+    return cfg.role in ("server", "rpc_worker")
 
 
 def adopted_dirs(dirs: dict[str, str], manifest: Manifest | None, packages_recorded: bool) -> frozenset[str]:
@@ -109,6 +121,25 @@ def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: froze
     return None
 
 
+def prefix_problem(prefix: str, name: str, records: Mapping[str, frozenset[str]]) -> str | None:
+    """Why ``llama_service.prefix`` is not this native service's to use, or None (pure): another
+    native service on the host runs its releases from it (its record names the directory and its
+    unit). Its ``current`` link is that service's binary: this deploy would switch what the other
+    service runs at its next restart, and prune builds only the other one's releases use. A
+    service whose own record names the prefix already (two services an earlier version let share
+    it) goes on as before: refusing it would stop the deploys of a service that serves."""
+    mine = records.get(f"{name}.owned") or frozenset()
+    if f"dir {prefix}" in mine:
+        return None
+    for record_name in sorted(records):
+        other = record_name.removesuffix(".owned")
+        if other != name and f"dir {prefix}" in records[record_name] and f"unit {other}.service" in records[record_name]:
+            return (f"llama_service.prefix = {prefix!r} holds the releases of service {other!r} on this host (its "
+                    f"current link is what {other} runs; this deploy would switch it and prune its builds); "
+                    "allowed: a prefix no other service's releases run from (or uninstall that service first)")
+    return None
+
+
 def service_units(name: str) -> list[str]:
     """The units the deploy writes under the service's configurable name: the server's and its
     fence's guard (roles/service, roles/firewall); units with fixed names are checked by their
@@ -136,11 +167,12 @@ def unit_problem(name: str, found: dict[str, list[tuple[str, str]]], owned: froz
 
 def record_lines(dirs: dict[str, str], record: frozenset[str] | None, user: str | None,
                  placed: Iterable[str] = (), parents: Iterable[str] = (), units: Iterable[str] = (),
-                 images: Iterable[str] = ()) -> list[str]:
+                 images: Iterable[str] = (), fixed: Iterable[str] = ()) -> list[str]:
     """The record after this run: what it held, plus every configured directory, the account,
-    the units, the files this run places, the absent parents its directories are created in and
-    the docker images it brings (pure)."""
-    lines = set(record or ()) | {f"dir {p}" for p in dirs.values()} | {f"file {p}" for p in placed}
+    the units, the files this run places, the absent parents its directories are created in,
+    the docker images it brings and the lines of what its roles write at fixed paths (``fixed``:
+    fences, a front's and a monitor's files; each role's ``owned_entries``) (pure)."""
+    lines = set(record or ()) | {f"dir {p}" for p in dirs.values()} | {f"file {p}" for p in placed} | set(fixed)
     lines |= {f"parent {p}" for p in parents} | {f"unit {u}" for u in units} | {f"image {i}" for i in images}
     if user:
         lines.add(f"account {user}")
@@ -207,10 +239,12 @@ def owned_images(cfg: HostConfig) -> set[str] | None:
     return None if record is None else {line[len("image "):] for line in record if line.startswith("image ")}
 
 
-def read(cfg: HostConfig) -> tuple[frozenset[str] | None, frozenset[str], bool]:
+def read(cfg: HostConfig, records: Mapping[str, frozenset[str]] | None = None
+         ) -> tuple[frozenset[str] | None, frozenset[str], bool]:
     """This service's record (None: none yet), what every record on the host names, and whether
-    the host is an earlier deploy's without records (adopted)."""
-    records = host.get_fact(OwnershipRecords, path=RECORD_DIR)
+    the host is an earlier deploy's without records (adopted). ``records``: the host's records,
+    where the caller has read them already."""
+    records = host.get_fact(OwnershipRecords, path=RECORD_DIR) if records is None else records
     mine = records.get(posixpath.basename(record_path(cfg)))
     legacy = not records and bool(host.get_fact(File, path=manifest_path(cfg.service.config_dir)))
     return mine, frozenset().union(*records.values()), legacy
@@ -228,24 +262,32 @@ def adopted(cfg: HostConfig) -> frozenset[str]:
 
 
 @role("Ownership")
-def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
+def owned(cfg: HostConfig, placed: Iterable[str] = (), fixed: Iterable[str] = ()) -> None:
     """Refuse paths and an account the deploy did not create (while pyinfra prepares, before any
     host changes), then record what this run creates or adopts.
 
     + placed: the model files this run places (absolute paths), recorded before they are sent
+    + fixed: the record lines of what this host's roles write at fixed paths (each role's
+      ``owned_entries``: fences, a front's and a monitor's files); their paths are the deploy's
+      by name and checked by header or mark where they are written (roles/firewall, llamadeploy.units)
     """
     dirs = configured_dirs(cfg)
-    record, everything, legacy = read(cfg)
-    user = cfg.service.user if cfg.mode == "native" else None
+    records = host.get_fact(OwnershipRecords, path=RECORD_DIR)
+    record, everything, legacy = read(cfg, records)
+    runs_llama = serving(cfg)
+    user = cfg.service.user if cfg.mode == "native" and runs_llama else None
     account = host.get_fact(Users).get(user) if user else None
     # a host from before records: the account an earlier deploy made (its home is our data_dir,
-    # which that deploy's manifest shows it made)
-    adopted_set = adopted(cfg) if legacy else frozenset()
+    # which that deploy's manifest shows it made); a front's or a monitor's package records
+    adopted_set = adopted(cfg) if legacy or (record is None and not runs_llama) else frozenset()
     exists = account is not None and not (cfg.service.data_dir in adopted_set and is_ours(cfg, account))
     units = service_units(cfg.service.name)
     problem = (ownership_problem(dirs, host.get_fact(PathStates, paths=list(dirs.values())), everything,
                                  adopted_set, user, exists)
-               or unit_problem(cfg.service.name, host.get_fact(UnitFiles, names=units), everything))
+               or (unit_problem(cfg.service.name, host.get_fact(UnitFiles, names=units), everything)
+                   if runs_llama else None)
+               or (prefix_problem(cfg.service.prefix, cfg.service.name, records)
+                   if runs_llama and cfg.mode == "native" else None))
     if problem:
         raise DeployError(f"preflight refused host {host.name}: {problem}")
     # parents that do not exist yet are made with the directories (``mkdir -p``): recorded, so that
@@ -255,12 +297,12 @@ def owned(cfg: HostConfig, placed: Iterable[str] = ()) -> None:
     # docker mode: the image, when this run brings it (loads or pulls it); one the host had before
     # (the operator's, another service's) is not ours to remove
     ref = cfg.docker_image
-    images = [ref] if cfg.mode == "docker" and not host.get_fact(DockerImageId, ref=ref) else []
+    images = [ref] if runs_llama and cfg.mode == "docker" and not host.get_fact(DockerImageId, ref=ref) else []
     # the apt sources and keys this host's settings have the deploy write, where the host has none
-    apt_written = [p for p in apt_files(cfg) if not host.get_fact(File, path=p)]
+    apt_written = [p for p in apt_files(cfg) if runs_llama and not host.get_fact(File, path=p)]
     files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
     atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
         f"{line}\n" for line in record_lines(dirs, record, user, [*placed, *apt_written], new_parents,
                                              units if cfg.mode == "native" and cfg.role == "server" else (),
-                                             images))),
+                                             images, fixed))),
         dest=record_path(cfg), mode="644")

@@ -36,7 +36,14 @@ from llamadeploy.facts import CpuTopology
 from llamadeploy.hostdata import validate_inventory
 from llamadeploy.render import render
 from llamadeploy.roledeploy import role
-from llamadeploy.roles.firewall import guard_paths, guard_unit, keepers_removed, kept, refuse_foreign_fence
+from llamadeploy.roles.firewall import (
+    fence_entries,
+    guard_paths,
+    guard_unit,
+    keepers_removed,
+    kept,
+    refuse_foreign_fence,
+)
 from llamadeploy.roles.firewall.operations import table_loaded, table_removed
 from llamadeploy.roles.preflight.facts import HostMemory
 from llamadeploy.roles.rpc.facts import RpcConnected, RpcReachable
@@ -199,7 +206,7 @@ def unit_text(cfg: HostConfig, h: Host, heads: list[str], nthreads: int) -> str:
     if cfg.rpc.cache:
         args.append("--cache")
     return render(TEMPLATE, release_key=cfg.build.release_key(), heads=heads, endpoint=endpoint(cfg, h),
-                  firewall=f"{cfg.service.config_dir}/rpc-worker.nft",
+                  firewall=rules_path(cfg),
                   exec_start=" ".join(systemd_quote(a) for a in args), unit_name=UNIT, cache=cfg.rpc.cache,
                   fence_guard=guard_unit(UNIT),
                   limits=unit_limits(cfg))
@@ -242,6 +249,16 @@ def worker_removed(name: str) -> None:
     table_removed(name=f"{name} fence removed", table=TABLE)
 
 
+def owned_entries(cfg: HostConfig) -> list[str]:
+    """What an RPC worker's deploy writes, for its ownership record (pure; roles/ownership): its
+    unit and its fence (whose rules sit in the recorded config directory)."""
+    return [f"unit {UNIT}.service", *fence_entries(UNIT, TABLE, rules_path(cfg), bound=False)]
+
+
+def rules_path(cfg: HostConfig) -> str:
+    return f"{cfg.service.config_dir}/rpc-worker.nft"
+
+
 def _worker(cfg: HostConfig, runtime: list) -> None:
     heads = heads_of(host.inventory, host.name)
     if len(heads) > 1:  # ggml-rpc-server serves one client at a time: a second head would hang
@@ -253,7 +270,7 @@ def _worker(cfg: HostConfig, runtime: list) -> None:
     refuse_foreign_fence(TABLE, "llama_role = 'rpc_worker'", [guard_paths(UNIT, TABLE)[1]])
     packages.installed(cfg, "rpc", name="nftables", packages=["nftables"], update=True, cache_time=24 * 3600,
                        no_recommends=True)
-    rules = f"{cfg.service.config_dir}/rpc-worker.nft"
+    rules = rules_path(cfg)
     text, digest = fence(cfg, head_addresses)
     atomic.put(name="RPC fence rules", src=StringIO(text), dest=rules, mode="600")
     table_loaded(name="RPC fence loaded (only the head reaches the port)", path=rules, table=TABLE, digest=digest)

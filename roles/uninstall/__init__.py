@@ -82,12 +82,11 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
     port_unfenced("prometheus", monitor.TABLE, monitor.FENCE_RULES)
     port_unfenced(node_exporter.UNIT, node_exporter.TABLE, node_exporter.FENCE_RULES)  # roles/node_exporter
     node_exporter.gpu_metrics_removed()  # a CUDA host's (roles/node_exporter)
-    # a front's marks of the servers a rollout drained (roles/front)
-    tree_removed(name="Rollout drain marks removed", path=posixpath.dirname(front.DRAINED_DIR))
 
     # exactly what this service's ownership record names and no other service's record does; a
-    # host an earlier deploy served before records existed, or a front or monitor (they keep none):
-    # the directories it evidently made (roles/ownership); a host never deployed: none of them
+    # host an earlier deploy served before records existed, or a front or monitor deployed before
+    # they kept one: the directories it evidently made (roles/ownership); a host never deployed:
+    # none of them
     name = posixpath.basename(ownership.record_path(cfg))
     mine = records.get(name)
     others: frozenset[str] = frozenset().union(*(v for k, v in records.items() if k != name))
@@ -99,6 +98,11 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
             return (line[len("dir "):] in legacy_dirs if line.startswith("dir ") else legacy) and line not in others
         return line in mine and line not in others
 
+    # a front's marks of the servers a rollout drained (roles/front): its record names them (a
+    # front deployed before records: their name is the deploy's alone)
+    marks = posixpath.dirname(front.DRAINED_DIR)
+    if mine is None or ours(f"dir {marks}"):
+        tree_removed(name="Rollout drain marks removed", path=marks)
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:
         compose_down(name="Compose project down", project_dir=d.project_dir, compose=compose_command(cfg))

@@ -159,7 +159,7 @@ def failed_first_deploy_stopped(host, tmp_path: Path) -> None:
     the next good deploy (another model) prunes it, and uninstall leaves none of the service's
     directories (before, the file was no one's: kept by every prune, left as an operator's)."""
     svc = {"name": "llama-first", "user": "llamafirst", "data_dir": "/srv/llama-first/data",
-           "config_dir": "/srv/llama-first/etc", "cache_dir": "/srv/llama-first/cache", "prefix": "/opt/llama.cpp"}
+           "config_dir": "/srv/llama-first/etc", "cache_dir": "/srv/llama-first/cache", "prefix": "/srv/llama-first/opt"}
     gemma = merged_data()["llama_model"]
     (tmp_path / "first-try.gguf").symlink_to(gemma["path"])  # the same weights under another file name
     inv = with_data(host, tmp_path, "first", llama_service=svc,

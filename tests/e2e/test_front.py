@@ -649,6 +649,45 @@ def test_the_fences_of_front_monitor_and_node_exporters_verify_on_systemd_252(ho
                                             packaged=(f"{service}.service", f"{node}.service"))
 
 
+def test_every_host_records_what_the_deploy_wrote_there(hosts, fleet):
+    """Each host keeps an ownership record (issue 21), the front's and the monitor's too: their
+    fences (rules, guard, drop-ins, table), a front's drain marks, a monitor's targets and rules;
+    a server's names its node exporter's fence. What these lines name is there: the unit files,
+    the files, the tables loaded. A front or a monitor records no server directory and no account
+    (uninstall, the module's last test, removes the record with the rest)."""
+    record = "/var/lib/llamadeploy/llama-server.owned"
+    node = ["file /etc/default/llamadeploy-node-exporter.nft", "table inet llamadeploy_node_exporter",
+            "unit prometheus-node-exporter-fence.service",
+            "file /etc/systemd/system/prometheus-node-exporter.service.d/llamadeploy-fence.conf"]
+    expect = {
+        "fd": [*node, "file /etc/haproxy/llamadeploy-exporter.nft", "table inet llamadeploy_haproxy_exporter",
+               "unit haproxy-fence.service", "file /etc/systemd/system/haproxy.service.d/llamadeploy-fence.conf",
+               "dir /var/lib/llamadeploy-front"],
+        "mon": [*node, "file /etc/prometheus/llamadeploy-fence.nft", "table inet llamadeploy_prometheus",
+                "unit prometheus-fence.service", "file /etc/prometheus/llamadeploy-servers.json",
+                "file /etc/prometheus/llamadeploy-rules.yml"],
+        "be1": [*node, "dir /var/lib/llama-server", "account llama"],
+    }
+    for name, wanted in expect.items():
+        h = hosts[name]
+        got = h.ssh(f"cat {record}").stdout.splitlines()
+        assert set(wanted) <= set(got), (name, sorted(set(wanted) - set(got)), got)
+        tables = h.ssh("nft list tables").stdout
+        for line in wanted:
+            kind, _, rest = line.partition(" ")
+            if kind == "table":
+                assert f"table {rest}" in tables, (name, line, tables)
+            elif kind == "account":
+                assert h.ssh(f"id -u {shlex.quote(rest)}", check=False).returncode == 0, (name, line)
+            elif rest != "/var/lib/llamadeploy-front":  # made by a rollout's first drain
+                path = f"/etc/systemd/system/{rest}" if kind == "unit" else rest
+                test = "-d" if kind == "dir" else "-f"
+                assert h.ssh(f"test {test} {shlex.quote(path)}", check=False).returncode == 0, (name, line)
+        if name != "be1":
+            assert not [line for line in got if line.startswith(("account ", "dir /opt", "dir /var/lib/llama-server",
+                                                                 "dir /etc/llama-server"))], (name, got)
+
+
 def test_dashboards_show_data_from_the_real_metrics(hosts, fleet, tmp_path):
     """Every panel of the fleet and per-host dashboards has data in the monitor's Prometheus (the
     host variable as its own query offers it): no panel on a metric nobody exports."""

@@ -94,6 +94,22 @@ def test_wrong_hash_never_reaches_the_host(host, hub, controller_env, tmp_path):
     assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
 
 
+def test_a_hostile_name_in_the_hub_listing_never_reaches_the_host(host, hub, controller_env, tmp_path):
+    """A model file name the Hub's listing gives (third-party input, picked by its quant) is
+    validated like an inventory name before it is used: ``gemma$(reboot)-Q8_0.gguf`` stops the
+    run in both distribution modes, no file is fetched, and the host is unchanged."""
+    before, fetched = host_state(host), hub_gets(hub, "llamactl-test/hostile-name")
+    for mode in ("controller", "host"):
+        model = {"repo_id": "llamactl-test/hostile-name", "quant": "Q8_0", "distribution": mode}
+        result = run_deploy(inventory(host, tmp_path, f"hostile-{mode}", model), env=controller_env)
+        assert result.rc != 0, (mode, result.stdout[-2000:])
+        assert ("llamactl-test/hostile-name: the listed file 'gemma$(reboot)-Q8_0.gguf' must be a relative path of "
+                "letters, digits") in result.stderr, (mode, result.stderr[-2000:])
+    assert hub_gets(hub, "llamactl-test/hostile-name") == fetched
+    assert host_state(host) == before
+    assert httpx.get(f"http://{host.address}:8080/health", timeout=10).status_code == 200
+
+
 def test_host_disk_too_small_refused(host, hub, controller_env, tmp_path):
     host.ssh("mkdir -p /srv/small && mount -t tmpfs -o size=100m tmpfs /srv/small")
     try:

@@ -216,19 +216,42 @@ def data(sections: dict) -> dict:
     return merged
 
 
+def readable_secrets(tmp_path: Path) -> list[tuple[str, dict, str]]:
+    """Matrix rows for the controller's secret files that others can read (mode 644): the API key,
+    a Hub token, the front's PEM and an Alertmanager webhook token, each refused, naming its field
+    and the chmod that fixes it (a file others can read has leaked already)."""
+    rows = []
+    for case, sections, field, what in (
+            ("readable-key-file", lambda p: {"llama_server": {"api_key_file": p}}, "llama_server.api_key_file", "key"),
+            ("readable-token-file", lambda p: {"llama_model": {"catalog": "gemma-2-2b-it", "hf_token_file": p,
+                                                               "path": None}}, "llama_model.hf_token_file", "secret"),
+            ("readable-pem", lambda p: {"llama_role": "front", "llama_front": {"tls_pem": p}}, "llama_front.tls_pem",
+             "secret"),
+            ("readable-webhook-token", lambda p: {"llama_role": "monitor", "llama_monitor": {"alertmanager": {
+                "webhook": {"url": "https://hooks.example/alert", "token_file": p}}}},
+             "llama_monitor.alertmanager.webhook.token_file", "secret")):
+        path = tmp_path / f"{case}.secret"
+        path.write_text("not-a-real-secret\n")
+        path.chmod(0o644)
+        rows.append((case, sections(str(path)),
+                     f"{field} = {str(path)!r}: mode 644 lets others read the {what}; chmod 600 {path}"))
+    return rows
+
+
 def test_bad_input_matrix_changes_nothing(host, inventory, tmp_path):
     """90+ bad inventories, each an inventory host on the same machine, in one real pyinfra run:
     one message per host naming host, field and value; no file or unit changes; no injection ran."""
     assert len(BAD_INPUT) >= 90
+    cases = BAD_INPUT + readable_secrets(tmp_path)
     before = host_state(host) + host.ssh("ls -la /etc/systemd/system /opt /srv /var/lib").stdout
     name, conn = host.inventory_entry()
-    entries = [(case, {**conn, "ssh_hostname": name, **data(sections)}) for case, sections, _ in BAD_INPUT]
+    entries = [(case, {**conn, "ssh_hostname": name, **data(sections)}) for case, sections, _ in cases]
     inv = tmp_path / "bad.py"
     inv.write_text(f"hosts = {entries!r}\n")
     result = run_deploy(inv, "--parallel", "4")  # one sshd serves all of them
     assert result.rc != 0
     assert "nothing was changed on any host" in result.stderr
-    for case, _, expected in BAD_INPUT:
+    for case, _, expected in cases:
         lines = {ln.strip() for ln in result.stderr.splitlines() if ln.strip().startswith(f"- host {case}:")}
         assert len(lines) == 1, (case, lines, result.stderr[-3000:])
         assert lines.pop().startswith(f"- host {case}: {expected}"), (case, lines)
@@ -322,6 +345,13 @@ def test_preflight_refuses_what_the_host_cannot_give(host, inventory, tmp_path):
         "unit": ({"llama_service": {"name": "ssh"}, "llama_server": {"port": 8081}},
                  "llama_service.name = 'ssh': this host already has /lib/systemd/system/ssh.service, a unit this "
                  "deploy did not create"),
+        # a second native service whose releases would run from the first one's prefix: its deploy
+        # would switch the current link that llama-server's unit runs, and prune its builds
+        "prefix-shared": ({"llama_service": {"name": "llama-two", "user": "llamatwo", "data_dir": "/srv/llama-two",
+                                             "config_dir": "/etc/llama-two", "cache_dir": "/var/cache/llama-two"},
+                           "llama_server": {"port": 8082}},
+                          "llama_service.prefix = '/opt/llama.cpp' holds the releases of service 'llama-server' on "
+                          "this host"),
         # a system account whose home is the data_dir was adopted, then deleted by uninstall
         "account-adopted": ({"llama_service": {"user": "svc", "data_dir": "/srv/llmsvc"}},
                             "llama_service.user = 'svc' is an existing account this deploy did not create"),

@@ -260,3 +260,71 @@ def test_apt_sources_and_keys_the_settings_write_are_recorded_and_read_back_by_n
     assert files_in(record, "/srv/llm/models") == {"m.gguf"}
     # a model file outside today's data directory (recorded before data_dir changed) is no apt file
     assert apt_files_in(frozenset(record_lines(DIRS, None, None, placed=["/old/models/x.gguf"]))) == []
+
+
+def test_a_fence_is_recorded_whole_and_a_bound_dropin_only_for_a_distributions_unit():
+    from llamadeploy.roles.firewall import bound_dropin, fence_entries, guard_paths
+
+    lines = fence_entries("haproxy", "llamadeploy_haproxy_exporter", "/etc/haproxy/llamadeploy-exporter.nft")
+    assert lines == ["file /etc/haproxy/llamadeploy-exporter.nft", "unit haproxy-fence.service",
+                     f"file {guard_paths('haproxy', 'llamadeploy_haproxy_exporter')[1]}",
+                     "table inet llamadeploy_haproxy_exporter", f"file {bound_dropin('haproxy')[1]}"]
+    own = fence_entries("llama-server", "llamadeploy_llama_server", "/etc/llama-server/firewall.nft", bound=False)
+    assert not [line for line in own if ".service.d/llamadeploy-fence.conf" in line]
+
+
+def test_a_front_and_a_monitor_record_their_files_fence_and_only_their_package_records_directory():
+    """A front or a monitor keeps a record too (issue 21: every host): its certificate (with TLS),
+    its drain marks and fence; a monitor's targets, rules, key, Alertmanager's secrets (with one)
+    and fence. Of the configured directories only ``cache_dir``, its package records, is made."""
+    from llamadeploy.roles import front, monitor
+
+    plain = HostConfig.model_validate({"role": "front"})
+    tls = HostConfig.model_validate({"role": "front", "front": {"tls_pem": "PEM"}})
+    assert configured_dirs(plain) == {"llama_service.cache_dir": plain.service.cache_dir}
+    assert f"file {front.PEM}" in front.owned_entries(tls) and f"file {front.PEM}" not in front.owned_entries(plain)
+    assert {"dir /var/lib/llamadeploy-front", f"file {front.EXPORTER_RULES}", "unit haproxy-fence.service",
+            f"table inet {front.EXPORTER_TABLE}"} <= set(front.owned_entries(plain))
+    mon = HostConfig.model_validate({"role": "monitor"})
+    am = HostConfig.model_validate({"role": "monitor", "monitor": {"alertmanager": {
+        "webhook": {"url": "https://hooks.example/x"}}}})
+    assert {f"file {p}" for p in monitor.PROMETHEUS_FILES} <= set(monitor.owned_entries(mon))
+    assert f"table inet {monitor.TABLE}" in monitor.owned_entries(mon)
+    assert not {f"file {p}" for p in monitor.ALERTMANAGER_FILES} & set(monitor.owned_entries(mon))
+    assert {f"file {p}" for p in monitor.ALERTMANAGER_FILES} <= set(monitor.owned_entries(am))
+    lines = record_lines(configured_dirs(mon), None, None, fixed=monitor.owned_entries(mon))
+    assert f"dir {mon.service.cache_dir}" in lines and not [line for line in lines if line.startswith(
+        ("dir /opt", f"dir {mon.service.data_dir}", "account"))]
+
+
+def test_the_node_exporter_and_an_rpc_worker_record_their_fences():
+    from llamadeploy.roles import node_exporter, rpc
+
+    assert node_exporter.owned_entries(False, on_gpu_host=True) == []
+    plain = node_exporter.owned_entries(True, on_gpu_host=False)
+    assert f"table inet {node_exporter.TABLE}" in plain and not [line for line in plain if "gpu" in line]
+    gpu = node_exporter.owned_entries(True, on_gpu_host=True)
+    assert {f"file {p}" for p in node_exporter.GPU_FILES} | {f"file {node_exporter.GPU_TEXTFILE}"} <= set(gpu)
+    worker = HostConfig.model_validate({"role": "rpc_worker"})
+    lines = rpc.owned_entries(worker)
+    assert f"file {rpc.rules_path(worker)}" in lines and f"unit {rpc.UNIT}.service" in lines
+    assert f"table inet {rpc.TABLE}" in lines
+
+
+def test_a_prefix_another_native_service_runs_its_releases_from_is_refused():
+    """Two native services on one prefix share its ``current`` link: a deploy of one would switch
+    what the other runs at its next restart, and prune builds only the other's releases use."""
+    from llamadeploy.roles.ownership import prefix_problem
+
+    first = frozenset({"dir /opt/llama.cpp", "unit llama-server.service", "account llama"})
+    msg = prefix_problem("/opt/llama.cpp", "llama-two", {"llama-server.owned": first})
+    assert msg is not None and msg.startswith("llama_service.prefix = '/opt/llama.cpp' holds the releases of "
+                                              "service 'llama-server' on this host")
+    assert prefix_problem("/opt/llama.cpp", "llama-server", {"llama-server.owned": first}) is None  # its own
+    assert prefix_problem("/srv/two", "llama-two", {"llama-server.owned": first}) is None
+    # a docker-mode service records the prefix but runs no unit from it
+    docker = frozenset({"dir /opt/llama.cpp", "image llama:1"})
+    assert prefix_problem("/opt/llama.cpp", "llama-two", {"other.owned": docker}) is None
+    # two services an earlier version let share the prefix: each goes on, as before
+    second = frozenset({"dir /opt/llama.cpp", "unit llama-two.service"})
+    assert prefix_problem("/opt/llama.cpp", "llama-two", {"llama-server.owned": first, "llama-two.owned": second}) is None

@@ -209,14 +209,22 @@ def test_a_host_that_becomes_a_front_or_a_monitor_loses_its_rpc_worker(monkeypat
     monkeypatch.setattr(d.node_exporter, "host_metrics", lambda cfg: host_metrics.append(cfg.role))
     gpu_metrics: list[bool] = []  # a front or monitor is no CUDA server: its GPU metrics timer goes too
     monkeypatch.setattr(d.node_exporter, "gpu_metrics", lambda cfg, on_gpu_host: gpu_metrics.append(on_gpu_host))
+    monkeypatch.setattr(d.node_exporter, "wanted", lambda cfg: False)  # no inventory here
+    # a front's and a monitor's ownership record, first (a server's comes with its model files)
+    records: list[list[str]] = []
+    monkeypatch.setattr(d.ownership, "owned", lambda cfg, placed=(), fixed=(): (calls.append("owned"),
+                                                                               records.append(list(fixed))))
     cfg = HostConfig.model_validate({"role": role} if role in ("front", "monitor") else {
         "role": role, "model": {"path": "/m.gguf"}, "server": {"allow_unauthenticated": True}})
     d.llama_server._inner(cfg)
     assert ("worker_removed RPC worker" in calls) is removed
     assert host_metrics == [role]
     assert gpu_metrics == ([False] if removed else [])
-    if removed:  # before the role's own steps
-        assert calls[0] == "worker_removed RPC worker" and calls[1] == role.replace("front", "front_door")
+    if removed:  # the record first, then the worker goes, before the role's own steps
+        assert calls[:3] == ["owned", "worker_removed RPC worker", role.replace("front", "front_door")]
+        assert records == [(front if role == "front" else monitor).owned_entries(cfg)]
+    else:
+        assert "owned" not in calls
 
 
 @pytest.mark.parametrize(("installed", "args", "config", "restart", "reload"), [
