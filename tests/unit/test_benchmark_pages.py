@@ -17,7 +17,7 @@ OUT = Path(noop.__file__).resolve().parent
 
 #: page, the raw JSON it was written from, and its writer's page function
 PAGES: list[tuple[str, str, Callable[[dict, str], str]]] = [
-    ("NOOP.md", "noop-2026-12-04.json", noop.page),
+    ("NOOP.md", "noop-2026-12-06.json", noop.page),
     ("AFFINITY.md", "affinity-2026-12-06.json", affinity.page),
     ("NATIVE-vs-PORTABLE.md", "native-vs-portable-2026-12-04.json", native_vs_portable.page),
     ("RESULTS.md", "results-2026-12-06.json", tuned_vs_stock.page),

@@ -152,3 +152,73 @@ def test_the_platform_versions_in_the_docs_are_the_recorded_ones():
                     (start, rel, number, {p: recorded[rel][p] for p in packages})
                 checked += 1
     assert checked >= 24, checked
+
+
+#: a measured figure in prose: a number with a unit of time, size, rate, share or ratio
+FIGURE_RE = re.compile(r"(?<![\w.\-/])(\d+(?:\.\d+)?)(?: ?(?:x|×|s|ms|min|MiB|GiB|MB|GB|%|tok/s))(?![\w/])")
+#: a benchmark page a block of prose cites (a link or its path)
+CITED_RE = re.compile(r"benchmarks/([A-Za-z0-9-]+\.md)")
+CODE_RE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
+
+
+#: a line that starts a block of its own: a list item or a table row
+ITEM_RE = re.compile(r"^\s*(?:[-*] |\d+\. |\|)")
+
+
+def figure_blocks(path: Path) -> list[tuple[int, str]]:
+    """The blocks of prose of a page (paragraphs, list items, table rows), each with its first
+    line, code taken out."""
+    text = CODE_RE.sub(lambda m: "\n" * m.group(0).count("\n"), path.read_text())
+    blocks: list[tuple[int, str]] = []
+    start, lines = 1, []
+    for n, line in enumerate(text.splitlines() + [""], 1):
+        if lines and (not line.strip() or ITEM_RE.match(line)):
+            blocks.append((start, "\n".join(lines)))
+            lines = []
+        if line.strip():
+            if not lines:
+                start = n
+            lines.append(line)
+    return blocks
+
+
+def cited_figures(path: Path) -> list[tuple[int, str, list[str], list[str]]]:
+    """(line, block, the benchmark pages it cites, the figures in it) of every block of ``path``
+    that cites a page and quotes a figure. A list item that cites none is under the paragraph that
+    introduces its list ("ROUTER.md holds one run: - chat ... - embeddings ..."), up to the next
+    heading."""
+    out = []
+    intro: list[str] = []
+    for line, block in figure_blocks(path):
+        if block.lstrip().startswith("#"):
+            intro = []
+        own = sorted(set(CITED_RE.findall(block)))
+        if not ITEM_RE.match(block):
+            intro = own
+        pages = own or (intro if ITEM_RE.match(block) else [])
+        figures = FIGURE_RE.findall(block)
+        if pages and figures:
+            out.append((line, block, pages, figures))
+    return out
+
+
+@pytest.mark.parametrize("path", [README, *PAGES], ids=lambda p: p.name)
+def test_every_figure_beside_a_benchmark_page_is_on_that_page(path: Path):
+    """A figure the docs quote next to a benchmark page (a paragraph or list that links it) is a
+    number that page states, as its script wrote it: when a re-run rewrites the page, prose that
+    still quotes the old run fails here until it is brought up to date (issue 22: every number in
+    the docs traces to a file a script wrote)."""
+    stale = []
+    for line, _, pages, figures in cited_figures(path):
+        numbers: set[str] = set()
+        for page in pages:
+            numbers |= set(re.findall(r"\d+(?:\.\d+)?", (ROOT / "benchmarks" / page).read_text()))
+        stale += [f"{path.name}:{line}: {f} (not on {', '.join(pages)})" for f in figures if f not in numbers]
+    assert stale == []
+
+
+def test_the_figure_check_sees_the_figures_it_must():
+    """The rule above reads what it must: ratios, times, sizes and rates, not code or counts."""
+    assert FIGURE_RE.findall("1.33x stock, 0.34 s vs 6.46 s, 1524 MiB, 60.6 tok/s, +29.3 %, 8 clients, "
+                             "2026-12-04, a 60-second run") == ["1.33", "0.34", "6.46", "1524", "60.6", "29.3"]
+    assert CODE_RE.sub("", "flat `--cache-ram 8192 s` here") == "flat  here"
