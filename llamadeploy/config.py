@@ -448,8 +448,8 @@ class ServerConfig(Section):
     metrics: bool = True
     #: host-RAM prompt cache in MiB (``--cache-ram``; 0 = off); default: what the memory limit
     #: leaves after weights, KV cache and overhead, at most llama-server's own 8192. Unsized, the
-    #: cache grows with every distinct prompt up to 8 GiB (benchmarks/SOAK.md: RSS +29.3 % in a 10-minute
-    #: soak), which the memory plan would not have counted
+    #: cache grows with every distinct prompt up to that default (benchmarks/SOAK.md: RSS +29.3 %
+    #: in a 10-minute soak), which the memory plan would not have counted
     cache_ram: Annotated[int, Field(ge=0, le=1048576)] | None = None
     #: llama-server built-in chat template (``--no-jinja --chat-template NAME``); default: the
     #: GGUF's own template, or, when the GGUF has none, the built-in for its architecture

@@ -84,7 +84,8 @@ def _fixed_paths(cfg: HostConfig) -> list[str]:
     """The ownership record's lines for what this host's roles write at fixed paths: the node
     exporter's fence (every host of an inventory with a monitor), a front's, a monitor's or an
     RPC worker's files and fence, a server's ``allow_from`` fence."""
-    lines = node_exporter.owned_entries(node_exporter.wanted(cfg), on_gpu_host=cfg.cuda)
+    lines = node_exporter.owned_entries(monitored=node_exporter.wanted(cfg),
+                                        on_gpu_host=cfg.cuda and ownership.serving(cfg))
     if cfg.role == "front":
         return lines + front.owned_entries(cfg)
     if cfg.role == "monitor":

@@ -29,7 +29,7 @@ UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/run/systemd/transie
 UNIT_HEADER = "# Managed by llamadeploy"
 
 
-def is_ours(first_line: str) -> bool:
+def has_header(first_line: str) -> bool:
     """A unit or drop-in file whose first line is this is the deploy's (pure): every file it
     writes under ``/etc/systemd/system`` begins with :data:`UNIT_HEADER`. (:class:`UnitFiles`
     makes the same test in the host's shell, one command for every unit.)"""

@@ -178,7 +178,7 @@ def foreign_dropins(found: Mapping[str, str]) -> list[str]:
     ``/etc/systemd/system`` begins with (pure). An empty file holds nothing to lose: the fence
     writes over it, and the file is the deploy's from then on (``dropin_removed`` removes only a
     file with the header)."""
-    return sorted(path for path, first in found.items() if first and not units.is_ours(first))
+    return sorted(path for path, first in found.items() if first and not units.has_header(first))
 
 
 #: the fences already checked in this run, per inventory: (host, table, drop-ins). A deploy whose

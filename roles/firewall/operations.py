@@ -76,7 +76,7 @@ def dropin_removed(path: str):
     if not lines:  # absent (or empty: not ours either)
         host.noop(f"no drop-in {path} of the deploy's")
         return
-    if not units.is_ours(lines[0]):
+    if not units.has_header(lines[0]):
         host.noop(f"{path} is not the deploy's (its first line is not {UNIT_HEADER!r}): left alone")
         return
     yield f"rm -f -- {shlex.quote(path)}"

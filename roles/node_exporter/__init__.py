@@ -68,7 +68,7 @@ def wanted(cfg: HostConfig) -> bool:
     return cfg.node_exporter.enabled and bool(monitor_addresses(host.inventory))
 
 
-def owned_entries(monitored: bool, on_gpu_host: bool) -> list[str]:
+def owned_entries(*, monitored: bool, on_gpu_host: bool) -> list[str]:
     """What the node exporter's part of a deploy writes that no package ships, for the host's
     ownership record (pure; roles/ownership): its fence (``monitored``: :func:`wanted`) and, on a
     CUDA host, the GPU metrics timer's units, script and file."""

@@ -48,21 +48,28 @@ from llamadeploy.roles.preflight import is_ours
 from llamadeploy.units import UnitFiles, foreign
 
 RECORD_DIR = "/var/lib/llamadeploy"
+#: the RPC worker's unit (roles/rpc.UNIT; a fixed name, recorded as ``unit ggml-rpc-server.service``)
+RPC_UNIT = "ggml-rpc-server.service"
 
 
 def record_path(cfg: HostConfig) -> str:
     return posixpath.join(RECORD_DIR, f"{cfg.service.name}.owned")
 
 
-def configured_dirs(cfg: HostConfig) -> dict[str, str]:
-    """Inventory field -> directory the deploy creates and owns on the host. A front and a monitor
-    keep only their package records (``cache_dir``); a server and an RPC worker all of them."""
+def service_dirs(cfg: HostConfig) -> dict[str, str]:
+    """Inventory field -> every directory a server's deploy creates (what an earlier deploy of
+    any role may have left, and adoption looks for)."""
     svc = cfg.service
-    if not serving(cfg):
-        return {"llama_service.cache_dir": svc.cache_dir}
     return {"llama_service.prefix": svc.prefix, "llama_service.data_dir": svc.data_dir,
             "llama_service.config_dir": svc.config_dir, "llama_service.cache_dir": svc.cache_dir,
             "llama_docker.project_dir": cfg.docker.project_dir}
+
+
+def configured_dirs(cfg: HostConfig) -> dict[str, str]:
+    """Inventory field -> directory this host's deploy creates and owns. A front and a monitor
+    make only their package records (``cache_dir``); a server and an RPC worker all of them."""
+    dirs = service_dirs(cfg)
+    return dirs if serving(cfg) else {"llama_service.cache_dir": dirs["llama_service.cache_dir"]}
 
 
 def serving(cfg: HostConfig) -> bool:
@@ -86,12 +93,12 @@ def adopted_dirs(dirs: dict[str, str], manifest: Manifest | None, packages_recor
         return bool(path) and posixpath.normpath(str(path)).startswith(posixpath.normpath(d).rstrip("/") + "/")
 
     svc = {field.split(".")[-1]: path for field, path in dirs.items()}
-    evidence = {"config_dir": True, "prefix": under(manifest.binary, svc["prefix"]),
-                "data_dir": under(manifest.model_path, svc["data_dir"]),
-                "project_dir": bool(manifest.compose_project)
-                and posixpath.normpath(manifest.compose_project or "") == posixpath.normpath(svc["project_dir"]),
-                "cache_dir": packages_recorded}
-    return frozenset(svc[k] for k, ok in evidence.items() if ok)
+    evidence = {"config_dir": lambda d: True, "prefix": lambda d: under(manifest.binary, d),
+                "data_dir": lambda d: under(manifest.model_path, d),
+                "project_dir": lambda d: bool(manifest.compose_project)
+                and posixpath.normpath(manifest.compose_project or "") == posixpath.normpath(d),
+                "cache_dir": lambda d: packages_recorded}
+    return frozenset(d for k, d in svc.items() if k in evidence and evidence[k](d))
 
 
 def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: frozenset[str],
@@ -121,19 +128,27 @@ def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: froze
     return None
 
 
+def runs_from(record: frozenset[str], name: str, prefix: str) -> bool:
+    """Whether service ``name``'s record shows a native unit of its running a release from
+    ``prefix``'s current link (pure): the server's unit, or an RPC worker's (recorded by its
+    fixed name). A docker-mode service records the prefix, and runs nothing from it."""
+    return f"dir {prefix}" in record and bool({f"unit {name}.service", f"unit {RPC_UNIT}"} & record)
+
+
 def prefix_problem(prefix: str, name: str, records: Mapping[str, frozenset[str]]) -> str | None:
     """Why ``llama_service.prefix`` is not this native service's to use, or None (pure): another
     native service on the host runs its releases from it (its record names the directory and its
     unit). Its ``current`` link is that service's binary: this deploy would switch what the other
     service runs at its next restart, and prune builds only the other one's releases use. A
-    service whose own record names the prefix already (two services an earlier version let share
-    it) goes on as before: refusing it would stop the deploys of a service that serves."""
-    mine = records.get(f"{name}.owned") or frozenset()
-    if f"dir {prefix}" in mine:
+    native service whose own record shows it runs from the prefix already (two services an
+    earlier version let share it) goes on as before: refusing it would stop the deploys of a
+    service that serves. Two new services given one prefix in the same run, and nested prefixes,
+    are not seen: each service's record is read before the run changes anything."""
+    if runs_from(records.get(f"{name}.owned") or frozenset(), name, prefix):
         return None
     for record_name in sorted(records):
         other = record_name.removesuffix(".owned")
-        if other != name and f"dir {prefix}" in records[record_name] and f"unit {other}.service" in records[record_name]:
+        if other != name and runs_from(records[record_name], other, prefix):
             return (f"llama_service.prefix = {prefix!r} holds the releases of service {other!r} on this host (its "
                     f"current link is what {other} runs; this deploy would switch it and prune its builds); "
                     "allowed: a prefix no other service's releases run from (or uninstall that service first)")
@@ -258,7 +273,9 @@ def adopted(cfg: HostConfig) -> frozenset[str]:
     except ValueError:
         manifest = None
     recorded = bool(host.get_fact(File, path=posixpath.join(cfg.service.cache_dir, packages.BEFORE)))
-    return adopted_dirs(configured_dirs(cfg), manifest, recorded)
+    # every directory a server's deploy makes: a server an earlier deploy left, now a front or a
+    # monitor, keeps what that deploy evidently made (recorded below, so uninstall removes it)
+    return adopted_dirs(service_dirs(cfg), manifest, recorded)
 
 
 @role("Ownership")
@@ -300,9 +317,17 @@ def owned(cfg: HostConfig, placed: Iterable[str] = (), fixed: Iterable[str] = ()
     images = [ref] if runs_llama and cfg.mode == "docker" and not host.get_fact(DockerImageId, ref=ref) else []
     # the apt sources and keys this host's settings have the deploy write, where the host has none
     apt_written = [p for p in apt_files(cfg) if runs_llama and not host.get_fact(File, path=p)]
+    # a front or a monitor on a host an earlier server deploy left without records: what that
+    # deploy evidently made (its directories, and its account) is recorded too, so uninstall
+    # removes it as it would have removed it from that server
+    inherited = [f"dir {d}" for d in sorted(adopted_set)] if not runs_llama else []
+    if inherited and legacy and cfg.service.data_dir in adopted_set:
+        old = host.get_fact(Users).get(cfg.service.user)
+        if old is not None and is_ours(cfg, old):
+            inherited.append(f"account {cfg.service.user}")
     files.directory(name="Ownership records directory", path=RECORD_DIR, mode="755")
     atomic.put(name=f"Ownership record ({record_path(cfg)})", src=StringIO("".join(
         f"{line}\n" for line in record_lines(dirs, record, user, [*placed, *apt_written], new_parents,
                                              units if cfg.mode == "native" and cfg.role == "server" else (),
-                                             images, fixed))),
+                                             images, [*fixed, *inherited]))),
         dest=record_path(cfg), mode="644")

@@ -256,6 +256,7 @@ def owned_entries(cfg: HostConfig) -> list[str]:
 
 
 def rules_path(cfg: HostConfig) -> str:
+    """The worker's fence rules: in its config directory, which its unit loads before it starts."""
     return f"{cfg.service.config_dir}/rpc-worker.nft"
 
 

@@ -300,10 +300,10 @@ def test_a_front_and_a_monitor_record_their_files_fence_and_only_their_package_r
 def test_the_node_exporter_and_an_rpc_worker_record_their_fences():
     from llamadeploy.roles import node_exporter, rpc
 
-    assert node_exporter.owned_entries(False, on_gpu_host=True) == []
-    plain = node_exporter.owned_entries(True, on_gpu_host=False)
+    assert node_exporter.owned_entries(monitored=False, on_gpu_host=True) == []
+    plain = node_exporter.owned_entries(monitored=True, on_gpu_host=False)
     assert f"table inet {node_exporter.TABLE}" in plain and not [line for line in plain if "gpu" in line]
-    gpu = node_exporter.owned_entries(True, on_gpu_host=True)
+    gpu = node_exporter.owned_entries(monitored=True, on_gpu_host=True)
     assert {f"file {p}" for p in node_exporter.GPU_FILES} | {f"file {node_exporter.GPU_TEXTFILE}"} <= set(gpu)
     worker = HostConfig.model_validate({"role": "rpc_worker"})
     lines = rpc.owned_entries(worker)
@@ -328,3 +328,25 @@ def test_a_prefix_another_native_service_runs_its_releases_from_is_refused():
     # two services an earlier version let share the prefix: each goes on, as before
     second = frozenset({"dir /opt/llama.cpp", "unit llama-two.service"})
     assert prefix_problem("/opt/llama.cpp", "llama-two", {"llama-server.owned": first, "llama-two.owned": second}) is None
+    # a service that switched from docker to native records the prefix but ran no unit from it
+    assert prefix_problem("/opt/llama.cpp", "llama-two", {"llama-server.owned": first, "llama-two.owned": docker}) \
+        is not None
+    # an RPC worker runs ggml-rpc-server from its prefix's current link: that prefix is taken too
+    worker = frozenset({"dir /opt/llama.cpp", "unit ggml-rpc-server.service"})
+    assert prefix_problem("/opt/llama.cpp", "llama-two", {"llama-server.owned": worker}) is not None
+    assert prefix_problem("/opt/llama.cpp", "llama-server", {"llama-server.owned": worker}) is None
+
+
+def test_a_server_an_earlier_deploy_left_without_records_is_adopted_also_when_the_host_is_now_a_front():
+    """Adoption looks for every directory a server's deploy makes, whatever the host's role now:
+    a front's configured directories are only its cache, and the evidence of the rest must not
+    be looked up there (it raised KeyError)."""
+    from llamadeploy.manifest import Manifest
+    from llamadeploy.roles.ownership import adopted_dirs, service_dirs
+
+    front = HostConfig.model_validate({"role": "front"})
+    m = Manifest.model_construct(binary="/opt/llama.cpp/current/bin/llama-server",
+                                 model_path="/var/lib/llama-server/models/m.gguf", compose_project=None)
+    assert adopted_dirs(configured_dirs(front), m, True) == frozenset({front.service.cache_dir})
+    assert adopted_dirs(service_dirs(front), m, True) == frozenset(
+        {"/opt/llama.cpp", "/var/lib/llama-server", "/etc/llama-server", front.service.cache_dir})
