@@ -219,7 +219,7 @@ def owned_entries(cfg: HostConfig) -> list[str]:
     """What a front's deploy writes that no package ships, for its ownership record (pure;
     roles/ownership): the TLS certificate, the rollouts' drain marks and the exporter's fence.
     ``haproxy.cfg`` is HAProxy's own conffile, which its purge removes."""
-    return [*([f"file {PEM}"] if cfg.front.tls_pem is not None else []), f"dir {posixpath.dirname(DRAINED_DIR)}",
+    return [*([f"file {PEM}"] if cfg.front.tls_pem is not None else []), f"dir {MARKS_DIR}",
             *fence_entries("haproxy", EXPORTER_TABLE, EXPORTER_RULES)]
 
 
@@ -266,6 +266,8 @@ def served(cfg: HostConfig, changed: Callable[[], bool] | None) -> None:
 
 #: where a rollout marks, on each front, the servers it drained (one empty file per server)
 DRAINED_DIR = "/var/lib/llamadeploy-front/drained"
+#: the directory the deploy makes for them (its record names it; uninstall removes it)
+MARKS_DIR = posixpath.dirname(DRAINED_DIR)
 
 
 @role("Front door: server state")

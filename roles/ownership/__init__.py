@@ -40,7 +40,7 @@ from llamadeploy import atomic, packages
 from llamadeploy.config import HostConfig
 from llamadeploy.manifest import Manifest, manifest_path
 from llamadeploy.roledeploy import role
-from llamadeploy.roles import docker, gpu
+from llamadeploy.roles import docker, gpu, rpc
 from llamadeploy.roles.docker.facts import DockerImageId
 from llamadeploy.roles.firewall import guard_unit
 from llamadeploy.roles.ownership.facts import OwnershipRecords, PathStates
@@ -48,8 +48,6 @@ from llamadeploy.roles.preflight import is_ours
 from llamadeploy.units import UnitFiles, foreign
 
 RECORD_DIR = "/var/lib/llamadeploy"
-#: the RPC worker's unit (roles/rpc.UNIT; a fixed name, recorded as ``unit ggml-rpc-server.service``)
-RPC_UNIT = "ggml-rpc-server.service"
 
 
 def record_path(cfg: HostConfig) -> str:
@@ -93,12 +91,12 @@ def adopted_dirs(dirs: dict[str, str], manifest: Manifest | None, packages_recor
         return bool(path) and posixpath.normpath(str(path)).startswith(posixpath.normpath(d).rstrip("/") + "/")
 
     svc = {field.split(".")[-1]: path for field, path in dirs.items()}
-    evidence = {"config_dir": lambda d: True, "prefix": lambda d: under(manifest.binary, d),
-                "data_dir": lambda d: under(manifest.model_path, d),
-                "project_dir": lambda d: bool(manifest.compose_project)
-                and posixpath.normpath(manifest.compose_project or "") == posixpath.normpath(d),
-                "cache_dir": lambda d: packages_recorded}
-    return frozenset(d for k, d in svc.items() if k in evidence and evidence[k](d))
+    evidence = {"config_dir": True, "prefix": under(manifest.binary, svc.get("prefix", "")),
+                "data_dir": under(manifest.model_path, svc.get("data_dir", "")),
+                "project_dir": bool(manifest.compose_project)
+                and posixpath.normpath(manifest.compose_project or "") == posixpath.normpath(svc.get("project_dir", "")),
+                "cache_dir": packages_recorded}
+    return frozenset(svc[k] for k, ok in evidence.items() if ok and k in svc)
 
 
 def ownership_problem(dirs: dict[str, str], states: dict[str, str], owned: frozenset[str],
@@ -132,7 +130,7 @@ def runs_from(record: frozenset[str], name: str, prefix: str) -> bool:
     """Whether service ``name``'s record shows a native unit of its running a release from
     ``prefix``'s current link (pure): the server's unit, or an RPC worker's (recorded by its
     fixed name). A docker-mode service records the prefix, and runs nothing from it."""
-    return f"dir {prefix}" in record and bool({f"unit {name}.service", f"unit {RPC_UNIT}"} & record)
+    return f"dir {prefix}" in record and bool({f"unit {name}.service", f"unit {rpc.UNIT}.service"} & record)
 
 
 def prefix_problem(prefix: str, name: str, records: Mapping[str, frozenset[str]]) -> str | None:

@@ -100,9 +100,8 @@ def removed(cfg: HostConfig, keep_models: bool = False) -> None:
 
     # a front's marks of the servers a rollout drained (roles/front): its record names them (a
     # front deployed before records: their name is the deploy's alone)
-    marks = posixpath.dirname(front.DRAINED_DIR)
-    if mine is None or ours(f"dir {marks}"):
-        tree_removed(name="Rollout drain marks removed", path=marks)
+    if mine is None or ours(f"dir {front.MARKS_DIR}"):
+        tree_removed(name="Rollout drain marks removed", path=front.MARKS_DIR)
     has_docker = bool(host.get_fact(Command, command="command -v docker || true"))
     if has_docker:
         compose_down(name="Compose project down", project_dir=d.project_dir, compose=compose_command(cfg))
