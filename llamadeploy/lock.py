@@ -181,11 +181,14 @@ def run_on(host: Any, command: str) -> str:
     return _run(host, command)
 
 
-def acquire(host: Any, holder: Holder, wait: float = 0.0, sleep: Any = time.sleep) -> bool:
+def acquire(host: Any, holder: Holder, wait: float = 0.0, sleep: Any = time.sleep,
+            clock: Any = time.monotonic) -> bool:
     """Take ``host``'s lock for ``holder``: True when taken now, False when ``holder``'s run held it
     already (a rollout's pyinfra run under the rollout's own lock). Raises :class:`LockHeld`
-    naming the holder when another run keeps it past ``wait`` seconds."""
-    deadline = time.monotonic() + wait
+    naming the holder when another run keeps it past ``wait`` seconds. ``sleep`` and ``clock`` are
+    parameters so a test decides how long a take lasts (a loaded CI box once took longer than the
+    test's whole wait for the first take, and the test saw no wait at all)."""
+    deadline = clock() + wait
     waited = False
     while True:
         taken, other = parse_take(run_on(host, take_command(holder)))
@@ -194,7 +197,7 @@ def acquire(host: Any, holder: Holder, wait: float = 0.0, sleep: Any = time.slee
         if other is not None and other.run == holder.run:
             return False
         dead = other is not None and other.alive() is False
-        if other is not None and (time.monotonic() >= deadline or dead):  # a dead run never ends
+        if other is not None and (clock() >= deadline or dead):  # a dead run never ends
             hint = ("release it with `llamadeploy lock release INVENTORY`" if dead else
                     f"wait for it (--lock-wait SECONDS, or {ENV_WAIT}=SECONDS), or if that run is gone, "
                     "`llamadeploy lock release INVENTORY --force`")

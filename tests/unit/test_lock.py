@@ -101,9 +101,15 @@ def test_acquire_waits_for_a_held_lock_then_refuses_naming_it(lockfile, monkeypa
     sh(lock.take_command(holder("other")))
     host = FakeHost()
     slept: list[float] = []
+    clock = [0.0]  # advances only by what acquire sleeps, however slow the machine is
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
     with pytest.raises(lock.LockHeld, match=r"h1: locked by deploy by alice@.* run other; nothing was changed"):
-        lock.acquire(host, holder("mine"), wait=0.05, sleep=lambda s: (slept.append(s), time.sleep(0.03)))
-    assert slept and host.calls == len(slept) + 1
+        lock.acquire(host, holder("mine"), wait=3 * lock.POLL, sleep=sleep, clock=lambda: clock[0])
+    assert slept == [lock.POLL] * 3 and host.calls == 4  # a take, then one after each poll until the wait is out
     assert lock.acquire(host, holder("other")) is False  # the holder's own run: already held
     sh(lock.release_command("other"))
     assert lock.acquire(host, holder("mine")) is True
