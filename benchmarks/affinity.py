@@ -17,6 +17,7 @@ to first token (streaming). Same run, same hosts, leastconn first then affinity.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     publish(OUT / "AFFINITY.md", "affinity", run, {**run, "conversations": CONVERSATIONS, "turns": TURNS, **result},
             page)
     return 0

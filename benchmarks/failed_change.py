@@ -21,6 +21,7 @@ Writes ``benchmarks/FAILED-CHANGE.md`` and a JSON file beside it, whole, from th
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def main(rounds: int = 3) -> int:
             runs["crash_rollout"].append(measured([str(BIN / "llamadeploy"), "rollout", str(crash)], url, 1))
     finally:
         host.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "unavailable_s")} for k, v in runs.items()}
     result = {**machine(), "rounds": rounds, "runs": runs, "median": med}
     raw = raw_path(OUT, "failed-change", result)

@@ -16,6 +16,7 @@ report). Writes ``benchmarks/FANOUT.md`` and a JSON file. Only test-host address
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def main() -> int:
         subprocess.run(["tc", "qdisc", "del", "dev", BRIDGE, "root"], capture_output=True, timeout=COMMAND_TIMEOUT)
         for h in hosts:
             h.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     results = {**run, "rate_mbit": RATE_MBIT, "model_bytes": size, "rows": rows}
     publish(OUT / "FANOUT.md", "fanout", run, results, page)
     return 0

@@ -14,6 +14,7 @@ clients with the test model. Writes ``benchmarks/NATIVE-vs-PORTABLE.md`` and a J
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def main(rounds: int = 3) -> int:
                 results[variant].append({lv.clients: lv.tok_per_s for lv in report.levels})
     finally:
         host.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     publish(OUT / "NATIVE-vs-PORTABLE.md", "native-vs-portable", run_info, {**run_info, "ids": ids, "results": results},
             page)
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def main(rounds: int = 3) -> int:
     finally:
         for h in hosts:
             h.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     publish(OUT / "NOOP.md", "noop", results, results, with_notes)
     return 0
 

@@ -26,6 +26,7 @@ Writes ``benchmarks/ROUTER.md`` and a JSON file beside it, whole, from this run.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -269,6 +270,7 @@ def main(rounds: int = 2) -> int:
         res["swap"] = {"same_model_s": round(statistics.median(same), 3), "swap_s": round(statistics.median(swaps), 3)}
     finally:
         host.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     result = {**machine(), "rounds": rounds, "runs": res}
     publish(OUT / "ROUTER.md", "router", result, result, page)

@@ -18,6 +18,7 @@ so RPC can only cost here: it pays when the model does not fit one host at all. 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def main() -> int:
     finally:
         for h in hosts:
             h.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     data = {**run, "setups": results}
     publish(OUT / "RPC.md", "rpc", run, data, page)
     return 0

@@ -44,3 +44,36 @@ def test_every_subprocess_call_has_a_timeout(tree: str):
                for path in sorted((REPO / tree).rglob("*.py"))
                for line in untimed_calls(path.read_text())]
     assert not missing, f"subprocess calls without timeout=: {missing}"
+
+
+def unremoved_temp_dirs(source: str) -> list[int]:
+    """Lines of ``NAME = ...tempfile.mkdtemp(...)...`` in a function that never calls
+    ``shutil.rmtree(NAME, ...)``: a benchmark's scratch directory (inventories, exported trees) is
+    its own to remove, on success and failure alike, or every run leaves one in /tmp."""
+    lines = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        removed = {node.args[0].id for node in ast.walk(fn)
+                   if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                   and node.func.attr == "rmtree" and node.args and isinstance(node.args[0], ast.Name)}
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "mkdtemp"
+                            for c in ast.walk(node.value))
+                    and node.targets[0].id not in removed):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_rule_sees_a_temp_dir_left_behind():
+    source = ("def kept():\n    tmp = Path(tempfile.mkdtemp())\n"
+              "def removed():\n    tmp = Path(tempfile.mkdtemp())\n    try:\n        pass\n"
+              "    finally:\n        shutil.rmtree(tmp, ignore_errors=True)\n")
+    assert unremoved_temp_dirs(source) == [2]
+
+
+def test_every_benchmark_removes_its_temp_dir():
+    left = {str(path.relative_to(REPO)): found for path in sorted((REPO / "benchmarks").rglob("*.py"))
+            if (found := unremoved_temp_dirs(path.read_text()))}
+    assert left == {}, f"mkdtemp without shutil.rmtree of it in the same function: {left}"
