@@ -109,7 +109,9 @@ def _keepers(unit: str, table: str, rules: str,
     guard_path, dropin_path = guard_paths(unit, table)
     guard = atomic.put(name=f"Fence guard of {unit} (loads the fence again when it goes)", src=StringIO(guard_text),
                        dest=guard_path, mode="644", _if=when)
-    files.directory(name="nftables service drop-in directory", path=NFTABLES_DROPINS, mode="755", _if=when)
+    # made 755 when missing; one a site already has keeps its own mode and owner (not ours to change)
+    files.directory(name="nftables service drop-in directory", path=NFTABLES_DROPINS, mode="755",
+                    _no_check_owner_mode=True, _if=when)
     dropin = atomic.put(name=f"Fence of {unit} loaded by the host's nftables service", src=StringIO(dropin_text),
                         dest=dropin_path, mode="644", _if=when)
     systemd.daemon_reload(name="Reload systemd", _if=[*when, any_changed(guard, dropin)])
@@ -232,7 +234,7 @@ def port_fenced(cfg: HostConfig, unit: str, table: str, rules: str, port: int, n
     server.shell(name=f"Fence guard of {unit} restarted (its definition changed; {unit} keeps running)",
                  commands=[f"systemctl restart --job-mode=ignore-requirements {shlex.quote(guard_unit(unit))}"],
                  _if=[any_changed(*keepers), lambda: not running.did_change()])
-    files.directory(name=f"{unit} drop-in directory", path=dropins, mode="755")
+    files.directory(name=f"{unit} drop-in directory", path=dropins, mode="755", _no_check_owner_mode=True)
     bound = atomic.put(name=f"{unit} bound to its fence", dest=dropin, mode="644",
                        src=StringIO(render(BOUND_TEMPLATE, unit_name=unit, guard=guard_unit(unit),
                                            rules_arg=systemd_quote(rules))))

@@ -401,8 +401,11 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert base.rc == 0, base.stderr[-3000:]
     base_id = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     elsewhere = with_data(host, tmp_path, "fw-other", llama_server={"allow_from": ["192.0.2.0/24"]})
+    host.ssh("install -d -m 750 /etc/systemd/system/nftables.service.d")  # a site's own, stricter than 755
     result = run_deploy(elsewhere)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
+    # the fence's drop-in went into the site's directory, whose mode stays the site's
+    assert host.ssh("stat -c %a /etc/systemd/system/nftables.service.d").stdout.strip() == "750"
     other_id = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     with pytest.raises(httpx.ConnectTimeout):  # dropped, not refused: the controller is not listed
         httpx.get(url, timeout=3)
