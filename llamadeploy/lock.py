@@ -181,13 +181,12 @@ def run_on(host: Any, command: str) -> str:
     return _run(host, command)
 
 
-def acquire(host: Any, holder: Holder, wait: float = 0.0, sleep: Any = time.sleep,
-            clock: Any = time.monotonic) -> bool:
+def acquire(host: Any, holder: Holder, wait: float = 0.0, sleep: Callable[[float], Any] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> bool:
     """Take ``host``'s lock for ``holder``: True when taken now, False when ``holder``'s run held it
     already (a rollout's pyinfra run under the rollout's own lock). Raises :class:`LockHeld`
-    naming the holder when another run keeps it past ``wait`` seconds. ``sleep`` and ``clock`` are
-    parameters so a test decides how long a take lasts (a loaded CI box once took longer than the
-    test's whole wait for the first take, and the test saw no wait at all)."""
+    naming the holder when another run keeps it past ``wait`` seconds. ``sleep`` and ``clock``
+    are the waiting's time, given so that a caller (a test) can run it without the wall clock."""
     deadline = clock() + wait
     waited = False
     while True:

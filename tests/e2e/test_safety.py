@@ -406,6 +406,7 @@ def test_firewall_lets_only_allow_from_reach_the_port(host, inventory, tmp_path)
     assert result.rc == 0, (result.stdout + result.stderr)[-4000:]
     # the fence's drop-in went into the site's directory, whose mode stays the site's
     assert host.ssh("stat -c %a /etc/systemd/system/nftables.service.d").stdout.strip() == "750"
+    host.ssh(f"test -f /etc/systemd/system/nftables.service.d/{table}.conf")
     other_id = Manifest.parse(host.ssh(f"cat {DEFAULT_PATH}").stdout).release_id
     with pytest.raises(httpx.ConnectTimeout):  # dropped, not refused: the controller is not listed
         httpx.get(url, timeout=3)

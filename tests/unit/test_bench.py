@@ -98,18 +98,21 @@ def test_each_request_is_counted_by_what_the_user_saw(case, expected):
     from llamadeploy.bench import _one
 
     async def go():
-        if case == "refused":
-            with socket.socket() as s:  # a port nothing listens on
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            server = None
-        else:
-            server = await _serve(case)
-            port = server.sockets[0].getsockname()[1]
+        # "refused": a port bound but not listening, held through the request (no other process
+        # can take it meanwhile, as one could a port closed before the request)
+        held = socket.socket()
+        server = None
         try:
+            if case == "refused":
+                held.bind(("127.0.0.1", 0))
+                port = held.getsockname()[1]
+            else:
+                server = await _serve(case)
+                port = server.sockets[0].getsockname()[1]
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
                 return await _one(client, "m", 1, 8, "{n}")
         finally:
+            held.close()
             if server is not None:
                 server.close()
 

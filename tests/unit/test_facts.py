@@ -130,6 +130,9 @@ def test_newer_than_process_against_a_real_process(tmp_path):
     try:
         time.sleep(0.6)  # past the tolerance, and the kernel's coarse mtime clock
         after.write_text("x")
+        # dated 2 s after now: the shell reckons the start from /proc/uptime and date, read at two
+        # moments, and on a loaded machine the gap between them ate the 0.35 s margin
+        os.utime(after, (time.time() + 2, time.time() + 2))
 
         def newer(*paths):
             out = subprocess.run(["sh", "-c", f"pid={proc.pid}; " + newer_than_process([str(p) for p in paths])],

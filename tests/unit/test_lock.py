@@ -101,7 +101,9 @@ def test_acquire_waits_for_a_held_lock_then_refuses_naming_it(lockfile, monkeypa
     sh(lock.take_command(holder("other")))
     host = FakeHost()
     slept: list[float] = []
-    clock = [0.0]  # advances only by what acquire sleeps, however slow the machine is
+    # the clock advances only by what acquire sleeps, however slow the machine: with a real 0.05 s
+    # wait, a loaded CI host's first take outlasted the wait and acquire (rightly) never slept
+    clock = [0.0]
 
     def sleep(seconds: float) -> None:
         slept.append(seconds)
@@ -214,8 +216,8 @@ def test_the_fleet_lock_is_all_or_nothing_and_waits_as_asked(tmp_path, monkeypat
 
     monkeypatch.setattr(lock, "POLL", 0.05)
     let_go = threading.Timer(0.5, lambda: on(hosts[2], lock.release_command("other")))  # the other run ends
+    started = time.monotonic()  # before the timer starts: a stall between the two cannot shorten the wait seen
     let_go.start()
-    started = time.monotonic()
     try:
         with lock.fleet_held("inv.py", "rollout", wait=60, log=lambda m: None) as run:
             assert time.monotonic() - started >= 0.5  # it waited for the other run

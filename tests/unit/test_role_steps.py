@@ -93,6 +93,14 @@ def test_the_guard_runs_before_a_running_service_is_bound_to_it(fenced):
     assert not [o for o in fenced.ops if o.call == "systemd.service" and o is not guard_running]
 
 
+def test_a_fence_leaves_a_drop_in_directory_the_site_has_as_it_is(fenced):
+    """Both drop-in directories a fence writes into (the host's nftables service's, the fenced
+    unit's) may be the site's: made 755 when missing, their mode and owner otherwise untouched."""
+    for path in ("/etc/systemd/system/nftables.service.d", "/etc/systemd/system/haproxy.service.d"):
+        made = fenced.find("files.directory", path=path)
+        assert made.kwargs["mode"] == "755" and made.kwargs["_no_check_owner_mode"] is True, made
+
+
 def test_a_fence_checks_its_tables_name_before_it_loads_anything(fenced):
     """A table of the fence's name, or a file where it writes a drop-in, that the deploy did not
     make is refused while pyinfra prepares: the check comes before the first operation of the fence."""

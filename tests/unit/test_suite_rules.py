@@ -47,30 +47,37 @@ def test_every_subprocess_call_has_a_timeout(tree: str):
 
 
 def unremoved_temp_dirs(source: str) -> list[int]:
-    """Lines of ``NAME = ...tempfile.mkdtemp(...)...`` in a function that never calls
-    ``shutil.rmtree(NAME, ...)``: a benchmark's scratch directory (inventories, exported trees) is
-    its own to remove, on success and failure alike, or every run leaves one in /tmp."""
+    """Lines of ``NAME = ...tempfile.mkdtemp(...)...`` in a function with no
+    ``shutil.rmtree(NAME, ...)`` in a ``finally``: a benchmark's scratch directory (inventories,
+    exported trees) is its own to remove, on success and failure alike, or every run leaves one in
+    /tmp."""
     lines = []
     for fn in ast.walk(ast.parse(source)):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        removed = {node.args[0].id for node in ast.walk(fn)
+        finals = [stmt for node in ast.walk(fn) if isinstance(node, ast.Try) for stmt in node.finalbody]
+        removed = {node.args[0].id for stmt in finals for node in ast.walk(stmt)
                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                   and isinstance(node.func.value, ast.Name) and node.func.value.id == "shutil"
                    and node.func.attr == "rmtree" and node.args and isinstance(node.args[0], ast.Name)}
         for node in ast.walk(fn):
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                    and any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "mkdtemp"
-                            for c in ast.walk(node.value))
-                    and node.targets[0].id not in removed):
-                lines.append(node.lineno)
-    return lines
+            if (isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None
+                    and any(isinstance(c, ast.Call) and (
+                        (isinstance(c.func, ast.Attribute) and c.func.attr == "mkdtemp")
+                        or (isinstance(c.func, ast.Name) and c.func.id == "mkdtemp"))
+                        for c in ast.walk(node.value))):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if not (len(targets) == 1 and isinstance(targets[0], ast.Name) and targets[0].id in removed):
+                    lines.append(node.lineno)
+    return sorted(set(lines))
 
 
 def test_the_rule_sees_a_temp_dir_left_behind():
     source = ("def kept():\n    tmp = Path(tempfile.mkdtemp())\n"
               "def removed():\n    tmp = Path(tempfile.mkdtemp())\n    try:\n        pass\n"
-              "    finally:\n        shutil.rmtree(tmp, ignore_errors=True)\n")
-    assert unremoved_temp_dirs(source) == [2]
+              "    finally:\n        shutil.rmtree(tmp, ignore_errors=True)\n"
+              "def on_success_only():\n    tmp: Path = Path(mkdtemp())\n    shutil.rmtree(tmp)\n")
+    assert unremoved_temp_dirs(source) == [2, 10]
 
 
 def test_every_benchmark_removes_its_temp_dir():
