@@ -26,7 +26,7 @@ PAGES: list[tuple[str, str, Callable[[dict, str], str]]] = [
     ("ROUTER.md", "router-2026-12-04.json", router.page),
     ("PLATFORMS.md", "platforms-2026-12-05.json", platforms.page),
     ("SOAK.md", "soak-2026-12-04.json", soak.page),
-    ("SUITE.md", "suite-2026-12-06-484cfff.json", suite.page),
+    ("SUITE.md", "suite-2026-12-06-90337d0.json", suite.page),
     ("SUITE-COLD.md", "suite-2026-12-06-02e43f8.json", suite.page),
 ]
 
